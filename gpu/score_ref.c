@@ -1,0 +1,139 @@
+/* score_ref.c - CPU reference of query preparation and stage-1 scoring
+ * (SCHEMA.md section 6).
+ *
+ * The asymmetric score of token j against a query is
+ *     ((float)dot_j * qscale) * sig_scale_j + bias,
+ *     dot_j = sum_i q8_i * (bit_ij ? +1 : -1)          (exact integer)
+ * Because dot_j is an integer, every implementation gets the same bits no
+ * matter how it orders the sum; only the two multiplies and the add are
+ * floating point, in that order. The CPU computes dot_j with one 256-entry
+ * table per signature byte (16 lookups per token at head_dim 128). */
+#include "kvg.h"
+
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+int kvg_query_prep_ref(const kvarc_rotation *rot, const float *mu_k, kvarc_dtype dt,
+                       const void *q, kvg_query *out)
+{
+    if (!rot || !q || !out)
+        return -EINVAL;
+    if (!kvarc_dtype_size(dt))
+        return KVARC_EDTYPE;
+    int d = rot->head_dim;
+    if (kvarc_head_dim_check(d))
+        return KVARC_EHEADDIM;
+    float x[KVARC_HEAD_DIM_MAX], y[KVARC_HEAD_DIM_MAX], prod[KVARC_HEAD_DIM_MAX];
+    for (int i = 0; i < d; i++) {
+        x[i] = kvarc_load_f32(dt, q, (size_t)i);
+        if (!isfinite(x[i]))
+            return KVARC_ENONFINITE;
+        prod[i] = mu_k ? x[i] * mu_k[i] : 0.0f;
+    }
+    memset(out, 0, sizeof *out);
+    out->head_dim = d;
+    out->bias = kvarc_tree_sum(prod, d);
+    kvg_rotate_ref(rot, x, y);
+    float m = 0.0f;
+    for (int i = 0; i < d; i++) {
+        m = fmaxf(m, fabsf(y[i]));
+        if (!(y[i] < 0.0f))
+            out->bits[i / 8] |= (uint8_t)(1u << (i % 8));
+    }
+    if (!isfinite(out->bias) || !isfinite(m))
+        return KVARC_ENONFINITE;
+    out->qscale = m / 127.0f;
+    for (int i = 0; i < d; i++)
+        out->q8[i] = out->qscale > 0.0f ? (int8_t)rintf(y[i] / out->qscale) : 0;
+    return 0;
+}
+
+/* lut[b * 256 + v] = sum over the 8 bits j of byte value v of
+ * (bit j ? +q8[8b+j] : -q8[8b+j]). */
+static void build_lut(const kvg_query *q, int16_t *lut)
+{
+    int nb = q->head_dim / 8;
+    for (int b = 0; b < nb; b++)
+        for (int v = 0; v < 256; v++) {
+            int s = 0;
+            for (int j = 0; j < 8; j++)
+                s += ((v >> j) & 1) ? q->q8[8 * b + j] : -q->q8[8 * b + j];
+            lut[b * 256 + v] = (int16_t)s;
+        }
+}
+
+/* Asymmetric scores of one query into out[n]. */
+static void score_asym_one(const kvg_query *q, const uint8_t *bits, const uint16_t *scale,
+                           size_t n, float *out, int first, kvg_combine comb)
+{
+    int16_t lut[KVARC_HEAD_DIM_MAX / 8 * 256];
+    int nb = q->head_dim / 8;
+    build_lut(q, lut);
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *s = bits + j * (size_t)nb;
+        int dot = 0;
+        for (int b = 0; b < nb; b++)
+            dot += lut[b * 256 + s[b]];
+        float v = ((float)dot * q->qscale) * kvarc_f16_to_f32(scale[j]) + q->bias;
+        if (first)
+            out[j] = v;
+        else if (comb == KVG_COMBINE_MAX)
+            out[j] = fmaxf(out[j], v);
+        else
+            out[j] += v;
+    }
+}
+
+static void score_hamming_one(const kvg_query *q, const uint8_t *bits, size_t n, float *out,
+                              int first, kvg_combine comb)
+{
+    int d = q->head_dim, nw = d / 64;
+    uint64_t qw[KVARC_HEAD_DIM_MAX / 64];
+    memcpy(qw, q->bits, (size_t)d / 8);
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *s = bits + j * (size_t)(d / 8);
+        int pop = 0;
+        for (int w = 0; w < nw; w++) {
+            uint64_t kw;
+            memcpy(&kw, s + 8 * w, 8);
+            pop += __builtin_popcountll(qw[w] ^ kw);
+        }
+        float v = (float)(d - 2 * pop);
+        if (first)
+            out[j] = v;
+        else if (comb == KVG_COMBINE_MAX)
+            out[j] = fmaxf(out[j], v);
+        else
+            out[j] += v;
+    }
+}
+
+int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                  const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n,
+                  float *scores)
+{
+    if (!qs || n_q < 1 || n_q > 64)
+        return -EINVAL;
+    if (mode != KVG_SCORE_ASYM && mode != KVG_SCORE_HAMMING)
+        return -EINVAL;
+    if (comb != KVG_COMBINE_MAX && comb != KVG_COMBINE_MEAN)
+        return -EINVAL;
+    for (int h = 0; h < n_q; h++)
+        if (kvarc_head_dim_check(qs[h].head_dim) || qs[h].head_dim != qs[0].head_dim)
+            return -EINVAL;
+    if (n == 0)
+        return 0;
+    if (!sig_bits || !scores || (mode == KVG_SCORE_ASYM && !sig_scale))
+        return -EINVAL;
+    for (int h = 0; h < n_q; h++) {
+        if (mode == KVG_SCORE_ASYM)
+            score_asym_one(&qs[h], sig_bits, sig_scale, n, scores, h == 0, comb);
+        else
+            score_hamming_one(&qs[h], sig_bits, n, scores, h == 0, comb);
+    }
+    if (comb == KVG_COMBINE_MEAN && n_q > 1)
+        for (size_t j = 0; j < n; j++)
+            scores[j] /= (float)n_q;
+    return 0;
+}

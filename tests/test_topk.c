@@ -1,0 +1,82 @@
+/* test_topk: the radix select equals a full sort's first k (score desc,
+ * index asc) on random, tied, signed, NaN and tiny inputs, for k from 0 to
+ * past n, with and without caller scratch. */
+#include <errno.h>
+#include <string.h>
+
+#include "kvg.h"
+#include "testutil.h"
+
+typedef struct { float s; uint32_t i; } item;
+
+static int cmp(const void *a, const void *b)
+{
+    const item *x = a, *y = b;
+    uint32_t kx = kvg_score_key(x->s), ky = kvg_score_key(y->s);
+    if (kx != ky)
+        return kx > ky ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+static void check_case(const char *what, const float *s, size_t n, size_t k, int use_scratch)
+{
+    item *all = malloc((n ? n : 1) * sizeof *all);
+    uint32_t *idx = malloc((k ? k : 1) * 4), *scratch = malloc((n ? n : 1) * 4);
+    float *val = malloc((k ? k : 1) * 4);
+    for (size_t j = 0; j < n; j++)
+        all[j] = (item){ s[j], (uint32_t)j };
+    qsort(all, n, sizeof *all, cmp);
+    long got = kvg_topk_ref(s, n, k, idx, val, use_scratch ? scratch : NULL);
+    size_t want = k < n ? k : n;
+    CHECK(got == (long)want, "%s n=%zu k=%zu: returned %ld, want %zu", what, n, k, got, want);
+    size_t bad = 0;
+    for (size_t j = 0; got > 0 && j < want; j++)
+        bad += idx[j] != all[j].i || memcmp(&val[j], &s[idx[j]], 4) != 0;
+    CHECK(bad == 0, "%s n=%zu k=%zu: %zu positions differ from the sort", what, n, k, bad);
+    free(all); free(idx); free(scratch); free(val);
+}
+
+int main(void)
+{
+    tu_rng r = { 5 };
+    size_t n = 100000;
+    float *s = malloc(n * 4);
+    static const size_t ks[] = { 0, 1, 2, 63, 64, 512, 4096, 99999, 100000, 100001, 1000000 };
+
+    for (size_t j = 0; j < n; j++)
+        s[j] = tu_gauss(&r) * 10.0f;
+    for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++)
+        check_case("gauss", s, n, ks[i], i % 2);
+
+    for (size_t j = 0; j < n; j++)          /* heavy ties: 7 distinct values */
+        s[j] = (float)(kvarc_splitmix64(&r.s) % 7) - 3.0f;
+    for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++)
+        check_case("ties", s, n, ks[i], i % 2);
+
+    for (size_t j = 0; j < n; j++)          /* all equal: lowest indices win */
+        s[j] = 1.5f;
+    check_case("equal", s, n, 100, 1);
+
+    for (size_t j = 0; j < n; j++)          /* signed zeros, infinities, NaN */
+        switch (j % 6) {
+        case 0: s[j] = -0.0f; break;
+        case 1: s[j] = 0.0f; break;
+        case 2: s[j] = INFINITY; break;
+        case 3: s[j] = -INFINITY; break;
+        case 4: s[j] = NAN; break;
+        default: s[j] = tu_gauss(&r); break;
+        }
+    check_case("special", s, n, 50000, 0);
+    check_case("special", s, 12, 12, 1);
+
+    for (size_t j = 0; j < n; j++)          /* values that share 3 key bytes */
+        s[j] = 1.0f + (float)(j % 200) * 0x1p-23f;
+    check_case("close", s, n, 777, 1);
+
+    check_case("empty", s, 0, 10, 0);
+    check_case("one", s, 1, 10, 1);
+    CHECK(kvg_topk_ref(NULL, 10, 3, (uint32_t[3]){ 0 }, NULL, NULL) == -EINVAL, "NULL scores");
+    CHECK(kvg_topk_ref(s, 10, 3, NULL, NULL, NULL) == -EINVAL, "NULL output");
+    free(s);
+    return tu_finish("test_topk");
+}
