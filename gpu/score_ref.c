@@ -6,7 +6,8 @@
  *     dot_j = sum_i q8_i * (bit_ij ? +1 : -1)          (exact integer)
  * Because dot_j is an integer, every implementation gets the same bits no
  * matter how it orders the sum; only the two multiplies and the add are
- * floating point, in that order. The CPU computes dot_j with one 256-entry
+ * floating point, in that order. GQA max keeps the earlier head's score
+ * unless a later one is strictly greater (scores are never NaN). The CPU computes dot_j with one 256-entry
  * table per signature byte (16 lookups per token at head_dim 128). */
 #include "kvg.h"
 
@@ -63,25 +64,50 @@ static void build_lut(const kvg_query *q, int16_t *lut)
         }
 }
 
-/* Asymmetric scores of one query into out[n]. */
+/* fp16 -> fp32 for the signature scales, inlined here because the scan
+ * converts one per token (same bits as kvarc_f16_to_f32). */
+static inline float half_to_float(uint16_t h)
+{
+    uint32_t exp = (h >> 10) & 0x1f;
+    if (exp == 0 || exp == 0x1f)
+        return kvarc_f16_to_f32(h);
+    uint32_t u = ((uint32_t)(h & 0x8000) << 16) | ((exp + 112) << 23) | ((uint32_t)(h & 0x3ff) << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Asymmetric scores of one query into out[n]; NB (signature bytes) is a
+ * compile-time constant in each instance so the lookups unroll. */
+static inline void score_asym_nb(const kvg_query *q, const int16_t *lut, int nb,
+                                 const uint8_t *bits, const uint16_t *scale, size_t n,
+                                 float *out, int first, kvg_combine comb)
+{
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *s = bits + j * (size_t)nb;
+        int dot = 0;
+#pragma GCC unroll 32
+        for (int b = 0; b < nb; b++)
+            dot += lut[b * 256 + s[b]];
+        float v = ((float)dot * q->qscale) * half_to_float(scale[j]) + q->bias;
+        if (first)
+            out[j] = v;
+        else if (comb == KVG_COMBINE_MAX)
+            out[j] = v > out[j] ? v : out[j];
+        else
+            out[j] += v;
+    }
+}
+
 static void score_asym_one(const kvg_query *q, const uint8_t *bits, const uint16_t *scale,
                            size_t n, float *out, int first, kvg_combine comb)
 {
     int16_t lut[KVARC_HEAD_DIM_MAX / 8 * 256];
-    int nb = q->head_dim / 8;
     build_lut(q, lut);
-    for (size_t j = 0; j < n; j++) {
-        const uint8_t *s = bits + j * (size_t)nb;
-        int dot = 0;
-        for (int b = 0; b < nb; b++)
-            dot += lut[b * 256 + s[b]];
-        float v = ((float)dot * q->qscale) * kvarc_f16_to_f32(scale[j]) + q->bias;
-        if (first)
-            out[j] = v;
-        else if (comb == KVG_COMBINE_MAX)
-            out[j] = fmaxf(out[j], v);
-        else
-            out[j] += v;
+    switch (q->head_dim) {
+    case 64:  score_asym_nb(q, lut, 8, bits, scale, n, out, first, comb); break;
+    case 128: score_asym_nb(q, lut, 16, bits, scale, n, out, first, comb); break;
+    default:  score_asym_nb(q, lut, 32, bits, scale, n, out, first, comb); break;
     }
 }
 
@@ -103,7 +129,7 @@ static void score_hamming_one(const kvg_query *q, const uint8_t *bits, size_t n,
         if (first)
             out[j] = v;
         else if (comb == KVG_COMBINE_MAX)
-            out[j] = fmaxf(out[j], v);
+            out[j] = v > out[j] ? v : out[j];
         else
             out[j] += v;
     }

@@ -1,1 +1,169 @@
-int main(void){return 0;}
+/* test_golden: every committed golden file (schema/golden/, *.golden) is
+ * reproduced byte for byte: records, signatures, decoded K/V, prepared
+ * query and both stage-1 scores. Inputs are read from the file itself. */
+#include <dirent.h>
+#include <string.h>
+
+#include "kvg.h"
+#include "testutil.h"
+
+#define MAXTOK 8
+
+typedef struct golden {
+    char format[16];
+    int format_id, version, head_dim, tokens;
+    unsigned long long seed;
+    char dtype[8];
+    uint8_t mu_k[1024], mu_v[1024], query[1024], q_scale[4], q_bias[4], q8[256], q_bits[32];
+    uint8_t k[MAXTOK][1024], v[MAXTOK][1024], record[MAXTOK][1024], sig_bits[MAXTOK][32];
+    uint8_t sig_scale[MAXTOK][2], dec_k[MAXTOK][1024], dec_v[MAXTOK][1024];
+    uint8_t score_asym[MAXTOK * 4], score_hamming[MAXTOK * 4];
+} golden;
+
+/* Parse hex into out (at most cap bytes); returns byte count or -1. */
+static long unhex(const char *s, uint8_t *out, size_t cap)
+{
+    size_t n = 0;
+    while (s[0] && s[0] != '\n') {
+        unsigned b;
+        if (n >= cap || sscanf(s, "%2x", &b) != 1)
+            return -1;
+        out[n++] = (uint8_t)b;
+        s += 2;
+    }
+    return (long)n;
+}
+
+static int load(const char *path, golden *g)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    static char line[16384];
+    memset(g, 0, sizeof *g);
+    int ok = 1;
+    while (ok && fgets(line, sizeof line, f)) {
+        char key[32];
+        int idx, off;
+        if (line[0] == '#' || sscanf(line, "%31s %n", key, &off) != 1)
+            continue;
+        const char *rest = line + off;
+        struct { const char *name; uint8_t *dst; size_t cap; int indexed; } fields[] = {
+            { "mu_k", g->mu_k, 1024, 0 }, { "mu_v", g->mu_v, 1024, 0 },
+            { "query", g->query, 1024, 0 }, { "q_scale", g->q_scale, 4, 0 },
+            { "q_bias", g->q_bias, 4, 0 }, { "q8", g->q8, 256, 0 }, { "q_bits", g->q_bits, 32, 0 },
+            { "score_asym", g->score_asym, sizeof g->score_asym, 0 },
+            { "score_hamming", g->score_hamming, sizeof g->score_hamming, 0 },
+            { "k", g->k[0], 1024, 1 }, { "v", g->v[0], 1024, 1 },
+            { "record", g->record[0], 1024, 1 }, { "sig_bits", g->sig_bits[0], 32, 1 },
+            { "sig_scale", g->sig_scale[0], 2, 1 }, { "dec_k", g->dec_k[0], 1024, 1 },
+            { "dec_v", g->dec_v[0], 1024, 1 },
+        };
+        int matched = 0;
+        for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+            if (strcmp(key, fields[i].name))
+                continue;
+            matched = 1;
+            uint8_t *dst = fields[i].dst;
+            if (fields[i].indexed) {
+                int o2;
+                if (sscanf(rest, "%d %n", &idx, &o2) != 1 || idx < 0 || idx >= MAXTOK) {
+                    ok = 0;
+                    break;
+                }
+                dst += (size_t)idx * fields[i].cap;
+                rest += o2;
+            }
+            ok = unhex(rest, dst, fields[i].cap) >= 0;
+        }
+        if (matched)
+            continue;
+        if (!strcmp(key, "format")) sscanf(rest, "%15s", g->format);
+        else if (!strcmp(key, "format_id")) sscanf(rest, "%d", &g->format_id);
+        else if (!strcmp(key, "version")) sscanf(rest, "%d", &g->version);
+        else if (!strcmp(key, "head_dim")) sscanf(rest, "%d", &g->head_dim);
+        else if (!strcmp(key, "tokens")) sscanf(rest, "%d", &g->tokens);
+        else if (!strcmp(key, "seed")) sscanf(rest, "%llx", &g->seed);
+        else if (!strcmp(key, "dtype")) sscanf(rest, "%7s", g->dtype);
+        else ok = 0;
+    }
+    fclose(f);
+    return ok && g->tokens > 0 && g->tokens <= MAXTOK ? 0 : -1;
+}
+
+static void check_file(const char *path)
+{
+    static golden g;
+    if (load(path, &g)) {
+        CHECK(0, "%s: unreadable or malformed golden file", path);
+        return;
+    }
+    const kvarc_format_info *fi = kvarc_format_get(g.format_id);
+    CHECK(fi && !strcmp(fi->name, g.format) && fi->version == g.version,
+          "%s: format %s id %d version %d is not this build's", path, g.format, g.format_id, g.version);
+    if (!fi)
+        return;
+    kvarc_dtype dt = !strcmp(g.dtype, "f16") ? KVARC_DTYPE_F16
+                   : !strcmp(g.dtype, "bf16") ? KVARC_DTYPE_BF16 : KVARC_DTYPE_F32;
+    int d = g.head_dim, n = g.tokens, rb = kvarc_record_bytes(fi->id, d);
+    size_t es = kvarc_dtype_size(dt);
+    kvarc_rotation rot;
+    CHECK_RC(kvarc_rotation_init(&rot, d, g.seed), 0);
+    float mu_k[KVARC_HEAD_DIM_MAX], mu_v[KVARC_HEAD_DIM_MAX], q[KVARC_HEAD_DIM_MAX];
+    memcpy(mu_k, g.mu_k, (size_t)d * 4);
+    memcpy(mu_v, g.mu_v, (size_t)d * 4);
+    memcpy(q, g.query, (size_t)d * 4);
+    static uint8_t k[MAXTOK * 1024], v[MAXTOK * 1024], rec[MAXTOK * 1024];
+    for (int t = 0; t < n; t++) {
+        memcpy(k + (size_t)t * d * es, g.k[t], (size_t)d * es);
+        memcpy(v + (size_t)t * d * es, g.v[t], (size_t)d * es);
+    }
+    uint8_t bits[MAXTOK * 32];
+    uint16_t ss[MAXTOK];
+    float kd[MAXTOK * KVARC_HEAD_DIM_MAX], vd[MAXTOK * KVARC_HEAD_DIM_MAX], sc[MAXTOK];
+    kvg_codec c = { fi->id, &rot, mu_k, mu_v };
+    CHECK_RC(kvg_encode_ref(&c, dt, k, v, (size_t)n, rec, bits, ss, NULL), 0);
+    CHECK_RC(kvg_decode_ref(&c, rec, (size_t)n, kd, vd), 0);
+    int bad = 0;
+    for (int t = 0; t < n; t++) {
+        bad += memcmp(rec + (size_t)t * rb, g.record[t], (size_t)rb) != 0;
+        bad += memcmp(bits + (size_t)t * d / 8, g.sig_bits[t], (size_t)d / 8) != 0;
+        bad += memcmp(&ss[t], g.sig_scale[t], 2) != 0;
+        bad += memcmp(kd + (size_t)t * d, g.dec_k[t], (size_t)d * 4) != 0;
+        bad += memcmp(vd + (size_t)t * d, g.dec_v[t], (size_t)d * 4) != 0;
+    }
+    CHECK(bad == 0, "%s: %d token outputs differ from the golden bytes", path, bad);
+    kvg_query qp;
+    CHECK_RC(kvg_query_prep_ref(&rot, mu_k, KVARC_DTYPE_F32, q, &qp), 0);
+    CHECK(!memcmp(&qp.qscale, g.q_scale, 4) && !memcmp(&qp.bias, g.q_bias, 4) &&
+          !memcmp(qp.q8, g.q8, (size_t)d) && !memcmp(qp.bits, g.q_bits, (size_t)d / 8),
+          "%s: prepared query differs", path);
+    CHECK_RC(kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, &qp, 1, bits, ss, (size_t)n, sc), 0);
+    CHECK(!memcmp(sc, g.score_asym, (size_t)n * 4), "%s: asymmetric scores differ", path);
+    CHECK_RC(kvg_score_ref(KVG_SCORE_HAMMING, KVG_COMBINE_MAX, &qp, 1, bits, ss, (size_t)n, sc), 0);
+    CHECK(!memcmp(sc, g.score_hamming, (size_t)n * 4), "%s: Hamming scores differ", path);
+}
+
+int main(int argc, char **argv)
+{
+    const char *dir = argc > 1 ? argv[1] : "schema/golden";
+    DIR *dp = opendir(dir);
+    if (!dp) {
+        fprintf(stderr, "test_golden: cannot open %s\n", dir);
+        return 1;
+    }
+    int files = 0;
+    struct dirent *de;
+    while ((de = readdir(dp))) {
+        size_t l = strlen(de->d_name);
+        if (l < 8 || strcmp(de->d_name + l - 7, ".golden"))
+            continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        check_file(path);
+        files++;
+    }
+    closedir(dp);
+    CHECK(files == 15, "expected 15 golden files (5 formats x 3 head_dims), found %d", files);
+    return tu_finish("test_golden");
+}

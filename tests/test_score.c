@@ -73,7 +73,7 @@ int main(void)
                 for (int h = 0; h < 4; h++) {
                     float s = mode == KVG_SCORE_ASYM ? naive_asym(&q[h], bits + t * D / 8, ss[t])
                                                      : naive_hamming(&q[h], bits + t * D / 8);
-                    want = h == 0 ? s : comb == KVG_COMBINE_MAX ? fmaxf(want, s) : want + s;
+                    want = h == 0 ? s : comb == KVG_COMBINE_MAX ? (s > want ? s : want) : want + s;
                 }
                 if (comb == KVG_COMBINE_MEAN)
                     want /= 4.0f;

@@ -1,0 +1,153 @@
+/* bench-scan - CPU stage-1 scan throughput against a plain read.
+ *
+ *   bench-scan [--tokens N[,N...]] [--head-dim D] [--seconds S]
+ *
+ * For each N (cold tokens of one KV head) it encodes N random keys, then
+ * times, in the same run and on the same buffers:
+ *   read     : a plain sequential read of the signature planes (the bits
+ *              and the fp16 scales), summing 64-bit words: the baseline
+ *   asym     : kvg_score_ref, asymmetric estimator, one query
+ *   hamming  : kvg_score_ref, plain Hamming, one query
+ *   asym+topk: scan then kvg_topk_ref of the 512 best
+ *   gqa4     : asymmetric scan of a GQA group of 4 query heads (max)
+ * and prints signatures per second, the bytes that implies, and the ratio
+ * to the plain read. Napkin math: a signature is D/8 + 2 bytes. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kvg.h"
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static volatile uint64_t sink;
+
+typedef struct ctx {
+    const uint8_t *bits;
+    const uint16_t *ss;
+    size_t n;
+    int d;
+    kvg_query q[4];
+    float *scores;
+    uint32_t *idx, *scratch;
+} ctx;
+
+static void run_read(ctx *c)
+{
+    const uint64_t *w = (const uint64_t *)(const void *)c->bits;
+    size_t nw = c->n * (size_t)c->d / 64;
+    uint64_t a = 0, b = 0;
+    for (size_t i = 0; i + 1 < nw; i += 2) {
+        a += w[i];
+        b ^= w[i + 1];
+    }
+    const uint64_t *s = (const uint64_t *)(const void *)c->ss;
+    for (size_t i = 0; i < c->n / 4; i++)
+        a += s[i];
+    sink = a + b;
+}
+static void run_asym(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
+static void run_ham(ctx *c) { kvg_score_ref(KVG_SCORE_HAMMING, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
+static void run_topk(ctx *c)
+{
+    run_asym(c);
+    sink += (uint64_t)kvg_topk_ref(c->scores, c->n, 512, c->idx, NULL, c->scratch);
+}
+static void run_gqa(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, c->bits, c->ss, c->n, c->scores); }
+
+/* Best-of-repeats seconds per call, running for about `secs`. */
+static double time_it(void (*fn)(ctx *), ctx *c, double secs)
+{
+    double best = 1e30, end = now() + secs;
+    int reps = 0;
+    do {
+        double t0 = now();
+        fn(c);
+        double dt = now() - t0;
+        if (dt < best)
+            best = dt;
+        reps++;
+    } while (now() < end || reps < 3);
+    return best;
+}
+
+int main(int argc, char **argv)
+{
+    size_t ns[8] = { 131072, 1048576 };
+    int nn = 2, d = 128;
+    double secs = 1.0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--tokens") && i + 1 < argc) {
+            nn = 0;
+            for (char *s = strtok(argv[++i], ","); s && nn < 8; s = strtok(NULL, ","))
+                ns[nn++] = strtoull(s, NULL, 10);
+        } else if (!strcmp(argv[i], "--head-dim") && i + 1 < argc) {
+            d = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--seconds") && i + 1 < argc) {
+            secs = atof(argv[++i]);
+        } else {
+            fprintf(stderr, "usage: bench-scan [--tokens N[,N...]] [--head-dim 64|128|256] [--seconds S]\n");
+            return !strcmp(argv[i], "--help") ? 0 : 2;
+        }
+    }
+    kvarc_rotation rot;
+    if (kvarc_rotation_init(&rot, d, 1)) {
+        fprintf(stderr, "bench-scan: head_dim %d unsupported (64, 128, 256)\n", d);
+        return 2;
+    }
+    printf("bench-scan: CPU stage-1 scan, head_dim %d, 1 thread, signature = %d B bits + 2 B scale\n",
+           d, d / 8);
+    printf("%-10s %-10s %14s %10s %12s\n", "tokens", "kernel", "sigs/s", "GB/s", "vs read");
+    for (int in = 0; in < nn; in++) {
+        size_t n = ns[in];
+        if (n % 4)
+            n += 4 - n % 4;
+        ctx c = { 0 };
+        c.n = n;
+        c.d = d;
+        uint8_t *bits = malloc(n * (size_t)d / 8);
+        uint16_t *ss = malloc(n * 2);
+        c.scores = malloc(n * 4);
+        c.idx = malloc(512 * 4);
+        c.scratch = malloc(n * 4);
+        uint8_t *rec = malloc(1024 * (size_t)kvarc_record_bytes(KVARC_FMT_Q3, d));
+        float *k = malloc(1024 * (size_t)d * 4), *v = calloc(1024 * (size_t)d, 4);
+        if (!bits || !ss || !c.scores || !c.idx || !c.scratch || !rec || !k || !v) {
+            fprintf(stderr, "bench-scan: out of memory for %zu tokens\n", n);
+            return 1;
+        }
+        uint64_t st = 42;
+        kvg_codec codec = { KVARC_FMT_Q3, &rot, NULL, NULL };
+        for (size_t t0 = 0; t0 < n; t0 += 1024) {   /* real signatures of random keys */
+            size_t m = n - t0 < 1024 ? n - t0 : 1024;
+            for (size_t i = 0; i < m * (size_t)d; i++)
+                k[i] = (float)((int64_t)(kvarc_splitmix64(&st) >> 40) - (1 << 23)) / (float)(1 << 23);
+            kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, m, rec, bits + t0 * d / 8, ss + t0, NULL);
+        }
+        c.bits = bits;
+        c.ss = ss;
+        for (int h = 0; h < 4; h++)
+            kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, k + (size_t)h * d, &c.q[h]);
+        double bytes = (double)n * (d / 8 + 2);
+        struct { const char *name; void (*fn)(ctx *); } ks[] = {
+            { "read", run_read }, { "asym", run_asym }, { "hamming", run_ham },
+            { "asym+topk", run_topk }, { "gqa4", run_gqa },
+        };
+        double base = 0;
+        for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
+            double t = time_it(ks[i].fn, &c, secs);
+            if (i == 0)
+                base = t;
+            printf("%-10zu %-10s %14.4g %10.2f %11.3fx\n", n, ks[i].name, (double)n / t,
+                   bytes / t / 1e9, base / t);
+        }
+        free(bits); free(ss); free(c.scores); free(c.idx); free(c.scratch); free(rec); free(k); free(v);
+    }
+    return 0;
+}
