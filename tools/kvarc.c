@@ -1,0 +1,336 @@
+/* kvarc - the admin CLI. Subcommands grow with the project:
+ *   kvarc demo      the main job (today: a self-check of the record formats
+ *                   and of one retrieval step on the CPU references)
+ *   kvarc formats   the record formats and their sizes
+ * Exit codes: 0 success, 1 a check or operation failed, 2 usage error. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kvg.h"
+
+#define KVARC_VERSION_STR "0.1.0"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvarc [--version] [--help] COMMAND [ARGS]\n"
+            "\n"
+            "commands:\n"
+            "  demo [--tokens N] [--top-k K] [--seed S]\n"
+            "                 self-check: archive a synthetic layer in every record format,\n"
+            "                 retrieve a planted needle, compare attention with full attention\n"
+            "  formats [--head-dim D]\n"
+            "                 list the record formats and their bytes per token\n");
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmd_formats(int argc, char **argv)
+{
+    int d = 128;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--head-dim") && i + 1 < argc) {
+            d = atoi(argv[++i]);
+        } else {
+            fprintf(stderr, "kvarc formats: unknown argument '%s'\n", argv[i]);
+            return 2;
+        }
+    }
+    if (kvarc_head_dim_check(d)) {
+        fprintf(stderr, "kvarc formats: head_dim %d: %s\n", d, kvarc_strerror(KVARC_EHEADDIM));
+        return 2;
+    }
+    printf("%-5s %3s %7s  %-9s %13s %9s %14s\n", "name", "id", "version", "kind",
+           "record bytes", "vs fp16", "signature");
+    for (int f = KVARC_FMT_Q3; f <= KVARC_FMT_BF16; f++) {
+        const kvarc_format_info *fi = kvarc_format_get(f);
+        int rb = kvarc_record_bytes(f, d);
+        printf("%-5s %3d %7d  %-9s %13d %8.2fx %11d+2 B%s\n", fi->name, f, fi->version,
+               fi->lossless ? "lossless" : "rotated", rb, (double)(4 * d) / rb,
+               kvarc_sig_bytes(d), f == KVARC_FMT_DEFAULT ? "  (default)" : "");
+    }
+    return 0;
+}
+
+/* ---- demo ------------------------------------------------------------------ */
+
+#define SINKS 4
+#define HOT 256
+
+typedef struct demo_data {
+    int d, n;            /* head_dim, cold tokens */
+    float *k, *v;        /* [SINKS + n + HOT][d] */
+    float mu_k[KVARC_HEAD_DIM_MAX], mu_v[KVARC_HEAD_DIM_MAX];
+    float q[KVARC_HEAD_DIM_MAX];
+    int needle;          /* cold index of the planted needle */
+} demo_data;
+
+static float gauss(uint64_t *st)
+{
+    double u1 = ((double)(kvarc_splitmix64(st) >> 11) + 0.5) * 0x1p-53;
+    double u2 = ((double)(kvarc_splitmix64(st) >> 11) + 0.5) * 0x1p-53;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+/* Keys with a shared mean direction and outlier channels, smooth values,
+ * and one needle: a cold key aligned with the query, with a distinctive
+ * value, at 37% depth. */
+static void demo_make(demo_data *dd, uint64_t seed)
+{
+    int d = dd->d, total = SINKS + dd->n + HOT;
+    uint64_t st = seed;
+    for (int i = 0; i < d; i++) {
+        dd->mu_k[i] = 0.0f;
+        dd->mu_v[i] = 0.0f;
+    }
+    float dir[KVARC_HEAD_DIM_MAX], prev[KVARC_HEAD_DIM_MAX] = { 0 };
+    for (int i = 0; i < d; i++)
+        dir[i] = 2.0f * gauss(&st);
+    for (int t = 0; t < total; t++)
+        for (int i = 0; i < d; i++) {
+            float amp = (i % 29 == 3) ? 6.0f : 1.0f;
+            dd->k[(size_t)t * d + i] = dir[i] + amp * gauss(&st);
+            prev[i] = 0.8f * prev[i] + 0.6f * gauss(&st);      /* local smoothness */
+            dd->v[(size_t)t * d + i] = prev[i];
+        }
+    for (int t = 0; t < total; t++)
+        for (int i = 0; i < d; i++) {
+            dd->mu_k[i] += dd->k[(size_t)t * d + i] / (float)total;
+            dd->mu_v[i] += dd->v[(size_t)t * d + i] / (float)total;
+        }
+    dd->needle = (int)(0.37 * dd->n);
+    float *nk = dd->k + (size_t)(SINKS + dd->needle) * d, *nv = dd->v + (size_t)(SINKS + dd->needle) * d;
+    double qn = 0;
+    for (int i = 0; i < d; i++) {
+        dd->q[i] = gauss(&st);
+        qn += (double)dd->q[i] * dd->q[i];
+    }
+    for (int i = 0; i < d; i++) {
+        nk[i] = dd->mu_k[i] + 3.0f * dd->q[i] * (float)sqrt(d / qn) * 1.5f;
+        nv[i] = (i % 2) ? 4.0f : -4.0f;
+    }
+}
+
+/* Full attention of q over all tokens: the reference answer. */
+static void demo_full(const demo_data *dd, float *out)
+{
+    int total = SINKS + dd->n + HOT;
+    kvg_attn_part p = { dd->k, dd->v, (size_t)total, (size_t)total, NULL };
+    kvg_attend_ref(dd->q, 1, 1, dd->d, 1.0f / sqrtf((float)dd->d), &p, 1, out);
+}
+
+static double rel_err(const float *a, const float *b, int d)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < d; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}
+
+typedef struct demo_row {
+    double err, kerr, ms_encode, ms_step;
+    int found;
+} demo_row;
+
+/* Archive the cold tokens in format fmt, run one retrieval step (stage 1:
+ * asymmetric scan -> shortlist of 8 top_k; stage 2: exact rerank of the
+ * shortlist on decoded keys -> top_k; attention over sinks + hot + the
+ * retrieved records) and compare with full attention. */
+static int demo_format(const demo_data *dd, int fmt, int top_k, const float *full, demo_row *row)
+{
+    int d = dd->d, n = dd->n, rb = kvarc_record_bytes(fmt, d), sl = 8 * top_k;
+    if (sl > n)
+        sl = n;
+    if (top_k > sl)
+        top_k = sl;
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, 0xc0ffee);
+    kvg_codec c = { fmt, &rot, dd->mu_k, dd->mu_v };
+    uint8_t *rec = malloc((size_t)n * rb), *bits = malloc((size_t)n * d / 8);
+    uint16_t *ss = malloc((size_t)n * 2);
+    float *scores = malloc((size_t)n * 4), *rk = malloc((size_t)sl * d * 4);
+    float *sk = malloc((size_t)top_k * d * 4), *sv = malloc((size_t)top_k * d * 4);
+    float *rscore = malloc((size_t)sl * 4), out[KVARC_HEAD_DIM_MAX];
+    uint32_t *short_idx = malloc((size_t)sl * 4), *final = malloc((size_t)top_k * 4);
+    int rc = -ENOMEM;
+    if (!rec || !bits || !ss || !scores || !rk || !sk || !sv || !rscore || !short_idx || !final)
+        goto out;
+    const float *cold_k = dd->k + (size_t)SINKS * d, *cold_v = dd->v + (size_t)SINKS * d;
+    double t0 = now();
+    rc = kvg_encode_ref(&c, KVARC_DTYPE_F32, cold_k, cold_v, (size_t)n, rec, bits, ss, NULL);
+    if (rc)
+        goto out;
+    row->ms_encode = (now() - t0) * 1e3;
+    /* key reconstruction error over a sample */
+    double ke = 0;
+    for (int t = 0; t < 256 && t < n; t++) {
+        float kd[KVARC_HEAD_DIM_MAX];
+        kvg_decode_ref(&c, rec + (size_t)t * rb, 1, kd, NULL);
+        double num = 0, den = 0;
+        for (int i = 0; i < d; i++) {
+            double e = (double)kd[i] - cold_k[(size_t)t * d + i], x = (double)cold_k[(size_t)t * d + i] - dd->mu_k[i];
+            num += e * e;
+            den += x * x;
+        }
+        ke += sqrt(num / den) / 256.0;
+    }
+    row->kerr = ke;
+
+    t0 = now();
+    kvg_query qp;
+    rc = kvg_query_prep_ref(&rot, dd->mu_k, KVARC_DTYPE_F32, dd->q, &qp);
+    if (!rc)
+        rc = kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, &qp, 1, bits, ss, (size_t)n, scores);
+    long got = rc ? rc : kvg_topk_ref(scores, (size_t)n, (size_t)sl, short_idx, NULL, NULL);
+    if (got < 0) {
+        rc = (int)got;
+        goto out;
+    }
+    for (int i = 0; i < sl; i++) {               /* stage 2: exact rerank */
+        kvg_decode_ref(&c, rec + (size_t)short_idx[i] * rb, 1, rk + (size_t)i * d, NULL);
+        float s = 0;
+        for (int j = 0; j < d; j++)
+            s += dd->q[j] * rk[(size_t)i * d + j];
+        rscore[i] = s;
+    }
+    got = kvg_topk_ref(rscore, (size_t)sl, (size_t)top_k, final, NULL, NULL);
+    if (got < 0) {
+        rc = (int)got;
+        goto out;
+    }
+    row->found = 0;
+    for (int i = 0; i < top_k; i++) {
+        uint32_t tok = short_idx[final[i]];
+        row->found |= (int)tok == dd->needle;
+        kvg_decode_ref(&c, rec + (size_t)tok * rb, 1, sk + (size_t)i * d, sv + (size_t)i * d);
+    }
+    kvg_attn_part parts[3] = {
+        { dd->k, dd->v, SINKS, SINKS, NULL },
+        { dd->k + (size_t)(SINKS + n) * d, dd->v + (size_t)(SINKS + n) * d, HOT, HOT, NULL },
+        { sk, sv, (size_t)top_k, (size_t)top_k, NULL },
+    };
+    rc = kvg_attend_ref(dd->q, 1, 1, d, 1.0f / sqrtf((float)d), parts, 3, out);
+    row->ms_step = (now() - t0) * 1e3;
+    row->err = rel_err(out, full, d);
+out:
+    free(rec); free(bits); free(ss); free(scores); free(rk); free(sk); free(sv);
+    free(rscore); free(short_idx); free(final);
+    return rc;
+}
+
+static int cmd_demo(int argc, char **argv)
+{
+    int n = 32768, top_k = 64;
+    uint64_t seed = 2026;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
+            n = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--top-k") && i + 1 < argc)
+            top_k = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
+            seed = strtoull(argv[++i], NULL, 0);
+        else {
+            fprintf(stderr, "kvarc demo: unknown argument '%s' (see kvarc --help)\n", argv[i]);
+            return 2;
+        }
+    }
+    if (n < 16 || n > 4 * 1024 * 1024 || top_k < 1 || top_k > n) {
+        fprintf(stderr, "kvarc demo: need 16 <= --tokens <= 4194304 and 1 <= --top-k <= tokens\n");
+        return 2;
+    }
+    demo_data dd = { .d = 128, .n = n };
+    size_t total = (size_t)(SINKS + n + HOT);
+    dd.k = malloc(total * dd.d * 4);
+    dd.v = malloc(total * dd.d * 4);
+    if (!dd.k || !dd.v) {
+        fprintf(stderr, "kvarc demo: out of memory for %d tokens\n", n);
+        return 1;
+    }
+    demo_make(&dd, seed);
+    float full[KVARC_HEAD_DIM_MAX], win[KVARC_HEAD_DIM_MAX];
+    demo_full(&dd, full);
+    /* the baseline that forgets: a sliding window of the same budget */
+    size_t wn = (size_t)HOT + (size_t)top_k;
+    kvg_attn_part wp[2] = {
+        { dd.k, dd.v, SINKS, SINKS, NULL },
+        { dd.k + (total - wn) * dd.d, dd.v + (total - wn) * dd.d, wn, wn, NULL },
+    };
+    kvg_attend_ref(dd.q, 1, 1, dd.d, 1.0f / sqrtf((float)dd.d), wp, 2, win);
+
+    printf("kvarc demo: one layer, one KV head, head_dim %d, %d cold tokens + %d sinks + %d hot;\n"
+           "a needle at cold position %d; retrieval: asym scan -> shortlist %d -> exact rerank -> top_k %d\n"
+           "(CPU reference kernels; kvarcd and libkvarc arrive with issues 3-5)\n\n",
+           dd.d, n, SINKS, HOT, dd.needle, 8 * top_k, top_k);
+    printf("%-6s %10s %9s %10s %7s %12s %10s %10s\n", "format", "B/token", "vs fp16", "K rel err",
+           "needle", "attn rel err", "encode ms", "step ms");
+    int fails = 0;
+    for (int f = KVARC_FMT_Q3; f <= KVARC_FMT_BF16; f++) {
+        demo_row row = { 0 };
+        int rc = demo_format(&dd, f, top_k, full, &row);
+        const kvarc_format_info *fi = kvarc_format_get(f);
+        if (rc) {
+            printf("%-6s failed: %s\n", fi->name, kvarc_strerror(rc));
+            fails++;
+            continue;
+        }
+        int rb = kvarc_record_bytes(f, dd.d);
+        printf("%-6s %10d %8.2fx %10.4f %7s %12.4f %10.1f %10.2f\n", fi->name, rb,
+               (double)(4 * dd.d) / rb, row.kerr, row.found ? "found" : "LOST", row.err,
+               row.ms_encode, row.ms_step);
+        fails += !row.found;
+    }
+    printf("%-6s %10s %9s %10s %7s %12.4f   (sinks + last %zu tokens: the same budget)\n",
+           "window", "-", "-", "-", "LOST", rel_err(win, full, dd.d), wn);
+    double fp16 = (double)total * 4 * dd.d, q3 = (double)n * (kvarc_record_bytes(KVARC_FMT_Q3, dd.d) + dd.d / 8 + 2);
+    printf("\nmemory bill for this head: fp16 K/V %.1f MiB; kvarc q3 records + signatures %.1f MiB "
+           "(%.1fx smaller), of which signatures %.1f MiB stay in RAM/VRAM\n",
+           fp16 / 1048576, q3 / 1048576, fp16 / q3, (double)n * (dd.d / 8 + 2) / 1048576);
+    free(dd.k);
+    free(dd.v);
+    if (fails) {
+        printf("kvarc demo: %d format(s) failed the self-check\n", fails);
+        return 1;
+    }
+    printf("kvarc demo: self-check passed\n");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(cmd, "--version")) {
+        printf("kvarc %s (record format version %d)\n", KVARC_VERSION_STR, KVARC_FORMAT_VERSION);
+        return 0;
+    }
+    for (int i = 2; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        }
+    if (!strcmp(cmd, "demo"))
+        return cmd_demo(argc - 2, argv + 2);
+    if (!strcmp(cmd, "formats"))
+        return cmd_formats(argc - 2, argv + 2);
+    fprintf(stderr, "kvarc: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}
