@@ -1,0 +1,60 @@
+/* kvg_cuda.h - GPU versions of the kernels in kvg.h (built when CUDA is).
+ *
+ * Same semantics as the CPU references, bit for bit for the codec, the
+ * stage-1 scores and top-k (SCHEMA.md): the .cu files build with
+ * --fmad=false and use only correctly rounded operations.
+ *
+ * Conventions: every pointer argument named d_* is device memory; the
+ * kvg_codec's rot is a host struct (passed to the kernels by value) and
+ * its mu_k/mu_v are device pointers (or NULL). `stream` is a cudaStream_t
+ * (NULL = the default stream). These launchers are synchronous: they
+ * return after the work finished, with 0 or a negative code (kvarc codes
+ * as the CPU versions; -EIO for a CUDA error, whose text goes to stderr).
+ *
+ * Caveats: top-k on the GPU is limited to k <= KVG_CUDA_TOPK_MAX and
+ * n < 2^31; the attention kernel is not here yet (issue 6).
+ */
+#ifndef KVG_CUDA_H
+#define KVG_CUDA_H
+
+#include "kvg.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVG_CUDA_TOPK_MAX 4096
+
+/* 1 if a CUDA device is usable, 0 if not (no driver, no device). */
+int kvg_cuda_available(void);
+/* Name of device 0 into buf (empty string if none). */
+void kvg_cuda_device_name(char *buf, size_t len);
+
+/* kvg_encode_ref on the device. d_bad_token (device, 1 uint64) receives the
+ * first failing token, as bad_token does. */
+int kvg_encode_cuda(const kvg_codec *c, kvarc_dtype dt, const void *d_k, const void *d_v,
+                    size_t n, uint8_t *d_records, uint8_t *d_sig_bits, uint16_t *d_sig_scale,
+                    size_t *bad_token, void *stream);
+
+/* kvg_decode_ref on the device; d_k_out or d_v_out may be NULL. */
+int kvg_decode_cuda(const kvg_codec *c, const uint8_t *d_records, size_t n, float *d_k_out,
+                    float *d_v_out, void *stream);
+
+/* kvg_score_ref on the device. qs are host structs (prepared by
+ * kvg_query_prep_ref); signatures and scores live on the device. */
+int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                   const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n,
+                   float *d_scores, void *stream);
+
+/* kvg_topk_ref on the device: d_idx_out[min(k, n)] and optionally
+ * d_val_out. Needs device scratch of kvg_topk_cuda_scratch_bytes(n).
+ * Returns the count selected or a negative code (-EINVAL for k above
+ * KVG_CUDA_TOPK_MAX). */
+size_t kvg_topk_cuda_scratch_bytes(size_t n);
+long kvg_topk_cuda(const float *d_scores, size_t n, size_t k, uint32_t *d_idx_out,
+                   float *d_val_out, void *d_scratch, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVG_CUDA_H */

@@ -1,0 +1,213 @@
+/* test_cuda_parity: every GPU kernel equals its CPU reference byte for
+ * byte on the same inputs, at every head_dim, format and input dtype, and
+ * for the launch shapes it may use (token counts that do not fill a grid,
+ * GQA groups, top-k sizes up to the GPU limit). Exit 77 without a GPU. */
+#include <cuda_runtime_api.h>
+#include <errno.h>
+#include <string.h>
+
+#include "kvg_cuda.h"
+#include "testutil.h"
+
+static void *dev_copy(const void *h, size_t bytes)
+{
+    void *d = NULL;
+    if (cudaMalloc(&d, bytes ? bytes : 1) != cudaSuccess)
+        return NULL;
+    if (h && bytes)
+        cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+    return d;
+}
+
+static void *dev_back(const void *d, size_t bytes)
+{
+    void *h = malloc(bytes ? bytes : 1);
+    cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost);
+    return h;
+}
+
+static void store(kvarc_dtype dt, float x, void *base, size_t i)
+{
+    if (dt == KVARC_DTYPE_F32)
+        ((float *)base)[i] = x;
+    else if (dt == KVARC_DTYPE_F16)
+        ((uint16_t *)base)[i] = kvarc_f32_to_f16(x);
+    else
+        ((uint16_t *)base)[i] = kvarc_f32_to_bf16(x);
+}
+
+static void codec_case(int fmt, int d, kvarc_dtype dt, size_t n, tu_rng *r)
+{
+    size_t ne = n * (size_t)d, es = kvarc_dtype_size(dt);
+    float *kf = malloc(ne * 4), *vf = malloc(ne * 4);
+    tu_keys_outliers(r, kf, n, d);
+    tu_keys_outliers(r, vf, n, d);
+    uint8_t *k = malloc(ne * es), *v = malloc(ne * es);
+    for (size_t i = 0; i < ne; i++) {
+        store(dt, kf[i], k, i);
+        store(dt, 0.5f * vf[i], v, i);
+    }
+    float mu_k[KVARC_HEAD_DIM_MAX], mu_v[KVARC_HEAD_DIM_MAX];
+    for (int i = 0; i < d; i++) {
+        mu_k[i] = 0.3f * tu_gauss(r);
+        mu_v[i] = 0.1f * tu_gauss(r);
+    }
+    /* token 1 equals the mean (zero vector after centering) */
+    for (int i = 0; i < d; i++) {
+        store(dt, mu_k[i], k, (size_t)d + i);
+        store(dt, mu_v[i], v, (size_t)d + i);
+        mu_k[i] = kvarc_load_f32(dt, k, (size_t)d + i);
+        mu_v[i] = kvarc_load_f32(dt, v, (size_t)d + i);
+    }
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, 0xabc + (uint64_t)fmt);
+    int rb = kvarc_record_bytes(fmt, d);
+    uint8_t *rec = malloc(n * rb), *bits = malloc(n * d / 8);
+    uint16_t *ss = malloc(n * 2);
+    float *kd = malloc(ne * 4), *vd = malloc(ne * 4);
+    kvg_codec c = { fmt, &rot, mu_k, mu_v };
+    CHECK_RC(kvg_encode_ref(&c, dt, k, v, n, rec, bits, ss, NULL), 0);
+    CHECK_RC(kvg_decode_ref(&c, rec, n, kd, vd), 0);
+
+    void *dk = dev_copy(k, ne * es), *dv = dev_copy(v, ne * es);
+    float *dmk = dev_copy(mu_k, (size_t)d * 4), *dmv = dev_copy(mu_v, (size_t)d * 4);
+    uint8_t *drec = dev_copy(NULL, n * rb), *dbits = dev_copy(NULL, n * d / 8);
+    uint16_t *dss = dev_copy(NULL, n * 2);
+    float *dkd = dev_copy(NULL, ne * 4), *dvd = dev_copy(NULL, ne * 4);
+    kvg_codec cd = { fmt, &rot, dmk, dmv };
+    CHECK_RC(kvg_encode_cuda(&cd, dt, dk, dv, n, drec, dbits, dss, NULL, NULL), 0);
+    CHECK_RC(kvg_decode_cuda(&cd, drec, n, dkd, dvd, NULL), 0);
+    uint8_t *grec = dev_back(drec, n * rb), *gbits = dev_back(dbits, n * d / 8);
+    uint16_t *gss = dev_back(dss, n * 2);
+    float *gkd = dev_back(dkd, ne * 4), *gvd = dev_back(dvd, ne * 4);
+    const char *name = kvarc_format_get(fmt)->name;
+    size_t diff = 0;
+    for (size_t t = 0; t < n; t++)
+        diff += memcmp(rec + t * rb, grec + t * rb, (size_t)rb) != 0;
+    CHECK(diff == 0, "%s d%d %s: %zu of %zu records differ", name, d, kvarc_dtype_name(dt), diff, n);
+    CHECK(!memcmp(bits, gbits, n * d / 8), "%s d%d %s: signature bits differ", name, d, kvarc_dtype_name(dt));
+    CHECK(!memcmp(ss, gss, n * 2), "%s d%d %s: signature scales differ", name, d, kvarc_dtype_name(dt));
+    CHECK(!memcmp(kd, gkd, ne * 4) && !memcmp(vd, gvd, ne * 4), "%s d%d %s: decoded K/V differ",
+          name, d, kvarc_dtype_name(dt));
+
+    /* NaN at tokens 7 and n-2: the first one is reported */
+    if (n > 9) {
+        store(dt, NAN, v, 7 * (size_t)d + 3);
+        store(dt, INFINITY, k, (n - 2) * (size_t)d);
+        cudaMemcpy(dk, k, ne * es, cudaMemcpyHostToDevice);
+        cudaMemcpy(dv, v, ne * es, cudaMemcpyHostToDevice);
+        size_t bad = 0;
+        CHECK_RC(kvg_encode_cuda(&cd, dt, dk, dv, n, drec, dbits, dss, &bad, NULL), KVARC_ENONFINITE);
+        CHECK(bad == 7, "%s d%d: GPU reports bad token %zu, want 7", name, d, bad);
+    }
+    cudaFree(dk); cudaFree(dv); cudaFree(dmk); cudaFree(dmv); cudaFree(drec); cudaFree(dbits);
+    cudaFree(dss); cudaFree(dkd); cudaFree(dvd);
+    free(kf); free(vf); free(k); free(v); free(rec); free(bits); free(ss); free(kd); free(vd);
+    free(grec); free(gbits); free(gss); free(gkd); free(gvd);
+}
+
+static void score_case(int d, size_t n, int n_q, tu_rng *r)
+{
+    uint8_t *bits = malloc(n * d / 8);
+    uint16_t *ss = malloc(n * 2);
+    for (size_t i = 0; i < n * d / 8; i++)
+        bits[i] = (uint8_t)kvarc_splitmix64(&r->s);
+    for (size_t i = 0; i < n; i++)
+        ss[i] = kvarc_f32_to_f16((float)tu_uniform(r) * 3.0f);
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, 5);
+    kvg_query q[8];
+    float mu[KVARC_HEAD_DIM_MAX], qv[KVARC_HEAD_DIM_MAX];
+    for (int i = 0; i < d; i++)
+        mu[i] = tu_gauss(r);
+    for (int h = 0; h < n_q; h++) {
+        for (int i = 0; i < d; i++)
+            qv[i] = tu_gauss(r) * (h + 1);
+        kvg_query_prep_ref(&rot, mu, KVARC_DTYPE_F32, qv, &q[h]);
+    }
+    float *cs = malloc(n * 4);
+    uint8_t *db = dev_copy(bits, n * d / 8);
+    uint16_t *dss = dev_copy(ss, n * 2);
+    float *dsc = dev_copy(NULL, n * 4);
+    for (int mode = 0; mode < 2; mode++)
+        for (int comb = 0; comb < 2; comb++) {
+            CHECK_RC(kvg_score_ref((kvg_score_mode)mode, (kvg_combine)comb, q, n_q, bits, ss, n, cs), 0);
+            CHECK_RC(kvg_score_cuda((kvg_score_mode)mode, (kvg_combine)comb, q, n_q, db, dss, n, dsc, NULL), 0);
+            float *gs = dev_back(dsc, n * 4);
+            size_t diff = 0;
+            for (size_t j = 0; j < n; j++)
+                diff += memcmp(&cs[j], &gs[j], 4) != 0;
+            CHECK(diff == 0, "score d%d n%zu q%d mode %d comb %d: %zu of %zu differ", d, n, n_q, mode,
+                  comb, diff, n);
+            free(gs);
+        }
+    cudaFree(db); cudaFree(dss); cudaFree(dsc);
+    free(bits); free(ss); free(cs);
+}
+
+static void topk_case(const char *what, const float *s, size_t n, size_t k)
+{
+    uint32_t *ci = malloc((k ? k : 1) * 4), *gi;
+    float *cv = malloc((k ? k : 1) * 4), *gv;
+    long want = kvg_topk_ref(s, n, k, ci, cv, NULL);
+    float *ds = dev_copy(s, n * 4), *dv = dev_copy(NULL, k * 4);
+    uint32_t *di = dev_copy(NULL, k * 4);
+    void *scr = dev_copy(NULL, kvg_topk_cuda_scratch_bytes(n));
+    long got = kvg_topk_cuda(ds, n, k, di, dv, scr, NULL);
+    CHECK(got == want, "topk %s n%zu k%zu: GPU returned %ld, CPU %ld", what, n, k, got, want);
+    gi = dev_back(di, k * 4);
+    gv = dev_back(dv, k * 4);
+    if (got == want && want > 0)
+        CHECK(!memcmp(ci, gi, (size_t)want * 4) && !memcmp(cv, gv, (size_t)want * 4),
+              "topk %s n%zu k%zu: selection differs", what, n, k);
+    cudaFree(ds); cudaFree(dv); cudaFree(di); cudaFree(scr);
+    free(ci); free(cv); free(gi); free(gv);
+}
+
+int main(void)
+{
+    if (!kvg_cuda_available()) {
+        printf("test_cuda_parity: no CUDA device, skipped\n");
+        return 77;
+    }
+    char name[256];
+    kvg_cuda_device_name(name, sizeof name);
+    printf("test_cuda_parity on %s\n", name);
+    tu_rng r = { 31337 };
+    static const int dims[] = { 64, 128, 256 };
+    static const kvarc_dtype dts[] = { KVARC_DTYPE_F32, KVARC_DTYPE_F16, KVARC_DTYPE_BF16 };
+    for (int f = KVARC_FMT_Q3; f <= KVARC_FMT_BF16; f++)
+        for (int di = 0; di < 3; di++)
+            for (int t = 0; t < 3; t++)
+                codec_case(f, dims[di], dts[t], (size_t)(t == 0 ? 3000 : 257), &r);
+    codec_case(KVARC_FMT_Q3, 128, KVARC_DTYPE_F32, 70000, &r);   /* more tokens than the grid */
+    for (int di = 0; di < 3; di++) {
+        score_case(dims[di], 100003, 1, &r);
+        score_case(dims[di], 4097, 4, &r);
+    }
+    score_case(128, 1 << 20, 8, &r);
+
+    size_t n = (1 << 20) + 17;
+    float *s = malloc(n * 4);
+    for (size_t j = 0; j < n; j++)
+        s[j] = tu_gauss(&r);
+    static const size_t ks[] = { 1, 64, 512, 1000, 4096 };
+    for (int i = 0; i < 5; i++) {
+        topk_case("gauss", s, n, ks[i]);
+        topk_case("gauss-small", s, 3000, ks[i]);
+    }
+    topk_case("gauss", s, 5, 64);
+    for (size_t j = 0; j < n; j++)
+        s[j] = (float)(kvarc_splitmix64(&r.s) % 5);
+    topk_case("ties", s, n, 512);
+    topk_case("ties", s, n, 4096);
+    for (size_t j = 0; j < n; j++)
+        s[j] = (j % 7 == 0) ? NAN : (j % 11 == 0) ? -INFINITY : tu_gauss(&r);
+    topk_case("nan", s, n, 777);
+    float *ds = dev_copy(s, n * 4);
+    CHECK(kvg_topk_cuda(ds, n, KVG_CUDA_TOPK_MAX + 1, (uint32_t *)ds, NULL, ds, NULL) == -EINVAL,
+          "k above KVG_CUDA_TOPK_MAX must be refused");
+    cudaFree(ds);
+    free(s);
+    return tu_finish("test_cuda_parity");
+}
