@@ -95,6 +95,10 @@ int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
                   const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n,
                   float *scores);
 
+/* The argument checks of kvg_score_ref, shared with the GPU version:
+ * 0 or -EINVAL. */
+int kvg_score_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q);
+
 /* ---- top-k -------------------------------------------------------------- */
 
 /* The min(k, n) best of scores[n], ordered by score descending then index

@@ -75,16 +75,10 @@ extern "C" int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_q
 {
     int rc = 0;
     qdev *hq = NULL, *dq = NULL;
-    if (!qs || n_q < 1 || n_q > 64)
-        return -EINVAL;
-    if (mode != KVG_SCORE_ASYM && mode != KVG_SCORE_HAMMING)
-        return -EINVAL;
-    if (comb != KVG_COMBINE_MAX && comb != KVG_COMBINE_MEAN)
-        return -EINVAL;
+    rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
     int d = qs[0].head_dim;
-    for (int h = 0; h < n_q; h++)
-        if (kvarc_head_dim_check(qs[h].head_dim) || qs[h].head_dim != d)
-            return -EINVAL;
     if (n == 0)
         return 0;
     if (!d_sig_bits || !d_scores || (mode == KVG_SCORE_ASYM && !d_sig_scale))

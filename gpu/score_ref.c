@@ -135,9 +135,7 @@ static void score_hamming_one(const kvg_query *q, const uint8_t *bits, size_t n,
     }
 }
 
-int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
-                  const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n,
-                  float *scores)
+int kvg_score_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q)
 {
     if (!qs || n_q < 1 || n_q > 64)
         return -EINVAL;
@@ -148,6 +146,16 @@ int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
     for (int h = 0; h < n_q; h++)
         if (kvarc_head_dim_check(qs[h].head_dim) || qs[h].head_dim != qs[0].head_dim)
             return -EINVAL;
+    return 0;
+}
+
+int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                  const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n,
+                  float *scores)
+{
+    int rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
     if (n == 0)
         return 0;
     if (!sig_bits || !scores || (mode == KVG_SCORE_ASYM && !sig_scale))

@@ -62,6 +62,8 @@ uint16_t kvarc_f32_to_bf16(float f);
 
 /* Load element i of a dt array as fp32. */
 float kvarc_load_f32(kvarc_dtype dt, const void *base, size_t i);
+/* Store x as element i of a dt array (rounding to nearest even). */
+void kvarc_store_f32(kvarc_dtype dt, void *base, size_t i, float x);
 
 /* ---- record formats --------------------------------------------------- */
 /* A record holds K and V of one (token, layer, kv head). Ids are stored in

@@ -121,6 +121,15 @@ float kvarc_load_f32(kvarc_dtype dt, const void *base, size_t i)
     return NAN;
 }
 
+void kvarc_store_f32(kvarc_dtype dt, void *base, size_t i, float x)
+{
+    switch (dt) {
+    case KVARC_DTYPE_F32:  ((float *)base)[i] = x; break;
+    case KVARC_DTYPE_F16:  ((uint16_t *)base)[i] = kvarc_f32_to_f16(x); break;
+    case KVARC_DTYPE_BF16: ((uint16_t *)base)[i] = kvarc_f32_to_bf16(x); break;
+    }
+}
+
 /* ---- formats ---------------------------------------------------------- */
 
 static const kvarc_format_info formats[] = {

@@ -22,18 +22,6 @@ static const struct {
     { KVARC_FMT_I8, 0.010, 0.020 },
 };
 
-static void to_dtype(kvarc_dtype dt, const float *x, void *out, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (dt == KVARC_DTYPE_F32)
-            ((float *)out)[i] = x[i];
-        else if (dt == KVARC_DTYPE_F16)
-            ((uint16_t *)out)[i] = kvarc_f32_to_f16(x[i]);
-        else
-            ((uint16_t *)out)[i] = kvarc_f32_to_bf16(x[i]);
-    }
-}
-
 static void mean_of(kvarc_dtype dt, const void *x, int d, float *mu)
 {
     for (int i = 0; i < d; i++) {
@@ -80,8 +68,10 @@ static void check_roundtrip(int fmt, int d, kvarc_dtype dt, int outliers, tu_rng
             vf[i] = 0.3f * tu_gauss(r);
         }
     }
-    to_dtype(dt, kf, k, ne);
-    to_dtype(dt, vf, v, ne);
+    for (size_t i = 0; i < ne; i++) {
+        kvarc_store_f32(dt, k, i, kf[i]);
+        kvarc_store_f32(dt, v, i, vf[i]);
+    }
     for (size_t i = 0; i < ne; i++) {       /* the values as the codec sees them */
         kin[i] = kvarc_load_f32(dt, k, i);
         vin[i] = kvarc_load_f32(dt, v, i);

@@ -26,16 +26,6 @@ static void *dev_back(const void *d, size_t bytes)
     return h;
 }
 
-static void store(kvarc_dtype dt, float x, void *base, size_t i)
-{
-    if (dt == KVARC_DTYPE_F32)
-        ((float *)base)[i] = x;
-    else if (dt == KVARC_DTYPE_F16)
-        ((uint16_t *)base)[i] = kvarc_f32_to_f16(x);
-    else
-        ((uint16_t *)base)[i] = kvarc_f32_to_bf16(x);
-}
-
 static void codec_case(int fmt, int d, kvarc_dtype dt, size_t n, tu_rng *r)
 {
     size_t ne = n * (size_t)d, es = kvarc_dtype_size(dt);
@@ -44,8 +34,8 @@ static void codec_case(int fmt, int d, kvarc_dtype dt, size_t n, tu_rng *r)
     tu_keys_outliers(r, vf, n, d);
     uint8_t *k = malloc(ne * es), *v = malloc(ne * es);
     for (size_t i = 0; i < ne; i++) {
-        store(dt, kf[i], k, i);
-        store(dt, 0.5f * vf[i], v, i);
+        kvarc_store_f32(dt, k, i, kf[i]);
+        kvarc_store_f32(dt, v, i, 0.5f * vf[i]);
     }
     float mu_k[KVARC_HEAD_DIM_MAX], mu_v[KVARC_HEAD_DIM_MAX];
     for (int i = 0; i < d; i++) {
@@ -54,8 +44,8 @@ static void codec_case(int fmt, int d, kvarc_dtype dt, size_t n, tu_rng *r)
     }
     /* token 1 equals the mean (zero vector after centering) */
     for (int i = 0; i < d; i++) {
-        store(dt, mu_k[i], k, (size_t)d + i);
-        store(dt, mu_v[i], v, (size_t)d + i);
+        kvarc_store_f32(dt, k, (size_t)d + i, mu_k[i]);
+        kvarc_store_f32(dt, v, (size_t)d + i, mu_v[i]);
         mu_k[i] = kvarc_load_f32(dt, k, (size_t)d + i);
         mu_v[i] = kvarc_load_f32(dt, v, (size_t)d + i);
     }
@@ -92,8 +82,8 @@ static void codec_case(int fmt, int d, kvarc_dtype dt, size_t n, tu_rng *r)
 
     /* NaN at tokens 7 and n-2: the first one is reported */
     if (n > 9) {
-        store(dt, NAN, v, 7 * (size_t)d + 3);
-        store(dt, INFINITY, k, (n - 2) * (size_t)d);
+        kvarc_store_f32(dt, v, 7 * (size_t)d + 3, NAN);
+        kvarc_store_f32(dt, k, (n - 2) * (size_t)d, INFINITY);
         cudaMemcpy(dk, k, ne * es, cudaMemcpyHostToDevice);
         cudaMemcpy(dv, v, ne * es, cudaMemcpyHostToDevice);
         size_t bad = 0;

@@ -41,16 +41,6 @@ static void hex(FILE *f, const char *key, long idx, const void *p, size_t n)
     fputc('\n', f);
 }
 
-static void store(kvarc_dtype dt, float x, void *base, size_t i)
-{
-    if (dt == KVARC_DTYPE_F32)
-        ((float *)base)[i] = x;
-    else if (dt == KVARC_DTYPE_F16)
-        ((uint16_t *)base)[i] = kvarc_f32_to_f16(x);
-    else
-        ((uint16_t *)base)[i] = kvarc_f32_to_bf16(x);
-}
-
 static int write_one(const char *dir, const kvarc_format_info *fi, int d)
 {
     char path[4096];
@@ -80,8 +70,8 @@ static int write_one(const char *dir, const kvarc_format_info *fi, int d)
             float kx = mu_k[i] + amp * gauss(), vx = mu_v[i] + gauss();
             if (t == 5)                                    /* a token equal to the mean */
                 kx = mu_k[i], vx = mu_v[i];
-            store(dt, kx, k, (size_t)t * d + i);
-            store(dt, vx, v, (size_t)t * d + i);
+            kvarc_store_f32(dt, k, (size_t)t * d + i, kx);
+            kvarc_store_f32(dt, v, (size_t)t * d + i, vx);
         }
     /* the codec centers what it is given; a token equal to the mean in the
      * input dtype needs the mean in that dtype too */
