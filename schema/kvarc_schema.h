@@ -148,6 +148,68 @@ extern const float kvarc_q3_bounds[7];
 extern const float kvarc_q4_levels[16];
 extern const float kvarc_q4_bounds[15];
 
+/* ---- CRC-32C (Castagnoli) -------------------------------------------
+ * crc = kvarc_crc32c(0, buf, len); chain by passing the previous value.
+ * Standard CRC-32C (reflected 0x82f63b78, init/xorout ~0): "123456789" ->
+ * 0xe3069283. SSE4.2 instruction when the CPU has it, a table otherwise. */
+uint32_t kvarc_crc32c(uint32_t crc, const void *buf, size_t len);
+
+/* ---- segment blocks (SCHEMA.md section 9) -----------------------------
+ * A segment file is a sequence of self-describing blocks, each a 64-byte
+ * header then payload_bytes of payload. */
+#define KVARC_BLOCK_MAGIC    0x3142564bu  /* "KVB1" little-endian */
+#define KVARC_BLOCK_VERSION  1
+#define KVARC_BLOCK_HEADER   64
+
+typedef enum kvarc_block_kind {
+    KVARC_BLOCK_DATA        = 1, /* signatures + records of one layer */
+    KVARC_BLOCK_CONV_CREATE = 2, /* a conversation's metadata (create or fork) */
+    KVARC_BLOCK_CONV_DELETE = 3, /* a conversation deleted */
+} kvarc_block_kind;
+
+typedef struct kvarc_block_header {
+    uint8_t  kind;           /* kvarc_block_kind */
+    uint8_t  version;        /* KVARC_BLOCK_VERSION */
+    uint8_t  format;         /* record format id (data blocks) */
+    uint8_t  format_version; /* that format's version byte */
+    uint16_t head_dim;
+    uint16_t n_heads;        /* KV heads in this block */
+    uint32_t layer;
+    uint64_t conv;           /* internal conversation id */
+    uint64_t first_pos;      /* position of the block's first token */
+    uint32_t count;          /* tokens */
+    uint32_t rec_bytes;      /* bytes per record */
+    uint32_t payload_bytes;  /* bytes after the header */
+    uint32_t payload_crc;    /* meta blocks: CRC of the payload; data: 0 */
+    uint64_t seq;            /* engine-wide sequence number (replay order) */
+    uint32_t header_crc;     /* filled by encode, checked by decode */
+} kvarc_block_header;
+
+/* Serialize h into 64 bytes (computing header_crc, stored back into h). */
+void kvarc_block_header_encode(kvarc_block_header *h, uint8_t out[KVARC_BLOCK_HEADER]);
+/* Parse and check magic, version and header CRC: 0 or KVARC_ECORRUPT
+ * (KVARC_EVERSION for a newer block version). */
+int kvarc_block_header_decode(const uint8_t in[KVARC_BLOCK_HEADER], kvarc_block_header *h);
+
+/* Data block geometry. Per head h, first all signature sections
+ * (bits[count][d/8], scales[count] fp16, zero pad to 4, crc32c), then all
+ * record sections (count slots of record[rec_bytes] + crc32c); the
+ * payload is zero-padded to a multiple of 8. */
+size_t kvarc_block_sig_section(uint32_t count, int head_dim);
+size_t kvarc_block_payload_bytes(uint32_t count, int head_dim, int n_heads, uint32_t rec_bytes);
+size_t kvarc_block_sig_offset(const kvarc_block_header *h, int head);   /* from block start */
+size_t kvarc_block_slot_offset(const kvarc_block_header *h, int head, uint32_t t);
+
+/* CRC of a signature section (bits+scales+pad of one head), over
+ * (conv, layer, first_pos, head) then the section, so a section cannot
+ * pass in another block. */
+uint32_t kvarc_sig_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t head,
+                               const uint8_t *section, size_t bytes);
+/* CRC of a record slot: over (conv, layer, head, pos) then the record, so
+ * a record read from the wrong place does not verify. */
+uint32_t kvarc_record_crc(uint64_t conv, uint32_t layer, uint32_t head, uint64_t pos,
+                          const uint8_t *rec, uint32_t rec_bytes);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,222 @@
+/* kvd.h - kvarc's storage engine: the library that kvarcd serves.
+ *
+ * A data directory holds an LMDB environment (index/) and append-only
+ * segment files (segments/). Segments are the truth: every block in them
+ * is self-describing (SCHEMA.md section 9), conversations' metadata
+ * included, so the index can be rebuilt from the segments alone. LMDB is
+ * what makes a block visible: a block is referenced by the index only
+ * after its bytes were written and fdatasync'ed, in the same transaction
+ * that advances the segment's committed size.
+ *
+ * Return codes: 0 (or a count) on success, a negative errno or kvarc code
+ * (kvarc_schema.h) on failure. Functions that take a kvd_err * fill it
+ * (when not NULL) with the code and a message that says what and where.
+ *
+ * Threads: one kvd_engine is shared by all threads. Appends from any
+ * number of threads and conversations are batched into one group commit
+ * (one write + one fdatasync + one LMDB commit per batch). Reads go
+ * through a kvd_reader, one per thread (each owns an io_uring).
+ *
+ * Caveats
+ * - One process per data directory: kvd_open takes an exclusive lock on
+ *   DIR/LOCK and fails with -EBUSY if another process holds it.
+ * - fork(): do not use an engine or reader in a child process.
+ * - Metadata of deleted conversations stays in the segments until their
+ *   creating block is compacted away; that is small next to their data.
+ */
+#ifndef KVD_H
+#define KVD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvarc_schema.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvd_engine kvd_engine;
+typedef struct kvd_reader kvd_reader;
+
+typedef struct kvd_err {
+    int  code;          /* the return code, repeated */
+    char msg[320];      /* what went wrong, where, and what to do */
+} kvd_err;
+
+typedef struct kvd_options {
+    const char *dir;            /* data directory, created if missing */
+    size_t      map_size;       /* LMDB map size; 0 = 64 GiB */
+    uint64_t    segment_bytes;  /* seal a segment past this size; 0 = 256 MiB */
+} kvd_options;
+
+#define KVD_NS_MAX    64        /* namespace, bytes incl. NUL */
+#define KVD_NAME_MAX  128       /* conversation name, bytes incl. NUL */
+#define KVD_MAX_LAYERS 1024
+#define KVD_MAX_HEADS  256
+
+/* Validated name: [A-Za-z0-9._-], 1..max-1 bytes, not starting with '.'. */
+int kvd_name_valid(const char *s, size_t max);
+
+/* A conversation's binding, fixed at creation. */
+typedef struct kvd_shape {
+    uint32_t n_layers, n_kv_heads, n_q_heads, head_dim;
+    uint8_t  format;            /* kvarc_format of its records */
+    uint8_t  pos_mode;          /* 0 true positions, 1 remapped */
+    uint8_t  rope_layout;       /* 0 half-split (NeoX), 1 interleaved pairs */
+    uint8_t  dtype;             /* kvarc_dtype the client hands K/V in */
+    uint32_t rotary_dims;       /* 0 = head_dim */
+    float    rope_theta;
+    uint64_t seed;              /* rotation seed */
+    char     fingerprint[64];   /* model fingerprint, NUL-terminated */
+} kvd_shape;
+
+#define KVD_CONV_SNAPSHOT 1u    /* immutable: appends refused */
+#define KVD_CONV_DELETED  2u    /* internal: tombstone */
+
+typedef struct kvd_conv_info {
+    char      ns[KVD_NS_MAX], name[KVD_NAME_MAX];
+    uint64_t  id;               /* internal id, stable for the conversation's life */
+    uint64_t  parent;           /* id of the conversation forked from, 0 = none */
+    uint64_t  fork_len;         /* tokens shared with the parent */
+    uint64_t  length;           /* tokens archived in every layer (min over layers) */
+    uint32_t  flags;            /* KVD_CONV_* */
+    int64_t   created_ns;       /* CLOCK_REALTIME at creation */
+    kvd_shape shape;
+} kvd_conv_info;
+
+/* ---- engine --------------------------------------------------------- */
+
+/* Open (creating if needed) the data directory; recovers from a crash:
+ * segment tails past the committed size are truncated, files no index
+ * entry references are removed. */
+int  kvd_open(const kvd_options *opt, kvd_engine **out, kvd_err *err);
+void kvd_close(kvd_engine *e);
+
+/* ---- conversations ------------------------------------------------- */
+
+/* Create ns/name bound to shape. means: [n_layers][n_kv_heads][2][head_dim]
+ * fp32 (mu_k then mu_v per head) or NULL for zero means. Durable on
+ * return. -EEXIST if the name exists, -EINVAL for a bad name or shape. */
+int kvd_conv_create(kvd_engine *e, const char *ns, const char *name, const kvd_shape *shape,
+                    const float *means, kvd_conv_info *info, kvd_err *err);
+
+/* Look ns/name up. With `expect` non-NULL, a different shape, format or
+ * fingerprint is refused with KVARC_ESHAPE and a message naming both. */
+int kvd_conv_open(kvd_engine *e, const char *ns, const char *name, const kvd_shape *expect,
+                  kvd_conv_info *info, kvd_err *err);
+int kvd_conv_stat(kvd_engine *e, uint64_t id, kvd_conv_info *info, kvd_err *err);
+
+/* Up to max conversations of namespace ns (NULL = all) whose name sorts
+ * after `after` (NULL = from the start), in name order. Returns the count. */
+long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out,
+                   size_t max, kvd_err *err);
+
+/* Delete ns/name: it disappears at once; its records go at compaction
+ * unless a fork or snapshot still shares them. */
+int kvd_conv_delete(kvd_engine *e, const char *ns, const char *name, kvd_err *err);
+
+/* Fork src at `at_len` tokens into dst (copy-on-write: no record copied).
+ * at_len must not exceed src's length; UINT64_MAX means src's length.
+ * KVD_CONV_SNAPSHOT in flags makes dst an immutable snapshot; restore is a
+ * fork of a snapshot. */
+int kvd_conv_fork(kvd_engine *e, const char *src_ns, const char *src_name, uint64_t at_len,
+                  const char *dst_ns, const char *dst_name, uint32_t flags,
+                  kvd_conv_info *info, kvd_err *err);
+
+/* Tokens archived in one layer. */
+int kvd_layer_length(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t *len, kvd_err *err);
+
+/* Centering means of one (layer, kv head): mu_k[head_dim], mu_v[head_dim]. */
+int kvd_conv_means(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t head, float *mu_k,
+                   float *mu_v, kvd_err *err);
+
+/* ---- append ---------------------------------------------------------- */
+
+/* Append `count` tokens of one layer, all KV heads, at first_pos (which
+ * must equal the layer's length). Layouts, per head h:
+ *   sig_bits  [n_kv_heads][count][head_dim/8]
+ *   sig_scale [n_kv_heads][count]
+ *   records   [n_kv_heads][count][record_bytes]
+ * Returns once the block is durable and visible (group commit). */
+int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t count,
+               const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
+               kvd_err *err);
+
+/* ---- reads (one reader per thread) -------------------------------- */
+
+int  kvd_reader_open(kvd_engine *e, kvd_reader **out, kvd_err *err);
+void kvd_reader_close(kvd_reader *r);
+
+/* Records of (conv, layer, head) at positions pos[0..n) into
+ * out[n][record_bytes], each verified against its CRC (KVARC_ECORRUPT,
+ * never the bytes, when one fails). Positions may repeat and come in any
+ * order; every one must be below the layer's length (-ERANGE). */
+int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head,
+                     const uint64_t *pos, size_t n, uint8_t *out, kvd_err *err);
+
+/* Signature planes of positions [first, first + count): bits[count][d/8]
+ * and scales[count], verified. */
+int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
+                  uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err);
+
+/* Stage 2: score the shortlist exactly against the queries of a GQA group
+ * (q[n_q][head_dim], fp32, combined by max; the score is q.k of the
+ * decoded key, uncentered) and return the best top_k: positions, scores and
+ * records (pos_out[top_k], score_out[top_k] may be NULL, rec_out[top_k]
+ * [record_bytes] may be NULL), best first. Returns the count. */
+long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const float *q,
+                int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
+                float *score_out, uint8_t *rec_out, kvd_err *err);
+
+/* ---- maintenance ------------------------------------------------------ */
+
+typedef struct kvd_stats {
+    uint64_t conversations, deleted, segments, segment_bytes, live_bytes;
+    uint64_t blocks, records, extents;
+    uint64_t appends, group_commits, fsyncs;   /* since open */
+} kvd_stats;
+
+int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err);
+
+/* Progress of a long operation: done of total units (bytes). */
+typedef void (*kvd_progress_fn)(void *arg, uint64_t done, uint64_t total);
+
+/* Rewrite sealed segments whose live ratio is below `threshold` (0..1)
+ * and drop the records of deleted conversations nothing shares. Old files
+ * go once no reader uses them. reclaimed_out (may be NULL): bytes freed. */
+int kvd_compact(kvd_engine *e, double threshold, uint64_t *reclaimed_out, kvd_progress_fn fn,
+                void *arg, kvd_err *err);
+
+typedef struct kvd_verify_report {
+    uint64_t segments, blocks, records, extents, bytes;
+    uint64_t problems;          /* 0: consistent */
+} kvd_verify_report;
+
+/* Check every block (header, signature and record CRCs), that every
+ * extent points at a matching block inside a committed segment, and that
+ * every layer's extents cover [fork_len, length) exactly. Each problem is
+ * described through `log` (may be NULL). Returns 0 or KVARC_ECORRUPT. */
+int kvd_verify(kvd_engine *e, kvd_verify_report *rep, void (*log)(void *arg, const char *line),
+               void *arg, kvd_progress_fn fn, void *parg, kvd_err *err);
+
+/* Rebuild the index of the (closed) data directory from its segments:
+ * the old index is kept as index.old/ until the new one is complete. */
+int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *err);
+
+/* ---- fault injection (tests) ----------------------------------------- */
+
+typedef enum kvd_fault_op {
+    KVD_FAULT_WRITE = 0,        /* segment pwrite */
+    KVD_FAULT_SYNC  = 1,        /* segment fdatasync */
+    KVD_FAULT_SHORT = 2,        /* segment pwrite writes half, then fails */
+} kvd_fault_op;
+
+/* After `countdown` more calls of op, fail the next with error (e.g.
+ * -ENOSPC, -EIO); countdown < 0 disarms. Process-wide. */
+void kvd_fault_set(kvd_fault_op op, int error, int countdown);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVD_H */

@@ -1,0 +1,126 @@
+/* kvd_internal.h - what the engine's files share; not installed. */
+#ifndef KVD_INTERNAL_H
+#define KVD_INTERNAL_H
+
+#include <limits.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <sys/uio.h>
+
+#include "kvd.h"
+
+/* ---- segments (segment.c) ------------------------------------------- */
+
+enum { SEG_OPEN = 1, SEG_SEALED = 2, SEG_DEAD = 3 };
+
+typedef struct kvd_seg {
+    uint64_t id;
+    int      fd;            /* -1 once closed */
+    uint8_t  state;         /* SEG_* as committed in the index */
+    uint64_t bytes;         /* committed size */
+    int      pins;          /* readers using fd right now */
+} kvd_seg;
+
+/* Path of segment id in dir. */
+void seg_path(const char *dir, uint64_t id, char *out, size_t len);
+/* pwrite all of iov at off, honouring injected faults; 0 or -errno. */
+int  seg_pwritev(int fd, const struct iovec *iov, int n, uint64_t off);
+int  seg_sync(int fd);
+/* Read exactly len bytes at off (pread loop); 0, -errno, or -EIO on EOF. */
+int  seg_pread_full(int fd, void *buf, size_t len, uint64_t off);
+
+/* ---- LMDB layout (engine.c) ------------------------------------------ */
+
+/* Conversation record: the value in `convs`, and the head of a
+ * CONV_CREATE payload (means follow it there). Host little-endian. */
+typedef struct conv_rec {
+    char      ns[KVD_NS_MAX], name[KVD_NAME_MAX];
+    uint64_t  parent, fork_len;
+    uint32_t  flags, pad;
+    int64_t   created_ns;
+    kvd_shape shape;
+    uint64_t  create_seg, create_off;   /* where its CONV_CREATE block is (index only) */
+} conv_rec;
+
+typedef struct extent_val {
+    uint64_t seg, off;      /* block start in segment seg */
+    uint32_t count;         /* tokens in the block */
+    uint32_t bytes;         /* header + payload */
+} extent_val;
+
+typedef struct seg_val {
+    uint8_t  state, pad[7];
+    uint64_t bytes;
+} seg_val;
+
+void key_u64(uint8_t *k, uint64_t v);                  /* big-endian */
+uint64_t key_get_u64(const uint8_t *k);
+void extent_key(uint8_t k[20], uint64_t conv, uint32_t layer, uint64_t first);
+void layer_key(uint8_t k[12], uint64_t conv, uint32_t layer);
+size_t means_floats(const kvd_shape *s);
+
+/* ---- the engine ------------------------------------------------------- */
+
+typedef struct kvd_item kvd_item;
+struct kvd_item {
+    kvarc_block_header h;
+    uint8_t  *block;        /* KVARC_BLOCK_HEADER + payload */
+    size_t    bytes;
+    /* validate against and update the index (in a nested txn); may set
+     * h.conv; 0 or an error code with item->err filled */
+    int     (*prepare)(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t seg, uint64_t off);
+    void     *arg;
+    int       rc, done;
+    kvd_err   err;
+    kvd_item *next;
+};
+
+struct kvd_engine {
+    char     dir[PATH_MAX - 128];  /* room for the file names below it */
+    int      lock_fd;
+    MDB_env *env;
+    MDB_dbi  meta, names, convs, means, layers, extents, segs;
+    uint64_t segment_bytes;
+
+    pthread_mutex_t seg_mu;     /* guards the segment table */
+    kvd_seg *segtab;
+    size_t   nseg, capseg;
+    uint64_t active;            /* id of the OPEN segment appends go to */
+
+    pthread_rwlock_t resolve;   /* readers: shared from index lookup to pin;
+                                   compaction: exclusive to retire segments */
+    pthread_mutex_t gc_mu;      /* group commit queue */
+    pthread_cond_t  gc_cv;
+    kvd_item *q_head, *q_tail;
+    int       leader;
+    pthread_mutex_t compact_mu; /* one compaction at a time */
+
+    atomic_ullong n_appends, n_commits, n_fsyncs;
+};
+
+/* Fill err (if non-NULL) with code and a formatted message; returns code. */
+int kvd_fail(kvd_err *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int kvd_mdb_err(int mdb_rc);    /* LMDB code -> negative errno */
+
+/* Segment table (engine.c). */
+kvd_seg *segtab_find(kvd_engine *e, uint64_t id);     /* seg_mu held */
+int      segtab_add(kvd_engine *e, uint64_t id, int fd, uint8_t state, uint64_t bytes);
+/* Pin the fd of segment id for a read (resolve lock held shared); -1 if gone. */
+int      seg_pin(kvd_engine *e, uint64_t id);
+void     seg_unpin(kvd_engine *e, uint64_t id);
+
+/* Submit an item to the group commit and wait until it is durable. */
+int  gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err);
+
+int  conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out);
+int  conv_info_fill(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c, kvd_conv_info *info);
+int  layer_len_get(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t *len);
+
+/* Locate position pos of (conv, layer): the conversation that owns it
+ * (following forks) and its extent. 0, -ERANGE past the end, or an error. */
+int  extent_resolve(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t pos,
+                    uint64_t *owner, uint64_t *first, extent_val *ev);
+
+#endif

@@ -1,0 +1,453 @@
+/* read.c - verified reads through io_uring, and the stage-2 rerank.
+ *
+ * A read resolves every position to its block (following forks) inside
+ * one LMDB read txn while holding the engine's resolve lock shared, pins
+ * the segment fds it needs, drops the lock, then submits all reads to the
+ * reader's ring at once (up to the ring's depth in flight) and verifies
+ * each record's CRC before copying it out. Pinning is what lets a
+ * compaction retire a segment while reads of it are still in flight:
+ * the file is unlinked only when its last pin goes (engine.c). */
+#include <errno.h>
+#include <liburing.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvd_internal.h"
+#include "kvg.h"
+
+#define RING_DEPTH 256
+
+struct kvd_reader {
+    kvd_engine     *e;
+    struct io_uring ring;
+    uint8_t        *buf;           /* slot staging */
+    size_t          cap;
+};
+
+int kvd_reader_open(kvd_engine *e, kvd_reader **out, kvd_err *err)
+{
+    kvd_reader *r = calloc(1, sizeof *r);
+    if (!r)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    int rc = io_uring_queue_init(RING_DEPTH, &r->ring, 0);
+    if (rc < 0) {
+        free(r);
+        return kvd_fail(err, rc, "io_uring_queue_init failed: %s (kernel without io_uring, or "
+                        "memlock limit too low)", strerror(-rc));
+    }
+    r->e = e;
+    *out = r;
+    return 0;
+}
+
+void kvd_reader_close(kvd_reader *r)
+{
+    if (!r)
+        return;
+    io_uring_queue_exit(&r->ring);
+    free(r->buf);
+    free(r);
+}
+
+static int reserve(kvd_reader *r, size_t bytes)
+{
+    if (bytes <= r->cap)
+        return 0;
+    uint8_t *n = realloc(r->buf, bytes);
+    if (!n)
+        return -ENOMEM;
+    r->buf = n;
+    r->cap = bytes;
+    return 0;
+}
+
+/* One read to run: fd, offset, length, destination. */
+typedef struct rd_op {
+    int      fd;
+    uint64_t off;
+    uint32_t len;
+    uint8_t *dst;
+} rd_op;
+
+/* Run all ops through the ring; 0 or the first error (a short read is
+ * -EIO: a committed block must be whole). */
+static int ring_run(kvd_reader *r, const rd_op *ops, size_t n)
+{
+    size_t next = 0, done = 0, inflight = 0;
+    int first_err = 0;
+    while (done < n) {
+        while (next < n && inflight < RING_DEPTH) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+            if (!sqe)
+                break;
+            io_uring_prep_read(sqe, ops[next].fd, ops[next].dst, ops[next].len, ops[next].off);
+            io_uring_sqe_set_data64(sqe, next);
+            next++;
+            inflight++;
+        }
+        int rc = io_uring_submit_and_wait(&r->ring, 1);
+        if (rc < 0 && rc != -EINTR)
+            return rc;
+        struct io_uring_cqe *cqe;
+        unsigned head, seen = 0;
+        io_uring_for_each_cqe(&r->ring, head, cqe) {
+            size_t i = (size_t)io_uring_cqe_get_data64(cqe);
+            if (cqe->res < 0 && !first_err)
+                first_err = cqe->res;
+            else if (cqe->res >= 0 && (uint32_t)cqe->res < ops[i].len && !first_err) {
+                /* finish a short read synchronously */
+                int prc = seg_pread_full(ops[i].fd, ops[i].dst + cqe->res, ops[i].len - (uint32_t)cqe->res,
+                                         ops[i].off + (uint64_t)cqe->res);
+                if (prc)
+                    first_err = prc;
+            }
+            seen++;
+        }
+        io_uring_cq_advance(&r->ring, seen);
+        done += seen;
+        inflight -= seen;
+    }
+    return first_err;
+}
+
+/* Pinned segments of one read, unpinned together. */
+typedef struct pinset {
+    uint64_t ids[64];
+    int      fds[64];
+    int      n;
+} pinset;
+
+static int pin_get(kvd_engine *e, pinset *ps, uint64_t seg)
+{
+    for (int i = 0; i < ps->n; i++)
+        if (ps->ids[i] == seg)
+            return ps->fds[i];
+    if (ps->n == 64)
+        return -E2BIG;
+    int fd = seg_pin(e, seg);
+    if (fd < 0)
+        return KVARC_ECORRUPT;
+    ps->ids[ps->n] = seg;
+    ps->fds[ps->n++] = fd;
+    return fd;
+}
+
+static void pin_release(kvd_engine *e, pinset *ps)
+{
+    for (int i = 0; i < ps->n; i++)
+        seg_unpin(e, ps->ids[i]);
+    ps->n = 0;
+}
+
+static int check_target(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t head,
+                        kvd_conv_info *info, kvd_err *err)
+{
+    int rc = kvd_conv_stat(e, conv, info, err);
+    if (rc)
+        return rc;
+    if (layer >= info->shape.n_layers)
+        return kvd_fail(err, -EINVAL, "layer %u out of range: '%s/%s' has %u layers", layer,
+                        info->ns, info->name, info->shape.n_layers);
+    if (head >= info->shape.n_kv_heads)
+        return kvd_fail(err, -EINVAL, "kv head %u out of range: '%s/%s' has %u kv heads", head,
+                        info->ns, info->name, info->shape.n_kv_heads);
+    return 0;
+}
+
+/* Where each position's slot lives: ops[i] and owner[i]. */
+static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head,
+                         const kvd_shape *s, const uint64_t *pos, size_t n, rd_op *ops,
+                         uint64_t *owner, pinset *ps, kvd_err *err)
+{
+    kvd_engine *e = r->e;
+    uint32_t rb = (uint32_t)kvarc_record_bytes(s->format, (int)s->head_dim);
+    MDB_txn *txn;
+    pthread_rwlock_rdlock(&e->resolve);
+    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    if (rc) {
+        pthread_rwlock_unlock(&e->resolve);
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    }
+    uint64_t c_owner = 0, c_first = 0, c_lo = 1, c_hi = 0;   /* last extent, in conv's positions */
+    extent_val ev = { 0 };
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (!(pos[i] >= c_lo && pos[i] < c_hi)) {
+            rc = extent_resolve(e, txn, conv, layer, pos[i], &c_owner, &c_first, &ev);
+            if (rc == -ERANGE) {
+                uint64_t len = 0;
+                layer_len_get(e, txn, conv, layer, &len);
+                kvd_fail(err, rc, "position %llu is past the end of layer %u (%llu tokens)",
+                         (unsigned long long)pos[i], layer, (unsigned long long)len);
+                break;
+            }
+            if (rc) {
+                kvd_fail(err, rc, "resolving position %llu of layer %u: %s",
+                         (unsigned long long)pos[i], layer, kvarc_strerror(rc));
+                break;
+            }
+            /* the extent serves conv's positions in [first, first+count) only if
+             * it is conv's own; an ancestor's may be cut by a fork point: cache
+             * just this position then */
+            c_lo = c_first;
+            c_hi = c_owner == conv ? c_first + ev.count : c_first;
+        }
+        int fd = pin_get(e, ps, ev.seg);
+        if (fd < 0) {
+            rc = kvd_fail(err, fd, "segment %016llx of position %llu is not available",
+                          (unsigned long long)ev.seg, (unsigned long long)pos[i]);
+            break;
+        }
+        kvarc_block_header h = { .head_dim = (uint16_t)s->head_dim, .n_heads = (uint16_t)s->n_kv_heads,
+                                 .count = ev.count, .rec_bytes = rb };
+        ops[i].fd = fd;
+        ops[i].off = ev.off + kvarc_block_slot_offset(&h, (int)head, (uint32_t)(pos[i] - c_first));
+        ops[i].len = rb + 4;
+        owner[i] = c_owner;
+        if (c_owner != conv) {
+            c_lo = 1;
+            c_hi = 0;
+        }
+    }
+    mdb_txn_abort(txn);
+    pthread_rwlock_unlock(&e->resolve);
+    return rc;
+}
+
+int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head,
+                     const uint64_t *pos, size_t n, uint8_t *out, kvd_err *err)
+{
+    kvd_conv_info info;
+    int rc = check_target(r->e, conv, layer, head, &info, err);
+    if (rc || n == 0)
+        return rc;
+    if (!pos || !out)
+        return kvd_fail(err, -EINVAL, "read_records needs positions and an output buffer");
+    uint32_t rb = (uint32_t)kvarc_record_bytes(info.shape.format, (int)info.shape.head_dim);
+    size_t slot = rb + 4;
+    rd_op *ops = malloc(n * sizeof *ops);
+    uint64_t *owner = malloc(n * sizeof *owner);
+    pinset ps = { .n = 0 };
+    if (!ops || !owner || reserve(r, n * slot)) {
+        rc = kvd_fail(err, -ENOMEM, "out of memory for %zu records", n);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        ops[i].dst = r->buf + i * slot;
+    if ((rc = resolve_slots(r, conv, layer, head, &info.shape, pos, n, ops, owner, &ps, err)))
+        goto out;
+    if ((rc = ring_run(r, ops, n))) {
+        kvd_fail(err, rc, "reading records of '%s/%s' layer %u: %s", info.ns, info.name, layer,
+                 kvarc_strerror(rc));
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *s = ops[i].dst;
+        uint32_t crc;
+        memcpy(&crc, s + rb, 4);
+        if (crc != kvarc_record_crc(owner[i], layer, head, pos[i], s, rb)) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "record at position %llu of '%s/%s' layer %u head %u "
+                          "fails its checksum (segment offset %llu): data loss, run `kvarc verify`",
+                          (unsigned long long)pos[i], info.ns, info.name, layer, head,
+                          (unsigned long long)ops[i].off);
+            goto out;
+        }
+        memcpy(out + i * rb, s, rb);
+    }
+out:
+    pin_release(r->e, &ps);
+    free(ops);
+    free(owner);
+    return rc;
+}
+
+int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
+                  uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err)
+{
+    kvd_engine *e = r->e;
+    kvd_conv_info info;
+    int rc = check_target(e, conv, layer, head, &info, err);
+    if (rc || count == 0)
+        return rc;
+    if (!bits || !scales)
+        return kvd_fail(err, -EINVAL, "read_sigs needs output buffers");
+    int d = (int)info.shape.head_dim;
+    size_t sb = (size_t)d / 8;
+    /* each piece: one extent's signature section, and which of its tokens we want */
+    typedef struct { uint64_t owner, first, from, n; uint32_t count; } piece;
+    size_t cap = 64, np = 0, total = 0;
+    piece *pcs = malloc(cap * sizeof *pcs);
+    rd_op *ops = NULL;
+    pinset ps = { .n = 0 };
+    if (!pcs)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    MDB_txn *txn;
+    pthread_rwlock_rdlock(&e->resolve);
+    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
+        pthread_rwlock_unlock(&e->resolve);
+        free(pcs);
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    }
+    uint64_t p = first, end = first + count;
+    while (p < end && !rc) {
+        uint64_t owner, f;
+        extent_val ev;
+        rc = extent_resolve(e, txn, conv, layer, p, &owner, &f, &ev);
+        if (rc) {
+            kvd_fail(err, rc, rc == -ERANGE ? "signatures [%llu, %llu) reach past the end of layer %u"
+                                            : "resolving signatures [%llu, %llu) of layer %u failed",
+                     (unsigned long long)first, (unsigned long long)end, layer);
+            break;
+        }
+        uint64_t stop = f + ev.count;
+        /* an ancestor's block serves only up to the nearest fork point on
+         * the way from conv to it */
+        for (uint64_t x = conv; x != owner && !rc;) {
+            conv_rec c;
+            if ((rc = conv_get(e, txn, x, &c)))
+                break;
+            if (stop > c.fork_len)
+                stop = c.fork_len;
+            x = c.parent;
+        }
+        if (rc) {
+            kvd_fail(err, rc, "resolving the fork chain of conversation %llu: %s",
+                     (unsigned long long)conv, kvarc_strerror(rc));
+            break;
+        }
+        if (stop > end)
+            stop = end;
+        if (np == cap) {
+            piece *n2 = realloc(pcs, 2 * cap * sizeof *pcs);
+            if (!n2) {
+                rc = kvd_fail(err, -ENOMEM, "out of memory");
+                break;
+            }
+            pcs = n2;
+            cap *= 2;
+        }
+        int fd = pin_get(e, &ps, ev.seg);
+        if (fd < 0) {
+            rc = kvd_fail(err, fd, "segment %016llx is not available", (unsigned long long)ev.seg);
+            break;
+        }
+        pcs[np] = (piece){ owner, f, p - f, stop - p, ev.count };
+        total += kvarc_block_sig_section(ev.count, d);
+        np++;
+        p = stop;
+        /* stash the fd and offset in a parallel op list below */
+        rd_op *o2 = realloc(ops, np * sizeof *o2);
+        if (!o2) {
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+            break;
+        }
+        ops = o2;
+        kvarc_block_header h = { .head_dim = (uint16_t)d, .n_heads = (uint16_t)info.shape.n_kv_heads,
+                                 .count = ev.count };
+        ops[np - 1] = (rd_op){ fd, ev.off + kvarc_block_sig_offset(&h, (int)head),
+                               (uint32_t)kvarc_block_sig_section(ev.count, d), NULL };
+    }
+    mdb_txn_abort(txn);
+    pthread_rwlock_unlock(&e->resolve);
+    if (!rc && reserve(r, total))
+        rc = kvd_fail(err, -ENOMEM, "out of memory for %zu bytes of signatures", total);
+    if (!rc) {
+        size_t at = 0;
+        for (size_t i = 0; i < np; i++) {
+            ops[i].dst = r->buf + at;
+            at += ops[i].len;
+        }
+        if ((rc = ring_run(r, ops, np)))
+            kvd_fail(err, rc, "reading signatures of layer %u: %s", layer, kvarc_strerror(rc));
+    }
+    size_t outi = 0;
+    for (size_t i = 0; i < np && !rc; i++) {
+        const uint8_t *sec = ops[i].dst;
+        size_t len = ops[i].len;
+        uint32_t crc;
+        memcpy(&crc, sec + len - 4, 4);
+        if (crc != kvarc_sig_section_crc(pcs[i].owner, layer, pcs[i].first, head, sec, len - 4)) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "signatures of positions [%llu, %llu) layer %u head %u "
+                          "fail their checksum: data loss, run `kvarc verify`",
+                          (unsigned long long)pcs[i].first,
+                          (unsigned long long)(pcs[i].first + pcs[i].count), layer, head);
+            break;
+        }
+        memcpy(bits + outi * sb, sec + pcs[i].from * sb, pcs[i].n * sb);
+        memcpy(scales + outi, sec + (size_t)pcs[i].count * sb + pcs[i].from * 2, pcs[i].n * 2);
+        outi += pcs[i].n;
+    }
+    pin_release(e, &ps);
+    free(pcs);
+    free(ops);
+    return rc;
+}
+
+long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const float *q,
+                int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
+                float *score_out, uint8_t *rec_out, kvd_err *err)
+{
+    kvd_conv_info info;
+    int rc = check_target(r->e, conv, layer, head, &info, err);
+    if (rc)
+        return rc;
+    int d = (int)info.shape.head_dim;
+    if (!q || n_q < 1 || n_q > 64)
+        return kvd_fail(err, -EINVAL, "rerank needs 1..64 queries of head_dim %d", d);
+    for (size_t i = 0; i < (size_t)n_q * (size_t)d; i++)
+        if (!isfinite(q[i]))
+            return kvd_fail(err, KVARC_ENONFINITE, "query element %zu is NaN or Inf", i);
+    if (top_k > n)
+        top_k = n;
+    if (top_k == 0)
+        return 0;
+    if (!shortlist)
+        return kvd_fail(err, -EINVAL, "rerank needs a shortlist");
+    int rb = kvarc_record_bytes(info.shape.format, d);
+    uint8_t *recs = malloc(n * (size_t)rb);
+    float *kd = malloc(n * (size_t)d * sizeof(float)), *sc = malloc(n * sizeof(float));
+    uint32_t *sel = malloc(top_k * sizeof *sel);
+    float mu_k[KVARC_HEAD_DIM_MAX];
+    long out = 0;
+    if (!recs || !kd || !sc || !sel) {
+        out = kvd_fail(err, -ENOMEM, "out of memory for a shortlist of %zu", n);
+        goto done;
+    }
+    if ((rc = kvd_read_records(r, conv, layer, head, shortlist, n, recs, err)) ||
+        (rc = kvd_conv_means(r->e, conv, layer, head, mu_k, NULL, err))) {
+        out = rc;
+        goto done;
+    }
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, info.shape.seed);
+    kvg_codec c = { info.shape.format, &rot, mu_k, NULL };
+    if ((rc = kvg_decode_ref(&c, recs, n, kd, NULL))) {
+        out = kvd_fail(err, rc, "decoding the shortlist: %s", kvarc_strerror(rc));
+        goto done;
+    }
+    for (size_t i = 0; i < n; i++) {
+        float best = -INFINITY;
+        for (int h = 0; h < n_q; h++) {
+            float s = 0.0f;
+            for (int j = 0; j < d; j++)
+                s += q[(size_t)h * d + j] * kd[i * (size_t)d + j];
+            best = s > best ? s : best;
+        }
+        sc[i] = best;
+    }
+    out = kvg_topk_ref(sc, n, top_k, sel, NULL, NULL);
+    for (long i = 0; i < out; i++) {
+        if (pos_out)
+            pos_out[i] = shortlist[sel[i]];
+        if (score_out)
+            score_out[i] = sc[sel[i]];
+        if (rec_out)
+            memcpy(rec_out + (size_t)i * rb, recs + (size_t)sel[i] * rb, (size_t)rb);
+    }
+done:
+    free(recs);
+    free(kd);
+    free(sc);
+    free(sel);
+    return out;
+}

@@ -1,0 +1,1 @@
+#include "kvd_internal.h"
