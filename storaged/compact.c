@@ -356,16 +356,20 @@ int kvd_compact(kvd_engine *e, double threshold, uint64_t *reclaimed_out, kvd_pr
         MDB_val svv = { sizeof sv, &sv };
         rc = kvd_mdb_err(mdb_put(txn, e->segs, &ok, &svv, 0));
     }
-    if (!rc) {
+    /* readers may resolve into the new segment once the txn commits: it
+     * goes into the table first */
+    if (!rc && !(rc = segtab_add(e, out_id, out_fd, SEG_SEALED, out_off))) {
         rc = kvd_mdb_err(mdb_txn_commit(txn));
         txn = NULL;
+        if (rc)
+            segtab_remove(e, out_id);
+        else
+            out_fd = -1;
     }
     if (rc) {
         kvd_fail(err, rc, "compaction: index update failed: %s (nothing changed)", kvarc_strerror(rc));
         goto out;
     }
-    segtab_add(e, out_id, out_fd, SEG_SEALED, out_off);
-    out_fd = -1;
     for (size_t i = 0; i < victims.n; i++)
         seg_mark_dead(e, victims.v[i]);
     reclaimed = total > out_off ? total - out_off : 0;

@@ -301,6 +301,17 @@ int segtab_add(kvd_engine *e, uint64_t id, int fd, uint8_t state, uint64_t bytes
     return 0;
 }
 
+void segtab_remove(kvd_engine *e, uint64_t id)
+{
+    pthread_mutex_lock(&e->seg_mu);
+    for (size_t i = 0; i < e->nseg; i++)
+        if (e->segtab[i].id == id) {
+            e->segtab[i] = e->segtab[--e->nseg];
+            break;
+        }
+    pthread_mutex_unlock(&e->seg_mu);
+}
+
 int seg_pin(kvd_engine *e, uint64_t id)
 {
     pthread_mutex_lock(&e->seg_mu);
@@ -467,6 +478,11 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             rc = seg_put(e, txn, seg_id, SEG_OPEN, off);
         }
     }
+    /* a reader may resolve into the new segment as soon as the txn commits:
+     * it must be in the table first */
+    int new_in_table = 0;
+    if (!rc && new_fd >= 0 && !(rc = segtab_add(e, new_id, new_fd, SEG_OPEN, off)))
+        new_in_table = 1;
     if (!rc) {
         rc = kvd_mdb_err(mdb_txn_commit(txn));
         txn = NULL;
@@ -478,6 +494,8 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             fdatasync(fd);
         if (new_fd >= 0) {
             char p[PATH_MAX];
+            if (new_in_table)
+                segtab_remove(e, new_id);
             seg_path(e->dir, new_id, p, sizeof p);
             close(new_fd);
             unlink(p);
@@ -491,11 +509,7 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
     } else {
         pthread_mutex_lock(&e->seg_mu);
         if (new_fd >= 0) {
-            kvd_seg *old = segtab_find(e, e->active);
-            old->state = SEG_SEALED;
-            pthread_mutex_unlock(&e->seg_mu);
-            segtab_add(e, new_id, new_fd, SEG_OPEN, off);
-            pthread_mutex_lock(&e->seg_mu);
+            segtab_find(e, e->active)->state = SEG_SEALED;
             e->active = new_id;
         } else {
             segtab_find(e, seg_id)->bytes = off;

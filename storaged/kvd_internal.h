@@ -107,6 +107,7 @@ int kvd_mdb_err(int mdb_rc);    /* LMDB code -> negative errno */
 /* Segment table (engine.c). */
 kvd_seg *segtab_find(kvd_engine *e, uint64_t id);     /* seg_mu held */
 int      segtab_add(kvd_engine *e, uint64_t id, int fd, uint8_t state, uint64_t bytes);
+void     segtab_remove(kvd_engine *e, uint64_t id);
 /* Pin the fd of segment id for a read (resolve lock held shared); -1 if gone. */
 int      seg_pin(kvd_engine *e, uint64_t id);
 void     seg_unpin(kvd_engine *e, uint64_t id);
