@@ -264,3 +264,79 @@ int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
     }
     return 0;
 }
+
+/* Codes of one half record as level values (q3/q4: the Lloyd-Max level;
+ * i8: the integer), unpacked a byte group at a time. */
+static void unpack_levels(const kvarc_format_info *fi, const uint8_t *codes, int d, float *out)
+{
+    if (fi->id == KVARC_FMT_I8) {
+        for (int i = 0; i < d; i++)
+            out[i] = (float)(int8_t)codes[i];
+    } else if (fi->id == KVARC_FMT_Q4) {
+        for (int i = 0; i < d; i += 2) {
+            out[i] = kvarc_q4_levels[codes[i / 2] & 15];
+            out[i + 1] = kvarc_q4_levels[codes[i / 2] >> 4];
+        }
+    } else {
+        for (int i = 0; i < d; i += 8) {
+            const uint8_t *p = codes + i / 8 * 3;
+            uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+            for (int j = 0; j < 8; j++)
+                out[i + j] = kvarc_q3_levels[(w >> (3 * j)) & 7];
+        }
+    }
+}
+
+int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
+                       size_t n, float *scores)
+{
+    if (!c || !c->rot || !q || n_q < 1 || n_q > 64)
+        return -EINVAL;
+    const kvarc_format_info *fi = kvarc_format_get(c->format);
+    if (!fi)
+        return KVARC_EFORMAT;
+    int d = c->rot->head_dim;
+    if (kvarc_head_dim_check(d))
+        return KVARC_EHEADDIM;
+    if (n && (!records || !scores))
+        return -EINVAL;
+    int rb = kvarc_record_bytes(fi->id, d);
+    float r[64][KVARC_HEAD_DIM_MAX], bias[64], lv[KVARC_HEAD_DIM_MAX], prod[KVARC_HEAD_DIM_MAX];
+    for (int h = 0; h < n_q; h++) {
+        const float *qh = q + (size_t)h * (size_t)d;
+        for (int i = 0; i < d; i++) {
+            if (!isfinite(qh[i]))
+                return KVARC_ENONFINITE;
+            prod[i] = c->mu_k ? qh[i] * c->mu_k[i] : 0.0f;
+        }
+        bias[h] = kvarc_tree_sum(prod, d);
+        if (fi->rotated)
+            kvg_rotate_ref(c->rot, qh, r[h]);
+    }
+    for (size_t j = 0; j < n; j++) {
+        const uint8_t *rec = records + j * (size_t)rb;
+        float scale = 0.0f, best = 0.0f;
+        if (fi->rotated) {
+            scale = get_f32(rec);
+            unpack_levels(fi, rec + 4, d, lv);
+        } else {
+            decode_raw_half(fi, rec, d, lv);
+        }
+        for (int h = 0; h < n_q; h++) {
+            float s = 0.0f;
+            if (fi->rotated) {
+                for (int i = 0; i < d; i++)
+                    s += r[h][i] * lv[i];
+                s = scale * s + bias[h];
+            } else {
+                const float *qh = q + (size_t)h * (size_t)d;
+                for (int i = 0; i < d; i++)
+                    s += qh[i] * lv[i];
+            }
+            if (h == 0 || s > best)
+                best = s;
+        }
+        scores[j] = best;
+    }
+    return 0;
+}

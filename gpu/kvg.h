@@ -54,6 +54,16 @@ int kvg_encode_ref(const kvg_codec *c, kvarc_dtype dt, const void *k, const void
 int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
                    float *k_out, float *v_out);
 
+/* Stage-2 scores: for each of n records, the max over the n_q queries
+ * q[n_q][head_dim] (fp32, uncentered, same positions as the keys) of
+ * q . khat, khat the decoded key. Rotated formats compute it without
+ * decoding: q.mu_k (tree sum) + scale * sum_i (R q)_i L[code_i] (sum in
+ * index order); lossless formats sum q_i k_i in index order. Equals
+ * decode-then-dot up to fp32 rounding. Returns 0, -EINVAL, KVARC_EFORMAT,
+ * KVARC_EHEADDIM, KVARC_ENONFINITE (q). */
+int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
+                       size_t n, float *scores);
+
 /* y = R x and x = R^T y (SCHEMA.md section 3); x and y may alias. */
 void kvg_rotate_ref(const kvarc_rotation *rot, const float *x, float *y);
 void kvg_unrotate_ref(const kvarc_rotation *rot, const float *y, float *x);

@@ -405,11 +405,11 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
         return kvd_fail(err, -EINVAL, "rerank needs a shortlist");
     int rb = kvarc_record_bytes(info.shape.format, d);
     uint8_t *recs = malloc(n * (size_t)rb);
-    float *kd = malloc(n * (size_t)d * sizeof(float)), *sc = malloc(n * sizeof(float));
+    float *sc = malloc(n * sizeof(float));
     uint32_t *sel = malloc(top_k * sizeof *sel);
     float mu_k[KVARC_HEAD_DIM_MAX];
     long out = 0;
-    if (!recs || !kd || !sc || !sel) {
+    if (!recs || !sc || !sel) {
         out = kvd_fail(err, -ENOMEM, "out of memory for a shortlist of %zu", n);
         goto done;
     }
@@ -421,19 +421,9 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
     kvarc_rotation rot;
     kvarc_rotation_init(&rot, d, info.shape.seed);
     kvg_codec c = { info.shape.format, &rot, mu_k, NULL };
-    if ((rc = kvg_decode_ref(&c, recs, n, kd, NULL))) {
-        out = kvd_fail(err, rc, "decoding the shortlist: %s", kvarc_strerror(rc));
+    if ((rc = kvg_key_scores_ref(&c, q, n_q, recs, n, sc))) {
+        out = kvd_fail(err, rc, "scoring the shortlist: %s", kvarc_strerror(rc));
         goto done;
-    }
-    for (size_t i = 0; i < n; i++) {
-        float best = -INFINITY;
-        for (int h = 0; h < n_q; h++) {
-            float s = 0.0f;
-            for (int j = 0; j < d; j++)
-                s += q[(size_t)h * d + j] * kd[i * (size_t)d + j];
-            best = s > best ? s : best;
-        }
-        sc[i] = best;
     }
     out = kvg_topk_ref(sc, n, top_k, sel, NULL, NULL);
     for (long i = 0; i < out; i++) {
@@ -446,7 +436,6 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
     }
 done:
     free(recs);
-    free(kd);
     free(sc);
     free(sel);
     return out;
