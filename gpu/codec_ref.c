@@ -187,18 +187,26 @@ static void make_signature(const float *y, float ss, int d, uint8_t *bits, uint1
     *scale = kvarc_f32_to_f16(fminf(w, 65504.0f));
 }
 
+/* The checks every codec entry point starts with: the format's table entry
+ * in *fi, or an error code. */
+static int codec_check(const kvg_codec *c, const kvarc_format_info **fi)
+{
+    if (!c || !c->rot)
+        return -EINVAL;
+    if (!(*fi = kvarc_format_get(c->format)))
+        return KVARC_EFORMAT;
+    return kvarc_head_dim_check(c->rot->head_dim) ? KVARC_EHEADDIM : 0;
+}
+
 int kvg_encode_ref(const kvg_codec *c, kvarc_dtype dt, const void *k, const void *v,
                    size_t n, uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale,
                    size_t *bad_token)
 {
-    if (!c || !c->rot)
-        return -EINVAL;
-    const kvarc_format_info *fi = kvarc_format_get(c->format);
-    if (!fi)
-        return KVARC_EFORMAT;
+    const kvarc_format_info *fi;
+    int chk = codec_check(c, &fi);
+    if (chk)
+        return chk;
     int d = c->rot->head_dim;
-    if (kvarc_head_dim_check(d))
-        return KVARC_EHEADDIM;
     if (!kvarc_dtype_size(dt))
         return KVARC_EDTYPE;
     if (n == 0)
@@ -238,14 +246,11 @@ int kvg_encode_ref(const kvg_codec *c, kvarc_dtype dt, const void *k, const void
 int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
                    float *k_out, float *v_out)
 {
-    if (!c || !c->rot)
-        return -EINVAL;
-    const kvarc_format_info *fi = kvarc_format_get(c->format);
-    if (!fi)
-        return KVARC_EFORMAT;
+    const kvarc_format_info *fi;
+    int chk = codec_check(c, &fi);
+    if (chk)
+        return chk;
     int d = c->rot->head_dim;
-    if (kvarc_head_dim_check(d))
-        return KVARC_EHEADDIM;
     if (n && !records)
         return -EINVAL;
     int half = kvarc_record_half_bytes(fi->id, d);
@@ -290,14 +295,13 @@ static void unpack_levels(const kvarc_format_info *fi, const uint8_t *codes, int
 int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
                        size_t n, float *scores)
 {
-    if (!c || !c->rot || !q || n_q < 1 || n_q > 64)
+    const kvarc_format_info *fi;
+    int chk = codec_check(c, &fi);
+    if (chk)
+        return chk;
+    if (!q || n_q < 1 || n_q > 64)
         return -EINVAL;
-    const kvarc_format_info *fi = kvarc_format_get(c->format);
-    if (!fi)
-        return KVARC_EFORMAT;
     int d = c->rot->head_dim;
-    if (kvarc_head_dim_check(d))
-        return KVARC_EHEADDIM;
     if (n && (!records || !scores))
         return -EINVAL;
     int rb = kvarc_record_bytes(fi->id, d);

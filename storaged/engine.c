@@ -152,7 +152,7 @@ int conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out)
     return 0;
 }
 
-static int conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c)
+int conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c)
 {
     uint8_t kb[8];
     key_u64(kb, id);
@@ -160,7 +160,7 @@ static int conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c)
     return kvd_mdb_err(mdb_put(txn, e->convs, &k, &v, 0));
 }
 
-static void name_key(char *buf, size_t len, const char *ns, const char *name, MDB_val *k)
+void name_key(char *buf, size_t len, const char *ns, const char *name, MDB_val *k)
 {
     size_t a = strlen(ns), b = strlen(name);
     if (a + b + 2 > len)
@@ -202,7 +202,7 @@ int layer_len_get(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, ui
     return 0;
 }
 
-static int layer_len_put(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t len)
+int layer_len_put(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t len)
 {
     uint8_t kb[12];
     layer_key(kb, conv, layer);
@@ -644,11 +644,8 @@ static int recover(kvd_engine *e, kvd_err *err)
     if (dp) {
         struct dirent *de;
         while ((de = readdir(dp))) {
-            unsigned long long id;
-            char tail[8];
-            if (sscanf(de->d_name, "%16llx.%7s", &id, tail) != 2 || strcmp(tail, "seg"))
-                continue;
-            if (!segtab_find(e, id)) {
+            uint64_t id;
+            if (seg_parse_name(de->d_name, &id) && !segtab_find(e, id)) {
                 char p[PATH_MAX];
                 seg_path(e->dir, id, p, sizeof p);
                 unlink(p);

@@ -116,6 +116,12 @@ void     seg_unpin(kvd_engine *e, uint64_t id);
 int  gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err);
 
 int  conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out);
+int  conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c);
+/* The `names` key of ns/name, built in buf. */
+void name_key(char *buf, size_t len, const char *ns, const char *name, MDB_val *k);
+int  layer_len_put(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t len);
+/* Segment id of a file name "<16 hex>.seg"; 0 if it is not one. */
+int  seg_parse_name(const char *name, uint64_t *id);
 int  conv_info_fill(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c, kvd_conv_info *info);
 int  layer_len_get(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t *len);
 

@@ -12,6 +12,7 @@
  *     inject EIO, ENOSPC or a short write. */
 #include <errno.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -44,6 +45,16 @@ static int fault_fires(kvd_fault_op op)
 void seg_path(const char *dir, uint64_t id, char *out, size_t len)
 {
     snprintf(out, len, "%s/segments/%016llx.seg", dir, (unsigned long long)id);
+}
+
+int seg_parse_name(const char *name, uint64_t *id)
+{
+    unsigned long long v;
+    char tail[8];
+    if (sscanf(name, "%16llx.%7s", &v, tail) != 2 || strcmp(tail, "seg"))
+        return 0;
+    *id = v;
+    return 1;
 }
 
 int seg_pwritev(int fd, const struct iovec *iov_in, int n, uint64_t off)

@@ -362,9 +362,8 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
     }
     struct dirent *de;
     while ((de = readdir(dp))) {
-        unsigned long long id;
-        char tail[8];
-        if (sscanf(de->d_name, "%16llx.%7s", &id, tail) != 2 || strcmp(tail, "seg"))
+        uint64_t id;
+        if (!seg_parse_name(de->d_name, &id))
             continue;
         segfile *n = realloc(sf, (nsf + 1) * sizeof *n);
         if (!n) {
@@ -464,39 +463,27 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
                 continue;                              /* malformed: skip */
             uint8_t kb[8];
             key_u64(kb, h->conv);
-            MDB_val k = { 8, kb }, v = { sizeof c, &c };
-            char nb[KVD_NS_MAX + KVD_NAME_MAX];
-            size_t a = strlen(c.ns), nl = strlen(c.name);
-            memcpy(nb, c.ns, a + 1);
-            memcpy(nb + a + 1, c.name, nl);
-            MDB_val nk = { a + 1 + nl, nb }, nv = { 8, &h->conv };
+            MDB_val k = { 8, kb }, nk, nv = { 8, &h->conv };
             MDB_val mv = { means_floats(&c.shape) * sizeof(float), buf + sizeof c };
-            if ((rc = kvd_mdb_err(mdb_put(txn, shadow.convs, &k, &v, 0))) ||
+            char nb[KVD_NS_MAX + KVD_NAME_MAX];
+            name_key(nb, sizeof nb, c.ns, c.name, &nk);
+            if ((rc = conv_put(&shadow, txn, h->conv, &c)) ||
                 (rc = kvd_mdb_err(mdb_put(txn, shadow.names, &nk, &nv, 0))) ||
                 (rc = kvd_mdb_err(mdb_put(txn, shadow.means, &k, &mv, 0))))
                 break;
             if (c.fork_len)
-                for (uint32_t l = 0; l < c.shape.n_layers && !rc; l++) {
-                    uint8_t lk[12];
-                    layer_key(lk, h->conv, l);
-                    MDB_val lkv = { 12, lk }, lv = { 8, &c.fork_len };
-                    rc = kvd_mdb_err(mdb_put(txn, shadow.layers, &lkv, &lv, 0));
-                }
+                for (uint32_t l = 0; l < c.shape.n_layers && !rc; l++)
+                    rc = layer_len_put(&shadow, txn, h->conv, l, c.fork_len);
             if (h->conv > maxconv)
                 maxconv = h->conv;
         } else if (h->kind == KVARC_BLOCK_CONV_DELETE) {
             if (!have || (c.flags & KVD_CONV_DELETED))
                 continue;
             c.flags |= KVD_CONV_DELETED;
-            uint8_t kb[8];
-            key_u64(kb, h->conv);
-            MDB_val k = { 8, kb }, v = { sizeof c, &c };
             char nb[KVD_NS_MAX + KVD_NAME_MAX];
-            size_t a = strlen(c.ns), nl = strlen(c.name);
-            memcpy(nb, c.ns, a + 1);
-            memcpy(nb + a + 1, c.name, nl);
-            MDB_val nk = { a + 1 + nl, nb };
-            if ((rc = kvd_mdb_err(mdb_put(txn, shadow.convs, &k, &v, 0))))
+            MDB_val nk;
+            name_key(nb, sizeof nb, c.ns, c.name, &nk);
+            if ((rc = conv_put(&shadow, txn, h->conv, &c)))
                 break;
             mdb_del(txn, shadow.names, &nk, NULL);
         } else {
@@ -504,15 +491,12 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
             if (!have || h->layer >= c.shape.n_layers || layer_len_get(&shadow, txn, h->conv, h->layer, &len) ||
                 h->first_pos != len)
                 continue;                              /* unknown conv, duplicate copy, or gap */
-            uint8_t kb[20], lk[12];
+            uint8_t kb[20];
             extent_key(kb, h->conv, h->layer, h->first_pos);
             extent_val ev = { b->seg, b->off, h->count, (uint32_t)(KVARC_BLOCK_HEADER + h->payload_bytes) };
             MDB_val k = { 20, kb }, v = { sizeof ev, &ev };
-            len += h->count;
-            layer_key(lk, h->conv, h->layer);
-            MDB_val lkv = { 12, lk }, lv = { 8, &len };
             if ((rc = kvd_mdb_err(mdb_put(txn, shadow.extents, &k, &v, 0))) ||
-                (rc = kvd_mdb_err(mdb_put(txn, shadow.layers, &lkv, &lv, 0))))
+                (rc = layer_len_put(&shadow, txn, h->conv, h->layer, len + h->count)))
                 break;
         }
     }
