@@ -140,12 +140,22 @@ static void pin_release(kvd_engine *e, pinset *ps)
     ps->n = 0;
 }
 
+/* The conversation's record, checked to exist with this layer and head:
+ * one index lookup (reads are the hot path; the length is not needed). */
 static int check_target(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t head,
-                        kvd_conv_info *info, kvd_err *err)
+                        conv_rec *info, kvd_err *err)
 {
-    int rc = kvd_conv_stat(e, conv, info, err);
+    MDB_txn *txn;
+    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
     if (rc)
-        return rc;
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    rc = conv_get(e, txn, conv, info);
+    mdb_txn_abort(txn);
+    if (rc == -ENOENT || (!rc && (info->flags & KVD_CONV_DELETED)))
+        return kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)conv);
+    if (rc)
+        return kvd_fail(err, rc, "reading conversation %llu: %s", (unsigned long long)conv,
+                        kvarc_strerror(rc));
     if (layer >= info->shape.n_layers)
         return kvd_fail(err, -EINVAL, "layer %u out of range: '%s/%s' has %u layers", layer,
                         info->ns, info->name, info->shape.n_layers);
@@ -217,7 +227,7 @@ static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t 
 int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head,
                      const uint64_t *pos, size_t n, uint8_t *out, kvd_err *err)
 {
-    kvd_conv_info info;
+    conv_rec info;
     int rc = check_target(r->e, conv, layer, head, &info, err);
     if (rc || n == 0)
         return rc;
@@ -265,7 +275,7 @@ int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
                   uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err)
 {
     kvd_engine *e = r->e;
-    kvd_conv_info info;
+    conv_rec info;
     int rc = check_target(e, conv, layer, head, &info, err);
     if (rc || count == 0)
         return rc;
@@ -387,7 +397,7 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
                 int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
                 float *score_out, uint8_t *rec_out, kvd_err *err)
 {
-    kvd_conv_info info;
+    conv_rec info;
     int rc = check_target(r->e, conv, layer, head, &info, err);
     if (rc)
         return rc;
