@@ -1,0 +1,50 @@
+/* kvarc_rpc.h - the C client transport to kvarcd (blocking unary calls).
+ *
+ * Used by libkvarc, the kvarc CLI and the tests. One kvc_conn holds one
+ * gRPC channel; calls on it are thread-safe (each call has its own
+ * completion queue). Messages are the protobuf-c types of proto/kvarc.proto.
+ *
+ * Return value of a call: the gRPC status code (0 = OK); on failure `msg`
+ * holds the server's message (or the transport's). Replies are allocated
+ * by protobuf-c: free them with protobuf_c_message_free_unpacked(m, NULL).
+ */
+#ifndef KVARC_RPC_H
+#define KVARC_RPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <grpc/status.h>
+
+#include "kvarc.pb-c.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvc_conn kvc_conn;
+
+/* Connect to `target`: "unix:/path", "host:port", or a plain path to a
+ * socket (a data directory works too: DIR/kvarcd.sock is used). Does not
+ * wait for the server; the first call does. 0 or -errno. */
+int  kvc_connect(const char *target, kvc_conn **out);
+void kvc_close(kvc_conn *c);
+
+/* Call `method` (e.g. "Health") with req; on OK *reply is the decoded
+ * reply of type reply_desc. timeout_ms <= 0 means 30 s. */
+int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
+             const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+             int timeout_ms, char *msg, size_t msglen);
+
+/* The same with raw request bytes and the raw reply bytes (malloc'ed into
+ * *out, *out_len), for tests of malformed input. */
+int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, uint8_t **out,
+                 size_t *out_len, int timeout_ms, char *msg, size_t msglen);
+
+/* Name of a gRPC status code ("NOT_FOUND"). */
+const char *kvc_status_name(int code);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,179 @@
+/* rpc_client.c - blocking unary calls to kvarcd over the gRPC C core.
+ * One call: create it on a fresh pluck queue, start one batch with every
+ * op (send metadata, message, close; receive metadata, message, status),
+ * pluck its tag, release everything. */
+#include <errno.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "kvarc_rpc.h"
+
+#define MAX_MESSAGE (16 << 20)
+
+struct kvc_conn {
+    grpc_channel *ch;
+};
+
+int kvc_connect(const char *target, kvc_conn **out)
+{
+    char addr[1200];
+    struct stat st;
+    if (!target || !out)
+        return -EINVAL;
+    if (!strncmp(target, "unix:", 5) || (strchr(target, ':') && target[0] != '/' && target[0] != '.'))
+        snprintf(addr, sizeof addr, "%s", target);
+    else if (!stat(target, &st) && S_ISDIR(st.st_mode))
+        snprintf(addr, sizeof addr, "unix:%s/kvarcd.sock", target);
+    else
+        snprintf(addr, sizeof addr, "unix:%s", target);
+    kvc_conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    grpc_init();
+    grpc_arg args[2] = {
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
+    };
+    grpc_channel_args ca = { 2, args };
+    grpc_channel_credentials *cr = grpc_insecure_credentials_create();
+    c->ch = grpc_channel_create(addr, cr, &ca);
+    grpc_channel_credentials_release(cr);
+    if (!c->ch) {
+        free(c);
+        grpc_shutdown();
+        return -EINVAL;
+    }
+    *out = c;
+    return 0;
+}
+
+void kvc_close(kvc_conn *c)
+{
+    if (!c)
+        return;
+    grpc_channel_destroy(c->ch);
+    free(c);
+    grpc_shutdown();
+}
+
+const char *kvc_status_name(int code)
+{
+    static const char *names[] = { "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+        "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED" };
+    return code >= 0 && code <= 16 ? names[code] : "?";
+}
+
+int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, uint8_t **out,
+                 size_t *out_len, int timeout_ms, char *msg, size_t msglen)
+{
+    char path[128];
+    snprintf(path, sizeof path, "/kvarc.v1.Kvarc/%s", method);
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+    gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(timeout_ms > 0 ? timeout_ms : 30000, GPR_TIMESPAN));
+    grpc_slice mslice = grpc_slice_from_copied_string(path);
+    grpc_call *call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, mslice, NULL,
+                                               deadline, NULL);
+    grpc_slice_unref(mslice);
+    grpc_slice body = grpc_slice_from_copied_buffer(req, len);
+    grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&body, 1), *recv = NULL;
+    grpc_slice_unref(body);
+    grpc_metadata_array init_md, trail_md;
+    grpc_metadata_array_init(&init_md);
+    grpc_metadata_array_init(&trail_md);
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    const char *error_string = NULL;
+    grpc_op ops[6];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = send;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &init_md;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &recv;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &trail_md;
+    ops[5].data.recv_status_on_client.status = &status;
+    ops[5].data.recv_status_on_client.status_details = &details;
+    ops[5].data.recv_status_on_client.error_string = &error_string;
+    int tag;
+    if (grpc_call_start_batch(call, ops, 6, &tag, NULL) == GRPC_CALL_OK)
+        grpc_completion_queue_pluck(cq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    else
+        status = GRPC_STATUS_INTERNAL;
+    if (msg && msglen) {
+        char *d = grpc_slice_to_c_string(details);
+        snprintf(msg, msglen, "%s", d && *d ? d : status ? kvc_status_name(status) : "");
+        gpr_free(d);
+    }
+    if (out) {
+        *out = NULL;
+        *out_len = 0;
+    }
+    if (status == GRPC_STATUS_OK && recv && out) {
+        grpc_byte_buffer_reader rd;
+        if (grpc_byte_buffer_reader_init(&rd, recv)) {
+            grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+            grpc_byte_buffer_reader_destroy(&rd);
+            *out_len = GRPC_SLICE_LENGTH(all);
+            *out = malloc(*out_len ? *out_len : 1);
+            if (*out)
+                memcpy(*out, GRPC_SLICE_START_PTR(all), *out_len);
+            else
+                status = GRPC_STATUS_RESOURCE_EXHAUSTED;
+            grpc_slice_unref(all);
+        }
+    }
+    if (error_string)
+        gpr_free((void *)error_string);
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&init_md);
+    grpc_metadata_array_destroy(&trail_md);
+    grpc_byte_buffer_destroy(send);
+    if (recv)
+        grpc_byte_buffer_destroy(recv);
+    grpc_call_unref(call);
+    grpc_completion_queue_shutdown(cq);
+    while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(cq);
+    return (int)status;
+}
+
+int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
+             const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+             int timeout_ms, char *msg, size_t msglen)
+{
+    size_t n = protobuf_c_message_get_packed_size(req);
+    uint8_t *buf = malloc(n ? n : 1), *out = NULL;
+    size_t out_len = 0;
+    if (!buf)
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    protobuf_c_message_pack(req, buf);
+    int st = kvc_call_raw(c, method, buf, n, &out, &out_len, timeout_ms, msg, msglen);
+    free(buf);
+    if (st == 0 && reply) {
+        *reply = protobuf_c_message_unpack(reply_desc, NULL, out_len, out);
+        if (!*reply) {
+            st = GRPC_STATUS_INTERNAL;
+            if (msg)
+                snprintf(msg, msglen, "reply to %s did not decode", method);
+        }
+    }
+    free(out);
+    return st;
+}

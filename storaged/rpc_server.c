@@ -1,0 +1,564 @@
+/* rpc_server.c - the engine served over the gRPC C core (unary calls).
+ *
+ * Design notes
+ * Threads: N workers, each with its own completion queue registered with
+ * the server; each keeps one call requested at a time on its queue, so
+ * new calls spread over the workers.
+ * A call's states (tag = the rpc_call):
+ *   REQUESTED --rpc_on_requested--> RECEIVING --rpc_on_received--> FINISHING
+ *     --rpc_on_finished--> freed
+ *   REQUESTED: grpc_server_request_call outstanding. On success the worker
+ *     requests the next call first, then starts [send initial metadata,
+ *     receive message]. On failure (server shutting down) it frees it.
+ *   RECEIVING: the request bytes are decoded (protobuf-c), the handler runs
+ *     against the engine, and [send message, send status, receive close]
+ *     starts. A request that does not decode is INVALID_ARGUMENT, and the
+ *     engine is not touched.
+ *   FINISHING: every buffer, slice and the call are released.
+ * Invariants: 1. every buffer a batch refers to lives in the rpc_call until
+ * that batch's event arrives; 2. only the worker owning the queue touches a
+ * call; 3. shutdown order: shutdown_and_notify -> after the grace period
+ * cancel_all_calls -> wait the notify tag -> destroy the server -> shut down
+ * and drain every queue -> join the workers.
+ */
+#include <errno.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kvarc.pb-c.h"
+#include "kvd_internal.h"
+#include "rpc_server.h"
+
+enum { REQUESTED, RECEIVING, FINISHING };
+
+typedef struct rpc_worker rpc_worker;
+
+struct rpc_server {
+    kvd_engine   *e;
+    grpc_server  *server;
+    rpc_worker   *workers;
+    int           nworkers;
+    int64_t       started_ns;
+    rpc_log_fn    log;
+    atomic_int    in_flight;    /* calls past REQUESTED, not yet freed */
+};
+
+struct rpc_worker {
+    rpc_server            *s;
+    grpc_completion_queue *cq;
+    pthread_t              th;
+};
+
+typedef struct rpc_call {
+    rpc_worker         *w;
+    int                 state;
+    grpc_call          *call;
+    grpc_call_details   details;
+    grpc_metadata_array md;
+    grpc_byte_buffer   *req, *resp;
+    grpc_slice          status_details;
+    grpc_status_code    status;
+    int                 cancelled;
+    int64_t             t0;
+    char                method[64];
+} rpc_call;
+
+static int64_t now_ns(int clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+grpc_status_code rpc_status_of(int rc)
+{
+    switch (rc) {
+    case 0:                return GRPC_STATUS_OK;
+    case -ENOENT:          return GRPC_STATUS_NOT_FOUND;
+    case -EEXIST:          return GRPC_STATUS_ALREADY_EXISTS;
+    case KVARC_ESHAPE:
+    case -EPERM:           return GRPC_STATUS_FAILED_PRECONDITION;
+    case -ENOSPC:
+    case -E2BIG:
+    case -ENOMEM:          return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case KVARC_ECORRUPT:   return GRPC_STATUS_DATA_LOSS;
+    case -EINVAL:
+    case -ERANGE:
+    case KVARC_EHEADDIM:
+    case KVARC_EFORMAT:
+    case KVARC_EVERSION:
+    case KVARC_EDTYPE:
+    case KVARC_ENONFINITE: return GRPC_STATUS_INVALID_ARGUMENT;
+    case -EBUSY:           return GRPC_STATUS_UNAVAILABLE;
+    default:               return GRPC_STATUS_INTERNAL;
+    }
+}
+
+/* ---- messages <-> engine structs ------------------------------------- */
+
+static int shape_from_pb(const Kvarc__V1__Shape *p, kvd_shape *s, kvd_err *err)
+{
+    memset(s, 0, sizeof *s);
+    if (!p)
+        return kvd_fail(err, -EINVAL, "shape missing");
+    if (p->format > 255 || p->pos_mode > 255 || p->rope_layout > 255 || p->dtype > 255)
+        return kvd_fail(err, -EINVAL, "shape field out of range");
+    s->n_layers = p->n_layers;
+    s->n_kv_heads = p->n_kv_heads;
+    s->n_q_heads = p->n_q_heads;
+    s->head_dim = p->head_dim;
+    s->format = (uint8_t)p->format;
+    s->pos_mode = (uint8_t)p->pos_mode;
+    s->rope_layout = (uint8_t)p->rope_layout;
+    s->dtype = (uint8_t)p->dtype;
+    s->rotary_dims = p->rotary_dims;
+    s->rope_theta = p->rope_theta;
+    s->seed = p->seed;
+    if (p->fingerprint && strlen(p->fingerprint) >= sizeof s->fingerprint)
+        return kvd_fail(err, -EINVAL, "fingerprint longer than %zu bytes", sizeof s->fingerprint - 1);
+    snprintf(s->fingerprint, sizeof s->fingerprint, "%s", p->fingerprint ? p->fingerprint : "");
+    return 0;
+}
+
+/* Fill pb (and its shape, caller storage) from info; strings point into info. */
+static void info_to_pb(kvd_conv_info *i, Kvarc__V1__ConvInfo *pb, Kvarc__V1__Shape *sp)
+{
+    kvarc__v1__conv_info__init(pb);
+    kvarc__v1__shape__init(sp);
+    pb->ns = i->ns;
+    pb->name = i->name;
+    pb->id = i->id;
+    pb->parent = i->parent;
+    pb->fork_len = i->fork_len;
+    pb->length = i->length;
+    pb->flags = i->flags;
+    pb->created_ns = i->created_ns;
+    sp->n_layers = i->shape.n_layers;
+    sp->n_kv_heads = i->shape.n_kv_heads;
+    sp->n_q_heads = i->shape.n_q_heads;
+    sp->head_dim = i->shape.head_dim;
+    sp->format = i->shape.format;
+    sp->pos_mode = i->shape.pos_mode;
+    sp->rope_layout = i->shape.rope_layout;
+    sp->dtype = i->shape.dtype;
+    sp->rotary_dims = i->shape.rotary_dims;
+    sp->rope_theta = i->shape.rope_theta;
+    sp->seed = i->shape.seed;
+    sp->fingerprint = i->shape.fingerprint;
+    pb->shape = sp;
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf)
+        return NULL;
+    protobuf_c_message_pack(m, buf);
+    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    free(buf);
+    return bb;
+}
+
+static grpc_byte_buffer *conv_reply(kvd_conv_info *info)
+{
+    Kvarc__V1__ConvReply r = KVARC__V1__CONV_REPLY__INIT;
+    Kvarc__V1__ConvInfo ci;
+    Kvarc__V1__Shape sp;
+    info_to_pb(info, &ci, &sp);
+    r.info = &ci;
+    return pack(&r.base);
+}
+
+/* ---- handlers: decode request bytes, call the engine, encode reply ---- */
+
+typedef int (*handler_fn)(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+                          kvd_err *err);
+
+#define DECODE(type, fn, var)                                                             \
+    type *var = fn(NULL, len, in);                                                        \
+    if (!var)                                                                             \
+        return kvd_fail(err, -EINVAL, "request is not a valid " #type " message (%zu bytes)", len)
+
+static int h_health(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
+    kvarc__v1__empty__free_unpacked(req, NULL);
+    kvd_stats st;
+    int rc = kvd_stats_get(s->e, &st, err);
+    if (rc)
+        return rc;
+    Kvarc__V1__HealthReply r = KVARC__V1__HEALTH_REPLY__INIT;
+    r.status = "serving";
+    r.version = KVARCD_VERSION;
+    r.uptime_ms = (uint64_t)((now_ns(CLOCK_MONOTONIC) - s->started_ns) / 1000000);
+    r.conversations = st.conversations;
+    *out = pack(&r.base);
+    return 0;
+}
+
+static int h_create(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__CreateRequest, kvarc__v1__create_request__unpack, req);
+    kvd_shape sh;
+    kvd_conv_info info;
+    int rc = shape_from_pb(req->shape, &sh, err);
+    if (!rc && req->n_means && req->n_means != (size_t)sh.n_layers * sh.n_kv_heads * 2 * sh.head_dim)
+        rc = kvd_fail(err, -EINVAL, "means has %zu values, the shape needs %llu (n_layers x n_kv_heads "
+                      "x 2 x head_dim) or none", req->n_means,
+                      (unsigned long long)sh.n_layers * sh.n_kv_heads * 2 * sh.head_dim);
+    if (!rc)
+        rc = kvd_conv_create(s->e, req->ns, req->name, &sh, req->n_means ? req->means : NULL, &info, err);
+    kvarc__v1__create_request__free_unpacked(req, NULL);
+    if (!rc)
+        *out = conv_reply(&info);
+    return rc;
+}
+
+static int h_open(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__OpenRequest, kvarc__v1__open_request__unpack, req);
+    kvd_shape sh;
+    kvd_conv_info info;
+    int rc = req->expect ? shape_from_pb(req->expect, &sh, err) : 0;
+    if (!rc)
+        rc = kvd_conv_open(s->e, req->ns, req->name, req->expect ? &sh : NULL, &info, err);
+    kvarc__v1__open_request__free_unpacked(req, NULL);
+    if (!rc)
+        *out = conv_reply(&info);
+    return rc;
+}
+
+static int h_stat(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__StatRequest, kvarc__v1__stat_request__unpack, req);
+    kvd_conv_info info;
+    int rc = kvd_conv_stat(s->e, req->id, &info, err);
+    kvarc__v1__stat_request__free_unpacked(req, NULL);
+    if (!rc)
+        *out = conv_reply(&info);
+    return rc;
+}
+
+static int h_list(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__ListRequest, kvarc__v1__list_request__unpack, req);
+    size_t limit = req->limit ? req->limit : 100;
+    int rc = 0;
+    if (limit > 1000)
+        rc = kvd_fail(err, -EINVAL, "list limit %zu over the maximum of 1000", limit);
+    kvd_conv_info *infos = rc ? NULL : calloc(limit + 1, sizeof *infos);
+    Kvarc__V1__ConvInfo *pbs = rc ? NULL : calloc(limit + 1, sizeof *pbs);
+    Kvarc__V1__ConvInfo **ptrs = rc ? NULL : calloc(limit + 1, sizeof *ptrs);
+    Kvarc__V1__Shape *sps = rc ? NULL : calloc(limit + 1, sizeof *sps);
+    if (!rc && (!infos || !pbs || !ptrs || !sps))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    long n = 0;
+    if (!rc) {
+        n = kvd_conv_list(s->e, req->ns && *req->ns ? req->ns : NULL,
+                          req->after && *req->after ? req->after : NULL, infos, limit + 1, err);
+        if (n < 0)
+            rc = (int)n;
+    }
+    if (!rc) {
+        Kvarc__V1__ListReply r = KVARC__V1__LIST_REPLY__INIT;
+        r.more = (size_t)n > limit;
+        r.n_convs = r.more ? limit : (size_t)n;
+        for (size_t i = 0; i < r.n_convs; i++) {
+            info_to_pb(&infos[i], &pbs[i], &sps[i]);
+            ptrs[i] = &pbs[i];
+        }
+        r.convs = ptrs;
+        *out = pack(&r.base);
+    }
+    kvarc__v1__list_request__free_unpacked(req, NULL);
+    free(infos);
+    free(pbs);
+    free(ptrs);
+    free(sps);
+    return rc;
+}
+
+static int h_delete(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__DeleteRequest, kvarc__v1__delete_request__unpack, req);
+    int rc = kvd_conv_delete(s->e, req->ns, req->name, err);
+    kvarc__v1__delete_request__free_unpacked(req, NULL);
+    if (!rc) {
+        Kvarc__V1__Empty r = KVARC__V1__EMPTY__INIT;
+        *out = pack(&r.base);
+    }
+    return rc;
+}
+
+static int fork_common(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+                       kvd_err *err, uint32_t flags, int need_snapshot)
+{
+    DECODE(Kvarc__V1__ForkRequest, kvarc__v1__fork_request__unpack, req);
+    kvd_conv_info src, info;
+    int rc = 0;
+    if (need_snapshot) {        /* Restore: the source must be a snapshot */
+        rc = kvd_conv_open(s->e, req->src_ns, req->src_name, NULL, &src, err);
+        if (!rc && !(src.flags & KVD_CONV_SNAPSHOT))
+            rc = kvd_fail(err, -EPERM, "'%s/%s' is not a snapshot: use Fork", req->src_ns, req->src_name);
+    }
+    if (!rc)
+        rc = kvd_conv_fork(s->e, req->src_ns, req->src_name, req->has_at_len ? req->at_len : UINT64_MAX,
+                           req->dst_ns, req->dst_name, flags, &info, err);
+    kvarc__v1__fork_request__free_unpacked(req, NULL);
+    if (!rc)
+        *out = conv_reply(&info);
+    return rc;
+}
+
+static int h_fork(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    return fork_common(s, in, len, out, err, 0, 0);
+}
+
+static int h_snapshot(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    return fork_common(s, in, len, out, err, KVD_CONV_SNAPSHOT, 0);
+}
+
+static int h_restore(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    return fork_common(s, in, len, out, err, 0, 1);
+}
+
+static const struct { const char *path; handler_fn fn; } routes[] = {
+    { "/kvarc.v1.Kvarc/Health", h_health },     { "/kvarc.v1.Kvarc/Create", h_create },
+    { "/kvarc.v1.Kvarc/Open", h_open },         { "/kvarc.v1.Kvarc/Stat", h_stat },
+    { "/kvarc.v1.Kvarc/List", h_list },         { "/kvarc.v1.Kvarc/Delete", h_delete },
+    { "/kvarc.v1.Kvarc/Fork", h_fork },         { "/kvarc.v1.Kvarc/Snapshot", h_snapshot },
+    { "/kvarc.v1.Kvarc/Restore", h_restore },
+};
+
+/* ---- call state machine ---------------------------------------------------- */
+
+static rpc_call *call_request(rpc_worker *w)
+{
+    rpc_call *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    c->w = w;
+    c->state = REQUESTED;
+    grpc_call_details_init(&c->details);
+    grpc_metadata_array_init(&c->md);
+    if (grpc_server_request_call(w->s->server, &c->call, &c->details, &c->md, w->cq, w->cq, c) !=
+        GRPC_CALL_OK) {
+        grpc_call_details_destroy(&c->details);
+        grpc_metadata_array_destroy(&c->md);
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+static void call_free(rpc_call *c)
+{
+    if (c->state != REQUESTED)
+        atomic_fetch_sub(&c->w->s->in_flight, 1);
+    if (c->call)
+        grpc_call_unref(c->call);
+    if (c->req)
+        grpc_byte_buffer_destroy(c->req);
+    if (c->resp)
+        grpc_byte_buffer_destroy(c->resp);
+    if (c->state == FINISHING)
+        grpc_slice_unref(c->status_details);
+    grpc_call_details_destroy(&c->details);
+    grpc_metadata_array_destroy(&c->md);
+    free(c);
+}
+
+static void rpc_on_requested(rpc_call *c)
+{
+    call_request(c->w);                 /* keep one call requested on this queue */
+    atomic_fetch_add(&c->w->s->in_flight, 1);
+    c->t0 = now_ns(CLOCK_MONOTONIC);
+    char *m = grpc_slice_to_c_string(c->details.method);
+    snprintf(c->method, sizeof c->method, "%s", m);
+    gpr_free(m);
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &c->req;
+    c->state = RECEIVING;
+    if (grpc_call_start_batch(c->call, ops, 2, c, NULL) != GRPC_CALL_OK)
+        call_free(c);
+}
+
+static void rpc_on_received(rpc_call *c)
+{
+    rpc_server *s = c->w->s;
+    kvd_err err = { 0, "" };
+    int rc = 0;
+    handler_fn fn = NULL;
+    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
+        if (!grpc_slice_str_cmp(c->details.method, routes[i].path))
+            fn = routes[i].fn;
+    if (!fn) {
+        c->status = GRPC_STATUS_UNIMPLEMENTED;
+        kvd_fail(&err, -ENOSYS, "method %s is not a kvarc.v1 method", c->method);
+    } else if (!c->req) {
+        c->status = GRPC_STATUS_INVALID_ARGUMENT;
+        kvd_fail(&err, -EINVAL, "%s: no request message", c->method);
+    } else {
+        grpc_byte_buffer_reader rd;
+        grpc_slice all = grpc_empty_slice();
+        if (grpc_byte_buffer_reader_init(&rd, c->req)) {
+            all = grpc_byte_buffer_reader_readall(&rd);
+            grpc_byte_buffer_reader_destroy(&rd);
+        }
+        rc = fn(s, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
+        grpc_slice_unref(all);
+        if (!rc && !c->resp)
+            rc = kvd_fail(&err, -ENOMEM, "out of memory encoding the reply");
+        c->status = rpc_status_of(rc);
+    }
+    c->status_details = grpc_slice_from_copied_string(c->status ? err.msg : "");
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    int n = 0;
+    if (c->status == GRPC_STATUS_OK) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n++].data.send_message.send_message = c->resp;
+    }
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = c->status;
+    ops[n++].data.send_status_from_server.status_details = &c->status_details;
+    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
+    c->state = FINISHING;
+    if (s->log)
+        s->log(c->method, (int)c->status, c->status ? err.msg : "",
+               (double)(now_ns(CLOCK_MONOTONIC) - c->t0) / 1e6);
+    if (grpc_call_start_batch(c->call, ops, (size_t)n, c, NULL) != GRPC_CALL_OK)
+        call_free(c);
+}
+
+static void *worker_main(void *p)
+{
+    rpc_worker *w = p;
+    call_request(w);
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        rpc_call *c = ev.tag;
+        if (c->state == REQUESTED) {
+            if (ev.success)
+                rpc_on_requested(c);
+            else
+                call_free(c);            /* server shutting down */
+        } else if (c->state == RECEIVING) {
+            if (ev.success)
+                rpc_on_received(c);
+            else
+                call_free(c);            /* client went away */
+        } else {
+            call_free(c);
+        }
+    }
+    return NULL;
+}
+
+int rpc_server_start(kvd_engine *e, const char *addr, int threads, rpc_log_fn log, rpc_server **out,
+                     char *msg, size_t msglen)
+{
+    rpc_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(msg, msglen, "out of memory");
+        return -ENOMEM;
+    }
+    s->e = e;
+    s->log = log;
+    s->started_ns = now_ns(CLOCK_MONOTONIC);
+    s->nworkers = threads < 1 ? 1 : threads > 64 ? 64 : threads;
+    s->workers = calloc((size_t)s->nworkers, sizeof *s->workers);
+    grpc_arg args[2] = {
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = RPC_MAX_MESSAGE },
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = RPC_MAX_MESSAGE },
+    };
+    grpc_channel_args ca = { 2, args };
+    s->server = grpc_server_create(&ca, NULL);
+    for (int i = 0; i < s->nworkers; i++) {
+        s->workers[i].s = s;
+        s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
+    }
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int port = grpc_server_add_http2_port(s->server, addr, creds);
+    grpc_server_credentials_release(creds);
+    if (!port) {
+        snprintf(msg, msglen, "cannot listen on %s (in use, or a bad address)", addr);
+        grpc_server_destroy(s->server);
+        for (int i = 0; i < s->nworkers; i++) {
+            grpc_completion_queue_shutdown(s->workers[i].cq);
+            while (grpc_completion_queue_next(s->workers[i].cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+                   GRPC_QUEUE_SHUTDOWN)
+                ;
+            grpc_completion_queue_destroy(s->workers[i].cq);
+        }
+        free(s->workers);
+        free(s);
+        return -EADDRINUSE;
+    }
+    grpc_server_start(s->server);
+    for (int i = 0; i < s->nworkers; i++)
+        pthread_create(&s->workers[i].th, NULL, worker_main, &s->workers[i]);
+    *out = s;
+    return 0;
+}
+
+int rpc_server_stop(rpc_server *s, int grace_ms)
+{
+    grpc_completion_queue *scq = grpc_completion_queue_create_for_pluck(NULL);
+    int tag = 0, cancelled = 0;
+    grpc_server_shutdown_and_notify(s->server, scq, &tag);
+    /* Calls in flight get the grace period. Idle client connections would
+     * hold the shutdown for all of it: once no call is in flight they are
+     * closed at once (cancel_all_calls also force-closes channels). */
+    gpr_timespec end = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(grace_ms, GPR_TIMESPAN));
+    for (;;) {
+        gpr_timespec step = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(20, GPR_TIMESPAN));
+        if (grpc_completion_queue_pluck(scq, &tag, step, NULL).type == GRPC_OP_COMPLETE)
+            break;
+        int busy = atomic_load(&s->in_flight) > 0;
+        if (!busy || gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), end) >= 0) {
+            cancelled = busy;
+            grpc_server_cancel_all_calls(s->server);
+            grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+            break;
+        }
+    }
+    grpc_server_destroy(s->server);
+    grpc_completion_queue_shutdown(scq);
+    while (grpc_completion_queue_pluck(scq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(scq);
+    for (int i = 0; i < s->nworkers; i++)
+        grpc_completion_queue_shutdown(s->workers[i].cq);
+    for (int i = 0; i < s->nworkers; i++) {
+        pthread_join(s->workers[i].th, NULL);
+        grpc_completion_queue_destroy(s->workers[i].cq);
+    }
+    free(s->workers);
+    free(s);
+    return cancelled;
+}

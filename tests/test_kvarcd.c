@@ -1,0 +1,294 @@
+/* test_kvarcd: a real kvarcd process on a unix socket, driven through the
+ * client transport: every conversation RPC end to end, each error with its
+ * gRPC status and message (malformed bytes, oversized message, unknown
+ * method, wrong shape, unknown ids, name clashes) with the daemon staying
+ * up; several client processes at once; a second daemon on the same
+ * directory refused; kill -9 and restart keep what was acknowledged;
+ * SIGTERM exits 0. */
+#include <errno.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "engine_util.h"
+#include "kvarc_rpc.h"
+
+static char dir[256];
+
+static pid_t start_daemon(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        char log[300];
+        snprintf(log, sizeof log, "%s.log", dir);
+        if (!freopen(log, "a", stderr))
+            _exit(126);
+        execl(KVARCD_PATH, "kvarcd", "--data", dir, "--threads", "2", "--grace-ms", "2000", (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Health until it answers (at most ~10 s). */
+static int wait_ready(kvc_conn *c)
+{
+    for (int i = 0; i < 200; i++) {
+        Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+        ProtobufCMessage *rep = NULL;
+        char msg[256];
+        if (kvc_call(c, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg) == 0) {
+            Kvarc__V1__HealthReply *h = (Kvarc__V1__HealthReply *)rep;
+            int ok = !strcmp(h->status, "serving");
+            protobuf_c_message_free_unpacked(rep, NULL);
+            return ok;
+        }
+        struct timespec d = { 0, 50 * 1000000 };
+        nanosleep(&d, NULL);
+    }
+    return 0;
+}
+
+static Kvarc__V1__Shape shape_pb(uint32_t head_dim)
+{
+    Kvarc__V1__Shape s = KVARC__V1__SHAPE__INIT;
+    s.n_layers = 4;
+    s.n_kv_heads = 2;
+    s.n_q_heads = 8;
+    s.head_dim = head_dim;
+    s.format = KVARC_FMT_Q3;
+    s.dtype = KVARC_DTYPE_F16;
+    s.rope_theta = 10000.0f;
+    s.seed = 42;
+    s.fingerprint = "tiny-llama";
+    return s;
+}
+
+static int create(kvc_conn *c, const char *ns, const char *name, uint32_t head_dim, char *msg,
+                  uint64_t *id)
+{
+    Kvarc__V1__CreateRequest r = KVARC__V1__CREATE_REQUEST__INIT;
+    Kvarc__V1__Shape s = shape_pb(head_dim);
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    r.shape = &s;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Create", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (!st) {
+        if (id)
+            *id = ((Kvarc__V1__ConvReply *)rep)->info->id;
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    return st;
+}
+
+static int open_conv(kvc_conn *c, const char *ns, const char *name, Kvarc__V1__Shape *expect, char *msg)
+{
+    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    r.expect = expect;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (!st)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return st;
+}
+
+static int fork_call(kvc_conn *c, const char *method, const char *src, const char *dst, char *msg)
+{
+    Kvarc__V1__ForkRequest r = KVARC__V1__FORK_REQUEST__INIT;
+    r.src_ns = "t";
+    r.src_name = (char *)src;
+    r.dst_ns = "t";
+    r.dst_name = (char *)dst;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, method, &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (!st)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return st;
+}
+
+static long list_all(kvc_conn *c, const char *ns, uint32_t limit, int *pages)
+{
+    char after[KVD_NAME_MAX] = "", msg[256];
+    long total = 0;
+    *pages = 0;
+    for (;;) {
+        Kvarc__V1__ListRequest r = KVARC__V1__LIST_REQUEST__INIT;
+        r.ns = (char *)ns;
+        r.after = after;
+        r.limit = limit;
+        ProtobufCMessage *rep = NULL;
+        if (kvc_call(c, "List", &r.base, &kvarc__v1__list_reply__descriptor, &rep, 0, msg, sizeof msg))
+            return -1;
+        Kvarc__V1__ListReply *l = (Kvarc__V1__ListReply *)rep;
+        total += (long)l->n_convs;
+        (*pages)++;
+        int more = l->more;
+        if (l->n_convs)
+            snprintf(after, sizeof after, "%s", l->convs[l->n_convs - 1]->name);
+        protobuf_c_message_free_unpacked(rep, NULL);
+        if (!more)
+            return total;
+    }
+}
+
+/* A client process: 25 creates and opens in namespace "many". */
+static int client_main(int p, const char *d)
+{
+    kvc_conn *cc;
+    char m[256], name[32];
+    if (kvc_connect(d, &cc))
+        return 2;
+    for (int i = 0; i < 25; i++) {
+        snprintf(name, sizeof name, "p%d-%d", p, i);
+        if (create(cc, "many", name, 128, m, NULL) || open_conv(cc, "many", name, NULL, m)) {
+            fprintf(stderr, "client %d: %s: %s\n", p, name, m);
+            return 3;
+        }
+    }
+    kvc_close(cc);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 4 && !strcmp(argv[1], "--client"))
+        return client_main(atoi(argv[2]), argv[3]);
+    const char *self = argv[0];
+    eu_tmpdir(dir, sizeof dir, "kvarcd");
+    pid_t pid = start_daemon();
+    kvc_conn *c;
+    CHECK_RC(kvc_connect(dir, &c), 0);
+    CHECK(wait_ready(c), "kvarcd did not become ready");
+    if (tu_failures) {
+        kill(pid, SIGKILL);
+        return tu_finish("test_kvarcd");
+    }
+    char msg[256];
+    uint64_t id = 0;
+
+    /* conversations and their errors */
+    CHECK_RC(create(c, "t", "alpha", 128, msg, &id), GRPC_STATUS_OK);
+    CHECK_RC(create(c, "t", "alpha", 128, msg, NULL), GRPC_STATUS_ALREADY_EXISTS);
+    CHECK_RC(create(c, "t", "bad96", 96, msg, NULL), GRPC_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(msg, "head_dim 96") != NULL, "bad head_dim message: %s", msg);
+    CHECK_RC(create(c, "t", "bad/name", 128, msg, NULL), GRPC_STATUS_INVALID_ARGUMENT);
+    Kvarc__V1__Shape other = shape_pb(64);
+    CHECK_RC(open_conv(c, "t", "alpha", &other, msg), GRPC_STATUS_FAILED_PRECONDITION);
+    CHECK(strstr(msg, "head_dim 128") && strstr(msg, "sends 64"), "mismatch message: %s", msg);
+    Kvarc__V1__Shape same = shape_pb(128);
+    CHECK_RC(open_conv(c, "t", "alpha", &same, msg), GRPC_STATUS_OK);
+    CHECK_RC(open_conv(c, "t", "ghost", NULL, msg), GRPC_STATUS_NOT_FOUND);
+    CHECK(strstr(msg, "t/ghost") != NULL, "not-found message: %s", msg);
+    {
+        Kvarc__V1__CreateRequest r = KVARC__V1__CREATE_REQUEST__INIT;
+        Kvarc__V1__Shape s = shape_pb(128);
+        float means[3] = { 0, 0, 0 };
+        r.ns = "t";
+        r.name = "m";
+        r.shape = &s;
+        r.means = means;
+        r.n_means = 3;
+        CHECK_RC(kvc_call(c, "Create", &r.base, &kvarc__v1__conv_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "means has 3 values") != NULL, "means message: %s", msg);
+    }
+    {
+        Kvarc__V1__StatRequest r = KVARC__V1__STAT_REQUEST__INIT;
+        r.id = id;
+        ProtobufCMessage *rep = NULL;
+        CHECK_RC(kvc_call(c, "Stat", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            Kvarc__V1__ConvReply *cr = (Kvarc__V1__ConvReply *)rep;
+            CHECK(!strcmp(cr->info->name, "alpha") && cr->info->shape->head_dim == 128 &&
+                  !strcmp(cr->info->shape->fingerprint, "tiny-llama"), "stat reply");
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        r.id = 999999;
+        CHECK_RC(kvc_call(c, "Stat", &r.base, &kvarc__v1__conv_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_NOT_FOUND);
+    }
+    /* fork, snapshot, restore */
+    CHECK_RC(fork_call(c, "Fork", "alpha", "beta", msg), 0);
+    CHECK_RC(fork_call(c, "Restore", "alpha", "gamma", msg), GRPC_STATUS_FAILED_PRECONDITION);
+    CHECK_RC(fork_call(c, "Snapshot", "alpha", "snap", msg), 0);
+    CHECK_RC(fork_call(c, "Restore", "snap", "restored", msg), 0);
+    CHECK_RC(fork_call(c, "Fork", "nope", "x", msg), GRPC_STATUS_NOT_FOUND);
+
+    /* malformed protobuf bytes, an unknown method, an oversized message */
+    uint8_t junk[5] = { 0xff, 0xff, 0xff, 0xff, 0x0f };
+    CHECK_RC(kvc_call_raw(c, "Create", junk, sizeof junk, NULL, NULL, 0, msg, sizeof msg), GRPC_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(msg, "not a valid") != NULL, "malformed message: %s", msg);
+    CHECK_RC(kvc_call_raw(c, "Frobnicate", "", 0, NULL, NULL, 0, msg, sizeof msg), GRPC_STATUS_UNIMPLEMENTED);
+    size_t big = (16u << 20) + 1024;
+    uint8_t *huge = calloc(1, big);
+    int st = kvc_call_raw(c, "Create", huge, big, NULL, NULL, 0, msg, sizeof msg);
+    CHECK(st == GRPC_STATUS_RESOURCE_EXHAUSTED, "oversized message: %s (%s)", kvc_status_name(st), msg);
+    free(huge);
+    CHECK(wait_ready(c), "daemon down after bad requests");
+
+    /* several client processes at once (fork + exec: gRPC must not be used
+     * across a fork) */
+    for (int p = 0; p < 4; p++)
+        if (fork() == 0) {
+            char pn[8];
+            snprintf(pn, sizeof pn, "%d", p);
+            execl(self, self, "--client", pn, dir, (char *)NULL);
+            _exit(127);
+        }
+    int all_ok = 1;
+    for (int p = 0; p < 4; p++) {
+        int status;
+        wait(&status);
+        all_ok &= WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
+    CHECK(all_ok, "a concurrent client process failed");
+    int pages;
+    CHECK(list_all(c, "many", 7, &pages) == 100 && pages == 15, "paged list of 100 in pages of 7: %d pages", pages);
+    CHECK(list_all(c, "", 1000, &pages) == 104 && pages == 1, "list of every namespace (alpha, snap, restored, beta + 100)");
+
+    /* delete */
+    Kvarc__V1__DeleteRequest dr = KVARC__V1__DELETE_REQUEST__INIT;
+    dr.ns = "t";
+    dr.name = "beta";
+    CHECK_RC(kvc_call(c, "Delete", &dr.base, &kvarc__v1__empty__descriptor, NULL, 0, msg, sizeof msg), 0);
+    CHECK_RC(kvc_call(c, "Delete", &dr.base, &kvarc__v1__empty__descriptor, NULL, 0, msg, sizeof msg), GRPC_STATUS_NOT_FOUND);
+
+    /* a second daemon on the same directory is refused */
+    pid_t second = start_daemon();
+    int status;
+    waitpid(second, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 1, "second kvarcd must exit 1");
+
+    /* kill -9, restart: everything acknowledged is there */
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    pid = start_daemon();
+    CHECK(wait_ready(c), "restart after kill -9");
+    CHECK(list_all(c, "many", 1000, &pages) == 100, "conversations lost across kill -9");
+    CHECK_RC(open_conv(c, "t", "restored", &same, msg), 0);
+    CHECK_RC(open_conv(c, "t", "beta", NULL, msg), GRPC_STATUS_NOT_FOUND);
+
+    /* SIGTERM: clean exit */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    kill(pid, SIGTERM);
+    waitpid(pid, &status, 0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    CHECK(secs < 1.5, "an idle client held the shutdown for %.2f s (grace is 2 s)", secs);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "SIGTERM must exit 0");
+    kvc_close(c);
+    char log[300];
+    snprintf(log, sizeof log, "%s.log", dir);
+    if (tu_failures) {
+        char cmd[400];
+        snprintf(cmd, sizeof cmd, "tail -20 %s >&2", log);
+        if (system(cmd))
+            fprintf(stderr, "(no log)\n");
+    }
+    unlink(log);
+    eu_rmrf(dir);
+    return tu_finish("test_kvarcd");
+}
