@@ -1336,7 +1336,7 @@ int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err)
             extent_val ev;
             memcpy(&ev, v.mv_data, sizeof ev);
             st->extents++;
-            st->records += ev.count;
+            st->tokens += ev.count;
         }
         mdb_cursor_close(cur);
     }

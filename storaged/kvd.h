@@ -173,7 +173,7 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
 
 typedef struct kvd_stats {
     uint64_t conversations, deleted, segments, segment_bytes, live_bytes;
-    uint64_t blocks, records, extents;
+    uint64_t blocks, tokens, extents;          /* tokens: archived (token, layer) pairs */
     uint64_t appends, group_commits, fsyncs;   /* since open */
 } kvd_stats;
 

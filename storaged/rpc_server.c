@@ -55,6 +55,7 @@ struct rpc_server {
 struct rpc_worker {
     rpc_server            *s;
     grpc_completion_queue *cq;
+    kvd_reader            *reader;   /* this worker's io_uring */
     pthread_t              th;
 };
 
@@ -183,7 +184,7 @@ static grpc_byte_buffer *conv_reply(kvd_conv_info *info)
 
 /* ---- handlers: decode request bytes, call the engine, encode reply ---- */
 
-typedef int (*handler_fn)(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+typedef int (*handler_fn)(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out,
                           kvd_err *err);
 
 #define DECODE(type, fn, var)                                                             \
@@ -191,8 +192,9 @@ typedef int (*handler_fn)(rpc_server *s, const uint8_t *in, size_t len, grpc_byt
     if (!var)                                                                             \
         return kvd_fail(err, -EINVAL, "request is not a valid " #type " message (%zu bytes)", len)
 
-static int h_health(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_health(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
     kvarc__v1__empty__free_unpacked(req, NULL);
     kvd_stats st;
@@ -208,8 +210,9 @@ static int h_health(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buff
     return 0;
 }
 
-static int h_create(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_create(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__CreateRequest, kvarc__v1__create_request__unpack, req);
     kvd_shape sh;
     kvd_conv_info info;
@@ -226,8 +229,9 @@ static int h_create(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int h_open(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_open(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__OpenRequest, kvarc__v1__open_request__unpack, req);
     kvd_shape sh;
     kvd_conv_info info;
@@ -240,8 +244,9 @@ static int h_open(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer
     return rc;
 }
 
-static int h_stat(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_stat(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__StatRequest, kvarc__v1__stat_request__unpack, req);
     kvd_conv_info info;
     int rc = kvd_conv_stat(s->e, req->id, &info, err);
@@ -251,8 +256,9 @@ static int h_stat(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer
     return rc;
 }
 
-static int h_list(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_list(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__ListRequest, kvarc__v1__list_request__unpack, req);
     size_t limit = req->limit ? req->limit : 100;
     int rc = 0;
@@ -290,8 +296,9 @@ static int h_list(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer
     return rc;
 }
 
-static int h_delete(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_delete(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__DeleteRequest, kvarc__v1__delete_request__unpack, req);
     int rc = kvd_conv_delete(s->e, req->ns, req->name, err);
     kvarc__v1__delete_request__free_unpacked(req, NULL);
@@ -302,9 +309,10 @@ static int h_delete(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int fork_common(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+static int fork_common(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out,
                        kvd_err *err, uint32_t flags, int need_snapshot)
 {
+    rpc_server *s = w->s;
     DECODE(Kvarc__V1__ForkRequest, kvarc__v1__fork_request__unpack, req);
     kvd_conv_info src, info;
     int rc = 0;
@@ -322,19 +330,211 @@ static int fork_common(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_b
     return rc;
 }
 
-static int h_fork(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_fork(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(s, in, len, out, err, 0, 0);
+    return fork_common(w, in, len, out, err, 0, 0);
 }
 
-static int h_snapshot(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_snapshot(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(s, in, len, out, err, KVD_CONV_SNAPSHOT, 0);
+    return fork_common(w, in, len, out, err, KVD_CONV_SNAPSHOT, 0);
 }
 
-static int h_restore(rpc_server *s, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_restore(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(s, in, len, out, err, 0, 1);
+    return fork_common(w, in, len, out, err, 0, 1);
+}
+
+#define MAX_REPLY_RECORD_BYTES (8u << 20)
+
+static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__AppendRequest, kvarc__v1__append_request__unpack, req);
+    kvd_conv_info info;
+    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    if (!rc) {
+        size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, n = req->count;
+        size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
+        if (req->sig_bits.len != H * n * d / 8 || req->sig_scale.len != H * n * 2 ||
+            req->records.len != H * n * rb)
+            rc = kvd_fail(err, -EINVAL, "append of %u tokens to '%s/%s' needs %zu signature bytes, %zu "
+                          "scale bytes and %zu record bytes; got %zu, %zu, %zu", req->count, info.ns,
+                          info.name, H * n * d / 8, H * n * 2, H * n * rb, req->sig_bits.len,
+                          req->sig_scale.len, req->records.len);
+    }
+    if (!rc) {
+        uint16_t *scales = malloc(req->sig_scale.len ? req->sig_scale.len : 1);
+        if (!scales)
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+        else {
+            memcpy(scales, req->sig_scale.data, req->sig_scale.len);
+            rc = kvd_append(w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
+                            scales, req->records.data, err);
+            free(scales);
+        }
+    }
+    uint64_t length = 0;
+    if (!rc)
+        rc = kvd_layer_length(w->s->e, req->conv, req->layer, &length, err);
+    kvarc__v1__append_request__free_unpacked(req, NULL);
+    if (!rc) {
+        Kvarc__V1__AppendReply r = KVARC__V1__APPEND_REPLY__INIT;
+        r.length = length;
+        *out = pack(&r.base);
+    }
+    return rc;
+}
+
+static int h_fetch(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__FetchRequest, kvarc__v1__fetch_request__unpack, req);
+    kvd_conv_info info;
+    uint8_t *recs = NULL;
+    size_t rb = 0;
+    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    if (!rc) {
+        rb = (size_t)kvarc_record_bytes(info.shape.format, (int)info.shape.head_dim);
+        if (req->n_positions * rb > MAX_REPLY_RECORD_BYTES)
+            rc = kvd_fail(err, -E2BIG, "fetch of %zu records is %zu bytes, over the %u-byte limit of one "
+                          "reply: split it", req->n_positions, req->n_positions * rb, MAX_REPLY_RECORD_BYTES);
+        else if (!(recs = malloc(req->n_positions * rb + 1)))
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+    }
+    if (!rc)
+        rc = kvd_read_records(w->reader, req->conv, req->layer, req->head, req->positions, req->n_positions,
+                              recs, err);
+    if (!rc) {
+        Kvarc__V1__FetchReply r = KVARC__V1__FETCH_REPLY__INIT;
+        r.record_bytes = (uint32_t)rb;
+        r.records.data = recs;
+        r.records.len = req->n_positions * rb;
+        *out = pack(&r.base);
+    }
+    kvarc__v1__fetch_request__free_unpacked(req, NULL);
+    free(recs);
+    return rc;
+}
+
+static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__RerankRequest, kvarc__v1__rerank_request__unpack, req);
+    kvd_conv_info info;
+    uint64_t *pos = NULL;
+    float *sc = NULL;
+    uint8_t *recs = NULL;
+    size_t rb = 0;
+    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    if (!rc && (req->n_queries < 1 || req->n_queries > 64 ||
+                (size_t)req->n_queries * info.shape.head_dim != req->n_query))
+        rc = kvd_fail(err, -EINVAL, "rerank needs n_queries in 1..64 and n_queries x head_dim (%u) query "
+                      "values; got n_queries %u and %zu values", info.shape.head_dim, req->n_queries,
+                      req->n_query);
+    size_t k = req->top_k < req->n_shortlist ? req->top_k : req->n_shortlist;
+    if (!rc) {
+        rb = (size_t)kvarc_record_bytes(info.shape.format, (int)info.shape.head_dim);
+        if (req->n_shortlist > 65536 || k * rb > MAX_REPLY_RECORD_BYTES)
+            rc = kvd_fail(err, -E2BIG, "rerank shortlist %zu / top_k %zu over the limits (65536, %u reply "
+                          "bytes)", req->n_shortlist, k, MAX_REPLY_RECORD_BYTES);
+        else if (!(pos = malloc((k + 1) * sizeof *pos)) || !(sc = malloc((k + 1) * sizeof *sc)) ||
+                 !(recs = malloc(k * rb + 1)))
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+    }
+    long got = 0;
+    if (!rc) {
+        got = kvd_rerank(w->reader, req->conv, req->layer, req->head, req->query, (int)req->n_queries, req->shortlist,
+                         req->n_shortlist, k, pos, sc, recs, err);
+        if (got < 0)
+            rc = (int)got;
+    }
+    if (!rc) {
+        Kvarc__V1__RerankReply r = KVARC__V1__RERANK_REPLY__INIT;
+        r.n_positions = (size_t)got;
+        r.positions = pos;
+        r.n_scores = (size_t)got;
+        r.scores = sc;
+        r.record_bytes = (uint32_t)rb;
+        r.records.data = recs;
+        r.records.len = (size_t)got * rb;
+        *out = pack(&r.base);
+    }
+    kvarc__v1__rerank_request__free_unpacked(req, NULL);
+    free(pos);
+    free(sc);
+    free(recs);
+    return rc;
+}
+
+static int h_stats(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
+    kvarc__v1__empty__free_unpacked(req, NULL);
+    kvd_stats st;
+    int rc = kvd_stats_get(w->s->e, &st, err);
+    if (!rc) {
+        Kvarc__V1__StatsReply r = KVARC__V1__STATS_REPLY__INIT;
+        r.conversations = st.conversations;
+        r.deleted = st.deleted;
+        r.segments = st.segments;
+        r.segment_bytes = st.segment_bytes;
+        r.extents = st.extents;
+        r.tokens = st.tokens;
+        r.appends = st.appends;
+        r.group_commits = st.group_commits;
+        *out = pack(&r.base);
+    }
+    return rc;
+}
+
+typedef struct verify_lines {
+    char  *v[100];
+    size_t n;
+} verify_lines;
+
+static void keep_line(void *arg, const char *line)
+{
+    verify_lines *vl = arg;
+    if (vl->n < 100)
+        vl->v[vl->n++] = strdup(line);
+}
+
+static int h_verify(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
+    kvarc__v1__empty__free_unpacked(req, NULL);
+    verify_lines vl = { .n = 0 };
+    kvd_verify_report rep;
+    int rc = kvd_verify(w->s->e, &rep, keep_line, &vl, NULL, NULL, err);
+    if (rc == 0 || rc == KVARC_ECORRUPT) {       /* problems are the answer, not a failure */
+        Kvarc__V1__VerifyReply r = KVARC__V1__VERIFY_REPLY__INIT;
+        r.segments = rep.segments;
+        r.blocks = rep.blocks;
+        r.records = rep.records;
+        r.extents = rep.extents;
+        r.bytes = rep.bytes;
+        r.problems = rep.problems;
+        r.lines = vl.v;
+        r.n_lines = vl.n;
+        *out = pack(&r.base);
+        rc = 0;
+    }
+    for (size_t i = 0; i < vl.n; i++)
+        free(vl.v[i]);
+    return rc;
+}
+
+static int h_compact(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__CompactRequest, kvarc__v1__compact_request__unpack, req);
+    double th = req->threshold == 0.0f ? 0.5 : (double)req->threshold;
+    kvarc__v1__compact_request__free_unpacked(req, NULL);
+    uint64_t reclaimed = 0;
+    int rc = kvd_compact(w->s->e, th, &reclaimed, NULL, NULL, err);
+    if (!rc) {
+        Kvarc__V1__CompactReply r = KVARC__V1__COMPACT_REPLY__INIT;
+        r.reclaimed = reclaimed;
+        *out = pack(&r.base);
+    }
+    return rc;
 }
 
 static const struct { const char *path; handler_fn fn; } routes[] = {
@@ -342,7 +542,10 @@ static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/Open", h_open },         { "/kvarc.v1.Kvarc/Stat", h_stat },
     { "/kvarc.v1.Kvarc/List", h_list },         { "/kvarc.v1.Kvarc/Delete", h_delete },
     { "/kvarc.v1.Kvarc/Fork", h_fork },         { "/kvarc.v1.Kvarc/Snapshot", h_snapshot },
-    { "/kvarc.v1.Kvarc/Restore", h_restore },
+    { "/kvarc.v1.Kvarc/Restore", h_restore },   { "/kvarc.v1.Kvarc/Append", h_append },
+    { "/kvarc.v1.Kvarc/Fetch", h_fetch },       { "/kvarc.v1.Kvarc/Rerank", h_rerank },
+    { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Verify", h_verify },
+    { "/kvarc.v1.Kvarc/Compact", h_compact },
 };
 
 /* ---- call state machine ---------------------------------------------------- */
@@ -423,7 +626,7 @@ static void rpc_on_received(rpc_call *c)
             all = grpc_byte_buffer_reader_readall(&rd);
             grpc_byte_buffer_reader_destroy(&rd);
         }
-        rc = fn(s, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
+        rc = fn(c->w, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
         grpc_slice_unref(all);
         if (!rc && !c->resp)
             rc = kvd_fail(&err, -ENOMEM, "out of memory encoding the reply");
@@ -498,7 +701,19 @@ int rpc_server_start(kvd_engine *e, const char *addr, int threads, rpc_log_fn lo
     grpc_channel_args ca = { 2, args };
     s->server = grpc_server_create(&ca, NULL);
     for (int i = 0; i < s->nworkers; i++) {
+        kvd_err rerr;
         s->workers[i].s = s;
+        if (kvd_reader_open(e, &s->workers[i].reader, &rerr)) {
+            snprintf(msg, msglen, "%s", rerr.msg);
+            for (int j = 0; j < i; j++) {
+                kvd_reader_close(s->workers[j].reader);
+                grpc_completion_queue_destroy(s->workers[j].cq);
+            }
+            grpc_server_destroy(s->server);
+            free(s->workers);
+            free(s);
+            return rerr.code;
+        }
         s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
         grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
     }
@@ -514,6 +729,7 @@ int rpc_server_start(kvd_engine *e, const char *addr, int threads, rpc_log_fn lo
                    GRPC_QUEUE_SHUTDOWN)
                 ;
             grpc_completion_queue_destroy(s->workers[i].cq);
+            kvd_reader_close(s->workers[i].reader);
         }
         free(s->workers);
         free(s);
@@ -557,6 +773,7 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
     for (int i = 0; i < s->nworkers; i++) {
         pthread_join(s->workers[i].th, NULL);
         grpc_completion_queue_destroy(s->workers[i].cq);
+        kvd_reader_close(s->workers[i].reader);
     }
     free(s->workers);
     free(s);

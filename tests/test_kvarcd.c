@@ -133,6 +133,63 @@ static long list_all(kvc_conn *c, const char *ns, uint32_t limit, int *pages)
     }
 }
 
+/* Append count tokens of (tag) at first through the service. */
+static int rpc_append(kvc_conn *c, uint64_t conv, uint32_t layer, uint64_t first, uint32_t count,
+                      uint64_t tag, int bad_sizes, uint64_t *len_out, char *msg)
+{
+    kvd_shape s = eu_shape(4, 2, KVARC_FMT_Q3);
+    size_t n = 2 * (size_t)count;
+    uint8_t *bits = malloc(n * 16), *recs = malloc(n * 104);
+    uint16_t *sc = malloc(n * 2);
+    eu_fill(&s, tag, layer, first, count, bits, sc, recs);
+    Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
+    r.conv = conv;
+    r.layer = layer;
+    r.first_pos = first;
+    r.count = count;
+    r.sig_bits.data = bits;
+    r.sig_bits.len = n * 16;
+    r.sig_scale.data = (uint8_t *)sc;
+    r.sig_scale.len = n * 2 - (bad_sizes ? 2 : 0);
+    r.records.data = recs;
+    r.records.len = n * 104;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, msg, 256);
+    if (!st) {
+        if (len_out)
+            *len_out = ((Kvarc__V1__AppendReply *)rep)->length;
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    free(bits);
+    free(recs);
+    free(sc);
+    return st;
+}
+
+/* Fetch positions and compare with tag's records; returns the status, or
+ * 100 when the bytes differ. */
+static int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t head, uint64_t *pos,
+                           size_t n, uint64_t tag, char *msg)
+{
+    Kvarc__V1__FetchRequest r = KVARC__V1__FETCH_REQUEST__INIT;
+    r.conv = conv;
+    r.layer = layer;
+    r.head = head;
+    r.positions = pos;
+    r.n_positions = n;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Fetch", &r.base, &kvarc__v1__fetch_reply__descriptor, &rep, 0, msg, 256);
+    if (st)
+        return st;
+    Kvarc__V1__FetchReply *f = (Kvarc__V1__FetchReply *)rep;
+    int bad = f->record_bytes != 104 || f->records.len != n * 104;
+    for (size_t i = 0; !bad && i < n; i++)
+        for (int b = 0; b < 104; b++)
+            bad |= f->records.data[i * 104 + b] != eu_byte(tag, layer, head, pos[i], (size_t)b);
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return bad ? 100 : 0;
+}
+
 /* A client process: 25 creates and opens in namespace "many". */
 static int client_main(int p, const char *d)
 {
@@ -209,11 +266,102 @@ int main(int argc, char **argv)
         CHECK_RC(kvc_call(c, "Stat", &r.base, &kvarc__v1__conv_reply__descriptor, NULL, 0, msg, sizeof msg),
                  GRPC_STATUS_NOT_FOUND);
     }
+    /* records: append, fetch, rerank, stats, verify, compact */
+    {
+        uint64_t len = 0, pos[200];
+        for (int b = 0; b < 10; b++)
+            CHECK_RC(rpc_append(c, id, 1, (uint64_t)b * 50, 50, 5, 0, &len, msg), 0);
+        CHECK(len == 500, "durable length %llu", (unsigned long long)len);
+        CHECK_RC(rpc_append(c, id, 1, 500, 10, 5, 1, NULL, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "needs") != NULL, "size message: %s", msg);
+        CHECK_RC(rpc_append(c, id, 1, 777, 10, 5, 0, NULL, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "500 tokens") != NULL, "gap message: %s", msg);
+        CHECK_RC(rpc_append(c, id, 9, 0, 10, 5, 0, NULL, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK_RC(rpc_append(c, 987654, 0, 0, 10, 5, 0, NULL, msg), GRPC_STATUS_NOT_FOUND);
+        for (int i = 0; i < 200; i++)
+            pos[i] = (uint64_t)(i * 37 % 500);
+        CHECK_RC(rpc_fetch_check(c, id, 1, 1, pos, 200, 5, msg), 0);
+        CHECK_RC(rpc_fetch_check(c, id, 1, 0, pos, 0, 5, msg), 0);
+        pos[3] = 500;
+        CHECK_RC(rpc_fetch_check(c, id, 1, 0, pos, 5, 5, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "past the end") != NULL, "past-end message: %s", msg);
+        CHECK_RC(rpc_fetch_check(c, id, 1, 2, pos, 2, 5, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        uint64_t *many = calloc(100000, sizeof *many);
+        CHECK_RC(rpc_fetch_check(c, id, 1, 0, many, 100000, 5, msg), GRPC_STATUS_RESOURCE_EXHAUSTED);
+        free(many);
+
+        Kvarc__V1__RerankRequest rr = KVARC__V1__RERANK_REQUEST__INIT;
+        float q[128];
+        for (int i = 0; i < 128; i++)
+            q[i] = (float)((i * 7) % 11) - 5.0f;
+        uint64_t sl[64];
+        for (int i = 0; i < 64; i++)
+            sl[i] = (uint64_t)(i * 7);
+        rr.conv = id;
+        rr.layer = 1;
+        rr.head = 0;
+        rr.n_queries = 1;
+        rr.query = q;
+        rr.n_query = 128;
+        rr.shortlist = sl;
+        rr.n_shortlist = 64;
+        rr.top_k = 8;
+        ProtobufCMessage *rep = NULL;
+        CHECK_RC(kvc_call(c, "Rerank", &rr.base, &kvarc__v1__rerank_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            Kvarc__V1__RerankReply *rk = (Kvarc__V1__RerankReply *)rep;
+            CHECK(rk->n_positions == 8 && rk->records.len == 8 * 104, "rerank reply sizes");
+            int same = 1;
+            for (size_t i = 0; i < rk->n_positions && same; i++)
+                for (int b = 0; b < 104; b++)
+                    same &= rk->records.data[i * 104 + b] == eu_byte(5, 1, 0, rk->positions[i], (size_t)b);
+            CHECK(same, "reranked records are the records of their positions");
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        rr.n_query = 100;
+        CHECK_RC(kvc_call(c, "Rerank", &rr.base, &kvarc__v1__rerank_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+
+        Kvarc__V1__Empty e0 = KVARC__V1__EMPTY__INIT;
+        rep = NULL;
+        CHECK_RC(kvc_call(c, "Stats", &e0.base, &kvarc__v1__stats_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            CHECK(((Kvarc__V1__StatsReply *)rep)->tokens == 500, "stats tokens %llu",
+                  (unsigned long long)((Kvarc__V1__StatsReply *)rep)->tokens);
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        rep = NULL;
+        CHECK_RC(kvc_call(c, "Verify", &e0.base, &kvarc__v1__verify_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            CHECK(((Kvarc__V1__VerifyReply *)rep)->problems == 0 && ((Kvarc__V1__VerifyReply *)rep)->records == 1000,
+                  "verify over the service");
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        Kvarc__V1__CompactRequest cr = KVARC__V1__COMPACT_REQUEST__INIT;
+        cr.threshold = 2.0f;
+        CHECK_RC(kvc_call(c, "Compact", &cr.base, &kvarc__v1__compact_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+        cr.threshold = 0.5f;
+        CHECK_RC(kvc_call(c, "Compact", &cr.base, &kvarc__v1__compact_reply__descriptor, NULL, 0, msg, sizeof msg), 0);
+    }
     /* fork, snapshot, restore */
     CHECK_RC(fork_call(c, "Fork", "alpha", "beta", msg), 0);
     CHECK_RC(fork_call(c, "Restore", "alpha", "gamma", msg), GRPC_STATUS_FAILED_PRECONDITION);
     CHECK_RC(fork_call(c, "Snapshot", "alpha", "snap", msg), 0);
     CHECK_RC(fork_call(c, "Restore", "snap", "restored", msg), 0);
+    {
+        Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;
+        orq.ns = "t";
+        orq.name = "snap";
+        ProtobufCMessage *rep = NULL;
+        uint64_t snap_id = 0;
+        CHECK_RC(kvc_call(c, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            snap_id = ((Kvarc__V1__ConvReply *)rep)->info->id;
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        CHECK_RC(rpc_append(c, snap_id, 0, 0, 5, 5, 0, NULL, msg), GRPC_STATUS_FAILED_PRECONDITION);
+    }
     CHECK_RC(fork_call(c, "Fork", "nope", "x", msg), GRPC_STATUS_NOT_FOUND);
 
     /* malformed protobuf bytes, an unknown method, an oversized message */
@@ -268,6 +416,10 @@ int main(int argc, char **argv)
     CHECK(wait_ready(c), "restart after kill -9");
     CHECK(list_all(c, "many", 1000, &pages) == 100, "conversations lost across kill -9");
     CHECK_RC(open_conv(c, "t", "restored", &same, msg), 0);
+    {
+        uint64_t pos[3] = { 0, 250, 499 };
+        CHECK_RC(rpc_fetch_check(c, id, 1, 1, pos, 3, 5, msg), 0);
+    }
     CHECK_RC(open_conv(c, "t", "beta", NULL, msg), GRPC_STATUS_NOT_FOUND);
 
     /* SIGTERM: clean exit */
