@@ -190,6 +190,20 @@ static int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t 
     return bad ? 100 : 0;
 }
 
+/* Run the kvarc CLI against dir; its exit code, stdout into out. */
+static int cli(char *out, size_t len, const char *args)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s %s --data %s 2>/dev/null", KVARC_CLI_PATH, args, dir);
+    FILE *f = popen(cmd, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(out, 1, len - 1, f);
+    out[n] = 0;
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
 /* A client process: 25 creates and opens in namespace "many". */
 static int client_main(int p, const char *d)
 {
@@ -403,6 +417,23 @@ int main(int argc, char **argv)
     CHECK_RC(kvc_call(c, "Delete", &dr.base, &kvarc__v1__empty__descriptor, NULL, 0, msg, sizeof msg), 0);
     CHECK_RC(kvc_call(c, "Delete", &dr.base, &kvarc__v1__empty__descriptor, NULL, 0, msg, sizeof msg), GRPC_STATUS_NOT_FOUND);
 
+    /* the admin CLI over the same socket */
+    {
+        static char out[65536];
+        CHECK(cli(out, sizeof out, "ls t --json") == 0 && strstr(out, "\"name\":\"alpha\"") &&
+              strstr(out, "\"name\":\"snap\",\"id\"") && strstr(out, "\"snapshot\":true"), "kvarc ls --json: %s", out);
+        CHECK(cli(out, sizeof out, "inspect t/alpha") == 0 && strstr(out, "length        0 tokens") &&
+              strstr(out, "tiny-llama"), "kvarc inspect: %s", out);
+        CHECK(cli(out, sizeof out, "stat t/ghost") == 1, "kvarc stat of an unknown conversation exits 1");
+        CHECK(cli(out, sizeof out, "stat nonsense") == 2, "kvarc stat without NS/NAME exits 2");
+        CHECK(cli(out, sizeof out, "snapshot t/alpha t/cli-snap --json") == 0 && strstr(out, "cli-snap"),
+              "kvarc snapshot: %s", out);
+        CHECK(cli(out, sizeof out, "verify --json") == 0 && strstr(out, "\"problems\":0"), "kvarc verify: %s", out);
+        CHECK(cli(out, sizeof out, "stats") == 0 && strstr(out, "conversations"), "kvarc stats: %s", out);
+        CHECK(cli(out, sizeof out, "delete t/cli-snap") == 0, "kvarc delete");
+        CHECK(cli(out, sizeof out, "compact --threshold 0.9") == 0 && strstr(out, "reclaimed"), "kvarc compact: %s", out);
+    }
+
     /* a second daemon on the same directory is refused */
     pid_t second = start_daemon();
     int status;
@@ -430,6 +461,10 @@ int main(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     CHECK(secs < 1.5, "an idle client held the shutdown for %.2f s (grace is 2 s)", secs);
+    {
+        char out[256];
+        CHECK(cli(out, sizeof out, "health") == 3, "kvarc health with no daemon exits 3");
+    }
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "SIGTERM must exit 0");
     kvc_close(c);
     char log[300];

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "kvarc_admin.h"
 #include "kvg.h"
 
 #define KVARC_VERSION_STR "0.1.0"
@@ -24,7 +25,15 @@ static void usage(FILE *f)
             "                 self-check: archive a synthetic layer in every record format,\n"
             "                 retrieve a planted needle, compare attention with full attention\n"
             "  formats [--head-dim D]\n"
-            "                 list the record formats and their bytes per token\n");
+            "                 list the record formats and their bytes per token\n"
+            "\n"
+            "commands that talk to a running kvarcd (--data DIR, or --socket PATH; default\n"
+            "$KVARC_DATA, else ~/.local/share/kvarc; add --json for scripts):\n"
+            "  health | stats | ls [NAMESPACE] | stat NS/NAME | inspect NS/NAME\n"
+            "  fork SRC DST [--at N] | snapshot SRC DST [--at N] | restore SNAPSHOT DST\n"
+            "  delete NS/NAME | verify | compact [--threshold 0..1]\n"
+            "exit codes: 0 ok, 1 refused by kvarcd (or verify found problems), 2 usage,\n"
+            "3 no kvarcd answering\n");
 }
 
 static double now(void)
@@ -330,6 +339,9 @@ int main(int argc, char **argv)
         return cmd_demo(argc - 2, argv + 2);
     if (!strcmp(cmd, "formats"))
         return cmd_formats(argc - 2, argv + 2);
+    int rc = kvarc_admin(cmd, argc - 2, argv + 2);
+    if (rc >= 0)
+        return rc;
     fprintf(stderr, "kvarc: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

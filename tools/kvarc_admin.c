@@ -1,0 +1,372 @@
+/* kvarc_admin.c - the kvarc CLI's commands that talk to a running kvarcd.
+ *
+ * Each command connects through the client transport (client/kvarc_rpc.h)
+ * to --data DIR (its DIR/kvarcd.sock), --socket PATH, or the default data
+ * directory, makes one or a few calls, and prints a table (or --json).
+ * Exit codes: 0 success, 1 the server refused (its message on stderr),
+ * 2 usage, 3 no kvarcd answering. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvarc_admin.h"
+#include "kvarc_rpc.h"
+
+typedef struct opts {
+    const char *target;
+    int json;
+    const char *pos[3];
+    int npos;
+    double threshold;
+    uint64_t at;
+    int has_at;
+} opts;
+
+static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
+{
+    memset(o, 0, sizeof *o);
+    o->target = getenv("KVARC_DATA");
+    for (int i = 0; i < argc; i++) {
+        if ((!strcmp(argv[i], "--data") || !strcmp(argv[i], "--socket")) && i + 1 < argc)
+            o->target = argv[++i];
+        else if (!strcmp(argv[i], "--json"))
+            o->json = 1;
+        else if (!strcmp(argv[i], "--threshold") && i + 1 < argc)
+            o->threshold = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--at") && i + 1 < argc) {
+            o->at = strtoull(argv[++i], NULL, 10);
+            o->has_at = 1;
+        } else if (argv[i][0] == '-') {
+            fprintf(stderr, "kvarc: unknown option '%s'\n", argv[i]);
+            return 2;
+        } else if (o->npos < 3) {
+            o->pos[o->npos++] = argv[i];
+        } else {
+            fprintf(stderr, "kvarc: too many arguments\n");
+            return 2;
+        }
+    }
+    if (!o->target) {
+        const char *home = getenv("HOME");
+        snprintf(deftarget, len, "%s/.local/share/kvarc", home ? home : ".");
+        o->target = deftarget;
+    }
+    return 0;
+}
+
+/* "ns/name" -> ns, name (pointers into buf). */
+static int split_name(const char *full, char *buf, size_t len, char **ns, char **name)
+{
+    snprintf(buf, len, "%s", full ? full : "");
+    char *slash = strchr(buf, '/');
+    if (!slash || slash == buf || !slash[1]) {
+        fprintf(stderr, "kvarc: '%s' is not NAMESPACE/NAME\n", full ? full : "");
+        return 2;
+    }
+    *slash = 0;
+    *ns = buf;
+    *name = slash + 1;
+    return 0;
+}
+
+static int fail(int status, const char *what, const char *msg, const char *target)
+{
+    if (status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED) {
+        fprintf(stderr, "kvarc: no kvarcd answers at %s (%s); start one with `kvarcd --data DIR`\n",
+                target, msg);
+        return 3;
+    }
+    fprintf(stderr, "kvarc %s: %s: %s\n", what, kvc_status_name(status), msg);
+    return 1;
+}
+
+static void json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
+}
+
+static void print_conv_json(const Kvarc__V1__ConvInfo *c)
+{
+    printf("{\"ns\":");
+    json_str(c->ns);
+    printf(",\"name\":");
+    json_str(c->name);
+    printf(",\"id\":%llu,\"parent\":%llu,\"fork_len\":%llu,\"length\":%llu,\"snapshot\":%s,"
+           "\"n_layers\":%u,\"n_kv_heads\":%u,\"n_q_heads\":%u,\"head_dim\":%u,\"format\":",
+           (unsigned long long)c->id, (unsigned long long)c->parent, (unsigned long long)c->fork_len,
+           (unsigned long long)c->length, (c->flags & 1) ? "true" : "false", c->shape->n_layers,
+           c->shape->n_kv_heads, c->shape->n_q_heads, c->shape->head_dim);
+    const kvarc_format_info *fi = kvarc_format_get((int)c->shape->format);
+    json_str(fi ? fi->name : "?");
+    printf(",\"fingerprint\":");
+    json_str(c->shape->fingerprint);
+    printf("}");
+}
+
+/* Bytes on disk of a conversation's own records + signatures, and what fp16
+ * K/V of the same tokens would take. */
+static void conv_bytes(const Kvarc__V1__ConvInfo *c, double *archived, double *fp16)
+{
+    const Kvarc__V1__Shape *s = c->shape;
+    double per = (double)s->n_layers * s->n_kv_heads;
+    int rb = kvarc_record_bytes((int)s->format, (int)s->head_dim);
+    *archived = per * (double)c->length * (rb > 0 ? rb + 4 + s->head_dim / 8.0 + 2 : 0);
+    *fp16 = per * (double)c->length * 4.0 * s->head_dim;
+}
+
+static int cmd_ls(kvc_conn *k, opts *o)
+{
+    char after[256] = "", msg[512];
+    int first = 1;
+    if (o->json)
+        printf("[");
+    else
+        printf("%-20s %-28s %8s %10s %7s %5s %5s %5s %s\n", "NAMESPACE", "NAME", "ID", "TOKENS", "LAYERS",
+               "KV", "DIM", "FMT", "NOTE");
+    for (;;) {
+        Kvarc__V1__ListRequest r = KVARC__V1__LIST_REQUEST__INIT;
+        r.ns = o->npos ? (char *)o->pos[0] : "";
+        r.after = after;
+        r.limit = 500;
+        ProtobufCMessage *rep = NULL;
+        int st = kvc_call(k, "List", &r.base, &kvarc__v1__list_reply__descriptor, &rep, 0, msg, sizeof msg);
+        if (st)
+            return fail(st, "ls", msg, o->target);
+        Kvarc__V1__ListReply *l = (Kvarc__V1__ListReply *)rep;
+        for (size_t i = 0; i < l->n_convs; i++) {
+            const Kvarc__V1__ConvInfo *c = l->convs[i];
+            if (o->json) {
+                printf(first ? "" : ",");
+                print_conv_json(c);
+            } else {
+                const kvarc_format_info *fi = kvarc_format_get((int)c->shape->format);
+                char note[64] = "";
+                if (c->flags & 1)
+                    snprintf(note, sizeof note, "snapshot");
+                else if (c->parent)
+                    snprintf(note, sizeof note, "fork of #%llu at %llu", (unsigned long long)c->parent,
+                             (unsigned long long)c->fork_len);
+                printf("%-20s %-28s %8llu %10llu %7u %5u %5u %5s %s\n", c->ns, c->name,
+                       (unsigned long long)c->id, (unsigned long long)c->length, c->shape->n_layers,
+                       c->shape->n_kv_heads, c->shape->head_dim, fi ? fi->name : "?", note);
+            }
+            first = 0;
+        }
+        int more = l->more;
+        if (l->n_convs)
+            snprintf(after, sizeof after, "%s", l->convs[l->n_convs - 1]->name);
+        protobuf_c_message_free_unpacked(rep, NULL);
+        if (!more || (!o->npos && more))
+            break;   /* paging across namespaces needs a namespace: list one to page it all */
+    }
+    if (o->json)
+        printf("]\n");
+    return 0;
+}
+
+static int conv_call(kvc_conn *k, opts *o, const char *what, ProtobufCMessage **rep)
+{
+    char buf[256], *ns, *name, msg[512];
+    int rc = split_name(o->npos ? o->pos[0] : NULL, buf, sizeof buf, &ns, &name);
+    if (rc)
+        return rc;
+    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+    r.ns = ns;
+    r.name = name;
+    int st = kvc_call(k, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, rep, 0, msg, sizeof msg);
+    return st ? fail(st, what, msg, o->target) : 0;
+}
+
+static int cmd_stat(kvc_conn *k, opts *o, int inspect)
+{
+    ProtobufCMessage *rep = NULL;
+    int rc = conv_call(k, o, inspect ? "inspect" : "stat", &rep);
+    if (rc)
+        return rc;
+    const Kvarc__V1__ConvInfo *c = ((Kvarc__V1__ConvReply *)rep)->info;
+    double arch, fp16;
+    conv_bytes(c, &arch, &fp16);
+    if (o->json) {
+        print_conv_json(c);
+        printf("\n");
+    } else {
+        const kvarc_format_info *fi = kvarc_format_get((int)c->shape->format);
+        printf("conversation  %s/%s (id %llu)\n", c->ns, c->name, (unsigned long long)c->id);
+        printf("model         %s: %u layers, %u kv heads, %u query heads, head_dim %u\n",
+               c->shape->fingerprint, c->shape->n_layers, c->shape->n_kv_heads, c->shape->n_q_heads,
+               c->shape->head_dim);
+        printf("format        %s (%d B per token, layer and kv head), rotation seed %llu\n",
+               fi ? fi->name : "?", kvarc_record_bytes((int)c->shape->format, (int)c->shape->head_dim),
+               (unsigned long long)c->shape->seed);
+        printf("length        %llu tokens in every layer\n", (unsigned long long)c->length);
+        if (c->parent)
+            printf("parent        #%llu, sharing its first %llu tokens%s\n", (unsigned long long)c->parent,
+                   (unsigned long long)c->fork_len, (c->flags & 1) ? " (snapshot: read-only)" : "");
+        printf("on disk       %.1f MiB of records + signatures (with CRCs); fp16 K/V would be %.1f MiB "
+               "(%.1fx)\n", arch / 1048576, fp16 / 1048576, arch > 0 ? fp16 / arch : 0.0);
+    }
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return 0;
+}
+
+static int cmd_fork(kvc_conn *k, opts *o, const char *method)
+{
+    char b1[256], b2[256], *sns, *sname, *dns, *dname, msg[512];
+    if (o->npos != 2) {
+        fprintf(stderr, "kvarc %s: needs SRC_NS/NAME DST_NS/NAME\n", method);
+        return 2;
+    }
+    int rc = split_name(o->pos[0], b1, sizeof b1, &sns, &sname);
+    if (rc || (rc = split_name(o->pos[1], b2, sizeof b2, &dns, &dname)))
+        return rc;
+    Kvarc__V1__ForkRequest r = KVARC__V1__FORK_REQUEST__INIT;
+    r.src_ns = sns;
+    r.src_name = sname;
+    r.dst_ns = dns;
+    r.dst_name = dname;
+    r.has_at_len = o->has_at;
+    r.at_len = o->at;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(k, method, &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg);
+    if (st)
+        return fail(st, method, msg, o->target);
+    const Kvarc__V1__ConvInfo *c = ((Kvarc__V1__ConvReply *)rep)->info;
+    if (o->json) {
+        print_conv_json(c);
+        printf("\n");
+    } else {
+        printf("%s/%s (id %llu): %llu tokens shared with %s\n", c->ns, c->name, (unsigned long long)c->id,
+               (unsigned long long)c->fork_len, o->pos[0]);
+    }
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return 0;
+}
+
+static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
+{
+    char msg[512];
+    ProtobufCMessage *rep = NULL;
+    Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+    int st;
+    if (!strcmp(cmd, "delete")) {
+        char buf[256], *ns, *name;
+        int rc = split_name(o->npos ? o->pos[0] : NULL, buf, sizeof buf, &ns, &name);
+        if (rc)
+            return rc;
+        Kvarc__V1__DeleteRequest r = KVARC__V1__DELETE_REQUEST__INIT;
+        r.ns = ns;
+        r.name = name;
+        st = kvc_call(k, "Delete", &r.base, &kvarc__v1__empty__descriptor, &rep, 0, msg, sizeof msg);
+        if (st)
+            return fail(st, cmd, msg, o->target);
+        printf(o->json ? "{\"deleted\":\"%s\"}\n" : "deleted %s (space returns at the next compaction)\n",
+               o->pos[0]);
+    } else if (!strcmp(cmd, "health")) {
+        st = kvc_call(k, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 5000, msg, sizeof msg);
+        if (st)
+            return fail(st, cmd, msg, o->target);
+        Kvarc__V1__HealthReply *h = (Kvarc__V1__HealthReply *)rep;
+        printf(o->json ? "{\"status\":\"%s\",\"version\":\"%s\",\"uptime_ms\":%llu,\"conversations\":%llu}\n"
+                       : "%s, kvarcd %s, up %llu ms, %llu conversations\n",
+               h->status, h->version, (unsigned long long)h->uptime_ms, (unsigned long long)h->conversations);
+    } else if (!strcmp(cmd, "stats")) {
+        st = kvc_call(k, "Stats", &e.base, &kvarc__v1__stats_reply__descriptor, &rep, 0, msg, sizeof msg);
+        if (st)
+            return fail(st, cmd, msg, o->target);
+        Kvarc__V1__StatsReply *s = (Kvarc__V1__StatsReply *)rep;
+        printf(o->json ? "{\"conversations\":%llu,\"deleted\":%llu,\"segments\":%llu,\"segment_bytes\":%llu,"
+                         "\"extents\":%llu,\"tokens\":%llu,\"appends\":%llu,\"group_commits\":%llu}\n"
+                       : "conversations %llu (deleted, awaiting compaction: %llu)\nsegments      %llu, %llu "
+                         "bytes\nextents       %llu, %llu (token, layer) pairs\nsince start   %llu appends "
+                         "in %llu group commits\n",
+               (unsigned long long)s->conversations, (unsigned long long)s->deleted,
+               (unsigned long long)s->segments, (unsigned long long)s->segment_bytes,
+               (unsigned long long)s->extents, (unsigned long long)s->tokens, (unsigned long long)s->appends,
+               (unsigned long long)s->group_commits);
+    } else if (!strcmp(cmd, "verify")) {
+        if (!o->json)
+            fprintf(stderr, "verifying every block of %s ...\n", o->target);
+        st = kvc_call(k, "Verify", &e.base, &kvarc__v1__verify_reply__descriptor, &rep, 3600000, msg, sizeof msg);
+        if (st)
+            return fail(st, cmd, msg, o->target);
+        Kvarc__V1__VerifyReply *v = (Kvarc__V1__VerifyReply *)rep;
+        if (o->json) {
+            printf("{\"segments\":%llu,\"blocks\":%llu,\"records\":%llu,\"extents\":%llu,\"bytes\":%llu,"
+                   "\"problems\":%llu,\"lines\":[", (unsigned long long)v->segments, (unsigned long long)v->blocks,
+                   (unsigned long long)v->records, (unsigned long long)v->extents, (unsigned long long)v->bytes,
+                   (unsigned long long)v->problems);
+            for (size_t i = 0; i < v->n_lines; i++) {
+                printf(i ? "," : "");
+                json_str(v->lines[i]);
+            }
+            printf("]}\n");
+        } else {
+            for (size_t i = 0; i < v->n_lines; i++)
+                printf("problem: %s\n", v->lines[i]);
+            printf("%llu segments, %llu blocks, %llu records, %llu extents, %llu bytes: %llu problem(s)\n",
+                   (unsigned long long)v->segments, (unsigned long long)v->blocks, (unsigned long long)v->records,
+                   (unsigned long long)v->extents, (unsigned long long)v->bytes, (unsigned long long)v->problems);
+        }
+        int bad = v->problems > 0;
+        protobuf_c_message_free_unpacked(rep, NULL);
+        return bad;
+    } else {   /* compact */
+        Kvarc__V1__CompactRequest r = KVARC__V1__COMPACT_REQUEST__INIT;
+        r.threshold = (float)o->threshold;
+        if (!o->json)
+            fprintf(stderr, "compacting %s ...\n", o->target);
+        st = kvc_call(k, "Compact", &r.base, &kvarc__v1__compact_reply__descriptor, &rep, 3600000, msg, sizeof msg);
+        if (st)
+            return fail(st, cmd, msg, o->target);
+        unsigned long long rec = ((Kvarc__V1__CompactReply *)rep)->reclaimed;
+        printf(o->json ? "{\"reclaimed\":%llu}\n" : "reclaimed %llu bytes\n", rec);
+    }
+    if (rep)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return 0;
+}
+
+int kvarc_admin(const char *cmd, int argc, char **argv)
+{
+    static const char *known[] = { "ls", "stat", "inspect", "delete", "fork", "snapshot", "restore",
+                                   "health", "stats", "verify", "compact" };
+    int found = 0;
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        found |= !strcmp(cmd, known[i]);
+    if (!found)
+        return -1;
+    opts o;
+    char def[1024];
+    int rc = parse(argc, argv, &o, def, sizeof def);
+    if (rc)
+        return rc;
+    kvc_conn *k;
+    if (kvc_connect(o.target, &k)) {
+        fprintf(stderr, "kvarc: bad target %s\n", o.target);
+        return 2;
+    }
+    if (!strcmp(cmd, "ls"))
+        rc = cmd_ls(k, &o);
+    else if (!strcmp(cmd, "stat") || !strcmp(cmd, "inspect"))
+        rc = cmd_stat(k, &o, !strcmp(cmd, "inspect"));
+    else if (!strcmp(cmd, "fork"))
+        rc = cmd_fork(k, &o, "Fork");
+    else if (!strcmp(cmd, "snapshot"))
+        rc = cmd_fork(k, &o, "Snapshot");
+    else if (!strcmp(cmd, "restore"))
+        rc = cmd_fork(k, &o, "Restore");
+    else
+        rc = cmd_simple(k, &o, cmd);
+    kvc_close(k);
+    return rc;
+}
