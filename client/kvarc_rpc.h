@@ -41,6 +41,16 @@ int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
 int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, uint8_t **out,
                  size_t *out_len, int timeout_ms, char *msg, size_t msglen);
 
+/* Client streaming (AppendStream): open, send messages (each <= 4 MiB),
+ * then finish for the reply and status, or cancel. send returns 0, or
+ * -EPIPE once the server has ended the call (finish then says why). */
+typedef struct kvc_stream kvc_stream;
+int  kvc_stream_open(kvc_conn *c, const char *method, int timeout_ms, kvc_stream **out);
+int  kvc_stream_send(kvc_stream *s, const ProtobufCMessage *m);
+int  kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_desc,
+                       ProtobufCMessage **reply, char *msg, size_t msglen);
+void kvc_stream_cancel(kvc_stream *s);
+
 /* Name of a gRPC status code ("NOT_FOUND"). */
 const char *kvc_status_name(int code);
 

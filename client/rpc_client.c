@@ -177,3 +177,141 @@ int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
     free(out);
     return st;
 }
+
+struct kvc_stream {
+    grpc_completion_queue *cq;
+    grpc_call             *call;
+    grpc_metadata_array    init_md;
+    int                    broken;
+};
+
+/* Run one batch on the stream's call and wait for it; 0 if it succeeded. */
+static int stream_batch(kvc_stream *s, grpc_op *ops, size_t n)
+{
+    int tag;
+    if (grpc_call_start_batch(s->call, ops, n, &tag, NULL) != GRPC_CALL_OK)
+        return -EIO;
+    grpc_event ev = grpc_completion_queue_pluck(s->cq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    return ev.type == GRPC_OP_COMPLETE && ev.success ? 0 : -EPIPE;
+}
+
+int kvc_stream_open(kvc_conn *c, const char *method, int timeout_ms, kvc_stream **out)
+{
+    char path[128];
+    kvc_stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return -ENOMEM;
+    snprintf(path, sizeof path, "/kvarc.v1.Kvarc/%s", method);
+    s->cq = grpc_completion_queue_create_for_pluck(NULL);
+    gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(timeout_ms > 0 ? timeout_ms : 600000, GPR_TIMESPAN));
+    grpc_slice m = grpc_slice_from_copied_string(path);
+    s->call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, s->cq, m, NULL, deadline, NULL);
+    grpc_slice_unref(m);
+    grpc_metadata_array_init(&s->init_md);
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    s->broken = stream_batch(s, &op, 1) != 0;
+    *out = s;
+    return 0;
+}
+
+int kvc_stream_send(kvc_stream *s, const ProtobufCMessage *m)
+{
+    if (s->broken)
+        return -EPIPE;
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf)
+        return -ENOMEM;
+    protobuf_c_message_pack(m, buf);
+    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
+    free(buf);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = bb;
+    int rc = stream_batch(s, &op, 1);
+    grpc_byte_buffer_destroy(bb);
+    if (rc)
+        s->broken = 1;
+    return rc;
+}
+
+static void stream_free(kvc_stream *s)
+{
+    grpc_metadata_array_destroy(&s->init_md);
+    grpc_call_unref(s->call);
+    grpc_completion_queue_shutdown(s->cq);
+    while (grpc_completion_queue_pluck(s->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(s->cq);
+    free(s);
+}
+
+int kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_desc,
+                      ProtobufCMessage **reply, char *msg, size_t msglen)
+{
+    grpc_byte_buffer *recv = NULL;
+    grpc_metadata_array trail;
+    grpc_metadata_array_init(&trail);
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    const char *error_string = NULL;
+    grpc_op ops[4];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    if (!s->broken)
+        ops[n++].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->init_md;
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n++].data.recv_message.recv_message = &recv;
+    ops[n].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[n].data.recv_status_on_client.trailing_metadata = &trail;
+    ops[n].data.recv_status_on_client.status = &status;
+    ops[n].data.recv_status_on_client.status_details = &details;
+    ops[n++].data.recv_status_on_client.error_string = &error_string;
+    int tag;
+    if (grpc_call_start_batch(s->call, ops, n, &tag, NULL) == GRPC_CALL_OK)
+        grpc_completion_queue_pluck(s->cq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    else
+        status = GRPC_STATUS_INTERNAL;
+    if (msg && msglen) {
+        char *d = grpc_slice_to_c_string(details);
+        snprintf(msg, msglen, "%s", d && *d ? d : status ? kvc_status_name(status) : "");
+        gpr_free(d);
+    }
+    if (reply)
+        *reply = NULL;
+    if (status == GRPC_STATUS_OK && recv && reply) {
+        grpc_byte_buffer_reader rd;
+        if (grpc_byte_buffer_reader_init(&rd, recv)) {
+            grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+            grpc_byte_buffer_reader_destroy(&rd);
+            *reply = protobuf_c_message_unpack(reply_desc, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+            grpc_slice_unref(all);
+            if (!*reply)
+                status = GRPC_STATUS_INTERNAL;
+        }
+    }
+    if (error_string)
+        gpr_free((void *)error_string);
+    if (recv)
+        grpc_byte_buffer_destroy(recv);
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&trail);
+    stream_free(s);
+    return (int)status;
+}
+
+void kvc_stream_cancel(kvc_stream *s)
+{
+    grpc_call_cancel(s->call, NULL);
+    char msg[64];
+    kvc_stream_finish(s, &kvarc__v1__empty__descriptor, NULL, msg, sizeof msg);
+}

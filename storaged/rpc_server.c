@@ -71,6 +71,8 @@ typedef struct rpc_call {
     int                 cancelled;
     int64_t             t0;
     char                method[64];
+    int                 streaming;      /* AppendStream: messages until the client closes */
+    uint64_t            stream_blocks, stream_len;
 } rpc_call;
 
 static int64_t now_ns(int clock)
@@ -347,7 +349,9 @@ static int h_restore(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buf
 
 #define MAX_REPLY_RECORD_BYTES (8u << 20)
 
-static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+/* Decode one AppendRequest and append it durably; *length is the layer's
+ * length afterwards. Shared by Append and AppendStream. */
+static int append_one(rpc_worker *w, const uint8_t *in, size_t len, uint64_t *length, kvd_err *err)
 {
     DECODE(Kvarc__V1__AppendRequest, kvarc__v1__append_request__unpack, req);
     kvd_conv_info info;
@@ -373,13 +377,20 @@ static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
             free(scales);
         }
     }
-    uint64_t length = 0;
     if (!rc)
-        rc = kvd_layer_length(w->s->e, req->conv, req->layer, &length, err);
+        rc = kvd_layer_length(w->s->e, req->conv, req->layer, length, err);
     kvarc__v1__append_request__free_unpacked(req, NULL);
+    return rc;
+}
+
+static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    uint64_t length = 0;
+    int rc = append_one(w, in, len, &length, err);
     if (!rc) {
         Kvarc__V1__AppendReply r = KVARC__V1__APPEND_REPLY__INIT;
         r.length = length;
+        r.blocks = 1;
         *out = pack(&r.base);
     }
     return rc;
@@ -604,12 +615,89 @@ static void rpc_on_requested(rpc_call *c)
         call_free(c);
 }
 
-static void rpc_on_received(rpc_call *c)
+/* Send the reply (or the error status) and receive the close. */
+static void rpc_finish(rpc_call *c, kvd_err *err)
 {
     rpc_server *s = c->w->s;
+    c->status_details = grpc_slice_from_copied_string(c->status ? err->msg : "");
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    int n = 0;
+    if (c->status == GRPC_STATUS_OK) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n++].data.send_message.send_message = c->resp;
+    }
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = c->status;
+    ops[n++].data.send_status_from_server.status_details = &c->status_details;
+    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
+    c->state = FINISHING;
+    if (s->log)
+        s->log(c->method, (int)c->status, c->status ? err->msg : "",
+               (double)(now_ns(CLOCK_MONOTONIC) - c->t0) / 1e6);
+    if (grpc_call_start_batch(c->call, ops, (size_t)n, c, NULL) != GRPC_CALL_OK)
+        call_free(c);
+}
+
+/* One message of an AppendStream (or its end, when c->req is NULL). */
+static void rpc_stream_step(rpc_call *c)
+{
+    kvd_err err = { 0, "" };
+    if (!c->req) {                                  /* the client closed: reply */
+        Kvarc__V1__AppendReply r = KVARC__V1__APPEND_REPLY__INIT;
+        r.length = c->stream_len;
+        r.blocks = c->stream_blocks;
+        c->resp = pack(&r.base);
+        c->status = c->resp ? GRPC_STATUS_OK : GRPC_STATUS_RESOURCE_EXHAUSTED;
+        kvd_fail(&err, -ENOMEM, "out of memory encoding the reply");
+        rpc_finish(c, &err);
+        return;
+    }
+    grpc_byte_buffer_reader rd;
+    grpc_slice all = grpc_empty_slice();
+    if (grpc_byte_buffer_reader_init(&rd, c->req)) {
+        all = grpc_byte_buffer_reader_readall(&rd);
+        grpc_byte_buffer_reader_destroy(&rd);
+    }
+    grpc_byte_buffer_destroy(c->req);
+    c->req = NULL;
+    size_t len = GRPC_SLICE_LENGTH(all);
+    int rc = len > RPC_STREAM_CHUNK
+                 ? kvd_fail(&err, -E2BIG, "stream message of %zu bytes over the %d-byte chunk limit", len,
+                            RPC_STREAM_CHUNK)
+                 : append_one(c->w, GRPC_SLICE_START_PTR(all), len, &c->stream_len, &err);
+    grpc_slice_unref(all);
+    if (rc) {
+        char m[sizeof err.msg + 80];
+        snprintf(m, sizeof m, "%s (%llu earlier block(s) of this stream are stored)", err.msg,
+                 (unsigned long long)c->stream_blocks);
+        size_t l = strnlen(m, sizeof err.msg - 1);
+        memcpy(err.msg, m, l);
+        err.msg[l] = 0;
+        c->status = rpc_status_of(rc);
+        rpc_finish(c, &err);
+        return;
+    }
+    c->stream_blocks++;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->req;
+    if (grpc_call_start_batch(c->call, &op, 1, c, NULL) != GRPC_CALL_OK)
+        call_free(c);
+}
+
+static void rpc_on_received(rpc_call *c)
+{
     kvd_err err = { 0, "" };
     int rc = 0;
     handler_fn fn = NULL;
+    if (c->streaming || !grpc_slice_str_cmp(c->details.method, "/kvarc.v1.Kvarc/AppendStream")) {
+        c->streaming = 1;
+        rpc_stream_step(c);
+        return;
+    }
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
         if (!grpc_slice_str_cmp(c->details.method, routes[i].path))
             fn = routes[i].fn;
@@ -632,25 +720,7 @@ static void rpc_on_received(rpc_call *c)
             rc = kvd_fail(&err, -ENOMEM, "out of memory encoding the reply");
         c->status = rpc_status_of(rc);
     }
-    c->status_details = grpc_slice_from_copied_string(c->status ? err.msg : "");
-    grpc_op ops[3];
-    memset(ops, 0, sizeof ops);
-    int n = 0;
-    if (c->status == GRPC_STATUS_OK) {
-        ops[n].op = GRPC_OP_SEND_MESSAGE;
-        ops[n++].data.send_message.send_message = c->resp;
-    }
-    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    ops[n].data.send_status_from_server.status = c->status;
-    ops[n++].data.send_status_from_server.status_details = &c->status_details;
-    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
-    c->state = FINISHING;
-    if (s->log)
-        s->log(c->method, (int)c->status, c->status ? err.msg : "",
-               (double)(now_ns(CLOCK_MONOTONIC) - c->t0) / 1e6);
-    if (grpc_call_start_batch(c->call, ops, (size_t)n, c, NULL) != GRPC_CALL_OK)
-        call_free(c);
+    rpc_finish(c, &err);
 }
 
 static void *worker_main(void *p)

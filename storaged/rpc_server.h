@@ -11,6 +11,8 @@
  * conversation's means (32 layers x 8 heads x 2 x 128 fp32 = 256 KiB) today,
  * and record payloads will stream in chunks of <= 4 MiB: 16 MiB leaves room. */
 #define RPC_MAX_MESSAGE (16 << 20)
+/* One message of a stream (AppendStream): at most 4 MiB, as DESIGN.md asks. */
+#define RPC_STREAM_CHUNK (4 << 20)
 
 typedef struct rpc_server rpc_server;
 

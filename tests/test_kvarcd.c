@@ -204,6 +204,46 @@ static int cli(char *out, size_t len, const char *args)
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* Stream blocks [from, to) of 20 tokens each into layer 0 of conv; with
+ * bad_at >= 0 the block at that index has wrong sizes. */
+static int rpc_stream(kvc_conn *c, uint64_t conv, int from, int to, int bad_at, int cancel_at,
+                      uint64_t *len, uint64_t *blocks, char *msg)
+{
+    kvd_shape s = eu_shape(4, 2, KVARC_FMT_Q3);
+    kvc_stream *st;
+    if (kvc_stream_open(c, "AppendStream", 0, &st))
+        return -1;
+    uint8_t bits[2 * 20 * 16], recs[2 * 20 * 104];
+    uint16_t sc[2 * 20];
+    for (int b = from; b < to; b++) {
+        if (b == cancel_at) {
+            kvc_stream_cancel(st);
+            return GRPC_STATUS_CANCELLED;
+        }
+        eu_fill(&s, 77, 0, (uint64_t)b * 20, 20, bits, sc, recs);
+        Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
+        r.conv = conv;
+        r.first_pos = (uint64_t)b * 20;
+        r.count = 20;
+        r.sig_bits.data = bits;
+        r.sig_bits.len = sizeof bits - (b == bad_at ? 1 : 0);
+        r.sig_scale.data = (uint8_t *)sc;
+        r.sig_scale.len = sizeof sc;
+        r.records.data = recs;
+        r.records.len = sizeof recs;
+        if (kvc_stream_send(st, &r.base))
+            break;                   /* the server ended the call: finish says why */
+    }
+    ProtobufCMessage *rep = NULL;
+    int status = kvc_stream_finish(st, &kvarc__v1__append_reply__descriptor, &rep, msg, 256);
+    if (!status) {
+        *len = ((Kvarc__V1__AppendReply *)rep)->length;
+        *blocks = ((Kvarc__V1__AppendReply *)rep)->blocks;
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    return status;
+}
+
 /* A client process: 25 creates and opens in namespace "many". */
 static int client_main(int p, const char *d)
 {
@@ -358,6 +398,34 @@ int main(int argc, char **argv)
         cr.threshold = 0.5f;
         CHECK_RC(kvc_call(c, "Compact", &cr.base, &kvarc__v1__compact_reply__descriptor, NULL, 0, msg, sizeof msg), 0);
     }
+    /* AppendStream: 0, 1 and many messages, a bad block mid-stream, a cancel */
+    {
+        uint64_t sid = 0, len = 99, blocks = 99, pos[4] = { 0, 19, 250, 399 };
+        CHECK_RC(create(c, "t", "streamed", 128, msg, &sid), 0);
+        CHECK_RC(rpc_stream(c, sid, 0, 0, -1, -1, &len, &blocks, msg), 0);
+        CHECK(blocks == 0 && len == 0, "empty stream: %llu blocks, length %llu", (unsigned long long)blocks,
+              (unsigned long long)len);
+        CHECK_RC(rpc_stream(c, sid, 0, 1, -1, -1, &len, &blocks, msg), 0);
+        CHECK(blocks == 1 && len == 20, "one-message stream");
+        CHECK_RC(rpc_stream(c, sid, 1, 20, -1, -1, &len, &blocks, msg), 0);
+        CHECK(blocks == 19 && len == 400, "19-message stream: %llu blocks, length %llu",
+              (unsigned long long)blocks, (unsigned long long)len);
+        CHECK_RC(rpc_fetch_check(c, sid, 0, 1, pos, 4, 77, msg), 0);
+        CHECK_RC(rpc_stream(c, sid, 20, 30, 24, -1, &len, &blocks, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "4 earlier block(s)") != NULL, "mid-stream error message: %s", msg);
+        uint64_t after[1] = { 24 * 20 - 1 }, past[1] = { 24 * 20 };
+        CHECK_RC(rpc_fetch_check(c, sid, 0, 0, after, 1, 77, msg), 0);
+        CHECK_RC(rpc_fetch_check(c, sid, 0, 0, past, 1, 77, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK_RC(rpc_stream(c, sid, 24, 40, -1, 30, &len, &blocks, msg), GRPC_STATUS_CANCELLED);
+        CHECK(wait_ready(c), "daemon down after a cancelled stream");
+        Kvarc__V1__Empty e0 = KVARC__V1__EMPTY__INIT;
+        ProtobufCMessage *rep = NULL;
+        CHECK_RC(kvc_call(c, "Verify", &e0.base, &kvarc__v1__verify_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            CHECK(((Kvarc__V1__VerifyReply *)rep)->problems == 0, "verify after streams");
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+    }
     /* fork, snapshot, restore */
     CHECK_RC(fork_call(c, "Fork", "alpha", "beta", msg), 0);
     CHECK_RC(fork_call(c, "Restore", "alpha", "gamma", msg), GRPC_STATUS_FAILED_PRECONDITION);
@@ -408,7 +476,7 @@ int main(int argc, char **argv)
     CHECK(all_ok, "a concurrent client process failed");
     int pages;
     CHECK(list_all(c, "many", 7, &pages) == 100 && pages == 15, "paged list of 100 in pages of 7: %d pages", pages);
-    CHECK(list_all(c, "", 1000, &pages) == 104 && pages == 1, "list of every namespace (alpha, snap, restored, beta + 100)");
+    CHECK(list_all(c, "", 1000, &pages) == 105 && pages == 1, "list of every namespace (alpha, streamed, snap, restored, beta + 100)");
 
     /* delete */
     Kvarc__V1__DeleteRequest dr = KVARC__V1__DELETE_REQUEST__INIT;
