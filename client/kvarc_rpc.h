@@ -51,6 +51,14 @@ int  kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_de
                        ProtobufCMessage **reply, char *msg, size_t msglen);
 void kvc_stream_cancel(kvc_stream *s);
 
+/* Server streaming (LoadSignatures): open with the request, then next()
+ * until it returns 0 (end) or a negative code, then finish for the status.
+ * next() returns 1 with *m decoded (free it with
+ * protobuf_c_message_free_unpacked). */
+int kvc_sstream_open(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
+                     kvc_stream **out);
+int kvc_sstream_next(kvc_stream *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **m);
+
 /* Name of a gRPC status code ("NOT_FOUND"). */
 const char *kvc_status_name(int code);
 

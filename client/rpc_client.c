@@ -183,6 +183,7 @@ struct kvc_stream {
     grpc_call             *call;
     grpc_metadata_array    init_md;
     int                    broken;
+    int                    closed;    /* server streaming: our side already closed */
 };
 
 /* Run one batch on the stream's call and wait for it; 0 if it succeeded. */
@@ -265,12 +266,14 @@ int kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_des
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     size_t n = 0;
-    if (!s->broken)
-        ops[n++].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->init_md;
-    ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = &recv;
+    if (!s->closed) {            /* client streaming: close, then the one reply */
+        if (!s->broken)
+            ops[n++].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+        ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+        ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->init_md;
+        ops[n].op = GRPC_OP_RECV_MESSAGE;
+        ops[n++].data.recv_message.recv_message = &recv;
+    }
     ops[n].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
     ops[n].data.recv_status_on_client.trailing_metadata = &trail;
     ops[n].data.recv_status_on_client.status = &status;
@@ -314,4 +317,59 @@ void kvc_stream_cancel(kvc_stream *s)
     grpc_call_cancel(s->call, NULL);
     char msg[64];
     kvc_stream_finish(s, &kvarc__v1__empty__descriptor, NULL, msg, sizeof msg);
+}
+
+int kvc_sstream_open(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
+                     kvc_stream **out)
+{
+    int rc = kvc_stream_open(c, method, timeout_ms, out);
+    if (rc)
+        return rc;
+    kvc_stream *s = *out;
+    size_t n = protobuf_c_message_get_packed_size(req);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf)
+        return -ENOMEM;
+    protobuf_c_message_pack(req, buf);
+    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
+    free(buf);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_MESSAGE;
+    ops[0].data.send_message.send_message = bb;
+    ops[1].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[2].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[2].data.recv_initial_metadata.recv_initial_metadata = &s->init_md;
+    if (!s->broken && stream_batch(s, ops, 3))
+        s->broken = 1;
+    grpc_byte_buffer_destroy(bb);
+    s->closed = 1;
+    return 0;
+}
+
+int kvc_sstream_next(kvc_stream *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **m)
+{
+    *m = NULL;
+    if (s->broken)
+        return 0;
+    grpc_byte_buffer *recv = NULL;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &recv;
+    if (stream_batch(s, &op, 1) || !recv)
+        return 0;                    /* end of stream (or failure: finish says) */
+    grpc_byte_buffer_reader rd;
+    int rc = -EIO;
+    if (grpc_byte_buffer_reader_init(&rd, recv)) {
+        grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+        grpc_byte_buffer_reader_destroy(&rd);
+        *m = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+        grpc_slice_unref(all);
+        rc = *m ? 1 : -EIO;
+    }
+    grpc_byte_buffer_destroy(recv);
+    return rc;
 }

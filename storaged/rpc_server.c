@@ -14,6 +14,11 @@
  *     against the engine, and [send message, send status, receive close]
  *     starts. A request that does not decode is INVALID_ARGUMENT, and the
  *     engine is not touched.
+ *   RECEIVING again (AppendStream): each message is one block, appended
+ *     durably before the next [receive message] starts; the client's close
+ *     (no message) leads to the reply.
+ *   SENDING (LoadSignatures): one chunk in flight at a time; its completion
+ *     reads and sends the next (rpc_sig_step) until the plan is done.
  *   FINISHING: every buffer, slice and the call are released.
  * Invariants: 1. every buffer a batch refers to lives in the rpc_call until
  * that batch's event arrives; 2. only the worker owning the queue touches a
@@ -38,7 +43,7 @@
 #include "kvd_internal.h"
 #include "rpc_server.h"
 
-enum { REQUESTED, RECEIVING, FINISHING };
+enum { REQUESTED, RECEIVING, SENDING, FINISHING };
 
 typedef struct rpc_worker rpc_worker;
 
@@ -73,6 +78,9 @@ typedef struct rpc_call {
     char                method[64];
     int                 streaming;      /* AppendStream: messages until the client closes */
     uint64_t            stream_blocks, stream_len;
+    /* LoadSignatures: the plan, and where it is */
+    uint64_t            ls_conv, ls_first, ls_end, ls_next;
+    uint32_t            ls_layer, ls_head, ls_heads, ls_dim, ls_chunk;
 } rpc_call;
 
 static int64_t now_ns(int clock)
@@ -623,7 +631,7 @@ static void rpc_finish(rpc_call *c, kvd_err *err)
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);
     int n = 0;
-    if (c->status == GRPC_STATUS_OK) {
+    if (c->status == GRPC_STATUS_OK && c->resp) {   /* a server stream ends without one */
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n++].data.send_message.send_message = c->resp;
     }
@@ -688,11 +696,114 @@ static void rpc_stream_step(rpc_call *c)
         call_free(c);
 }
 
+/* LoadSignatures: send the next chunk, or end the call with OK. */
+static void rpc_sig_step(rpc_call *c)
+{
+    kvd_err err = { 0, "" };
+    if (c->resp) {
+        grpc_byte_buffer_destroy(c->resp);
+        c->resp = NULL;
+    }
+    if (c->ls_next >= c->ls_end) {
+        c->ls_head++;
+        c->ls_next = c->ls_first;
+    }
+    if (c->ls_head >= c->ls_heads || c->ls_first >= c->ls_end) {
+        c->status = GRPC_STATUS_OK;
+        c->resp = NULL;
+        rpc_finish(c, &err);
+        return;
+    }
+    uint64_t per = RPC_STREAM_CHUNK / (c->ls_dim / 8 + 2);
+    if (c->ls_chunk && c->ls_chunk < per)
+        per = c->ls_chunk;
+    uint64_t n = c->ls_end - c->ls_next < per ? c->ls_end - c->ls_next : per;
+    uint8_t *bits = malloc(n * c->ls_dim / 8 + 1);
+    uint16_t *sc = malloc(n * 2 + 2);
+    int rc = bits && sc ? kvd_read_sigs(c->w->reader, c->ls_conv, c->ls_layer, c->ls_head, c->ls_next, n, bits,
+                                        sc, &err)
+                        : kvd_fail(&err, -ENOMEM, "out of memory");
+    if (!rc) {
+        Kvarc__V1__SigChunk m = KVARC__V1__SIG_CHUNK__INIT;
+        m.head = c->ls_head;
+        m.first_pos = c->ls_next;
+        m.count = (uint32_t)n;
+        m.bits.data = bits;
+        m.bits.len = n * c->ls_dim / 8;
+        m.scales.data = (uint8_t *)sc;
+        m.scales.len = n * 2;
+        c->resp = pack(&m.base);
+        if (!c->resp)
+            rc = kvd_fail(&err, -ENOMEM, "out of memory");
+    }
+    free(bits);
+    free(sc);
+    if (rc) {
+        c->status = rpc_status_of(rc);
+        rpc_finish(c, &err);
+        return;
+    }
+    c->ls_next += n;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = c->resp;
+    c->state = SENDING;
+    if (grpc_call_start_batch(c->call, &op, 1, c, NULL) != GRPC_CALL_OK)
+        call_free(c);
+}
+
+/* LoadSignatures: check the request, plan the chunks, send the first. */
+static void rpc_sig_start(rpc_call *c, const uint8_t *in, size_t len)
+{
+    kvd_err err = { 0, "" };
+    Kvarc__V1__LoadSignaturesRequest *req = kvarc__v1__load_signatures_request__unpack(NULL, len, in);
+    kvd_conv_info info;
+    uint64_t llen = 0;
+    int rc = req ? kvd_conv_stat(c->w->s->e, req->conv, &info, &err)
+                 : kvd_fail(&err, -EINVAL, "request is not a valid LoadSignaturesRequest (%zu bytes)", len);
+    if (!rc)
+        rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, &llen, &err);
+    if (!rc && (req->first > llen || (req->count && req->first + req->count > llen)))
+        rc = kvd_fail(&err, -ERANGE, "signatures [%llu, +%llu) reach past the end of layer %u (%llu tokens)",
+                      (unsigned long long)req->first, (unsigned long long)req->count, req->layer,
+                      (unsigned long long)llen);
+    if (!rc) {
+        c->ls_conv = req->conv;
+        c->ls_layer = req->layer;
+        c->ls_first = c->ls_next = req->first;
+        c->ls_end = req->count ? req->first + req->count : llen;
+        c->ls_head = 0;
+        c->ls_heads = info.shape.n_kv_heads;
+        c->ls_dim = info.shape.head_dim;
+        c->ls_chunk = req->chunk_tokens;
+    }
+    if (req)
+        kvarc__v1__load_signatures_request__free_unpacked(req, NULL);
+    if (rc) {
+        c->status = rpc_status_of(rc);
+        rpc_finish(c, &err);
+        return;
+    }
+    rpc_sig_step(c);
+}
+
 static void rpc_on_received(rpc_call *c)
 {
     kvd_err err = { 0, "" };
     int rc = 0;
     handler_fn fn = NULL;
+    if (c->req && !grpc_slice_str_cmp(c->details.method, "/kvarc.v1.Kvarc/LoadSignatures")) {
+        grpc_byte_buffer_reader rd;
+        grpc_slice all = grpc_empty_slice();
+        if (grpc_byte_buffer_reader_init(&rd, c->req)) {
+            all = grpc_byte_buffer_reader_readall(&rd);
+            grpc_byte_buffer_reader_destroy(&rd);
+        }
+        rpc_sig_start(c, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all));
+        grpc_slice_unref(all);
+        return;
+    }
     if (c->streaming || !grpc_slice_str_cmp(c->details.method, "/kvarc.v1.Kvarc/AppendStream")) {
         c->streaming = 1;
         rpc_stream_step(c);
@@ -744,6 +855,11 @@ static void *worker_main(void *p)
                 rpc_on_received(c);
             else
                 call_free(c);            /* client went away */
+        } else if (c->state == SENDING) {
+            if (ev.success)
+                rpc_sig_step(c);
+            else
+                call_free(c);            /* client went away mid-stream */
         } else {
             call_free(c);
         }

@@ -244,6 +244,40 @@ static int rpc_stream(kvc_conn *c, uint64_t conv, int from, int to, int bad_at, 
     return status;
 }
 
+/* LoadSignatures of layer 0 of conv; checks every chunk against tag's
+ * signatures; returns the status (100: content differs), chunks counted. */
+static int rpc_load_sigs(kvc_conn *c, uint64_t conv, uint64_t first, uint64_t count, uint32_t chunk,
+                         uint64_t tag, int *chunks, uint64_t *tokens, char *msg)
+{
+    Kvarc__V1__LoadSignaturesRequest r = KVARC__V1__LOAD_SIGNATURES_REQUEST__INIT;
+    r.conv = conv;
+    r.first = first;
+    r.count = count;
+    r.chunk_tokens = chunk;
+    kvc_stream *st;
+    if (kvc_sstream_open(c, "LoadSignatures", &r.base, 0, &st))
+        return -1;
+    ProtobufCMessage *m;
+    int bad = 0;
+    *chunks = 0;
+    *tokens = 0;
+    while (kvc_sstream_next(st, &kvarc__v1__sig_chunk__descriptor, &m) == 1) {
+        Kvarc__V1__SigChunk *ch = (Kvarc__V1__SigChunk *)m;
+        bad |= ch->bits.len != ch->count * 16u || ch->scales.len != ch->count * 2u;
+        for (uint32_t t = 0; !bad && t < ch->count; t++) {
+            uint64_t p = ch->first_pos + t;
+            for (int b = 0; b < 16; b++)
+                bad |= ch->bits.data[t * 16 + b] != eu_byte(tag, 0, ch->head, p, 1000 + (size_t)b);
+            bad |= ch->scales.data[2 * t] != eu_byte(tag, 0, ch->head, p, 2000);
+        }
+        (*chunks)++;
+        *tokens += ch->count;
+        protobuf_c_message_free_unpacked(m, NULL);
+    }
+    int status = kvc_stream_finish(st, &kvarc__v1__empty__descriptor, NULL, msg, 256);
+    return status ? status : bad ? 100 : 0;
+}
+
 /* A client process: 25 creates and opens in namespace "many". */
 static int client_main(int p, const char *d)
 {
@@ -418,6 +452,22 @@ int main(int argc, char **argv)
         CHECK_RC(rpc_fetch_check(c, sid, 0, 0, past, 1, 77, msg), GRPC_STATUS_INVALID_ARGUMENT);
         CHECK_RC(rpc_stream(c, sid, 24, 40, -1, 30, &len, &blocks, msg), GRPC_STATUS_CANCELLED);
         CHECK(wait_ready(c), "daemon down after a cancelled stream");
+        /* LoadSignatures of what the streams stored: 480 tokens x 2 heads */
+        int chunks;
+        uint64_t toks;
+        CHECK_RC(rpc_load_sigs(c, sid, 0, 0, 0, 77, &chunks, &toks, msg), 0);
+        /* 480 tokens, plus whatever blocks the cancelled stream delivered before
+         * its cancel (each durable on receipt) */
+        CHECK(chunks == 2 && toks >= 960 && toks <= 1200 && toks % 40 == 0, "whole layer: %d chunks, %llu tokens",
+              chunks, (unsigned long long)toks);
+        CHECK_RC(rpc_load_sigs(c, sid, 15, 300, 64, 77, &chunks, &toks, msg), 0);
+        CHECK(chunks == 10 && toks == 600, "range in chunks of 64: %d chunks, %llu tokens", chunks,
+              (unsigned long long)toks);
+        CHECK_RC(rpc_load_sigs(c, sid, 400, 5000, 0, 77, &chunks, &toks, msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "past the end") != NULL, "LoadSignatures past the end: %s", msg);
+        CHECK_RC(rpc_load_sigs(c, 424242, 0, 0, 0, 77, &chunks, &toks, msg), GRPC_STATUS_NOT_FOUND);
+        CHECK_RC(rpc_load_sigs(c, id, 0, 0, 0, 77, &chunks, &toks, msg), 0);
+        CHECK(chunks == 0 && toks == 0, "an empty layer streams no message");
         Kvarc__V1__Empty e0 = KVARC__V1__EMPTY__INIT;
         ProtobufCMessage *rep = NULL;
         CHECK_RC(kvc_call(c, "Verify", &e0.base, &kvarc__v1__verify_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
