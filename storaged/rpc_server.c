@@ -41,6 +41,7 @@
 
 #include "kvarc.pb-c.h"
 #include "kvd_internal.h"
+#include "kvg.h"
 #include "rpc_server.h"
 
 enum { REQUESTED, RECEIVING, SENDING, FINISHING };
@@ -483,6 +484,65 @@ static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
+static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__SearchRequest, kvarc__v1__search_request__unpack, req);
+    kvd_conv_info info;
+    uint64_t llen = 0;
+    uint8_t *bits = NULL;
+    uint16_t *sc = NULL;
+    float *scores = NULL, *best = NULL;
+    uint32_t *idx = NULL;
+    uint64_t *pos = NULL;
+    kvg_query *qs = NULL;
+    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    size_t d = info.shape.head_dim;
+    if (!rc && (req->n_queries < 1 || req->n_queries > 64 || (size_t)req->n_queries * d != req->n_query ||
+                req->mode > 1 || req->combine > 1 || req->k < 1 || req->k > 65536))
+        rc = kvd_fail(err, -EINVAL, "search needs n_queries 1..64 with n_queries x head_dim (%zu) values, "
+                      "mode 0|1, combine 0|1, k 1..65536", d);
+    if (!rc)
+        rc = kvd_layer_length(w->s->e, req->conv, req->layer, &llen, err);
+    if (!rc && llen * (d / 8 + 2) > (1ull << 31))
+        rc = kvd_fail(err, -E2BIG, "layer of %llu tokens is too large to search in one call", (unsigned long long)llen);
+    if (!rc && !((bits = malloc(llen * d / 8 + 1)) && (sc = malloc(llen * 2 + 2)) &&
+                 (scores = malloc(llen * 4 + 4)) && (idx = malloc(req->k * 4)) && (best = malloc(req->k * 4)) &&
+                 (pos = malloc(req->k * 8)) && (qs = malloc(req->n_queries * sizeof *qs))))
+        rc = kvd_fail(err, -ENOMEM, "out of memory for a layer of %llu tokens", (unsigned long long)llen);
+    if (!rc && llen)
+        rc = kvd_read_sigs(w->reader, req->conv, req->layer, req->head, 0, llen, bits, sc, err);
+    float mu[KVARC_HEAD_DIM_MAX];
+    if (!rc)
+        rc = kvd_conv_means(w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
+    kvarc_rotation rot;
+    if (!rc)
+        kvarc_rotation_init(&rot, (int)d, info.shape.seed);
+    for (uint32_t h = 0; !rc && h < req->n_queries; h++)
+        if ((rc = kvg_query_prep_ref(&rot, mu, KVARC_DTYPE_F32, req->query + h * d, &qs[h])))
+            kvd_fail(err, rc, "query %u: %s", h, kvarc_strerror(rc));
+    long got = 0;
+    if (!rc && llen) {
+        rc = kvg_score_ref((kvg_score_mode)req->mode, (kvg_combine)req->combine, qs, (int)req->n_queries, bits, sc,
+                           llen, scores);
+        got = rc ? 0 : kvg_topk_ref(scores, llen, req->k, idx, best, NULL);
+        if (got < 0)
+            rc = kvd_fail(err, (int)got, "top-k failed: %s", kvarc_strerror((int)got));
+    }
+    if (!rc) {
+        for (long i = 0; i < got; i++)
+            pos[i] = idx[i];
+        Kvarc__V1__SearchReply r = KVARC__V1__SEARCH_REPLY__INIT;
+        r.n_positions = (size_t)got;
+        r.positions = pos;
+        r.n_scores = (size_t)got;
+        r.scores = best;
+        *out = pack(&r.base);
+    }
+    kvarc__v1__search_request__free_unpacked(req, NULL);
+    free(bits); free(sc); free(scores); free(idx); free(best); free(pos); free(qs);
+    return rc;
+}
+
 static int h_stats(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
@@ -564,7 +624,7 @@ static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/Restore", h_restore },   { "/kvarc.v1.Kvarc/Append", h_append },
     { "/kvarc.v1.Kvarc/Fetch", h_fetch },       { "/kvarc.v1.Kvarc/Rerank", h_rerank },
     { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Verify", h_verify },
-    { "/kvarc.v1.Kvarc/Compact", h_compact },
+    { "/kvarc.v1.Kvarc/Compact", h_compact },   { "/kvarc.v1.Kvarc/Search", h_search },
 };
 
 /* ---- call state machine ---------------------------------------------------- */

@@ -12,6 +12,7 @@
 
 #include "engine_util.h"
 #include "kvarc_rpc.h"
+#include "kvg.h"
 
 static char dir[256];
 
@@ -476,6 +477,65 @@ int main(int argc, char **argv)
             protobuf_c_message_free_unpacked(rep, NULL);
         }
     }
+    /* Search: stage 1 inside kvarcd equals the same scan done here, and finds a needle */
+    {
+        uint64_t nid = 0;
+        CHECK_RC(create(c, "t", "needle", 128, msg, &nid), 0);
+        enum { NT = 2048 };
+        tu_rng rng = { 5150 };
+        float *k = malloc(sizeof(float) * 2 * NT * 128), *v = calloc(2 * NT * 128, sizeof(float)), q[2 * 128];
+        tu_keys_outliers(&rng, k, 2 * NT, 128);
+        for (int i = 0; i < 2 * 128; i++)
+            q[i] = tu_gauss(&rng);
+        for (int i = 0; i < 128; i++)           /* head 1, token 1234 */
+            k[((size_t)NT + 1234) * 128 + i] = 4.0f * q[128 + i];
+        kvarc_rotation rot;
+        kvarc_rotation_init(&rot, 128, 42);
+        kvg_codec cd = { KVARC_FMT_Q3, &rot, NULL, NULL };
+        uint8_t *recs = malloc((size_t)2 * NT * 104), *bits = malloc((size_t)2 * NT * 16);
+        uint16_t *ss = malloc((size_t)2 * NT * 2);
+        CHECK_RC(kvg_encode_ref(&cd, KVARC_DTYPE_F32, k, v, 2 * NT, recs, bits, ss, NULL), 0);
+        Kvarc__V1__AppendRequest ar = KVARC__V1__APPEND_REQUEST__INIT;
+        ar.conv = nid;
+        ar.count = NT;
+        ar.sig_bits.data = bits;
+        ar.sig_bits.len = (size_t)2 * NT * 16;
+        ar.sig_scale.data = (uint8_t *)ss;
+        ar.sig_scale.len = (size_t)2 * NT * 2;
+        ar.records.data = recs;
+        ar.records.len = (size_t)2 * NT * 104;
+        CHECK_RC(kvc_call(c, "Append", &ar.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg, sizeof msg), 0);
+        Kvarc__V1__SearchRequest sr = KVARC__V1__SEARCH_REQUEST__INIT;
+        sr.conv = nid;
+        sr.head = 1;
+        sr.n_queries = 2;
+        sr.query = q;
+        sr.n_query = 256;
+        sr.k = 32;
+        ProtobufCMessage *rep = NULL;
+        CHECK_RC(kvc_call(c, "Search", &sr.base, &kvarc__v1__search_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        if (rep) {
+            Kvarc__V1__SearchReply *sp = (Kvarc__V1__SearchReply *)rep;
+            kvg_query qq[2];
+            kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q, &qq[0]);
+            kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q + 128, &qq[1]);
+            float *scores = malloc(NT * 4), best[32];
+            uint32_t idx[32];
+            kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qq, 2, bits + (size_t)NT * 16, ss + NT, NT, scores);
+            kvg_topk_ref(scores, NT, 32, idx, best, NULL);
+            int same = sp->n_positions == 32;
+            for (int i = 0; same && i < 32; i++)
+                same = sp->positions[i] == idx[i] && sp->scores[i] == best[i];
+            CHECK(same, "Search differs from the local scan");
+            CHECK(sp->n_positions && sp->positions[0] == 1234, "the needle must lead the shortlist");
+            free(scores);
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        sr.n_query = 100;
+        CHECK_RC(kvc_call(c, "Search", &sr.base, &kvarc__v1__search_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+        free(k); free(v); free(recs); free(bits); free(ss);
+    }
     /* fork, snapshot, restore */
     CHECK_RC(fork_call(c, "Fork", "alpha", "beta", msg), 0);
     CHECK_RC(fork_call(c, "Restore", "alpha", "gamma", msg), GRPC_STATUS_FAILED_PRECONDITION);
@@ -526,7 +586,7 @@ int main(int argc, char **argv)
     CHECK(all_ok, "a concurrent client process failed");
     int pages;
     CHECK(list_all(c, "many", 7, &pages) == 100 && pages == 15, "paged list of 100 in pages of 7: %d pages", pages);
-    CHECK(list_all(c, "", 1000, &pages) == 105 && pages == 1, "list of every namespace (alpha, streamed, snap, restored, beta + 100)");
+    CHECK(list_all(c, "", 1000, &pages) == 106 && pages == 1, "list of every namespace (alpha, streamed, needle, snap, restored, beta + 100)");
 
     /* delete */
     Kvarc__V1__DeleteRequest dr = KVARC__V1__DELETE_REQUEST__INIT;
