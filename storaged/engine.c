@@ -1021,6 +1021,20 @@ int kvd_conv_stat(kvd_engine *e, uint64_t id, kvd_conv_info *info, kvd_err *err)
                          kvarc_strerror(rc)) : 0;
 }
 
+int conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err)
+{
+    MDB_txn *txn;
+    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    if (rc)
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    rc = conv_get(e, txn, id, c);
+    mdb_txn_abort(txn);
+    if (rc == -ENOENT || (!rc && (c->flags & KVD_CONV_DELETED)))
+        return kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)id);
+    return rc ? kvd_fail(err, rc, "reading conversation %llu: %s", (unsigned long long)id,
+                         kvarc_strerror(rc)) : 0;
+}
+
 long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out,
                    size_t max, kvd_err *err)
 {
@@ -1165,13 +1179,13 @@ int kvd_conv_fork(kvd_engine *e, const char *src_ns, const char *src_name, uint6
 
 int kvd_layer_length(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t *len, kvd_err *err)
 {
-    kvd_conv_info info;
-    int rc = kvd_conv_stat(e, conv, &info, err);
+    conv_rec c;
+    int rc = conv_lookup(e, conv, &c, err);
     if (rc)
         return rc;
-    if (layer >= info.shape.n_layers)
+    if (layer >= c.shape.n_layers)
         return kvd_fail(err, -EINVAL, "layer %u out of range: conversation has %u layers", layer,
-                        info.shape.n_layers);
+                        c.shape.n_layers);
     MDB_txn *txn;
     if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn))))
         return rc;
@@ -1254,8 +1268,8 @@ int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos,
                const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
                kvd_err *err)
 {
-    kvd_conv_info info;
-    int rc = kvd_conv_stat(e, conv, &info, err);
+    conv_rec info;      /* one lookup: the commit re-validates under its txn */
+    int rc = conv_lookup(e, conv, &info, err);
     if (rc)
         return rc;
     const kvd_shape *s = &info.shape;

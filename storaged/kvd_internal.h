@@ -116,6 +116,9 @@ void     seg_unpin(kvd_engine *e, uint64_t id);
 int  gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err);
 
 int  conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out);
+/* A live conversation's record in its own read txn: the hot paths' check
+ * (no length over every layer, unlike kvd_conv_stat). -ENOENT if deleted. */
+int  conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err);
 int  conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c);
 /* The `names` key of ns/name, built in buf. */
 void name_key(char *buf, size_t len, const char *ns, const char *name, MDB_val *k);

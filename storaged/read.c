@@ -140,22 +140,13 @@ static void pin_release(kvd_engine *e, pinset *ps)
     ps->n = 0;
 }
 
-/* The conversation's record, checked to exist with this layer and head:
- * one index lookup (reads are the hot path; the length is not needed). */
+/* The conversation's record, checked to exist with this layer and head. */
 static int check_target(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t head,
                         conv_rec *info, kvd_err *err)
 {
-    MDB_txn *txn;
-    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    int rc = conv_lookup(e, conv, info, err);
     if (rc)
-        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-    rc = conv_get(e, txn, conv, info);
-    mdb_txn_abort(txn);
-    if (rc == -ENOENT || (!rc && (info->flags & KVD_CONV_DELETED)))
-        return kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)conv);
-    if (rc)
-        return kvd_fail(err, rc, "reading conversation %llu: %s", (unsigned long long)conv,
-                        kvarc_strerror(rc));
+        return rc;
     if (layer >= info->shape.n_layers)
         return kvd_fail(err, -EINVAL, "layer %u out of range: '%s/%s' has %u layers", layer,
                         info->ns, info->name, info->shape.n_layers);

@@ -363,8 +363,8 @@ static int h_restore(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buf
 static int append_one(rpc_worker *w, const uint8_t *in, size_t len, uint64_t *length, kvd_err *err)
 {
     DECODE(Kvarc__V1__AppendRequest, kvarc__v1__append_request__unpack, req);
-    kvd_conv_info info;
-    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    conv_rec info;
+    int rc = conv_lookup(w->s->e, req->conv, &info, err);
     if (!rc) {
         size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, n = req->count;
         size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
@@ -408,10 +408,10 @@ static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
 static int h_fetch(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__FetchRequest, kvarc__v1__fetch_request__unpack, req);
-    kvd_conv_info info;
+    conv_rec info;
     uint8_t *recs = NULL;
     size_t rb = 0;
-    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    int rc = conv_lookup(w->s->e, req->conv, &info, err);
     if (!rc) {
         rb = (size_t)kvarc_record_bytes(info.shape.format, (int)info.shape.head_dim);
         if (req->n_positions * rb > MAX_REPLY_RECORD_BYTES)
@@ -438,12 +438,12 @@ static int h_fetch(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffe
 static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__RerankRequest, kvarc__v1__rerank_request__unpack, req);
-    kvd_conv_info info;
+    conv_rec info;
     uint64_t *pos = NULL;
     float *sc = NULL;
     uint8_t *recs = NULL;
     size_t rb = 0;
-    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    int rc = conv_lookup(w->s->e, req->conv, &info, err);
     if (!rc && (req->n_queries < 1 || req->n_queries > 64 ||
                 (size_t)req->n_queries * info.shape.head_dim != req->n_query))
         rc = kvd_fail(err, -EINVAL, "rerank needs n_queries in 1..64 and n_queries x head_dim (%u) query "
@@ -487,7 +487,7 @@ static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
 static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__SearchRequest, kvarc__v1__search_request__unpack, req);
-    kvd_conv_info info;
+    conv_rec info;
     uint64_t llen = 0;
     uint8_t *bits = NULL;
     uint16_t *sc = NULL;
@@ -495,7 +495,7 @@ static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     uint32_t *idx = NULL;
     uint64_t *pos = NULL;
     kvg_query *qs = NULL;
-    int rc = kvd_conv_stat(w->s->e, req->conv, &info, err);
+    int rc = conv_lookup(w->s->e, req->conv, &info, err);
     size_t d = info.shape.head_dim;
     if (!rc && (req->n_queries < 1 || req->n_queries > 64 || (size_t)req->n_queries * d != req->n_query ||
                 req->mode > 1 || req->combine > 1 || req->k < 1 || req->k > 65536))
@@ -818,9 +818,9 @@ static void rpc_sig_start(rpc_call *c, const uint8_t *in, size_t len)
 {
     kvd_err err = { 0, "" };
     Kvarc__V1__LoadSignaturesRequest *req = kvarc__v1__load_signatures_request__unpack(NULL, len, in);
-    kvd_conv_info info;
+    conv_rec info;
     uint64_t llen = 0;
-    int rc = req ? kvd_conv_stat(c->w->s->e, req->conv, &info, &err)
+    int rc = req ? conv_lookup(c->w->s->e, req->conv, &info, &err)
                  : kvd_fail(&err, -EINVAL, "request is not a valid LoadSignaturesRequest (%zu bytes)", len);
     if (!rc)
         rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, &llen, &err);
