@@ -178,6 +178,35 @@ int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
     return st;
 }
 
+/* A message packed into a byte buffer (NULL on out of memory). */
+static grpc_byte_buffer *bb_pack(const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf)
+        return NULL;
+    protobuf_c_message_pack(m, buf);
+    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
+    free(buf);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    return bb;
+}
+
+/* A received byte buffer decoded as desc (NULL if it does not decode). */
+static ProtobufCMessage *bb_unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc)
+{
+    grpc_byte_buffer_reader rd;
+    ProtobufCMessage *m = NULL;
+    if (grpc_byte_buffer_reader_init(&rd, bb)) {
+        grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+        grpc_byte_buffer_reader_destroy(&rd);
+        m = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+        grpc_slice_unref(all);
+    }
+    return m;
+}
+
 struct kvc_stream {
     grpc_completion_queue *cq;
     grpc_call             *call;
@@ -222,15 +251,9 @@ int kvc_stream_send(kvc_stream *s, const ProtobufCMessage *m)
 {
     if (s->broken)
         return -EPIPE;
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf)
+    grpc_byte_buffer *bb = bb_pack(m);
+    if (!bb)
         return -ENOMEM;
-    protobuf_c_message_pack(m, buf);
-    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
-    free(buf);
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_SEND_MESSAGE;
@@ -291,17 +314,8 @@ int kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_des
     }
     if (reply)
         *reply = NULL;
-    if (status == GRPC_STATUS_OK && recv && reply) {
-        grpc_byte_buffer_reader rd;
-        if (grpc_byte_buffer_reader_init(&rd, recv)) {
-            grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-            grpc_byte_buffer_reader_destroy(&rd);
-            *reply = protobuf_c_message_unpack(reply_desc, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-            grpc_slice_unref(all);
-            if (!*reply)
-                status = GRPC_STATUS_INTERNAL;
-        }
-    }
+    if (status == GRPC_STATUS_OK && recv && reply && !(*reply = bb_unpack(recv, reply_desc)))
+        status = GRPC_STATUS_INTERNAL;
     if (error_string)
         gpr_free((void *)error_string);
     if (recv)
@@ -326,15 +340,11 @@ int kvc_sstream_open(kvc_conn *c, const char *method, const ProtobufCMessage *re
     if (rc)
         return rc;
     kvc_stream *s = *out;
-    size_t n = protobuf_c_message_get_packed_size(req);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf)
+    grpc_byte_buffer *bb = bb_pack(req);
+    if (!bb) {
+        kvc_stream_cancel(s);
         return -ENOMEM;
-    protobuf_c_message_pack(req, buf);
-    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
-    free(buf);
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
+    }
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_MESSAGE;
@@ -361,15 +371,7 @@ int kvc_sstream_next(kvc_stream *s, const ProtobufCMessageDescriptor *desc, Prot
     op.data.recv_message.recv_message = &recv;
     if (stream_batch(s, &op, 1) || !recv)
         return 0;                    /* end of stream (or failure: finish says) */
-    grpc_byte_buffer_reader rd;
-    int rc = -EIO;
-    if (grpc_byte_buffer_reader_init(&rd, recv)) {
-        grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-        grpc_byte_buffer_reader_destroy(&rd);
-        *m = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-        grpc_slice_unref(all);
-        rc = *m ? 1 : -EIO;
-    }
+    *m = bb_unpack(recv, desc);
     grpc_byte_buffer_destroy(recv);
-    return rc;
+    return *m ? 1 : -EIO;
 }

@@ -183,6 +183,18 @@ static grpc_byte_buffer *pack(const ProtobufCMessage *m)
     return bb;
 }
 
+/* The bytes of a received buffer, as one slice (empty if unreadable). */
+static grpc_slice bb_slice(grpc_byte_buffer *bb)
+{
+    grpc_byte_buffer_reader rd;
+    grpc_slice all = grpc_empty_slice();
+    if (grpc_byte_buffer_reader_init(&rd, bb)) {
+        all = grpc_byte_buffer_reader_readall(&rd);
+        grpc_byte_buffer_reader_destroy(&rd);
+    }
+    return all;
+}
+
 static grpc_byte_buffer *conv_reply(kvd_conv_info *info)
 {
     Kvarc__V1__ConvReply r = KVARC__V1__CONV_REPLY__INIT;
@@ -722,12 +734,7 @@ static void rpc_stream_step(rpc_call *c)
         rpc_finish(c, &err);
         return;
     }
-    grpc_byte_buffer_reader rd;
-    grpc_slice all = grpc_empty_slice();
-    if (grpc_byte_buffer_reader_init(&rd, c->req)) {
-        all = grpc_byte_buffer_reader_readall(&rd);
-        grpc_byte_buffer_reader_destroy(&rd);
-    }
+    grpc_slice all = bb_slice(c->req);
     grpc_byte_buffer_destroy(c->req);
     c->req = NULL;
     size_t len = GRPC_SLICE_LENGTH(all);
@@ -854,12 +861,7 @@ static void rpc_on_received(rpc_call *c)
     int rc = 0;
     handler_fn fn = NULL;
     if (c->req && !grpc_slice_str_cmp(c->details.method, "/kvarc.v1.Kvarc/LoadSignatures")) {
-        grpc_byte_buffer_reader rd;
-        grpc_slice all = grpc_empty_slice();
-        if (grpc_byte_buffer_reader_init(&rd, c->req)) {
-            all = grpc_byte_buffer_reader_readall(&rd);
-            grpc_byte_buffer_reader_destroy(&rd);
-        }
+        grpc_slice all = bb_slice(c->req);
         rpc_sig_start(c, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all));
         grpc_slice_unref(all);
         return;
@@ -879,12 +881,7 @@ static void rpc_on_received(rpc_call *c)
         c->status = GRPC_STATUS_INVALID_ARGUMENT;
         kvd_fail(&err, -EINVAL, "%s: no request message", c->method);
     } else {
-        grpc_byte_buffer_reader rd;
-        grpc_slice all = grpc_empty_slice();
-        if (grpc_byte_buffer_reader_init(&rd, c->req)) {
-            all = grpc_byte_buffer_reader_readall(&rd);
-            grpc_byte_buffer_reader_destroy(&rd);
-        }
+        grpc_slice all = bb_slice(c->req);
         rc = fn(c->w, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
         grpc_slice_unref(all);
         if (!rc && !c->resp)
