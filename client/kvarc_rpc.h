@@ -30,6 +30,17 @@ typedef struct kvc_conn kvc_conn;
 int  kvc_connect(const char *target, kvc_conn **out);
 void kvc_close(kvc_conn *c);
 
+/* The same over TCP to a kvarcd that wants a bearer token and perhaps TLS.
+ * On failure msg (if given) says why. */
+typedef struct kvc_options {
+    const char *token;        /* sent as "authorization: Bearer TOKEN"; NULL: none */
+    const char *tls_ca_file;  /* PEM to trust (a CA, or the server's self-signed
+                                 certificate): TLS on; NULL: plaintext */
+    const char *tls_name;     /* name to check in the server's certificate when it
+                                 is not the target's host; NULL: the host */
+} kvc_options;
+int  kvc_connect_opts(const char *target, const kvc_options *o, kvc_conn **out, char *msg, size_t msglen);
+
 /* Call `method` (e.g. "Health") with req; on OK *reply is the decoded
  * reply of type reply_desc. timeout_ms <= 0 means 30 s. */
 int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,

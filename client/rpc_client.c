@@ -7,7 +7,6 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
-#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,14 +19,57 @@
 
 struct kvc_conn {
     grpc_channel *ch;
+    int           has_auth;
+    grpc_metadata auth;      /* authorization: Bearer TOKEN, sent with every call */
 };
+
+/* Every call's initial metadata carries the token, if there is one. */
+static void set_auth(kvc_conn *c, grpc_op *op)
+{
+    if (c->has_auth) {
+        op->data.send_initial_metadata.count = 1;
+        op->data.send_initial_metadata.metadata = &c->auth;
+    }
+}
+
+static char *read_pem(const char *path, char *msg, size_t msglen)
+{
+    FILE *f = fopen(path, "r");
+    char *buf = f ? malloc(1 << 20) : NULL;
+    size_t n = buf ? fread(buf, 1, (1 << 20) - 1, f) : 0;
+    if (!f || !buf || !n || ferror(f) || !feof(f)) {
+        snprintf(msg, msglen, "TLS CA file %s: %s", path, !f ? strerror(errno) : "unreadable, empty or over 1 MiB");
+        if (f)
+            fclose(f);
+        free(buf);
+        return NULL;
+    }
+    fclose(f);
+    buf[n] = 0;
+    return buf;
+}
 
 int kvc_connect(const char *target, kvc_conn **out)
 {
-    char addr[1200];
+    return kvc_connect_opts(target, NULL, out, NULL, 0);
+}
+
+int kvc_connect_opts(const char *target, const kvc_options *o, kvc_conn **out, char *msg, size_t msglen)
+{
+    char addr[1200], dummy[8];
     struct stat st;
-    if (!target || !out)
+    if (!msg) {
+        msg = dummy;
+        msglen = sizeof dummy;
+    }
+    if (!target || !out) {
+        snprintf(msg, msglen, "no target");
         return -EINVAL;
+    }
+    if (o && o->token && (strlen(o->token) > 1024 || strpbrk(o->token, " \t\r\n"))) {
+        snprintf(msg, msglen, "a token is at most 1024 bytes without white space");
+        return -EINVAL;
+    }
     if (!strncmp(target, "unix:", 5) || (strchr(target, ':') && target[0] != '/' && target[0] != '.'))
         snprintf(addr, sizeof addr, "%s", target);
     else if (!stat(target, &st) && S_ISDIR(st.st_mode))
@@ -37,19 +79,37 @@ int kvc_connect(const char *target, kvc_conn **out)
     kvc_conn *c = calloc(1, sizeof *c);
     if (!c)
         return -ENOMEM;
+    char *ca_pem = NULL;
+    if (o && o->tls_ca_file && !(ca_pem = read_pem(o->tls_ca_file, msg, msglen))) {
+        free(c);
+        return -EINVAL;
+    }
     grpc_init();
-    grpc_arg args[2] = {
+    grpc_arg args[3] = {
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
+        { .type = GRPC_ARG_STRING, .key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG,
+          .value.string = (char *)(o && o->tls_name ? o->tls_name : "") },
     };
-    grpc_channel_args ca = { 2, args };
-    grpc_channel_credentials *cr = grpc_insecure_credentials_create();
-    c->ch = grpc_channel_create(addr, cr, &ca);
-    grpc_channel_credentials_release(cr);
+    grpc_channel_args ca = { o && o->tls_name && ca_pem ? 3 : 2, args };
+    grpc_channel_credentials *cr = ca_pem ? grpc_ssl_credentials_create(ca_pem, NULL, NULL, NULL)
+                                          : grpc_insecure_credentials_create();
+    c->ch = cr ? grpc_channel_create(addr, cr, &ca) : NULL;
+    if (cr)
+        grpc_channel_credentials_release(cr);
+    free(ca_pem);
     if (!c->ch) {
+        snprintf(msg, msglen, "cannot make a channel to %s", addr);
         free(c);
         grpc_shutdown();
         return -EINVAL;
+    }
+    if (o && o->token) {
+        char v[1100];
+        snprintf(v, sizeof v, "Bearer %s", o->token);
+        c->auth.key = grpc_slice_from_static_string("authorization");
+        c->auth.value = grpc_slice_from_copied_string(v);
+        c->has_auth = 1;
     }
     *out = c;
     return 0;
@@ -60,6 +120,8 @@ void kvc_close(kvc_conn *c)
     if (!c)
         return;
     grpc_channel_destroy(c->ch);
+    if (c->has_auth)
+        grpc_slice_unref(c->auth.value);
     free(c);
     grpc_shutdown();
 }
@@ -97,6 +159,7 @@ int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, u
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    set_auth(c, &ops[0]);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = send;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -242,6 +305,7 @@ int kvc_stream_open(kvc_conn *c, const char *method, int timeout_ms, kvc_stream 
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    set_auth(c, &op);
     s->broken = stream_batch(s, &op, 1) != 0;
     *out = s;
     return 0;

@@ -1052,20 +1052,35 @@ long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_in
         return rc;
     }
     size_t n = 0;
-    int op;
-    if (ns) {
-        name_key(buf, sizeof buf, ns, after ? after : "", &k);
-        op = MDB_SET_RANGE;
-    } else {
-        op = MDB_FIRST;
+    int op = MDB_SET_RANGE;
+    char after_ns[KVD_NS_MAX] = "";
+    const char *after_name = after;
+    if (!ns && after) {             /* across namespaces, `after` is "NS/NAME" */
+        const char *slash = strchr(after, '/');
+        size_t l = slash ? (size_t)(slash - after) : 0;
+        if (!slash || l >= sizeof after_ns) {
+            mdb_cursor_close(cur);
+            mdb_txn_abort(txn);
+            return kvd_fail(err, -EINVAL, "listing every namespace, 'after' is NAMESPACE/NAME; got '%s'", after);
+        }
+        memcpy(after_ns, after, l);
+        after_ns[l] = 0;
+        after_name = slash + 1;
     }
+    if (ns)
+        name_key(buf, sizeof buf, ns, after ? after : "", &k);
+    else if (after)
+        name_key(buf, sizeof buf, after_ns, after_name, &k);
+    else
+        op = MDB_FIRST;
     for (; n < max && !(rc = mdb_cursor_get(cur, &k, &v, op)); op = MDB_NEXT) {
         const char *kn = k.mv_data;
         size_t nslen = strnlen(kn, k.mv_size);
         if (ns && (nslen != strlen(ns) || memcmp(kn, ns, nslen)))
             break;
-        if (after && (size_t)k.mv_size - nslen - 1 == strlen(after) &&
-            !memcmp(kn + nslen + 1, after, strlen(after)))
+        if (after && (size_t)k.mv_size - nslen - 1 == strlen(after_name) &&
+            !memcmp(kn + nslen + 1, after_name, strlen(after_name)) &&
+            (ns || (nslen == strlen(after_ns) && !memcmp(kn, after_ns, nslen))))
             continue;
         uint64_t id;
         conv_rec c;

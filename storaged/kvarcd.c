@@ -1,8 +1,11 @@
 /* kvarcd - the kvarc storage daemon.
  *
  *   kvarcd [--data DIR] [--threads N] [--grace-ms MS]
+ *          [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]
  *
- * Serves the engine of DIR on the unix socket DIR/kvarcd.sock (mode 0600).
+ * Serves the engine of DIR on the unix socket DIR/kvarcd.sock (mode 0600),
+ * and on TCP only when asked, then with bearer tokens scoped to namespaces
+ * (auth.h) and TLS when certificate files are given.
  * SIGTERM/SIGINT: stop accepting, let calls in flight finish within the
  * grace period (then cancel them), close the engine, exit 0. A second
  * kvarcd on the same DIR is refused (the engine's lock). Log lines go to
@@ -37,21 +40,53 @@ static void log_line(const char *level, const char *fmt, ...)
     fprintf(stderr, "level=%s ts=%s.%03ldZ %s\n", level, ts, now.tv_nsec / 1000000, msg);
 }
 
-static void log_call(const char *method, int status, const char *msg, double ms)
+static void log_call(const char *method, uint64_t conv, const char *who, int status, const char *msg, double ms)
 {
+    char cv[32] = "-";
+    if (conv)
+        snprintf(cv, sizeof cv, "%llu", (unsigned long long)conv);
     if (status)
-        log_line("warn", "call=%s status=%d duration_ms=%.3f msg=\"%s\"", method, status, ms, msg);
+        log_line("warn", "call=%s conv=%s who=%s status=%d duration_ms=%.3f msg=\"%s\"", method, cv, who, status,
+                 ms, msg);
     else
-        log_line("info", "call=%s status=0 duration_ms=%.3f", method, ms);
+        log_line("info", "call=%s conv=%s who=%s status=0 duration_ms=%.3f", method, cv, who, ms);
+}
+
+/* The whole of a small file (a PEM), NUL-terminated; NULL with msg set. */
+static char *read_small_file(const char *path, const char *what, char *msg, size_t msglen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(msg, msglen, "%s %s: %s", what, path, strerror(errno));
+        return NULL;
+    }
+    char *buf = malloc(1 << 20);
+    size_t n = buf ? fread(buf, 1, (1 << 20) - 1, f) : 0;
+    int bad = !buf || ferror(f) || !feof(f) || n == 0;
+    fclose(f);
+    if (bad) {
+        snprintf(msg, msglen, "%s %s: unreadable, empty or over 1 MiB", what, path);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = 0;
+    return buf;
 }
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--grace-ms MS] [--version] [--help]\n"
-               "  --data DIR     data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
-               "  --threads N    completion-queue worker threads (default: number of cores)\n"
-               "  --grace-ms MS  on SIGTERM, how long calls in flight may finish (default 5000)\n"
-               "Listens on DIR/kvarcd.sock (mode 0600).\n");
+    fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--grace-ms MS]\n"
+               "              [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]\n"
+               "              [--version] [--help]\n"
+               "  --data DIR         data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
+               "  --threads N        completion-queue worker threads (default: number of cores)\n"
+               "  --grace-ms MS      on SIGTERM, how long calls in flight may finish (default 5000)\n"
+               "  --listen HOST:PORT also serve TCP (port 0 picks one; the log says which)\n"
+               "  --token-file FILE  bearer tokens for TCP callers, one 'TOKEN NS[,NS...]' or\n"
+               "                     'TOKEN *' per line; mode 0600 (required with --listen)\n"
+               "  --tls-cert PEM     certificate chain for TLS on the TCP listener\n"
+               "  --tls-key PEM      its private key\n"
+               "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
 }
 
 int main(int argc, char **argv)
@@ -60,6 +95,7 @@ int main(int argc, char **argv)
     char defdir[1024];
     long threads = sysconf(_SC_NPROCESSORS_ONLN);
     int grace = 5000;
+    const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--data") && i + 1 < argc) {
             dir = argv[++i];
@@ -67,6 +103,14 @@ int main(int argc, char **argv)
             threads = strtol(argv[++i], NULL, 10);
         } else if (!strcmp(argv[i], "--grace-ms") && i + 1 < argc) {
             grace = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--listen") && i + 1 < argc) {
+            listen = argv[++i];
+        } else if (!strcmp(argv[i], "--token-file") && i + 1 < argc) {
+            token_file = argv[++i];
+        } else if (!strcmp(argv[i], "--tls-cert") && i + 1 < argc) {
+            tls_cert = argv[++i];
+        } else if (!strcmp(argv[i], "--tls-key") && i + 1 < argc) {
+            tls_key = argv[++i];
         } else if (!strcmp(argv[i], "--version")) {
             printf("kvarcd %s\n", KVARCD_VERSION);
             return 0;
@@ -82,6 +126,33 @@ int main(int argc, char **argv)
     if (threads < 1 || threads > 64 || grace < 0) {
         fprintf(stderr, "kvarcd: --threads must be 1..64 and --grace-ms >= 0\n");
         return 2;
+    }
+    if (listen && !token_file) {
+        fprintf(stderr, "kvarcd: --listen %s needs --token-file FILE: TCP callers must present a token\n", listen);
+        return 2;
+    }
+    if ((tls_cert || tls_key || token_file) && !listen) {
+        fprintf(stderr, "kvarcd: --token-file, --tls-cert and --tls-key apply to a TCP listener: add --listen "
+                        "HOST:PORT\n");
+        return 2;
+    }
+    if (!tls_cert != !tls_key) {
+        fprintf(stderr, "kvarcd: TLS needs both --tls-cert and --tls-key\n");
+        return 2;
+    }
+    char emsg[600];
+    auth_tokens *tokens = NULL;
+    char *cert_pem = NULL, *key_pem = NULL;
+    if (token_file && auth_load(token_file, &tokens, emsg, sizeof emsg)) {
+        log_line("error", "msg=\"%s\"", emsg);
+        return 1;
+    }
+    if (tls_cert && (!(cert_pem = read_small_file(tls_cert, "TLS certificate", emsg, sizeof emsg)) ||
+                     !(key_pem = read_small_file(tls_key, "TLS key", emsg, sizeof emsg)))) {
+        log_line("error", "msg=\"%s\"", emsg);
+        free(cert_pem);
+        auth_free(tokens);
+        return 1;
     }
     if (!dir) {
         const char *home = getenv("HOME");
@@ -104,9 +175,10 @@ int main(int argc, char **argv)
     kvd_options o = { .dir = dir };
     kvd_engine *e;
     kvd_err err = { 0, "" };
+    int rc = 1, tcp_port = 0;
     if (kvd_open(&o, &e, &err)) {
         log_line("error", "msg=\"%s\"", err.msg);
-        return 1;
+        goto out;
     }
     char sock[1200], addr[1300], msg[256];
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
@@ -114,24 +186,35 @@ int main(int argc, char **argv)
         log_line("error", "msg=\"socket path %s is longer than a unix socket allows (107 bytes): use a "
                  "shorter --data\"", sock);
         kvd_close(e);
-        return 1;
+        goto out;
     }
     unlink(sock);          /* we hold the directory's lock: a leftover socket is stale */
     snprintf(addr, sizeof addr, "unix:%s", sock);
     grpc_init();
     mode_t old = umask(077);
     rpc_server *srv;
-    int rc = rpc_server_start(e, addr, (int)threads, log_call, &srv, msg, sizeof msg);
+    rpc_config cfg = { .unix_addr = addr, .tcp_addr = listen, .tokens = tokens, .tls_cert_pem = cert_pem,
+                       .tls_key_pem = key_pem, .threads = (int)threads, .log = log_call };
+    int src = rpc_server_start(e, &cfg, &srv, &tcp_port, msg, sizeof msg);
     umask(old);
-    if (rc) {
+    if (src) {
         log_line("error", "msg=\"%s\"", msg);
         grpc_shutdown();
         kvd_close(e);
-        return 1;
+        goto out;
     }
     chmod(sock, 0600);
     log_line("info", "msg=\"serving\" data=%s socket=%s threads=%ld version=%s", dir, sock, threads,
              KVARCD_VERSION);
+    if (listen) {
+        char host[300];
+        snprintf(host, sizeof host, "%s", listen);
+        char *colon = strrchr(host, ':');
+        if (colon)
+            *colon = 0;
+        log_line("info", "msg=\"listening\" tcp=%s:%d tls=%s tokens=%zu", host, tcp_port, cert_pem ? "yes" : "no",
+                 auth_count(tokens));
+    }
     int sig = 0;
     sigwait(&set, &sig);
     log_line("info", "msg=\"shutting down\" signal=%d grace_ms=%d", sig, grace);
@@ -140,5 +223,13 @@ int main(int argc, char **argv)
     kvd_close(e);
     unlink(sock);
     log_line("info", "msg=\"stopped\" calls_cancelled_after_grace=%s", cancelled ? "yes" : "no");
-    return 0;
+    rc = 0;
+out:
+    auth_free(tokens);
+    free(cert_pem);
+    if (key_pem) {
+        memset(key_pem, 0, strlen(key_pem));
+        free(key_pem);
+    }
+    return rc;
 }

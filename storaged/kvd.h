@@ -108,7 +108,8 @@ int kvd_conv_open(kvd_engine *e, const char *ns, const char *name, const kvd_sha
 int kvd_conv_stat(kvd_engine *e, uint64_t id, kvd_conv_info *info, kvd_err *err);
 
 /* Up to max conversations of namespace ns (NULL = all) whose name sorts
- * after `after` (NULL = from the start), in name order. Returns the count. */
+ * after `after` (NULL = from the start), in name order; with ns NULL the
+ * order is (namespace, name) and `after` is "NS/NAME". Returns the count. */
 long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out,
                    size_t max, kvd_err *err);
 

@@ -39,6 +39,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "auth.h"
 #include "kvarc.pb-c.h"
 #include "kvd_internal.h"
 #include "kvg.h"
@@ -55,6 +56,7 @@ struct rpc_server {
     int           nworkers;
     int64_t       started_ns;
     rpc_log_fn    log;
+    const auth_tokens *tokens;  /* NULL: no TCP listener, no tokens */
     atomic_int    in_flight;    /* calls past REQUESTED, not yet freed */
 };
 
@@ -77,6 +79,8 @@ typedef struct rpc_call {
     int                 cancelled;
     int64_t             t0;
     char                method[64];
+    const auth_scope   *scope;          /* the caller's token; NULL = local, unscoped */
+    uint64_t            log_conv;       /* the conversation it touched, for the log line */
     int                 streaming;      /* AppendStream: messages until the client closes */
     uint64_t            stream_blocks, stream_len;
     /* LoadSignatures: the plan, and where it is */
@@ -111,6 +115,7 @@ grpc_status_code rpc_status_of(int rc)
     case KVARC_EDTYPE:
     case KVARC_ENONFINITE: return GRPC_STATUS_INVALID_ARGUMENT;
     case -EBUSY:           return GRPC_STATUS_UNAVAILABLE;
+    case -EACCES:          return GRPC_STATUS_PERMISSION_DENIED;
     default:               return GRPC_STATUS_INTERNAL;
     }
 }
@@ -205,9 +210,39 @@ static grpc_byte_buffer *conv_reply(kvd_conv_info *info)
     return pack(&r.base);
 }
 
+/* ---- namespace scopes ---------------------------------------------------- */
+
+/* A conversation by id, as the caller may see it: one of a namespace
+ * outside the caller's scope answers exactly like an unknown id. */
+static int visible_conv(rpc_call *c, uint64_t id, conv_rec *info, kvd_err *err)
+{
+    int rc = conv_lookup(c->w->s->e, id, info, err);
+    c->log_conv = id;
+    if (!rc && !auth_ns_allowed(c->scope, info->ns))
+        return kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)id);
+    return rc;
+}
+
+/* A namespace named in a request must be in the caller's scope. */
+static int ns_check(rpc_call *c, const char *ns, kvd_err *err)
+{
+    if (auth_ns_allowed(c->scope, ns))
+        return 0;
+    return kvd_fail(err, -EACCES, "token %s is not scoped to namespace '%s'", c->scope->token_tag, ns ? ns : "");
+}
+
+/* Whole-archive calls (Stats, Verify, Compact) need a '*' token or the local socket. */
+static int admin_check(rpc_call *c, kvd_err *err)
+{
+    if (!c->scope || c->scope->all)
+        return 0;
+    return kvd_fail(err, -EACCES, "%s covers the whole archive: token %s is scoped to namespaces, not '*'",
+                    c->method, c->scope->token_tag);
+}
+
 /* ---- handlers: decode request bytes, call the engine, encode reply ---- */
 
-typedef int (*handler_fn)(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+typedef int (*handler_fn)(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out,
                           kvd_err *err);
 
 #define DECODE(type, fn, var)                                                             \
@@ -215,9 +250,9 @@ typedef int (*handler_fn)(rpc_worker *w, const uint8_t *in, size_t len, grpc_byt
     if (!var)                                                                             \
         return kvd_fail(err, -EINVAL, "request is not a valid " #type " message (%zu bytes)", len)
 
-static int h_health(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_health(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    rpc_server *s = w->s;
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
     kvarc__v1__empty__free_unpacked(req, NULL);
     kvd_stats st;
@@ -233,13 +268,15 @@ static int h_health(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return 0;
 }
 
-static int h_create(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_create(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    rpc_server *s = w->s;
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__CreateRequest, kvarc__v1__create_request__unpack, req);
     kvd_shape sh;
     kvd_conv_info info;
-    int rc = shape_from_pb(req->shape, &sh, err);
+    int rc = ns_check(c, req->ns, err);
+    if (!rc)
+        rc = shape_from_pb(req->shape, &sh, err);
     if (!rc && req->n_means && req->n_means != (size_t)sh.n_layers * sh.n_kv_heads * 2 * sh.head_dim)
         rc = kvd_fail(err, -EINVAL, "means has %zu values, the shape needs %llu (n_layers x n_kv_heads "
                       "x 2 x head_dim) or none", req->n_means,
@@ -247,41 +284,73 @@ static int h_create(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     if (!rc)
         rc = kvd_conv_create(s->e, req->ns, req->name, &sh, req->n_means ? req->means : NULL, &info, err);
     kvarc__v1__create_request__free_unpacked(req, NULL);
-    if (!rc)
+    if (!rc) {
+        c->log_conv = info.id;
         *out = conv_reply(&info);
+    }
     return rc;
 }
 
-static int h_open(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_open(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    rpc_server *s = w->s;
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__OpenRequest, kvarc__v1__open_request__unpack, req);
     kvd_shape sh;
     kvd_conv_info info;
-    int rc = req->expect ? shape_from_pb(req->expect, &sh, err) : 0;
+    int rc = ns_check(c, req->ns, err);
+    if (!rc && req->expect)
+        rc = shape_from_pb(req->expect, &sh, err);
     if (!rc)
         rc = kvd_conv_open(s->e, req->ns, req->name, req->expect ? &sh : NULL, &info, err);
     kvarc__v1__open_request__free_unpacked(req, NULL);
-    if (!rc)
+    if (!rc) {
+        c->log_conv = info.id;
         *out = conv_reply(&info);
+    }
     return rc;
 }
 
-static int h_stat(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_stat(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    rpc_server *s = w->s;
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__StatRequest, kvarc__v1__stat_request__unpack, req);
     kvd_conv_info info;
     int rc = kvd_conv_stat(s->e, req->id, &info, err);
+    c->log_conv = req->id;
+    if (!rc && !auth_ns_allowed(c->scope, info.ns))
+        rc = kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)req->id);
     kvarc__v1__stat_request__free_unpacked(req, NULL);
     if (!rc)
         *out = conv_reply(&info);
     return rc;
 }
 
-static int h_list(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+/* Every namespace the caller's scope holds, in (namespace, name) order:
+ * the engine's listing filtered, page by page. */
+static long list_in_scope(rpc_call *c, const char *after, kvd_conv_info *out, size_t max, kvd_err *err)
 {
-    rpc_server *s = w->s;
+    char last[KVD_NS_MAX + KVD_NAME_MAX];
+    kvd_conv_info *page = malloc(max * sizeof *page);
+    if (!page)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    size_t n = 0;
+    long got = 0;
+    while (n < max && (got = kvd_conv_list(c->w->s->e, NULL, after, page, max, err)) > 0) {
+        for (long i = 0; i < got && n < max; i++)
+            if (auth_ns_allowed(c->scope, page[i].ns))
+                out[n++] = page[i];
+        snprintf(last, sizeof last, "%s/%s", page[got - 1].ns, page[got - 1].name);
+        after = last;
+        if ((size_t)got < max)
+            break;
+    }
+    free(page);
+    return got < 0 ? got : (long)n;
+}
+
+static int h_list(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__ListRequest, kvarc__v1__list_request__unpack, req);
     size_t limit = req->limit ? req->limit : 100;
     int rc = 0;
@@ -294,9 +363,15 @@ static int h_list(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer
     if (!rc && (!infos || !pbs || !ptrs || !sps))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     long n = 0;
-    if (!rc) {
-        n = kvd_conv_list(s->e, req->ns && *req->ns ? req->ns : NULL,
-                          req->after && *req->after ? req->after : NULL, infos, limit + 1, err);
+    const char *ns = req->ns && *req->ns ? req->ns : NULL, *after = req->after && *req->after ? req->after : NULL;
+    if (!rc && ns)
+        rc = ns_check(c, ns, err);
+    if (!rc && (ns || !c->scope || c->scope->all)) {
+        n = kvd_conv_list(s->e, ns, after, infos, limit + 1, err);
+        if (n < 0)
+            rc = (int)n;
+    } else if (!rc) {
+        n = list_in_scope(c, after, infos, limit + 1, err);
         if (n < 0)
             rc = (int)n;
     }
@@ -319,11 +394,13 @@ static int h_list(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer
     return rc;
 }
 
-static int h_delete(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_delete(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    rpc_server *s = w->s;
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__DeleteRequest, kvarc__v1__delete_request__unpack, req);
-    int rc = kvd_conv_delete(s->e, req->ns, req->name, err);
+    int rc = ns_check(c, req->ns, err);
+    if (!rc)
+        rc = kvd_conv_delete(s->e, req->ns, req->name, err);
     kvarc__v1__delete_request__free_unpacked(req, NULL);
     if (!rc) {
         Kvarc__V1__Empty r = KVARC__V1__EMPTY__INIT;
@@ -332,14 +409,16 @@ static int h_delete(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int fork_common(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+static int fork_common(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out,
                        kvd_err *err, uint32_t flags, int need_snapshot)
 {
-    rpc_server *s = w->s;
+    rpc_server *s = c->w->s;
     DECODE(Kvarc__V1__ForkRequest, kvarc__v1__fork_request__unpack, req);
     kvd_conv_info src, info;
-    int rc = 0;
-    if (need_snapshot) {        /* Restore: the source must be a snapshot */
+    int rc = ns_check(c, req->src_ns, err);
+    if (!rc)
+        rc = ns_check(c, req->dst_ns, err);
+    if (!rc && need_snapshot) {        /* Restore: the source must be a snapshot */
         rc = kvd_conv_open(s->e, req->src_ns, req->src_name, NULL, &src, err);
         if (!rc && !(src.flags & KVD_CONV_SNAPSHOT))
             rc = kvd_fail(err, -EPERM, "'%s/%s' is not a snapshot: use Fork", req->src_ns, req->src_name);
@@ -348,35 +427,37 @@ static int fork_common(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_b
         rc = kvd_conv_fork(s->e, req->src_ns, req->src_name, req->has_at_len ? req->at_len : UINT64_MAX,
                            req->dst_ns, req->dst_name, flags, &info, err);
     kvarc__v1__fork_request__free_unpacked(req, NULL);
-    if (!rc)
+    if (!rc) {
+        c->log_conv = info.id;
         *out = conv_reply(&info);
+    }
     return rc;
 }
 
-static int h_fork(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_fork(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(w, in, len, out, err, 0, 0);
+    return fork_common(c, in, len, out, err, 0, 0);
 }
 
-static int h_snapshot(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_snapshot(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(w, in, len, out, err, KVD_CONV_SNAPSHOT, 0);
+    return fork_common(c, in, len, out, err, KVD_CONV_SNAPSHOT, 0);
 }
 
-static int h_restore(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_restore(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(w, in, len, out, err, 0, 1);
+    return fork_common(c, in, len, out, err, 0, 1);
 }
 
 #define MAX_REPLY_RECORD_BYTES (8u << 20)
 
 /* Decode one AppendRequest and append it durably; *length is the layer's
  * length afterwards. Shared by Append and AppendStream. */
-static int append_one(rpc_worker *w, const uint8_t *in, size_t len, uint64_t *length, kvd_err *err)
+static int append_one(rpc_call *c, const uint8_t *in, size_t len, uint64_t *length, kvd_err *err)
 {
     DECODE(Kvarc__V1__AppendRequest, kvarc__v1__append_request__unpack, req);
     conv_rec info;
-    int rc = conv_lookup(w->s->e, req->conv, &info, err);
+    int rc = visible_conv(c, req->conv, &info, err);
     if (!rc) {
         size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, n = req->count;
         size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
@@ -393,21 +474,21 @@ static int append_one(rpc_worker *w, const uint8_t *in, size_t len, uint64_t *le
             rc = kvd_fail(err, -ENOMEM, "out of memory");
         else {
             memcpy(scales, req->sig_scale.data, req->sig_scale.len);
-            rc = kvd_append(w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
+            rc = kvd_append(c->w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
                             scales, req->records.data, err);
             free(scales);
         }
     }
     if (!rc)
-        rc = kvd_layer_length(w->s->e, req->conv, req->layer, length, err);
+        rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, length, err);
     kvarc__v1__append_request__free_unpacked(req, NULL);
     return rc;
 }
 
-static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_append(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     uint64_t length = 0;
-    int rc = append_one(w, in, len, &length, err);
+    int rc = append_one(c, in, len, &length, err);
     if (!rc) {
         Kvarc__V1__AppendReply r = KVARC__V1__APPEND_REPLY__INIT;
         r.length = length;
@@ -417,13 +498,13 @@ static int h_append(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int h_fetch(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_fetch(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__FetchRequest, kvarc__v1__fetch_request__unpack, req);
     conv_rec info;
     uint8_t *recs = NULL;
     size_t rb = 0;
-    int rc = conv_lookup(w->s->e, req->conv, &info, err);
+    int rc = visible_conv(c, req->conv, &info, err);
     if (!rc) {
         rb = (size_t)kvarc_record_bytes(info.shape.format, (int)info.shape.head_dim);
         if (req->n_positions * rb > MAX_REPLY_RECORD_BYTES)
@@ -433,7 +514,7 @@ static int h_fetch(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffe
             rc = kvd_fail(err, -ENOMEM, "out of memory");
     }
     if (!rc)
-        rc = kvd_read_records(w->reader, req->conv, req->layer, req->head, req->positions, req->n_positions,
+        rc = kvd_read_records(c->w->reader, req->conv, req->layer, req->head, req->positions, req->n_positions,
                               recs, err);
     if (!rc) {
         Kvarc__V1__FetchReply r = KVARC__V1__FETCH_REPLY__INIT;
@@ -447,7 +528,7 @@ static int h_fetch(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffe
     return rc;
 }
 
-static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_rerank(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__RerankRequest, kvarc__v1__rerank_request__unpack, req);
     conv_rec info;
@@ -455,7 +536,7 @@ static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     float *sc = NULL;
     uint8_t *recs = NULL;
     size_t rb = 0;
-    int rc = conv_lookup(w->s->e, req->conv, &info, err);
+    int rc = visible_conv(c, req->conv, &info, err);
     if (!rc && (req->n_queries < 1 || req->n_queries > 64 ||
                 (size_t)req->n_queries * info.shape.head_dim != req->n_query))
         rc = kvd_fail(err, -EINVAL, "rerank needs n_queries in 1..64 and n_queries x head_dim (%u) query "
@@ -473,7 +554,7 @@ static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     }
     long got = 0;
     if (!rc) {
-        got = kvd_rerank(w->reader, req->conv, req->layer, req->head, req->query, (int)req->n_queries, req->shortlist,
+        got = kvd_rerank(c->w->reader, req->conv, req->layer, req->head, req->query, (int)req->n_queries, req->shortlist,
                          req->n_shortlist, k, pos, sc, recs, err);
         if (got < 0)
             rc = (int)got;
@@ -496,7 +577,7 @@ static int h_rerank(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_search(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__SearchRequest, kvarc__v1__search_request__unpack, req);
     conv_rec info;
@@ -507,14 +588,14 @@ static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     uint32_t *idx = NULL;
     uint64_t *pos = NULL;
     kvg_query *qs = NULL;
-    int rc = conv_lookup(w->s->e, req->conv, &info, err);
+    int rc = visible_conv(c, req->conv, &info, err);
     size_t d = info.shape.head_dim;
     if (!rc && (req->n_queries < 1 || req->n_queries > 64 || (size_t)req->n_queries * d != req->n_query ||
                 req->mode > 1 || req->combine > 1 || req->k < 1 || req->k > 65536))
         rc = kvd_fail(err, -EINVAL, "search needs n_queries 1..64 with n_queries x head_dim (%zu) values, "
                       "mode 0|1, combine 0|1, k 1..65536", d);
     if (!rc)
-        rc = kvd_layer_length(w->s->e, req->conv, req->layer, &llen, err);
+        rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, &llen, err);
     if (!rc && llen * (d / 8 + 2) > (1ull << 31))
         rc = kvd_fail(err, -E2BIG, "layer of %llu tokens is too large to search in one call", (unsigned long long)llen);
     if (!rc && !((bits = malloc(llen * d / 8 + 1)) && (sc = malloc(llen * 2 + 2)) &&
@@ -522,10 +603,10 @@ static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
                  (pos = malloc(req->k * 8)) && (qs = malloc(req->n_queries * sizeof *qs))))
         rc = kvd_fail(err, -ENOMEM, "out of memory for a layer of %llu tokens", (unsigned long long)llen);
     if (!rc && llen)
-        rc = kvd_read_sigs(w->reader, req->conv, req->layer, req->head, 0, llen, bits, sc, err);
+        rc = kvd_read_sigs(c->w->reader, req->conv, req->layer, req->head, 0, llen, bits, sc, err);
     float mu[KVARC_HEAD_DIM_MAX];
     if (!rc)
-        rc = kvd_conv_means(w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
+        rc = kvd_conv_means(c->w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
     kvarc_rotation rot;
     if (!rc)
         kvarc_rotation_init(&rot, (int)d, info.shape.seed);
@@ -555,12 +636,14 @@ static int h_search(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int h_stats(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_stats(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
     kvarc__v1__empty__free_unpacked(req, NULL);
     kvd_stats st;
-    int rc = kvd_stats_get(w->s->e, &st, err);
+    int rc = admin_check(c, err);
+    if (!rc)
+        rc = kvd_stats_get(c->w->s->e, &st, err);
     if (!rc) {
         Kvarc__V1__StatsReply r = KVARC__V1__STATS_REPLY__INIT;
         r.conversations = st.conversations;
@@ -588,13 +671,15 @@ static void keep_line(void *arg, const char *line)
         vl->v[vl->n++] = strdup(line);
 }
 
-static int h_verify(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_verify(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
     kvarc__v1__empty__free_unpacked(req, NULL);
     verify_lines vl = { .n = 0 };
     kvd_verify_report rep;
-    int rc = kvd_verify(w->s->e, &rep, keep_line, &vl, NULL, NULL, err);
+    int rc = admin_check(c, err);
+    if (!rc)
+        rc = kvd_verify(c->w->s->e, &rep, keep_line, &vl, NULL, NULL, err);
     if (rc == 0 || rc == KVARC_ECORRUPT) {       /* problems are the answer, not a failure */
         Kvarc__V1__VerifyReply r = KVARC__V1__VERIFY_REPLY__INIT;
         r.segments = rep.segments;
@@ -613,13 +698,15 @@ static int h_verify(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buff
     return rc;
 }
 
-static int h_compact(rpc_worker *w, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_compact(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__CompactRequest, kvarc__v1__compact_request__unpack, req);
     double th = req->threshold == 0.0f ? 0.5 : (double)req->threshold;
     kvarc__v1__compact_request__free_unpacked(req, NULL);
     uint64_t reclaimed = 0;
-    int rc = kvd_compact(w->s->e, th, &reclaimed, NULL, NULL, err);
+    int rc = admin_check(c, err);
+    if (!rc)
+        rc = kvd_compact(c->w->s->e, th, &reclaimed, NULL, NULL, err);
     if (!rc) {
         Kvarc__V1__CompactReply r = KVARC__V1__COMPACT_REPLY__INIT;
         r.reclaimed = reclaimed;
@@ -714,8 +801,8 @@ static void rpc_finish(rpc_call *c, kvd_err *err)
     ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
     c->state = FINISHING;
     if (s->log)
-        s->log(c->method, (int)c->status, c->status ? err->msg : "",
-               (double)(now_ns(CLOCK_MONOTONIC) - c->t0) / 1e6);
+        s->log(c->method, c->log_conv, c->scope ? c->scope->token_tag : "local", (int)c->status,
+               c->status ? err->msg : "", (double)(now_ns(CLOCK_MONOTONIC) - c->t0) / 1e6);
     if (grpc_call_start_batch(c->call, ops, (size_t)n, c, NULL) != GRPC_CALL_OK)
         call_free(c);
 }
@@ -741,7 +828,7 @@ static void rpc_stream_step(rpc_call *c)
     int rc = len > RPC_STREAM_CHUNK
                  ? kvd_fail(&err, -E2BIG, "stream message of %zu bytes over the %d-byte chunk limit", len,
                             RPC_STREAM_CHUNK)
-                 : append_one(c->w, GRPC_SLICE_START_PTR(all), len, &c->stream_len, &err);
+                 : append_one(c, GRPC_SLICE_START_PTR(all), len, &c->stream_len, &err);
     grpc_slice_unref(all);
     if (rc) {
         char m[sizeof err.msg + 80];
@@ -827,7 +914,7 @@ static void rpc_sig_start(rpc_call *c, const uint8_t *in, size_t len)
     Kvarc__V1__LoadSignaturesRequest *req = kvarc__v1__load_signatures_request__unpack(NULL, len, in);
     conv_rec info;
     uint64_t llen = 0;
-    int rc = req ? conv_lookup(c->w->s->e, req->conv, &info, &err)
+    int rc = req ? visible_conv(c, req->conv, &info, &err)
                  : kvd_fail(&err, -EINVAL, "request is not a valid LoadSignaturesRequest (%zu bytes)", len);
     if (!rc)
         rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, &llen, &err);
@@ -855,11 +942,42 @@ static void rpc_sig_start(rpc_call *c, const uint8_t *in, size_t len)
     rpc_sig_step(c);
 }
 
+/* Who is calling: a unix-socket peer passed the socket's 0600 mode and is
+ * unscoped unless it sends a token; a TCP peer must send a known token. */
+static grpc_status_code authenticate(rpc_call *c, kvd_err *err)
+{
+    const grpc_slice *val = NULL;
+    for (size_t i = 0; i < c->md.count; i++)
+        if (!grpc_slice_str_cmp(c->md.metadata[i].key, "authorization"))
+            val = &c->md.metadata[i].value;
+    char *peer = grpc_call_get_peer(c->call);
+    int local = peer && !strncmp(peer, "unix:", 5);
+    gpr_free(peer);
+    c->scope = NULL;
+    if (local && (!val || !c->w->s->tokens))
+        return GRPC_STATUS_OK;
+    if (!val) {
+        kvd_fail(err, -EACCES, "%s: no bearer token; callers over TCP send 'authorization: Bearer TOKEN' "
+                 "(kvarc --token-file FILE)", c->method);
+        return GRPC_STATUS_UNAUTHENTICATED;
+    }
+    c->scope = auth_check(c->w->s->tokens, (const char *)GRPC_SLICE_START_PTR(*val), GRPC_SLICE_LENGTH(*val));
+    if (!c->scope) {
+        kvd_fail(err, -EACCES, "%s: the bearer token is not one of this kvarcd's tokens", c->method);
+        return GRPC_STATUS_UNAUTHENTICATED;
+    }
+    return GRPC_STATUS_OK;
+}
+
 static void rpc_on_received(rpc_call *c)
 {
     kvd_err err = { 0, "" };
     int rc = 0;
     handler_fn fn = NULL;
+    if (!c->streaming && (c->status = authenticate(c, &err)) != GRPC_STATUS_OK) {
+        rpc_finish(c, &err);
+        return;
+    }
     if (c->req && !grpc_slice_str_cmp(c->details.method, "/kvarc.v1.Kvarc/LoadSignatures")) {
         grpc_slice all = bb_slice(c->req);
         rpc_sig_start(c, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all));
@@ -882,7 +1000,7 @@ static void rpc_on_received(rpc_call *c)
         kvd_fail(&err, -EINVAL, "%s: no request message", c->method);
     } else {
         grpc_slice all = bb_slice(c->req);
-        rc = fn(c->w, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
+        rc = fn(c, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
         grpc_slice_unref(all);
         if (!rc && !c->resp)
             rc = kvd_fail(&err, -ENOMEM, "out of memory encoding the reply");
@@ -924,19 +1042,41 @@ static void *worker_main(void *p)
     return NULL;
 }
 
-int rpc_server_start(kvd_engine *e, const char *addr, int threads, rpc_log_fn log, rpc_server **out,
-                     char *msg, size_t msglen)
+/* Undo a partial start: the server (never started) and the workers' queues and readers. */
+static void start_unwind(rpc_server *s, int nready)
 {
+    grpc_server_destroy(s->server);
+    for (int i = 0; i < nready; i++) {
+        grpc_completion_queue_shutdown(s->workers[i].cq);
+        while (grpc_completion_queue_next(s->workers[i].cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN)
+            ;
+        grpc_completion_queue_destroy(s->workers[i].cq);
+        kvd_reader_close(s->workers[i].reader);
+    }
+    free(s->workers);
+    free(s);
+}
+
+int rpc_server_start(kvd_engine *e, const rpc_config *cfg, rpc_server **out, int *tcp_port, char *msg,
+                     size_t msglen)
+{
+    if (cfg->tcp_addr && !cfg->tokens) {
+        snprintf(msg, msglen, "listening on TCP (%s) needs a token file", cfg->tcp_addr);
+        return -EINVAL;
+    }
     rpc_server *s = calloc(1, sizeof *s);
-    if (!s) {
+    if (!s || !(s->workers = calloc((size_t)(cfg->threads < 1 ? 1 : cfg->threads > 64 ? 64 : cfg->threads),
+                                    sizeof *s->workers))) {
+        free(s);
         snprintf(msg, msglen, "out of memory");
         return -ENOMEM;
     }
     s->e = e;
-    s->log = log;
+    s->log = cfg->log;
+    s->tokens = cfg->tokens;
     s->started_ns = now_ns(CLOCK_MONOTONIC);
-    s->nworkers = threads < 1 ? 1 : threads > 64 ? 64 : threads;
-    s->workers = calloc((size_t)s->nworkers, sizeof *s->workers);
+    s->nworkers = cfg->threads < 1 ? 1 : cfg->threads > 64 ? 64 : cfg->threads;
     grpc_arg args[2] = {
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = RPC_MAX_MESSAGE },
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = RPC_MAX_MESSAGE },
@@ -948,35 +1088,38 @@ int rpc_server_start(kvd_engine *e, const char *addr, int threads, rpc_log_fn lo
         s->workers[i].s = s;
         if (kvd_reader_open(e, &s->workers[i].reader, &rerr)) {
             snprintf(msg, msglen, "%s", rerr.msg);
-            for (int j = 0; j < i; j++) {
-                kvd_reader_close(s->workers[j].reader);
-                grpc_completion_queue_destroy(s->workers[j].cq);
-            }
-            grpc_server_destroy(s->server);
-            free(s->workers);
-            free(s);
+            start_unwind(s, i);
             return rerr.code;
         }
         s->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
         grpc_server_register_completion_queue(s->server, s->workers[i].cq, NULL);
     }
     grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    int port = grpc_server_add_http2_port(s->server, addr, creds);
+    int port = grpc_server_add_http2_port(s->server, cfg->unix_addr, creds);
     grpc_server_credentials_release(creds);
     if (!port) {
-        snprintf(msg, msglen, "cannot listen on %s (in use, or a bad address)", addr);
-        grpc_server_destroy(s->server);
-        for (int i = 0; i < s->nworkers; i++) {
-            grpc_completion_queue_shutdown(s->workers[i].cq);
-            while (grpc_completion_queue_next(s->workers[i].cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
-                   GRPC_QUEUE_SHUTDOWN)
-                ;
-            grpc_completion_queue_destroy(s->workers[i].cq);
-            kvd_reader_close(s->workers[i].reader);
-        }
-        free(s->workers);
-        free(s);
+        snprintf(msg, msglen, "cannot listen on %s (in use, or a bad address)", cfg->unix_addr);
+        start_unwind(s, s->nworkers);
         return -EADDRINUSE;
+    }
+    if (cfg->tcp_addr) {
+        if (cfg->tls_cert_pem && cfg->tls_key_pem) {
+            grpc_ssl_pem_key_cert_pair pair = { cfg->tls_key_pem, cfg->tls_cert_pem };
+            creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0, NULL);
+        } else {
+            creds = grpc_insecure_server_credentials_create();
+        }
+        port = creds ? grpc_server_add_http2_port(s->server, cfg->tcp_addr, creds) : 0;
+        if (creds)
+            grpc_server_credentials_release(creds);
+        if (!port) {
+            snprintf(msg, msglen, "cannot listen on %s (in use, a bad address%s)", cfg->tcp_addr,
+                     cfg->tls_cert_pem ? ", or a bad certificate or key" : "");
+            start_unwind(s, s->nworkers);
+            return -EADDRINUSE;
+        }
+        if (tcp_port)
+            *tcp_port = port;
     }
     grpc_server_start(s->server);
     for (int i = 0; i < s->nworkers; i++)

@@ -4,6 +4,7 @@
 
 #include <grpc/status.h>
 
+#include "auth.h"
 #include "kvd.h"
 
 #define KVARCD_VERSION "0.1.0"
@@ -16,14 +17,27 @@
 
 typedef struct rpc_server rpc_server;
 
-/* One log line per finished call: method, gRPC status, message, duration. */
-typedef void (*rpc_log_fn)(const char *method, int status, const char *msg, double ms);
+/* One log line per finished call: method, the conversation it touched (0:
+ * none), who called (a token's tag, or "local"), gRPC status, message,
+ * duration. */
+typedef void (*rpc_log_fn)(const char *method, uint64_t conv, const char *who, int status,
+                           const char *msg, double ms);
 
-/* Start serving e on addr ("unix:/path" or "host:port") with `threads`
- * workers. grpc_init() must have been called. 0 or a negative errno with
- * msg filled. */
-int rpc_server_start(kvd_engine *e, const char *addr, int threads, rpc_log_fn log, rpc_server **out,
-                     char *msg, size_t msglen);
+typedef struct rpc_config {
+    const char        *unix_addr;     /* "unix:/path": local callers, unscoped */
+    const char        *tcp_addr;      /* "host:port" or NULL; needs tokens */
+    const auth_tokens *tokens;        /* bearer tokens for TCP callers */
+    const char        *tls_cert_pem;  /* with tls_key_pem: TLS on tcp_addr */
+    const char        *tls_key_pem;
+    int                threads;       /* completion-queue workers */
+    rpc_log_fn         log;
+} rpc_config;
+
+/* Start serving e as cfg says. grpc_init() must have been called.
+ * *tcp_port is the bound TCP port (useful with port 0). 0 or a negative
+ * errno with msg filled. */
+int rpc_server_start(kvd_engine *e, const rpc_config *cfg, rpc_server **out, int *tcp_port, char *msg,
+                     size_t msglen);
 
 /* Stop accepting, let calls in flight finish for grace_ms, then cancel the
  * rest; free everything. Returns 1 if calls had to be cancelled. */

@@ -135,6 +135,24 @@ int main(void)
     n = kvd_conv_list(e, "team", "beta", list, 8, &err);
     CHECK(n == 2 && !strcmp(list[0].name, "beta2") && !strcmp(list[1].name, "snap1"), "page 2: %ld", n);
     CHECK(kvd_conv_list(e, NULL, NULL, list, 8, &err) == 5, "all namespaces");
+    {   /* paged across namespaces: "NS/NAME" of the last one; each conversation once */
+        char after[KVD_NS_MAX + KVD_NAME_MAX], seen[8][KVD_NS_MAX + KVD_NAME_MAX];
+        long total = 0, got;
+        const char *a = NULL;
+        while ((got = kvd_conv_list(e, NULL, a, list, 2, &err)) > 0) {
+            for (long i = 0; i < got && total < 8; i++, total++) {
+                memcpy(seen[total], list[i].ns, KVD_NS_MAX);
+                strcat(seen[total], "/");
+                strncat(seen[total], list[i].name, KVD_NAME_MAX - 1);
+            }
+            memcpy(after, seen[total - 1], sizeof after);
+            a = after;
+        }
+        CHECK(total == 5, "all namespaces, 2 per page: %ld", total);
+        for (long i = 1; i < total; i++)
+            CHECK(strcmp(seen[i - 1], seen[i]) < 0, "pages in order: %s then %s", seen[i - 1], seen[i]);
+        CHECK(kvd_conv_list(e, NULL, "no-slash", list, 2, &err) == -EINVAL, "after without NS/");
+    }
 
     /* delete alpha: gone by name, but beta and the snapshot still read its prefix */
     CHECK_RC(kvd_conv_delete(e, "team", "alpha", &err), 0);

@@ -163,11 +163,13 @@ static int cmd_ls(kvc_conn *k, opts *o)
             first = 0;
         }
         int more = l->more;
-        if (l->n_convs)
+        if (l->n_convs && o->npos)
             snprintf(after, sizeof after, "%s", l->convs[l->n_convs - 1]->name);
+        else if (l->n_convs)        /* across namespaces a page ends at NS/NAME */
+            snprintf(after, sizeof after, "%s/%s", l->convs[l->n_convs - 1]->ns, l->convs[l->n_convs - 1]->name);
         protobuf_c_message_free_unpacked(rep, NULL);
-        if (!more || (!o->npos && more))
-            break;   /* paging across namespaces needs a namespace: list one to page it all */
+        if (!more)
+            break;
     }
     if (o->json)
         printf("]\n");

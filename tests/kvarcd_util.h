@@ -1,0 +1,259 @@
+/* kvarcd_util.h - helpers for tests that run a real kvarcd (header-only).
+ * Needs KVARCD_PATH and KVARC_CLI_PATH defined by CMake, and engine_util.h's
+ * deterministic content (eu_fill / eu_byte) for what is appended. */
+#ifndef KVARC_KVARCD_UTIL_H
+#define KVARC_KVARCD_UTIL_H
+
+#include <errno.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "engine_util.h"
+#include "kvarc_rpc.h"
+
+/* Each test uses some of these. */
+#define KD_FN static __attribute__((unused))
+
+static char dir[256];
+
+/* kvarcd on dir with 2 threads and a 2 s grace, plus the NULL-terminated
+ * extra arguments; stderr appends to dir.log. */
+KD_FN pid_t start_daemon_args(const char *const *extra)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        char log[300];
+        const char *argv[32] = { "kvarcd", "--data", dir, "--threads", "2", "--grace-ms", "2000" };
+        int n = 7;
+        for (int i = 0; extra && extra[i] && n < 31; i++)
+            argv[n++] = extra[i];
+        argv[n] = NULL;
+        snprintf(log, sizeof log, "%s.log", dir);
+        if (!freopen(log, "a", stderr))
+            _exit(126);
+        execv(KVARCD_PATH, (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+KD_FN pid_t start_daemon(void)
+{
+    return start_daemon_args(NULL);
+}
+
+/* The TCP port of the newest "listening" line in dir.log, waiting up to
+ * ~10 s for it; 0 if none. */
+KD_FN int daemon_tcp_port(void)
+{
+    char log[300], line[1024];
+    snprintf(log, sizeof log, "%s.log", dir);
+    for (int i = 0; i < 200; i++) {
+        FILE *f = fopen(log, "r");
+        int port = 0;
+        while (f && fgets(line, sizeof line, f)) {
+            char *t = strstr(line, " tcp=");
+            char *colon = t ? strrchr(strtok(t + 5, " "), ':') : NULL;
+            if (colon)
+                port = atoi(colon + 1);
+        }
+        if (f)
+            fclose(f);
+        if (port)
+            return port;
+        struct timespec d = { 0, 50 * 1000000 };
+        nanosleep(&d, NULL);
+    }
+    return 0;
+}
+
+/* Wait for pid to exit (at most ms); its exit code, -2 on a signal, -1 on timeout. */
+KD_FN int wait_exit(pid_t pid, int ms)
+{
+    for (int i = 0; i < ms / 10; i++) {
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
+        struct timespec d = { 0, 10 * 1000000 };
+        nanosleep(&d, NULL);
+    }
+    return -1;
+}
+
+/* Health until it answers (at most ~10 s). */
+KD_FN int wait_ready(kvc_conn *c)
+{
+    for (int i = 0; i < 200; i++) {
+        Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+        ProtobufCMessage *rep = NULL;
+        char msg[256];
+        if (kvc_call(c, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg) == 0) {
+            Kvarc__V1__HealthReply *h = (Kvarc__V1__HealthReply *)rep;
+            int ok = !strcmp(h->status, "serving");
+            protobuf_c_message_free_unpacked(rep, NULL);
+            return ok;
+        }
+        struct timespec d = { 0, 50 * 1000000 };
+        nanosleep(&d, NULL);
+    }
+    return 0;
+}
+
+KD_FN Kvarc__V1__Shape shape_pb(uint32_t head_dim)
+{
+    Kvarc__V1__Shape s = KVARC__V1__SHAPE__INIT;
+    s.n_layers = 4;
+    s.n_kv_heads = 2;
+    s.n_q_heads = 8;
+    s.head_dim = head_dim;
+    s.format = KVARC_FMT_Q3;
+    s.dtype = KVARC_DTYPE_F16;
+    s.rope_theta = 10000.0f;
+    s.seed = 42;
+    s.fingerprint = "tiny-llama";
+    return s;
+}
+
+KD_FN int create(kvc_conn *c, const char *ns, const char *name, uint32_t head_dim, char *msg,
+                  uint64_t *id)
+{
+    Kvarc__V1__CreateRequest r = KVARC__V1__CREATE_REQUEST__INIT;
+    Kvarc__V1__Shape s = shape_pb(head_dim);
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    r.shape = &s;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Create", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (!st) {
+        if (id)
+            *id = ((Kvarc__V1__ConvReply *)rep)->info->id;
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    return st;
+}
+
+KD_FN int open_conv(kvc_conn *c, const char *ns, const char *name, Kvarc__V1__Shape *expect, char *msg)
+{
+    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    r.expect = expect;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (!st)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return st;
+}
+
+/* Append count tokens of (tag) at first through the service. */
+KD_FN int rpc_append(kvc_conn *c, uint64_t conv, uint32_t layer, uint64_t first, uint32_t count,
+                      uint64_t tag, int bad_sizes, uint64_t *len_out, char *msg)
+{
+    kvd_shape s = eu_shape(4, 2, KVARC_FMT_Q3);
+    size_t n = 2 * (size_t)count;
+    uint8_t *bits = malloc(n * 16), *recs = malloc(n * 104);
+    uint16_t *sc = malloc(n * 2);
+    eu_fill(&s, tag, layer, first, count, bits, sc, recs);
+    Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
+    r.conv = conv;
+    r.layer = layer;
+    r.first_pos = first;
+    r.count = count;
+    r.sig_bits.data = bits;
+    r.sig_bits.len = n * 16;
+    r.sig_scale.data = (uint8_t *)sc;
+    r.sig_scale.len = n * 2 - (bad_sizes ? 2 : 0);
+    r.records.data = recs;
+    r.records.len = n * 104;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, msg, 256);
+    if (!st) {
+        if (len_out)
+            *len_out = ((Kvarc__V1__AppendReply *)rep)->length;
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    free(bits);
+    free(recs);
+    free(sc);
+    return st;
+}
+
+/* Fetch positions and compare with tag's records; returns the status, or
+ * 100 when the bytes differ. */
+KD_FN int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t head, uint64_t *pos,
+                           size_t n, uint64_t tag, char *msg)
+{
+    Kvarc__V1__FetchRequest r = KVARC__V1__FETCH_REQUEST__INIT;
+    r.conv = conv;
+    r.layer = layer;
+    r.head = head;
+    r.positions = pos;
+    r.n_positions = n;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Fetch", &r.base, &kvarc__v1__fetch_reply__descriptor, &rep, 0, msg, 256);
+    if (st)
+        return st;
+    Kvarc__V1__FetchReply *f = (Kvarc__V1__FetchReply *)rep;
+    int bad = f->record_bytes != 104 || f->records.len != n * 104;
+    for (size_t i = 0; !bad && i < n; i++)
+        for (int b = 0; b < 104; b++)
+            bad |= f->records.data[i * 104 + b] != eu_byte(tag, layer, head, pos[i], (size_t)b);
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return bad ? 100 : 0;
+}
+
+/* Run the kvarc CLI against dir; its exit code, stdout into out. */
+KD_FN int cli(char *out, size_t len, const char *args)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s %s --data %s 2>/dev/null", KVARC_CLI_PATH, args, dir);
+    FILE *f = popen(cmd, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(out, 1, len - 1, f);
+    out[n] = 0;
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+KD_FN int fork_call(kvc_conn *c, const char *method, const char *src, const char *dst, char *msg)
+{
+    Kvarc__V1__ForkRequest r = KVARC__V1__FORK_REQUEST__INIT;
+    r.src_ns = "t";
+    r.src_name = (char *)src;
+    r.dst_ns = "t";
+    r.dst_name = (char *)dst;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, method, &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (!st)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return st;
+}
+
+KD_FN long list_all(kvc_conn *c, const char *ns, uint32_t limit, int *pages)
+{
+    char after[KVD_NAME_MAX] = "", msg[256];
+    long total = 0;
+    *pages = 0;
+    for (;;) {
+        Kvarc__V1__ListRequest r = KVARC__V1__LIST_REQUEST__INIT;
+        r.ns = (char *)ns;
+        r.after = after;
+        r.limit = limit;
+        ProtobufCMessage *rep = NULL;
+        if (kvc_call(c, "List", &r.base, &kvarc__v1__list_reply__descriptor, &rep, 0, msg, sizeof msg))
+            return -1;
+        Kvarc__V1__ListReply *l = (Kvarc__V1__ListReply *)rep;
+        total += (long)l->n_convs;
+        (*pages)++;
+        int more = l->more;
+        if (l->n_convs)
+            snprintf(after, sizeof after, "%s", l->convs[l->n_convs - 1]->name);
+        protobuf_c_message_free_unpacked(rep, NULL);
+        if (!more)
+            return total;
+    }
+}
+
+#endif
