@@ -233,7 +233,7 @@ KD_FN int fork_call(kvc_conn *c, const char *method, const char *src, const char
 
 KD_FN long list_all(kvc_conn *c, const char *ns, uint32_t limit, int *pages)
 {
-    char after[KVD_NAME_MAX] = "", msg[256];
+    char after[KVD_NS_MAX + KVD_NAME_MAX] = "", msg[256];
     long total = 0;
     *pages = 0;
     for (;;) {
@@ -248,8 +248,11 @@ KD_FN long list_all(kvc_conn *c, const char *ns, uint32_t limit, int *pages)
         total += (long)l->n_convs;
         (*pages)++;
         int more = l->more;
-        if (l->n_convs)
+        if (l->n_convs && ns && *ns)
             snprintf(after, sizeof after, "%s", l->convs[l->n_convs - 1]->name);
+        else if (l->n_convs)     /* across namespaces a page ends at NS/NAME */
+            snprintf(after, sizeof after, "%.63s/%.127s", l->convs[l->n_convs - 1]->ns,
+                     l->convs[l->n_convs - 1]->name);
         protobuf_c_message_free_unpacked(rep, NULL);
         if (!more)
             return total;

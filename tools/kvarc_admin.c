@@ -5,6 +5,7 @@
  * directory, makes one or a few calls, and prints a table (or --json).
  * Exit codes: 0 success, 1 the server refused (its message on stderr),
  * 2 usage, 3 no kvarcd answering. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@
 
 typedef struct opts {
     const char *target;
+    const char *token_file, *tls_ca, *tls_name;
     int json;
     const char *pos[3];
     int npos;
@@ -27,8 +29,15 @@ static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
     memset(o, 0, sizeof *o);
     o->target = getenv("KVARC_DATA");
     for (int i = 0; i < argc; i++) {
-        if ((!strcmp(argv[i], "--data") || !strcmp(argv[i], "--socket")) && i + 1 < argc)
+        if ((!strcmp(argv[i], "--data") || !strcmp(argv[i], "--socket") || !strcmp(argv[i], "--connect")) &&
+            i + 1 < argc)
             o->target = argv[++i];
+        else if (!strcmp(argv[i], "--token-file") && i + 1 < argc)
+            o->token_file = argv[++i];
+        else if (!strcmp(argv[i], "--tls-ca") && i + 1 < argc)
+            o->tls_ca = argv[++i];
+        else if (!strcmp(argv[i], "--tls-name") && i + 1 < argc)
+            o->tls_name = argv[++i];
         else if (!strcmp(argv[i], "--json"))
             o->json = 1;
         else if (!strcmp(argv[i], "--threshold") && i + 1 < argc)
@@ -50,6 +59,31 @@ static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
         const char *home = getenv("HOME");
         snprintf(deftarget, len, "%s/.local/share/kvarc", home ? home : ".");
         o->target = deftarget;
+    }
+    return 0;
+}
+
+/* The first word of a token file that is not a comment: a client keeps
+ * its one token there (a kvarcd token file's line works too). */
+static int read_token(const char *path, char *tok, size_t len)
+{
+    FILE *f = fopen(path, "r");
+    char line[1200];
+    if (!f) {
+        fprintf(stderr, "kvarc: token file %s: %s\n", path, strerror(errno));
+        return 2;
+    }
+    while (fgets(line, sizeof line, f)) {
+        char *save = NULL, *w = strtok_r(line, " \t\r\n", &save);
+        if (w && w[0] != '#') {
+            snprintf(tok, len, "%s", w);
+            break;
+        }
+    }
+    fclose(f);
+    if (!*tok) {
+        fprintf(stderr, "kvarc: token file %s holds no token\n", path);
+        return 2;
     }
     return 0;
 }
@@ -352,9 +386,15 @@ int kvarc_admin(const char *cmd, int argc, char **argv)
     int rc = parse(argc, argv, &o, def, sizeof def);
     if (rc)
         return rc;
+    char token[1100] = "", cmsg[300];
+    if (!o.token_file)
+        o.token_file = getenv("KVARC_TOKEN_FILE");
+    if (o.token_file && (rc = read_token(o.token_file, token, sizeof token)))
+        return rc;
+    kvc_options copts = { .token = *token ? token : NULL, .tls_ca_file = o.tls_ca, .tls_name = o.tls_name };
     kvc_conn *k;
-    if (kvc_connect(o.target, &k)) {
-        fprintf(stderr, "kvarc: bad target %s\n", o.target);
+    if (kvc_connect_opts(o.target, &copts, &k, cmsg, sizeof cmsg)) {
+        fprintf(stderr, "kvarc: cannot connect to %s: %s\n", o.target, cmsg);
         return 2;
     }
     if (!strcmp(cmd, "ls"))
