@@ -85,13 +85,18 @@ int kvc_connect_opts(const char *target, const kvc_options *o, kvc_conn **out, c
         return -EINVAL;
     }
     grpc_init();
-    grpc_arg args[3] = {
+    /* A restarted kvarcd is found again within ~1 s: gRPC's default
+     * reconnect backoff grows to minutes. */
+    grpc_arg args[6] = {
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, .value.integer = 100 },
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, .value.integer = 100 },
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, .value.integer = 1000 },
         { .type = GRPC_ARG_STRING, .key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG,
           .value.string = (char *)(o && o->tls_name ? o->tls_name : "") },
     };
-    grpc_channel_args ca = { o && o->tls_name && ca_pem ? 3 : 2, args };
+    grpc_channel_args ca = { o && o->tls_name && ca_pem ? 6 : 5, args };
     grpc_channel_credentials *cr = ca_pem ? grpc_ssl_credentials_create(ca_pem, NULL, NULL, NULL)
                                           : grpc_insecure_credentials_create();
     c->ch = cr ? grpc_channel_create(addr, cr, &ca) : NULL;

@@ -23,8 +23,9 @@
  * Invariants: 1. every buffer a batch refers to lives in the rpc_call until
  * that batch's event arrives; 2. only the worker owning the queue touches a
  * call; 3. shutdown order: shutdown_and_notify -> after the grace period
- * cancel_all_calls -> wait the notify tag -> destroy the server -> shut down
- * and drain every queue -> join the workers.
+ * cancel_all_calls -> wait the notify tag -> wait until no call is in
+ * flight (a cancelled call's last batch must find its queue open) ->
+ * destroy the server -> shut down and drain every queue -> join the workers.
  */
 #include <errno.h>
 #include <grpc/byte_buffer_reader.h>
@@ -200,12 +201,22 @@ static grpc_slice bb_slice(grpc_byte_buffer *bb)
     return all;
 }
 
-static grpc_byte_buffer *conv_reply(kvd_conv_info *info)
+/* The reply for one conversation, with every layer's durable length (a
+ * worker attaching to it continues each layer from there). */
+static grpc_byte_buffer *conv_reply(kvd_engine *e, kvd_conv_info *info)
 {
     Kvarc__V1__ConvReply r = KVARC__V1__CONV_REPLY__INIT;
     Kvarc__V1__ConvInfo ci;
     Kvarc__V1__Shape sp;
+    uint64_t lens[KVD_MAX_LAYERS];
     info_to_pb(info, &ci, &sp);
+    kvd_err err;
+    uint32_t nl = info->shape.n_layers <= KVD_MAX_LAYERS ? info->shape.n_layers : 0;
+    for (uint32_t l = 0; l < nl; l++)
+        if (kvd_layer_length(e, info->id, l, &lens[l], &err))
+            nl = 0;            /* deleted meanwhile: the reply goes without them */
+    ci.n_layer_lengths = nl;
+    ci.layer_lengths = lens;
     r.info = &ci;
     return pack(&r.base);
 }
@@ -286,7 +297,7 @@ static int h_create(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     kvarc__v1__create_request__free_unpacked(req, NULL);
     if (!rc) {
         c->log_conv = info.id;
-        *out = conv_reply(&info);
+        *out = conv_reply(c->w->s->e, &info);
     }
     return rc;
 }
@@ -305,7 +316,7 @@ static int h_open(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer *
     kvarc__v1__open_request__free_unpacked(req, NULL);
     if (!rc) {
         c->log_conv = info.id;
-        *out = conv_reply(&info);
+        *out = conv_reply(c->w->s->e, &info);
     }
     return rc;
 }
@@ -321,7 +332,7 @@ static int h_stat(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer *
         rc = kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)req->id);
     kvarc__v1__stat_request__free_unpacked(req, NULL);
     if (!rc)
-        *out = conv_reply(&info);
+        *out = conv_reply(c->w->s->e, &info);
     return rc;
 }
 
@@ -429,7 +440,7 @@ static int fork_common(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buf
     kvarc__v1__fork_request__free_unpacked(req, NULL);
     if (!rc) {
         c->log_conv = info.id;
-        *out = conv_reply(&info);
+        *out = conv_reply(c->w->s->e, &info);
     }
     return rc;
 }
@@ -1148,6 +1159,13 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
             grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
             break;
         }
+    }
+    /* Cancelled calls still get their last events on the workers' queues,
+     * and a handler may start one more batch (the status): the queues stay
+     * open until every call is freed. */
+    for (int i = 0; i < 10000 && atomic_load(&s->in_flight) > 0; i++) {
+        struct timespec d = { 0, 1000000 };
+        nanosleep(&d, NULL);
     }
     grpc_server_destroy(s->server);
     grpc_completion_queue_shutdown(scq);

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -84,6 +85,13 @@ KD_FN int wait_exit(pid_t pid, int ms)
 /* Health until it answers (at most ~10 s). */
 KD_FN int wait_ready(kvc_conn *c)
 {
+    char sock[300];
+    struct stat st;
+    snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
+    for (int i = 0; i < 200 && stat(sock, &st); i++) {
+        struct timespec d = { 0, 20 * 1000000 };
+        nanosleep(&d, NULL);
+    }
     for (int i = 0; i < 200; i++) {
         Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
         ProtobufCMessage *rep = NULL;
@@ -257,6 +265,40 @@ KD_FN long list_all(kvc_conn *c, const char *ns, uint32_t limit, int *pages)
         if (!more)
             return total;
     }
+}
+
+/* Send block b (20 tokens at b x 20, layer 0, content tag) on an
+ * AppendStream; with bad, one signature byte short. kvc_stream_send's code. */
+KD_FN int stream_block(kvc_stream *st, uint64_t conv, int b, uint64_t tag, int bad)
+{
+    kvd_shape s = eu_shape(4, 2, KVARC_FMT_Q3);
+    uint8_t bits[2 * 20 * 16], recs[2 * 20 * 104];
+    uint16_t sc[2 * 20];
+    eu_fill(&s, tag, 0, (uint64_t)b * 20, 20, bits, sc, recs);
+    Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
+    r.conv = conv;
+    r.first_pos = (uint64_t)b * 20;
+    r.count = 20;
+    r.sig_bits.data = bits;
+    r.sig_bits.len = sizeof bits - (bad ? 1 : 0);
+    r.sig_scale.data = (uint8_t *)sc;
+    r.sig_scale.len = sizeof sc;
+    r.records.data = recs;
+    r.records.len = sizeof recs;
+    return kvc_stream_send(st, &r.base);
+}
+
+/* Close an AppendStream: its status; on OK the durable length and blocks. */
+KD_FN int stream_end(kvc_stream *st, uint64_t *len, uint64_t *blocks, char *msg)
+{
+    ProtobufCMessage *rep = NULL;
+    int status = kvc_stream_finish(st, &kvarc__v1__append_reply__descriptor, &rep, msg, 256);
+    if (!status) {
+        *len = ((Kvarc__V1__AppendReply *)rep)->length;
+        *blocks = ((Kvarc__V1__AppendReply *)rep)->blocks;
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    return status;
 }
 
 #endif

@@ -13,39 +13,18 @@
 static int rpc_stream(kvc_conn *c, uint64_t conv, int from, int to, int bad_at, int cancel_at,
                       uint64_t *len, uint64_t *blocks, char *msg)
 {
-    kvd_shape s = eu_shape(4, 2, KVARC_FMT_Q3);
     kvc_stream *st;
     if (kvc_stream_open(c, "AppendStream", 0, &st))
         return -1;
-    uint8_t bits[2 * 20 * 16], recs[2 * 20 * 104];
-    uint16_t sc[2 * 20];
     for (int b = from; b < to; b++) {
         if (b == cancel_at) {
             kvc_stream_cancel(st);
             return GRPC_STATUS_CANCELLED;
         }
-        eu_fill(&s, 77, 0, (uint64_t)b * 20, 20, bits, sc, recs);
-        Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
-        r.conv = conv;
-        r.first_pos = (uint64_t)b * 20;
-        r.count = 20;
-        r.sig_bits.data = bits;
-        r.sig_bits.len = sizeof bits - (b == bad_at ? 1 : 0);
-        r.sig_scale.data = (uint8_t *)sc;
-        r.sig_scale.len = sizeof sc;
-        r.records.data = recs;
-        r.records.len = sizeof recs;
-        if (kvc_stream_send(st, &r.base))
+        if (stream_block(st, conv, b, 77, b == bad_at))
             break;                   /* the server ended the call: finish says why */
     }
-    ProtobufCMessage *rep = NULL;
-    int status = kvc_stream_finish(st, &kvarc__v1__append_reply__descriptor, &rep, msg, 256);
-    if (!status) {
-        *len = ((Kvarc__V1__AppendReply *)rep)->length;
-        *blocks = ((Kvarc__V1__AppendReply *)rep)->blocks;
-        protobuf_c_message_free_unpacked(rep, NULL);
-    }
-    return status;
+    return stream_end(st, len, blocks, msg);
 }
 
 /* LoadSignatures of layer 0 of conv; checks every chunk against tag's

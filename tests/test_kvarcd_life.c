@@ -1,0 +1,227 @@
+/* test_kvarcd_life: kvarcd's life cycle under load.
+ *  1. kill -9 during streams of appends: writer processes (unary Append,
+ *     and AppendStream) run flat out; the daemon is SIGKILLed under them,
+ *     restarted; every acknowledged append is there, every layer's length
+ *     is a whole number of blocks, and the bytes are exact.
+ *  2. graceful shutdown with calls in flight: a stream open at SIGTERM
+ *     may keep sending within the grace period and gets its reply; new
+ *     connections are refused meanwhile; the daemon exits 0.
+ *  3. a stream left idle past a short grace period is cancelled, the
+ *     daemon still exits 0, and the blocks it had received are durable. */
+#include <fcntl.h>
+
+#include "kvarcd_util.h"
+
+#define BLOCK 20
+
+static uint64_t layer0_length(kvc_conn *c, uint64_t id)
+{
+    Kvarc__V1__StatRequest r = KVARC__V1__STAT_REQUEST__INIT;
+    r.id = id;
+    ProtobufCMessage *rep = NULL;
+    char msg[256];
+    uint64_t len = UINT64_MAX;
+    if (!kvc_call(c, "Stat", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg)) {
+        Kvarc__V1__ConvInfo *i = ((Kvarc__V1__ConvReply *)rep)->info;
+        if (i->n_layer_lengths)
+            len = i->layer_lengths[0];
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    return len;
+}
+
+/* Check every record of layer 0 below len against tag, 60 positions a call. */
+static int check_layer(kvc_conn *c, uint64_t id, uint64_t len, uint64_t tag)
+{
+    char msg[256];
+    uint64_t pos[60];
+    for (uint64_t p = 0; p < len; p += 60) {
+        size_t n = 0;
+        for (uint64_t q = p; q < len && n < 60; q++)
+            pos[n++] = q;
+        for (uint32_t h = 0; h < 2; h++)
+            if (rpc_fetch_check(c, id, 0, h, pos, n, tag, msg))
+                return -1;
+    }
+    return 0;
+}
+
+/* Writer process: appends blocks to conversation `id` until killed or the
+ * daemon goes away; after each acknowledged block it writes the acked
+ * length (8 bytes) to fd 3. mode 0: unary Append; 1: one AppendStream per
+ * 5 blocks (acknowledged when the stream's reply arrives). */
+static int writer_main(int mode, uint64_t id, uint64_t tag)
+{
+    kvc_conn *c;
+    char msg[256];
+    if (kvc_connect(dir, &c))
+        return 2;
+    for (int b = 0; b < 100000;) {
+        uint64_t len = 0, blocks = 0;
+        if (mode == 0) {
+            if (rpc_append(c, id, 0, (uint64_t)b * BLOCK, BLOCK, tag, 0, &len, msg))
+                break;
+            b++;
+        } else {
+            kvc_stream *st;
+            if (kvc_stream_open(c, "AppendStream", 5000, &st))
+                break;
+            int sent = 0;
+            for (; sent < 5 && !stream_block(st, id, b + sent, tag, 0); sent++)
+                ;
+            if (stream_end(st, &len, &blocks, msg))
+                break;
+            b += sent;
+        }
+        if (write(3, &len, sizeof len) != sizeof len)
+            break;
+    }
+    kvc_close(c);
+    return 0;
+}
+
+static pid_t spawn_writer(const char *self, int mode, uint64_t id, uint64_t tag, int *rfd)
+{
+    int p[2];
+    if (pipe(p))
+        return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(p[1], 3);
+        char m[8], i[24], t[24];
+        snprintf(m, sizeof m, "%d", mode);
+        snprintf(i, sizeof i, "%llu", (unsigned long long)id);
+        snprintf(t, sizeof t, "%llu", (unsigned long long)tag);
+        execl(self, self, "--writer", m, i, t, dir, (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    *rfd = p[0];
+    return pid;
+}
+
+/* The last length a writer acknowledged (reads its pipe to the end). */
+static uint64_t last_acked(int fd)
+{
+    uint64_t v, last = 0;
+    while (read(fd, &v, sizeof v) == sizeof v)
+        last = v;
+    close(fd);
+    return last;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec d = { ms / 1000, (long)(ms % 1000) * 1000000 };
+    nanosleep(&d, NULL);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 6 && !strcmp(argv[1], "--writer")) {
+        snprintf(dir, sizeof dir, "%s", argv[5]);
+        return writer_main(atoi(argv[2]), strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
+    }
+    eu_tmpdir(dir, sizeof dir, "kvarcd-life");
+    char msg[256];
+    kvc_conn *c;
+
+    /* 1. kill -9 under two writers */
+    pid_t pid = start_daemon();
+    CHECK_RC(kvc_connect(dir, &c), 0);
+    CHECK(wait_ready(c), "kvarcd ready");
+    uint64_t unary = 0, streamed = 0;
+    CHECK_RC(create(c, "life", "unary", 128, msg, &unary), 0);
+    CHECK_RC(create(c, "life", "streamed", 128, msg, &streamed), 0);
+    kvc_close(c);
+    if (tu_failures) {
+        kill(pid, SIGKILL);
+        return tu_finish("test_kvarcd_life");
+    }
+    int fd_u, fd_s;
+    pid_t wu = spawn_writer(argv[0], 0, unary, 11, &fd_u), ws = spawn_writer(argv[0], 1, streamed, 12, &fd_s);
+    sleep_ms(700);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    CHECK(wait_exit(wu, 20000) == 0 && wait_exit(ws, 20000) == 0, "writers end when the daemon dies");
+    uint64_t acked_u = last_acked(fd_u), acked_s = last_acked(fd_s);
+    CHECK(acked_u > 0 && acked_s > 0, "both writers had appends acknowledged (%llu, %llu)",
+          (unsigned long long)acked_u, (unsigned long long)acked_s);
+    pid = start_daemon();
+    CHECK_RC(kvc_connect(dir, &c), 0);
+    CHECK(wait_ready(c), "kvarcd ready after kill -9");
+    uint64_t len_u = layer0_length(c, unary), len_s = layer0_length(c, streamed);
+    CHECK(len_u != UINT64_MAX && len_u >= acked_u && len_u % BLOCK == 0, "unary: durable %llu, acknowledged %llu",
+          (unsigned long long)len_u, (unsigned long long)acked_u);
+    CHECK(len_s != UINT64_MAX && len_s >= acked_s && len_s % BLOCK == 0, "stream: durable %llu, acknowledged %llu",
+          (unsigned long long)len_s, (unsigned long long)acked_s);
+    CHECK_RC(check_layer(c, unary, len_u, 11), 0);
+    CHECK_RC(check_layer(c, streamed, len_s, 12), 0);
+    fprintf(stderr, "kill -9 under writers: unary acked %llu durable %llu, stream acked %llu durable %llu\n",
+            (unsigned long long)acked_u, (unsigned long long)len_u, (unsigned long long)acked_s,
+            (unsigned long long)len_s);
+
+    /* 2. SIGTERM with a stream in flight: it finishes within the grace period */
+    uint64_t g = 0, len = 0, blocks = 0;
+    CHECK_RC(create(c, "life", "graceful", 128, msg, &g), 0);
+    kvc_stream *st;
+    CHECK_RC(kvc_stream_open(c, "AppendStream", 10000, &st), 0);
+    CHECK_RC(stream_block(st, g, 0, 13, 0), 0);
+    CHECK_RC(stream_block(st, g, 1, 13, 0), 0);
+    sleep_ms(100);
+    kill(pid, SIGTERM);
+    sleep_ms(300);
+    kvc_conn *late;
+    CHECK_RC(kvc_connect(dir, &late), 0);
+    Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+    ProtobufCMessage *rep = NULL;
+    CHECK(kvc_call(late, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg) != 0,
+          "a new connection is refused while shutting down");
+    kvc_close(late);
+    CHECK_RC(stream_block(st, g, 2, 13, 0), 0);
+    CHECK_RC(stream_end(st, &len, &blocks, msg), GRPC_STATUS_OK);
+    CHECK(len == 3 * BLOCK && blocks == 3, "the in-flight stream completed: %llu tokens, %llu blocks",
+          (unsigned long long)len, (unsigned long long)blocks);
+    kvc_close(c);
+    CHECK(wait_exit(pid, 10000) == 0, "kvarcd exits 0 after the in-flight call");
+
+    /* 3. a stream idle past a short grace period is cancelled */
+    const char *short_grace[] = { "--grace-ms", "300", NULL };
+    pid = start_daemon_args(short_grace);
+    CHECK_RC(kvc_connect(dir, &c), 0);
+    CHECK(wait_ready(c), "kvarcd ready (short grace)");
+    uint64_t idle = 0;
+    CHECK_RC(create(c, "life", "idle", 128, msg, &idle), 0);
+    CHECK_RC(kvc_stream_open(c, "AppendStream", 10000, &st), 0);
+    CHECK_RC(stream_block(st, idle, 0, 14, 0), 0);
+    CHECK_RC(stream_block(st, idle, 1, 14, 0), 0);
+    sleep_ms(200);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    kill(pid, SIGTERM);
+    int code = wait_exit(pid, 10000);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double waited = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    CHECK(code == 0, "kvarcd exits 0 after cancelling the idle stream (code %d)", code);
+    CHECK(waited < 5.0, "shutdown took %.2f s with a 0.3 s grace", waited);
+    int fin = stream_end(st, &len, &blocks, msg);
+    CHECK(fin != GRPC_STATUS_OK, "the idle stream did not succeed: %s", kvc_status_name(fin));
+    kvc_close(c);
+    pid = start_daemon();
+    CHECK_RC(kvc_connect(dir, &c), 0);
+    CHECK(wait_ready(c), "kvarcd ready again");
+    CHECK(layer0_length(c, idle) == 2 * BLOCK, "the idle stream's received blocks are durable");
+    CHECK_RC(check_layer(c, idle, 2 * BLOCK, 14), 0);
+    kvc_close(c);
+    kill(pid, SIGTERM);
+    CHECK(wait_exit(pid, 10000) == 0, "final SIGTERM exits 0");
+    if (!tu_failures) {
+        char log[300];
+        snprintf(log, sizeof log, "%s.log", dir);
+        if (!getenv("KEEP")) {
+            unlink(log);
+            eu_rmrf(dir);
+        }
+    }
+    return tu_finish("test_kvarcd_life");
+}
