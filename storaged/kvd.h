@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "kvarc_schema.h"
+#include "kvg.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -160,6 +161,18 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
  * and scales[count], verified. */
 int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
                   uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err);
+
+/* Stage 1 over the stored signatures of (conv, layer, head), positions
+ * [0, len): the best k (1..KVD_SEARCH_K_MAX) by kvg_score_ref(mode,
+ * combine) over the prepared queries qs[n_q], best first, ties to the lower
+ * position: pos_out[k], score_out[k] (may be NULL). Scans in chunks of
+ * KVD_SEARCH_CHUNK tokens, so memory stays bounded at any length; the
+ * answer equals one kvg_topk_ref over the whole layer. Returns the count. */
+#define KVD_SEARCH_CHUNK 65536
+#define KVD_SEARCH_K_MAX 65536
+long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint32_t head_dim, uint64_t len,
+                int mode, int combine, const kvg_query *qs, int n_q, size_t k, uint64_t *pos_out,
+                float *score_out, kvd_err *err);
 
 /* Stage 2: score the shortlist exactly against the queries of a GQA group
  * (q[n_q][head_dim], fp32, combined by max; the score is q.k of the

@@ -593,28 +593,20 @@ static int h_search(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     DECODE(Kvarc__V1__SearchRequest, kvarc__v1__search_request__unpack, req);
     conv_rec info;
     uint64_t llen = 0;
-    uint8_t *bits = NULL;
-    uint16_t *sc = NULL;
-    float *scores = NULL, *best = NULL;
-    uint32_t *idx = NULL;
+    float *best = NULL;
     uint64_t *pos = NULL;
     kvg_query *qs = NULL;
     int rc = visible_conv(c, req->conv, &info, err);
     size_t d = info.shape.head_dim;
     if (!rc && (req->n_queries < 1 || req->n_queries > 64 || (size_t)req->n_queries * d != req->n_query ||
-                req->mode > 1 || req->combine > 1 || req->k < 1 || req->k > 65536))
+                req->mode > 1 || req->combine > 1 || req->k < 1 || req->k > KVD_SEARCH_K_MAX))
         rc = kvd_fail(err, -EINVAL, "search needs n_queries 1..64 with n_queries x head_dim (%zu) values, "
-                      "mode 0|1, combine 0|1, k 1..65536", d);
+                      "mode 0|1, combine 0|1, k 1..%d", d, KVD_SEARCH_K_MAX);
     if (!rc)
         rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, &llen, err);
-    if (!rc && llen * (d / 8 + 2) > (1ull << 31))
-        rc = kvd_fail(err, -E2BIG, "layer of %llu tokens is too large to search in one call", (unsigned long long)llen);
-    if (!rc && !((bits = malloc(llen * d / 8 + 1)) && (sc = malloc(llen * 2 + 2)) &&
-                 (scores = malloc(llen * 4 + 4)) && (idx = malloc(req->k * 4)) && (best = malloc(req->k * 4)) &&
-                 (pos = malloc(req->k * 8)) && (qs = malloc(req->n_queries * sizeof *qs))))
-        rc = kvd_fail(err, -ENOMEM, "out of memory for a layer of %llu tokens", (unsigned long long)llen);
-    if (!rc && llen)
-        rc = kvd_read_sigs(c->w->reader, req->conv, req->layer, req->head, 0, llen, bits, sc, err);
+    if (!rc && !((best = malloc(req->k * 4)) && (pos = malloc(req->k * 8)) &&
+                 (qs = malloc(req->n_queries * sizeof *qs))))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
     float mu[KVARC_HEAD_DIM_MAX];
     if (!rc)
         rc = kvd_conv_means(c->w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
@@ -626,15 +618,12 @@ static int h_search(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
             kvd_fail(err, rc, "query %u: %s", h, kvarc_strerror(rc));
     long got = 0;
     if (!rc && llen) {
-        rc = kvg_score_ref((kvg_score_mode)req->mode, (kvg_combine)req->combine, qs, (int)req->n_queries, bits, sc,
-                           llen, scores);
-        got = rc ? 0 : kvg_topk_ref(scores, llen, req->k, idx, best, NULL);
+        got = kvd_search(c->w->reader, req->conv, req->layer, req->head, (uint32_t)d, llen, (int)req->mode,
+                         (int)req->combine, qs, (int)req->n_queries, req->k, pos, best, err);
         if (got < 0)
-            rc = kvd_fail(err, (int)got, "top-k failed: %s", kvarc_strerror((int)got));
+            rc = (int)got;
     }
     if (!rc) {
-        for (long i = 0; i < got; i++)
-            pos[i] = idx[i];
         Kvarc__V1__SearchReply r = KVARC__V1__SEARCH_REPLY__INIT;
         r.n_positions = (size_t)got;
         r.positions = pos;
@@ -643,7 +632,9 @@ static int h_search(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
         *out = pack(&r.base);
     }
     kvarc__v1__search_request__free_unpacked(req, NULL);
-    free(bits); free(sc); free(scores); free(idx); free(best); free(pos); free(qs);
+    free(best);
+    free(pos);
+    free(qs);
     return rc;
 }
 

@@ -1,0 +1,74 @@
+/* test_engine_search: stage 1 over stored signatures (kvd_search) scans in
+ * chunks of KVD_SEARCH_CHUNK tokens; over a layer of 2.2 chunks its answer
+ * must equal one kvg_topk_ref over the whole layer, positions and scores,
+ * in both score modes (Hamming scores are integers: many ties, which must
+ * still go to the lower position), for k from 1 to past a chunk's
+ * boundary, GQA max and mean; a zero k and an empty layer are handled. */
+#include <errno.h>
+
+#include "engine_util.h"
+#include "kvg.h"
+
+#define D 128
+
+int main(void)
+{
+    char dir[256];
+    eu_tmpdir(dir, sizeof dir, "search");
+    kvd_options o = { .dir = dir };
+    kvd_engine *e;
+    kvd_err err = { 0 };
+    CHECK_RC(kvd_open(&o, &e, &err), 0);
+    kvd_shape s = eu_shape(2, 1, KVARC_FMT_Q3);
+    kvd_conv_info ci;
+    CHECK_RC(kvd_conv_create(e, "s", "c", &s, NULL, &ci, &err), 0);
+    const uint64_t len = 2 * KVD_SEARCH_CHUNK + KVD_SEARCH_CHUNK / 5;
+    for (uint64_t p = 0; p < len; p += 8192)
+        CHECK_RC(eu_append(e, &ci, 3, 0, p, (uint32_t)(len - p < 8192 ? len - p : 8192), &err), 0);
+    kvd_reader *r;
+    CHECK_RC(kvd_reader_open(e, &r, &err), 0);
+
+    uint8_t *bits = malloc(len * D / 8);
+    uint16_t *sc = malloc(len * 2);
+    float *scores = malloc(len * 4), zero[D] = { 0 }, q[4 * D];
+    uint32_t *idx = malloc(5000 * 4);
+    uint64_t *pos = malloc(5000 * 8);
+    float *best = malloc(5000 * 4), *want = malloc(5000 * 4);
+    CHECK_RC(kvd_read_sigs(r, ci.id, 0, 0, 0, len, bits, sc, &err), 0);
+    tu_rng rng = { 5 };
+    for (int i = 0; i < 4 * D; i++)
+        q[i] = tu_gauss(&rng);
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, D, s.seed);
+    kvg_query qs[4];
+    for (int h = 0; h < 4; h++)
+        CHECK_RC(kvg_query_prep_ref(&rot, zero, KVARC_DTYPE_F32, q + h * D, &qs[h]), 0);
+
+    static const size_t ks[] = { 1, 64, 512, 4096 };
+    for (int mode = 0; mode < 2; mode++)
+        for (int comb = 0; comb < 2; comb++)
+            for (int nq = 1; nq <= 4; nq += 3)
+                for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+                    size_t k = ks[ki];
+                    CHECK_RC(kvg_score_ref((kvg_score_mode)mode, (kvg_combine)comb, qs, nq, bits, sc, len, scores), 0);
+                    long w = kvg_topk_ref(scores, len, k, idx, want, NULL);
+                    long got = kvd_search(r, ci.id, 0, 0, D, len, mode, comb, qs, nq, k, pos, best, &err);
+                    CHECK(got == w && got == (long)k, "mode %d comb %d nq %d k %zu: %ld vs %ld", mode, comb, nq, k,
+                          got, w);
+                    int same = got == w;
+                    for (long i = 0; same && i < got; i++)
+                        same = pos[i] == idx[i] && best[i] == want[i];
+                    CHECK(same, "mode %d comb %d nq %d k %zu: chunked answer equals the whole-layer top-k", mode,
+                          comb, nq, k);
+                }
+    CHECK(kvd_search(r, ci.id, 0, 0, D, len, 0, 0, qs, 1, 0, pos, best, &err) == -EINVAL, "k 0 refused");
+    CHECK(kvd_search(r, ci.id, 1, 0, D, 0, 0, 0, qs, 1, 8, pos, best, &err) == 0, "an empty layer answers nothing");
+    CHECK(kvd_search(r, ci.id, 0, 0, D, len + 1, 0, 0, qs, 1, 8, pos, best, &err) < 0, "past the end refused");
+
+    free(bits); free(sc); free(scores); free(idx); free(pos); free(best); free(want);
+    kvd_reader_close(r);
+    kvd_close(e);
+    if (!tu_failures)
+        eu_rmrf(dir);
+    return tu_finish("test_engine_search");
+}
