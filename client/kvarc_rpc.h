@@ -70,6 +70,13 @@ int kvc_sstream_open(kvc_conn *c, const char *method, const ProtobufCMessage *re
                      kvc_stream **out);
 int kvc_sstream_next(kvc_stream *s, const ProtobufCMessageDescriptor *desc, ProtobufCMessage **m);
 
+/* A long whole-archive call (Verify, Compact): progress(arg, done, total)
+ * for each progress event, then *last is the event carrying the result
+ * (free it with protobuf_c_message_free_unpacked). Returns the status. */
+int kvc_job(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
+            void (*progress)(void *arg, uint64_t done, uint64_t total), void *arg,
+            Kvarc__V1__JobEvent **last, char *msg, size_t msglen);
+
 /* Name of a gRPC status code ("NOT_FOUND"). */
 const char *kvc_status_name(int code);
 

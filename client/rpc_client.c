@@ -444,3 +444,39 @@ int kvc_sstream_next(kvc_stream *s, const ProtobufCMessageDescriptor *desc, Prot
     grpc_byte_buffer_destroy(recv);
     return *m ? 1 : -EIO;
 }
+
+int kvc_job(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
+            void (*progress)(void *arg, uint64_t done, uint64_t total), void *arg,
+            Kvarc__V1__JobEvent **last, char *msg, size_t msglen)
+{
+    kvc_stream *s;
+    *last = NULL;
+    int rc = kvc_sstream_open(c, method, req, timeout_ms, &s);
+    if (rc) {
+        snprintf(msg, msglen, "%s: cannot start the call (%d)", method, rc);
+        return GRPC_STATUS_INTERNAL;
+    }
+    ProtobufCMessage *m;
+    while (kvc_sstream_next(s, &kvarc__v1__job_event__descriptor, &m) == 1) {
+        Kvarc__V1__JobEvent *ev = (Kvarc__V1__JobEvent *)m;
+        if (ev->verify || ev->compact) {
+            if (*last)
+                protobuf_c_message_free_unpacked(&(*last)->base, NULL);
+            *last = ev;
+        } else {
+            if (progress)
+                progress(arg, ev->done, ev->total);
+            protobuf_c_message_free_unpacked(m, NULL);
+        }
+    }
+    int status = kvc_stream_finish(s, &kvarc__v1__empty__descriptor, NULL, msg, msglen);
+    if (!status && !*last) {
+        snprintf(msg, msglen, "%s ended without its result", method);
+        status = GRPC_STATUS_INTERNAL;
+    }
+    if (status && *last) {
+        protobuf_c_message_free_unpacked(&(*last)->base, NULL);
+        *last = NULL;
+    }
+    return status;
+}

@@ -256,8 +256,10 @@ int kvd_compact(kvd_engine *e, double threshold, uint64_t *reclaimed_out, kvd_pr
             }
             off += bytes;
             done += bytes;
-            if (fn)
-                fn(arg, done, total);
+            if (fn && fn(arg, done, total)) {
+                rc = kvd_fail(err, -ECANCELED, "compaction stopped before switching the index: nothing changed");
+                break;
+            }
         }
         seg_unpin(e, sid);
     }

@@ -194,7 +194,9 @@ typedef struct kvd_stats {
 int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err);
 
 /* Progress of a long operation: done of total units (bytes). */
-typedef void (*kvd_progress_fn)(void *arg, uint64_t done, uint64_t total);
+/* Progress of long work: done of total bytes. Return nonzero to stop it:
+ * the call then returns -ECANCELED, having changed nothing. */
+typedef int (*kvd_progress_fn)(void *arg, uint64_t done, uint64_t total);
 
 /* Rewrite sealed segments whose live ratio is below `threshold` (0..1)
  * and drop the records of deleted conversations nothing shares. Old files

@@ -19,11 +19,19 @@
  *     (no message) leads to the reply.
  *   SENDING (LoadSignatures): one chunk in flight at a time; its completion
  *     reads and sends the next (rpc_sig_step) until the plan is done.
+ *   JOB (Verify, Compact): rpc_job_start hands the call to a thread of its
+ *     own, so long work holds no worker. The engine's progress callback
+ *     (job_progress) sends an event when none is in flight (job_sending);
+ *     the worker frees it on completion (rpc_on_job_sent). At the end the
+ *     thread waits for job_sending to clear, then rpc_finish. When the
+ *     grace period is over, job_progress returns nonzero and the engine
+ *     stops (-ECANCELED, nothing changed).
  *   FINISHING: every buffer, slice and the call are released.
  * Invariants: 1. every buffer a batch refers to lives in the rpc_call until
  * that batch's event arrives; 2. only the worker owning the queue touches a
  * call; 3. shutdown order: shutdown_and_notify -> after the grace period
- * cancel_all_calls -> wait the notify tag -> wait until no call is in
+ * cancel_all_calls and stop jobs -> wait the notify tag -> wait for the
+ * job threads -> wait until no call is in
  * flight (a cancelled call's last batch must find its queue open) ->
  * destroy the server -> shut down and drain every queue -> join the workers.
  */
@@ -46,7 +54,7 @@
 #include "kvg.h"
 #include "rpc_server.h"
 
-enum { REQUESTED, RECEIVING, SENDING, FINISHING };
+enum { REQUESTED, RECEIVING, SENDING, JOB, FINISHING };
 
 typedef struct rpc_worker rpc_worker;
 
@@ -59,6 +67,8 @@ struct rpc_server {
     rpc_log_fn    log;
     const auth_tokens *tokens;  /* NULL: no TCP listener, no tokens */
     atomic_int    in_flight;    /* calls past REQUESTED, not yet freed */
+    atomic_int    jobs;         /* job threads running (Verify, Compact) */
+    atomic_int    stopping;     /* the grace period is over: jobs stop at their next progress */
 };
 
 struct rpc_worker {
@@ -82,6 +92,13 @@ typedef struct rpc_call {
     char                method[64];
     const auth_scope   *scope;          /* the caller's token; NULL = local, unscoped */
     uint64_t            log_conv;       /* the conversation it touched, for the log line */
+    /* JOB: the handler runs on its own thread; progress events go out one at a time */
+    atomic_int          job_sending;    /* a progress event is in flight (job_buf) */
+    grpc_byte_buffer   *job_buf;
+    int64_t             job_last_ns;
+    uint8_t            *job_in;         /* the request bytes, the thread's own copy */
+    size_t              job_len;
+    int               (*job_fn)(struct rpc_call *, const uint8_t *, size_t, grpc_byte_buffer **, kvd_err *);
     int                 streaming;      /* AppendStream: messages until the client closes */
     uint64_t            stream_blocks, stream_len;
     /* LoadSignatures: the plan, and where it is */
@@ -115,7 +132,8 @@ grpc_status_code rpc_status_of(int rc)
     case KVARC_EVERSION:
     case KVARC_EDTYPE:
     case KVARC_ENONFINITE: return GRPC_STATUS_INVALID_ARGUMENT;
-    case -EBUSY:           return GRPC_STATUS_UNAVAILABLE;
+    case -EBUSY:
+    case -ECANCELED:       return GRPC_STATUS_UNAVAILABLE;
     case -EACCES:          return GRPC_STATUS_PERMISSION_DENIED;
     default:               return GRPC_STATUS_INTERNAL;
     }
@@ -661,6 +679,37 @@ static int h_stats(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer 
     return rc;
 }
 
+/* The engine's progress callback for a JOB call: an event at most every
+ * 200 ms, and none while one is in flight. Nonzero once the daemon's
+ * grace period is over. */
+static int job_progress(void *arg, uint64_t done, uint64_t total)
+{
+    rpc_call *c = arg;
+    if (atomic_load(&c->w->s->stopping))
+        return 1;
+    int64_t now = now_ns(CLOCK_MONOTONIC);
+    if (now - c->job_last_ns < 200000000 || atomic_load(&c->job_sending))
+        return 0;
+    c->job_last_ns = now;
+    Kvarc__V1__JobEvent ev = KVARC__V1__JOB_EVENT__INIT;
+    ev.done = done;
+    ev.total = total;
+    c->job_buf = pack(&ev.base);
+    if (!c->job_buf)
+        return 0;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = c->job_buf;
+    atomic_store(&c->job_sending, 1);
+    if (grpc_call_start_batch(c->call, &op, 1, c, NULL) != GRPC_CALL_OK) {
+        grpc_byte_buffer_destroy(c->job_buf);
+        c->job_buf = NULL;
+        atomic_store(&c->job_sending, 0);
+    }
+    return 0;
+}
+
 typedef struct verify_lines {
     char  *v[100];
     size_t n;
@@ -681,7 +730,7 @@ static int h_verify(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     kvd_verify_report rep;
     int rc = admin_check(c, err);
     if (!rc)
-        rc = kvd_verify(c->w->s->e, &rep, keep_line, &vl, NULL, NULL, err);
+        rc = kvd_verify(c->w->s->e, &rep, keep_line, &vl, job_progress, c, err);
     if (rc == 0 || rc == KVARC_ECORRUPT) {       /* problems are the answer, not a failure */
         Kvarc__V1__VerifyReply r = KVARC__V1__VERIFY_REPLY__INIT;
         r.segments = rep.segments;
@@ -692,7 +741,10 @@ static int h_verify(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
         r.problems = rep.problems;
         r.lines = vl.v;
         r.n_lines = vl.n;
-        *out = pack(&r.base);
+        Kvarc__V1__JobEvent ev = KVARC__V1__JOB_EVENT__INIT;
+        ev.done = ev.total = rep.bytes;
+        ev.verify = &r;
+        *out = pack(&ev.base);
         rc = 0;
     }
     for (size_t i = 0; i < vl.n; i++)
@@ -708,14 +760,20 @@ static int h_compact(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffe
     uint64_t reclaimed = 0;
     int rc = admin_check(c, err);
     if (!rc)
-        rc = kvd_compact(c->w->s->e, th, &reclaimed, NULL, NULL, err);
+        rc = kvd_compact(c->w->s->e, th, &reclaimed, job_progress, c, err);
     if (!rc) {
         Kvarc__V1__CompactReply r = KVARC__V1__COMPACT_REPLY__INIT;
         r.reclaimed = reclaimed;
-        *out = pack(&r.base);
+        Kvarc__V1__JobEvent ev = KVARC__V1__JOB_EVENT__INIT;
+        ev.compact = &r;
+        *out = pack(&ev.base);
     }
     return rc;
 }
+
+static const struct { const char *path; handler_fn fn; } jobs[] = {
+    { "/kvarc.v1.Kvarc/Verify", h_verify }, { "/kvarc.v1.Kvarc/Compact", h_compact },
+};
 
 static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/Health", h_health },     { "/kvarc.v1.Kvarc/Create", h_create },
@@ -724,8 +782,7 @@ static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/Fork", h_fork },         { "/kvarc.v1.Kvarc/Snapshot", h_snapshot },
     { "/kvarc.v1.Kvarc/Restore", h_restore },   { "/kvarc.v1.Kvarc/Append", h_append },
     { "/kvarc.v1.Kvarc/Fetch", h_fetch },       { "/kvarc.v1.Kvarc/Rerank", h_rerank },
-    { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Verify", h_verify },
-    { "/kvarc.v1.Kvarc/Compact", h_compact },   { "/kvarc.v1.Kvarc/Search", h_search },
+    { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Search", h_search },
 };
 
 /* ---- call state machine ---------------------------------------------------- */
@@ -761,6 +818,7 @@ static void call_free(rpc_call *c)
         grpc_byte_buffer_destroy(c->resp);
     if (c->state == FINISHING)
         grpc_slice_unref(c->status_details);
+    free(c->job_in);
     grpc_call_details_destroy(&c->details);
     grpc_metadata_array_destroy(&c->md);
     free(c);
@@ -944,6 +1002,57 @@ static void rpc_sig_start(rpc_call *c, const uint8_t *in, size_t len)
     rpc_sig_step(c);
 }
 
+/* A JOB call's thread: run the handler, wait for the last progress event
+ * to be sent, then finish the call as any other. */
+static void *job_main(void *arg)
+{
+    rpc_call *c = arg;
+    rpc_server *s = c->w->s;
+    kvd_err err = { 0, "" };
+    int rc = c->job_fn(c, c->job_in, c->job_len, &c->resp, &err);
+    if (!rc && !c->resp)
+        rc = kvd_fail(&err, -ENOMEM, "out of memory encoding the reply");
+    while (atomic_load(&c->job_sending)) {
+        struct timespec d = { 0, 1000000 };
+        nanosleep(&d, NULL);
+    }
+    c->status = rpc_status_of(rc);
+    rpc_finish(c, &err);
+    atomic_fetch_sub(&s->jobs, 1);
+    return NULL;
+}
+
+static void rpc_job_start(rpc_call *c, handler_fn fn, grpc_slice all)
+{
+    kvd_err err = { 0, "" };
+    c->job_len = GRPC_SLICE_LENGTH(all);
+    c->job_in = malloc(c->job_len + 1);
+    c->job_fn = fn;
+    c->state = JOB;
+    pthread_t th;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    atomic_fetch_add(&c->w->s->jobs, 1);
+    if (c->job_in)
+        memcpy(c->job_in, GRPC_SLICE_START_PTR(all), c->job_len);
+    if (!c->job_in || pthread_create(&th, &at, job_main, c)) {
+        atomic_fetch_sub(&c->w->s->jobs, 1);
+        c->status = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        kvd_fail(&err, -ENOMEM, "%s: cannot start its thread", c->method);
+        rpc_finish(c, &err);
+    }
+    pthread_attr_destroy(&at);
+}
+
+/* A progress event of a JOB call went out (or failed): free it. */
+static void rpc_on_job_sent(rpc_call *c)
+{
+    grpc_byte_buffer_destroy(c->job_buf);
+    c->job_buf = NULL;
+    atomic_store(&c->job_sending, 0);
+}
+
 /* Who is calling: a unix-socket peer passed the socket's 0600 mode and is
  * unscoped unless it sends a token; a TCP peer must send a known token. */
 static grpc_status_code authenticate(rpc_call *c, kvd_err *err)
@@ -991,6 +1100,13 @@ static void rpc_on_received(rpc_call *c)
         rpc_stream_step(c);
         return;
     }
+    for (size_t i = 0; c->req && i < sizeof jobs / sizeof jobs[0]; i++)
+        if (!grpc_slice_str_cmp(c->details.method, jobs[i].path)) {
+            grpc_slice all = bb_slice(c->req);
+            rpc_job_start(c, jobs[i].fn, all);
+            grpc_slice_unref(all);
+            return;
+        }
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
         if (!grpc_slice_str_cmp(c->details.method, routes[i].path))
             fn = routes[i].fn;
@@ -1032,6 +1148,8 @@ static void *worker_main(void *p)
                 rpc_on_received(c);
             else
                 call_free(c);            /* client went away */
+        } else if (c->state == JOB) {
+            rpc_on_job_sent(c);
         } else if (c->state == SENDING) {
             if (ev.success)
                 rpc_sig_step(c);
@@ -1146,6 +1264,7 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
         int busy = atomic_load(&s->in_flight) > 0;
         if (!busy || gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), end) >= 0) {
             cancelled = busy;
+            atomic_store(&s->stopping, 1);
             grpc_server_cancel_all_calls(s->server);
             grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
             break;
@@ -1154,6 +1273,11 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
     /* Cancelled calls still get their last events on the workers' queues,
      * and a handler may start one more batch (the status): the queues stay
      * open until every call is freed. */
+    atomic_store(&s->stopping, 1);
+    while (atomic_load(&s->jobs) > 0) {       /* they stop at their next progress call */
+        struct timespec d = { 0, 1000000 };
+        nanosleep(&d, NULL);
+    }
     for (int i = 0; i < 10000 && atomic_load(&s->in_flight) > 0; i++) {
         struct timespec d = { 0, 1000000 };
         nanosleep(&d, NULL);

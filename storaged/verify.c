@@ -147,8 +147,10 @@ static int scan_segment(int fd, uint64_t seg, uint64_t limit, blklist *out, uint
         }
         off += bytes;
         *done += bytes;
-        if (fn)
-            fn(parg, *done, total);
+        if (fn && fn(parg, *done, total)) {
+            rc = -ECANCELED;
+            break;
+        }
     }
     if (!rc && off != limit && off + KVARC_BLOCK_HEADER > limit && off < limit) {
         rc = KVARC_ECORRUPT;
@@ -223,8 +225,9 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
         seg_unpin(e, segs[i].id);
         rep->segments++;
         rep->bytes += segs[i].bytes;
-        if (src == -ENOMEM) {
-            rc = kvd_fail(err, src, "out of memory while verifying");
+        if (src == -ENOMEM || src == -ECANCELED) {
+            rc = kvd_fail(err, src, src == -ECANCELED ? "verify stopped before it finished"
+                                                      : "out of memory while verifying");
             goto out;
         }
         if (src)
@@ -397,8 +400,8 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
          * a header that fails ends the segment: a torn tail */
         int src = scan_segment(sf[i].fd, sf[i].id, (uint64_t)st.st_size, &bl, &sf[i].valid, &records,
                                &what, fn, arg, &done, total, NULL, NULL, &bad_blocks);
-        if (src == -ENOMEM) {
-            rc = kvd_fail(err, src, "out of memory");
+        if (src == -ENOMEM || src == -ECANCELED) {
+            rc = kvd_fail(err, src, src == -ECANCELED ? "rebuild stopped before it wrote anything" : "out of memory");
             goto out;
         }
         /* a failing block ends the segment's usable part: a torn tail */

@@ -65,6 +65,15 @@ static off_t first_record_offset(const char *dir, uint64_t conv, uint64_t *seg_o
     return -1;
 }
 
+/* A progress callback that stops the work at its third call. */
+static int stop_after(void *arg, uint64_t done, uint64_t total)
+{
+    int *calls = arg;
+    (void)done;
+    (void)total;
+    return ++*calls >= 3;
+}
+
 int main(void)
 {
     char dir[256];
@@ -102,6 +111,18 @@ int main(void)
     CHECK_RC(kvd_conv_delete(e, "ns", "a", &err), 0);
     CHECK_RC(kvd_conv_delete(e, "ns", "c", &err), 0);
     uint64_t reclaimed = 0;
+    /* stopped by its progress callback: -ECANCELED, nothing changed */
+    int calls = 0;
+    kvd_stats stc;
+    CHECK_RC(kvd_stats_get(e, &stc, &err), 0);
+    CHECK_RC(kvd_compact(e, 0.9, &reclaimed, stop_after, &calls, &err), -ECANCELED);
+    CHECK_RC(kvd_stats_get(e, &st1, &err), 0);
+    CHECK(calls == 3 && st1.segment_bytes == stc.segment_bytes && st1.segments == stc.segments,
+          "a stopped compaction leaves the segments as they were (%d calls)", calls);
+    calls = 0;
+    CHECK_RC(kvd_verify(e, &rep, linelog, &lines, stop_after, &calls, &err), -ECANCELED);
+    CHECK_RC(kvd_verify(e, &rep, linelog, &lines, NULL, NULL, &err), 0);
+    CHECK(rep.problems == 0, "verify after a stopped compaction and verify");
     CHECK_RC(kvd_compact(e, 0.9, &reclaimed, NULL, NULL, &err), 0);
     CHECK_RC(kvd_stats_get(e, &st1, &err), 0);
     printf("  compaction reclaimed %llu bytes: %llu -> %llu bytes in segments\n",

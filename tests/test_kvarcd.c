@@ -61,6 +61,14 @@ static int rpc_load_sigs(kvc_conn *c, uint64_t conv, uint64_t first, uint64_t co
     return status ? status : bad ? 100 : 0;
 }
 
+static void count_progress(void *arg, uint64_t done, uint64_t total)
+{
+    uint64_t *p = arg;
+    p[0]++;
+    p[1] = done;
+    p[2] = total;
+}
+
 /* A client process: 25 creates and opens in namespace "many". */
 static int client_main(int p, const char *d)
 {
@@ -201,19 +209,24 @@ int main(int argc, char **argv)
                   (unsigned long long)((Kvarc__V1__StatsReply *)rep)->tokens);
             protobuf_c_message_free_unpacked(rep, NULL);
         }
-        rep = NULL;
-        CHECK_RC(kvc_call(c, "Verify", &e0.base, &kvarc__v1__verify_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
-        if (rep) {
-            CHECK(((Kvarc__V1__VerifyReply *)rep)->problems == 0 && ((Kvarc__V1__VerifyReply *)rep)->records == 1000,
-                  "verify over the service");
-            protobuf_c_message_free_unpacked(rep, NULL);
+        Kvarc__V1__JobEvent *ev = NULL;
+        uint64_t prog[3] = { 0, 0, 0 };      /* events, last done, last total */
+        CHECK_RC(kvc_job(c, "Verify", &e0.base, 0, count_progress, prog, &ev, msg, sizeof msg), 0);
+        CHECK(prog[0] >= 1 && prog[1] <= prog[2] && prog[2] > 0, "verify streams progress: %llu events, %llu of %llu",
+              (unsigned long long)prog[0], (unsigned long long)prog[1], (unsigned long long)prog[2]);
+        if (ev) {
+            CHECK(ev->verify && ev->verify->problems == 0 && ev->verify->records == 1000, "verify over the service");
+            protobuf_c_message_free_unpacked(&ev->base, NULL);
         }
         Kvarc__V1__CompactRequest cr = KVARC__V1__COMPACT_REQUEST__INIT;
         cr.threshold = 2.0f;
-        CHECK_RC(kvc_call(c, "Compact", &cr.base, &kvarc__v1__compact_reply__descriptor, NULL, 0, msg, sizeof msg),
-                 GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK_RC(kvc_job(c, "Compact", &cr.base, 0, NULL, NULL, &ev, msg, sizeof msg), GRPC_STATUS_INVALID_ARGUMENT);
         cr.threshold = 0.5f;
-        CHECK_RC(kvc_call(c, "Compact", &cr.base, &kvarc__v1__compact_reply__descriptor, NULL, 0, msg, sizeof msg), 0);
+        CHECK_RC(kvc_job(c, "Compact", &cr.base, 0, NULL, NULL, &ev, msg, sizeof msg), 0);
+        if (ev) {
+            CHECK(ev->compact != NULL, "compact's last event carries its result");
+            protobuf_c_message_free_unpacked(&ev->base, NULL);
+        }
     }
     /* AppendStream: 0, 1 and many messages, a bad block mid-stream, a cancel */
     {
@@ -252,11 +265,11 @@ int main(int argc, char **argv)
         CHECK_RC(rpc_load_sigs(c, id, 0, 0, 0, 77, &chunks, &toks, msg), 0);
         CHECK(chunks == 0 && toks == 0, "an empty layer streams no message");
         Kvarc__V1__Empty e0 = KVARC__V1__EMPTY__INIT;
-        ProtobufCMessage *rep = NULL;
-        CHECK_RC(kvc_call(c, "Verify", &e0.base, &kvarc__v1__verify_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
-        if (rep) {
-            CHECK(((Kvarc__V1__VerifyReply *)rep)->problems == 0, "verify after streams");
-            protobuf_c_message_free_unpacked(rep, NULL);
+        Kvarc__V1__JobEvent *ev = NULL;
+        CHECK_RC(kvc_job(c, "Verify", &e0.base, 0, NULL, NULL, &ev, msg, sizeof msg), 0);
+        if (ev) {
+            CHECK(ev->verify && ev->verify->problems == 0, "verify after streams");
+            protobuf_c_message_free_unpacked(&ev->base, NULL);
         }
     }
     /* Search: stage 1 inside kvarcd equals the same scan done here, and finds a needle */

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvarc_admin.h"
 #include "kvarc_rpc.h"
@@ -61,6 +62,32 @@ static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
         o->target = deftarget;
     }
     return 0;
+}
+
+/* Progress of Verify/Compact on stderr: a line redrawn in place on a
+ * terminal, else a line per 10%. */
+typedef struct progress_state {
+    const char *what;
+    int         last;     /* last percent shown (-1: none) */
+    int         tty;
+} progress_state;
+
+static void show_progress(void *arg, uint64_t done, uint64_t total)
+{
+    progress_state *p = arg;
+    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
+    if (pct == p->last || (!p->tty && p->last >= 0 && pct / 10 == p->last / 10))
+        return;
+    p->last = pct;
+    fprintf(stderr, p->tty ? "\r%s: %3d%% (%.1f of %.1f MiB)" : "%s: %d%% (%.1f of %.1f MiB)\n", p->what, pct,
+            (double)done / 1048576.0, (double)total / 1048576.0);
+    fflush(stderr);
+}
+
+static void progress_end(progress_state *p)
+{
+    if (p->tty && p->last >= 0)
+        fprintf(stderr, "\n");
 }
 
 /* The first word of a token file that is not a comment: a client keeps
@@ -332,10 +359,14 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
     } else if (!strcmp(cmd, "verify")) {
         if (!o->json)
             fprintf(stderr, "verifying every block of %s ...\n", o->target);
-        st = kvc_call(k, "Verify", &e.base, &kvarc__v1__verify_reply__descriptor, &rep, 3600000, msg, sizeof msg);
+        Kvarc__V1__JobEvent *ev;
+        progress_state ps = { "verify", -1, isatty(2) };
+        st = kvc_job(k, "Verify", &e.base, 24 * 3600000, o->json ? NULL : show_progress, &ps, &ev, msg, sizeof msg);
+        progress_end(&ps);
         if (st)
             return fail(st, cmd, msg, o->target);
-        Kvarc__V1__VerifyReply *v = (Kvarc__V1__VerifyReply *)rep;
+        Kvarc__V1__VerifyReply *v = ev->verify;
+        rep = &ev->base;
         if (o->json) {
             printf("{\"segments\":%llu,\"blocks\":%llu,\"records\":%llu,\"extents\":%llu,\"bytes\":%llu,"
                    "\"problems\":%llu,\"lines\":[", (unsigned long long)v->segments, (unsigned long long)v->blocks,
@@ -361,10 +392,14 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
         r.threshold = (float)o->threshold;
         if (!o->json)
             fprintf(stderr, "compacting %s ...\n", o->target);
-        st = kvc_call(k, "Compact", &r.base, &kvarc__v1__compact_reply__descriptor, &rep, 3600000, msg, sizeof msg);
+        Kvarc__V1__JobEvent *ev;
+        progress_state ps = { "compact", -1, isatty(2) };
+        st = kvc_job(k, "Compact", &r.base, 24 * 3600000, o->json ? NULL : show_progress, &ps, &ev, msg, sizeof msg);
+        progress_end(&ps);
         if (st)
             return fail(st, cmd, msg, o->target);
-        unsigned long long rec = ((Kvarc__V1__CompactReply *)rep)->reclaimed;
+        rep = &ev->base;
+        unsigned long long rec = ev->compact ? ev->compact->reclaimed : 0;
         printf(o->json ? "{\"reclaimed\":%llu}\n" : "reclaimed %llu bytes\n", rec);
     }
     if (rep)
