@@ -236,7 +236,8 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
                   (unsigned long long)end, what ? what : "read", kvarc_strerror(src),
                   (unsigned long long)end, (unsigned long long)segs[i].bytes);
     }
-    qsort(bl.v, bl.n, sizeof *bl.v, blk_cmp_pos);
+    if (bl.n)   /* an empty archive has no list at all: qsort(NULL) is undefined */
+        qsort(bl.v, bl.n, sizeof *bl.v, blk_cmp_pos);
     rep->blocks = bl.n;
 
     /* every extent points at a matching data block; layers are contiguous */
@@ -406,7 +407,8 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
         }
         /* a failing block ends the segment's usable part: a torn tail */
     }
-    qsort(bl.v, bl.n, sizeof *bl.v, seq_cmp);
+    if (bl.n)
+        qsort(bl.v, bl.n, sizeof *bl.v, seq_cmp);
 
     snprintf(p, sizeof p, "%s/index.rebuild", dir);
     mkdir(p, 0700);

@@ -82,6 +82,14 @@ int main(void)
     kvd_engine *e;
     kvd_err err = { 0 };
     CHECK_RC(kvd_open(&o, &e, &err), 0);
+    {   /* an empty archive verifies (and compacts) clean */
+        kvd_verify_report r0;
+        uint64_t rec0 = 1;
+        CHECK_RC(kvd_verify(e, &r0, NULL, NULL, NULL, NULL, &err), 0);
+        CHECK(r0.problems == 0 && r0.records == 0, "empty archive verify");
+        CHECK_RC(kvd_compact(e, 0.5, &rec0, NULL, NULL, &err), 0);
+        CHECK(rec0 == 0, "empty archive compaction reclaims nothing");
+    }
     kvd_shape s = eu_shape(2, 2, KVARC_FMT_Q3);
     kvd_conv_info a, b, c, d;
     CHECK_RC(kvd_conv_create(e, "ns", "a", &s, NULL, &a, &err), 0);
