@@ -2,7 +2,8 @@
  * client transport: every conversation RPC end to end, each error with its
  * gRPC status and message (malformed bytes, oversized message, unknown
  * method, wrong shape, unknown ids, name clashes) with the daemon staying
- * up; several client processes at once; a second daemon on the same
+ * up; several client processes at once, each appending to its own fork of
+ * one shared prefix while reading that prefix back bit-exact; a second daemon on the same
  * directory refused; kill -9 and restart keep what was acknowledged;
  * SIGTERM exits 0. */
 #include "kvarcd_util.h"
@@ -69,7 +70,10 @@ static void count_progress(void *arg, uint64_t done, uint64_t total)
     p[2] = total;
 }
 
-/* A client process: 25 creates and opens in namespace "many". */
+/* A client process: 25 creates and opens in namespace "many"; then it
+ * forks shared/base (200 tokens of tag 50 in every layer) into shared/pP,
+ * appends 10 blocks of its own (tag 60 + P) and, between appends, reads
+ * both the shared prefix and its own tokens back, bit-exact. */
 static int client_main(int p, const char *d)
 {
     kvc_conn *cc;
@@ -81,6 +85,27 @@ static int client_main(int p, const char *d)
         if (create(cc, "many", name, 128, m, NULL) || open_conv(cc, "many", name, NULL, m)) {
             fprintf(stderr, "client %d: %s: %s\n", p, name, m);
             return 3;
+        }
+    }
+    Kvarc__V1__ForkRequest fr = KVARC__V1__FORK_REQUEST__INIT;
+    fr.src_ns = fr.dst_ns = "shared";
+    fr.src_name = "base";
+    snprintf(name, sizeof name, "p%d", p);
+    fr.dst_name = name;
+    ProtobufCMessage *rep = NULL;
+    if (kvc_call(cc, "Fork", &fr.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, m, sizeof m)) {
+        fprintf(stderr, "client %d: fork: %s\n", p, m);
+        return 4;
+    }
+    uint64_t id = ((Kvarc__V1__ConvReply *)rep)->info->id, len = 0;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    for (int b = 0; b < 10; b++) {
+        uint64_t shared[3] = { (uint64_t)b, 100 + (uint64_t)b * 7, 199 }, own[2] = { 200, 200 + (uint64_t)b * 20 + 19 };
+        int st = rpc_append(cc, id, 0, 200 + (uint64_t)b * 20, 20, 60 + (uint64_t)p, 0, &len, m);
+        if (st || len != 220 + (uint64_t)b * 20 || rpc_fetch_check(cc, id, 0, (uint32_t)b % 2, shared, 3, 50, m) ||
+            rpc_fetch_check(cc, id, 0, (uint32_t)b % 2, own, 2, 60 + (uint64_t)p, m)) {
+            fprintf(stderr, "client %d: block %d: status %d, length %llu: %s\n", p, b, st, (unsigned long long)len, m);
+            return 5;
         }
     }
     kvc_close(cc);
@@ -364,7 +389,12 @@ int main(int argc, char **argv)
     CHECK(wait_ready(c), "daemon down after bad requests");
 
     /* several client processes at once (fork + exec: gRPC must not be used
-     * across a fork) */
+     * across a fork), appending to their own forks of one shared prefix */
+    uint64_t base = 0;
+    CHECK_RC(create(c, "shared", "base", 128, msg, &base), 0);
+    for (uint32_t l = 0; l < 4; l++)         /* a fork shares the length every layer has */
+        for (uint64_t b = 0; b < 10; b++)
+            CHECK_RC(rpc_append(c, base, l, b * 20, 20, 50, 0, NULL, msg), 0);
     for (int p = 0; p < 4; p++)
         if (fork() == 0) {
             char pn[8];
@@ -381,7 +411,13 @@ int main(int argc, char **argv)
     CHECK(all_ok, "a concurrent client process failed");
     int pages;
     CHECK(list_all(c, "many", 7, &pages) == 100 && pages == 15, "paged list of 100 in pages of 7: %d pages", pages);
-    CHECK(list_all(c, "", 1000, &pages) == 106 && pages == 1, "list of every namespace (alpha, streamed, needle, snap, restored, beta + 100)");
+    CHECK(list_all(c, "", 1000, &pages) == 111 && pages == 1,
+          "list of every namespace (alpha, streamed, needle, snap, restored, beta, base, 4 forks + 100)");
+    {   /* the shared prefix is unchanged by its forks' appends */
+        uint64_t pos[3] = { 0, 99, 199 };
+        CHECK_RC(rpc_fetch_check(c, base, 0, 1, pos, 3, 50, msg), 0);
+        CHECK(list_all(c, "shared", 2, &pages) == 5 && pages == 3, "shared: base and 4 forks");
+    }
 
     /* delete */
     Kvarc__V1__DeleteRequest dr = KVARC__V1__DELETE_REQUEST__INIT;
