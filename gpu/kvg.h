@@ -132,6 +132,15 @@ static inline uint32_t kvg_score_key(float s)
     return (c.u & 0x80000000u) ? ~c.u : (c.u | 0x80000000u);
 }
 
+/* ---- RoPE ---------------------------------------------------------------- */
+
+/* Rotate x[d] in place as RoPE at position pos: the pairs of the first
+ * rotary_dims dimensions (layout 0: (i, i + rotary_dims/2); 1: (2i, 2i+1))
+ * turn by pos * theta^(-2i/rotary_dims), angles in double. rotary_dims 0
+ * leaves x alone. q.k of two rotated vectors depends on the difference of
+ * their positions only; pos may be negative (to undo a rotation). */
+void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, double pos);
+
 /* ---- attention ---------------------------------------------------------- */
 
 /* One partition of keys/values for all KV heads, fp32:

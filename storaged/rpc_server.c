@@ -221,7 +221,7 @@ static grpc_slice bb_slice(grpc_byte_buffer *bb)
 
 /* The reply for one conversation, with every layer's durable length (a
  * worker attaching to it continues each layer from there). */
-static grpc_byte_buffer *conv_reply(kvd_engine *e, kvd_conv_info *info)
+static grpc_byte_buffer *conv_reply(kvd_engine *e, kvd_conv_info *info, int with_means)
 {
     Kvarc__V1__ConvReply r = KVARC__V1__CONV_REPLY__INIT;
     Kvarc__V1__ConvInfo ci;
@@ -236,7 +236,24 @@ static grpc_byte_buffer *conv_reply(kvd_engine *e, kvd_conv_info *info)
     ci.n_layer_lengths = nl;
     ci.layer_lengths = lens;
     r.info = &ci;
-    return pack(&r.base);
+    float *means = NULL;
+    size_t per = 2 * (size_t)info->shape.head_dim, nh = info->shape.n_kv_heads;
+    if (with_means && nl && (means = malloc((size_t)nl * nh * per * sizeof *means))) {
+        for (uint32_t l = 0; l < nl && means; l++)
+            for (size_t h = 0; h < nh; h++) {
+                float *m = means + ((size_t)l * nh + h) * per;
+                if (kvd_conv_means(e, info->id, l, (uint32_t)h, m, m + per / 2, &err)) {
+                    free(means);
+                    means = NULL;
+                    break;
+                }
+            }
+        r.n_means = means ? (size_t)nl * nh * per : 0;
+        r.means = means;
+    }
+    grpc_byte_buffer *bb = with_means && !means ? NULL : pack(&r.base);
+    free(means);
+    return bb;
 }
 
 /* ---- namespace scopes ---------------------------------------------------- */
@@ -315,7 +332,7 @@ static int h_create(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     kvarc__v1__create_request__free_unpacked(req, NULL);
     if (!rc) {
         c->log_conv = info.id;
-        *out = conv_reply(c->w->s->e, &info);
+        *out = conv_reply(c->w->s->e, &info, 0);
     }
     return rc;
 }
@@ -331,10 +348,11 @@ static int h_open(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer *
         rc = shape_from_pb(req->expect, &sh, err);
     if (!rc)
         rc = kvd_conv_open(s->e, req->ns, req->name, req->expect ? &sh : NULL, &info, err);
+    int with_means = req->with_means;
     kvarc__v1__open_request__free_unpacked(req, NULL);
     if (!rc) {
         c->log_conv = info.id;
-        *out = conv_reply(c->w->s->e, &info);
+        *out = conv_reply(c->w->s->e, &info, with_means);
     }
     return rc;
 }
@@ -350,7 +368,7 @@ static int h_stat(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer *
         rc = kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)req->id);
     kvarc__v1__stat_request__free_unpacked(req, NULL);
     if (!rc)
-        *out = conv_reply(c->w->s->e, &info);
+        *out = conv_reply(c->w->s->e, &info, 0);
     return rc;
 }
 
@@ -458,7 +476,7 @@ static int fork_common(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buf
     kvarc__v1__fork_request__free_unpacked(req, NULL);
     if (!rc) {
         c->log_conv = info.id;
-        *out = conv_reply(c->w->s->e, &info);
+        *out = conv_reply(c->w->s->e, &info, 0);
     }
     return rc;
 }
@@ -603,6 +621,115 @@ static int h_rerank(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     free(pos);
     free(sc);
     free(recs);
+    return rc;
+}
+
+static int u64_in(const uint64_t *v, size_t n, uint64_t x)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v[mid] < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && v[lo] == x;
+}
+
+#define RERANK_LAYER_ITEMS 8192
+
+/* RerankLayer: every item's exact top_k (kvd_rerank without records), then
+ * the records not held by the client nor already sent for that head. The
+ * reply's records stay under MAX_REPLY_RECORD_BYTES. */
+static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__RerankLayerRequest, kvarc__v1__rerank_layer_request__unpack, req);
+    conv_rec info;
+    int rc = visible_conv(c, req->conv, &info, err);
+    size_t d = info.shape.head_dim, rb = 0, n = req->n_items, total_k = 0;
+    if (!rc && n > RERANK_LAYER_ITEMS)
+        rc = kvd_fail(err, -E2BIG, "RerankLayer of %zu items over the limit of %d", n, RERANK_LAYER_ITEMS);
+    for (size_t i = 0; !rc && i < n; i++) {
+        Kvarc__V1__RerankItem *it = req->items[i];
+        if (it->head >= info.shape.n_kv_heads || it->n_queries < 1 || it->n_queries > 64 ||
+            (size_t)it->n_queries * d != it->n_query || it->n_shortlist > 65536)
+            rc = kvd_fail(err, -EINVAL, "item %zu: head %u of %u, %u queries with %zu values (head_dim %zu), "
+                          "shortlist %zu (at most 65536)", i, it->head, info.shape.n_kv_heads, it->n_queries,
+                          it->n_query, d, it->n_shortlist);
+        for (size_t j = 1; !rc && j < it->n_have; j++)
+            if (it->have[j] <= it->have[j - 1])
+                rc = kvd_fail(err, -EINVAL, "item %zu: `have` must ascend", i);
+        total_k += it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
+    }
+    if (!rc) {
+        rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
+        if (total_k * rb > MAX_REPLY_RECORD_BYTES)
+            rc = kvd_fail(err, -E2BIG, "RerankLayer asks for up to %zu records (%zu bytes), over the %u-byte "
+                          "reply limit: split it", total_k, total_k * rb, MAX_REPLY_RECORD_BYTES);
+    }
+    Kvarc__V1__RerankResult *res = NULL, **resp = NULL;
+    uint64_t *pos = NULL, *want = NULL, *seen = NULL;   /* seen: open-addressing set of (head, pos) + 1 */
+    float *sc = NULL;
+    protobuf_c_boolean *sent = NULL;
+    uint8_t *recs = NULL;
+    size_t nseen = 16;
+    while (nseen < 2 * total_k)
+        nseen *= 2;
+    if (!rc && !((res = calloc(n + 1, sizeof *res)) && (resp = calloc(n + 1, sizeof *resp)) &&
+                 (pos = malloc((total_k + 1) * 8)) && (want = malloc((total_k + 1) * 8)) &&
+                 (seen = calloc(nseen, 8)) && (sc = malloc((total_k + 1) * 4)) &&
+                 (sent = malloc((total_k + 1) * sizeof *sent)) && (recs = malloc(total_k * rb + 1))))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    size_t off = 0, rec_off = 0;
+    for (size_t i = 0; !rc && i < n; i++) {
+        Kvarc__V1__RerankItem *it = req->items[i];
+        size_t k = it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
+        long got = kvd_rerank(c->w->reader, req->conv, req->layer, it->head, it->query, (int)it->n_queries,
+                              it->shortlist, it->n_shortlist, k, pos + off, sc + off, NULL, err);
+        if (got < 0) {
+            rc = (int)got;
+            break;
+        }
+        size_t nw = 0;
+        for (long j = 0; j < got; j++) {
+            uint64_t p = pos[off + (size_t)j];
+            int dup = u64_in(it->have, it->n_have, p);
+            if (!dup) {        /* sent earlier in this reply for the same head? */
+                uint64_t key = ((uint64_t)it->head << 48 | p) + 1;
+                size_t h = (size_t)(key * 0x9e3779b97f4a7c15ull) & (nseen - 1);
+                while (seen[h] && seen[h] != key)
+                    h = (h + 1) & (nseen - 1);
+                dup = seen[h] == key;
+                seen[h] = key;
+            }
+            sent[off + (size_t)j] = !dup;
+            if (!dup)
+                want[nw++] = p;
+        }
+        if (nw && (rc = kvd_read_records(c->w->reader, req->conv, req->layer, it->head, want, nw, recs + rec_off,
+                                         err)))
+            break;
+        kvarc__v1__rerank_result__init(&res[i]);
+        res[i].n_positions = res[i].n_scores = res[i].n_sent = (size_t)got;
+        res[i].positions = pos + off;
+        res[i].scores = sc + off;
+        res[i].sent = sent + off;
+        res[i].records.data = recs + rec_off;
+        res[i].records.len = nw * rb;
+        resp[i] = &res[i];
+        off += (size_t)got;
+        rec_off += nw * rb;
+    }
+    if (!rc) {
+        Kvarc__V1__RerankLayerReply r = KVARC__V1__RERANK_LAYER_REPLY__INIT;
+        r.record_bytes = (uint32_t)rb;
+        r.n_results = n;
+        r.results = resp;
+        *out = pack(&r.base);
+    }
+    kvarc__v1__rerank_layer_request__free_unpacked(req, NULL);
+    free(res); free(resp); free(pos); free(want); free(seen); free(sc); free(sent); free(recs);
     return rc;
 }
 
@@ -782,6 +909,7 @@ static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/Fork", h_fork },         { "/kvarc.v1.Kvarc/Snapshot", h_snapshot },
     { "/kvarc.v1.Kvarc/Restore", h_restore },   { "/kvarc.v1.Kvarc/Append", h_append },
     { "/kvarc.v1.Kvarc/Fetch", h_fetch },       { "/kvarc.v1.Kvarc/Rerank", h_rerank },
+    { "/kvarc.v1.Kvarc/RerankLayer", h_rerank_layer },
     { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Search", h_search },
 };
 

@@ -1,0 +1,345 @@
+/* attend.c - libkvarc's retrieval attention (the CPU path).
+ *
+ * Design notes
+ * One kvarc_attend call, for the layer's last n_q tokens (the chunk):
+ *   ns     = min(sinks, chunk_start)          sink tokens before the chunk
+ *   hot_lo = max(ns, chunk_start - hot_window) exact tokens from here on
+ *   cold   = [ns, hot_lo)                      found by retrieval only
+ * Queries are taken in groups sized so that one RerankLayer call carries
+ * the group (its reply under 8 MiB, its records and the `have` records
+ * fitting in half the cache, so nothing a reply refers to is evicted
+ * before it is used). Per group: stage 1 scores each (query, kv head)
+ * against the cold signatures (kvg_score_ref, the GQA group's queries
+ * combined) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
+ * per query one exact softmax over [sinks][retrieved][hot up to itself]
+ * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvarc_internal.h"
+
+#define ITEMS_MAX 1024
+#define REPLY_RECORD_BYTES (8u << 20)
+
+typedef struct posrec {
+    uint64_t pos;
+    uint32_t j;              /* index in the result (best first) */
+} posrec;
+
+static int by_pos(const void *a, const void *b)
+{
+    uint64_t x = ((const posrec *)a)->pos, y = ((const posrec *)b)->pos;
+    return x < y ? -1 : x > y;
+}
+
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Per call scratch, allocated once. */
+typedef struct scratch {
+    float    *scores;        /* [cold] */
+    uint32_t *idx;           /* [cold] topk output, then scratch */
+    uint32_t *tk_scratch;    /* [cold] */
+    float    *qsc;           /* [items][G][d] scoring queries */
+    uint64_t *shortlist;     /* [items][R] */
+    uint64_t *have;          /* [items][R] */
+    size_t   *nhave;
+    uint64_t *ret_pos;       /* [items][kret] */
+    uint8_t  *ret_rec;       /* [items][kret][rb] */
+    uint32_t *ret_n;         /* [items] */
+    float    *hot_k;         /* [H][nh][d] roped at true positions */
+    float    *sink_k;        /* [H][ns][d] roped */
+    float    *rk, *rv;       /* [H][kret][d] one query's retrieved, roped */
+    float    *qi, *oi;       /* [n_q_heads][d] */
+    float    *hot_v;         /* [H][nh][d] */
+    float    *sink_v;        /* [H][ns][d] */
+    posrec   *pr;            /* [kret] */
+} scratch;
+
+static void scratch_free(scratch *x)
+{
+    free(x->scores); free(x->idx); free(x->tk_scratch); free(x->qsc); free(x->shortlist); free(x->have);
+    free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
+    free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
+}
+
+/* Stage 2 for items [0, n) of the group: one RerankLayer, records resolved
+ * from the reply or the cache into ret_rec. */
+static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *item_head, size_t n, size_t G,
+                  size_t R_n, size_t kret)
+{
+    size_t d = cv->m.head_dim;
+    Kvarc__V1__RerankItem *items = calloc(n, sizeof *items), **ip = calloc(n, sizeof *ip);
+    if (!items || !ip) {
+        free(items);
+        free(ip);
+        return kl_fail(cv, -ENOMEM, "out of memory");
+    }
+    size_t sent_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        kvarc__v1__rerank_item__init(&items[i]);
+        items[i].head = item_head[i];
+        items[i].n_queries = (uint32_t)G;
+        items[i].n_query = G * d;
+        items[i].query = x->qsc + i * G * d;
+        items[i].n_shortlist = R_n;
+        items[i].shortlist = x->shortlist + i * R_n;
+        items[i].top_k = (uint32_t)kret;
+        items[i].n_have = x->nhave[i];
+        items[i].have = x->have + i * R_n;
+        ip[i] = &items[i];
+        sent_bytes += G * d * 4 + R_n * 8 + x->nhave[i] * 8 + 16;
+    }
+    Kvarc__V1__RerankLayerRequest r = KVARC__V1__RERANK_LAYER_REQUEST__INIT;
+    r.conv = cv->id;
+    r.layer = layer;
+    r.n_items = n;
+    r.items = ip;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(cv->cl->conn, "RerankLayer", &r.base, &kvarc__v1__rerank_layer_reply__descriptor, &rep, 0,
+                      cv->err, sizeof cv->err);
+    free(items);
+    free(ip);
+    cv->st.bytes_sent += sent_bytes;
+    if (st)
+        return kl_rc_of_status(st);
+    Kvarc__V1__RerankLayerReply *rl = (Kvarc__V1__RerankLayerReply *)rep;
+    int rc = rl->n_results == n && rl->record_bytes == cv->rb ? 0 :
+             kl_fail(cv, -EIO, "RerankLayer answered %zu results of %u-byte records for %zu items", rl->n_results,
+                     rl->record_bytes, n);
+    for (size_t i = 0; !rc && i < n; i++) {
+        Kvarc__V1__RerankResult *res = rl->results[i];
+        if (res->n_positions > kret || res->n_sent != res->n_positions) {
+            rc = kl_fail(cv, -EIO, "RerankLayer result %zu: %zu positions for top_k %zu", i, res->n_positions, kret);
+            break;
+        }
+        size_t off = 0;
+        cv->st.bytes_received += res->records.len + res->n_positions * 13;
+        for (size_t j = 0; j < res->n_positions; j++) {
+            uint64_t key = kl_cache_key(layer, item_head[i], res->positions[j]);
+            uint8_t *dst = x->ret_rec + (i * kret + j) * cv->rb;
+            cv->st.cache_lookups++;
+            if (res->sent[j]) {
+                if (off + cv->rb > res->records.len) {
+                    rc = kl_fail(cv, -EIO, "RerankLayer result %zu is short of records", i);
+                    break;
+                }
+                memcpy(dst, res->records.data + off, cv->rb);
+                off += cv->rb;
+                kl_cache_put(&cv->cache, key, dst);
+                cv->st.records_fetched++;
+            } else {
+                const uint8_t *c = kl_cache_get(&cv->cache, key);
+                if (!c) {
+                    rc = kl_fail(cv, -EIO, "record of layer %u head %u position %llu was neither sent nor cached",
+                                 layer, item_head[i], (unsigned long long)res->positions[j]);
+                    break;
+                }
+                memcpy(dst, c, cv->rb);
+                cv->st.cache_hits++;
+            }
+            x->ret_pos[i * kret + j] = res->positions[j];
+        }
+        x->ret_n[i] = (uint32_t)res->n_positions;
+    }
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
+}
+
+int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, float *out)
+{
+    if (layer >= cv->m.n_layers || !q || !out)
+        return kl_fail(cv, -EINVAL, "attend on layer %u of %u (q and out must be given)", layer, cv->m.n_layers);
+    kl_layer *y = &cv->layers[layer];
+    if (n_q < 1 || n_q > cv->o.max_chunk || n_q > y->len)
+        return kl_fail(cv, -EINVAL, "attend of %u queries on layer %u: 1..max_chunk (%u) queries, and the chunk's "
+                       "tokens appended first (the layer has %llu)", n_q, layer, cv->o.max_chunk,
+                       (unsigned long long)y->len);
+    const size_t H = cv->m.n_kv_heads, QH = cv->m.n_q_heads, G = QH / H, d = cv->m.head_dim;
+    const uint64_t len = y->len, cs = len - n_q;
+    const uint64_t ns = cs < cv->o.sinks ? cs : cv->o.sinks;
+    const uint64_t hot_lo = cs > cv->o.hot_window && cs - cv->o.hot_window > ns ? cs - cv->o.hot_window : ns;
+    const uint64_t cold = hot_lo - ns, nh = len - hot_lo;
+    const size_t kret = cold < cv->o.top_k ? (size_t)cold : cv->o.top_k;
+    size_t R_n = (size_t)cv->o.shortlist * cv->o.top_k;
+    if (R_n > cold)
+        R_n = (size_t)cold;
+    const int rot = (int)cv->m.rotary_dims, lay = cv->m.rope_layout;
+    const float theta = cv->m.rope_theta, scale = cv->o.scale > 0 ? cv->o.scale : 1.0f / sqrtf((float)d);
+    const int remap = cv->o.pos_mode == 1;
+    int rc = 0;
+    int64_t t0 = kl_now_ns();
+    if (y->archived < hot_lo && (rc = kl_flush(cv, layer)))
+        return rc;
+
+    /* queries per group: one RerankLayer each */
+    size_t per_item = kret ? kret * cv->rb : 1, items_max = ITEMS_MAX;
+    if (REPLY_RECORD_BYTES / per_item < items_max)
+        items_max = REPLY_RECORD_BYTES / per_item;
+    if (R_n + kret && cv->cache.cap / 2 / (R_n + kret) < items_max)
+        items_max = cv->cache.cap / 2 / (R_n + kret);
+    size_t qb = items_max / H;
+    if (qb < 1)
+        qb = 1;
+    if (qb > n_q)
+        qb = n_q;
+
+    scratch x;
+    memset(&x, 0, sizeof x);
+    size_t ni = qb * H;
+    x.scores = malloc((cold + 1) * 4);
+    x.idx = malloc((cold + 1) * 4);
+    x.tk_scratch = malloc((cold + 1) * 4);
+    x.qsc = malloc(ni * G * d * 4);
+    x.shortlist = malloc((ni * R_n + 1) * 8);
+    x.have = malloc((ni * R_n + 1) * 8);
+    x.nhave = calloc(ni, sizeof *x.nhave);
+    x.ret_pos = malloc((ni * kret + 1) * 8);
+    x.ret_rec = malloc(ni * kret * cv->rb + 1);
+    x.ret_n = calloc(ni, sizeof *x.ret_n);
+    x.hot_k = malloc((H * nh + 1) * d * 4);
+    x.hot_v = malloc((H * nh + 1) * d * 4);
+    x.sink_k = malloc((H * ns + 1) * d * 4);
+    x.sink_v = malloc((H * ns + 1) * d * 4);
+    x.rk = malloc((H * kret + 1) * d * 4);
+    x.rv = malloc((H * kret + 1) * d * 4);
+    x.qi = malloc(QH * d * 4);
+    x.oi = malloc(QH * d * 4);
+    x.pr = malloc((kret + 1) * sizeof *x.pr);
+    uint32_t *item_head = malloc(ni * sizeof *item_head);
+    kvg_query *qs = malloc(G * sizeof *qs);
+    if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.shortlist || !x.have || !x.nhave || !x.ret_pos ||
+        !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
+        !x.oi || !x.pr || !item_head || !qs) {
+        rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
+                     (unsigned long long)cold);
+        goto out;
+    }
+
+    /* exact parts: the hot window at true positions; sinks per mode */
+    for (size_t h = 0; h < H; h++) {
+        for (uint64_t t = 0; t < nh; t++) {
+            size_t slot = (h * cv->ring + (hot_lo + t) % cv->ring) * d, dst = (h * nh + t) * d;
+            memcpy(x.hot_k + dst, y->ring_k + slot, d * 4);
+            memcpy(x.hot_v + dst, y->ring_v + slot, d * 4);
+            kvg_rope_ref(x.hot_k + dst, (int)d, rot, lay, theta, (double)(hot_lo + t));
+        }
+        for (uint64_t s = 0; s < ns; s++) {
+            size_t src = (h * cv->o.sinks + s) * d, dst = (h * ns + s) * d;
+            memcpy(x.sink_k + dst, y->sink_k + src, d * 4);
+            memcpy(x.sink_v + dst, y->sink_v + src, d * 4);
+            double p = remap ? (double)hot_lo - (double)kret - (double)ns + (double)s : (double)s;
+            kvg_rope_ref(x.sink_k + dst, (int)d, rot, lay, theta, p);
+        }
+    }
+
+    for (uint32_t g0 = 0; g0 < n_q && !rc; g0 += (uint32_t)qb) {
+        uint32_t gn = n_q - g0 < qb ? n_q - g0 : (uint32_t)qb;
+        size_t n_items = (size_t)gn * H;
+        /* stage 1 */
+        int64_t t1 = kl_now_ns();
+        for (uint32_t i = 0; i < gn && kret && !rc; i++)
+            for (size_t h = 0; h < H && !rc; h++) {
+                size_t it = (size_t)i * H + h;
+                item_head[it] = (uint32_t)h;
+                kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
+                for (size_t g = 0; g < G; g++) {
+                    float *qv = x.qsc + (it * G + g) * d;
+                    memcpy(qv, q + ((h * G + g) * n_q + g0 + i) * d, d * 4);
+                    kvg_rope_ref(qv, (int)d, rot, lay, theta, (double)cv->o.score_distance);
+                    if ((rc = kvg_query_prep_ref(&cv->rot, codec.mu_k, KVARC_DTYPE_F32, qv, &qs[g]))) {
+                        kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
+                        break;
+                    }
+                }
+                if (rc)
+                    break;
+                size_t sb = d / 8;
+                rc = kvg_score_ref((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
+                                   y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, x.scores);
+                long got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);
+                if (got < 0) {
+                    rc = kl_fail(cv, rc ? rc : (int)got, "stage 1 on layer %u head %zu failed", layer, h);
+                    break;
+                }
+                uint64_t *sl = x.shortlist + it * R_n, *hv = x.have + it * R_n;
+                size_t nhv = 0;
+                for (long j = 0; j < got; j++) {
+                    sl[j] = ns + x.idx[j];
+                    if (kl_cache_has(&cv->cache, kl_cache_key(layer, (uint32_t)h, sl[j])))
+                        hv[nhv++] = sl[j];
+                }
+                qsort(hv, nhv, 8, u64_cmp);
+                x.nhave[it] = nhv;
+            }
+        int64_t t2 = kl_now_ns();
+        cv->st.ns_stage1 += (uint64_t)(t2 - t1);
+        /* stage 2 */
+        if (!rc && kret)
+            rc = stage2(cv, layer, &x, item_head, n_items, G, R_n, kret);
+        int64_t t3 = kl_now_ns();
+        cv->st.ns_stage2 += (uint64_t)(t3 - t2);
+        /* attention per query */
+        for (uint32_t i = 0; i < gn && !rc; i++) {
+            uint64_t pq = cs + g0 + i;
+            int64_t t4 = kl_now_ns();
+            size_t kn = kret ? x.ret_n[(size_t)i * H] : 0;
+            for (size_t h = 0; h < H && kret; h++) {
+                size_t it = (size_t)i * H + h;
+                if (x.ret_n[it] != kn) {
+                    rc = kl_fail(cv, -EIO, "kv heads got different numbers of records (%u, %zu)", x.ret_n[it], kn);
+                    break;
+                }
+                for (size_t j = 0; j < kn; j++) {
+                    x.pr[j].pos = x.ret_pos[it * kret + j];
+                    x.pr[j].j = (uint32_t)j;
+                }
+                qsort(x.pr, kn, sizeof *x.pr, by_pos);
+                kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
+                for (size_t r = 0; r < kn && !rc; r++) {
+                    float *kk = x.rk + (h * kret + r) * d, *vv = x.rv + (h * kret + r) * d;
+                    if ((rc = kvg_decode_ref(&codec, x.ret_rec + (it * kret + x.pr[r].j) * cv->rb, 1, kk, vv)))
+                        kl_fail(cv, rc, "decoding a record of layer %u: %s", layer, kvarc_strerror(rc));
+                    double p = remap ? (double)hot_lo - (double)kn + (double)r : (double)x.pr[r].pos;
+                    kvg_rope_ref(kk, (int)d, rot, lay, theta, p);
+                }
+            }
+            int64_t t5 = kl_now_ns();
+            cv->st.ns_decode += (uint64_t)(t5 - t4);
+            if (rc)
+                break;
+            for (size_t hq = 0; hq < QH; hq++) {
+                memcpy(x.qi + hq * d, q + (hq * n_q + g0 + i) * d, d * 4);
+                kvg_rope_ref(x.qi + hq * d, (int)d, rot, lay, theta, (double)pq);
+            }
+            kvg_attn_part parts[3] = {
+                { x.sink_k, x.sink_v, (size_t)ns, (size_t)ns, NULL },
+                { x.rk, x.rv, kret, kn, NULL },
+                { x.hot_k, x.hot_v, (size_t)nh, (size_t)(pq - hot_lo + 1), NULL },
+            };
+            if ((rc = kvg_attend_ref(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
+                kl_fail(cv, rc, "attention on layer %u query %u: %s", layer, g0 + i, kvarc_strerror(rc));
+                break;
+            }
+            for (size_t hq = 0; hq < QH; hq++)
+                memcpy(out + (hq * n_q + g0 + i) * d, x.oi + hq * d, d * 4);
+            cv->st.ns_attend += (uint64_t)(kl_now_ns() - t5);
+        }
+    }
+    if (!rc) {
+        cv->st.steps++;
+        cv->st.queries += n_q;
+    }
+out:
+    scratch_free(&x);
+    free(item_head);
+    free(qs);
+    (void)t0;
+    return rc;
+}

@@ -1,0 +1,620 @@
+/* conv.c - libkvarc conversations: create/attach, append and archive,
+ * fork/snapshot/restore, counters.
+ *
+ * Design notes
+ * Per layer, a token goes through: appended (exact, fp32, in the ring) ->
+ * archived (encoded with the conversation's codec and appended to kvarcd
+ * by kl_flush, its signature kept in the layer's mirror) -> cold (left
+ * the hot window: found by stage 1 only) and, later, out of the ring.
+ * Invariants: 1. archived <= len; 2. a token leaves the ring only once
+ * archived (kvarc_append flushes before it would overwrite one); 3.
+ * hot_window >= batch, so every token older than the hot window is
+ * archived and has a signature; 4. the first `sinks` tokens are also kept
+ * exact outside the ring.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kvarc_internal.h"
+
+void kvarc_options_default(kvarc_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->format = KVARC_FMT_Q3;
+    o->pos_mode = 0;
+    o->seed = 0x6b76617263ull;      /* "kvarc" */
+    o->sinks = 4;
+    o->hot_window = 256;
+    o->top_k = 64;
+    o->shortlist = 8;
+    o->batch = 64;
+    o->max_chunk = 512;
+    o->score_mode = 0;
+    o->combine = 0;
+    o->score_distance = -1;
+    o->cache_records = 1 << 18;
+    o->scale = 0.0f;
+}
+
+int64_t kl_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cv->err, sizeof cv->err, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+int kl_rc_of_status(int status)
+{
+    switch (status) {
+    case GRPC_STATUS_OK:                  return 0;
+    case GRPC_STATUS_NOT_FOUND:           return -ENOENT;
+    case GRPC_STATUS_ALREADY_EXISTS:      return -EEXIST;
+    case GRPC_STATUS_FAILED_PRECONDITION: return KVARC_ESHAPE;
+    case GRPC_STATUS_INVALID_ARGUMENT:    return -EINVAL;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED:  return -ENOSPC;
+    case GRPC_STATUS_DATA_LOSS:           return KVARC_ECORRUPT;
+    case GRPC_STATUS_PERMISSION_DENIED:
+    case GRPC_STATUS_UNAUTHENTICATED:     return -EACCES;
+    case GRPC_STATUS_UNAVAILABLE:
+    case GRPC_STATUS_DEADLINE_EXCEEDED:   return -ECONNREFUSED;
+    default:                              return -EIO;
+    }
+}
+
+kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head)
+{
+    const float *mu = cv->means + ((size_t)layer * cv->m.n_kv_heads + head) * 2 * cv->m.head_dim;
+    kvg_codec c = { cv->o.format, &cv->rot, mu, mu + cv->m.head_dim };
+    return c;
+}
+
+/* ---- client ---------------------------------------------------------------- */
+
+int kvarc_client_open(const char *target, const char *token, const char *tls_ca_file, kvarc_client **out)
+{
+    kvarc_client *c = calloc(1, sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    kvc_options o = { .token = token, .tls_ca_file = tls_ca_file };
+    int rc = kvc_connect_opts(target, &o, &c->conn, c->err, sizeof c->err);
+    if (rc) {
+        free(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+void kvarc_client_close(kvarc_client *c)
+{
+    if (!c)
+        return;
+    kvc_close(c->conn);
+    free(c);
+}
+
+const char *kvarc_client_errmsg(const kvarc_client *c)
+{
+    return c ? c->err : "no client";
+}
+
+const char *kvarc_errmsg(const kvarc_conv *cv)
+{
+    return cv ? cv->err : "no conversation";
+}
+
+/* ---- handle ---------------------------------------------------------------- */
+
+static void conv_free(kvarc_conv *cv)
+{
+    if (!cv)
+        return;
+    for (uint32_t l = 0; cv->layers && l < cv->m.n_layers; l++) {
+        kl_layer *y = &cv->layers[l];
+        free(y->sink_k);
+        free(y->sink_v);
+        free(y->ring_k);
+        free(y->ring_v);
+        for (uint32_t h = 0; y->sig_bits && h < cv->m.n_kv_heads; h++) {
+            free(y->sig_bits[h]);
+            free(y->sig_scale[h]);
+        }
+        free(y->sig_bits);
+        free(y->sig_scale);
+    }
+    free(cv->layers);
+    free(cv->means);
+    kl_cache_free(&cv->cache);
+    free(cv);
+}
+
+/* A handle with its buffers, for model m and options o (validated here). */
+static int conv_new(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
+                    const kvarc_options *o, kvarc_conv **out)
+{
+    kvarc_options def;
+    if (!o) {
+        kvarc_options_default(&def);
+        o = &def;
+    }
+    int rb = kvarc_record_bytes(o->format, (int)m->head_dim);
+    if (!ns || !name || !m || m->n_layers < 1 || m->n_kv_heads < 1 || m->n_q_heads < m->n_kv_heads ||
+        m->n_q_heads % m->n_kv_heads || rb <= 0) {
+        snprintf(c->err, sizeof c->err, "bad model or format: %u layers, %u kv heads, %u query heads (a "
+                 "multiple of the kv heads), head_dim %u, format %d", m ? m->n_layers : 0, m ? m->n_kv_heads : 0,
+                 m ? m->n_q_heads : 0, m ? m->head_dim : 0, o->format);
+        return -EINVAL;
+    }
+    if (o->hot_window < o->batch || o->batch < 1 || o->top_k < 1 || o->shortlist < 1 || o->max_chunk < 1 ||
+        o->pos_mode < 0 || o->pos_mode > 1 || o->score_mode < 0 || o->score_mode > 1) {
+        snprintf(c->err, sizeof c->err, "bad options: hot_window %u must be >= batch %u >= 1; top_k, shortlist, "
+                 "max_chunk >= 1; pos_mode and score_mode 0 or 1", o->hot_window, o->batch);
+        return -EINVAL;
+    }
+    if (m->fingerprint && strlen(m->fingerprint) > 63) {
+        snprintf(c->err, sizeof c->err, "fingerprint longer than 63 bytes");
+        return -EINVAL;
+    }
+    kvarc_conv *cv = calloc(1, sizeof *cv);
+    if (!cv)
+        return -ENOMEM;
+    cv->cl = c;
+    snprintf(cv->ns, sizeof cv->ns, "%s", ns);
+    snprintf(cv->name, sizeof cv->name, "%s", name);
+    cv->m = *m;
+    snprintf(cv->fingerprint, sizeof cv->fingerprint, "%s", m->fingerprint ? m->fingerprint : "");
+    cv->m.fingerprint = cv->fingerprint;
+    cv->o = *o;
+    if (cv->o.score_distance < 0)
+        cv->o.score_distance = (int32_t)cv->o.hot_window;
+    cv->ring = o->hot_window + o->max_chunk;
+    cv->rb = (size_t)rb;
+    size_t L = m->n_layers, H = m->n_kv_heads, d = m->head_dim;
+    int rc = kvarc_rotation_init(&cv->rot, (int)d, o->seed);
+    if (rc) {
+        snprintf(c->err, sizeof c->err, "head_dim %zu: %s", d, kvarc_strerror(rc));
+        free(cv);
+        return rc;
+    }
+    cv->means = calloc(L * H * 2 * d, sizeof *cv->means);
+    cv->layers = calloc(L, sizeof *cv->layers);
+    if (!cv->means || !cv->layers || kl_cache_init(&cv->cache, o->cache_records, cv->rb))
+        goto oom;
+    for (size_t l = 0; l < L; l++) {
+        kl_layer *y = &cv->layers[l];
+        size_t sk = (size_t)(o->sinks ? o->sinks : 1) * H * d, rg = (size_t)cv->ring * H * d;
+        y->sink_k = malloc(sk * 4);
+        y->sink_v = malloc(sk * 4);
+        y->ring_k = malloc(rg * 4);
+        y->ring_v = malloc(rg * 4);
+        y->sig_bits = calloc(H, sizeof *y->sig_bits);
+        y->sig_scale = calloc(H, sizeof *y->sig_scale);
+        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->sig_bits || !y->sig_scale)
+            goto oom;
+    }
+    *out = cv;
+    return 0;
+oom:
+    conv_free(cv);
+    snprintf(c->err, sizeof c->err, "out of memory");
+    return -ENOMEM;
+}
+
+/* Room for signatures of positions [0, n) in every head's mirror. */
+static int sig_reserve(kvarc_conv *cv, kl_layer *y, uint64_t n)
+{
+    if (n <= y->sig_cap)
+        return 0;
+    uint64_t cap = y->sig_cap ? y->sig_cap : 1024;
+    while (cap < n)
+        cap *= 2;
+    size_t sb = cv->m.head_dim / 8;
+    for (uint32_t h = 0; h < cv->m.n_kv_heads; h++) {
+        uint8_t *b = realloc(y->sig_bits[h], cap * sb);
+        if (b)
+            y->sig_bits[h] = b;
+        uint16_t *s = realloc(y->sig_scale[h], cap * 2);
+        if (s)
+            y->sig_scale[h] = s;
+        if (!b || !s)
+            return kl_fail(cv, -ENOMEM, "out of memory for %llu signatures", (unsigned long long)cap);
+    }
+    y->sig_cap = cap;
+    return 0;
+}
+
+static void fill_shape(const kvarc_conv *cv, Kvarc__V1__Shape *s)
+{
+    kvarc__v1__shape__init(s);
+    s->n_layers = cv->m.n_layers;
+    s->n_kv_heads = cv->m.n_kv_heads;
+    s->n_q_heads = cv->m.n_q_heads;
+    s->head_dim = cv->m.head_dim;
+    s->format = (uint32_t)cv->o.format;
+    s->pos_mode = (uint32_t)cv->o.pos_mode;
+    s->rope_layout = (uint32_t)cv->m.rope_layout;
+    s->dtype = (uint32_t)cv->m.dtype;
+    s->rotary_dims = cv->m.rotary_dims;
+    s->rope_theta = cv->m.rope_theta;
+    s->seed = cv->o.seed;
+    s->fingerprint = (char *)cv->fingerprint;
+}
+
+int kvarc_conv_create(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
+                      const kvarc_options *o, const float *means, kvarc_conv **out)
+{
+    kvarc_conv *cv;
+    int rc = conv_new(c, ns, name, m, o, &cv);
+    if (rc)
+        return rc;
+    size_t nm = (size_t)m->n_layers * m->n_kv_heads * 2 * m->head_dim;
+    if (means)
+        memcpy(cv->means, means, nm * sizeof *means);
+    Kvarc__V1__CreateRequest r = KVARC__V1__CREATE_REQUEST__INIT;
+    Kvarc__V1__Shape sh;
+    fill_shape(cv, &sh);
+    r.ns = cv->ns;
+    r.name = cv->name;
+    r.shape = &sh;
+    r.n_means = means ? nm : 0;
+    r.means = cv->means;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c->conn, "Create", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, c->err, sizeof c->err);
+    if (st) {
+        conv_free(cv);
+        return kl_rc_of_status(st);
+    }
+    cv->id = ((Kvarc__V1__ConvReply *)rep)->info->id;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    *out = cv;
+    return 0;
+}
+
+/* Fetch records [first, first + n) of (layer, head) and decode them into k, v [n][d]. */
+static int fetch_decode(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t first, uint32_t n, float *k,
+                        float *v)
+{
+    if (!n)
+        return 0;
+    uint64_t *pos = malloc(n * sizeof *pos);
+    if (!pos)
+        return kl_fail(cv, -ENOMEM, "out of memory");
+    for (uint32_t i = 0; i < n; i++)
+        pos[i] = first + i;
+    Kvarc__V1__FetchRequest r = KVARC__V1__FETCH_REQUEST__INIT;
+    r.conv = cv->id;
+    r.layer = layer;
+    r.head = head;
+    r.positions = pos;
+    r.n_positions = n;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(cv->cl->conn, "Fetch", &r.base, &kvarc__v1__fetch_reply__descriptor, &rep, 0, cv->err,
+                      sizeof cv->err);
+    free(pos);
+    if (st)
+        return kl_rc_of_status(st);
+    Kvarc__V1__FetchReply *f = (Kvarc__V1__FetchReply *)rep;
+    int rc = f->records.len == n * cv->rb ? 0 : kl_fail(cv, -EIO, "Fetch returned %zu bytes for %u records",
+                                                        f->records.len, n);
+    kvg_codec codec = kl_codec(cv, layer, head);
+    if (!rc && (rc = kvg_decode_ref(&codec, f->records.data, n, k, v)))
+        kl_fail(cv, rc, "decoding records of layer %u head %u: %s", layer, head, kvarc_strerror(rc));
+    cv->st.bytes_received += f->records.len;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
+}
+
+int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
+                      const kvarc_options *o, kvarc_conv **out)
+{
+    kvarc_options opt;
+    if (o)
+        opt = *o;
+    else
+        kvarc_options_default(&opt);
+    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    r.with_means = 1;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c->conn, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, c->err, sizeof c->err);
+    if (st)
+        return kl_rc_of_status(st);
+    Kvarc__V1__ConvReply *cr = (Kvarc__V1__ConvReply *)rep;
+    Kvarc__V1__ConvInfo *info = cr->info;
+    Kvarc__V1__Shape *sh = info->shape;
+    int rc = 0;
+    if (sh->n_layers != m->n_layers || sh->n_kv_heads != m->n_kv_heads || sh->n_q_heads != m->n_q_heads ||
+        sh->head_dim != m->head_dim || sh->rotary_dims != m->rotary_dims || sh->rope_theta != m->rope_theta ||
+        (int)sh->rope_layout != m->rope_layout || strcmp(sh->fingerprint, m->fingerprint ? m->fingerprint : "")) {
+        snprintf(c->err, sizeof c->err, "conversation '%s/%s' was created for %u layers x %u kv heads (%u query "
+                 "heads) x head_dim %u, rotary %u theta %g layout %u, model '%s'; this client has %u x %u (%u) x %u, "
+                 "rotary %u theta %g layout %d, model '%s'", ns, name, sh->n_layers, sh->n_kv_heads, sh->n_q_heads,
+                 sh->head_dim, sh->rotary_dims, (double)sh->rope_theta, sh->rope_layout, sh->fingerprint,
+                 m->n_layers, m->n_kv_heads, m->n_q_heads, m->head_dim, m->rotary_dims, (double)m->rope_theta,
+                 m->rope_layout, m->fingerprint ? m->fingerprint : "");
+        rc = KVARC_ESHAPE;
+    }
+    if (!rc && info->n_layer_lengths != m->n_layers) {
+        snprintf(c->err, sizeof c->err, "kvarcd did not report '%s/%s's layer lengths", ns, name);
+        rc = -EIO;
+    }
+    for (size_t l = 1; !rc && l < info->n_layer_lengths; l++)
+        if (info->layer_lengths[l] != info->layer_lengths[0]) {
+            snprintf(c->err, sizeof c->err, "'%s/%s' has layers of different lengths (layer 0: %llu, layer %zu: "
+                     "%llu): its writer did not sync; attach after it does", ns, name,
+                     (unsigned long long)info->layer_lengths[0], l, (unsigned long long)info->layer_lengths[l]);
+            rc = -EAGAIN;
+        }
+    opt.format = (int)sh->format;
+    opt.pos_mode = (int)sh->pos_mode;
+    opt.seed = sh->seed;
+    kvarc_conv *cv = NULL;
+    if (!rc)
+        rc = conv_new(c, ns, name, m, &opt, &cv);
+    if (!rc && cr->n_means != (size_t)m->n_layers * m->n_kv_heads * 2 * m->head_dim) {
+        snprintf(c->err, sizeof c->err, "kvarcd sent %zu means for '%s/%s'", cr->n_means, ns, name);
+        rc = -EIO;
+    }
+    if (!rc) {
+        memcpy(cv->means, cr->means, cr->n_means * sizeof *cr->means);
+        cv->id = info->id;
+    }
+    uint64_t len = rc ? 0 : info->layer_lengths[0];
+    protobuf_c_message_free_unpacked(rep, NULL);
+    if (rc) {
+        conv_free(cv);
+        return rc;
+    }
+    size_t H = m->n_kv_heads, d = m->head_dim, sb = d / 8;
+    for (uint32_t l = 0; !rc && l < m->n_layers; l++) {
+        kl_layer *y = &cv->layers[l];
+        y->len = y->archived = len;
+        if ((rc = sig_reserve(cv, y, len)))
+            break;
+        /* signatures: one server stream per layer, every head */
+        Kvarc__V1__LoadSignaturesRequest lr = KVARC__V1__LOAD_SIGNATURES_REQUEST__INIT;
+        lr.conv = cv->id;
+        lr.layer = l;
+        lr.count = len;
+        kvc_stream *s;
+        uint64_t got = 0;
+        if (len && !kvc_sstream_open(c->conn, "LoadSignatures", &lr.base, 0, &s)) {
+            ProtobufCMessage *mm;
+            while (kvc_sstream_next(s, &kvarc__v1__sig_chunk__descriptor, &mm) == 1) {
+                Kvarc__V1__SigChunk *ch = (Kvarc__V1__SigChunk *)mm;
+                if (ch->head < H && ch->first_pos + ch->count <= len && ch->bits.len == ch->count * sb &&
+                    ch->scales.len == ch->count * 2) {
+                    memcpy(y->sig_bits[ch->head] + ch->first_pos * sb, ch->bits.data, ch->bits.len);
+                    memcpy(y->sig_scale[ch->head] + ch->first_pos, ch->scales.data, ch->scales.len);
+                    got += ch->count;
+                    cv->st.bytes_received += ch->bits.len + ch->scales.len;
+                }
+                protobuf_c_message_free_unpacked(mm, NULL);
+            }
+            st = kvc_stream_finish(s, &kvarc__v1__empty__descriptor, NULL, cv->err, sizeof cv->err);
+            if (st)
+                rc = kl_rc_of_status(st);
+        }
+        if (!rc && got != len * H)
+            rc = kl_fail(cv, -EIO, "LoadSignatures of layer %u gave %llu of %llu signatures", l,
+                         (unsigned long long)got, (unsigned long long)(len * H));
+        /* sinks and the hot window, decoded from their records */
+        uint32_t ns_ = (uint32_t)(len < cv->o.sinks ? len : cv->o.sinks);
+        uint64_t hot = len < cv->o.hot_window ? len : cv->o.hot_window;
+        float *tk = malloc((hot + ns_ + 1) * d * 4), *tv = malloc((hot + ns_ + 1) * d * 4);
+        if (!tk || !tv)
+            rc = kl_fail(cv, -ENOMEM, "out of memory");
+        for (uint32_t h = 0; !rc && h < H; h++) {
+            if ((rc = fetch_decode(cv, l, h, 0, ns_, tk, tv)))
+                break;
+            memcpy(y->sink_k + (size_t)h * cv->o.sinks * d, tk, (size_t)ns_ * d * 4);
+            memcpy(y->sink_v + (size_t)h * cv->o.sinks * d, tv, (size_t)ns_ * d * 4);
+            if ((rc = fetch_decode(cv, l, h, len - hot, (uint32_t)hot, tk, tv)))
+                break;
+            for (uint64_t t = 0; t < hot; t++) {
+                uint64_t p = len - hot + t;
+                size_t slot = ((size_t)h * cv->ring + p % cv->ring) * d;
+                memcpy(y->ring_k + slot, tk + t * d, d * 4);
+                memcpy(y->ring_v + slot, tv + t * d, d * 4);
+            }
+        }
+        free(tk);
+        free(tv);
+    }
+    if (rc) {
+        snprintf(c->err, sizeof c->err, "%s", cv->err);
+        conv_free(cv);
+        return rc;
+    }
+    *out = cv;
+    return 0;
+}
+
+/* ---- append and archive --------------------------------------------------- */
+
+int kl_flush(kvarc_conv *cv, uint32_t layer)
+{
+    kl_layer *y = &cv->layers[layer];
+    if (y->archived >= y->len)
+        return 0;
+    int64_t t0 = kl_now_ns();
+    uint32_t n = (uint32_t)(y->len - y->archived);
+    size_t H = cv->m.n_kv_heads, d = cv->m.head_dim, sb = d / 8;
+    int rc = sig_reserve(cv, y, y->len);
+    if (rc)
+        return rc;
+    uint8_t *bits = malloc(H * n * sb), *recs = malloc(H * n * cv->rb);
+    uint16_t *sc = malloc(H * n * 2);
+    float *k = malloc((size_t)n * d * 4), *v = malloc((size_t)n * d * 4);
+    if (!bits || !recs || !sc || !k || !v)
+        rc = kl_fail(cv, -ENOMEM, "out of memory");
+    for (size_t h = 0; !rc && h < H; h++) {
+        for (uint32_t t = 0; t < n; t++) {
+            size_t slot = (h * cv->ring + (y->archived + t) % cv->ring) * d;
+            memcpy(k + t * d, y->ring_k + slot, d * 4);
+            memcpy(v + t * d, y->ring_v + slot, d * 4);
+        }
+        kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
+        size_t bad = 0;
+        rc = kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
+                            &bad);
+        if (rc)
+            kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
+                    (unsigned long long)(y->archived + bad), kvarc_strerror(rc));
+    }
+    if (!rc) {
+        Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
+        r.conv = cv->id;
+        r.layer = layer;
+        r.first_pos = y->archived;
+        r.count = n;
+        r.sig_bits.data = bits;
+        r.sig_bits.len = H * n * sb;
+        r.sig_scale.data = (uint8_t *)sc;
+        r.sig_scale.len = H * n * 2;
+        r.records.data = recs;
+        r.records.len = H * n * cv->rb;
+        ProtobufCMessage *rep = NULL;
+        int st = kvc_call(cv->cl->conn, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, cv->err,
+                          sizeof cv->err);
+        if (st) {
+            rc = kl_rc_of_status(st);
+        } else {
+            protobuf_c_message_free_unpacked(rep, NULL);
+            cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len;
+            for (size_t h = 0; h < H; h++) {
+                memcpy(y->sig_bits[h] + y->archived * sb, bits + h * n * sb, n * sb);
+                memcpy(y->sig_scale[h] + y->archived, sc + h * n, n * 2);
+            }
+            y->archived += n;
+            cv->st.archived += n;
+        }
+    }
+    free(bits);
+    free(recs);
+    free(sc);
+    free(k);
+    free(v);
+    cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
+    return rc;
+}
+
+int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n)
+{
+    if (layer >= cv->m.n_layers || !k || !v)
+        return kl_fail(cv, -EINVAL, "append to layer %u of %u (k and v must be given)", layer, cv->m.n_layers);
+    if (!kvarc_dtype_size((kvarc_dtype)dtype))
+        return kl_fail(cv, KVARC_EDTYPE, "append: dtype %d is not f16, bf16 or f32", dtype);
+    kl_layer *y = &cv->layers[layer];
+    size_t H = cv->m.n_kv_heads, d = cv->m.head_dim;
+    for (uint32_t t = 0; t < n; t++) {
+        uint64_t p = y->len;
+        if (p - y->archived >= cv->ring || p - y->archived >= cv->o.batch) {
+            int rc = kl_flush(cv, layer);
+            if (rc)
+                return rc;
+        }
+        for (size_t h = 0; h < H; h++) {
+            size_t src = (h * n + t) * d, slot = (h * cv->ring + p % cv->ring) * d;
+            for (size_t i = 0; i < d; i++) {
+                float kf = kvarc_load_f32((kvarc_dtype)dtype, k, src + i), vf = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
+                if (!isfinite(kf) || !isfinite(vf))
+                    return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu has "
+                                   "a NaN or Inf: it was refused, the %u before it were appended", layer, t, (unsigned long long)p, h, t);
+                y->ring_k[slot + i] = kf;
+                y->ring_v[slot + i] = vf;
+            }
+            if (p < cv->o.sinks) {
+                memcpy(y->sink_k + (h * cv->o.sinks + p) * d, y->ring_k + slot, d * 4);
+                memcpy(y->sink_v + (h * cv->o.sinks + p) * d, y->ring_v + slot, d * 4);
+            }
+        }
+        y->len = p + 1;
+    }
+    if (y->len - y->archived >= cv->o.batch)
+        return kl_flush(cv, layer);
+    return 0;
+}
+
+int kvarc_conv_sync(kvarc_conv *cv)
+{
+    for (uint32_t l = 0; l < cv->m.n_layers; l++) {
+        int rc = kl_flush(cv, l);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int kvarc_conv_close(kvarc_conv *cv)
+{
+    if (!cv)
+        return 0;
+    int rc = kvarc_conv_sync(cv);
+    if (rc && cv->cl)
+        snprintf(cv->cl->err, sizeof cv->cl->err, "%s", cv->err);
+    conv_free(cv);
+    return rc;
+}
+
+uint64_t kvarc_length(const kvarc_conv *cv, uint32_t layer)
+{
+    return layer < cv->m.n_layers ? cv->layers[layer].len : 0;
+}
+
+void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out)
+{
+    *out = cv->st;
+}
+
+/* ---- fork, snapshot, restore ---------------------------------------------- */
+
+static int fork_rpc(kvc_conn *conn, const char *method, const char *sns, const char *sname, const char *dns,
+                    const char *dname, uint64_t at, int has_at, char *err, size_t errlen)
+{
+    Kvarc__V1__ForkRequest r = KVARC__V1__FORK_REQUEST__INIT;
+    r.src_ns = (char *)sns;
+    r.src_name = (char *)sname;
+    r.dst_ns = (char *)dns;
+    r.dst_name = (char *)dname;
+    r.has_at_len = has_at;
+    r.at_len = at;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(conn, method, &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, err, errlen);
+    if (!st)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return kl_rc_of_status(st);
+}
+
+int kvarc_fork(kvarc_conv *cv, const char *dst_ns, const char *dst_name, int snapshot)
+{
+    int rc = kvarc_conv_sync(cv);
+    if (rc)
+        return rc;
+    for (uint32_t l = 1; l < cv->m.n_layers; l++)
+        if (cv->layers[l].len != cv->layers[0].len)
+            return kl_fail(cv, -EINVAL, "fork needs every layer at the same length (layer 0: %llu, layer %u: %llu)",
+                           (unsigned long long)cv->layers[0].len, l, (unsigned long long)cv->layers[l].len);
+    return fork_rpc(cv->cl->conn, snapshot ? "Snapshot" : "Fork", cv->ns, cv->name, dst_ns, dst_name,
+                    cv->layers[0].len, 1, cv->err, sizeof cv->err);
+}
+
+int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, const char *dst_ns,
+                  const char *dst_name)
+{
+    return fork_rpc(c->conn, "Restore", snap_ns, snap_name, dst_ns, dst_name, 0, 0, c->err, sizeof c->err);
+}

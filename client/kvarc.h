@@ -1,0 +1,156 @@
+/* kvarc.h - libkvarc, the KV-cache archive inside the inference process.
+ *
+ * An inference engine hands libkvarc the K and V of every token, layer by
+ * layer, and asks it for attention. libkvarc keeps the first `sinks`
+ * tokens and the last `hot_window` tokens exact in memory; every token is
+ * also encoded (schema/SCHEMA.md formats) and archived in kvarcd in
+ * batches. For each query it scores the query against the signatures of
+ * the cold tokens (stage 1, here), asks kvarcd for the exact top_k of that
+ * shortlist with their records (stage 2, one RerankLayer call per layer
+ * and step), and computes one exact softmax over sinks + retrieved + hot
+ * window (log-sum-exp merge). Fetched records stay in an LRU cache; a
+ * record the cache holds does not cross the wire again.
+ *
+ * Positions and RoPE. K and Q are handed over pre-RoPE; libkvarc applies
+ * the conversation's RoPE (rope_theta, rotary_dims, rope_layout; none when
+ * rotary_dims is 0) when it attends. Position mode "true" (0): every key
+ * at its real position. "remapped" (1): sinks and retrieved keys take
+ * consecutive positions just before the hot window (sinks first, then the
+ * retrieved in position order); hot keys keep theirs. Stages 1 and 2 score
+ * with the query turned by `score_distance` positions (default: the hot
+ * window), so keys are compared as if that far back.
+ *
+ * Return codes: 0, a negative errno, or a KVARC_E* code (kvarc_strerror).
+ * A call that fails leaves a message in kvarc_errmsg(conv) /
+ * kvarc_client_errmsg(client) naming what and where. Memory: libkvarc
+ * returns -ENOMEM; it never aborts.
+ *
+ * Caveats
+ * - A kvarc_conv is used by one thread at a time; different conversations
+ *   may be used from different threads; a kvarc_client may be shared.
+ * - Do not fork() a process holding a kvarc_client and use it in the child
+ *   (gRPC's rule).
+ * - Attaching (kvarc_conv_attach) rebuilds the sinks and the hot window
+ *   from the archived records: exact with a lossless format (f16/bf16),
+ *   quantized otherwise; tokens appended but not yet synced by the other
+ *   worker are not there.
+ */
+#ifndef KVARC_H
+#define KVARC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvarc_schema.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvarc_client kvarc_client;
+typedef struct kvarc_conv   kvarc_conv;
+
+/* The model a conversation is bound to (checked when attaching). */
+typedef struct kvarc_model {
+    uint32_t    n_layers, n_kv_heads, n_q_heads, head_dim;
+    int         dtype;          /* KVARC_DTYPE_* of the K/V the model produces */
+    float       rope_theta;     /* e.g. 10000 or 500000 */
+    uint32_t    rotary_dims;    /* 0: no RoPE (keys used as given) */
+    int         rope_layout;    /* 0 half-split (NeoX/HF), 1 interleaved pairs */
+    const char *fingerprint;    /* the client's name for the weights, <= 63 bytes */
+} kvarc_model;
+
+/* Retrieval options; kvarc_options_default() gives the measured defaults. */
+typedef struct kvarc_options {
+    int      format;            /* record format (KVARC_FMT_*), fixed at create */
+    int      pos_mode;          /* 0 true positions, 1 remapped; fixed at create */
+    uint64_t seed;              /* rotation seed, fixed at create */
+    uint32_t sinks;             /* first tokens kept exact */
+    uint32_t hot_window;        /* last tokens kept exact (>= batch) */
+    uint32_t top_k;             /* cold records attended per query and kv head */
+    uint32_t shortlist;         /* stage-1 shortlist = shortlist x top_k */
+    uint32_t batch;             /* tokens encoded and archived per append call to kvarcd */
+    uint32_t max_chunk;         /* largest prefill chunk (queries of one attend call) */
+    int      score_mode;        /* 0 asymmetric (RaBitQ-style), 1 Hamming */
+    int      combine;           /* GQA group in stage 1: 0 max, 1 mean */
+    int32_t  score_distance;    /* stage 1/2 turn the query this many positions; -1: hot_window */
+    size_t   cache_records;     /* LRU record cache capacity, records per conversation */
+    float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
+} kvarc_options;
+
+void kvarc_options_default(kvarc_options *o);
+
+/* Counters since the conversation was opened. */
+typedef struct kvarc_stats {
+    uint64_t steps;             /* attend calls */
+    uint64_t queries;           /* query tokens attended */
+    uint64_t archived;          /* (token, layer) pairs sent to kvarcd */
+    uint64_t records_fetched;   /* records that crossed the wire */
+    uint64_t cache_lookups, cache_hits;
+    uint64_t bytes_sent, bytes_received;   /* RPC payloads */
+    uint64_t ns_stage1, ns_stage2, ns_decode, ns_attend, ns_archive;
+} kvarc_stats;
+
+/* Connect to kvarcd: "unix:/path", a socket path, a data directory, or
+ * "host:port". token (for TCP) and tls_ca_file (PEM; TLS on) may be NULL.
+ * Nothing is sent until the first call. */
+int  kvarc_client_open(const char *target, const char *token, const char *tls_ca_file, kvarc_client **out);
+void kvarc_client_close(kvarc_client *c);
+const char *kvarc_client_errmsg(const kvarc_client *c);
+
+/* Create ns/name for model m with options o (NULL: defaults). means:
+ * per (layer, kv head) centering means of K then V, [n_layers][n_kv_heads]
+ * [2][head_dim] fp32, or NULL for zero (a sample of the model's keys makes
+ * stage 1 sharper: see the README). */
+int kvarc_conv_create(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
+                      const kvarc_options *o, const float *means, kvarc_conv **out);
+
+/* Attach to an existing ns/name (another worker's, a fork, a restored
+ * snapshot): checks m against it (KVARC_ESHAPE naming both sides), loads
+ * every layer's signatures (LoadSignatures), sinks and hot window, and
+ * continues at its archived length. Format, pos_mode and seed come from
+ * the conversation; the rest of o applies. */
+int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
+                      const kvarc_options *o, kvarc_conv **out);
+
+/* Archive every appended token now (normally done in batches), so that
+ * kvarcd holds the whole conversation. */
+int kvarc_conv_sync(kvarc_conv *cv);
+
+/* Sync, then free the handle. Returns the sync's code. */
+int kvarc_conv_close(kvarc_conv *cv);
+
+const char *kvarc_errmsg(const kvarc_conv *cv);
+
+/* Append n tokens of one layer: k and v are [n_kv_heads][n][head_dim] of
+ * dtype (KVARC_DTYPE_F16/BF16/F32), pre-RoPE. Every layer must be given the
+ * same tokens; positions continue from the layer's length. Tokens are
+ * encoded and archived in batches of o.batch (each batch durable when the
+ * call that completes it returns). */
+int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n);
+
+/* Attention of the layer's last n_q appended tokens (a decode step: 1; a
+ * prefill chunk: up to o.max_chunk). q is [n_q_heads][n_q][head_dim] fp32
+ * pre-RoPE, out the same shape. Query i (position len - n_q + i) attends
+ * to the sinks, its top_k cold tokens per kv head (retrieved from what was
+ * archived and had left the hot window before the chunk), and the hot
+ * window up to itself (causal). GQA: query head h reads kv head
+ * h / (n_q_heads / n_kv_heads). */
+int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, float *out);
+
+/* Tokens appended to layer (0 for a bad layer). */
+uint64_t kvarc_length(const kvarc_conv *cv, uint32_t layer);
+
+/* Fork (snapshot = 0) or snapshot (1) this conversation at its current
+ * length into dst_ns/dst_name (syncs first; every layer must have the same
+ * length). Restore a snapshot: kvarc_restore, then kvarc_conv_attach. */
+int kvarc_fork(kvarc_conv *cv, const char *dst_ns, const char *dst_name, int snapshot);
+int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, const char *dst_ns,
+                  const char *dst_name);
+
+void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVARC_H */

@@ -1,0 +1,81 @@
+/* kvarc_internal.h - libkvarc's insides (not installed). */
+#ifndef KVARC_INTERNAL_H
+#define KVARC_INTERNAL_H
+
+#include <stdarg.h>
+
+#include "kvarc.h"
+#include "kvarc_rpc.h"
+#include "kvg.h"
+
+/* ---- record cache (cache.c) ------------------------------------------- */
+
+/* An LRU cache of records keyed by (layer, head, position): an open-
+ * addressing table of slot indices over a slot array that holds the
+ * records and a doubly linked recency list. Fixed capacity, allocated
+ * once. */
+typedef struct kl_cache {
+    size_t    cap, n, rb;        /* capacity (records), in use, record bytes */
+    size_t    tombs;             /* deleted table entries (the table is rebuilt past cap/2) */
+    size_t    tab_mask;          /* table size - 1 (a power of two >= 2 cap) */
+    uint32_t *tab;               /* slot + 1, 0 empty, UINT32_MAX deleted */
+    uint64_t *key;               /* [cap] */
+    uint32_t *prev, *next;       /* [cap] recency list, UINT32_MAX ends */
+    uint32_t  head, tail;        /* most / least recently used */
+    uint8_t  *rec;               /* [cap][rb] */
+} kl_cache;
+
+int  kl_cache_init(kl_cache *c, size_t cap, size_t rb);
+void kl_cache_free(kl_cache *c);
+uint64_t kl_cache_key(uint32_t layer, uint32_t head, uint64_t pos);
+/* The record for key, made most recent; NULL if absent. */
+const uint8_t *kl_cache_get(kl_cache *c, uint64_t key);
+/* 1 if present (does not change recency). */
+int kl_cache_has(const kl_cache *c, uint64_t key);
+/* Insert (or refresh) key's record, evicting the least recent if full. */
+void kl_cache_put(kl_cache *c, uint64_t key, const uint8_t *rec);
+
+/* ---- conversation ------------------------------------------------------ */
+
+struct kvarc_client {
+    kvc_conn *conn;
+    char      err[512];
+};
+
+typedef struct kl_layer {
+    uint64_t  len;               /* tokens appended */
+    uint64_t  archived;          /* tokens durable in kvarcd */
+    float    *sink_k, *sink_v;   /* [H][sinks][d], pre-RoPE */
+    float    *ring_k, *ring_v;   /* [H][ring][d], token p at slot p % ring, pre-RoPE */
+    uint8_t **sig_bits;          /* [H] -> [sig_cap][d/8], positions [0, archived) */
+    uint16_t **sig_scale;        /* [H] -> [sig_cap] */
+    uint64_t  sig_cap;
+} kl_layer;
+
+struct kvarc_conv {
+    kvarc_client  *cl;
+    uint64_t       id;
+    char           ns[64], name[128];
+    kvarc_model    m;
+    char           fingerprint[64];
+    kvarc_options  o;
+    uint32_t       ring;         /* hot_window + max_chunk */
+    size_t         rb;           /* record bytes */
+    kvarc_rotation rot;
+    float         *means;        /* [L][H][2][d] */
+    kl_layer      *layers;
+    kl_cache       cache;
+    kvarc_stats    st;
+    char           err[512];
+};
+
+int  kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int64_t kl_now_ns(void);
+/* The codec of (layer, head). */
+kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head);
+/* Encode and archive tokens [archived, len) of a layer (from the ring). */
+int  kl_flush(kvarc_conv *cv, uint32_t layer);
+/* gRPC status -> a libkvarc return code. */
+int  kl_rc_of_status(int status);
+
+#endif

@@ -1,0 +1,24 @@
+/* rope_ref.c - rotary position embedding (RoPE), the CPU reference.
+ *
+ * Pairs of dimensions turn by pos x theta^(-2i / rotary_dims). Layout 0
+ * pairs (i, i + rotary_dims/2) (NeoX, Llama in HF), layout 1 pairs
+ * (2i, 2i + 1) (GPT-J, Meta's original Llama). Angles are computed in
+ * double, so a key at position 1e6 turns as accurately as one at 10.
+ * Dimensions from rotary_dims on are left as they are.
+ */
+#include <math.h>
+
+#include "kvg.h"
+
+void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, double pos)
+{
+    int half = (rotary_dims < d ? rotary_dims : d) / 2;
+    for (int i = 0; i < half; i++) {
+        double ang = pos * pow((double)theta, -2.0 * i / (double)(2 * half));
+        double c = cos(ang), s = sin(ang);
+        int a = layout ? 2 * i : i, b = layout ? 2 * i + 1 : i + half;
+        double xa = x[a], xb = x[b];
+        x[a] = (float)(xa * c - xb * s);
+        x[b] = (float)(xa * s + xb * c);
+    }
+}
