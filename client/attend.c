@@ -175,7 +175,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     const int remap = cv->o.pos_mode == 1;
     int rc = 0;
     int64_t t0 = kl_now_ns();
-    if (y->archived < hot_lo && (rc = kl_flush(cv, layer)))
+    if (cold && y->archived < hot_lo && (rc = kl_flush(cv, layer)))   /* invariant 3 makes this rare */
         return rc;
 
     /* queries per group: one RerankLayer each */

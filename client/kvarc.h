@@ -28,6 +28,10 @@
  * Caveats
  * - A kvarc_conv is used by one thread at a time; different conversations
  *   may be used from different threads; a kvarc_client may be shared.
+ * - One writer per conversation: kvarcd refuses an append at a position
+ *   already stored ("appends must continue at the end"), so a second
+ *   worker writing the same conversation fails; give each worker its own
+ *   fork (kvarc_fork), which shares the prefix without copying it.
  * - Do not fork() a process holding a kvarc_client and use it in the child
  *   (gRPC's rule).
  * - Attaching (kvarc_conv_attach) rebuilds the sinks and the hot window

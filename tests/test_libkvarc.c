@@ -1,0 +1,273 @@
+/* test_libkvarc: libkvarc against a real kvarcd on a unix socket.
+ *  - equivalence gate: lossless f16 records and top_k >= the cold tokens
+ *    give full causal attention (RoPE, GQA 4) to fp32 tolerance, at decode
+ *    steps before, at and long after the hot window fills, in both
+ *    position modes' true-position equivalent (true mode);
+ *  - a prefill chunk (n_q = 100) equals full causal attention per query;
+ *  - consecutive steps hit the record cache (records not resent);
+ *  - a second worker attaching after a sync continues exactly: same
+ *    lengths, the next step's output equal to the first worker's;
+ *  - fork through the handle, attach to the fork; a shape mismatch names
+ *    both sides; bad calls are refused with a message. */
+#include <math.h>
+
+#include "kvarcd_util.h"
+#include "kvarc.h"
+#include "kvg.h"
+
+#define L 2
+#define H 2
+#define QH 8
+#define D 64
+#define N 420
+
+static float K[L][H][N][D], V[L][H][N][D], Q[L][QH][N][D];
+
+/* Full causal attention of query t (pre-RoPE Q[l][*][t]) over tokens 0..t. */
+static void full_attention(int l, int t, float *out)
+{
+    static float kr[N][D];
+    for (int hq = 0; hq < QH; hq++) {
+        int h = hq / (QH / H);
+        float qv[D];
+        memcpy(qv, Q[l][hq][t], sizeof qv);
+        kvg_rope_ref(qv, D, D, 0, 10000.0f, t);
+        double m = -INFINITY, sum = 0, acc[D] = { 0 };
+        double *lg = malloc(sizeof(double) * (size_t)(t + 1));
+        for (int j = 0; j <= t; j++) {
+            memcpy(kr[j], K[l][h][j], sizeof kr[j]);
+            kvg_rope_ref(kr[j], D, D, 0, 10000.0f, j);
+            double s = 0;
+            for (int i = 0; i < D; i++)
+                s += (double)qv[i] * kr[j][i];
+            lg[j] = s / sqrt((double)D);
+            if (lg[j] > m)
+                m = lg[j];
+        }
+        for (int j = 0; j <= t; j++) {
+            double w = exp(lg[j] - m);
+            sum += w;
+            for (int i = 0; i < D; i++)
+                acc[i] += w * V[l][h][j][i];
+        }
+        for (int i = 0; i < D; i++)
+            out[hq * D + i] = (float)(acc[i] / sum);
+        free(lg);
+    }
+}
+
+static float max_rel(const float *a, const float *b, size_t n)
+{
+    double num = 0, den = 0, worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += (double)(a[i] - b[i]) * (a[i] - b[i]);
+        den += (double)b[i] * b[i];
+        if (fabs(a[i] - b[i]) > worst)
+            worst = fabs(a[i] - b[i]);
+    }
+    return (float)sqrt(num / (den + 1e-30));
+}
+
+/* Append token t (or tokens [t, t + n)) to every layer of cv. */
+static int append_tokens(kvarc_conv *cv, int t, int n)
+{
+    static float kb[H * N * D], vb[H * N * D];
+    for (int l = 0; l < L; l++) {
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < n; i++) {
+                memcpy(kb + ((size_t)h * n + i) * D, K[l][h][t + i], D * 4);
+                memcpy(vb + ((size_t)h * n + i) * D, V[l][h][t + i], D * 4);
+            }
+        int rc = kvarc_append(cv, (uint32_t)l, KVARC_DTYPE_F32, kb, vb, (uint32_t)n);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Decode-step attention of token t on layer l (t must be the last appended). */
+static int attend_step(kvarc_conv *cv, int l, int t, float *out)
+{
+    static float qb[QH * D];
+    for (int hq = 0; hq < QH; hq++)
+        memcpy(qb + hq * D, Q[l][hq][t], D * 4);
+    return kvarc_attend(cv, (uint32_t)l, qb, 1, out);
+}
+
+int main(void)
+{
+    eu_tmpdir(dir, sizeof dir, "libkvarc");
+    tu_rng rng = { 99 };
+    for (int l = 0; l < L; l++) {      /* f16-representable values: f16 records hold them exactly */
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < N; t++)
+                for (int i = 0; i < D; i++) {
+                    K[l][h][t][i] = kvarc_f16_to_f32(kvarc_f32_to_f16(tu_gauss(&rng) + (i == 3 ? 2.0f : 0.0f)));
+                    V[l][h][t][i] = kvarc_f16_to_f32(kvarc_f32_to_f16(tu_gauss(&rng)));
+                }
+        for (int hq = 0; hq < QH; hq++)
+            for (int t = 0; t < N; t++)
+                for (int i = 0; i < D; i++)
+                    Q[l][hq][t][i] = 0.5f * tu_gauss(&rng);
+    }
+    pid_t pid = start_daemon();
+    kvc_conn *probe;
+    CHECK_RC(kvc_connect(dir, &probe), 0);
+    CHECK(wait_ready(probe), "kvarcd ready");
+    kvc_close(probe);
+    kvarc_client *cl, *cl2;
+    CHECK_RC(kvarc_client_open(dir, NULL, NULL, &cl), 0);
+    CHECK_RC(kvarc_client_open(dir, NULL, NULL, &cl2), 0);
+    if (tu_failures) {
+        kill(pid, SIGKILL);
+        return tu_finish("test_libkvarc");
+    }
+    kvarc_model m = { L, H, QH, D, KVARC_DTYPE_F32, 10000.0f, D, 0, "toy-gqa" };
+    kvarc_options o;
+    kvarc_options_default(&o);
+    o.format = KVARC_FMT_F16;
+    o.sinks = 4;
+    o.hot_window = 64;
+    o.batch = 16;
+    o.top_k = 4096;            /* >= every cold token: retrieval is exhaustive */
+    o.shortlist = 1;
+    o.max_chunk = 128;
+    kvarc_conv *cv;
+    CHECK_RC(kvarc_conv_create(cl, "lib", "gate", &m, &o, NULL, &cv), 0);
+    if (tu_failures) {
+        kill(pid, SIGKILL);
+        return tu_finish("test_libkvarc");
+    }
+
+    /* decode steps: the equivalence gate */
+    float out[QH * D], ref[QH * D];
+    static const int checks[] = { 0, 1, 3, 4, 40, 67, 68, 69, 150, 299 };
+    size_t ci = 0;
+    float worst = 0;
+    kvarc_stats st0, st1;
+    for (int t = 0; t < 300; t++) {
+        CHECK_RC(append_tokens(cv, t, 1), 0);
+        if (ci < sizeof checks / sizeof checks[0] && checks[ci] == t) {
+            ci++;
+            for (int l = 0; l < L; l++) {
+                if (t == 299 && l == 0)
+                    kvarc_conv_stats(cv, &st0);
+                int rc = attend_step(cv, l, t, out);
+                CHECK(rc == 0, "attend at %d layer %d: %s", t, l, kvarc_errmsg(cv));
+                full_attention(l, t, ref);
+                float e = max_rel(out, ref, QH * D);
+                if (e > worst)
+                    worst = e;
+                CHECK(e < 2e-5f, "token %d layer %d: relative error %.3g vs full attention", t, l, e);
+            }
+        }
+    }
+    printf("  equivalence gate: worst relative error %.3g over %zu steps x %d layers\n", worst, ci, L);
+    kvarc_conv_stats(cv, &st1);
+    CHECK(st1.records_fetched > 0 && st1.archived == 300 * L - (300 % 16) * L,
+          "archived %llu (batches of 16), fetched %llu", (unsigned long long)st1.archived,
+          (unsigned long long)st1.records_fetched);
+    /* the step after: mostly cache hits */
+    CHECK_RC(append_tokens(cv, 300, 1), 0);
+    kvarc_conv_stats(cv, &st0);
+    CHECK_RC(attend_step(cv, 0, 300, out), 0);
+    kvarc_conv_stats(cv, &st1);
+    CHECK(st1.cache_hits - st0.cache_hits >= 2 * 200 && st1.records_fetched - st0.records_fetched <= 2 * 2,
+          "a repeated step is served from the cache: %llu hits, %llu fetched",
+          (unsigned long long)(st1.cache_hits - st0.cache_hits),
+          (unsigned long long)(st1.records_fetched - st0.records_fetched));
+
+    /* a second worker attaches to a fork taken after a sync and continues
+     * exactly where the first one is (one writer per conversation) */
+    int rc = kvarc_fork(cv, "lib", "gate-b", 0);
+    CHECK(rc == 0, "fork: %s", kvarc_errmsg(cv));
+    kvarc_conv *cv2 = NULL;
+    rc = kvarc_conv_attach(cl2, "lib", "gate-b", &m, &o, &cv2);
+    CHECK(rc == 0, "attach: %s", kvarc_client_errmsg(cl2));
+    kvarc_conv *w2 = NULL;      /* a second writer, attached at the same point */
+    CHECK_RC(kvarc_conv_attach(cl2, "lib", "gate-b", &m, &o, &w2), 0);
+    if (rc == 0) {
+        CHECK(kvarc_length(cv2, 0) == 301 && kvarc_length(cv2, 1) == 301, "attached at 301 tokens");
+        CHECK_RC(append_tokens(cv, 301, 1), 0);
+        CHECK_RC(append_tokens(cv2, 301, 1), 0);
+        float out2[QH * D];
+        for (int l = 0; l < L; l++) {
+            CHECK_RC(attend_step(cv, l, 301, out), 0);
+            CHECK_RC(attend_step(cv2, l, 301, out2), 0);
+            CHECK(max_rel(out2, out, QH * D) < 1e-6f, "the attached worker's step equals the writer's (layer %d)", l);
+        }
+        CHECK_RC(kvarc_conv_close(cv2), 0);
+    }
+    /* the second writer's appends are refused by kvarcd: position 301 is taken */
+    {
+        if (w2) {
+            rc = append_tokens(w2, 301, 1);
+            rc = rc ? rc : kvarc_conv_sync(w2);
+            CHECK(rc != 0 && strstr(kvarc_errmsg(w2), "appends must continue at the end"),
+                  "a stale writer is refused: %s", kvarc_errmsg(w2));
+            kvarc_conv_close(w2);
+        }
+    }
+
+    /* prefill: a chunk of 100 after 302 tokens; every query equals full attention */
+    kvarc_conv *pf;
+    CHECK_RC(kvarc_conv_create(cl, "lib", "prefill", &m, &o, NULL, &pf), 0);
+    for (int t0 = 0; t0 < 300; t0 += 100)
+        CHECK_RC(append_tokens(pf, t0, 100), 0);
+    CHECK_RC(append_tokens(pf, 300, 2), 0);
+    CHECK_RC(append_tokens(pf, 302, 100), 0);
+    {
+        static float qb[QH * 100 * D], ob[QH * 100 * D];
+        for (int l = 0; l < L; l++) {
+            for (int hq = 0; hq < QH; hq++)
+                memcpy(qb + (size_t)hq * 100 * D, Q[l][hq][302], 100 * D * 4);
+            rc = kvarc_attend(pf, (uint32_t)l, qb, 100, ob);
+            CHECK(rc == 0, "prefill attend: %s", kvarc_errmsg(pf));
+            float pw = 0;
+            for (int i = 0; i < 100 && !rc; i += 9) {
+                full_attention(l, 302 + i, ref);
+                for (int hq = 0; hq < QH; hq++)
+                    memcpy(out + hq * D, ob + ((size_t)hq * 100 + i) * D, D * 4);
+                float e = max_rel(out, ref, QH * D);
+                pw = e > pw ? e : pw;
+            }
+            CHECK(pw < 2e-5f, "prefill chunk layer %d: worst relative error %.3g", l, pw);
+        }
+    }
+    CHECK(kvarc_attend(pf, 0, out, 0, out) == -EINVAL && strstr(kvarc_errmsg(pf), "max_chunk"), "0 queries refused: %s",
+          kvarc_errmsg(pf));
+    CHECK(kvarc_attend(pf, 9, out, 1, out) == -EINVAL, "a bad layer is refused");
+    CHECK_RC(kvarc_conv_close(pf), 0);
+
+    /* fork through the handle, attach to it */
+    rc = kvarc_fork(cv, "lib", "gate-fork", 0);
+    CHECK(rc == 0, "fork: %s", kvarc_errmsg(cv));
+    kvarc_conv *fk;
+    CHECK_RC(kvarc_conv_attach(cl2, "lib", "gate-fork", &m, &o, &fk), 0);
+    if (fk) {
+        CHECK(kvarc_length(fk, 1) == 302, "the fork holds 302 tokens: %llu", (unsigned long long)kvarc_length(fk, 1));
+        kvarc_conv_close(fk);
+    }
+    kvarc_model wrong = m;
+    wrong.head_dim = 128;
+    kvarc_conv *bad = NULL;
+    CHECK_RC(kvarc_conv_attach(cl2, "lib", "gate", &wrong, &o, &bad), KVARC_ESHAPE);
+    CHECK(strstr(kvarc_client_errmsg(cl2), "head_dim 64") && strstr(kvarc_client_errmsg(cl2), "x 128"),
+          "mismatch names both sides: %s", kvarc_client_errmsg(cl2));
+    CHECK_RC(kvarc_conv_attach(cl2, "lib", "nobody", &m, &o, &bad), -ENOENT);
+    CHECK_RC(kvarc_conv_create(cl2, "lib", "gate", &m, &o, NULL, &bad), -EEXIST);
+
+    rc = kvarc_conv_close(cv);
+    CHECK(rc == 0, "close: %s", kvarc_client_errmsg(cl));
+    kvarc_client_close(cl);
+    kvarc_client_close(cl2);
+    kill(pid, SIGTERM);
+    CHECK(wait_exit(pid, 10000) == 0, "kvarcd exits 0");
+    if (!tu_failures) {
+        char log[300];
+        snprintf(log, sizeof log, "%s.log", dir);
+        unlink(log);
+        eu_rmrf(dir);
+    }
+    return tu_finish("test_libkvarc");
+}
