@@ -290,6 +290,11 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
             uint64_t pq = cs + g0 + i;
             int64_t t4 = kl_now_ns();
             size_t kn = kret ? x.ret_n[(size_t)i * H] : 0;
+            if (g0 + i == n_q - 1) {          /* the last query: kept for kvarc_last_retrieved */
+                cv->last_n = (uint32_t)kn;
+                for (size_t h = 0; h < H; h++)
+                    memcpy(cv->last_ret + h * cv->o.top_k, x.ret_pos + ((size_t)i * H + h) * kret, kn * 8);
+            }
             for (size_t h = 0; h < H && kret; h++) {
                 size_t it = (size_t)i * H + h;
                 if (x.ret_n[it] != kn) {

@@ -137,6 +137,7 @@ static void conv_free(kvarc_conv *cv)
     }
     free(cv->layers);
     free(cv->means);
+    free(cv->last_ret);
     kl_cache_free(&cv->cache);
     free(cv);
 }
@@ -190,6 +191,9 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         return rc;
     }
     cv->means = calloc(L * H * 2 * d, sizeof *cv->means);
+    cv->last_ret = calloc(H * (size_t)o->top_k, sizeof *cv->last_ret);
+    if (!cv->last_ret)
+        goto oom;
     cv->layers = calloc(L, sizeof *cv->layers);
     if (!cv->means || !cv->layers || kl_cache_init(&cv->cache, o->cache_records, cv->rb))
         goto oom;
@@ -579,6 +583,15 @@ uint64_t kvarc_length(const kvarc_conv *cv, uint32_t layer)
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out)
 {
     *out = cv->st;
+}
+
+size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, size_t max)
+{
+    if (head >= cv->m.n_kv_heads)
+        return 0;
+    size_t n = cv->last_n < max ? cv->last_n : max;
+    memcpy(pos, cv->last_ret + (size_t)head * cv->o.top_k, n * sizeof *pos);
+    return cv->last_n;
 }
 
 /* ---- fork, snapshot, restore ---------------------------------------------- */

@@ -154,6 +154,12 @@ int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, c
 
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out);
 
+/* The cold positions the last kvarc_attend retrieved for its last query
+ * and kv head `head`, best first: up to max into pos; returns how many
+ * there were (0 when nothing was cold). For measuring retrieval (recall,
+ * needles), not needed to use the library. */
+size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, size_t max);
+
 #ifdef __cplusplus
 }
 #endif

@@ -66,6 +66,8 @@ struct kvarc_conv {
     kl_layer      *layers;
     kl_cache       cache;
     kvarc_stats    st;
+    uint64_t      *last_ret;     /* [H][top_k]: the last query's retrieved positions */
+    uint32_t       last_n;       /* per head */
     char           err[512];
 };
 

@@ -1,0 +1,90 @@
+/* daemon.c - start and stop a kvarcd from the tools (see daemon.h). */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "kvarc_rpc.h"
+
+const char *kd_find_kvarcd(const char *given, char *buf, size_t len)
+{
+    if (given)
+        return given;
+    char self[1024];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+        self[n] = 0;
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            *slash = 0;
+            snprintf(buf, len, "%s/kvarcd", self);
+            if (!access(buf, X_OK))
+                return buf;
+            snprintf(buf, len, "%s/../storaged/kvarcd", self);
+            if (!access(buf, X_OK))
+                return buf;
+        }
+    }
+    return "kvarcd";
+}
+
+int kd_alive(const char *target, int timeout_ms)
+{
+    kvc_conn *c;
+    char msg[256];
+    if (kvc_connect(target, &c))
+        return 0;
+    Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+    int ok = kvc_call(c, "Health", &e.base, &kvarc__v1__health_reply__descriptor, NULL, timeout_ms, msg, sizeof msg) == 0;
+    kvc_close(c);
+    return ok;
+}
+
+int kd_spawn(const char *kvarcd, const char *dir, const char *log, pid_t *pid, char *msg, size_t len)
+{
+    pid_t p = fork();
+    if (p < 0) {
+        snprintf(msg, len, "fork: %s", strerror(errno));
+        return -1;
+    }
+    if (p == 0) {
+        if (!freopen(log ? log : "/dev/null", "a", stderr))
+            _exit(126);
+        execlp(kvarcd, "kvarcd", "--data", dir, (char *)NULL);
+        fprintf(stderr, "cannot run %s: %s\n", kvarcd, strerror(errno));
+        _exit(127);
+    }
+    char sock[1200];
+    snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
+    for (int i = 0; i < 200; i++) {
+        int st;
+        if (waitpid(p, &st, WNOHANG) == p) {
+            snprintf(msg, len, "%s exited with code %d before serving%s%s", kvarcd, WIFEXITED(st) ? WEXITSTATUS(st) : -1,
+                     log ? "; see " : "", log ? log : "");
+            return -1;
+        }
+        if (!access(sock, F_OK) && kd_alive(dir, 500)) {
+            *pid = p;
+            return 0;
+        }
+        struct timespec d = { 0, 50 * 1000000 };
+        nanosleep(&d, NULL);
+    }
+    kill(p, SIGKILL);
+    waitpid(p, NULL, 0);
+    snprintf(msg, len, "%s did not answer within 10 s", kvarcd);
+    return -1;
+}
+
+int kd_stop(pid_t pid)
+{
+    int st;
+    kill(pid, SIGTERM);
+    if (waitpid(pid, &st, 0) != pid)
+        return -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}

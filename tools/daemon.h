@@ -1,0 +1,23 @@
+/* daemon.h - start and stop a kvarcd from the tools (demo, benchmarks). */
+#ifndef KVARC_TOOLS_DAEMON_H
+#define KVARC_TOOLS_DAEMON_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/* The kvarcd to run: `given` if set; else the one beside this executable;
+ * else ../storaged/kvarcd from it (a build tree); else "kvarcd" (PATH). */
+const char *kd_find_kvarcd(const char *given, char *buf, size_t len);
+
+/* 1 if a kvarcd answers Health at target within timeout_ms. */
+int kd_alive(const char *target, int timeout_ms);
+
+/* Start `kvarcd --data dir` (stderr appended to log, or /dev/null) and
+ * wait up to 10 s for it to answer. Call before this process makes any
+ * gRPC channel of its own (gRPC must not cross a fork). 0, or -1 with msg. */
+int kd_spawn(const char *kvarcd, const char *dir, const char *log, pid_t *pid, char *msg, size_t len);
+
+/* SIGTERM and wait; its exit code (-1 if it died by a signal). */
+int kd_stop(pid_t pid);
+
+#endif
