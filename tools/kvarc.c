@@ -1,7 +1,9 @@
 /* kvarc - the admin CLI. Subcommands grow with the project:
- *   kvarc demo      the main job (today: a self-check of the record formats
- *                   and of one retrieval step on the CPU references)
- *   kvarc formats   the record formats and their sizes
+ *   kvarc demo       the main job: a long conversation through libkvarc and
+ *                    kvarcd, decoded with retrieval (tools/kvarc_demo.c)
+ *   kvarc selfcheck  the record formats and one retrieval step on the CPU
+ *                    references, no daemon
+ *   kvarc formats    the record formats and their sizes
  * Exit codes: 0 success, 1 a check or operation failed, 2 usage error. */
 #include <errno.h>
 #include <math.h>
@@ -21,8 +23,12 @@ static void usage(FILE *f)
             "usage: kvarc [--version] [--help] COMMAND [ARGS]\n"
             "\n"
             "commands:\n"
-            "  demo [--tokens N] [--top-k K] [--seed S]\n"
-            "                 self-check: archive a synthetic layer in every record format,\n"
+            "  demo [--data DIR] [--tokens N] [--layers L] [--steps S] [--format F] [--top-k K] [--keep]\n"
+            "                 the main job: a long synthetic conversation through libkvarc and a\n"
+            "                 kvarcd (started on DIR if none serves it), decoded with retrieval:\n"
+            "                 needles found vs a sliding window, attention error, time, memory\n"
+            "  selfcheck [--tokens N] [--top-k K] [--seed S]\n"
+            "                 archive a synthetic layer in every record format in memory,\n"
             "                 retrieve a planted needle, compare attention with full attention\n"
             "  formats [--head-dim D]\n"
             "                 list the record formats and their bytes per token\n"
@@ -240,7 +246,7 @@ out:
     return rc;
 }
 
-static int cmd_demo(int argc, char **argv)
+static int cmd_selfcheck(int argc, char **argv)
 {
     int n = 32768, top_k = 64;
     uint64_t seed = 2026;
@@ -252,12 +258,12 @@ static int cmd_demo(int argc, char **argv)
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
             seed = strtoull(argv[++i], NULL, 0);
         else {
-            fprintf(stderr, "kvarc demo: unknown argument '%s' (see kvarc --help)\n", argv[i]);
+            fprintf(stderr, "kvarc selfcheck: unknown argument '%s' (see kvarc --help)\n", argv[i]);
             return 2;
         }
     }
     if (n < 16 || n > 4 * 1024 * 1024 || top_k < 1 || top_k > n) {
-        fprintf(stderr, "kvarc demo: need 16 <= --tokens <= 4194304 and 1 <= --top-k <= tokens\n");
+        fprintf(stderr, "kvarc selfcheck: need 16 <= --tokens <= 4194304 and 1 <= --top-k <= tokens\n");
         return 2;
     }
     demo_data dd = { .d = 128, .n = n };
@@ -265,7 +271,7 @@ static int cmd_demo(int argc, char **argv)
     dd.k = malloc(total * dd.d * 4);
     dd.v = malloc(total * dd.d * 4);
     if (!dd.k || !dd.v) {
-        fprintf(stderr, "kvarc demo: out of memory for %d tokens\n", n);
+        fprintf(stderr, "kvarc selfcheck: out of memory for %d tokens\n", n);
         return 1;
     }
     demo_make(&dd, seed);
@@ -279,7 +285,7 @@ static int cmd_demo(int argc, char **argv)
     };
     kvg_attend_ref(dd.q, 1, 1, dd.d, 1.0f / sqrtf((float)dd.d), wp, 2, win);
 
-    printf("kvarc demo: one layer, one KV head, head_dim %d, %d cold tokens + %d sinks + %d hot;\n"
+    printf("kvarc selfcheck: one layer, one KV head, head_dim %d, %d cold tokens + %d sinks + %d hot;\n"
            "a needle at cold position %d; retrieval: asym scan -> shortlist %d -> exact rerank -> top_k %d\n"
            "(CPU reference kernels; kvarcd and libkvarc arrive with issues 3-5)\n\n",
            dd.d, n, SINKS, HOT, dd.needle, 8 * top_k, top_k);
@@ -310,10 +316,10 @@ static int cmd_demo(int argc, char **argv)
     free(dd.k);
     free(dd.v);
     if (fails) {
-        printf("kvarc demo: %d format(s) failed the self-check\n", fails);
+        printf("kvarc selfcheck: %d format(s) failed the self-check\n", fails);
         return 1;
     }
-    printf("kvarc demo: self-check passed\n");
+    printf("kvarc selfcheck: self-check passed\n");
     return 0;
 }
 
@@ -337,8 +343,10 @@ int main(int argc, char **argv)
             usage(stdout);
             return 0;
         }
+    if (!strcmp(cmd, "selfcheck"))
+        return cmd_selfcheck(argc - 2, argv + 2);
     if (!strcmp(cmd, "demo"))
-        return cmd_demo(argc - 2, argv + 2);
+        return kvarc_demo(argc - 2, argv + 2);
     if (!strcmp(cmd, "formats"))
         return cmd_formats(argc - 2, argv + 2);
     int rc = kvarc_admin(cmd, argc - 2, argv + 2);

@@ -8,4 +8,7 @@
  * if cmd is not an admin command. */
 int kvarc_admin(const char *cmd, int argc, char **argv);
 
+/* `kvarc demo` (tools/kvarc_demo.c): the main job through libkvarc. */
+int kvarc_demo(int argc, char **argv);
+
 #endif
