@@ -171,7 +171,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     if (R_n > cold)
         R_n = (size_t)cold;
     const int rot = (int)cv->m.rotary_dims, lay = cv->m.rope_layout;
-    const float theta = cv->m.rope_theta, scale = cv->o.scale > 0 ? cv->o.scale : 1.0f / sqrtf((float)d);
+    const float scale = cv->o.scale > 0 ? cv->o.scale : 1.0f / sqrtf((float)d);
     const int remap = cv->o.pos_mode == 1;
     int rc = 0;
     int64_t t0 = kl_now_ns();
@@ -226,16 +226,15 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     for (size_t h = 0; h < H; h++) {
         for (uint64_t t = 0; t < nh; t++) {
             size_t slot = (h * cv->ring + (hot_lo + t) % cv->ring) * d, dst = (h * nh + t) * d;
-            memcpy(x.hot_k + dst, y->ring_k + slot, d * 4);
+            memcpy(x.hot_k + dst, y->ring_kr + slot, d * 4);     /* turned when appended */
             memcpy(x.hot_v + dst, y->ring_v + slot, d * 4);
-            kvg_rope_ref(x.hot_k + dst, (int)d, rot, lay, theta, (double)(hot_lo + t));
         }
         for (uint64_t s = 0; s < ns; s++) {
             size_t src = (h * cv->o.sinks + s) * d, dst = (h * ns + s) * d;
             memcpy(x.sink_k + dst, y->sink_k + src, d * 4);
             memcpy(x.sink_v + dst, y->sink_v + src, d * 4);
             double p = remap ? (double)hot_lo - (double)kret - (double)ns + (double)s : (double)s;
-            kvg_rope_ref(x.sink_k + dst, (int)d, rot, lay, theta, p);
+            kvg_rope_apply(x.sink_k + dst, (int)d, rot, lay, cv->inv_freq, p);
         }
     }
 
@@ -252,7 +251,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 for (size_t g = 0; g < G; g++) {
                     float *qv = x.qsc + (it * G + g) * d;
                     memcpy(qv, q + ((h * G + g) * n_q + g0 + i) * d, d * 4);
-                    kvg_rope_ref(qv, (int)d, rot, lay, theta, (double)cv->o.score_distance);
+                    kvg_rope_apply(qv, (int)d, rot, lay, cv->inv_freq, (double)cv->o.score_distance);
                     if ((rc = kvg_query_prep_ref(&cv->rot, codec.mu_k, KVARC_DTYPE_F32, qv, &qs[g]))) {
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
@@ -312,7 +311,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     if ((rc = kvg_decode_ref(&codec, x.ret_rec + (it * kret + x.pr[r].j) * cv->rb, 1, kk, vv)))
                         kl_fail(cv, rc, "decoding a record of layer %u: %s", layer, kvarc_strerror(rc));
                     double p = remap ? (double)hot_lo - (double)kn + (double)r : (double)x.pr[r].pos;
-                    kvg_rope_ref(kk, (int)d, rot, lay, theta, p);
+                    kvg_rope_apply(kk, (int)d, rot, lay, cv->inv_freq, p);
                 }
             }
             int64_t t5 = kl_now_ns();
@@ -321,7 +320,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 break;
             for (size_t hq = 0; hq < QH; hq++) {
                 memcpy(x.qi + hq * d, q + (hq * n_q + g0 + i) * d, d * 4);
-                kvg_rope_ref(x.qi + hq * d, (int)d, rot, lay, theta, (double)pq);
+                kvg_rope_apply(x.qi + hq * d, (int)d, rot, lay, cv->inv_freq, (double)pq);
             }
             kvg_attn_part parts[3] = {
                 { x.sink_k, x.sink_v, (size_t)ns, (size_t)ns, NULL },

@@ -128,6 +128,7 @@ static void conv_free(kvarc_conv *cv)
         free(y->sink_v);
         free(y->ring_k);
         free(y->ring_v);
+        free(y->ring_kr);
         for (uint32_t h = 0; y->sig_bits && h < cv->m.n_kv_heads; h++) {
             free(y->sig_bits[h]);
             free(y->sig_scale[h]);
@@ -184,6 +185,7 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     cv->ring = o->hot_window + o->max_chunk;
     cv->rb = (size_t)rb;
     size_t L = m->n_layers, H = m->n_kv_heads, d = m->head_dim;
+    kvg_rope_freqs(cv->inv_freq, (int)d, (int)m->rotary_dims, m->rope_theta);
     int rc = kvarc_rotation_init(&cv->rot, (int)d, o->seed);
     if (rc) {
         snprintf(c->err, sizeof c->err, "head_dim %zu: %s", d, kvarc_strerror(rc));
@@ -204,9 +206,10 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         y->sink_v = malloc(sk * 4);
         y->ring_k = malloc(rg * 4);
         y->ring_v = malloc(rg * 4);
+        y->ring_kr = malloc(rg * 4);
         y->sig_bits = calloc(H, sizeof *y->sig_bits);
         y->sig_scale = calloc(H, sizeof *y->sig_scale);
-        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->sig_bits || !y->sig_scale)
+        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->ring_kr || !y->sig_bits || !y->sig_scale)
             goto oom;
     }
     *out = cv;
@@ -429,12 +432,8 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
             memcpy(y->sink_v + (size_t)h * cv->o.sinks * d, tv, (size_t)ns_ * d * 4);
             if ((rc = fetch_decode(cv, l, h, len - hot, (uint32_t)hot, tk, tv)))
                 break;
-            for (uint64_t t = 0; t < hot; t++) {
-                uint64_t p = len - hot + t;
-                size_t slot = ((size_t)h * cv->ring + p % cv->ring) * d;
-                memcpy(y->ring_k + slot, tk + t * d, d * 4);
-                memcpy(y->ring_v + slot, tv + t * d, d * 4);
-            }
+            for (uint64_t t = 0; t < hot; t++)
+                kl_ring_put(cv, y, h, len - hot + t, tk + t * d, tv + t * d);
         }
         free(tk);
         free(tv);
@@ -517,6 +516,19 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
     return rc;
 }
 
+void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v)
+{
+    size_t d = cv->m.head_dim, slot = (h * cv->ring + p % cv->ring) * d;
+    memcpy(y->ring_k + slot, k, d * 4);
+    memcpy(y->ring_v + slot, v, d * 4);
+    memcpy(y->ring_kr + slot, k, d * 4);
+    kvg_rope_apply(y->ring_kr + slot, (int)d, (int)cv->m.rotary_dims, cv->m.rope_layout, cv->inv_freq, (double)p);
+    if (p < cv->o.sinks) {
+        memcpy(y->sink_k + (h * cv->o.sinks + p) * d, k, d * 4);
+        memcpy(y->sink_v + (h * cv->o.sinks + p) * d, v, d * 4);
+    }
+}
+
 int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n)
 {
     if (layer >= cv->m.n_layers || !k || !v)
@@ -532,20 +544,25 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
             if (rc)
                 return rc;
         }
+        float kf[KVARC_HEAD_DIM_MAX], vf[KVARC_HEAD_DIM_MAX];
         for (size_t h = 0; h < H; h++) {
-            size_t src = (h * n + t) * d, slot = (h * cv->ring + p % cv->ring) * d;
+            size_t src = (h * n + t) * d;
             for (size_t i = 0; i < d; i++) {
-                float kf = kvarc_load_f32((kvarc_dtype)dtype, k, src + i), vf = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
-                if (!isfinite(kf) || !isfinite(vf))
+                kf[i] = kvarc_load_f32((kvarc_dtype)dtype, k, src + i);
+                vf[i] = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
+                if (!isfinite(kf[i]) || !isfinite(vf[i]))
                     return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu has "
-                                   "a NaN or Inf: it was refused, the %u before it were appended", layer, t, (unsigned long long)p, h, t);
-                y->ring_k[slot + i] = kf;
-                y->ring_v[slot + i] = vf;
+                                   "a NaN or Inf: it was refused, the %u before it were appended", layer, t,
+                                   (unsigned long long)p, h, t);
             }
-            if (p < cv->o.sinks) {
-                memcpy(y->sink_k + (h * cv->o.sinks + p) * d, y->ring_k + slot, d * 4);
-                memcpy(y->sink_v + (h * cv->o.sinks + p) * d, y->ring_v + slot, d * 4);
+        }
+        for (size_t h = 0; h < H; h++) {
+            size_t src = (h * n + t) * d;
+            for (size_t i = 0; i < d; i++) {
+                kf[i] = kvarc_load_f32((kvarc_dtype)dtype, k, src + i);
+                vf[i] = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
             }
+            kl_ring_put(cv, y, h, p, kf, vf);
         }
         y->len = p + 1;
     }

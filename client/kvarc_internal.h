@@ -47,6 +47,7 @@ typedef struct kl_layer {
     uint64_t  archived;          /* tokens durable in kvarcd */
     float    *sink_k, *sink_v;   /* [H][sinks][d], pre-RoPE */
     float    *ring_k, *ring_v;   /* [H][ring][d], token p at slot p % ring, pre-RoPE */
+    float    *ring_kr;           /* [H][ring][d] the same keys turned by RoPE to their position */
     uint8_t **sig_bits;          /* [H] -> [sig_cap][d/8], positions [0, archived) */
     uint16_t **sig_scale;        /* [H] -> [sig_cap] */
     uint64_t  sig_cap;
@@ -62,6 +63,7 @@ struct kvarc_conv {
     uint32_t       ring;         /* hot_window + max_chunk */
     size_t         rb;           /* record bytes */
     kvarc_rotation rot;
+    double         inv_freq[KVARC_HEAD_DIM_MAX / 2];   /* RoPE frequencies */
     float         *means;        /* [L][H][2][d] */
     kl_layer      *layers;
     kl_cache       cache;
@@ -75,6 +77,8 @@ int  kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...) __attribute__((format
 int64_t kl_now_ns(void);
 /* The codec of (layer, head). */
 kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head);
+/* Put token p's exact K, V ([d] each, pre-RoPE) of head h in the ring. */
+void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v);
 /* Encode and archive tokens [archived, len) of a layer (from the ring). */
 int  kl_flush(kvarc_conv *cv, uint32_t layer);
 /* gRPC status -> a libkvarc return code. */

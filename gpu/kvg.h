@@ -140,6 +140,10 @@ static inline uint32_t kvg_score_key(float s)
  * leaves x alone. q.k of two rotated vectors depends on the difference of
  * their positions only; pos may be negative (to undo a rotation). */
 void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, double pos);
+/* The same in two parts, for many vectors: the frequencies once
+ * (inv_freq[rotary_dims/2]), then each rotation. Same results. */
+void kvg_rope_freqs(double *inv_freq, int d, int rotary_dims, float theta);
+void kvg_rope_apply(float *x, int d, int rotary_dims, int layout, const double *inv_freq, double pos);
 
 /* ---- attention ---------------------------------------------------------- */
 

@@ -10,15 +10,29 @@
 
 #include "kvg.h"
 
-void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, double pos)
+void kvg_rope_freqs(double *inv_freq, int d, int rotary_dims, float theta)
+{
+    int half = (rotary_dims < d ? rotary_dims : d) / 2;
+    for (int i = 0; i < half; i++)
+        inv_freq[i] = pow((double)theta, -2.0 * i / (double)(2 * half));
+}
+
+void kvg_rope_apply(float *x, int d, int rotary_dims, int layout, const double *inv_freq, double pos)
 {
     int half = (rotary_dims < d ? rotary_dims : d) / 2;
     for (int i = 0; i < half; i++) {
-        double ang = pos * pow((double)theta, -2.0 * i / (double)(2 * half));
+        double ang = pos * inv_freq[i];
         double c = cos(ang), s = sin(ang);
         int a = layout ? 2 * i : i, b = layout ? 2 * i + 1 : i + half;
         double xa = x[a], xb = x[b];
         x[a] = (float)(xa * c - xb * s);
         x[b] = (float)(xa * s + xb * c);
     }
+}
+
+void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, double pos)
+{
+    double inv_freq[KVARC_HEAD_DIM_MAX / 2];
+    kvg_rope_freqs(inv_freq, d, rotary_dims, theta);
+    kvg_rope_apply(x, d, rotary_dims, layout, inv_freq, pos);
 }

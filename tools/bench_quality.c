@@ -129,6 +129,12 @@ static void exact(const float *qr, int hq, uint64_t pos, uint64_t lo, uint64_t h
                 top[worst] = j;
         }
     }
+    for (int a = 1; a < n; a++)              /* best first: recall@k reads the first k */
+        for (int b = a; b > 0 && scratch[top[b]] > scratch[top[b - 1]]; b--) {
+            uint64_t t = top[b];
+            top[b] = top[b - 1];
+            top[b - 1] = t;
+        }
     for (int t = n; t < kmax; t++)
         top[t] = UINT64_MAX;
 }

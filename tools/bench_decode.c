@@ -1,0 +1,296 @@
+/* bench-decode - decode-step time of libkvarc's CPU path against exact
+ * full attention over the same tokens, in one run.
+ *
+ *   bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format q3]
+ *
+ * Model: L layers x 8 KV heads x 32 query heads (GQA 4) x head_dim 128,
+ * RoPE on all 128 dims (theta 500000): a Llama-3-8B-shaped attention.
+ * N cold tokens per layer are archived (encoded once, the same records
+ * appended to every layer straight through the transport: only timing is
+ * measured here, see bench-quality for fidelity), then a libkvarc handle
+ * attaches (loading every layer's signatures) and decodes S steps: per
+ * step and layer, append one token and attend with one query (32 heads),
+ * top_k 64, shortlist 8 x 64, kvarcd on a unix socket.
+ * Baseline, same run: exact attention of the same 32 query heads over the
+ * same N tokens held as fp32 in RAM (one layer; x L for the model), its
+ * loops laid out to vectorize (built -O3).
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "kvarc.h"
+#include "kvarc_rpc.h"
+#include "kvg.h"
+
+#define H 8
+#define QH 32
+#define D 128
+#define THETA 500000.0f
+#define CHUNK 4096
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rng_s = 0x9e3779b97f4a7c15ull;
+static float rnd(void)            /* roughly N(0, 0.33): the sum of two uniforms */
+{
+    rng_s ^= rng_s >> 12;
+    rng_s ^= rng_s << 25;
+    rng_s ^= rng_s >> 27;
+    uint64_t x = rng_s * 0x2545f4914f6cdd1dull;
+    return (float)((double)(x >> 40) / 16777216.0 + (double)((x >> 16) & 0xffffff) / 16777216.0 - 1.0);
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void die(const char *what, const char *msg)
+{
+    fprintf(stderr, "bench-decode: %s: %s\n", what, msg);
+    exit(1);
+}
+
+/* Exact attention of q[QH][D] (roped) over keys kt [H][D][n] (roped,
+ * dimension-major so the logit loop runs over tokens and vectorizes) and
+ * values v [n][H][D]: out[QH][D]. */
+static void exact(const float *q, const float *kt, const float *v, size_t n, float *out, float *lg)
+{
+    for (int hq = 0; hq < QH; hq++) {
+        int h = hq / (QH / H);
+        memset(lg, 0, n * sizeof *lg);
+        for (int i = 0; i < D; i++) {
+            const float *ki = kt + ((size_t)h * D + (size_t)i) * n;
+            float qi = q[hq * D + i] * 0.08838834764831845f;
+            for (size_t j = 0; j < n; j++)
+                lg[j] += qi * ki[j];
+        }
+        float m = -INFINITY;
+        for (size_t j = 0; j < n; j++)
+            m = lg[j] > m ? lg[j] : m;
+        float l = 0, acc[D] = { 0 };
+        for (size_t j = 0; j < n; j++) {
+            float w = expf(lg[j] - m);
+            l += w;
+            const float *vj = v + (j * H + (size_t)h) * D;
+            for (int i = 0; i < D; i++)
+                acc[i] += w * vj[i];
+        }
+        for (int i = 0; i < D; i++)
+            out[hq * D + i] = acc[i] / l;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *kvarcd = NULL;
+    int layers = 1, steps = 20, fmt = KVARC_FMT_Q3;
+    uint64_t N = 131072;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--kvarcd") && i + 1 < argc)
+            kvarcd = argv[++i];
+        else if (!strcmp(argv[i], "--layers") && i + 1 < argc)
+            layers = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
+            N = strtoull(argv[++i], NULL, 10) / CHUNK * CHUNK;
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+            steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--format") && i + 1 < argc) {
+            const char *f = argv[++i];
+            fmt = !strcmp(f, "q3") ? KVARC_FMT_Q3 : !strcmp(f, "q4") ? KVARC_FMT_Q4 : !strcmp(f, "i8") ? KVARC_FMT_I8
+                : !strcmp(f, "f16") ? KVARC_FMT_F16 : -1;
+            if (fmt < 0)
+                die("usage", "--format q3|q4|i8|f16");
+        } else {
+            fprintf(stderr, "usage: bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format F]\n");
+            return !strcmp(argv[i], "--help") ? 0 : 2;
+        }
+    }
+    if (layers < 1 || layers > 128 || N < CHUNK || steps < 5)
+        die("usage", "--layers 1..128, --tokens >= 4096, --steps >= 5");
+    char dir[] = "/var/tmp/kvarc-decode-XXXXXX", kbuf[1024], msg[512];
+    if (!mkdtemp(dir))
+        die("mkdtemp", strerror(errno));
+    pid_t pid;
+    if (kd_spawn(kd_find_kvarcd(kvarcd, kbuf, sizeof kbuf), dir, NULL, &pid, msg, sizeof msg))
+        die("kvarcd", msg);
+    kvarc_client *cl;
+    if (kvarc_client_open(dir, NULL, NULL, &cl))
+        die("connect", dir);
+    kvarc_model m = { (uint32_t)layers, H, QH, D, KVARC_DTYPE_F32, THETA, D, 0, "bench-decode" };
+    kvarc_options o;
+    kvarc_options_default(&o);
+    o.format = fmt;
+    kvarc_conv *cv;
+    if (kvarc_conv_create(cl, "bench", "decode", &m, &o, NULL, &cv))
+        die("create", kvarc_client_errmsg(cl));
+    uint64_t conv_id = 0;
+    {   /* the id, for the raw appends */
+        kvc_conn *k;
+        if (kvc_connect(dir, &k))
+            die("connect", dir);
+        Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+        r.ns = "bench";
+        r.name = "decode";
+        ProtobufCMessage *rep = NULL;
+        if (kvc_call(k, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg))
+            die("open", msg);
+        conv_id = ((Kvarc__V1__ConvReply *)rep)->info->id;
+        protobuf_c_message_free_unpacked(rep, NULL);
+        kvarc_conv_close(cv);
+
+        /* archive: N tokens, encoded once, appended to every layer */
+        int rb = kvarc_record_bytes(fmt, D);
+        float *K = malloc(sizeof(float) * N * H * D), *V = malloc(sizeof(float) * N * H * D);
+        float *kb = malloc(sizeof(float) * CHUNK * D), *vb = malloc(sizeof(float) * CHUNK * D);
+        uint8_t *recs = malloc((size_t)H * CHUNK * rb), *bits = malloc((size_t)H * CHUNK * D / 8);
+        uint16_t *sc = malloc((size_t)H * CHUNK * 2);
+        if (!K || !V || !kb || !vb || !recs || !bits || !sc)
+            die("memory", "out of memory");
+        for (size_t i = 0; i < N * H * D; i++) {
+            K[i] = rnd();
+            V[i] = rnd();
+        }
+        kvarc_rotation rot;
+        kvarc_rotation_init(&rot, D, o.seed);
+        kvg_codec codec = { fmt, &rot, NULL, NULL };
+        double ta = now_s(), t_enc = 0;
+        for (uint64_t p = 0; p < N; p += CHUNK) {
+            double te = now_s();
+            for (int h = 0; h < H; h++) {
+                for (int t = 0; t < CHUNK; t++) {
+                    memcpy(kb + (size_t)t * D, K + ((p + (uint64_t)t) * H + (uint64_t)h) * D, sizeof(float) * D);
+                    memcpy(vb + (size_t)t * D, V + ((p + (uint64_t)t) * H + (uint64_t)h) * D, sizeof(float) * D);
+                }
+                if (kvg_encode_ref(&codec, KVARC_DTYPE_F32, kb, vb, CHUNK, recs + (size_t)h * CHUNK * rb,
+                                   bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL))
+                    die("encode", "failed");
+            }
+            t_enc += now_s() - te;
+            for (int l = 0; l < layers; l++) {
+                Kvarc__V1__AppendRequest r2 = KVARC__V1__APPEND_REQUEST__INIT;
+                r2.conv = conv_id;
+                r2.layer = (uint32_t)l;
+                r2.first_pos = p;
+                r2.count = CHUNK;
+                r2.sig_bits.data = bits;
+                r2.sig_bits.len = (size_t)H * CHUNK * D / 8;
+                r2.sig_scale.data = (uint8_t *)sc;
+                r2.sig_scale.len = (size_t)H * CHUNK * 2;
+                r2.records.data = recs;
+                r2.records.len = (size_t)H * CHUNK * rb;
+                if (kvc_call(k, "Append", &r2.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg, sizeof msg))
+                    die("append", msg);
+            }
+            fprintf(stderr, "\rarchived %llu/%llu tokens x %d layers", (unsigned long long)(p + CHUNK),
+                    (unsigned long long)N, layers);
+        }
+        fprintf(stderr, "\n");
+        kvc_close(k);
+        double tarch = now_s() - ta;
+
+        /* the baseline: exact attention over the same tokens, one layer, fp32 in RAM */
+        float *q = malloc(sizeof(float) * QH * D), *out = malloc(sizeof(float) * QH * D);
+        float *lg = malloc(sizeof(float) * N);
+        for (uint64_t p = 0; p < N; p++)         /* K roped, then dimension-major into K's place */
+            for (int h = 0; h < H; h++)
+                kvg_rope_ref(K + (p * H + (uint64_t)h) * D, D, D, 0, THETA, (double)p);
+        float *kt = malloc(sizeof(float) * N * H * D);
+        if (!kt)
+            die("memory", "out of memory for the baseline's keys");
+        for (uint64_t p = 0; p < N; p++)
+            for (int h = 0; h < H; h++)
+                for (int i = 0; i < D; i++)
+                    kt[((size_t)h * D + (size_t)i) * N + p] = K[(p * H + (uint64_t)h) * D + (uint64_t)i];
+        free(K);
+        K = kt;
+        double best = 1e30;
+        for (int rep2 = 0; rep2 < 3; rep2++) {
+            for (int i = 0; i < QH * D; i++)
+                q[i] = rnd();
+            double te = now_s();
+            exact(q, K, V, (size_t)N, out, lg);
+            double t = now_s() - te;
+            best = t < best ? t : best;
+        }
+        free(K);
+        free(V);
+
+        /* attach (signatures of every layer) and decode */
+        double tl = now_s();
+        if (kvarc_conv_attach(cl, "bench", "decode", &m, &o, &cv))
+            die("attach", kvarc_client_errmsg(cl));
+        double tattach = now_s() - tl;
+        double *step = calloc((size_t)steps, sizeof *step);
+        float tk[H * D], tv[H * D];
+        kvarc_stats s0, s1;
+        kvarc_conv_stats(cv, &s0);
+        for (int s = 0; s < steps; s++) {
+            for (int i = 0; i < QH * D; i++)
+                q[i] = rnd();
+            for (int i = 0; i < H * D; i++) {
+                tk[i] = rnd();
+                tv[i] = rnd();
+            }
+            double ts = now_s();
+            for (int l = 0; l < layers; l++)
+                if (kvarc_append(cv, (uint32_t)l, KVARC_DTYPE_F32, tk, tv, 1) ||
+                    kvarc_attend(cv, (uint32_t)l, q, 1, out))
+                    die("decode", kvarc_errmsg(cv));
+            step[s] = now_s() - ts;
+        }
+        kvarc_conv_stats(cv, &s1);
+        qsort(step, (size_t)steps, sizeof *step, cmp_d);
+        double p50 = step[steps / 2], p90 = step[steps * 9 / 10], per = 1e3 / steps;
+        printf("bench-decode: %d layer(s) x %d kv heads x %d query heads x head_dim %d, %llu cold tokens, %s records, "
+               "top_k %u, shortlist %u x top_k; %d steps\n", layers, H, QH, D, (unsigned long long)N,
+               kvarc_format_get(fmt)->name, o.top_k, o.shortlist, steps);
+        printf("  archive: %.1f s (encode %.1f s, once for all layers); attach (signatures of every layer): %.1f s\n",
+               tarch, t_enc, tattach);
+        printf("  decode step, all %d layer(s):  p50 %8.2f ms   p90 %8.2f ms\n", layers, p50 * 1e3, p90 * 1e3);
+        printf("    by stage (mean per step):    stage 1 %.2f ms, stage 2 (RerankLayer) %.2f ms, decode %.2f ms, "
+               "attention %.2f ms, archive %.2f ms\n", (double)(s1.ns_stage1 - s0.ns_stage1) * 1e-6 / steps,
+               (double)(s1.ns_stage2 - s0.ns_stage2) * 1e-6 / steps, (double)(s1.ns_decode - s0.ns_decode) * 1e-6 / steps,
+               (double)(s1.ns_attend - s0.ns_attend) * 1e-6 / steps,
+               (double)(s1.ns_archive - s0.ns_archive) * 1e-6 / steps);
+        (void)per;
+        printf("  exact full attention, one layer, fp32 in RAM (baseline): %.2f ms; x %d layers = %.2f ms\n", best * 1e3,
+               layers, best * 1e3 * layers);
+        printf("  kvarc step / exact attention:  %.3fx   (per layer: kvarc %.2f ms, exact %.2f ms)\n",
+               p50 / (best * layers), p50 * 1e3 / layers, best * 1e3);
+        printf("  records fetched per step %.0f, cache hit rate %.0f%%, bytes on the wire per step %.0f KB\n",
+               (double)(s1.records_fetched - s0.records_fetched) / steps,
+               s1.cache_lookups > s0.cache_lookups ? 100.0 * (double)(s1.cache_hits - s0.cache_hits) /
+                                                         (double)(s1.cache_lookups - s0.cache_lookups) : 0.0,
+               (double)(s1.bytes_sent - s0.bytes_sent + s1.bytes_received - s0.bytes_received) / steps / 1024);
+        kvarc_conv_close(cv);
+        free(step);
+        free(q);
+        free(out);
+        free(lg);
+        free(kb);
+        free(vb);
+        free(recs);
+        free(bits);
+        free(sc);
+    }
+    kvarc_client_close(cl);
+    kd_stop(pid);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench-decode: could not remove %s\n", dir);
+    return 0;
+}
