@@ -115,26 +115,20 @@ static void exact(const float *qr, int hq, uint64_t pos, uint64_t lo, uint64_t h
     for (int i = 0; i < D; i++)
         out[i] = (float)(acc[i] / l);
     *lse = m + log(l);
-    /* top kmax cold by logit: partial selection */
+    /* top kmax cold by logit, best first (kvg_topk_ref: linear radix select) */
+    size_t nc = hi > lo ? (size_t)(hi - lo) : 0;
+    float *f = malloc((nc + 1) * sizeof *f);
+    uint32_t *idx = malloc(((size_t)kmax + 1) * sizeof *idx);
     int n = 0;
-    for (uint64_t j = lo; j < hi; j++) {
-        if (n < kmax) {
-            top[n++] = j;
-        } else {
-            int worst = 0;
-            for (int t = 1; t < n; t++)
-                if (scratch[top[t]] < scratch[top[worst]])
-                    worst = t;
-            if (scratch[j] > scratch[top[worst]])
-                top[worst] = j;
-        }
+    if (f && idx) {
+        for (size_t j = 0; j < nc; j++)
+            f[j] = (float)scratch[lo + j];
+        long got = kvg_topk_ref(f, nc, (size_t)kmax, idx, NULL, NULL);
+        for (long t = 0; t < got; t++)
+            top[n++] = lo + idx[t];
     }
-    for (int a = 1; a < n; a++)              /* best first: recall@k reads the first k */
-        for (int b = a; b > 0 && scratch[top[b]] > scratch[top[b - 1]]; b--) {
-            uint64_t t = top[b];
-            top[b] = top[b - 1];
-            top[b - 1] = t;
-        }
+    free(f);
+    free(idx);
     for (int t = n; t < kmax; t++)
         top[t] = UINT64_MAX;
 }
