@@ -27,6 +27,7 @@
 #include "kvarc.h"
 #include "kvarc_rpc.h"
 #include "kvg.h"
+#include "toolutil.h"
 
 #define H 8
 #define QH 32
@@ -34,12 +35,6 @@
 #define THETA 500000.0f
 #define CHUNK 4096
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static uint64_t rng_s = 0x9e3779b97f4a7c15ull;
 static float rnd(void)            /* roughly N(0, 0.33): the sum of two uniforms */
@@ -51,11 +46,6 @@ static float rnd(void)            /* roughly N(0, 0.33): the sum of two uniforms
     return (float)((double)(x >> 40) / 16777216.0 + (double)((x >> 16) & 0xffffff) / 16777216.0 - 1.0);
 }
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static void die(const char *what, const char *msg)
 {
@@ -166,9 +156,9 @@ int main(int argc, char **argv)
         kvarc_rotation rot;
         kvarc_rotation_init(&rot, D, o.seed);
         kvg_codec codec = { fmt, &rot, NULL, NULL };
-        double ta = now_s(), t_enc = 0;
+        double ta = tu_now_s(), t_enc = 0;
         for (uint64_t p = 0; p < N; p += CHUNK) {
-            double te = now_s();
+            double te = tu_now_s();
             for (int h = 0; h < H; h++) {
                 for (int t = 0; t < CHUNK; t++) {
                     memcpy(kb + (size_t)t * D, K + ((p + (uint64_t)t) * H + (uint64_t)h) * D, sizeof(float) * D);
@@ -178,7 +168,7 @@ int main(int argc, char **argv)
                                    bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL))
                     die("encode", "failed");
             }
-            t_enc += now_s() - te;
+            t_enc += tu_now_s() - te;
             for (int l = 0; l < layers; l++) {
                 Kvarc__V1__AppendRequest r2 = KVARC__V1__APPEND_REQUEST__INIT;
                 r2.conv = conv_id;
@@ -199,7 +189,7 @@ int main(int argc, char **argv)
         }
         fprintf(stderr, "\n");
         kvc_close(k);
-        double tarch = now_s() - ta;
+        double tarch = tu_now_s() - ta;
 
         /* the baseline: exact attention over the same tokens, one layer, fp32 in RAM */
         float *q = malloc(sizeof(float) * QH * D), *out = malloc(sizeof(float) * QH * D);
@@ -220,19 +210,19 @@ int main(int argc, char **argv)
         for (int rep2 = 0; rep2 < 3; rep2++) {
             for (int i = 0; i < QH * D; i++)
                 q[i] = rnd();
-            double te = now_s();
+            double te = tu_now_s();
             exact(q, K, V, (size_t)N, out, lg);
-            double t = now_s() - te;
+            double t = tu_now_s() - te;
             best = t < best ? t : best;
         }
         free(K);
         free(V);
 
         /* attach (signatures of every layer) and decode */
-        double tl = now_s();
+        double tl = tu_now_s();
         if (kvarc_conv_attach(cl, "bench", "decode", &m, &o, &cv))
             die("attach", kvarc_client_errmsg(cl));
-        double tattach = now_s() - tl;
+        double tattach = tu_now_s() - tl;
         double *step = calloc((size_t)steps, sizeof *step);
         float tk[H * D], tv[H * D];
         kvarc_stats s0, s1;
@@ -244,15 +234,15 @@ int main(int argc, char **argv)
                 tk[i] = rnd();
                 tv[i] = rnd();
             }
-            double ts = now_s();
+            double ts = tu_now_s();
             for (int l = 0; l < layers; l++)
                 if (kvarc_append(cv, (uint32_t)l, KVARC_DTYPE_F32, tk, tv, 1) ||
                     kvarc_attend(cv, (uint32_t)l, q, 1, out))
                     die("decode", kvarc_errmsg(cv));
-            step[s] = now_s() - ts;
+            step[s] = tu_now_s() - ts;
         }
         kvarc_conv_stats(cv, &s1);
-        qsort(step, (size_t)steps, sizeof *step, cmp_d);
+        qsort(step, (size_t)steps, sizeof *step, tu_cmp_double);
         double p50 = step[steps / 2], p90 = step[steps * 9 / 10], per = 1e3 / steps;
         printf("bench-decode: %d layer(s) x %d kv heads x %d query heads x head_dim %d, %llu cold tokens, %s records, "
                "top_k %u, shortlist %u x top_k; %d steps\n", layers, H, QH, D, (unsigned long long)N,

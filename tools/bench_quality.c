@@ -31,6 +31,7 @@
 #include "kvarc.h"
 #include "kvg.h"
 #include "synth.h"
+#include "toolutil.h"
 
 #define H 2
 #define QH 8
@@ -64,12 +65,6 @@ static int parse_list(const char *s, list *l, const char *const *names)
     return l->n ? 0 : -1;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* The exact reference of one step: output, log-sum-exp per query head,
  * and the exact top cold positions per query head (by logit). */
@@ -141,15 +136,6 @@ static int in_set(const uint64_t *v, size_t n, uint64_t x)
     return 0;
 }
 
-static double rel_err(const float *a, const float *b, size_t n)
-{
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        num += (double)(a[i] - b[i]) * (a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / (den + 1e-300));
-}
 
 typedef struct metrics {
     double recall, mass, kl, err;
@@ -251,7 +237,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "bench-quality: out of memory for %llu tokens\n", (unsigned long long)N);
             return 1;
         }
-        double t0 = now_s();
+        double t0 = tu_now_s();
         synth_means(&sy, N, 256, means);
         for (uint64_t p = 0; p < T; p++) {
             synth_kv(&sy, p, Kp + p * H * D, Vv + p * H * D);
@@ -276,7 +262,7 @@ int main(int argc, char **argv)
             }
         }
         fprintf(stderr, "context %llu: synthesized and exact references in %.1f s\n", (unsigned long long)N,
-                now_s() - t0);
+                tu_now_s() - t0);
 
         /* the sliding window of equal budget, per top_k */
         for (int ki = 0; ki < ks.n; ki++) {
@@ -322,7 +308,7 @@ int main(int argc, char **argv)
                         m.needles += sy.needle_pos[refs[s].needle] >= lo;
                     }
                 }
-                m.err += rel_err(out, refs[s].out, QH * D);
+                m.err += tu_rel_err(out, refs[s].out, QH * D);
                 m.steps++;
             }
             report("sliding window", N, "-", k, 0, "-", &m);
@@ -340,7 +326,7 @@ int main(int argc, char **argv)
             char name[96];
             snprintf(name, sizeof name, "c%llu-%s", (unsigned long long)N, fmt_names[fmts.v[fi]]);
             kvarc_conv *base;
-            double ta = now_s();
+            double ta = tu_now_s();
             int rc = kvarc_conv_create(cl, "quality", name, &mod, &o, means, &base);
             for (uint64_t p = 0; !rc && p < N; p += 4096) {
                 uint32_t n = (uint32_t)(N - p < 4096 ? N - p : 4096);
@@ -359,7 +345,7 @@ int main(int argc, char **argv)
                 return 1;
             }
             fprintf(stderr, "context %llu %s: archived in %.1f s\n", (unsigned long long)N, fmt_names[fmts.v[fi]],
-                    now_s() - ta);
+                    tu_now_s() - ta);
             for (int ki = 0; ki < ks.n; ki++)
                 for (int si = 0; si < sls.n; si++)
                     for (int sc = 0; sc < scores.n; sc++) {
@@ -419,7 +405,7 @@ int main(int argc, char **argv)
                                     m.needles += in_set(ret[h], nret[h], np) || np >= hot_lo || np < ns;
                                 }
                             }
-                            m.err += rel_err(out, refs[s].out, QH * D);
+                            m.err += tu_rel_err(out, refs[s].out, QH * D);
                             m.steps++;
                         }
                         kvarc_stats st;

@@ -30,6 +30,7 @@
 #include "kvarc_rpc.h"
 #include "kvg.h"
 #include "synth.h"
+#include "toolutil.h"
 
 #define DH 2          /* kv heads */
 #define DQH 8         /* query heads */
@@ -37,17 +38,11 @@
 #define DROT 64
 #define DTHETA 10000.0f
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static void bar(uint64_t done, uint64_t total, double t0)
 {
     int w = 30, fill = (int)((double)w * (double)done / (double)total);
-    double el = now_s() - t0;
+    double el = tu_now_s() - t0;
     fprintf(stderr, "\rarchiving [%.*s%.*s] %llu/%llu tokens, %.1f s", fill, "##############################", w - fill,
             "------------------------------", (unsigned long long)done, (unsigned long long)total, el);
     if (done == total)
@@ -83,21 +78,7 @@ static void exact_attn(const float *Kr, const float *V, const float *qr, int h, 
         out[i] = (float)(acc[i] / l);
 }
 
-static double rel_err(const float *a, const float *b, size_t n)
-{
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        num += (double)(a[i] - b[i]) * (a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / (den + 1e-300));
-}
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static const char *human(double bytes, char *buf, size_t len)
 {
@@ -208,7 +189,7 @@ int kvarc_demo(int argc, char **argv)
         return 1;
     }
     /* archive: every layer, in chunks of 4096 tokens */
-    double t0 = now_s();
+    double t0 = tu_now_s();
     for (uint64_t p = 0; p < N && !rc; p += 4096) {
         uint32_t n = (uint32_t)(N - p < 4096 ? N - p : 4096);
         for (int l = 0; l < layers && !rc; l++) {
@@ -235,7 +216,7 @@ int kvarc_demo(int argc, char **argv)
         fprintf(stderr, "kvarc demo: archiving: %s\n", kvarc_errmsg(cv));
         return 1;
     }
-    double t_arch = now_s() - t0;
+    double t_arch = tu_now_s() - t0;
     printf("archived %llu tokens x %d layers in %.1f s (%.0f tokens/s)\n", (unsigned long long)N, layers, t_arch,
            (double)N / t_arch);
 
@@ -251,7 +232,7 @@ int kvarc_demo(int argc, char **argv)
     for (int s = 0; s < steps && !rc; s++) {
         uint64_t pos = N + (uint64_t)s;
         int needle = s % 2 == 0 ? (s / 2) % 5 : -1;
-        double ts = now_s();
+        double ts = tu_now_s();
         for (int l = 0; l < layers && !rc; l++) {
             synth_kv(&sy[l], pos, tk, tv);
             if (l == 0) {
@@ -265,7 +246,7 @@ int kvarc_demo(int argc, char **argv)
                 (rc = kvarc_attend(cv, (uint32_t)l, q, 1, out)))
                 break;
             if (l == 0) {          /* the checks against exact attention are not timed */
-                double tx = now_s();
+                double tx = tu_now_s();
                 uint64_t budget = (uint64_t)top_k + o.hot_window, lo = pos + 1 > budget ? pos + 1 - budget : 0;
                 for (int hq = 0; hq < DQH; hq++) {
                     memcpy(qr, q + hq * DD, sizeof qr);
@@ -273,8 +254,8 @@ int kvarc_demo(int argc, char **argv)
                     exact_attn(Kr0, V0, qr, hq / (DQH / DH), pos, 0, 0, ex + hq * DD);
                     exact_attn(Kr0, V0, qr, hq / (DQH / DH), pos, o.sinks, lo, sw + hq * DD);
                 }
-                err_kv += rel_err(out, ex, DQH * DD);
-                err_sw += rel_err(sw, ex, DQH * DD);
+                err_kv += tu_rel_err(out, ex, DQH * DD);
+                err_sw += tu_rel_err(sw, ex, DQH * DD);
                 if (needle >= 0) {
                     uint64_t np = sy[0].needle_pos[needle], ret[1024];
                     for (int h = 0; h < DH; h++) {
@@ -287,17 +268,17 @@ int kvarc_demo(int argc, char **argv)
                         asked++;
                     }
                 }
-                ts += now_s() - tx;
+                ts += tu_now_s() - tx;
             }
         }
-        step_ms[s] = (now_s() - ts) * 1e3;
+        step_ms[s] = (tu_now_s() - ts) * 1e3;
     }
     if (rc) {
         fprintf(stderr, "kvarc demo: decode: %s\n", kvarc_errmsg(cv));
         return 1;
     }
     kvarc_conv_stats(cv, &s1);
-    qsort(step_ms, (size_t)steps, sizeof *step_ms, cmp_d);
+    qsort(step_ms, (size_t)steps, sizeof *step_ms, tu_cmp_double);
     double per = 1e-6 / steps;
     printf("  needles found        kvarc %d/%d    sliding window of the same budget %d/%d\n", found, asked, found_sw,
            asked);
