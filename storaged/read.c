@@ -111,20 +111,47 @@ static int ring_run(kvd_reader *r, const rd_op *ops, size_t n)
     return first_err;
 }
 
-/* Pinned segments of one read, unpinned together. */
+/* Pinned segments of one read, unpinned together. The first 64 live in
+ * the struct; a read over a large archive (random positions of a long
+ * layer interleaved with other layers' blocks) may touch every segment,
+ * so the set grows on the heap beyond that. */
 typedef struct pinset {
-    uint64_t ids[64];
-    int      fds[64];
-    int      n;
+    uint64_t  ids_small[64];
+    int       fds_small[64];
+    uint64_t *ids;
+    int      *fds;
+    int       n, cap;
 } pinset;
 
 static int pin_get(kvd_engine *e, pinset *ps, uint64_t seg)
 {
+    if (!ps->ids) {
+        ps->ids = ps->ids_small;
+        ps->fds = ps->fds_small;
+        ps->cap = 64;
+    }
     for (int i = 0; i < ps->n; i++)
         if (ps->ids[i] == seg)
             return ps->fds[i];
-    if (ps->n == 64)
-        return -E2BIG;
+    if (ps->n == ps->cap) {
+        int cap = 2 * ps->cap;
+        uint64_t *ids = malloc((size_t)cap * sizeof *ids);
+        int *fds = malloc((size_t)cap * sizeof *fds);
+        if (!ids || !fds) {
+            free(ids);
+            free(fds);
+            return -ENOMEM;
+        }
+        memcpy(ids, ps->ids, (size_t)ps->n * sizeof *ids);
+        memcpy(fds, ps->fds, (size_t)ps->n * sizeof *fds);
+        if (ps->ids != ps->ids_small) {
+            free(ps->ids);
+            free(ps->fds);
+        }
+        ps->ids = ids;
+        ps->fds = fds;
+        ps->cap = cap;
+    }
     int fd = seg_pin(e, seg);
     if (fd < 0)
         return KVARC_ECORRUPT;
@@ -137,7 +164,13 @@ static void pin_release(kvd_engine *e, pinset *ps)
 {
     for (int i = 0; i < ps->n; i++)
         seg_unpin(e, ps->ids[i]);
-    ps->n = 0;
+    if (ps->ids && ps->ids != ps->ids_small) {
+        free(ps->ids);
+        free(ps->fds);
+    }
+    ps->ids = NULL;
+    ps->fds = NULL;
+    ps->n = ps->cap = 0;
 }
 
 /* The conversation's record, checked to exist with this layer and head. */

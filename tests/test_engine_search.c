@@ -68,6 +68,42 @@ int main(void)
     free(bits); free(sc); free(scores); free(idx); free(pos); free(best); free(want);
     kvd_reader_close(r);
     kvd_close(e);
+
+    /* reads that touch more than 64 segments (a long layer interleaved with
+     * another, small segments): once refused, now served */
+    {
+        char dir2[256];
+        eu_tmpdir(dir2, sizeof dir2, "search-segs");
+        kvd_options o2 = { .dir = dir2, .segment_bytes = 16 << 10 };
+        kvd_engine *e2;
+        kvd_conv_info c2;
+        CHECK_RC(kvd_open(&o2, &e2, &err), 0);
+        kvd_shape s2 = eu_shape(2, 1, KVARC_FMT_Q3);
+        CHECK_RC(kvd_conv_create(e2, "s", "spread", &s2, NULL, &c2, &err), 0);
+        for (uint64_t p = 0; p < 200 * 64; p += 64)
+            for (uint32_t l = 0; l < 2; l++)
+                CHECK_RC(eu_append(e2, &c2, 9, l, p, 64, &err), 0);
+        kvd_stats st;
+        CHECK_RC(kvd_stats_get(e2, &st, &err), 0);
+        CHECK(st.segments > 100, "the layer spans %llu segments", (unsigned long long)st.segments);
+        kvd_reader *r2;
+        CHECK_RC(kvd_reader_open(e2, &r2, &err), 0);
+        uint64_t spread[200];
+        for (int i = 0; i < 200; i++)
+            spread[i] = (uint64_t)i * 64 + (uint64_t)(i % 64);
+        int rc2 = eu_check_records(r2, &c2, 9, 1, 0, spread, 200, &err);
+        CHECK(rc2 == 0, "200 records over every segment: %s", err.msg);
+        uint8_t *b2 = malloc(200 * 64 * D / 8);
+        uint16_t *s2c = malloc(200 * 64 * 2);
+        rc2 = kvd_read_sigs(r2, c2.id, 0, 0, 0, 200 * 64, b2, s2c, &err);
+        CHECK(rc2 == 0, "a whole layer's signatures over every segment: %s", err.msg);
+        free(b2);
+        free(s2c);
+        kvd_reader_close(r2);
+        kvd_close(e2);
+        if (!tu_failures)
+            eu_rmrf(dir2);
+    }
     if (!tu_failures)
         eu_rmrf(dir);
     return tu_finish("test_engine_search");

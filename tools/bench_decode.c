@@ -13,7 +13,8 @@
  * top_k 64, shortlist 8 x 64, kvarcd on a unix socket.
  * Baseline, same run: exact attention of the same 32 query heads over the
  * same N tokens held as fp32 in RAM (one layer; x L for the model), its
- * loops laid out to vectorize (built -O3).
+ * loops laid out to vectorize (built -O3), each GQA group reading its KV
+ * head once.
  */
 #include <errno.h>
 #include <math.h>
@@ -55,31 +56,46 @@ static void die(const char *what, const char *msg)
 
 /* Exact attention of q[QH][D] (roped) over keys kt [H][D][n] (roped,
  * dimension-major so the logit loop runs over tokens and vectorizes) and
- * values v [n][H][D]: out[QH][D]. */
+ * values v [n][H][D]: out[QH][D]. The GQA group's query heads go through
+ * their KV head's keys and values together (each read once per step).
+ * lg: G x n floats of scratch. */
 static void exact(const float *q, const float *kt, const float *v, size_t n, float *out, float *lg)
 {
-    for (int hq = 0; hq < QH; hq++) {
-        int h = hq / (QH / H);
-        memset(lg, 0, n * sizeof *lg);
+    enum { GQ = QH / H };
+    for (int h = 0; h < H; h++) {
+        memset(lg, 0, GQ * n * sizeof *lg);
         for (int i = 0; i < D; i++) {
             const float *ki = kt + ((size_t)h * D + (size_t)i) * n;
-            float qi = q[hq * D + i] * 0.08838834764831845f;
+            for (int g = 0; g < GQ; g++) {
+                float qi = q[(h * GQ + g) * D + i] * 0.08838834764831845f;
+                float *lgg = lg + (size_t)g * n;
+                for (size_t j = 0; j < n; j++)
+                    lgg[j] += qi * ki[j];
+            }
+        }
+        float m[GQ], l[GQ], acc[GQ][D];
+        memset(acc, 0, sizeof acc);
+        for (int g = 0; g < GQ; g++) {
+            m[g] = -INFINITY;
+            l[g] = 0;
             for (size_t j = 0; j < n; j++)
-                lg[j] += qi * ki[j];
+                m[g] = lg[(size_t)g * n + j] > m[g] ? lg[(size_t)g * n + j] : m[g];
+            for (size_t j = 0; j < n; j++) {
+                lg[(size_t)g * n + j] = expf(lg[(size_t)g * n + j] - m[g]);
+                l[g] += lg[(size_t)g * n + j];
+            }
         }
-        float m = -INFINITY;
-        for (size_t j = 0; j < n; j++)
-            m = lg[j] > m ? lg[j] : m;
-        float l = 0, acc[D] = { 0 };
         for (size_t j = 0; j < n; j++) {
-            float w = expf(lg[j] - m);
-            l += w;
             const float *vj = v + (j * H + (size_t)h) * D;
-            for (int i = 0; i < D; i++)
-                acc[i] += w * vj[i];
+            for (int g = 0; g < GQ; g++) {
+                float w = lg[(size_t)g * n + j];
+                for (int i = 0; i < D; i++)
+                    acc[g][i] += w * vj[i];
+            }
         }
-        for (int i = 0; i < D; i++)
-            out[hq * D + i] = acc[i] / l;
+        for (int g = 0; g < GQ; g++)
+            for (int i = 0; i < D; i++)
+                out[(h * GQ + g) * D + i] = acc[g][i] / l[g];
     }
 }
 
@@ -193,7 +209,7 @@ int main(int argc, char **argv)
 
         /* the baseline: exact attention over the same tokens, one layer, fp32 in RAM */
         float *q = malloc(sizeof(float) * QH * D), *out = malloc(sizeof(float) * QH * D);
-        float *lg = malloc(sizeof(float) * N);
+        float *lg = malloc(sizeof(float) * N * (QH / H));
         for (uint64_t p = 0; p < N; p++)         /* K roped, then dimension-major into K's place */
             for (int h = 0; h < H; h++)
                 kvg_rope_ref(K + (p * H + (uint64_t)h) * D, D, D, 0, THETA, (double)p);
