@@ -537,35 +537,36 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
         return kl_fail(cv, KVARC_EDTYPE, "append: dtype %d is not f16, bf16 or f32", dtype);
     kl_layer *y = &cv->layers[layer];
     size_t H = cv->m.n_kv_heads, d = cv->m.head_dim;
+    float *tok_k = malloc(2 * H * d * sizeof *tok_k), *tok_v = tok_k + H * d;
+    if (!tok_k)
+        return kl_fail(cv, -ENOMEM, "out of memory");
     for (uint32_t t = 0; t < n; t++) {
         uint64_t p = y->len;
         if (p - y->archived >= cv->ring || p - y->archived >= cv->o.batch) {
             int rc = kl_flush(cv, layer);
-            if (rc)
+            if (rc) {
+                free(tok_k);
                 return rc;
+            }
         }
-        float kf[KVARC_HEAD_DIM_MAX], vf[KVARC_HEAD_DIM_MAX];
-        for (size_t h = 0; h < H; h++) {
-            size_t src = (h * n + t) * d;
+        /* the whole token first (every head), so a NaN refuses it before any of it is kept */
+        for (size_t h = 0; h < H; h++)
             for (size_t i = 0; i < d; i++) {
-                kf[i] = kvarc_load_f32((kvarc_dtype)dtype, k, src + i);
-                vf[i] = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
-                if (!isfinite(kf[i]) || !isfinite(vf[i]))
-                    return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu has "
-                                   "a NaN or Inf: it was refused, the %u before it were appended", layer, t,
+                size_t src = (h * n + t) * d + i;
+                tok_k[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, k, src);
+                tok_v[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, v, src);
+                if (!isfinite(tok_k[h * d + i]) || !isfinite(tok_v[h * d + i])) {
+                    free(tok_k);
+                    return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu "
+                                   "has a NaN or Inf: it was refused, the %u before it were appended", layer, t,
                                    (unsigned long long)p, h, t);
+                }
             }
-        }
-        for (size_t h = 0; h < H; h++) {
-            size_t src = (h * n + t) * d;
-            for (size_t i = 0; i < d; i++) {
-                kf[i] = kvarc_load_f32((kvarc_dtype)dtype, k, src + i);
-                vf[i] = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
-            }
-            kl_ring_put(cv, y, h, p, kf, vf);
-        }
+        for (size_t h = 0; h < H; h++)
+            kl_ring_put(cv, y, h, p, tok_k + h * d, tok_v + h * d);
         y->len = p + 1;
     }
+    free(tok_k);
     if (y->len - y->archived >= cv->o.batch)
         return kl_flush(cv, layer);
     return 0;

@@ -237,6 +237,15 @@ int main(void)
     CHECK(kvarc_attend(pf, 0, out, 0, out) == -EINVAL && strstr(kvarc_errmsg(pf), "max_chunk"), "0 queries refused: %s",
           kvarc_errmsg(pf));
     CHECK(kvarc_attend(pf, 9, out, 1, out) == -EINVAL, "a bad layer is refused");
+    {   /* a NaN refuses its token, and nothing of it is kept */
+        static float kn[H * 2 * D], vn[H * 2 * D];
+        kn[1 * 2 * D + D + 5] = NAN;       /* head 1, the second token */
+        uint64_t before = kvarc_length(pf, 0);
+        CHECK_RC(kvarc_append(pf, 0, KVARC_DTYPE_F32, kn, vn, 2), KVARC_ENONFINITE);
+        CHECK(kvarc_length(pf, 0) == before + 1 && strstr(kvarc_errmsg(pf), "position"),
+              "the token before the NaN was appended, the NaN's refused: %s", kvarc_errmsg(pf));
+        CHECK_RC(append_tokens(pf, 403, 1), 0);       /* layer 1 catches up; layer 0 goes on */
+    }
     CHECK_RC(kvarc_conv_close(pf), 0);
 
     /* fork through the handle, attach to it */
