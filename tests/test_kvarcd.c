@@ -431,6 +431,8 @@ int main(int argc, char **argv)
         static char out[65536];
         CHECK(cli(out, sizeof out, "ls t --json") == 0 && strstr(out, "\"name\":\"alpha\"") &&
               strstr(out, "\"name\":\"snap\",\"id\"") && strstr(out, "\"snapshot\":true"), "kvarc ls --json: %s", out);
+        CHECK(cli(out, sizeof out, "stat shared/base --json") == 0 &&
+                  strstr(out, "\"layer_lengths\":[200,200,200,200]"), "kvarc stat --json shows layer lengths: %s", out);
         CHECK(cli(out, sizeof out, "inspect t/alpha") == 0 && strstr(out, "length        0 tokens") &&
               strstr(out, "tiny-llama"), "kvarc inspect: %s", out);
         CHECK(cli(out, sizeof out, "stat t/ghost") == 1, "kvarc stat of an unknown conversation exits 1");

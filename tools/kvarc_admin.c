@@ -171,6 +171,12 @@ static void print_conv_json(const Kvarc__V1__ConvInfo *c)
     json_str(fi ? fi->name : "?");
     printf(",\"fingerprint\":");
     json_str(c->shape->fingerprint);
+    if (c->n_layer_lengths) {
+        printf(",\"layer_lengths\":[");
+        for (size_t l = 0; l < c->n_layer_lengths; l++)
+            printf("%s%llu", l ? "," : "", (unsigned long long)c->layer_lengths[l]);
+        printf("]");
+    }
     printf("}");
 }
 
@@ -181,8 +187,14 @@ static void conv_bytes(const Kvarc__V1__ConvInfo *c, double *archived, double *f
     const Kvarc__V1__Shape *s = c->shape;
     double per = (double)s->n_layers * s->n_kv_heads;
     int rb = kvarc_record_bytes((int)s->format, (int)s->head_dim);
-    *archived = per * (double)c->length * (rb > 0 ? rb + 4 + s->head_dim / 8.0 + 2 : 0);
-    *fp16 = per * (double)c->length * 4.0 * s->head_dim;
+    double tokens = per * (double)c->length;     /* token x layer x head; exact when layer lengths came */
+    if (c->n_layer_lengths == s->n_layers) {
+        tokens = 0;
+        for (size_t l = 0; l < c->n_layer_lengths; l++)
+            tokens += (double)c->layer_lengths[l] * s->n_kv_heads;
+    }
+    *archived = tokens * (rb > 0 ? rb + 4 + s->head_dim / 8.0 + 2 : 0);
+    *fp16 = tokens * 4.0 * s->head_dim;
 }
 
 static int cmd_ls(kvc_conn *k, opts *o)
@@ -271,7 +283,14 @@ static int cmd_stat(kvc_conn *k, opts *o, int inspect)
         printf("format        %s (%d B per token, layer and kv head), rotation seed %llu\n",
                fi ? fi->name : "?", kvarc_record_bytes((int)c->shape->format, (int)c->shape->head_dim),
                (unsigned long long)c->shape->seed);
-        printf("length        %llu tokens in every layer\n", (unsigned long long)c->length);
+        uint64_t lo = c->length, hi = c->length;
+        for (size_t l = 0; l < c->n_layer_lengths; l++)
+            hi = c->layer_lengths[l] > hi ? c->layer_lengths[l] : hi;
+        if (hi == lo)
+            printf("length        %llu tokens in every layer\n", (unsigned long long)c->length);
+        else
+            printf("length        %llu tokens in every layer, up to %llu in some (a writer has not synced "
+                   "every layer)\n", (unsigned long long)lo, (unsigned long long)hi);
         if (c->parent)
             printf("parent        #%llu, sharing its first %llu tokens%s\n", (unsigned long long)c->parent,
                    (unsigned long long)c->fork_len, (c->flags & 1) ? " (snapshot: read-only)" : "");
