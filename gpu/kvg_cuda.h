@@ -12,7 +12,8 @@
  * as the CPU versions; -EIO for a CUDA error, whose text goes to stderr).
  *
  * Caveats: top-k on the GPU is limited to k <= KVG_CUDA_TOPK_MAX and
- * n < 2^31; the attention kernel is not here yet (issue 6).
+ * n < 2^31. Attention matches kvg_attend_ref to a tolerance (fp32 sums in
+ * another order), not bit for bit.
  */
 #ifndef KVG_CUDA_H
 #define KVG_CUDA_H
@@ -53,6 +54,12 @@ int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, i
 size_t kvg_topk_cuda_scratch_bytes(size_t n);
 long kvg_topk_cuda(const float *d_scores, size_t n, size_t k, uint32_t *d_idx_out,
                    float *d_val_out, void *d_scratch, void *stream);
+
+/* kvg_attend_ref on the device: d_q [n_q_heads][d] and d_out are device
+ * memory, and so are every part's k and v (the kvg_attn_part structs and
+ * their n_per_head arrays are host memory). Same return codes. */
+int kvg_attend_cuda(const float *d_q, int n_q_heads, int n_kv_heads, int d, float scale,
+                    const kvg_attn_part *parts, int n_parts, float *d_out, void *stream);
 
 #ifdef __cplusplus
 }

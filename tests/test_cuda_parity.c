@@ -4,6 +4,7 @@
  * GQA groups, top-k sizes up to the GPU limit). Exit 77 without a GPU. */
 #include <cuda_runtime_api.h>
 #include <errno.h>
+#include <math.h>
 #include <string.h>
 
 #include "kvg_cuda.h"
@@ -154,6 +155,64 @@ static void topk_case(const char *what, const float *s, size_t n, size_t k)
     free(ci); free(cv); free(gi); free(gv);
 }
 
+/* Attention over three partitions (sinks, retrieved with per-head counts,
+ * a hot window longer than one GPU unit) against kvg_attend_ref: relative
+ * error of each head's output below 1e-5 (fp32 sums in another order). */
+static void attention_case(int d, int n_q_heads, int n_kv_heads, size_t hot, tu_rng *r)
+{
+    size_t sinks = 4, ret = 64, nk[3] = { sinks, ret, hot }, tot = 0;
+    float *k[3], *v[3], *dk[3], *dv[3];
+    size_t per_head[KVARC_HEAD_DIM_MAX];
+    for (int h = 0; h < n_kv_heads; h++)
+        per_head[h] = h % 3 == 2 ? 0 : ret - (size_t)h;           /* uneven, one head with none */
+    for (int p = 0; p < 3; p++) {
+        size_t ne = (size_t)n_kv_heads * nk[p] * (size_t)d;
+        k[p] = malloc(ne * 4);
+        v[p] = malloc(ne * 4);
+        for (size_t i = 0; i < ne; i++) {
+            k[p][i] = tu_gauss(r);
+            v[p][i] = tu_gauss(r);
+        }
+        dk[p] = dev_copy(k[p], ne * 4);
+        dv[p] = dev_copy(v[p], ne * 4);
+        tot += ne;
+    }
+    kvg_attn_part hp[3], gp[3];
+    for (int p = 0; p < 3; p++) {
+        hp[p] = (kvg_attn_part){ k[p], v[p], nk[p], nk[p], p == 1 ? per_head : NULL };
+        gp[p] = (kvg_attn_part){ dk[p], dv[p], nk[p], nk[p], p == 1 ? per_head : NULL };
+    }
+    size_t nq = (size_t)n_q_heads * (size_t)d;
+    float *q = malloc(nq * 4), *co = malloc(nq * 4);
+    for (size_t i = 0; i < nq; i++)
+        q[i] = tu_gauss(r);
+    float *dq = dev_copy(q, nq * 4), *dout = dev_copy(NULL, nq * 4);
+    float scale = 1.0f / sqrtf((float)d);
+    CHECK_RC(kvg_attend_ref(q, n_q_heads, n_kv_heads, d, scale, hp, 3, co), 0);
+    CHECK_RC(kvg_attend_cuda(dq, n_q_heads, n_kv_heads, d, scale, gp, 3, dout, NULL), 0);
+    float *go = dev_back(dout, nq * 4);
+    double worst = 0;
+    for (int hq = 0; hq < n_q_heads; hq++) {
+        double num = 0, den = 0;
+        for (int i = 0; i < d; i++) {
+            double e = (double)go[hq * d + i] - co[hq * d + i];
+            num += e * e;
+            den += (double)co[hq * d + i] * co[hq * d + i];
+        }
+        worst = fmax(worst, sqrt(num / (den + 1e-30)));
+    }
+    CHECK(worst < 1e-5, "attention d%d q%d kv%d hot %zu: relative error %.3g", d, n_q_heads, n_kv_heads, hot, worst);
+    /* a head with no key at all: -ENODATA from both */
+    kvg_attn_part none = { dk[1], dv[1], ret, 0, NULL };
+    CHECK_RC(kvg_attend_cuda(dq, n_q_heads, n_kv_heads, d, scale, &none, 1, dout, NULL), -ENODATA);
+    for (int p = 0; p < 3; p++) {
+        free(k[p]); free(v[p]); cudaFree(dk[p]); cudaFree(dv[p]);
+    }
+    cudaFree(dq); cudaFree(dout);
+    free(q); free(co); free(go);
+    (void)tot;
+}
+
 int main(void)
 {
     if (!kvg_cuda_available()) {
@@ -176,6 +235,10 @@ int main(void)
         score_case(dims[di], 4097, 4, &r);
     }
     score_case(128, 1 << 20, 8, &r);
+    for (int di = 0; di < 3; di++)
+        attention_case(dims[di], 8, 2, 300, &r);
+    attention_case(128, 32, 8, 1000, &r);
+    attention_case(128, 4, 4, 100000, &r);      /* a long partition: many units per head */
 
     size_t n = (1 << 20) + 17;
     float *s = malloc(n * 4);
