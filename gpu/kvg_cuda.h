@@ -41,6 +41,12 @@ int kvg_encode_cuda(const kvg_codec *c, kvarc_dtype dt, const void *d_k, const v
 int kvg_decode_cuda(const kvg_codec *c, const uint8_t *d_records, size_t n, float *d_k_out,
                     float *d_v_out, void *stream);
 
+/* kvg_query_prep_ref on the device for n queries d_q [n][head_dim] of dt:
+ * d_out[n] (device) byte-equal to the CPU's structs. rot is a host struct,
+ * d_mu_k device memory or NULL. KVARC_ENONFINITE if any query fails. */
+int kvg_query_prep_cuda(const kvarc_rotation *rot, const float *d_mu_k, kvarc_dtype dt, const void *d_q,
+                        size_t n, kvg_query *d_out, void *stream);
+
 /* kvg_score_ref on the device. qs are host structs (prepared by
  * kvg_query_prep_ref); signatures and scores live on the device. */
 int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,

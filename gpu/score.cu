@@ -1,4 +1,11 @@
-/* score.cu - GPU version of the stage-1 scan (CPU reference: score_ref.c).
+/* score.cu - GPU versions of query preparation and the stage-1 scan (CPU
+ * reference: score_ref.c).
+ *
+ * Query preparation: one block per query, one thread per dimension; the
+ * same operations as kvg_query_prep_ref in the same order (the tree sum of
+ * q * mu for the bias, the signs, the Walsh-Hadamard butterflies, the
+ * scale by 1/sqrt(d), max |y| / 127, rintf(y / qscale)), all correctly
+ * rounded: the kvg_query structs are equal byte for byte.
  *
  * Version 1: one thread per token. The integer dot product of the int8
  * query with the +-1 signs is computed from bit planes: with q8 in two's
@@ -116,5 +123,82 @@ fail:
     if (dq)
         cudaFreeAsync(dq, kvg_stream(stream));
     free(hq);
+    return rc;
+}
+
+/* kvg_query_prep_ref for query blockIdx.x; bad[blockIdx.x] = 1 on a
+ * non-finite input, bias or scale. */
+__global__ static void query_prep_kernel(kvarc_rotation rot, const float *mu, int dt, const void *q,
+                                         kvg_query *out, int *bad)
+{
+    __shared__ float y[KVARC_HEAD_DIM_MAX], red[KVARC_HEAD_DIM_MAX];
+    __shared__ unsigned words[KVARC_HEAD_DIM_MAX / 32];
+    __shared__ int nonfinite;
+    int i = threadIdx.x, d = rot.head_dim, j = blockIdx.x;
+    if (i == 0)
+        nonfinite = 0;
+    if (i < d / 32)
+        words[i] = 0;
+    __syncthreads();
+    float x = kvg_load(dt, q, (size_t)j * d + i);
+    if (!isfinite(x))
+        nonfinite = 1;
+    red[i] = mu ? __fmul_rn(x, mu[i]) : 0.0f;
+    float bias = kvg_tree_sum(red, d);
+    y[i] = __fmul_rn(x, rot.signs[i]);
+    kvg_fwht(y, d);
+    float yi = __fmul_rn(y[i], rot.inv_sqrt_d);
+    red[i] = fabsf(yi);
+    for (int h = d / 2; h >= 1; h /= 2) {      /* max |y|: exact in any order */
+        __syncthreads();
+        if (i < h)
+            red[i] = fmaxf(red[i], red[i + h]);
+    }
+    __syncthreads();
+    float m = red[0];
+    if (!(yi < 0.0f))
+        atomicOr(&words[i / 32], 1u << (i % 32));
+    float qscale = __fdiv_rn(m, 127.0f);
+    kvg_query *o = out + j;
+    o->q8[i] = qscale > 0.0f ? (int8_t)rintf(__fdiv_rn(yi, qscale)) : 0;
+    __syncthreads();
+    if (i < d / 32)
+        memcpy(o->bits + 4 * i, &words[i], 4);
+    if (i == 0) {
+        o->head_dim = d;
+        o->qscale = qscale;
+        o->bias = bias;
+        bad[j] = nonfinite || !isfinite(bias) || !isfinite(m);
+    }
+}
+
+extern "C" int kvg_query_prep_cuda(const kvarc_rotation *rot, const float *d_mu_k, kvarc_dtype dt,
+                                   const void *d_q, size_t n, kvg_query *d_out, void *stream)
+{
+    if (!rot || !d_q || !d_out)
+        return -EINVAL;
+    if (!kvarc_dtype_size(dt))
+        return KVARC_EDTYPE;
+    if (kvarc_head_dim_check(rot->head_dim))
+        return KVARC_EHEADDIM;
+    if (n == 0)
+        return 0;
+    int rc = 0, *d_bad = NULL, *bad = (int *)malloc(n * sizeof(int));
+    cudaStream_t s = kvg_stream(stream);
+    if (!bad)
+        return -ENOMEM;
+    KVG_CUDA_TRY(cudaMallocAsync((void **)&d_bad, n * sizeof(int), s));
+    KVG_CUDA_TRY(cudaMemsetAsync(d_out, 0, n * sizeof(kvg_query), s));
+    query_prep_kernel<<<(unsigned)n, (unsigned)rot->head_dim, 0, s>>>(*rot, d_mu_k, (int)dt, d_q, d_out, d_bad);
+    KVG_CUDA_TRY(cudaGetLastError());
+    KVG_CUDA_TRY(cudaMemcpyAsync(bad, d_bad, n * sizeof(int), cudaMemcpyDeviceToHost, s));
+    KVG_CUDA_TRY(cudaStreamSynchronize(s));
+    for (size_t j = 0; j < n; j++)
+        if (bad[j])
+            rc = KVARC_ENONFINITE;
+fail:
+    if (d_bad)
+        cudaFreeAsync(d_bad, s);
+    free(bad);
     return rc;
 }

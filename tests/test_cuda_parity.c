@@ -1,7 +1,8 @@
 /* test_cuda_parity: every GPU kernel equals its CPU reference byte for
  * byte on the same inputs, at every head_dim, format and input dtype, and
  * for the launch shapes it may use (token counts that do not fill a grid,
- * GQA groups, top-k sizes up to the GPU limit). Exit 77 without a GPU. */
+ * GQA groups, top-k sizes up to the GPU limit); attention to a stated
+ * tolerance (1e-5 relative). Exit 77 without a GPU. */
 #include <cuda_runtime_api.h>
 #include <errno.h>
 #include <math.h>
@@ -155,6 +156,42 @@ static void topk_case(const char *what, const float *s, size_t n, size_t k)
     free(ci); free(cv); free(gi); free(gv);
 }
 
+/* Query preparation: every kvg_query struct equal byte for byte, with
+ * and without centering means, each input dtype; a NaN is refused. */
+static void query_case(int d, kvarc_dtype dt, size_t n, tu_rng *r)
+{
+    size_t es = kvarc_dtype_size(dt);
+    uint8_t *q = malloc(n * (size_t)d * es);
+    for (size_t i = 0; i < n * (size_t)d; i++)
+        kvarc_store_f32(dt, q, i, tu_gauss(r) * (i % 17 == 3 ? 8.0f : 1.0f));
+    float mu[KVARC_HEAD_DIM_MAX];
+    for (int i = 0; i < d; i++)
+        mu[i] = tu_gauss(r);
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, 77 + (uint64_t)d);
+    kvg_query *cq = calloc(n, sizeof *cq);
+    void *dq = dev_copy(q, n * (size_t)d * es);
+    float *dmu = dev_copy(mu, (size_t)d * 4);
+    kvg_query *dout = dev_copy(NULL, n * sizeof *cq);
+    for (int with_mu = 0; with_mu < 2; with_mu++) {
+        for (size_t j = 0; j < n; j++)
+            CHECK_RC(kvg_query_prep_ref(&rot, with_mu ? mu : NULL, dt, q + j * (size_t)d * es, &cq[j]), 0);
+        CHECK_RC(kvg_query_prep_cuda(&rot, with_mu ? dmu : NULL, dt, dq, n, dout, NULL), 0);
+        kvg_query *gq = dev_back(dout, n * sizeof *cq);
+        size_t diff = 0;
+        for (size_t j = 0; j < n; j++)
+            diff += memcmp(&cq[j], &gq[j], sizeof *cq) != 0;
+        CHECK(diff == 0, "query prep d%d %s mu %d: %zu of %zu structs differ", d, kvarc_dtype_name(dt), with_mu,
+              diff, n);
+        free(gq);
+    }
+    kvarc_store_f32(dt, q, 5, NAN);
+    cudaMemcpy(dq, q, n * (size_t)d * es, cudaMemcpyHostToDevice);
+    CHECK_RC(kvg_query_prep_cuda(&rot, dmu, dt, dq, n, dout, NULL), KVARC_ENONFINITE);
+    cudaFree(dq); cudaFree(dmu); cudaFree(dout);
+    free(q); free(cq);
+}
+
 /* Attention over three partitions (sinks, retrieved with per-head counts,
  * a hot window longer than one GPU unit) against kvg_attend_ref: relative
  * error of each head's output below 1e-5 (fp32 sums in another order). */
@@ -235,6 +272,9 @@ int main(void)
         score_case(dims[di], 4097, 4, &r);
     }
     score_case(128, 1 << 20, 8, &r);
+    for (int di = 0; di < 3; di++)
+        for (int t = 0; t < 3; t++)
+            query_case(dims[di], dts[t], 33, &r);
     for (int di = 0; di < 3; di++)
         attention_case(dims[di], 8, 2, 300, &r);
     attention_case(128, 32, 8, 1000, &r);
