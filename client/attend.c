@@ -260,9 +260,20 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 if (rc)
                     break;
                 size_t sb = d / 8;
-                rc = kvg_score_ref((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
-                                   y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, x.scores);
-                long got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);
+                long got = -ENOTSUP;
+#ifdef KVARC_HAVE_CUDA
+                if (cv->gpu)
+                    got = kl_gpu_stage1(cv, layer, (uint32_t)h, qs, (int)G, ns, cold, R_n, x.idx);
+                if (got < 0 && got != -ENOTSUP) {     /* the device failed: the CPU path from now on */
+                    kl_gpu_free(cv);
+                    got = -ENOTSUP;
+                }
+#endif
+                if (got == -ENOTSUP) {
+                    rc = kvg_score_ref((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
+                                       y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, x.scores);
+                    got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);
+                }
                 if (got < 0) {
                     rc = kl_fail(cv, rc ? rc : (int)got, "stage 1 on layer %u head %zu failed", layer, h);
                     break;

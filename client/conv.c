@@ -38,6 +38,7 @@ void kvarc_options_default(kvarc_options *o)
     o->score_distance = -1;
     o->cache_records = 1 << 18;
     o->scale = 0.0f;
+    o->use_gpu = 1;
 }
 
 int64_t kl_now_ns(void)
@@ -136,6 +137,9 @@ static void conv_free(kvarc_conv *cv)
         free(y->sig_bits);
         free(y->sig_scale);
     }
+#ifdef KVARC_HAVE_CUDA
+    kl_gpu_free(cv);
+#endif
     free(cv->layers);
     free(cv->means);
     free(cv->last_ret);
@@ -212,6 +216,13 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->ring_kr || !y->sig_bits || !y->sig_scale)
             goto oom;
     }
+#ifdef KVARC_HAVE_CUDA
+    if (kl_gpu_init(cv)) {
+        snprintf(c->err, sizeof c->err, "%s", cv->err);
+        conv_free(cv);
+        return -ENOMEM;
+    }
+#endif
     *out = cv;
     return 0;
 oom:
@@ -407,6 +418,12 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
                     ch->scales.len == ch->count * 2) {
                     memcpy(y->sig_bits[ch->head] + ch->first_pos * sb, ch->bits.data, ch->bits.len);
                     memcpy(y->sig_scale[ch->head] + ch->first_pos, ch->scales.data, ch->scales.len);
+#ifdef KVARC_HAVE_CUDA
+                    if (cv->gpu && kl_gpu_put_sigs(cv, l, ch->head, ch->first_pos, y->sig_bits[ch->head] +
+                                                   ch->first_pos * sb, y->sig_scale[ch->head] + ch->first_pos,
+                                                   ch->count))
+                        kl_gpu_free(cv);          /* the host mirror is whole: the CPU path serves */
+#endif
                     got += ch->count;
                     cv->st.bytes_received += ch->bits.len + ch->scales.len;
                 }
@@ -502,6 +519,10 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
             for (size_t h = 0; h < H; h++) {
                 memcpy(y->sig_bits[h] + y->archived * sb, bits + h * n * sb, n * sb);
                 memcpy(y->sig_scale[h] + y->archived, sc + h * n, n * 2);
+#ifdef KVARC_HAVE_CUDA
+                if (cv->gpu && kl_gpu_put_sigs(cv, layer, (uint32_t)h, y->archived, bits + h * n * sb, sc + h * n, n))
+                    kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */
+#endif
             }
             y->archived += n;
             cv->st.archived += n;
@@ -601,6 +622,11 @@ uint64_t kvarc_length(const kvarc_conv *cv, uint32_t layer)
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out)
 {
     *out = cv->st;
+}
+
+int kvarc_uses_gpu(const kvarc_conv *cv)
+{
+    return cv && cv->gpu != NULL;
 }
 
 size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, size_t max)

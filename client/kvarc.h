@@ -80,6 +80,8 @@ typedef struct kvarc_options {
     int32_t  score_distance;    /* stage 1/2 turn the query this many positions; -1: hot_window */
     size_t   cache_records;     /* LRU record cache capacity, records per conversation */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
+    int      use_gpu;           /* 1 (default): stage 1 on the GPU when libkvarc was built with
+                                   CUDA and a device is present (same answers); 0: CPU only */
 } kvarc_options;
 
 void kvarc_options_default(kvarc_options *o);
@@ -153,6 +155,9 @@ int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, c
                   const char *dst_name);
 
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out);
+
+/* 1 if this conversation's stage 1 runs on the GPU. */
+int kvarc_uses_gpu(const kvarc_conv *cv);
 
 /* The cold positions the last kvarc_attend retrieved for its last query
  * and kv head `head`, best first: up to max into pos; returns how many

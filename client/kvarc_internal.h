@@ -37,6 +37,8 @@ void kl_cache_put(kl_cache *c, uint64_t key, const uint8_t *rec);
 
 /* ---- conversation ------------------------------------------------------ */
 
+typedef struct kl_gpu kl_gpu;    /* gpu.c, built with CUDA */
+
 struct kvarc_client {
     kvc_conn *conn;
     char      err[512];
@@ -70,6 +72,7 @@ struct kvarc_conv {
     kvarc_stats    st;
     uint64_t      *last_ret;     /* [H][top_k]: the last query's retrieved positions */
     uint32_t       last_n;       /* per head */
+    kl_gpu        *gpu;          /* stage 1 on the device, or NULL */
     char           err[512];
 };
 
@@ -81,6 +84,20 @@ kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head);
 void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v);
 /* Encode and archive tokens [archived, len) of a layer (from the ring). */
 int  kl_flush(kvarc_conv *cv, uint32_t layer);
+#ifdef KVARC_HAVE_CUDA
+/* gpu.c: set cv->gpu when a device is there and the options allow it. */
+int  kl_gpu_init(kvarc_conv *cv);
+void kl_gpu_free(kvarc_conv *cv);
+/* Signatures of positions [first, first + n) of (layer, head) into VRAM. */
+int  kl_gpu_put_sigs(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t first, const uint8_t *bits,
+                     const uint16_t *scales, uint64_t n);
+/* Stage 1 over positions [first, first + n): the best r indices (relative
+ * to first) into idx_out, as kvg_topk_ref would; -ENOTSUP when the device
+ * cannot (r above its top-k limit): run the CPU path. */
+long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
+                   uint64_t n, size_t r, uint32_t *idx_out);
+#endif
+
 /* gRPC status -> a libkvarc return code. */
 int  kl_rc_of_status(int status);
 

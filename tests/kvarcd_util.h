@@ -1,5 +1,6 @@
 /* kvarcd_util.h - helpers for tests that run a real kvarcd (header-only).
- * Needs KVARCD_PATH and KVARC_CLI_PATH defined by CMake, and engine_util.h's
+ * Needs KVARCD_PATH and KVARC_CLI_PATH defined by CMake (the environment
+ * variables of the same names override them: a bundle run elsewhere), and engine_util.h's
  * deterministic content (eu_fill / eu_byte) for what is appended. */
 #ifndef KVARC_KVARCD_UTIL_H
 #define KVARC_KVARCD_UTIL_H
@@ -12,6 +13,10 @@
 
 #include "engine_util.h"
 #include "kvarc_rpc.h"
+
+/* The daemon and the CLI: the environment's, else the build's. */
+#define KD_KVARCD (getenv("KVARCD_PATH") ? getenv("KVARCD_PATH") : KVARCD_PATH)
+#define KD_CLI    (getenv("KVARC_CLI_PATH") ? getenv("KVARC_CLI_PATH") : KVARC_CLI_PATH)
 
 /* Each test uses some of these. */
 #define KD_FN static __attribute__((unused))
@@ -33,7 +38,7 @@ KD_FN pid_t start_daemon_args(const char *const *extra)
         snprintf(log, sizeof log, "%s.log", dir);
         if (!freopen(log, "a", stderr))
             _exit(126);
-        execv(KVARCD_PATH, (char *const *)argv);
+        execv(KD_KVARCD, (char *const *)argv);
         _exit(127);
     }
     return pid;
@@ -215,7 +220,7 @@ KD_FN int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t h
 KD_FN int cli(char *out, size_t len, const char *args)
 {
     char cmd[1024];
-    snprintf(cmd, sizeof cmd, "%s %s --data %s 2>/dev/null", KVARC_CLI_PATH, args, dir);
+    snprintf(cmd, sizeof cmd, "%s %s --data %s 2>/dev/null", KD_CLI, args, dir);
     FILE *f = popen(cmd, "r");
     if (!f)
         return -1;

@@ -174,7 +174,7 @@ int main(void)
     /* the CLI over TCP */
     {
         char cmd[1200], out[4096];
-        snprintf(cmd, sizeof cmd, "%s ls --connect 127.0.0.1:%d --token-file %s --json 2>&1", KVARC_CLI_PATH, port,
+        snprintf(cmd, sizeof cmd, "%s ls --connect 127.0.0.1:%d --token-file %s --json 2>&1", KD_CLI, port,
                  tokens);
         FILE *f = popen(cmd, "r");
         size_t n = f ? fread(out, 1, sizeof out - 1, f) : 0;
@@ -183,7 +183,7 @@ int main(void)
         /* the first token of the file is team-a's */
         CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0 && strstr(out, "mine") && !strstr(out, "secret"),
               "kvarc ls over TCP: %s", out);
-        snprintf(cmd, sizeof cmd, "%s stats --connect 127.0.0.1:%d --token-file %s 2>&1", KVARC_CLI_PATH, port,
+        snprintf(cmd, sizeof cmd, "%s stats --connect 127.0.0.1:%d --token-file %s 2>&1", KD_CLI, port,
                  tokens);
         f = popen(cmd, "r");
         n = f ? fread(out, 1, sizeof out - 1, f) : 0;

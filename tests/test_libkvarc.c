@@ -257,6 +257,33 @@ int main(void)
         CHECK(kvarc_length(fk, 1) == 302, "the fork holds 302 tokens: %llu", (unsigned long long)kvarc_length(fk, 1));
         kvarc_conv_close(fk);
     }
+    {   /* stage 1 on the GPU (where there is one) and on the CPU give the same step, bit for bit */
+        kvarc_options oc = o, og = o;
+        oc.use_gpu = 0;
+        og.use_gpu = 1;
+        og.top_k = oc.top_k = 16;                 /* a real shortlist: 4 x 16 of ~230 cold tokens */
+        og.shortlist = oc.shortlist = 4;
+        CHECK_RC(kvarc_fork(cv, "lib", "gate-c", 0), 0);
+        CHECK_RC(kvarc_fork(cv, "lib", "gate-g", 0), 0);
+        kvarc_conv *cc = NULL, *cg = NULL;
+        CHECK_RC(kvarc_conv_attach(cl2, "lib", "gate-c", &m, &oc, &cc), 0);
+        CHECK_RC(kvarc_conv_attach(cl2, "lib", "gate-g", &m, &og, &cg), 0);
+        if (cc && cg) {
+            float oc_out[QH * D], og_out[QH * D];
+            CHECK_RC(append_tokens(cc, 302, 1), 0);
+            CHECK_RC(append_tokens(cg, 302, 1), 0);
+            for (int l = 0; l < L; l++) {
+                CHECK_RC(attend_step(cc, l, 302, oc_out), 0);
+                CHECK_RC(attend_step(cg, l, 302, og_out), 0);
+                CHECK(!memcmp(oc_out, og_out, sizeof oc_out), "layer %d: the %s path's step equals the CPU's", l,
+                      kvarc_uses_gpu(cg) ? "GPU" : "CPU");
+            }
+            printf("  stage 1 on the %s for the use_gpu handle\n", kvarc_uses_gpu(cg) ? "GPU" : "CPU");
+            CHECK(!kvarc_uses_gpu(cc), "use_gpu 0 keeps the CPU path");
+        }
+        kvarc_conv_close(cc);
+        kvarc_conv_close(cg);
+    }
     kvarc_model wrong = m;
     wrong.head_dim = 128;
     kvarc_conv *bad = NULL;

@@ -283,8 +283,8 @@ int main(int argc, char **argv)
         printf("bench-decode: %d layer(s) x %d kv heads x %d query heads x head_dim %d, %llu cold tokens, %s records, "
                "top_k %u, shortlist %u x top_k; %d steps\n", layers, H, QH, D, (unsigned long long)N,
                kvarc_format_get(fmt)->name, o.top_k, o.shortlist, steps);
-        printf("  archive: %.1f s (encode %.1f s, once for all layers); attach (signatures of every layer): %.1f s\n",
-               tarch, t_enc, tattach);
+        printf("  archive: %.1f s (encode %.1f s, once for all layers); attach (signatures of every layer): %.1f s; "
+               "stage 1 on the %s\n", tarch, t_enc, tattach, kvarc_uses_gpu(cv) ? "GPU" : "CPU");
         printf("  decode step, all %d layer(s):  p50 %8.2f ms   p90 %8.2f ms\n", layers, p50 * 1e3, p90 * 1e3);
         printf("    by stage (mean per step):    stage 1 %.2f ms, stage 2 (RerankLayer) %.2f ms, decode %.2f ms, "
                "attention %.2f ms, archive %.2f ms\n", (double)(s1.ns_stage1 - s0.ns_stage1) * 1e-6 / steps,
