@@ -221,8 +221,10 @@ static grpc_slice bb_slice(grpc_byte_buffer *bb)
 
 /* The reply for one conversation, with every layer's durable length (a
  * worker attaching to it continues each layer from there). */
-static grpc_byte_buffer *conv_reply(kvd_engine *e, kvd_conv_info *info, int with_means)
+static grpc_byte_buffer *conv_reply(rpc_call *c, kvd_conv_info *info, int with_means)
 {
+    kvd_engine *e = c->w->s->e;
+    c->log_conv = info->id;
     Kvarc__V1__ConvReply r = KVARC__V1__CONV_REPLY__INIT;
     Kvarc__V1__ConvInfo ci;
     Kvarc__V1__Shape sp;
@@ -330,10 +332,8 @@ static int h_create(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     if (!rc)
         rc = kvd_conv_create(s->e, req->ns, req->name, &sh, req->n_means ? req->means : NULL, &info, err);
     kvarc__v1__create_request__free_unpacked(req, NULL);
-    if (!rc) {
-        c->log_conv = info.id;
-        *out = conv_reply(c->w->s->e, &info, 0);
-    }
+    if (!rc)
+        *out = conv_reply(c, &info, 0);
     return rc;
 }
 
@@ -350,10 +350,8 @@ static int h_open(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer *
         rc = kvd_conv_open(s->e, req->ns, req->name, req->expect ? &sh : NULL, &info, err);
     int with_means = req->with_means;
     kvarc__v1__open_request__free_unpacked(req, NULL);
-    if (!rc) {
-        c->log_conv = info.id;
-        *out = conv_reply(c->w->s->e, &info, with_means);
-    }
+    if (!rc)
+        *out = conv_reply(c, &info, with_means);
     return rc;
 }
 
@@ -368,7 +366,7 @@ static int h_stat(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer *
         rc = kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)req->id);
     kvarc__v1__stat_request__free_unpacked(req, NULL);
     if (!rc)
-        *out = conv_reply(c->w->s->e, &info, 0);
+        *out = conv_reply(c, &info, 0);
     return rc;
 }
 
@@ -474,10 +472,8 @@ static int fork_common(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buf
         rc = kvd_conv_fork(s->e, req->src_ns, req->src_name, req->has_at_len ? req->at_len : UINT64_MAX,
                            req->dst_ns, req->dst_name, flags, &info, err);
     kvarc__v1__fork_request__free_unpacked(req, NULL);
-    if (!rc) {
-        c->log_conv = info.id;
-        *out = conv_reply(c->w->s->e, &info, 0);
-    }
+    if (!rc)
+        *out = conv_reply(c, &info, 0);
     return rc;
 }
 
