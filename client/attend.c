@@ -174,7 +174,6 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     const float scale = cv->o.scale > 0 ? cv->o.scale : 1.0f / sqrtf((float)d);
     const int remap = cv->o.pos_mode == 1;
     int rc = 0;
-    int64_t t0 = kl_now_ns();
     if (cold && y->archived < hot_lo && (rc = kl_flush(cv, layer)))   /* invariant 3 makes this rare */
         return rc;
 
@@ -355,6 +354,5 @@ out:
     scratch_free(&x);
     free(item_head);
     free(qs);
-    (void)t0;
     return rc;
 }

@@ -279,7 +279,7 @@ int main(int argc, char **argv)
         }
         kvarc_conv_stats(cv, &s1);
         qsort(step, (size_t)steps, sizeof *step, tu_cmp_double);
-        double p50 = step[steps / 2], p90 = step[steps * 9 / 10], per = 1e3 / steps;
+        double p50 = step[steps / 2], p90 = step[steps * 9 / 10];
         printf("bench-decode: %d layer(s) x %d kv heads x %d query heads x head_dim %d, %llu cold tokens, %s records, "
                "top_k %u, shortlist %u x top_k; %d steps\n", layers, H, QH, D, (unsigned long long)N,
                kvarc_format_get(fmt)->name, o.top_k, o.shortlist, steps);
@@ -291,7 +291,6 @@ int main(int argc, char **argv)
                (double)(s1.ns_stage2 - s0.ns_stage2) * 1e-6 / steps, (double)(s1.ns_decode - s0.ns_decode) * 1e-6 / steps,
                (double)(s1.ns_attend - s0.ns_attend) * 1e-6 / steps,
                (double)(s1.ns_archive - s0.ns_archive) * 1e-6 / steps);
-        (void)per;
         printf("  exact full attention, one layer, fp32 in RAM (baseline): %.2f ms; x %d layers = %.2f ms\n", best * 1e3,
                layers, best * 1e3 * layers);
         printf("  kvarc step / exact attention:  %.3fx   (per layer: kvarc %.2f ms, exact %.2f ms)\n",

@@ -334,6 +334,20 @@ static int cmd_fork(kvc_conn *k, opts *o, const char *method)
     return 0;
 }
 
+/* Verify or Compact: the call with its progress on stderr; on OK *ev is
+ * the result event (free it), else the CLI's exit code is returned. */
+static int run_job(kvc_conn *k, opts *o, const char *cmd, const char *method, const ProtobufCMessage *req,
+                   Kvarc__V1__JobEvent **ev)
+{
+    char msg[512];
+    if (!o->json)
+        fprintf(stderr, "%s %s ...\n", !strcmp(cmd, "verify") ? "verifying every block of" : "compacting", o->target);
+    progress_state ps = { cmd, -1, isatty(2) };
+    int st = kvc_job(k, method, req, 24 * 3600000, o->json ? NULL : show_progress, &ps, ev, msg, sizeof msg);
+    progress_end(&ps);
+    return st ? fail(st, cmd, msg, o->target) : 0;
+}
+
 static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
 {
     char msg[512];
@@ -376,16 +390,16 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
                (unsigned long long)s->extents, (unsigned long long)s->tokens, (unsigned long long)s->appends,
                (unsigned long long)s->group_commits);
     } else if (!strcmp(cmd, "verify")) {
-        if (!o->json)
-            fprintf(stderr, "verifying every block of %s ...\n", o->target);
         Kvarc__V1__JobEvent *ev;
-        progress_state ps = { "verify", -1, isatty(2) };
-        st = kvc_job(k, "Verify", &e.base, 24 * 3600000, o->json ? NULL : show_progress, &ps, &ev, msg, sizeof msg);
-        progress_end(&ps);
-        if (st)
-            return fail(st, cmd, msg, o->target);
-        Kvarc__V1__VerifyReply *v = ev->verify;
+        if ((st = run_job(k, o, cmd, "Verify", &e.base, &ev)))
+            return st;
         rep = &ev->base;
+        Kvarc__V1__VerifyReply *v = ev->verify;
+        if (!v) {
+            fprintf(stderr, "kvarc verify: kvarcd answered without a verify result\n");
+            protobuf_c_message_free_unpacked(rep, NULL);
+            return 1;
+        }
         if (o->json) {
             printf("{\"segments\":%llu,\"blocks\":%llu,\"records\":%llu,\"extents\":%llu,\"bytes\":%llu,"
                    "\"problems\":%llu,\"lines\":[", (unsigned long long)v->segments, (unsigned long long)v->blocks,
@@ -409,14 +423,9 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
     } else {   /* compact */
         Kvarc__V1__CompactRequest r = KVARC__V1__COMPACT_REQUEST__INIT;
         r.threshold = (float)o->threshold;
-        if (!o->json)
-            fprintf(stderr, "compacting %s ...\n", o->target);
         Kvarc__V1__JobEvent *ev;
-        progress_state ps = { "compact", -1, isatty(2) };
-        st = kvc_job(k, "Compact", &r.base, 24 * 3600000, o->json ? NULL : show_progress, &ps, &ev, msg, sizeof msg);
-        progress_end(&ps);
-        if (st)
-            return fail(st, cmd, msg, o->target);
+        if ((st = run_job(k, o, cmd, "Compact", &r.base, &ev)))
+            return st;
         rep = &ev->base;
         unsigned long long rec = ev->compact ? ev->compact->reclaimed : 0;
         printf(o->json ? "{\"reclaimed\":%llu}\n" : "reclaimed %llu bytes\n", rec);
