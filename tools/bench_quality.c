@@ -92,24 +92,7 @@ static double logit(const float *qr, uint64_t j, int h)
 static void exact(const float *qr, int hq, uint64_t pos, uint64_t lo, uint64_t hi, int kmax, float *out, double *lse,
                   uint64_t *top, double *scratch)
 {
-    int h = hq / G;
-    double m = -INFINITY;
-    for (uint64_t j = 0; j <= pos; j++) {
-        scratch[j] = logit(qr, j, h);
-        if (scratch[j] > m)
-            m = scratch[j];
-    }
-    double l = 0, acc[D] = { 0 };
-    for (uint64_t j = 0; j <= pos; j++) {
-        double w = exp(scratch[j] - m);
-        l += w;
-        const float *v = Vv + (j * H + (uint64_t)h) * D;
-        for (int i = 0; i < D; i++)
-            acc[i] += w * v[i];
-    }
-    for (int i = 0; i < D; i++)
-        out[i] = (float)(acc[i] / l);
-    *lse = m + log(l);
+    *lse = tu_exact_attention(Kr, Vv, H, D, qr, hq / G, pos, 0, 0, out, scratch);
     /* top kmax cold by logit, best first (kvg_topk_ref: linear radix select) */
     size_t nc = hi > lo ? (size_t)(hi - lo) : 0;
     float *f = malloc((nc + 1) * sizeof *f);
@@ -278,24 +261,8 @@ int main(int argc, char **argv)
                     float qr[D];
                     memcpy(qr, Qs + ((size_t)s * QH + hq) * D, sizeof qr);
                     kvg_rope_ref(qr, D, ROT, 0, THETA, (double)pos);
-                    double mx = -INFINITY, l = 0, acc[D] = { 0 }, mass = 0;
-                    for (uint64_t j = 0; j <= pos; j++) {
-                        if (j >= (uint64_t)sinks && j < lo)
-                            continue;
-                        double lg = logit(qr, j, h);
-                        mass += exp(lg - refs[s].lse[hq]);
-                        mx = lg > mx ? lg : mx;
-                    }
-                    for (uint64_t j = 0; j <= pos; j++) {
-                        if (j >= (uint64_t)sinks && j < lo)
-                            continue;
-                        double w = exp(logit(qr, j, h) - mx);
-                        l += w;
-                        for (int i = 0; i < D; i++)
-                            acc[i] += w * Vv[(j * H + (uint64_t)h) * D + i];
-                    }
-                    for (int i = 0; i < D; i++)
-                        out[hq * D + i] = (float)(acc[i] / l);
+                    double lse_w = tu_exact_attention(Kr, Vv, H, D, qr, h, pos, (uint64_t)sinks, lo, out + hq * D, NULL);
+                    double mass = exp(lse_w - refs[s].lse[hq]);   /* the window's share of the exact weight */
                     int hit = 0;
                     for (long t = 0; t < k; t++)
                         hit += refs[s].top[(size_t)hq * kmax + t] >= lo;

@@ -50,36 +50,6 @@ static void bar(uint64_t done, uint64_t total, double t0)
     fflush(stderr);
 }
 
-/* Exact attention (double) of roped query qr of kv head h over the tokens
- * of `keep` (NULL: all) in [0, pos]; keys Kr roped, values V, [pos][H][D]. */
-static void exact_attn(const float *Kr, const float *V, const float *qr, int h, uint64_t pos, uint64_t sinks,
-                       uint64_t lo, float *out)
-{
-    double m = -INFINITY, l = 0, acc[DD] = { 0 };
-    for (int pass = 0; pass < 2; pass++)
-        for (uint64_t j = 0; j <= pos; j++) {
-            if (j >= sinks && j < lo)
-                continue;
-            const float *k = Kr + (j * DH + (uint64_t)h) * DD;
-            double s = 0;
-            for (int i = 0; i < DD; i++)
-                s += (double)qr[i] * k[i];
-            s /= sqrt((double)DD);
-            if (pass == 0) {
-                m = s > m ? s : m;
-            } else {
-                double w = exp(s - m);
-                l += w;
-                for (int i = 0; i < DD; i++)
-                    acc[i] += w * V[(j * DH + (uint64_t)h) * DD + i];
-            }
-        }
-    for (int i = 0; i < DD; i++)
-        out[i] = (float)(acc[i] / l);
-}
-
-
-
 static const char *human(double bytes, char *buf, size_t len)
 {
     if (bytes >= 1 << 30)
@@ -251,8 +221,8 @@ int kvarc_demo(int argc, char **argv)
                 for (int hq = 0; hq < DQH; hq++) {
                     memcpy(qr, q + hq * DD, sizeof qr);
                     kvg_rope_ref(qr, DD, DROT, 0, DTHETA, (double)pos);
-                    exact_attn(Kr0, V0, qr, hq / (DQH / DH), pos, 0, 0, ex + hq * DD);
-                    exact_attn(Kr0, V0, qr, hq / (DQH / DH), pos, o.sinks, lo, sw + hq * DD);
+                    tu_exact_attention(Kr0, V0, DH, DD, qr, hq / (DQH / DH), pos, 0, 0, ex + hq * DD, NULL);
+                    tu_exact_attention(Kr0, V0, DH, DD, qr, hq / (DQH / DH), pos, o.sinks, lo, sw + hq * DD, NULL);
                 }
                 err_kv += tu_rel_err(out, ex, DQH * DD);
                 err_sw += tu_rel_err(sw, ex, DQH * DD);
