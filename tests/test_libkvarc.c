@@ -284,6 +284,54 @@ int main(void)
         kvarc_conv_close(cc);
         kvarc_conv_close(cg);
     }
+    {   /* RerankLayer refuses bad items with their status; the conversation still serves after */
+        kvc_conn *k;
+        CHECK_RC(kvc_connect(dir, &k), 0);
+        Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;
+        orq.ns = "lib";
+        orq.name = "gate";
+        ProtobufCMessage *rep = NULL;
+        char msg[256];
+        CHECK_RC(kvc_call(k, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
+        float qv[4 * D] = { 0 };
+        uint64_t sl[3] = { 10, 20, 30 }, have_bad[2] = { 20, 10 };
+        Kvarc__V1__RerankItem it = KVARC__V1__RERANK_ITEM__INIT, *ip[1] = { &it };
+        it.n_queries = 4;
+        it.n_query = 4 * D;
+        it.query = qv;
+        it.n_shortlist = 3;
+        it.shortlist = sl;
+        it.top_k = 2;
+        Kvarc__V1__RerankLayerRequest rl = KVARC__V1__RERANK_LAYER_REQUEST__INIT;
+        rl.conv = id;
+        rl.n_items = 1;
+        rl.items = ip;
+        it.head = H;                                   /* no such kv head */
+        CHECK_RC(kvc_call(k, "RerankLayer", &rl.base, &kvarc__v1__rerank_layer_reply__descriptor, NULL, 0, msg,
+                          sizeof msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "head 2 of 2") != NULL, "bad head named: %s", msg);
+        it.head = 0;
+        it.n_have = 2;
+        it.have = have_bad;                            /* not ascending */
+        CHECK_RC(kvc_call(k, "RerankLayer", &rl.base, &kvarc__v1__rerank_layer_reply__descriptor, NULL, 0, msg,
+                          sizeof msg), GRPC_STATUS_INVALID_ARGUMENT);
+        it.n_have = 0;
+        sl[2] = 1u << 30;                              /* past the end of the layer */
+        CHECK(kvc_call(k, "RerankLayer", &rl.base, &kvarc__v1__rerank_layer_reply__descriptor, NULL, 0, msg,
+                       sizeof msg) != GRPC_STATUS_OK, "a shortlist past the end is refused: %s", msg);
+        rl.conv = 987654;                              /* unknown conversation */
+        CHECK_RC(kvc_call(k, "RerankLayer", &rl.base, &kvarc__v1__rerank_layer_reply__descriptor, NULL, 0, msg,
+                          sizeof msg), GRPC_STATUS_NOT_FOUND);
+        kvc_close(k);
+        float o1[QH * D];
+        CHECK_RC(append_tokens(cv, 302, 1), 0);        /* and the conversation goes on */
+        CHECK_RC(attend_step(cv, 0, 302, o1), 0);
+        full_attention(0, 302, ref);
+        CHECK(max_rel(o1, ref, QH * D) < 2e-5f, "after the refused calls the gate still holds");
+    }
     kvarc_model wrong = m;
     wrong.head_dim = 128;
     kvarc_conv *bad = NULL;
