@@ -13,6 +13,9 @@
  * combined) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
  * per query one exact softmax over [sinks][retrieved][hot up to itself]
  * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
+ * With a GPU (gpu.c): stage 1 and that softmax run on the device (the hot
+ * window from its VRAM mirror); any device failure drops to this CPU path
+ * for good, mid-call included.
  */
 #include <errno.h>
 #include <math.h>
@@ -237,6 +240,10 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         }
     }
 
+#ifdef KVARC_HAVE_CUDA
+    if (cv->gpu && kl_gpu_ring_sync(cv, layer))
+        kl_gpu_free(cv);                  /* the host ring is whole: the CPU path serves */
+#endif
     for (uint32_t g0 = 0; g0 < n_q && !rc; g0 += (uint32_t)qb) {
         uint32_t gn = n_q - g0 < qb ? n_q - g0 : (uint32_t)qb;
         size_t n_items = (size_t)gn * H;
@@ -337,6 +344,17 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 { x.rk, x.rv, kret, kn, NULL },
                 { x.hot_k, x.hot_v, (size_t)nh, (size_t)(pq - hot_lo + 1), NULL },
             };
+#ifdef KVARC_HAVE_CUDA
+            if (cv->gpu && kl_gpu_attend(cv, layer, x.qi, x.sink_k, x.sink_v, (size_t)ns, x.rk, x.rv, kret, kn,
+                                         hot_lo, (size_t)(pq - hot_lo + 1), scale, x.oi))
+                kl_gpu_free(cv);          /* the device failed: this query and the rest on the CPU */
+            if (cv->gpu) {
+                for (size_t hq = 0; hq < QH; hq++)
+                    memcpy(out + (hq * n_q + g0 + i) * d, x.oi + hq * d, d * 4);
+                cv->st.ns_attend += (uint64_t)(kl_now_ns() - t5);
+                continue;
+            }
+#endif
             if ((rc = kvg_attend_ref(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
                 kl_fail(cv, rc, "attention on layer %u query %u: %s", layer, g0 + i, kvarc_strerror(rc));
                 break;

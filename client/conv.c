@@ -123,6 +123,9 @@ static void conv_free(kvarc_conv *cv)
 {
     if (!cv)
         return;
+#ifdef KVARC_HAVE_CUDA
+    kl_gpu_free(cv);              /* first: it unregisters the host rings */
+#endif
     for (uint32_t l = 0; cv->layers && l < cv->m.n_layers; l++) {
         kl_layer *y = &cv->layers[l];
         free(y->sink_k);
@@ -137,9 +140,6 @@ static void conv_free(kvarc_conv *cv)
         free(y->sig_bits);
         free(y->sig_scale);
     }
-#ifdef KVARC_HAVE_CUDA
-    kl_gpu_free(cv);
-#endif
     free(cv->layers);
     free(cv->means);
     free(cv->last_ret);
@@ -164,9 +164,9 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
                  m ? m->n_q_heads : 0, m ? m->head_dim : 0, o->format);
         return -EINVAL;
     }
-    if (o->hot_window < o->batch || o->batch < 1 || o->top_k < 1 || o->shortlist < 1 || o->max_chunk < 1 ||
+    if (o->hot_window < o->batch || o->batch < 1 || o->shortlist < 1 || o->max_chunk < 1 ||
         o->pos_mode < 0 || o->pos_mode > 1 || o->score_mode < 0 || o->score_mode > 1) {
-        snprintf(c->err, sizeof c->err, "bad options: hot_window %u must be >= batch %u >= 1; top_k, shortlist, "
+        snprintf(c->err, sizeof c->err, "bad options: hot_window %u must be >= batch %u >= 1; shortlist, "
                  "max_chunk >= 1; pos_mode and score_mode 0 or 1", o->hot_window, o->batch);
         return -EINVAL;
     }
@@ -197,7 +197,7 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         return rc;
     }
     cv->means = calloc(L * H * 2 * d, sizeof *cv->means);
-    cv->last_ret = calloc(H * (size_t)o->top_k, sizeof *cv->last_ret);
+    cv->last_ret = calloc(H * (size_t)o->top_k + 1, sizeof *cv->last_ret);
     if (!cv->last_ret)
         goto oom;
     cv->layers = calloc(L, sizeof *cv->layers);
@@ -628,6 +628,20 @@ int kvarc_uses_gpu(const kvarc_conv *cv)
 {
     return cv && cv->gpu != NULL;
 }
+
+#ifndef KVARC_HAVE_CUDA
+int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n)
+{
+    (void)layer, (void)dtype, (void)d_k, (void)d_v, (void)n;
+    return kl_fail(cv, -ENOTSUP, "libkvarc was built without CUDA: no device pointers");
+}
+
+int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out)
+{
+    (void)layer, (void)d_q, (void)n_q, (void)d_out;
+    return kl_fail(cv, -ENOTSUP, "libkvarc was built without CUDA: no device pointers");
+}
+#endif
 
 size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, size_t max)
 {

@@ -1,4 +1,4 @@
-/* gpu.c - libkvarc's stage 1 on the GPU (built when CUDA is).
+/* gpu.c - libkvarc's stage 1 and attention on the GPU (built when CUDA is).
  *
  * Design notes
  * When a CUDA device is present (and kvarc_options.use_gpu allows it),
@@ -14,9 +14,26 @@
  * each head; 2. the score and scratch buffers are scratch, regrown freely;
  * 3. any device failure frees all of this (cv->gpu = NULL) and the
  * conversation goes on on the CPU path, whose host mirror is always whole.
- * Not yet here (the GPU issue): the hot window and record cache in VRAM,
- * attention on the device, pinned buffers and streams; the host mirror of
- * the signatures is still kept (the CPU fallback uses it).
+ *
+ * Attention. Each layer's hot window has a VRAM mirror of the host ring
+ * (turned K and V, [H][ring][d], token p at slot p % ring), brought up to
+ * date once per kvarc_attend by copying only the tokens appended since
+ * (kl_gpu_ring_sync; a decode step copies one token per head) from the
+ * host ring, which is page-locked (cudaHostRegister) so that the copies
+ * are asynchronous on the conversation's stream. Per query, the small
+ * parts the host prepares (the turned query, sinks and decoded retrieved
+ * records) go through one pinned staging buffer in one copy, and
+ * kvg_attend_cuda runs over [sinks][retrieved][hot, in up to two runs
+ * where the ring wraps]; the output comes back through the staging
+ * buffer (the one synchronisation of the query). Parity with the CPU
+ * path is to kvg_attend_cuda's tolerance (relative 1e-5), not bits.
+ * Invariant 4: ring_synced[l] <= len, and device slots of positions
+ * [max(0, ring_synced - ring), ring_synced) equal the host's.
+ * Not yet here (the GPU issue): the record cache in VRAM, records decoded
+ * on the device, K/V handed over as device pointers without a host copy;
+ * the host mirror of the signatures is still kept (the CPU fallback uses
+ * it). None of this has run on a GPU yet: no device was lent to the
+ * sessions that wrote it.
  */
 #include <cuda_runtime_api.h>
 #include <errno.h>
@@ -38,6 +55,13 @@ struct kl_gpu {
     uint32_t  *d_idx;
     void      *d_scratch;
     size_t     score_cap, scratch_cap, idx_cap;
+    /* attention */
+    cudaStream_t stream;
+    float    **d_ring_kr, **d_ring_v;  /* [L] -> [H][ring][d] device, allocated at first use */
+    uint64_t  *ring_synced;            /* [L] positions mirrored (invariant 4) */
+    int       *host_registered;        /* [L] the host ring is page-locked */
+    float     *h_stage, *d_stage;      /* pinned / device staging */
+    size_t     stage_cap;              /* floats */
 };
 
 int kl_gpu_init(kvarc_conv *cv)
@@ -54,12 +78,21 @@ int kl_gpu_init(kvarc_conv *cv)
     g->bits = calloc(g->nl * g->nh, sizeof *g->bits);
     g->scales = calloc(g->nl * g->nh, sizeof *g->scales);
     g->cap = calloc(g->nl * g->nh, sizeof *g->cap);
-    if (!g->bits || !g->scales || !g->cap) {
+    g->d_ring_kr = calloc(g->nl, sizeof *g->d_ring_kr);
+    g->d_ring_v = calloc(g->nl, sizeof *g->d_ring_v);
+    g->ring_synced = calloc(g->nl, sizeof *g->ring_synced);
+    g->host_registered = calloc(g->nl, sizeof *g->host_registered);
+    if (!g->bits || !g->scales || !g->cap || !g->d_ring_kr || !g->d_ring_v || !g->ring_synced ||
+        !g->host_registered || cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess) {
         free(g->bits);
         free(g->scales);
         free(g->cap);
+        free(g->d_ring_kr);
+        free(g->d_ring_v);
+        free(g->ring_synced);
+        free(g->host_registered);
         free(g);
-        return kl_fail(cv, -ENOMEM, "out of memory");
+        return kl_fail(cv, -ENOMEM, "out of memory (or no CUDA stream)");
     }
     cv->gpu = g;
     return 0;
@@ -84,6 +117,22 @@ void kl_gpu_free(kvarc_conv *cv)
     cudaFree(g->d_scores);
     cudaFree(g->d_idx);
     cudaFree(g->d_scratch);
+    cudaStreamSynchronize(g->stream);
+    for (size_t l = 0; l < g->nl; l++) {
+        cudaFree(g->d_ring_kr[l]);
+        cudaFree(g->d_ring_v[l]);
+        if (g->host_registered[l]) {
+            cudaHostUnregister(cv->layers[l].ring_kr);
+            cudaHostUnregister(cv->layers[l].ring_v);
+        }
+    }
+    cudaFreeHost(g->h_stage);
+    cudaFree(g->d_stage);
+    cudaStreamDestroy(g->stream);
+    free(g->d_ring_kr);
+    free(g->d_ring_v);
+    free(g->ring_synced);
+    free(g->host_registered);
     free(g);
     cv->gpu = NULL;
 }
@@ -174,4 +223,126 @@ long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_quer
     if (got && cudaMemcpy(idx_out, g->d_idx, (size_t)got * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
         return kl_fail(cv, -EIO, "copying the shortlist from the GPU failed");
     return got;
+}
+
+int kl_gpu_ring_sync(kvarc_conv *cv, uint32_t layer)
+{
+    kl_gpu *g = cv->gpu;
+    kl_layer *y = &cv->layers[layer];
+    const size_t H = g->nh, d = cv->m.head_dim, ring = cv->ring, bytes = H * ring * d * 4;
+    if (!g->d_ring_kr[layer]) {
+        if (cudaMalloc((void **)&g->d_ring_kr[layer], bytes) != cudaSuccess ||
+            cudaMalloc((void **)&g->d_ring_v[layer], bytes) != cudaSuccess)
+            return kl_fail(cv, -ENOMEM, "out of GPU memory for the hot window of layer %u", layer);
+        /* page-locked host ring: asynchronous copies (a failure only makes them staged) */
+        if (cudaHostRegister(y->ring_kr, bytes, cudaHostRegisterDefault) == cudaSuccess) {
+            if (cudaHostRegister(y->ring_v, bytes, cudaHostRegisterDefault) == cudaSuccess)
+                g->host_registered[layer] = 1;
+            else
+                cudaHostUnregister(y->ring_kr);
+        }
+        cudaGetLastError();
+    }
+    uint64_t lo = g->ring_synced[layer], len = y->len;
+    if (len > ring && lo < len - ring)
+        lo = len - ring;
+    while (lo < len) {                    /* runs of slots up to the ring's end */
+        size_t s0 = (size_t)(lo % ring), cnt = ring - s0 < len - lo ? ring - s0 : (size_t)(len - lo);
+        for (size_t h = 0; h < H; h++) {
+            size_t off = (h * ring + s0) * d;
+            if (cudaMemcpyAsync(g->d_ring_kr[layer] + off, y->ring_kr + off, cnt * d * 4, cudaMemcpyHostToDevice,
+                                g->stream) != cudaSuccess ||
+                cudaMemcpyAsync(g->d_ring_v[layer] + off, y->ring_v + off, cnt * d * 4, cudaMemcpyHostToDevice,
+                                g->stream) != cudaSuccess)
+                return kl_fail(cv, -EIO, "copying the hot window of layer %u to the GPU failed", layer);
+        }
+        lo += cnt;
+    }
+    g->ring_synced[layer] = len;
+    return 0;
+}
+
+int kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float *sink_k, const float *sink_v,
+                  size_t ns, const float *rk, const float *rv, size_t kstride, size_t kn, uint64_t hot_lo,
+                  size_t n_hot, float scale, float *out)
+{
+    kl_gpu *g = cv->gpu;
+    const size_t H = g->nh, QH = cv->m.n_q_heads, d = cv->m.head_dim, ring = cv->ring;
+    const size_t nq = QH * d, nsk = H * ns * d, nr = H * kstride * d;
+    const size_t need = nq + 2 * nsk + 2 * nr + nq;
+    if (n_hot > ring)
+        return kl_fail(cv, -EINVAL, "hot window of %zu tokens larger than the ring (%zu)", n_hot, ring);
+    if (need > g->stage_cap) {
+        cudaFreeHost(g->h_stage);
+        cudaFree(g->d_stage);
+        g->h_stage = NULL, g->d_stage = NULL, g->stage_cap = 0;
+        if (cudaMallocHost((void **)&g->h_stage, need * 4) != cudaSuccess ||
+            cudaMalloc((void **)&g->d_stage, need * 4) != cudaSuccess)
+            return kl_fail(cv, -ENOMEM, "out of pinned or GPU memory for attention staging (%zu floats)", need);
+        g->stage_cap = need;
+    }
+    float *h = g->h_stage, *dq = g->d_stage;
+    memcpy(h, qi, nq * 4);
+    memcpy(h + nq, sink_k, nsk * 4);
+    memcpy(h + nq + nsk, sink_v, nsk * 4);
+    memcpy(h + nq + 2 * nsk, rk, nr * 4);
+    memcpy(h + nq + 2 * nsk + nr, rv, nr * 4);
+    float *d_out = dq + nq + 2 * nsk + 2 * nr;
+    if (cudaMemcpyAsync(dq, h, (need - nq) * 4, cudaMemcpyHostToDevice, g->stream) != cudaSuccess)
+        return kl_fail(cv, -EIO, "copying a query's parts to the GPU failed");
+    size_t s0 = (size_t)(hot_lo % ring), n_a = ring - s0 < n_hot ? ring - s0 : n_hot;
+    kvg_attn_part parts[4] = {
+        { dq + nq, dq + nq + nsk, ns, ns, NULL },
+        { dq + nq + 2 * nsk, dq + nq + 2 * nsk + nr, kstride, kn, NULL },
+        { g->d_ring_kr[layer] + s0 * d, g->d_ring_v[layer] + s0 * d, ring, n_a, NULL },
+        { g->d_ring_kr[layer], g->d_ring_v[layer], ring, n_hot - n_a, NULL },
+    };
+    int rc = kvg_attend_cuda(dq, (int)QH, (int)H, (int)d, scale, parts, 4, d_out, g->stream);
+    if (rc)
+        return kl_fail(cv, rc, "attention on the GPU (layer %u): %s", layer, kvarc_strerror(rc));
+    if (cudaMemcpyAsync(h + nq + 2 * nsk + 2 * nr, d_out, nq * 4, cudaMemcpyDeviceToHost, g->stream) != cudaSuccess ||
+        cudaStreamSynchronize(g->stream) != cudaSuccess)
+        return kl_fail(cv, -EIO, "copying attention output from the GPU failed");
+    memcpy(out, h + nq + 2 * nsk + 2 * nr, nq * 4);
+    return 0;
+}
+
+int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n)
+{
+    size_t es = kvarc_dtype_size((kvarc_dtype)dtype), bytes = (size_t)cv->m.n_kv_heads * n * cv->m.head_dim * es;
+    if (!es || !d_k || !d_v)
+        return kl_fail(cv, !es ? KVARC_EDTYPE : -EINVAL, "append_device: dtype %d, k and v device pointers", dtype);
+    void *k = malloc(bytes + 1), *v = malloc(bytes + 1);
+    int rc;
+    if (!k || !v)
+        rc = kl_fail(cv, -ENOMEM, "out of memory");
+    else if (cudaMemcpy(k, d_k, bytes, cudaMemcpyDeviceToHost) != cudaSuccess ||
+             cudaMemcpy(v, d_v, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+        rc = kl_fail(cv, -EINVAL, "append_device: k or v is not %zu bytes of device memory", bytes);
+    else
+        rc = kvarc_append(cv, layer, dtype, k, v, n);
+    cudaGetLastError();
+    free(k);
+    free(v);
+    return rc;
+}
+
+int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out)
+{
+    size_t bytes = (size_t)cv->m.n_q_heads * n_q * cv->m.head_dim * 4;
+    if (!d_q || !d_out)
+        return kl_fail(cv, -EINVAL, "attend_device: q and out device pointers must be given");
+    float *q = malloc(bytes + 1), *out = malloc(bytes + 1);
+    int rc;
+    if (!q || !out)
+        rc = kl_fail(cv, -ENOMEM, "out of memory");
+    else if (cudaMemcpy(q, d_q, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+        rc = kl_fail(cv, -EINVAL, "attend_device: q is not %zu bytes of device memory", bytes);
+    else if (!(rc = kvarc_attend(cv, layer, q, n_q, out)) &&
+             cudaMemcpy(d_out, out, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+        rc = kl_fail(cv, -EINVAL, "attend_device: out is not %zu bytes of device memory", bytes);
+    cudaGetLastError();
+    free(q);
+    free(out);
+    return rc;
 }

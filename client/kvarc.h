@@ -71,7 +71,8 @@ typedef struct kvarc_options {
     uint64_t seed;              /* rotation seed, fixed at create */
     uint32_t sinks;             /* first tokens kept exact */
     uint32_t hot_window;        /* last tokens kept exact (>= batch) */
-    uint32_t top_k;             /* cold records attended per query and kv head */
+    uint32_t top_k;             /* cold records attended per query and kv head; 0: none (no
+                                   retrieval: sinks + hot window only, an ablation) */
     uint32_t shortlist;         /* stage-1 shortlist = shortlist x top_k */
     uint32_t batch;             /* tokens encoded and archived per append call to kvarcd */
     uint32_t max_chunk;         /* largest prefill chunk (queries of one attend call) */
@@ -80,8 +81,9 @@ typedef struct kvarc_options {
     int32_t  score_distance;    /* stage 1/2 turn the query this many positions; -1: hot_window */
     size_t   cache_records;     /* LRU record cache capacity, records per conversation */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
-    int      use_gpu;           /* 1 (default): stage 1 on the GPU when libkvarc was built with
-                                   CUDA and a device is present (same answers); 0: CPU only */
+    int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
+                                   was built with CUDA and a device is present (stage 1 the same
+                                   answers bit for bit, attention to 1e-5 relative); 0: CPU only */
 } kvarc_options;
 
 void kvarc_options_default(kvarc_options *o);
@@ -156,8 +158,16 @@ int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, c
 
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out);
 
-/* 1 if this conversation's stage 1 runs on the GPU. */
+/* 1 if this conversation's stage 1 and attention run on the GPU. */
 int kvarc_uses_gpu(const kvarc_conv *cv);
+
+/* kvarc_append and kvarc_attend with k, v, q and out in CUDA device
+ * memory (same layouts), for an engine whose tensors live on the GPU.
+ * They copy through host memory for now (K/V to be encoded, the query for
+ * stage 1); -ENOTSUP when libkvarc was built without CUDA, -EINVAL when a
+ * pointer is not device memory. */
+int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n);
+int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out);
 
 /* The cold positions the last kvarc_attend retrieved for its last query
  * and kv head `head`, best first: up to max into pos; returns how many

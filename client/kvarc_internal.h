@@ -72,7 +72,7 @@ struct kvarc_conv {
     kvarc_stats    st;
     uint64_t      *last_ret;     /* [H][top_k]: the last query's retrieved positions */
     uint32_t       last_n;       /* per head */
-    kl_gpu        *gpu;          /* stage 1 on the device, or NULL */
+    kl_gpu        *gpu;          /* stage 1 and attention on the device, or NULL */
     char           err[512];
 };
 
@@ -96,6 +96,15 @@ int  kl_gpu_put_sigs(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t fir
  * cannot (r above its top-k limit): run the CPU path. */
 long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
                    uint64_t n, size_t r, uint32_t *idx_out);
+/* Bring the layer's VRAM hot window up to its length (once per attend). */
+int  kl_gpu_ring_sync(kvarc_conv *cv, uint32_t layer);
+/* One query's attention on the GPU: qi [n_q_heads][d] turned; sinks
+ * [H][ns][d], retrieved [H][kstride][d] (kn per head), all turned, host
+ * memory; the hot window is positions [hot_lo, hot_lo + n_hot) from VRAM.
+ * out [n_q_heads][d] host. Equal to kvg_attend_ref to 1e-5 relative. */
+int  kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float *sink_k, const float *sink_v,
+                   size_t ns, const float *rk, const float *rv, size_t kstride, size_t kn, uint64_t hot_lo,
+                   size_t n_hot, float scale, float *out);
 #endif
 
 /* gRPC status -> a libkvarc return code. */

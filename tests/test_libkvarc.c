@@ -13,6 +13,9 @@
 
 #include "kvarcd_util.h"
 #include "kvarc.h"
+#ifdef KVARC_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
 #include "kvg.h"
 
 #define L 2
@@ -23,8 +26,9 @@
 
 static float K[L][H][N][D], V[L][H][N][D], Q[L][QH][N][D];
 
-/* Full causal attention of query t (pre-RoPE Q[l][*][t]) over tokens 0..t. */
-static void full_attention(int l, int t, float *out)
+/* Causal attention of query t (pre-RoPE Q[l][*][t]) over the tokens j <= t
+ * with j < sinks or j >= lo (sinks = lo = 0: every token). */
+static void window_attention(int l, int t, int sinks, int lo, float *out)
 {
     static float kr[N][D];
     for (int hq = 0; hq < QH; hq++) {
@@ -35,6 +39,9 @@ static void full_attention(int l, int t, float *out)
         double m = -INFINITY, sum = 0, acc[D] = { 0 };
         double *lg = malloc(sizeof(double) * (size_t)(t + 1));
         for (int j = 0; j <= t; j++) {
+            lg[j] = -INFINITY;
+            if (j >= sinks && j < lo)
+                continue;
             memcpy(kr[j], K[l][h][j], sizeof kr[j]);
             kvg_rope_ref(kr[j], D, D, 0, 10000.0f, j);
             double s = 0;
@@ -45,6 +52,8 @@ static void full_attention(int l, int t, float *out)
                 m = lg[j];
         }
         for (int j = 0; j <= t; j++) {
+            if (j >= sinks && j < lo)
+                continue;
             double w = exp(lg[j] - m);
             sum += w;
             for (int i = 0; i < D; i++)
@@ -66,6 +75,11 @@ static float max_rel(const float *a, const float *b, size_t n)
             worst = fabs(a[i] - b[i]);
     }
     return (float)sqrt(num / (den + 1e-30));
+}
+
+static void full_attention(int l, int t, float *out)
+{
+    window_attention(l, t, 0, 0, out);
 }
 
 /* Append token t (or tokens [t, t + n)) to every layer of cv. */
@@ -177,6 +191,27 @@ int main(void)
           (unsigned long long)(st1.cache_hits - st0.cache_hits),
           (unsigned long long)(st1.records_fetched - st0.records_fetched));
 
+    /* top_k 0: no retrieval at all, the sinks and the hot window only (the
+     * ablation of the passkey test), nothing fetched */
+    {
+        kvarc_options o0 = o;
+        o0.top_k = 0;
+        kvarc_conv *cz;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "no-retrieval", &m, &o0, NULL, &cz), 0);
+        CHECK_RC(append_tokens(cz, 0, 200), 0);
+        kvarc_stats sz;
+        for (int l = 0; l < L && !tu_failures; l++) {
+            CHECK_RC(attend_step(cz, l, 199, out), 0);
+            window_attention(l, 199, 4, 199 - 64, ref);
+            CHECK(max_rel(out, ref, QH * D) < 2e-5f, "top_k 0 attends to the sinks and the hot window only "
+                  "(layer %d, error %.3g)", l, max_rel(out, ref, QH * D));
+        }
+        kvarc_conv_stats(cz, &sz);
+        uint64_t rp;
+        CHECK(sz.records_fetched == 0 && kvarc_last_retrieved(cz, 0, &rp, 1) == 0, "top_k 0 fetches nothing");
+        CHECK_RC(kvarc_conv_close(cz), 0);
+    }
+
     /* a second worker attaches to a fork taken after a sync and continues
      * exactly where the first one is (one writer per conversation) */
     int rc = kvarc_fork(cv, "lib", "gate-b", 0);
@@ -257,7 +292,7 @@ int main(void)
         CHECK(kvarc_length(fk, 1) == 302, "the fork holds 302 tokens: %llu", (unsigned long long)kvarc_length(fk, 1));
         kvarc_conv_close(fk);
     }
-    {   /* stage 1 on the GPU (where there is one) and on the CPU give the same step, bit for bit */
+    {   /* the GPU handle (where there is a GPU: stage 1 bit for bit, attention to 1e-5) gives the CPU's step */
         kvarc_options oc = o, og = o;
         oc.use_gpu = 0;
         og.use_gpu = 1;
@@ -275,9 +310,42 @@ int main(void)
             for (int l = 0; l < L; l++) {
                 CHECK_RC(attend_step(cc, l, 302, oc_out), 0);
                 CHECK_RC(attend_step(cg, l, 302, og_out), 0);
-                CHECK(!memcmp(oc_out, og_out, sizeof oc_out), "layer %d: the %s path's step equals the CPU's", l,
-                      kvarc_uses_gpu(cg) ? "GPU" : "CPU");
+                if (kvarc_uses_gpu(cg))
+                    CHECK(max_rel(og_out, oc_out, QH * D) < 1e-5f, "layer %d: the GPU path's step equals the CPU's "
+                          "to 1e-5 (%.3g)", l, max_rel(og_out, oc_out, QH * D));
+                else
+                    CHECK(!memcmp(oc_out, og_out, sizeof oc_out), "layer %d: the CPU path's step is the CPU's", l);
             }
+#ifdef KVARC_HAVE_CUDA
+            if (kvarc_uses_gpu(cg)) {     /* device pointers in and out: the same step as host pointers */
+                float *d_k, *d_v, *d_q, *d_o, hk[H * D], hv[H * D], hq[QH * D], ho[QH * D];
+                for (int h = 0; h < H; h++) {
+                    memcpy(hk + h * D, K[0][h][303], D * 4);
+                    memcpy(hv + h * D, V[0][h][303], D * 4);
+                }
+                for (int hq_ = 0; hq_ < QH; hq_++)
+                    memcpy(hq + hq_ * D, Q[0][hq_][303], D * 4);
+                CHECK(cudaMalloc((void **)&d_k, sizeof hk) == cudaSuccess && cudaMalloc((void **)&d_v, sizeof hv) ==
+                      cudaSuccess && cudaMalloc((void **)&d_q, sizeof hq) == cudaSuccess &&
+                      cudaMalloc((void **)&d_o, sizeof ho) == cudaSuccess, "cudaMalloc");
+                cudaMemcpy(d_k, hk, sizeof hk, cudaMemcpyHostToDevice);
+                cudaMemcpy(d_v, hv, sizeof hv, cudaMemcpyHostToDevice);
+                cudaMemcpy(d_q, hq, sizeof hq, cudaMemcpyHostToDevice);
+                for (int l = 0; l < L; l++) {
+                    CHECK_RC(kvarc_append_device(cg, (uint32_t)l, KVARC_DTYPE_F32, d_k, d_v, 1), 0);
+                    CHECK_RC(kvarc_append(cc, (uint32_t)l, KVARC_DTYPE_F32, hk, hv, 1), 0);
+                }
+                CHECK_RC(kvarc_attend_device(cg, 0, d_q, 1, d_o), 0);
+                CHECK_RC(kvarc_attend(cc, 0, hq, 1, oc_out), 0);
+                cudaMemcpy(ho, d_o, sizeof ho, cudaMemcpyDeviceToHost);
+                CHECK(max_rel(ho, oc_out, QH * D) < 1e-5f, "attend_device equals attend (%.3g)",
+                      max_rel(ho, oc_out, QH * D));
+                cudaFree(d_k), cudaFree(d_v), cudaFree(d_q), cudaFree(d_o);
+            }
+#else
+            CHECK_RC(kvarc_attend_device(cg, 0, Q[0][0][0], 1, og_out), -ENOTSUP);
+            CHECK(strstr(kvarc_errmsg(cg), "without CUDA") != NULL, "the message says why: %s", kvarc_errmsg(cg));
+#endif
             printf("  stage 1 on the %s for the use_gpu handle\n", kvarc_uses_gpu(cg) ? "GPU" : "CPU");
             CHECK(!kvarc_uses_gpu(cc), "use_gpu 0 keeps the CPU path");
         }
