@@ -21,12 +21,12 @@ const char *kd_find_kvarcd(const char *given, char *buf, size_t len)
         char *slash = strrchr(self, '/');
         if (slash) {
             *slash = 0;
-            snprintf(buf, len, "%s/kvarcd", self);
-            if (!access(buf, X_OK))
-                return buf;
-            snprintf(buf, len, "%s/../storaged/kvarcd", self);
-            if (!access(buf, X_OK))
-                return buf;
+            static const char *const rel[] = { "", "/../storaged", "/../../storaged" };   /* build trees */
+            for (size_t i = 0; i < sizeof rel / sizeof *rel; i++) {
+                snprintf(buf, len, "%s%s/kvarcd", self, rel[i]);
+                if (!access(buf, X_OK))
+                    return buf;
+            }
         }
     }
     return "kvarcd";

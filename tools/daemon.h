@@ -6,7 +6,7 @@
 #include <sys/types.h>
 
 /* The kvarcd to run: `given` if set; else the one beside this executable;
- * else ../storaged/kvarcd from it (a build tree); else "kvarcd" (PATH). */
+ * else ../storaged/kvarcd or ../../storaged/kvarcd from it (a build tree); else "kvarcd" (PATH). */
 const char *kd_find_kvarcd(const char *given, char *buf, size_t len);
 
 /* 1 if a kvarcd answers Health at target within timeout_ms. */
