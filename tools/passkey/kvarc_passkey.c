@@ -362,7 +362,7 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
             }
             uint32_t ok = 0, found = 0;
             int has_found = 0;
-            double secs = 0;
+            double secs = 0, stage[5] = { 0 };
             for (uint32_t t = 0; t < o.trials; t++) {
                 pk_result r;
                 fprintf(stderr, "\r%-12s length %-6u trial %u/%u ...", pk_mode_name(md), L, t + 1, o.trials);
@@ -374,6 +374,8 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
                 if (r.retrieved >= 0)
                     has_found = 1, found += (uint32_t)r.retrieved;
                 secs += r.seconds;
+                for (int i = 0; i < 5; i++)
+                    stage[i] += r.stage_s[i];
             }
             fprintf(stderr, "\r%60s\r", "");
             at += snprintf(row + at, sizeof row - (size_t)at, " %7u/%-5u", ok, o.trials);
@@ -386,9 +388,34 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
             if (has_found)
                 cJSON_AddNumberToObject(e, "needle_retrieved", found);
             cJSON_AddNumberToObject(e, "seconds_per_trial", round(secs / o.trials * 1000) / 1000);
+            if (md >= PK_KVARC) {         /* libkvarc's own time by stage, per trial */
+                static const char *const sn[5] = { "stage1", "stage2", "decode", "attention", "archive" };
+                cJSON *st = cJSON_AddObjectToObject(e, "libkvarc_seconds_per_trial");
+                for (int i = 0; i < 5; i++)
+                    cJSON_AddNumberToObject(st, sn[i], round(stage[i] / o.trials * 1000) / 1000);
+            }
             cJSON_AddItemToArray(grid, e);
         }
-        printf("%s\n", row);
+        /* which prompts a window could answer at all: the needle's first digit within its reach */
+        uint32_t reach_w = 0, reach_h = 0;
+        for (uint32_t t = 0; t < o.trials; t++) {
+            int32_t *pr = malloc(L * sizeof *pr), key[PK_KEY_DIGITS];
+            uint32_t needle;
+            if (!pr)
+                break;
+            pk_prompt(L, o.seed + t, pr, key, &needle);
+            uint32_t last = L - PK_KEY_DIGITS - 1;        /* the question's last token */
+            reach_w += needle + o.hot + o.top_k > last;
+            reach_h += needle + o.hot >= last;
+            free(pr);
+        }
+        printf("%s   (needle within the window's reach in %u, the hot window's in %u)\n", row, reach_w, reach_h);
+        cJSON *reach = cJSON_CreateObject();
+        cJSON_AddNumberToObject(reach, "length", L);
+        cJSON_AddNumberToObject(reach, "needle_within_window", reach_w);
+        cJSON_AddNumberToObject(reach, "needle_within_hot_window", reach_h);
+        cJSON_AddItemToArray(cJSON_GetObjectItem(task, "reach") ? cJSON_GetObjectItem(task, "reach")
+                                                                 : cJSON_AddArrayToObject(task, "reach"), reach);
         fflush(stdout);
     }
 

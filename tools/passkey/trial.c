@@ -145,6 +145,13 @@ int pk_trial(const pk_setup *s, pk_mode mode, uint32_t length, uint64_t seed, pk
             goto out;
     }
     r->correct = !memcmp(r->answer, r->key, sizeof r->key);
+    if (a.kind == PK_ATTN_KVARC) {
+        kvarc_stats st;
+        kvarc_conv_stats(a.cv, &st);
+        const uint64_t ns[5] = { st.ns_stage1, st.ns_stage2, st.ns_decode, st.ns_attend, st.ns_archive };
+        for (int i = 0; i < 5; i++)
+            r->stage_s[i] = 1e-9 * (double)ns[i];
+    }
     rc = 0;
 out:
     if (opened && close_attn(&a, err, len))

@@ -44,6 +44,7 @@ typedef struct pk_result {
                                     token held a needle token ("key:" or a digit) for some kv head
                                     (1/0); -1 otherwise */
     double   seconds;
+    double   stage_s[5];         /* kvarc modes: stage 1, stage 2, decode, attention, archiving (s) */
 } pk_result;
 
 /* The prompt of (length, seed): prompt[length - 5], key, needle position. */
