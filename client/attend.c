@@ -344,18 +344,14 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 { x.rk, x.rv, kret, kn, NULL },
                 { x.hot_k, x.hot_v, (size_t)nh, (size_t)(pq - hot_lo + 1), NULL },
             };
+            int on_gpu = 0;
 #ifdef KVARC_HAVE_CUDA
             if (cv->gpu && kl_gpu_attend(cv, layer, x.qi, x.sink_k, x.sink_v, (size_t)ns, x.rk, x.rv, kret, kn,
                                          hot_lo, (size_t)(pq - hot_lo + 1), scale, x.oi))
                 kl_gpu_free(cv);          /* the device failed: this query and the rest on the CPU */
-            if (cv->gpu) {
-                for (size_t hq = 0; hq < QH; hq++)
-                    memcpy(out + (hq * n_q + g0 + i) * d, x.oi + hq * d, d * 4);
-                cv->st.ns_attend += (uint64_t)(kl_now_ns() - t5);
-                continue;
-            }
+            on_gpu = cv->gpu != NULL;
 #endif
-            if ((rc = kvg_attend_ref(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
+            if (!on_gpu && (rc = kvg_attend_ref(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
                 kl_fail(cv, rc, "attention on layer %u query %u: %s", layer, g0 + i, kvarc_strerror(rc));
                 break;
             }
