@@ -12,6 +12,8 @@
  * 5. The weights file's SHA-256 is unchanged by all of it.
  * 6. kvarc-passkey writes a receipt that `kvarc-passkey check` accepts,
  *    and rejects once a byte of the weights it names has changed.
+ * 7. Bad input is refused with a message that names it: a truncated model,
+ *    a file that is no model, a broken receipt, bad command lines.
  * The prompts are fixed by their seeds, so the outcome is deterministic;
  * the full grid (32x, 20 prompts per cell) is the report tool's job.
  */
@@ -174,6 +176,40 @@ int main(void)
         CHECK(cJSON_IsArray(cJSON_GetObjectItem(cJSON_GetObjectItem(r, "figures"), "passkey")), "and figures");
         cJSON_Delete(r);
     }
+
+    /* bad input: refused with a message naming the file and what is wrong, nothing written */
+    pk_model bad;
+    char path[400];
+    snprintf(cmd, sizeof cmd, "head -c 100000 " FIX "/model.bin > %s/trunc.bin && cp " FIX "/vocab.txt %s/notmodel.bin",
+             rdir, rdir);
+    CHECK(run_cmd(cmd) == 0, "%s", cmd);
+    snprintf(path, sizeof path, "%s/trunc.bin", rdir);
+    CHECK(pk_model_load(path, &bad, err, sizeof err) == -1 && strstr(err, "trunc.bin") &&
+          strstr(err, "does not match its header"), "a truncated model is refused: %s", err);
+    snprintf(path, sizeof path, "%s/notmodel.bin", rdir);
+    CHECK(pk_model_load(path, &bad, err, sizeof err) == -1 && strstr(err, "not a KVARCMDL"),
+          "a file that is no model is refused: %s", err);
+    snprintf(path, sizeof path, "%s/notjson.json", rdir);
+    FILE *nj = fopen(path, "w");
+    if (nj) {
+        fputs("{\"inputs\": [", nj);
+        fclose(nj);
+    }
+    CHECK(rc_read(path, err, sizeof err) == NULL && strstr(err, "not JSON"), "a broken receipt is refused: %s", err);
+    snprintf(cmd, sizeof cmd, "%s check %s > /dev/null 2>&1", KVARC_PASSKEY_PATH, path);
+    CHECK(run_cmd(cmd) == 1, "check of a broken receipt exits 1");
+    snprintf(cmd, sizeof cmd, "echo '{\"command\": \"x\"}' > %s/empty.json && %s check %s/empty.json > /dev/null",
+             rdir, KVARC_PASSKEY_PATH, rdir);
+    CHECK(run_cmd(cmd) == 1, "check of a receipt naming no inputs exits 1");
+    const char *usage_errs[] = { "--lengths 5", "--lengths 512,x", "--modes full,bogus", "--format q9", "--chunk 0",
+                                 "--frobnicate" };
+    for (size_t i = 0; i < sizeof usage_errs / sizeof *usage_errs; i++) {
+        snprintf(cmd, sizeof cmd, "%s run %s --receipt %s/never.json > /dev/null 2>&1", KVARC_PASSKEY_PATH,
+                 usage_errs[i], rdir);
+        CHECK(run_cmd(cmd) == 2, "run %s is a usage error (exit 2)", usage_errs[i]);
+    }
+    snprintf(path, sizeof path, "%s/never.json", rdir);
+    CHECK(access(path, F_OK) != 0, "no receipt written by a refused run");
 
     CHECK(rc_sha256_file(FIX "/model.bin", after, err, sizeof err) == 0, "%s", err);
     CHECK(!strcmp(before, after), "the fixture's weights are unchanged (sha256 %.16s...)", after);
