@@ -397,18 +397,15 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
             cJSON_AddItemToArray(grid, e);
         }
         /* which prompts a window could answer at all: the needle's first digit within its reach */
-        uint32_t reach_w = 0, reach_h = 0;
-        for (uint32_t t = 0; t < o.trials; t++) {
-            int32_t *pr = malloc(L * sizeof *pr), key[PK_KEY_DIGITS];
-            uint32_t needle;
-            if (!pr)
-                break;
+        uint32_t reach_w = 0, reach_h = 0, needle;
+        int32_t *pr = malloc(L * sizeof *pr), key[PK_KEY_DIGITS];
+        for (uint32_t t = 0; pr && t < o.trials; t++) {
             pk_prompt(L, o.seed + t, pr, key, &needle);
             uint32_t last = L - PK_KEY_DIGITS - 1;        /* the question's last token */
             reach_w += needle + o.hot + o.top_k > last;
             reach_h += needle + o.hot >= last;
-            free(pr);
         }
+        free(pr);
         printf("%s   (needle within the window's reach in %u, the hot window's in %u)\n", row, reach_w, reach_h);
         cJSON *reach = cJSON_CreateObject();
         cJSON_AddNumberToObject(reach, "length", L);

@@ -9,7 +9,8 @@
  *    order libkvarc needs (a layer's K/V appended, then its attention).
  * 3. The exact backend keeps K turned to its true position and V, in fp32
  *    (or rounded to fp16 first, to be compared with a lossless kvarc
- *    format bit for bit in what is stored); softmax in double.
+ *    format bit for bit in what is stored), token-major [t][kv head][hd],
+ *    and attends with the tools' tu_exact_attention (softmax in double).
  */
 #include "model.h"
 
@@ -22,6 +23,7 @@
 
 #include "kvarc_schema.h"
 #include "kvg.h"
+#include "toolutil.h"
 
 #define HEADER_U32 9
 
@@ -187,7 +189,7 @@ static int exact_layer(const pk_model *m, pk_attn *a, uint32_t l, const float *q
         return fail(err, len, "exact attention holds %llu tokens; the sequence is longer", (unsigned long long)a->cap);
     for (size_t h = 0; h < H; h++)
         for (uint32_t i = 0; i < n; i++) {
-            float *kd = a->kr[l] + (h * a->cap + base + i) * hd, *vd = a->v[l] + (h * a->cap + base + i) * hd;
+            float *kd = a->kr[l] + ((base + i) * H + h) * hd, *vd = a->v[l] + ((base + i) * H + h) * hd;
             const float *ks = k + (h * n + i) * hd, *vs = v + (h * n + i) * hd;
             if (a->mean_acc)
                 for (size_t j = 0; j < hd; j++) {
@@ -205,38 +207,14 @@ static int exact_layer(const pk_model *m, pk_attn *a, uint32_t l, const float *q
     if (!s)
         return fail(err, len, "out of memory for %llu logits", (unsigned long long)(base + n));
     float qr[256];
-    const double scale = 1.0 / sqrt((double)hd);
     for (uint32_t i = 0; i < n; i++) {
         const uint64_t p = base + i;
         const uint64_t lo = a->window && p + 1 > a->window ? p + 1 - a->window : 0;
         for (size_t hq = 0; hq < m->n_heads; hq++) {
-            const size_t h = hq / G;
             memcpy(qr, q + (hq * n + i) * hd, hd * 4);
             kvg_rope_apply(qr, (int)hd, (int)hd, 0, a->inv_freq, (double)p);
-            double mx = -INFINITY, sum = 0, acc[256] = { 0 };
-            for (uint64_t j = 0; j <= p; j++) {
-                if (j >= a->sinks && j < lo)
-                    continue;
-                const float *kj = a->kr[l] + (h * a->cap + j) * hd;
-                double dot = 0;
-                for (size_t x = 0; x < hd; x++)
-                    dot += (double)qr[x] * kj[x];
-                s[j] = dot * scale;
-                if (s[j] > mx)
-                    mx = s[j];
-            }
-            for (uint64_t j = 0; j <= p; j++) {
-                if (j >= a->sinks && j < lo)
-                    continue;
-                double w = exp(s[j] - mx);
-                sum += w;
-                const float *vj = a->v[l] + (h * a->cap + j) * hd;
-                for (size_t x = 0; x < hd; x++)
-                    acc[x] += w * vj[x];
-            }
-            float *o = out + (hq * n + i) * hd;
-            for (size_t x = 0; x < hd; x++)
-                o[x] = (float)(acc[x] / sum);
+            tu_exact_attention(a->kr[l], a->v[l], (int)H, (int)hd, qr, (int)(hq / G), p, a->sinks, lo,
+                               out + (hq * n + i) * hd, s);
         }
     }
     free(s);

@@ -50,7 +50,7 @@ typedef struct pk_attn {
     int          f16;                       /* exact: round K and V to fp16 as stored */
     uint32_t     n_layers;
     uint64_t     cap, *len;                 /* tokens held, per layer */
-    float      **kr, **v;                   /* [layer] -> [kv head][cap][hd] (K turned) */
+    float      **kr, **v;                   /* [layer] -> [cap][kv head][hd] (K turned) */
     double      *inv_freq;
     double      *mean_acc;                  /* NULL, or sums of pre-RoPE K, V: [layer][kv][2][hd] */
     /* kvarc */
