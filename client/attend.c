@@ -72,6 +72,19 @@ static void scratch_free(scratch *x)
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
 }
 
+/* The exact hot window [hot_lo, hot_lo + nh) of every head from the ring
+ * (keys turned when appended) into x.hot_k, x.hot_v. */
+static void gather_hot(const kvarc_conv *cv, const kl_layer *y, scratch *x, uint64_t hot_lo, uint64_t nh)
+{
+    const size_t d = cv->m.head_dim;
+    for (size_t h = 0; h < cv->m.n_kv_heads; h++)
+        for (uint64_t t = 0; t < nh; t++) {
+            size_t slot = (h * cv->ring + (hot_lo + t) % cv->ring) * d, dst = (h * nh + t) * d;
+            memcpy(x->hot_k + dst, y->ring_kr + slot, d * 4);
+            memcpy(x->hot_v + dst, y->ring_v + slot, d * 4);
+        }
+}
+
 /* Stage 2 for items [0, n) of the group: one RerankLayer, records resolved
  * from the reply or the cache into ret_rec. */
 static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *item_head, size_t n, size_t G,
@@ -224,13 +237,9 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         goto out;
     }
 
-    /* exact parts: the hot window at true positions; sinks per mode */
+    /* exact parts: sinks per mode; the hot window (at true positions) is
+     * gathered on the host only for the CPU path: the GPU reads its mirror */
     for (size_t h = 0; h < H; h++) {
-        for (uint64_t t = 0; t < nh; t++) {
-            size_t slot = (h * cv->ring + (hot_lo + t) % cv->ring) * d, dst = (h * nh + t) * d;
-            memcpy(x.hot_k + dst, y->ring_kr + slot, d * 4);     /* turned when appended */
-            memcpy(x.hot_v + dst, y->ring_v + slot, d * 4);
-        }
         for (uint64_t s = 0; s < ns; s++) {
             size_t src = (h * cv->o.sinks + s) * d, dst = (h * ns + s) * d;
             memcpy(x.sink_k + dst, y->sink_k + src, d * 4);
@@ -244,6 +253,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     if (cv->gpu && kl_gpu_ring_sync(cv, layer))
         kl_gpu_free(cv);                  /* the host ring is whole: the CPU path serves */
 #endif
+    int hot_gathered = 0;                 /* by the first query the CPU attends */
     for (uint32_t g0 = 0; g0 < n_q && !rc; g0 += (uint32_t)qb) {
         uint32_t gn = n_q - g0 < qb ? n_q - g0 : (uint32_t)qb;
         size_t n_items = (size_t)gn * H;
@@ -351,6 +361,10 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 kl_gpu_free(cv);          /* the device failed: this query and the rest on the CPU */
             on_gpu = cv->gpu != NULL;
 #endif
+            if (!on_gpu && !hot_gathered) {
+                gather_hot(cv, y, &x, hot_lo, nh);
+                hot_gathered = 1;
+            }
             if (!on_gpu && (rc = kvg_attend_ref(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
                 kl_fail(cv, rc, "attention on layer %u query %u: %s", layer, g0 + i, kvarc_strerror(rc));
                 break;

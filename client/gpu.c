@@ -57,6 +57,7 @@ struct kl_gpu {
     size_t     score_cap, scratch_cap, idx_cap;
     /* attention */
     cudaStream_t stream;
+    int        has_stream;
     float    **d_ring_kr, **d_ring_v;  /* [L] -> [H][ring][d] device, allocated at first use */
     uint64_t  *ring_synced;            /* [L] positions mirrored (invariant 4) */
     int       *host_registered;        /* [L] the host ring is page-locked */
@@ -82,19 +83,13 @@ int kl_gpu_init(kvarc_conv *cv)
     g->d_ring_v = calloc(g->nl, sizeof *g->d_ring_v);
     g->ring_synced = calloc(g->nl, sizeof *g->ring_synced);
     g->host_registered = calloc(g->nl, sizeof *g->host_registered);
+    cv->gpu = g;
     if (!g->bits || !g->scales || !g->cap || !g->d_ring_kr || !g->d_ring_v || !g->ring_synced ||
         !g->host_registered || cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess) {
-        free(g->bits);
-        free(g->scales);
-        free(g->cap);
-        free(g->d_ring_kr);
-        free(g->d_ring_v);
-        free(g->ring_synced);
-        free(g->host_registered);
-        free(g);
+        kl_gpu_free(cv);                   /* frees what a partial kl_gpu holds */
         return kl_fail(cv, -ENOMEM, "out of memory (or no CUDA stream)");
     }
-    cv->gpu = g;
+    g->has_stream = 1;
     return 0;
 }
 
@@ -103,7 +98,7 @@ void kl_gpu_free(kvarc_conv *cv)
     kl_gpu *g = cv->gpu;
     if (!g)
         return;
-    for (size_t i = 0; i < g->nl * g->nh; i++) {
+    for (size_t i = 0; g->bits && g->scales && g->cap && i < g->nl * g->nh; i++) {
         for (size_t c = 0; c < g->cap[i]; c++) {
             cudaFree(g->bits[i][c]);
             cudaFree(g->scales[i][c]);
@@ -117,8 +112,9 @@ void kl_gpu_free(kvarc_conv *cv)
     cudaFree(g->d_scores);
     cudaFree(g->d_idx);
     cudaFree(g->d_scratch);
-    cudaStreamSynchronize(g->stream);
-    for (size_t l = 0; l < g->nl; l++) {
+    if (g->has_stream)
+        cudaStreamSynchronize(g->stream);
+    for (size_t l = 0; g->d_ring_kr && g->d_ring_v && g->host_registered && l < g->nl; l++) {
         cudaFree(g->d_ring_kr[l]);
         cudaFree(g->d_ring_v[l]);
         if (g->host_registered[l]) {
@@ -128,7 +124,8 @@ void kl_gpu_free(kvarc_conv *cv)
     }
     cudaFreeHost(g->h_stage);
     cudaFree(g->d_stage);
-    cudaStreamDestroy(g->stream);
+    if (g->has_stream)
+        cudaStreamDestroy(g->stream);
     free(g->d_ring_kr);
     free(g->d_ring_v);
     free(g->ring_synced);
