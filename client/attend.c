@@ -13,6 +13,10 @@
  * combined) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
  * per query one exact softmax over [sinks][retrieved][hot up to itself]
  * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
+ * A record is decoded once per call (the `decoded` map): the queries of a
+ * prefill chunk retrieve mostly the same tokens, and a record always
+ * decodes to the same K and V (RoPE, which depends on the query, is
+ * applied to a copy).
  * With a GPU (gpu.c): stage 1 and that softmax run on the device (the hot
  * window from its VRAM mirror); any device failure drops to this CPU path
  * for good, mid-call included.
@@ -63,13 +67,44 @@ typedef struct scratch {
     float    *hot_v;         /* [H][nh][d] */
     float    *sink_v;        /* [H][ns][d] */
     posrec   *pr;            /* [kret] */
+    uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
+    uint32_t *dat;           /* [dslots] where that entry's K and V are */
+    float    *dk, *dv;       /* [dcap][d] decoded, pre-RoPE */
+    size_t    dcap, dslots, dn;
 } scratch;
+
+/* K and V of (head, pos) decoded from rec, through the call's map: decoded
+ * on the first use, copied after. When the map is full it starts over. */
+static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, uint64_t pos, const uint8_t *rec,
+                   float *k, float *v)
+{
+    uint64_t key = ((uint64_t)head << 48 | pos) + 1;
+    size_t i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 20) & (x->dslots - 1);
+    while (x->dkey[i] && x->dkey[i] != key)
+        i = (i + 1) & (x->dslots - 1);
+    if (!x->dkey[i]) {
+        if (x->dn == x->dcap) {
+            memset(x->dkey, 0, x->dslots * sizeof *x->dkey);
+            x->dn = 0;
+            i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 20) & (x->dslots - 1);
+        }
+        int rc = kvg_decode_ref(codec, rec, 1, x->dk + x->dn * d, x->dv + x->dn * d);
+        if (rc)
+            return rc;
+        x->dkey[i] = key;
+        x->dat[i] = (uint32_t)x->dn++;
+    }
+    memcpy(k, x->dk + (size_t)x->dat[i] * d, d * 4);
+    memcpy(v, x->dv + (size_t)x->dat[i] * d, d * 4);
+    return 0;
+}
 
 static void scratch_free(scratch *x)
 {
     free(x->scores); free(x->idx); free(x->tk_scratch); free(x->qsc); free(x->shortlist); free(x->have);
     free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
+    free(x->dkey); free(x->dat); free(x->dk); free(x->dv);
 }
 
 /* The exact hot window [hot_lo, hot_lo + nh) of every head from the ring
@@ -227,11 +262,18 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.qi = malloc(QH * d * 4);
     x.oi = malloc(QH * d * 4);
     x.pr = malloc((kret + 1) * sizeof *x.pr);
+    x.dcap = ni * kret < 4096 ? ni * kret + 1 : 4096;
+    for (x.dslots = 16; x.dslots < 2 * x.dcap; x.dslots *= 2)
+        ;
+    x.dkey = calloc(x.dslots, sizeof *x.dkey);
+    x.dat = malloc(x.dslots * sizeof *x.dat);
+    x.dk = malloc(x.dcap * d * 4);
+    x.dv = malloc(x.dcap * d * 4);
     uint32_t *item_head = malloc(ni * sizeof *item_head);
     kvg_query *qs = malloc(G * sizeof *qs);
     if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.shortlist || !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
-        !x.oi || !x.pr || !item_head || !qs) {
+        !x.oi || !x.pr || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
                      (unsigned long long)cold);
         goto out;
@@ -335,7 +377,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
                 for (size_t r = 0; r < kn && !rc; r++) {
                     float *kk = x.rk + (h * kret + r) * d, *vv = x.rv + (h * kret + r) * d;
-                    if ((rc = kvg_decode_ref(&codec, x.ret_rec + (it * kret + x.pr[r].j) * cv->rb, 1, kk, vv)))
+                    if ((rc = decoded(&x, &codec, d, h, x.pr[r].pos, x.ret_rec + (it * kret + x.pr[r].j) * cv->rb,
+                                      kk, vv)))
                         kl_fail(cv, rc, "decoding a record of layer %u: %s", layer, kvarc_strerror(rc));
                     double p = remap ? (double)hot_lo - (double)kn + (double)r : (double)x.pr[r].pos;
                     kvg_rope_apply(kk, (int)d, rot, lay, cv->inv_freq, p);

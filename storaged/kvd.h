@@ -183,6 +183,28 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
                 int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
                 float *score_out, uint8_t *rec_out, kvd_err *err);
 
+/* Many stage-2 reranks of one layer at once (a prefill chunk's queries,
+ * every KV head): each item's answer equals kvd_rerank's bit for bit, but
+ * a record that several items of the same head list is read and verified
+ * once (consecutive queries' shortlists overlap most). Items of a head are
+ * taken in passes of at most KVD_RERANK_PASS shortlist entries, so memory
+ * stays bounded. Returns 0 or the first error; item.got is each count. */
+#define KVD_RERANK_PASS 65536
+typedef struct kvd_rerank_item {
+    uint32_t        head;
+    const float    *q;           /* [n_q][head_dim], fp32 */
+    int             n_q;         /* 1..64 */
+    const uint64_t *shortlist;   /* [n] */
+    size_t          n;
+    size_t          top_k;
+    uint64_t       *pos_out;     /* [top_k], best first */
+    float          *score_out;   /* [top_k], may be NULL */
+    uint8_t        *rec_out;     /* [top_k][record_bytes], may be NULL */
+    long            got;         /* out: how many of top_k */
+} kvd_rerank_item;
+int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_item *items, size_t n_items,
+                     kvd_err *err);
+
 /* ---- maintenance ------------------------------------------------------ */
 
 typedef struct kvd_stats {

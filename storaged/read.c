@@ -417,60 +417,150 @@ int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
     return rc;
 }
 
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Index of p in the ascending u[n] (p is there). */
+static size_t u64_find(const uint64_t *u, size_t n, uint64_t p)
+{
+    size_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (u[mid] <= p)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* One pass of kvd_rerank_batch: items it[0..n) (all of one head), whose
+ * shortlists hold `total` entries: the union read once, then each item
+ * scored on its own shortlist's records, in its own order. */
+static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_rec *info, const kvg_codec *c,
+                       kvd_rerank_item **it, size_t n, size_t total, kvd_err *err)
+{
+    const int rb = kvarc_record_bytes(info->shape.format, (int)info->shape.head_dim);
+    size_t most = 0;
+    for (size_t i = 0; i < n; i++)
+        most = it[i]->n > most ? it[i]->n : most;
+    uint64_t *u = malloc((total + 1) * 8);
+    uint8_t *urec = malloc(total * (size_t)rb + 1), *recs = malloc(most * (size_t)rb + 1);
+    float *sc = malloc((most + 1) * sizeof *sc);
+    uint32_t *sel = malloc((most + 1) * sizeof *sel);
+    int rc = 0;
+    if (!u || !urec || !recs || !sc || !sel) {
+        rc = kvd_fail(err, -ENOMEM, "out of memory for a rerank of %zu shortlist entries", total);
+        goto done;
+    }
+    size_t nu = 0;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(u + nu, it[i]->shortlist, it[i]->n * 8);
+        nu += it[i]->n;
+    }
+    qsort(u, nu, 8, u64_cmp);
+    size_t w = 0;
+    for (size_t j = 0; j < nu; j++)
+        if (!w || u[j] != u[w - 1])
+            u[w++] = u[j];
+    nu = w;
+    if ((rc = kvd_read_records(r, conv, layer, it[0]->head, u, nu, urec, err)))
+        goto done;
+    for (size_t i = 0; i < n; i++) {
+        kvd_rerank_item *x = it[i];
+        for (size_t j = 0; j < x->n; j++)
+            memcpy(recs + j * (size_t)rb, urec + u64_find(u, nu, x->shortlist[j]) * (size_t)rb, (size_t)rb);
+        if ((rc = kvg_key_scores_ref(c, x->q, x->n_q, recs, x->n, sc))) {
+            kvd_fail(err, rc, "scoring the shortlist: %s", kvarc_strerror(rc));
+            goto done;
+        }
+        size_t k = x->top_k < x->n ? x->top_k : x->n;
+        x->got = kvg_topk_ref(sc, x->n, k, sel, NULL, NULL);
+        for (long j = 0; j < x->got; j++) {
+            x->pos_out[j] = x->shortlist[sel[j]];
+            if (x->score_out)
+                x->score_out[j] = sc[sel[j]];
+            if (x->rec_out)
+                memcpy(x->rec_out + (size_t)j * rb, recs + (size_t)sel[j] * rb, (size_t)rb);
+        }
+    }
+done:
+    free(u);
+    free(urec);
+    free(recs);
+    free(sc);
+    free(sel);
+    return rc;
+}
+
+int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_item *items, size_t n_items,
+                     kvd_err *err)
+{
+    conv_rec info;
+    int rc = 0;
+    for (size_t i = 0; i < n_items; i++) {
+        kvd_rerank_item *x = &items[i];
+        x->got = 0;
+        if ((rc = check_target(r->e, conv, layer, x->head, &info, err)))
+            return rc;
+        int d = (int)info.shape.head_dim;
+        if (!x->q || x->n_q < 1 || x->n_q > 64)
+            return kvd_fail(err, -EINVAL, "rerank needs 1..64 queries of head_dim %d", d);
+        for (size_t j = 0; j < (size_t)x->n_q * (size_t)d; j++)
+            if (!isfinite(x->q[j]))
+                return kvd_fail(err, KVARC_ENONFINITE, "query element %zu is NaN or Inf", j);
+        if (x->n && x->top_k && (!x->shortlist || !x->pos_out))
+            return kvd_fail(err, -EINVAL, "rerank needs a shortlist and room for the positions");
+    }
+    if (n_items == 0)
+        return 0;
+    const int d = (int)info.shape.head_dim;
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, info.shape.seed);
+    kvd_rerank_item **pass = malloc(n_items * sizeof *pass);
+    if (!pass)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    for (uint32_t h = 0; h < info.shape.n_kv_heads && !rc; h++) {
+        float mu_k[KVARC_HEAD_DIM_MAX];
+        int have_mu = 0;
+        size_t np = 0, total = 0;
+        for (size_t i = 0; i <= n_items && !rc; i++) {
+            kvd_rerank_item *x = i < n_items ? &items[i] : NULL;
+            int mine = x && x->head == h && x->n && x->top_k;
+            if (np && (!x || (mine && total + x->n > KVD_RERANK_PASS))) {
+                if (!have_mu && !(rc = kvd_conv_means(r->e, conv, layer, h, mu_k, NULL, err)))
+                    have_mu = 1;
+                kvg_codec c = { info.shape.format, &rot, mu_k, NULL };
+                if (!rc)
+                    rc = rerank_pass(r, conv, layer, &info, &c, pass, np, total, err);
+                np = total = 0;
+            }
+            if (mine) {
+                pass[np++] = x;
+                total += x->n;
+            }
+        }
+    }
+    free(pass);
+    return rc;
+}
+
 long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const float *q,
                 int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
                 float *score_out, uint8_t *rec_out, kvd_err *err)
 {
-    conv_rec info;
-    int rc = check_target(r->e, conv, layer, head, &info, err);
-    if (rc)
-        return rc;
-    int d = (int)info.shape.head_dim;
-    if (!q || n_q < 1 || n_q > 64)
-        return kvd_fail(err, -EINVAL, "rerank needs 1..64 queries of head_dim %d", d);
-    for (size_t i = 0; i < (size_t)n_q * (size_t)d; i++)
-        if (!isfinite(q[i]))
-            return kvd_fail(err, KVARC_ENONFINITE, "query element %zu is NaN or Inf", i);
-    if (top_k > n)
-        top_k = n;
-    if (top_k == 0)
-        return 0;
-    if (!shortlist)
-        return kvd_fail(err, -EINVAL, "rerank needs a shortlist");
-    int rb = kvarc_record_bytes(info.shape.format, d);
-    uint8_t *recs = malloc(n * (size_t)rb);
-    float *sc = malloc(n * sizeof(float));
-    uint32_t *sel = malloc(top_k * sizeof *sel);
-    float mu_k[KVARC_HEAD_DIM_MAX];
-    long out = 0;
-    if (!recs || !sc || !sel) {
-        out = kvd_fail(err, -ENOMEM, "out of memory for a shortlist of %zu", n);
-        goto done;
+    uint64_t scratch[1];
+    kvd_rerank_item x = { head, q, n_q, shortlist, n, top_k, pos_out ? pos_out : scratch, score_out, rec_out, 0 };
+    if (!pos_out && top_k > 1 && n > 1) {      /* positions are needed to pick the records */
+        x.pos_out = malloc((top_k < n ? top_k : n) * 8);
+        if (!x.pos_out)
+            return kvd_fail(err, -ENOMEM, "out of memory");
     }
-    if ((rc = kvd_read_records(r, conv, layer, head, shortlist, n, recs, err)) ||
-        (rc = kvd_conv_means(r->e, conv, layer, head, mu_k, NULL, err))) {
-        out = rc;
-        goto done;
-    }
-    kvarc_rotation rot;
-    kvarc_rotation_init(&rot, d, info.shape.seed);
-    kvg_codec c = { info.shape.format, &rot, mu_k, NULL };
-    if ((rc = kvg_key_scores_ref(&c, q, n_q, recs, n, sc))) {
-        out = kvd_fail(err, rc, "scoring the shortlist: %s", kvarc_strerror(rc));
-        goto done;
-    }
-    out = kvg_topk_ref(sc, n, top_k, sel, NULL, NULL);
-    for (long i = 0; i < out; i++) {
-        if (pos_out)
-            pos_out[i] = shortlist[sel[i]];
-        if (score_out)
-            score_out[i] = sc[sel[i]];
-        if (rec_out)
-            memcpy(rec_out + (size_t)i * rb, recs + (size_t)sel[i] * rb, (size_t)rb);
-    }
-done:
-    free(recs);
-    free(sc);
-    free(sel);
-    return out;
+    int rc = kvd_rerank_batch(r, conv, layer, &x, 1, err);
+    if (x.pos_out != pos_out && x.pos_out != scratch)
+        free(x.pos_out);
+    return rc ? rc : x.got;
 }

@@ -635,7 +635,7 @@ static int u64_in(const uint64_t *v, size_t n, uint64_t x)
 
 #define RERANK_LAYER_ITEMS 8192
 
-/* RerankLayer: every item's exact top_k (kvd_rerank without records), then
+/* RerankLayer: every item's exact top_k (kvd_rerank_batch), then
  * the records not held by the client nor already sent for that head. The
  * reply's records stay under MAX_REPLY_RECORD_BYTES. */
 static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
@@ -665,7 +665,8 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
                           "reply limit: split it", total_k, total_k * rb, MAX_REPLY_RECORD_BYTES);
     }
     Kvarc__V1__RerankResult *res = NULL, **resp = NULL;
-    uint64_t *pos = NULL, *want = NULL, *seen = NULL;   /* seen: open-addressing set of (head, pos) + 1 */
+    kvd_rerank_item *ri = NULL;
+    uint64_t *pos = NULL, *seen = NULL;   /* seen: open-addressing set of (head, pos) + 1 */
     float *sc = NULL;
     protobuf_c_boolean *sent = NULL;
     uint8_t *recs = NULL;
@@ -673,22 +674,28 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
     while (nseen < 2 * total_k)
         nseen *= 2;
     if (!rc && !((res = calloc(n + 1, sizeof *res)) && (resp = calloc(n + 1, sizeof *resp)) &&
-                 (pos = malloc((total_k + 1) * 8)) && (want = malloc((total_k + 1) * 8)) &&
+                 (ri = calloc(n + 1, sizeof *ri)) && (pos = malloc((total_k + 1) * 8)) &&
                  (seen = calloc(nseen, 8)) && (sc = malloc((total_k + 1) * 4)) &&
                  (sent = malloc((total_k + 1) * sizeof *sent)) && (recs = malloc(total_k * rb + 1))))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
+    /* every item's top_k with its records (kvd_rerank_batch reads a record
+     * that several items list once), then only the records not held by the
+     * client nor sent earlier in this reply for the same head, compacted in
+     * place (an item's kept records never move past its own slice) */
+    for (size_t i = 0, off = 0; !rc && i < n; i++) {
+        Kvarc__V1__RerankItem *it = req->items[i];
+        size_t k = it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
+        ri[i] = (kvd_rerank_item){ it->head, it->query, (int)it->n_queries, it->shortlist, it->n_shortlist, k,
+                                   pos + off, sc + off, recs + off * rb, 0 };
+        off += k;
+    }
+    if (!rc)
+        rc = kvd_rerank_batch(c->w->reader, req->conv, req->layer, ri, n, err);
     size_t off = 0, rec_off = 0;
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__RerankItem *it = req->items[i];
-        size_t k = it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
-        long got = kvd_rerank(c->w->reader, req->conv, req->layer, it->head, it->query, (int)it->n_queries,
-                              it->shortlist, it->n_shortlist, k, pos + off, sc + off, NULL, err);
-        if (got < 0) {
-            rc = (int)got;
-            break;
-        }
-        size_t nw = 0;
-        for (long j = 0; j < got; j++) {
+        size_t start = rec_off;
+        for (long j = 0; j < ri[i].got; j++) {
             uint64_t p = pos[off + (size_t)j];
             int dup = u64_in(it->have, it->n_have, p);
             if (!dup) {        /* sent earlier in this reply for the same head? */
@@ -700,22 +707,20 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
                 seen[h] = key;
             }
             sent[off + (size_t)j] = !dup;
-            if (!dup)
-                want[nw++] = p;
+            if (!dup) {
+                memmove(recs + rec_off, ri[i].rec_out + (size_t)j * rb, rb);
+                rec_off += rb;
+            }
         }
-        if (nw && (rc = kvd_read_records(c->w->reader, req->conv, req->layer, it->head, want, nw, recs + rec_off,
-                                         err)))
-            break;
         kvarc__v1__rerank_result__init(&res[i]);
-        res[i].n_positions = res[i].n_scores = res[i].n_sent = (size_t)got;
+        res[i].n_positions = res[i].n_scores = res[i].n_sent = (size_t)ri[i].got;
         res[i].positions = pos + off;
         res[i].scores = sc + off;
         res[i].sent = sent + off;
-        res[i].records.data = recs + rec_off;
-        res[i].records.len = nw * rb;
+        res[i].records.data = recs + start;
+        res[i].records.len = rec_off - start;
         resp[i] = &res[i];
-        off += (size_t)got;
-        rec_off += nw * rb;
+        off += it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
     }
     if (!rc) {
         Kvarc__V1__RerankLayerReply r = KVARC__V1__RERANK_LAYER_REPLY__INIT;
@@ -725,7 +730,7 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
         *out = pack(&r.base);
     }
     kvarc__v1__rerank_layer_request__free_unpacked(req, NULL);
-    free(res); free(resp); free(pos); free(want); free(seen); free(sc); free(sent); free(recs);
+    free(res); free(resp); free(ri); free(pos); free(seen); free(sc); free(sent); free(recs);
     return rc;
 }
 

@@ -3,7 +3,9 @@
  * returns the top_k by exact q.k of the decoded keys (equal to computing it
  * here from kvg_decode_ref), best first, with their records; a planted
  * needle comes first; GQA takes the max over the group's queries; bad
- * queries are refused. */
+ * queries are refused. kvd_rerank_batch (many items, two heads, shortlists
+ * that overlap, repeat positions and span more than one read pass) gives
+ * every item the answer of its own reference computation, bit for bit. */
 #include <errno.h>
 
 #include "engine_util.h"
@@ -11,6 +13,122 @@
 
 #define N 2048
 #define D 128
+#define ITEMS 48
+
+/* The reference for one item: its shortlist's records gathered from the
+ * archived ones (recs[head][N]), scored, top_k picked. Returns the count. */
+static long ref_rerank(const kvg_codec *c, const uint8_t *recs, const float *q, int n_q, const uint64_t *sl,
+                       size_t n, size_t k, uint64_t *pos, float *sc, uint8_t *out)
+{
+    uint8_t *g = malloc(n * 104 + 1);
+    float *all = malloc((n + 1) * sizeof *all);
+    uint32_t *idx = malloc((k + 1) * sizeof *idx);
+    for (size_t i = 0; i < n; i++)
+        memcpy(g + i * 104, recs + sl[i] * 104, 104);
+    long got = kvg_key_scores_ref(c, q, n_q, g, n, all) ? -1 : kvg_topk_ref(all, n, k < n ? k : n, idx, NULL, NULL);
+    for (long i = 0; i < got; i++) {
+        pos[i] = sl[idx[i]];
+        sc[i] = all[idx[i]];
+        memcpy(out + i * 104, g + idx[i] * 104, 104);
+    }
+    free(g);
+    free(all);
+    free(idx);
+    return got;
+}
+
+/* kvd_rerank_batch on a 2-head conversation of real keys. */
+static void batch_case(kvd_engine *e, kvd_reader *r)
+{
+    kvd_err err = { 0 };
+    kvd_shape s = eu_shape(1, 2, KVARC_FMT_Q3);
+    tu_rng rng = { 4242 };
+    float *k = malloc(sizeof(float) * N * D), *v = malloc(sizeof(float) * N * D), means[2 * 2 * D];
+    for (int i = 0; i < 2 * 2 * D; i++)
+        means[i] = 0.1f * tu_gauss(&rng);
+    kvd_conv_info ci;
+    CHECK_RC(kvd_conv_create(e, "r", "batch", &s, means, &ci, &err), 0);
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, D, s.seed);
+    uint8_t *rec = malloc((size_t)2 * N * 104), *bits = malloc((size_t)2 * N * D / 8);
+    uint16_t *ss = malloc((size_t)2 * N * 2);
+    kvg_codec c[2];
+    for (int h = 0; h < 2; h++) {
+        c[h] = (kvg_codec){ KVARC_FMT_Q3, &rot, means + h * 2 * D, means + h * 2 * D + D };
+        tu_keys_outliers(&rng, k, N, D);
+        for (int i = 0; i < N * D; i++)
+            v[i] = tu_gauss(&rng);
+        CHECK_RC(kvg_encode_ref(&c[h], KVARC_DTYPE_F32, k, v, N, rec + (size_t)h * N * 104,
+                                bits + (size_t)h * N * D / 8, ss + (size_t)h * N, NULL), 0);
+    }
+    /* blocks of 256: [head][256] slices of the per-head arrays */
+    uint8_t *brec = malloc(2 * 256 * 104), *bbits = malloc(2 * 256 * D / 8);
+    uint16_t *bss = malloc(2 * 256 * 2);
+    for (int b = 0; b < N; b += 256) {
+        for (int h = 0; h < 2; h++) {
+            memcpy(brec + h * 256 * 104, rec + ((size_t)h * N + b) * 104, 256 * 104);
+            memcpy(bbits + h * 256 * D / 8, bits + ((size_t)h * N + b) * D / 8, 256 * D / 8);
+            memcpy(bss + h * 256, ss + (size_t)h * N + b, 256 * 2);
+        }
+        CHECK_RC(kvd_append(e, ci.id, 0, (uint64_t)b, 256, bbits, bss, brec, &err), 0);
+    }
+    /* items: heads interleaved, a sliding shortlist (neighbours overlap by
+     * most), some with repeats, varying n_q and top_k; the 40th and later
+     * list 34000 positions (each many times) so each head needs passes */
+    kvd_rerank_item it[ITEMS];
+    uint64_t *sl[ITEMS], *pos[ITEMS];
+    float *q[ITEMS], *sc[ITEMS];
+    uint8_t *out[ITEMS];
+    for (int i = 0; i < ITEMS; i++) {
+        size_t n = i >= 40 ? 34000 : 300 + (size_t)(i % 7) * 40, kk = 1 + (size_t)(i * 13) % 80;
+        int nq = 1 + i % 4;
+        sl[i] = malloc(n * 8);
+        pos[i] = malloc(kk * 8);
+        sc[i] = malloc(kk * 4);
+        out[i] = malloc(kk * 104);
+        q[i] = malloc((size_t)nq * D * 4);
+        for (size_t j = 0; j < n; j++)
+            sl[i][j] = i >= 40 ? (j * 7 + (size_t)i) % N : ((size_t)i * 23 + j * 3) % N;
+        if (i % 5 == 0)
+            sl[i][n - 1] = sl[i][0];            /* a position listed twice */
+        for (int j = 0; j < nq * D; j++)
+            q[i][j] = tu_gauss(&rng);
+        it[i] = (kvd_rerank_item){ (uint32_t)(i % 3 == 0), q[i], nq, sl[i], n, kk, pos[i], sc[i], out[i], -1 };
+    }
+    size_t per_head[2] = { 0, 0 };
+    for (int i = 0; i < ITEMS; i++)
+        per_head[it[i].head] += it[i].n;
+    CHECK(per_head[0] > KVD_RERANK_PASS && per_head[1] > KVD_RERANK_PASS, "the case spans read passes");
+    CHECK_RC(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err), 0);
+    int same = 1;
+    for (int i = 0; i < ITEMS; i++) {
+        uint64_t rp[80];
+        float rs[80];
+        uint8_t ro[80 * 104];
+        long want = ref_rerank(&c[it[i].head], rec + (size_t)it[i].head * N * 104, q[i], it[i].n_q, sl[i],
+                               it[i].n, it[i].top_k, rp, rs, ro);
+        int ok = want == it[i].got;
+        for (long j = 0; ok && j < want; j++)
+            ok = rp[j] == pos[i][j] && rs[j] == sc[i][j] && !memcmp(ro + j * 104, out[i] + j * 104, 104);
+        if (!ok)
+            fprintf(stderr, "item %d (head %u, %zu -> %zu): differs from its reference\n", i, it[i].head,
+                    it[i].n, it[i].top_k);
+        same &= ok;
+    }
+    CHECK(same, "every item of the batch equals its reference");
+    /* a bad item refuses the whole batch, naming what is wrong */
+    sl[3][1] = N + 5;
+    CHECK(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err) == -ERANGE && strstr(err.msg, "past the end"),
+          "a position past the end is refused: %s", err.msg);
+    sl[3][1] = 0;
+    it[5].head = 2;
+    CHECK(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err) == -EINVAL && strstr(err.msg, "kv head 2"),
+          "a head out of range is refused: %s", err.msg);
+    for (int i = 0; i < ITEMS; i++) {
+        free(sl[i]); free(pos[i]); free(sc[i]); free(out[i]); free(q[i]);
+    }
+    free(k); free(v); free(rec); free(bits); free(ss); free(brec); free(bbits); free(bss);
+}
 
 int main(void)
 {
@@ -99,6 +217,7 @@ int main(void)
     sl[7] = N;
     CHECK(kvd_rerank(r, ci.id, 0, 0, q, 1, sl, 512, 16, pos, sc, out, &err) == -ERANGE, "past the end");
     CHECK(kvd_rerank(r, ci.id, 0, 0, q, 1, sl, 0, 16, pos, sc, out, &err) == 0, "empty shortlist");
+    batch_case(e, r);
     kvd_reader_close(r);
     kvd_close(e);
     free(k); free(v); free(rec); free(bits); free(ss); free(kd);

@@ -8,7 +8,9 @@
  *     connections are refused meanwhile; the daemon exits 0.
  *  3. a stream left idle past a short grace period is cancelled, the
  *     daemon still exits 0, and the blocks it had received are durable. */
+#include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 
 #include "kvarcd_util.h"
 
@@ -100,20 +102,71 @@ static pid_t spawn_writer(const char *self, int mode, uint64_t id, uint64_t tag,
     return pid;
 }
 
-/* The last length a writer acknowledged (reads its pipe to the end). */
-static uint64_t last_acked(int fd)
-{
-    uint64_t v, last = 0;
-    while (read(fd, &v, sizeof v) == sizeof v)
-        last = v;
-    close(fd);
-    return last;
-}
-
 static void sleep_ms(int ms)
 {
     struct timespec d = { ms / 1000, (long)(ms % 1000) * 1000000 };
     nanosleep(&d, NULL);
+}
+
+/* The last length a writer acknowledged: *last updated from its pipe to
+ * the end (the writer has exited). */
+static void read_acked(int fd, uint64_t *last)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof v) == sizeof v)
+        *last = v;
+    close(fd);
+}
+
+/* Wait until each writer has acknowledged at least `want` tokens (or ms
+ * pass), keeping the lengths read in acked[]. A fixed sleep is not enough:
+ * on a loaded machine (CI runs the suite in parallel) two writers starting
+ * up may not get an append through in 700 ms. 0 when both got there. */
+static int wait_acked(const int fd[2], uint64_t acked[2], uint64_t want, int ms)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (acked[0] >= want && acked[1] >= want)
+            return 0;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        int left = ms - (int)((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000);
+        if (left <= 0)
+            return -1;
+        struct pollfd pf[2] = { { fd[0], POLLIN, 0 }, { fd[1], POLLIN, 0 } };
+        if (poll(pf, 2, left) < 0 && errno != EINTR)
+            return -1;
+        for (int i = 0; i < 2; i++) {
+            if (pf[i].revents & POLLIN) {
+                uint64_t v;
+                if (read(fd[i], &v, sizeof v) == sizeof v)
+                    acked[i] = v;
+            } else if (pf[i].revents & (POLLHUP | POLLERR)) {
+                return -1;      /* a writer ended before the daemon was killed */
+            }
+        }
+    }
+}
+
+/* Poll for ms until a new connection's Health is refused: 0 once it is. */
+static int wait_refused(int ms)
+{
+    char msg[256];
+    for (int t = 0; t < ms; t += 50) {
+        kvc_conn *late;
+        if (kvc_connect(dir, &late))
+            return 0;
+        Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+        ProtobufCMessage *rep = NULL;
+        int rc = kvc_call(late, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg);
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
+        kvc_close(late);
+        if (rc != 0)
+            return 0;
+        sleep_ms(50);
+    }
+    return -1;
 }
 
 int main(int argc, char **argv)
@@ -140,11 +193,18 @@ int main(int argc, char **argv)
     }
     int fd_u, fd_s;
     pid_t wu = spawn_writer(argv[0], 0, unary, 11, &fd_u), ws = spawn_writer(argv[0], 1, streamed, 12, &fd_s);
-    sleep_ms(700);
+    int fds[2] = { fd_u, fd_s };
+    uint64_t acked[2] = { 0, 0 };
+    /* kill once both have appends through and are still writing */
+    CHECK(wait_acked(fds, acked, 3 * BLOCK, 30000) == 0, "both writers had 3 blocks acknowledged within 30 s (%llu, %llu)",
+          (unsigned long long)acked[0], (unsigned long long)acked[1]);
+    sleep_ms(150);
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
     CHECK(wait_exit(wu, 20000) == 0 && wait_exit(ws, 20000) == 0, "writers end when the daemon dies");
-    uint64_t acked_u = last_acked(fd_u), acked_s = last_acked(fd_s);
+    read_acked(fd_u, &acked[0]);
+    read_acked(fd_s, &acked[1]);
+    uint64_t acked_u = acked[0], acked_s = acked[1];
     CHECK(acked_u > 0 && acked_s > 0, "both writers had appends acknowledged (%llu, %llu)",
           (unsigned long long)acked_u, (unsigned long long)acked_s);
     pid = start_daemon();
@@ -170,14 +230,7 @@ int main(int argc, char **argv)
     CHECK_RC(stream_block(st, g, 1, 13, 0), 0);
     sleep_ms(100);
     kill(pid, SIGTERM);
-    sleep_ms(300);
-    kvc_conn *late;
-    CHECK_RC(kvc_connect(dir, &late), 0);
-    Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
-    ProtobufCMessage *rep = NULL;
-    CHECK(kvc_call(late, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg) != 0,
-          "a new connection is refused while shutting down");
-    kvc_close(late);
+    CHECK(wait_refused(10000) == 0, "a new connection is refused while shutting down");
     CHECK_RC(stream_block(st, g, 2, 13, 0), 0);
     CHECK_RC(stream_end(st, &len, &blocks, msg), GRPC_STATUS_OK);
     CHECK(len == 3 * BLOCK && blocks == 3, "the in-flight stream completed: %llu tokens, %llu blocks",
@@ -195,7 +248,14 @@ int main(int argc, char **argv)
     CHECK_RC(kvc_stream_open(c, "AppendStream", 10000, &st), 0);
     CHECK_RC(stream_block(st, idle, 0, 14, 0), 0);
     CHECK_RC(stream_block(st, idle, 1, 14, 0), 0);
-    sleep_ms(200);
+    /* SIGTERM only once the daemon has made both blocks durable (Stat on
+     * another connection), so what is checked below does not race it */
+    kvc_conn *probe;
+    CHECK_RC(kvc_connect(dir, &probe), 0);
+    for (int t = 0; t < 10000 && layer0_length(probe, idle) != 2 * BLOCK; t += 20)
+        sleep_ms(20);
+    CHECK(layer0_length(probe, idle) == 2 * BLOCK, "the idle stream's two blocks were appended before SIGTERM");
+    kvc_close(probe);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     kill(pid, SIGTERM);
