@@ -456,17 +456,40 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
         rc = kvd_fail(err, -ENOMEM, "out of memory for a rerank of %zu shortlist entries", total);
         goto done;
     }
+    /* the union, ascending (reads resolve extents in order): a bitmap over
+     * [lo, hi] when that range is small against the entries (a chunk's
+     * shortlists: 32K entries within a few thousand positions), else sort */
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < it[i]->n; j++) {
+            uint64_t p = it[i]->shortlist[j];
+            lo = p < lo ? p : lo;
+            hi = p > hi ? p : hi;
+        }
     size_t nu = 0;
-    for (size_t i = 0; i < n; i++) {
-        memcpy(u + nu, it[i]->shortlist, it[i]->n * 8);
-        nu += it[i]->n;
+    uint64_t *bm = hi - lo < 64 * (uint64_t)total ? calloc((size_t)((hi - lo) / 64 + 1), 8) : NULL;
+    if (bm) {
+        for (size_t i = 0; i < n; i++)
+            for (size_t j = 0; j < it[i]->n; j++) {
+                uint64_t o = it[i]->shortlist[j] - lo;
+                bm[o / 64] |= 1ull << (o % 64);
+            }
+        for (size_t wd = 0; wd <= (hi - lo) / 64; wd++)
+            for (uint64_t b = bm[wd]; b; b &= b - 1)
+                u[nu++] = lo + wd * 64 + (uint64_t)__builtin_ctzll(b);
+        free(bm);
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            memcpy(u + nu, it[i]->shortlist, it[i]->n * 8);
+            nu += it[i]->n;
+        }
+        qsort(u, nu, 8, u64_cmp);
+        size_t w = 0;
+        for (size_t j = 0; j < nu; j++)
+            if (!w || u[j] != u[w - 1])
+                u[w++] = u[j];
+        nu = w;
     }
-    qsort(u, nu, 8, u64_cmp);
-    size_t w = 0;
-    for (size_t j = 0; j < nu; j++)
-        if (!w || u[j] != u[w - 1])
-            u[w++] = u[j];
-    nu = w;
     if ((rc = kvd_read_records(r, conv, layer, it[0]->head, u, nu, urec, err)))
         goto done;
     for (size_t i = 0; i < n; i++) {

@@ -37,6 +37,28 @@ static long ref_rerank(const kvg_codec *c, const uint8_t *recs, const float *q, 
     return got;
 }
 
+/* Each item of a finished batch against ref_rerank (recs[head][N]). */
+static int same_as_ref(const kvg_codec *c, const uint8_t *recs, const kvd_rerank_item *it, int n)
+{
+    int same = 1;
+    for (int i = 0; i < n; i++) {
+        uint64_t rp[80];
+        float rs[80];
+        uint8_t ro[80 * 104];
+        long want = ref_rerank(&c[it[i].head], recs + (size_t)it[i].head * N * 104, it[i].q, it[i].n_q,
+                               it[i].shortlist, it[i].n, it[i].top_k, rp, rs, ro);
+        int ok = want == it[i].got;
+        for (long j = 0; ok && j < want; j++)
+            ok = rp[j] == it[i].pos_out[j] && rs[j] == it[i].score_out[j] &&
+                 !memcmp(ro + j * 104, it[i].rec_out + j * 104, 104);
+        if (!ok)
+            fprintf(stderr, "item %d (head %u, %zu -> %zu): differs from its reference\n", i, it[i].head,
+                    it[i].n, it[i].top_k);
+        same &= ok;
+    }
+    return same;
+}
+
 /* kvd_rerank_batch on a 2-head conversation of real keys. */
 static void batch_case(kvd_engine *e, kvd_reader *r)
 {
@@ -100,22 +122,20 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
         per_head[it[i].head] += it[i].n;
     CHECK(per_head[0] > KVD_RERANK_PASS && per_head[1] > KVD_RERANK_PASS, "the case spans read passes");
     CHECK_RC(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err), 0);
-    int same = 1;
-    for (int i = 0; i < ITEMS; i++) {
-        uint64_t rp[80];
-        float rs[80];
-        uint8_t ro[80 * 104];
-        long want = ref_rerank(&c[it[i].head], rec + (size_t)it[i].head * N * 104, q[i], it[i].n_q, sl[i],
-                               it[i].n, it[i].top_k, rp, rs, ro);
-        int ok = want == it[i].got;
-        for (long j = 0; ok && j < want; j++)
-            ok = rp[j] == pos[i][j] && rs[j] == sc[i][j] && !memcmp(ro + j * 104, out[i] + j * 104, 104);
-        if (!ok)
-            fprintf(stderr, "item %d (head %u, %zu -> %zu): differs from its reference\n", i, it[i].head,
-                    it[i].n, it[i].top_k);
-        same &= ok;
+    CHECK(same_as_ref(c, rec, it, ITEMS), "every item of the batch equals its reference");
+    /* a sparse batch: positions far apart, so the union is sorted rather
+     * than mapped by a bitmap */
+    kvd_rerank_item sp[2];
+    uint64_t ssl[2][16], spos[2][5];
+    float ssc[2][5];
+    uint8_t sout[2][5 * 104];
+    for (int i = 0; i < 2; i++) {
+        for (int j = 0; j < 16; j++)
+            ssl[i][j] = (uint64_t)(j * 127 + i * 5) % N;
+        sp[i] = (kvd_rerank_item){ (uint32_t)i, q[i], 1, ssl[i], 16, 5, spos[i], ssc[i], sout[i], -1 };
     }
-    CHECK(same, "every item of the batch equals its reference");
+    CHECK_RC(kvd_rerank_batch(r, ci.id, 0, sp, 2, &err), 0);
+    CHECK(same_as_ref(c, rec, sp, 2), "a sparse batch equals its reference");
     /* a bad item refuses the whole batch, naming what is wrong */
     sl[3][1] = N + 5;
     CHECK(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err) == -ERANGE && strstr(err.msg, "past the end"),

@@ -397,7 +397,7 @@ int main(int argc, char **argv)
             CHECK_RC(rpc_append(c, base, l, b * 20, 20, 50, 0, NULL, msg), 0);
     for (int p = 0; p < 4; p++)
         if (fork() == 0) {
-            char pn[8];
+            char pn[16];
             snprintf(pn, sizeof pn, "%d", p);
             execl(self, self, "--client", pn, dir, (char *)NULL);
             _exit(127);

@@ -242,5 +242,14 @@ int main(void)
     kvc_close(untrusted);
     kvc_close(tanon);
     stop(pid);
+    if (!tu_failures && !getenv("KEEP")) {     /* the data directory and its side files */
+        const char *side[] = { "log", "tokens", "loose", "bad", "crt", "key", "other.crt", "other.key" };
+        for (size_t i = 0; i < sizeof side / sizeof *side; i++) {
+            char p[320];
+            snprintf(p, sizeof p, "%s.%s", dir, side[i]);
+            unlink(p);
+        }
+        eu_rmrf(dir);
+    }
     return tu_finish("test_kvarcd_auth");
 }

@@ -168,7 +168,7 @@ int main(int argc, char **argv)
     kvd_stats s0, s1;
     kvd_stats_get(e, &s0, &err);
     for (int i = 0; i < threads; i++) {
-        char name[16];
+        char name[24];
         snprintf(name, sizeof name, "multi%d", i);
         kvd_conv_info ci = make_conv(e, name);
         as[i] = (app_arg){ e, ci.id, blocks / (uint64_t)threads, bits, recs, sc };
