@@ -21,6 +21,7 @@
  * window from its VRAM mirror); any device failure drops to this CPU path
  * for good, mid-call included.
  */
+#include <assert.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -70,24 +71,22 @@ typedef struct scratch {
     uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
     float    *dk, *dv;       /* [dcap][d] decoded, pre-RoPE */
-    size_t    dcap, dslots, dn;
+    size_t    dcap, dslots, dn;   /* dslots: a power of two >= 2 dcap */
 } scratch;
 
-/* K and V of (head, pos) decoded from rec, through the call's map: decoded
- * on the first use, copied after. When the map is full it starts over. */
+/* K and V of (head, pos) decoded from rec, through the call's map:
+ * decoded on first use, copied after. The map has room for every record
+ * the call can retrieve (items x top_k), so it never evicts; only the
+ * entries used are touched (the arrays are allocated, not filled). */
 static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, uint64_t pos, const uint8_t *rec,
                    float *k, float *v)
 {
     uint64_t key = ((uint64_t)head << 48 | pos) + 1;
-    size_t i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 20) & (x->dslots - 1);
+    size_t i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 32) & (x->dslots - 1);
     while (x->dkey[i] && x->dkey[i] != key)
         i = (i + 1) & (x->dslots - 1);
     if (!x->dkey[i]) {
-        if (x->dn == x->dcap) {
-            memset(x->dkey, 0, x->dslots * sizeof *x->dkey);
-            x->dn = 0;
-            i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 20) & (x->dslots - 1);
-        }
+        assert(x->dn < x->dcap);
         int rc = kvg_decode_ref(codec, rec, 1, x->dk + x->dn * d, x->dv + x->dn * d);
         if (rc)
             return rc;
@@ -262,7 +261,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.qi = malloc(QH * d * 4);
     x.oi = malloc(QH * d * 4);
     x.pr = malloc((kret + 1) * sizeof *x.pr);
-    x.dcap = ni * kret < 4096 ? ni * kret + 1 : 4096;
+    x.dcap = ni * kret + 1;
     for (x.dslots = 16; x.dslots < 2 * x.dcap; x.dslots *= 2)
         ;
     x.dkey = calloc(x.dslots, sizeof *x.dkey);
