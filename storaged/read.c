@@ -6,7 +6,12 @@
  * reader's ring at once (up to the ring's depth in flight) and verifies
  * each record's CRC before copying it out. Pinning is what lets a
  * compaction retire a segment while reads of it are still in flight:
- * the file is unlinked only when its last pin goes (engine.c). */
+ * the file is unlinked only when its last pin goes (engine.c).
+ * Stage 2 (kvd_rerank_batch, kvd_rerank its one-item case): per head, the
+ * union of the items' shortlists is read once in ascending order (extents
+ * resolve in runs), then each item is scored on its own shortlist's
+ * records in its own order, so every item's answer is what reranking it
+ * alone gives, bit for bit. */
 #include <errno.h>
 #include <liburing.h>
 #include <math.h>

@@ -93,7 +93,7 @@ KD_FN int wait_ready(kvc_conn *c)
     char sock[300];
     struct stat st;
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
-    for (int i = 0; i < 200 && stat(sock, &st); i++) {
+    for (int i = 0; i < 750 && stat(sock, &st); i++) {   /* 15 s: a slow, loaded machine */
         struct timespec d = { 0, 20 * 1000000 };
         nanosleep(&d, NULL);
     }

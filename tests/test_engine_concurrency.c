@@ -104,12 +104,17 @@ int main(void)
     for (int i = 0; i < READERS; i++)
         pthread_create(&th[WRITERS + i], NULL, reader, (void *)(intptr_t)(i + 1));
     pthread_create(&th[WRITERS + READERS], NULL, churner, NULL);
-    struct timespec d = { 2, 0 };
+    /* 2 s at least; on a slow or loaded machine (a CI box with slow
+     * fsyncs) longer, until enough of each happened, 30 s at most */
+    struct timespec d = { 2, 0 }, tick = { 0, 100 * 1000000 };
     nanosleep(&d, NULL);
+    for (int t = 0; t < 280 && !(atomic_load(&reads_ok) > 20 && atomic_load(&appends_ok) > 20 &&
+                                 atomic_load(&compactions) > 2); t++)
+        nanosleep(&tick, NULL);
     atomic_store(&stop, 1);
     for (int i = 0; i < WRITERS + READERS + 1; i++)
         pthread_join(th[i], NULL);
-    printf("  %d appends, %d verified reads, %d compactions in 2 s\n", atomic_load(&appends_ok),
+    printf("  %d appends, %d verified reads, %d compactions\n", atomic_load(&appends_ok),
            atomic_load(&reads_ok), atomic_load(&compactions));
     CHECK(atomic_load(&reads_ok) > 20 && atomic_load(&appends_ok) > 20 && atomic_load(&compactions) > 2,
           "too little concurrency happened to mean anything");

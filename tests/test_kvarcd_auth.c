@@ -225,7 +225,7 @@ int main(void)
              *untrusted = tcp_conn(port, TOK_A, other), *tanon = tcp_conn(port, NULL, cert);
     CHECK(t && plain && untrusted && tanon, "TLS connections");
     int ok = 0;
-    for (int i = 0; i < 100 && !ok; i++) {     /* until it serves */
+    for (int i = 0; i < 400 && !ok; i++) {     /* until it serves (20 s: a slow machine) */
         ok = health(t, msg) == GRPC_STATUS_OK;
         if (!ok) {
             struct timespec d = { 0, 50 * 1000000 };

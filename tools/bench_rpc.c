@@ -1,7 +1,7 @@
 /* bench-rpc - what the gRPC hop costs: kvarcd on a unix socket against the
  * same engine calls made in-process, one run.
  *
- *   bench-rpc --kvarcd PATH [--tokens N] [--steps S]
+ *   bench-rpc [--kvarcd PATH] [--tokens N] [--steps S]   (default: the kvarcd of this build)
  *
  * Both sides hold the same data (1 layer, 8 KV heads, head_dim 128, q3,
  * N tokens appended in 64-token blocks): the daemon in its own directory,
@@ -11,14 +11,13 @@
  *            512, top_k 64, GQA group of 4; p50/p99 over S steps, against
  *            kvd_rerank in-process on the same shortlists. */
 #include <errno.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "daemon.h"
 #include "kvarc_rpc.h"
 #include "kvd.h"
 
@@ -58,34 +57,23 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
         else {
-            fprintf(stderr, "usage: bench-rpc --kvarcd PATH [--tokens N] [--steps S]\n");
+            fprintf(stderr, "usage: bench-rpc [--kvarcd PATH] [--tokens N] [--steps S]\n");
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
     }
-    if (!kvarcd || tokens < 1024 || steps < 10)
-        die("usage", "--kvarcd PATH is required; --tokens >= 1024, --steps >= 10");
-    char ddir[] = "/var/tmp/kvarc-rpcd-XXXXXX", edir[] = "/var/tmp/kvarc-rpce-XXXXXX";
+    if (tokens < 1024 || steps < 10)
+        die("usage", "--tokens >= 1024, --steps >= 10");
+    char ddir[] = "/var/tmp/kvarc-rpcd-XXXXXX", edir[] = "/var/tmp/kvarc-rpce-XXXXXX", kbuf[4096];
     if (!mkdtemp(ddir) || !mkdtemp(edir))
         die("mkdtemp", strerror(errno));
-    pid_t pid = fork();
-    if (pid == 0) {
-        if (!freopen("/dev/null", "w", stderr))
-            _exit(126);
-        execl(kvarcd, "kvarcd", "--data", ddir, (char *)NULL);
-        _exit(127);
-    }
-    kvc_conn *k;
+    kvarcd = kd_find_kvarcd(kvarcd, kbuf, sizeof kbuf);
+    pid_t pid;
     char msg[512];
+    if (kd_spawn(kvarcd, ddir, NULL, &pid, msg, sizeof msg))
+        die("kvarcd", msg);
+    kvc_conn *k;
     if (kvc_connect(ddir, &k))
         die("connect", ddir);
-    for (int i = 0;; i++) {
-        Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
-        if (!kvc_call(k, "Health", &e.base, &kvarc__v1__health_reply__descriptor, NULL, 500, msg, sizeof msg))
-            break;
-        if (i > 100)
-            die("kvarcd did not start", msg);
-        usleep(50000);
-    }
     kvd_options o = { .dir = edir };
     kvd_engine *e;
     kvd_err err;
@@ -213,8 +201,8 @@ int main(int argc, char **argv)
     kvd_reader_close(r);
     kvd_close(e);
     kvc_close(k);
-    kill(pid, SIGTERM);
-    waitpid(pid, NULL, 0);
+    if (kd_stop(pid))
+        fprintf(stderr, "bench-rpc: kvarcd did not exit cleanly\n");
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", ddir, edir);
     if (system(cmd))
