@@ -15,8 +15,11 @@
  * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
  * A record is decoded once per call (the `decoded` map): the queries of a
  * prefill chunk retrieve mostly the same tokens, and a record always
- * decodes to the same K and V (RoPE, which depends on the query, is
- * applied to a copy).
+ * decodes to the same K and V; in true-position mode its key is turned to
+ * its position there too, once. Remapped, a key's position is its rank
+ * among the retrieved, the same few for every query: their RoPE angles
+ * are computed once per call (kvg_rope_angles), as are the scoring
+ * distance's.
  * With a GPU (gpu.c): stage 1 and that softmax run on the device (the hot
  * window from its VRAM mirror); any device failure drops to this CPU path
  * for good, mid-call included.
@@ -37,16 +40,16 @@ typedef struct posrec {
     uint32_t j;              /* index in the result (best first) */
 } posrec;
 
-static int by_pos(const void *a, const void *b)
+/* Sort pr[n] by position (distinct positions; n <= top_k, small). */
+static void sort_by_pos(posrec *pr, size_t n)
 {
-    uint64_t x = ((const posrec *)a)->pos, y = ((const posrec *)b)->pos;
-    return x < y ? -1 : x > y;
-}
-
-static int u64_cmp(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
+    for (size_t i = 1; i < n; i++) {
+        posrec t = pr[i];
+        size_t j = i;
+        for (; j > 0 && pr[j - 1].pos > t.pos; j--)
+            pr[j] = pr[j - 1];
+        pr[j] = t;
+    }
 }
 
 /* Per call scratch, allocated once. */
@@ -68,6 +71,9 @@ typedef struct scratch {
     float    *hot_v;         /* [H][nh][d] */
     float    *sink_v;        /* [H][ns][d] */
     posrec   *pr;            /* [kret] */
+    uint64_t *sort_tmp;      /* [R] kvg_sort_u64's work space */
+    double   *cs_rank;       /* [kret][d] remapped: RoPE angles of rank r when all kret came back */
+    double    cs_score[KVARC_HEAD_DIM_MAX];   /* RoPE angles of the scoring distance */
     uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
     float    *dk, *dv;       /* [dcap][d] decoded, pre-RoPE */
@@ -79,7 +85,7 @@ typedef struct scratch {
  * the call can retrieve (items x top_k), so it never evicts; only the
  * entries used are touched (the arrays are allocated, not filled). */
 static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, uint64_t pos, const uint8_t *rec,
-                   float *k, float *v)
+                   const kvarc_conv *turn, float *k, float *v)
 {
     uint64_t key = ((uint64_t)head << 48 | pos) + 1;
     size_t i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 32) & (x->dslots - 1);
@@ -90,6 +96,9 @@ static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, ui
         int rc = kvg_decode_ref(codec, rec, 1, x->dk + x->dn * d, x->dv + x->dn * d);
         if (rc)
             return rc;
+        if (turn)               /* true positions: the key turned to its own */
+            kvg_rope_apply(x->dk + x->dn * d, (int)d, (int)turn->m.rotary_dims, turn->m.rope_layout,
+                           turn->inv_freq, (double)pos);
         x->dkey[i] = key;
         x->dat[i] = (uint32_t)x->dn++;
     }
@@ -103,6 +112,7 @@ static void scratch_free(scratch *x)
     free(x->scores); free(x->idx); free(x->tk_scratch); free(x->qsc); free(x->shortlist); free(x->have);
     free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
+    free(x->sort_tmp); free(x->cs_rank);
     free(x->dkey); free(x->dat); free(x->dk); free(x->dv);
 }
 
@@ -261,6 +271,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.qi = malloc(QH * d * 4);
     x.oi = malloc(QH * d * 4);
     x.pr = malloc((kret + 1) * sizeof *x.pr);
+    x.sort_tmp = malloc((R_n + 1) * sizeof *x.sort_tmp);
+    x.cs_rank = malloc((remap ? kret : 0) * d * sizeof *x.cs_rank + 1);
     x.dcap = ni * kret + 1;
     for (x.dslots = 16; x.dslots < 2 * x.dcap; x.dslots *= 2)
         ;
@@ -272,11 +284,15 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     kvg_query *qs = malloc(G * sizeof *qs);
     if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.shortlist || !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
-        !x.oi || !x.pr || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs) {
+        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
                      (unsigned long long)cold);
         goto out;
     }
+
+    kvg_rope_angles(x.cs_score, (int)d, rot, cv->inv_freq, (double)cv->o.score_distance);
+    for (size_t r = 0; remap && r < kret; r++)
+        kvg_rope_angles(x.cs_rank + r * d, (int)d, rot, cv->inv_freq, (double)hot_lo - (double)kret + (double)r);
 
     /* exact parts: sinks per mode; the hot window (at true positions) is
      * gathered on the host only for the CPU path: the GPU reads its mirror */
@@ -308,7 +324,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 for (size_t g = 0; g < G; g++) {
                     float *qv = x.qsc + (it * G + g) * d;
                     memcpy(qv, q + ((h * G + g) * n_q + g0 + i) * d, d * 4);
-                    kvg_rope_apply(qv, (int)d, rot, lay, cv->inv_freq, (double)cv->o.score_distance);
+                    kvg_rope_turn(qv, (int)d, rot, lay, x.cs_score);
                     if ((rc = kvg_query_prep_ref(&cv->rot, codec.mu_k, KVARC_DTYPE_F32, qv, &qs[g]))) {
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
@@ -342,7 +358,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     if (kl_cache_has(&cv->cache, kl_cache_key(layer, (uint32_t)h, sl[j])))
                         hv[nhv++] = sl[j];
                 }
-                qsort(hv, nhv, 8, u64_cmp);
+                kvg_sort_u64(hv, nhv, x.sort_tmp);
                 x.nhave[it] = nhv;
             }
         int64_t t2 = kl_now_ns();
@@ -372,15 +388,17 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     x.pr[j].pos = x.ret_pos[it * kret + j];
                     x.pr[j].j = (uint32_t)j;
                 }
-                qsort(x.pr, kn, sizeof *x.pr, by_pos);
+                sort_by_pos(x.pr, kn);
                 kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
                 for (size_t r = 0; r < kn && !rc; r++) {
                     float *kk = x.rk + (h * kret + r) * d, *vv = x.rv + (h * kret + r) * d;
                     if ((rc = decoded(&x, &codec, d, h, x.pr[r].pos, x.ret_rec + (it * kret + x.pr[r].j) * cv->rb,
-                                      kk, vv)))
+                                      remap ? NULL : cv, kk, vv)))
                         kl_fail(cv, rc, "decoding a record of layer %u: %s", layer, kvarc_strerror(rc));
-                    double p = remap ? (double)hot_lo - (double)kn + (double)r : (double)x.pr[r].pos;
-                    kvg_rope_apply(kk, (int)d, rot, lay, cv->inv_freq, p);
+                    else if (remap && kn == kret)
+                        kvg_rope_turn(kk, (int)d, rot, lay, x.cs_rank + r * d);
+                    else if (remap)
+                        kvg_rope_apply(kk, (int)d, rot, lay, cv->inv_freq, (double)hot_lo - (double)kn + (double)r);
                 }
             }
             int64_t t5 = kl_now_ns();

@@ -122,6 +122,12 @@ int kvg_score_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
 long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
                   float *val_out, uint32_t *scratch);
 
+/* Sort v[n] ascending: an LSD radix sort by bytes that skips a byte every
+ * value shares (positions and packed keys share their high bytes), so a
+ * few linear passes instead of n log n indirect compares. tmp: n values
+ * of work space. Used by the top-k's sort of its winners and by libkvarc. */
+void kvg_sort_u64(uint64_t *v, size_t n, uint64_t *tmp);
+
 /* The order-preserving map of a score onto uint32 used by the select
  * (larger score -> larger key; every NaN -> 0). */
 static inline uint32_t kvg_score_key(float s)
@@ -144,6 +150,11 @@ void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, dou
  * (inv_freq[rotary_dims/2]), then each rotation. Same results. */
 void kvg_rope_freqs(double *inv_freq, int d, int rotary_dims, float theta);
 void kvg_rope_apply(float *x, int d, int rotary_dims, int layout, const double *inv_freq, double pos);
+/* And in three, for many vectors at a few positions: the cosines and sines
+ * of one position once (cs[rotary_dims/2][2]), then each turn. kvg_rope_apply
+ * is these two; same results. */
+void kvg_rope_angles(double *cs, int d, int rotary_dims, const double *inv_freq, double pos);
+void kvg_rope_turn(float *x, int d, int rotary_dims, int layout, const double *cs);
 
 /* ---- attention ---------------------------------------------------------- */
 

@@ -17,17 +17,33 @@ void kvg_rope_freqs(double *inv_freq, int d, int rotary_dims, float theta)
         inv_freq[i] = pow((double)theta, -2.0 * i / (double)(2 * half));
 }
 
-void kvg_rope_apply(float *x, int d, int rotary_dims, int layout, const double *inv_freq, double pos)
+void kvg_rope_angles(double *cs, int d, int rotary_dims, const double *inv_freq, double pos)
 {
     int half = (rotary_dims < d ? rotary_dims : d) / 2;
     for (int i = 0; i < half; i++) {
         double ang = pos * inv_freq[i];
-        double c = cos(ang), s = sin(ang);
+        cs[2 * i] = cos(ang);
+        cs[2 * i + 1] = sin(ang);
+    }
+}
+
+void kvg_rope_turn(float *x, int d, int rotary_dims, int layout, const double *cs)
+{
+    int half = (rotary_dims < d ? rotary_dims : d) / 2;
+    for (int i = 0; i < half; i++) {
+        double c = cs[2 * i], s = cs[2 * i + 1];
         int a = layout ? 2 * i : i, b = layout ? 2 * i + 1 : i + half;
         double xa = x[a], xb = x[b];
         x[a] = (float)(xa * c - xb * s);
         x[b] = (float)(xa * s + xb * c);
     }
+}
+
+void kvg_rope_apply(float *x, int d, int rotary_dims, int layout, const double *inv_freq, double pos)
+{
+    double cs[KVARC_HEAD_DIM_MAX];
+    kvg_rope_angles(cs, d, rotary_dims, inv_freq, pos);
+    kvg_rope_turn(x, d, rotary_dims, layout, cs);
 }
 
 void kvg_rope_ref(float *x, int d, int rotary_dims, int layout, float theta, double pos)

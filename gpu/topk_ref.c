@@ -6,22 +6,46 @@
  * list of candidates that share the threshold prefix. Keys above the
  * threshold win outright; among keys equal to the threshold the lowest
  * indices win (the candidate list keeps index order). The k winners are
- * then sorted by (key desc, index asc). Cost: 2n + O(candidates) + k log k. */
+ * then sorted by (key desc, index asc), packed into one uint64 each and
+ * radix-sorted. Cost: 2n + O(candidates) + O(k). */
 #include "kvg.h"
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
-typedef struct {
-    uint32_t key, idx;
-} kv_pair;
-
-static int pair_cmp(const void *a, const void *b)
+/* A winner packed so that ascending order is (key descending, index
+ * ascending): the order the result is in. */
+static inline uint64_t win_pack(uint32_t key, uint32_t idx)
 {
-    const kv_pair *x = a, *y = b;
-    if (x->key != y->key)
-        return x->key > y->key ? -1 : 1;
-    return (x->idx > y->idx) - (x->idx < y->idx);
+    return (uint64_t)~key << 32 | idx;
+}
+
+void kvg_sort_u64(uint64_t *v, size_t n, uint64_t *tmp)
+{
+    if (n < 2)
+        return;
+    uint64_t *src = v, *dst = tmp;
+    for (int shift = 0; shift < 64; shift += 8) {
+        size_t count[256] = { 0 };
+        for (size_t i = 0; i < n; i++)
+            count[(src[i] >> shift) & 0xff]++;
+        if (count[(src[0] >> shift) & 0xff] == n)
+            continue;                    /* every value has this byte */
+        size_t at = 0;
+        for (int b = 0; b < 256; b++) {
+            size_t c = count[b];
+            count[b] = at;
+            at += c;
+        }
+        for (size_t i = 0; i < n; i++)
+            dst[count[(src[i] >> shift) & 0xff]++] = src[i];
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != v)
+        memcpy(v, src, n * sizeof *v);
 }
 
 long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
@@ -34,7 +58,7 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
     if (!scores || !idx_out || n > UINT32_MAX)
         return -EINVAL;
     uint32_t *own = NULL;
-    kv_pair *win = malloc(k * sizeof *win);
+    uint64_t *win = malloc(2 * k * sizeof *win);     /* [k] winners, [k] sort space */
     if (!scratch)
         scratch = own = malloc(n * sizeof *scratch);
     if (!win || !scratch) {
@@ -70,7 +94,7 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
                 continue;
             unsigned byte = (key >> shift) & 0xff;
             if (byte > b)
-                win[nwin++] = (kv_pair){ key, j };
+                win[nwin++] = win_pack(key, j);
             else if (byte == b)
                 scratch[kept++] = j;
         }
@@ -82,13 +106,13 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
     /* every remaining candidate has key == prefix (or the list is exactly
      * the number still needed); the lowest indices come first */
     for (size_t c = 0; c < need; c++)
-        win[nwin++] = (kv_pair){ kvg_score_key(scores[scratch[c]]), scratch[c] };
+        win[nwin++] = win_pack(kvg_score_key(scores[scratch[c]]), scratch[c]);
 
-    qsort(win, nwin, sizeof *win, pair_cmp);
+    kvg_sort_u64(win, nwin, win + k);
     for (size_t i = 0; i < nwin; i++) {
-        idx_out[i] = win[i].idx;
+        idx_out[i] = (uint32_t)win[i];
         if (val_out)
-            val_out[i] = scores[win[i].idx];
+            val_out[i] = scores[idx_out[i]];
     }
     free(win);
     free(own);

@@ -1,6 +1,7 @@
 /* test_rope: kvg_rope_ref keeps norms, makes q.k depend on the position
  * difference only (both layouts, partial rotary dims), undoes itself with
- * the negated position, and leaves dimensions past rotary_dims alone. */
+ * the negated position, and leaves dimensions past rotary_dims alone; its
+ * parts (freqs + apply, freqs + angles + turn) give the same bits. */
 #include <math.h>
 #include <string.h>
 
@@ -50,6 +51,18 @@ int main(void)
             for (int i = rot; i < D; i++)
                 same &= a[i] == q[i];
             CHECK(same, "layout %d rot %d: dimensions past rotary_dims untouched", layout, rot);
+            double inv[D / 2], cs[D];
+            float f[D], g[D];
+            memcpy(f, q, sizeof f);
+            memcpy(g, q, sizeof g);
+            kvg_rope_freqs(inv, D, rot, 10000.0f);
+            kvg_rope_apply(f, D, rot, layout, inv, 123457.0);
+            kvg_rope_angles(cs, D, rot, inv, 123457.0);
+            kvg_rope_turn(g, D, rot, layout, cs);
+            memcpy(a, q, sizeof a);
+            kvg_rope_ref(a, D, rot, layout, 10000.0f, 123457.0);
+            CHECK(!memcmp(a, f, sizeof a) && !memcmp(a, g, sizeof a), "layout %d rot %d: the parts give the same bits",
+                  layout, rot);
         }
     /* position 0 is the identity; a known angle for the first pair */
     float x[D] = { 1.0f };

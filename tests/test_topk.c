@@ -1,6 +1,7 @@
 /* test_topk: the radix select equals a full sort's first k (score desc,
  * index asc) on random, tied, signed, NaN and tiny inputs, for k from 0 to
- * past n, with and without caller scratch. */
+ * past n, with and without caller scratch. kvg_sort_u64 equals qsort on
+ * random values, shared high bytes, duplicates, one distinct byte, n 0..2. */
 #include <errno.h>
 #include <string.h>
 
@@ -34,6 +35,48 @@ static void check_case(const char *what, const float *s, size_t n, size_t k, int
         bad += idx[j] != all[j].i || memcmp(&val[j], &s[idx[j]], 4) != 0;
     CHECK(bad == 0, "%s n=%zu k=%zu: %zu positions differ from the sort", what, n, k, bad);
     free(all); free(idx); free(scratch); free(val);
+}
+
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void check_sort(const char *what, const uint64_t *in, size_t n)
+{
+    uint64_t *a = malloc((n + 1) * 8), *b = malloc((n + 1) * 8), *tmp = malloc((n + 1) * 8);
+    memcpy(a, in, n * 8);
+    memcpy(b, in, n * 8);
+    qsort(a, n, 8, u64_cmp);
+    kvg_sort_u64(b, n, tmp);
+    CHECK(!memcmp(a, b, n * 8), "kvg_sort_u64 %s (n=%zu) differs from qsort", what, n);
+    free(a); free(b); free(tmp);
+}
+
+static void sort_cases(tu_rng *r)
+{
+    size_t n = 5000;
+    uint64_t *v = malloc(n * 8);
+    for (size_t j = 0; j < n; j++)
+        v[j] = kvarc_splitmix64(&r->s);
+    check_sort("random", v, n);
+    for (size_t j = 0; j < n; j++)          /* positions: high bytes shared */
+        v[j] = 70000 + kvarc_splitmix64(&r->s) % 9000;
+    check_sort("positions", v, n);
+    for (size_t j = 0; j < n; j++)          /* packed top-k winners, many equal keys */
+        v[j] = (uint64_t)~(uint32_t)(0x3f800000u + kvarc_splitmix64(&r->s) % 3) << 32 | (uint32_t)(n - j);
+    check_sort("packed", v, n);
+    for (size_t j = 0; j < n; j++)          /* only one byte differs, duplicates */
+        v[j] = 0x0123456789ab0000ull | (kvarc_splitmix64(&r->s) % 5) << 8;
+    check_sort("one byte", v, n);
+    for (size_t j = 0; j < n; j++)
+        v[j] = 42;
+    check_sort("equal", v, n);
+    check_sort("two", (uint64_t[]){ 9, 3 }, 2);
+    check_sort("one", v, 1);
+    check_sort("empty", v, 0);
+    free(v);
 }
 
 int main(void)
@@ -77,6 +120,7 @@ int main(void)
     check_case("one", s, 1, 10, 1);
     CHECK(kvg_topk_ref(NULL, 10, 3, (uint32_t[3]){ 0 }, NULL, NULL) == -EINVAL, "NULL scores");
     CHECK(kvg_topk_ref(s, 10, 3, NULL, NULL, NULL) == -EINVAL, "NULL output");
+    sort_cases(&r);
     free(s);
     return tu_finish("test_topk");
 }
