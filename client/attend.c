@@ -24,7 +24,6 @@
  * window from its VRAM mirror); any device failure drops to this CPU path
  * for good, mid-call included.
  */
-#include <assert.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -39,6 +38,12 @@ typedef struct posrec {
     uint64_t pos;
     uint32_t j;              /* index in the result (best first) */
 } posrec;
+
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
 
 /* Sort pr[n] by position (distinct positions; n <= top_k, small). */
 static void sort_by_pos(posrec *pr, size_t n)
@@ -76,23 +81,24 @@ typedef struct scratch {
     double    cs_score[KVARC_HEAD_DIM_MAX];   /* RoPE angles of the scoring distance */
     uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
-    float    *dk, *dv;       /* [dcap][d] decoded, pre-RoPE */
-    size_t    dcap, dslots, dn;   /* dslots: a power of two >= 2 dcap */
+    float    *dk, *dv;       /* [dcap][d] decoded (true positions: turned) */
+    size_t    dcap, dslots, dn;   /* dcap: a group's items x kret + 1; dslots: a power of two >= 2 dcap */
 } scratch;
 
-/* K and V of (head, pos) decoded from rec, through the call's map:
- * decoded on first use, copied after. The map has room for every record
- * the call can retrieve (items x top_k), so it never evicts; only the
- * entries used are touched (the arrays are allocated, not filled). */
+/* K and V of (head, pos) decoded from rec, through the map: decoded on
+ * first use, copied after. The map holds one query group's records (it is
+ * emptied at each group) and has room for all a group can retrieve (items
+ * x top_k), so it never evicts; only the entries used are touched. */
 static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, uint64_t pos, const uint8_t *rec,
                    const kvarc_conv *turn, float *k, float *v)
 {
-    uint64_t key = ((uint64_t)head << 48 | pos) + 1;
-    size_t i = (size_t)(key * 0x9e3779b97f4a7c15ull >> 32) & (x->dslots - 1);
+    uint64_t key = ((uint64_t)head << 48 | pos) + 1, h = key;
+    size_t i = (size_t)kvarc_splitmix64(&h) & (x->dslots - 1);
     while (x->dkey[i] && x->dkey[i] != key)
         i = (i + 1) & (x->dslots - 1);
     if (!x->dkey[i]) {
-        assert(x->dn < x->dcap);
+        if (x->dn == x->dcap)      /* cannot happen: a group retrieves at most dcap - 1 */
+            return -EOVERFLOW;
         int rc = kvg_decode_ref(codec, rec, 1, x->dk + x->dn * d, x->dv + x->dn * d);
         if (rc)
             return rc;
@@ -173,41 +179,81 @@ static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *it
     int rc = rl->n_results == n && rl->record_bytes == cv->rb ? 0 :
              kl_fail(cv, -EIO, "RerankLayer answered %zu results of %u-byte records for %zu items", rl->n_results,
                      rl->record_bytes, n);
+    /* Three passes, so that a record cache smaller than one reply still
+     * serves it: 1. the records the client said it has, from the cache,
+     * before any record of this reply enters it (and could evict them);
+     * 2. the records sent, into place and into the cache; 3. those kvarcd
+     * sent once for an earlier item of the same head, from where pass 2
+     * put them (found through `landed`). */
+    size_t total = 0, nland = 16;
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__RerankResult *res = rl->results[i];
         if (res->n_positions > kret || res->n_sent != res->n_positions) {
             rc = kl_fail(cv, -EIO, "RerankLayer result %zu: %zu positions for top_k %zu", i, res->n_positions, kret);
             break;
         }
-        size_t off = 0;
-        cv->st.bytes_received += res->records.len + res->n_positions * 13;
-        for (size_t j = 0; j < res->n_positions; j++) {
-            uint64_t key = kl_cache_key(layer, item_head[i], res->positions[j]);
-            uint8_t *dst = x->ret_rec + (i * kret + j) * cv->rb;
-            cv->st.cache_lookups++;
-            if (res->sent[j]) {
-                if (off + cv->rb > res->records.len) {
-                    rc = kl_fail(cv, -EIO, "RerankLayer result %zu is short of records", i);
-                    break;
-                }
-                memcpy(dst, res->records.data + off, cv->rb);
-                off += cv->rb;
-                kl_cache_put(&cv->cache, key, dst);
-                cv->st.records_fetched++;
-            } else {
-                const uint8_t *c = kl_cache_get(&cv->cache, key);
-                if (!c) {
-                    rc = kl_fail(cv, -EIO, "record of layer %u head %u position %llu was neither sent nor cached",
-                                 layer, item_head[i], (unsigned long long)res->positions[j]);
-                    break;
-                }
-                memcpy(dst, c, cv->rb);
-                cv->st.cache_hits++;
-            }
-            x->ret_pos[i * kret + j] = res->positions[j];
-        }
+        total += res->n_positions;
         x->ret_n[i] = (uint32_t)res->n_positions;
+        memcpy(x->ret_pos + i * kret, res->positions, res->n_positions * 8);
+        cv->st.bytes_received += res->records.len + res->n_positions * 13;
+        cv->st.cache_lookups += res->n_positions;
     }
+    while (nland < 2 * total)
+        nland *= 2;
+    uint64_t *lkey = rc ? NULL : calloc(nland, sizeof *lkey);    /* (head << 48 | pos) + 1, 0 = empty */
+    uint8_t **lrec = rc ? NULL : malloc(nland * sizeof *lrec);
+    if (!rc && (!lkey || !lrec))
+        rc = kl_fail(cv, -ENOMEM, "out of memory");
+    for (int pass = 1; !rc && pass <= 3; pass++)
+        for (size_t i = 0; !rc && i < n; i++) {
+            Kvarc__V1__RerankResult *res = rl->results[i];
+            const uint64_t *hv = x->have + i * R_n;
+            size_t off = 0;
+            for (size_t j = 0; !rc && j < res->n_positions; j++) {
+                uint64_t p = res->positions[j], key = kl_cache_key(layer, item_head[i], p);
+                uint64_t lk = ((uint64_t)item_head[i] << 48 | p) + 1, hh = lk;
+                size_t slot = (size_t)kvarc_splitmix64(&hh) & (nland - 1);
+                while (lkey[slot] && lkey[slot] != lk)
+                    slot = (slot + 1) & (nland - 1);
+                uint8_t *dst = x->ret_rec + (i * kret + j) * cv->rb;
+                if (res->sent[j]) {
+                    if (off + cv->rb > res->records.len) {
+                        rc = kl_fail(cv, -EIO, "RerankLayer result %zu is short of records", i);
+                        break;
+                    }
+                    if (pass == 2) {
+                        memcpy(dst, res->records.data + off, cv->rb);
+                        kl_cache_put(&cv->cache, key, dst);
+                        cv->st.records_fetched++;
+                        lkey[slot] = lk;
+                        lrec[slot] = dst;
+                    }
+                    off += cv->rb;
+                    continue;
+                }
+                int had = bsearch(&p, hv, x->nhave[i], 8, u64_cmp) != NULL;
+                if (pass == 1 && had) {
+                    const uint8_t *c = kl_cache_get(&cv->cache, key);
+                    if (!c) {
+                        rc = kl_fail(cv, -EIO, "record of layer %u head %u position %llu left the cache between "
+                                     "stage 1 and stage 2", layer, item_head[i], (unsigned long long)p);
+                        break;
+                    }
+                    memcpy(dst, c, cv->rb);
+                    cv->st.cache_hits++;
+                } else if (pass == 3 && !had) {
+                    if (lkey[slot] != lk) {
+                        rc = kl_fail(cv, -EIO, "record of layer %u head %u position %llu was neither sent nor held",
+                                     layer, item_head[i], (unsigned long long)p);
+                        break;
+                    }
+                    memcpy(dst, lrec[slot], cv->rb);
+                    cv->st.cache_hits++;
+                }
+            }
+        }
+    free(lkey);
+    free(lrec);
     protobuf_c_message_free_unpacked(rep, NULL);
     return rc;
 }
@@ -314,6 +360,10 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     for (uint32_t g0 = 0; g0 < n_q && !rc; g0 += (uint32_t)qb) {
         uint32_t gn = n_q - g0 < qb ? n_q - g0 : (uint32_t)qb;
         size_t n_items = (size_t)gn * H;
+        if (x.dn) {                   /* the decoded map holds one group's records */
+            memset(x.dkey, 0, x.dslots * sizeof *x.dkey);
+            x.dn = 0;
+        }
         /* stage 1 */
         int64_t t1 = kl_now_ns();
         for (uint32_t i = 0; i < gn && kret && !rc; i++)

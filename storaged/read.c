@@ -455,9 +455,9 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
     uint64_t *u = malloc((total + 1) * 8);
     uint8_t *urec = malloc(total * (size_t)rb + 1), *recs = malloc(most * (size_t)rb + 1);
     float *sc = malloc((most + 1) * sizeof *sc);
-    uint32_t *sel = malloc((most + 1) * sizeof *sel);
+    uint32_t *sel = malloc((most + 1) * sizeof *sel), *tks = malloc((most + 1) * sizeof *tks);
     int rc = 0;
-    if (!u || !urec || !recs || !sc || !sel) {
+    if (!u || !urec || !recs || !sc || !sel || !tks) {
         rc = kvd_fail(err, -ENOMEM, "out of memory for a rerank of %zu shortlist entries", total);
         goto done;
     }
@@ -506,7 +506,13 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
             goto done;
         }
         size_t k = x->top_k < x->n ? x->top_k : x->n;
-        x->got = kvg_topk_ref(sc, x->n, k, sel, NULL, NULL);
+        long got = kvg_topk_ref(sc, x->n, k, sel, NULL, tks);
+        if (got < 0) {
+            rc = kvd_fail(err, (int)got, "selecting the top %zu of a shortlist of %zu: %s", k, x->n,
+                          kvarc_strerror((int)got));
+            goto done;
+        }
+        x->got = got;
         for (long j = 0; j < x->got; j++) {
             x->pos_out[j] = x->shortlist[sel[j]];
             if (x->score_out)
@@ -521,6 +527,7 @@ done:
     free(recs);
     free(sc);
     free(sel);
+    free(tks);
     return rc;
 }
 
@@ -529,9 +536,10 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
 {
     conv_rec info;
     int rc = 0;
+    for (size_t i = 0; i < n_items; i++)
+        items[i].got = 0;
     for (size_t i = 0; i < n_items; i++) {
         kvd_rerank_item *x = &items[i];
-        x->got = 0;
         if ((rc = check_target(r->e, conv, layer, x->head, &info, err)))
             return rc;
         int d = (int)info.shape.head_dim;

@@ -699,8 +699,8 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
             uint64_t p = pos[off + (size_t)j];
             int dup = u64_in(it->have, it->n_have, p);
             if (!dup) {        /* sent earlier in this reply for the same head? */
-                uint64_t key = ((uint64_t)it->head << 48 | p) + 1;
-                size_t h = (size_t)(key * 0x9e3779b97f4a7c15ull) & (nseen - 1);
+                uint64_t key = ((uint64_t)it->head << 48 | p) + 1, mix = key;
+                size_t h = (size_t)kvarc_splitmix64(&mix) & (nseen - 1);   /* every bit of key in the slot */
                 while (seen[h] && seen[h] != key)
                     h = (h + 1) & (nseen - 1);
                 dup = seen[h] == key;

@@ -132,6 +132,7 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
     for (int i = 0; i < 2; i++) {
         for (int j = 0; j < 16; j++)
             ssl[i][j] = (uint64_t)(j * 127 + i * 5) % N;
+        ssl[i][15] = ssl[i][2];                  /* a repeat, deduplicated by the sort */
         sp[i] = (kvd_rerank_item){ (uint32_t)i, q[i], 1, ssl[i], 16, 5, spos[i], ssc[i], sout[i], -1 };
     }
     CHECK_RC(kvd_rerank_batch(r, ci.id, 0, sp, 2, &err), 0);
@@ -230,6 +231,9 @@ int main(void)
     for (int i = 1; i < 16; i++)
         CHECK(sc[i - 1] >= sc[i], "scores must be best first");
 
+    uint8_t out2[16 * 104];                     /* records without positions asked for */
+    CHECK(kvd_rerank(r, ci.id, 0, 0, q, 2, sl, 512, 16, NULL, NULL, out2, &err) == 16 && !memcmp(out, out2, sizeof out),
+          "rerank without pos_out returns the same records");
     q[5] = NAN;
     CHECK(kvd_rerank(r, ci.id, 0, 0, q, 1, sl, 512, 16, pos, sc, out, &err) == KVARC_ENONFINITE, "NaN query");
     q[5] = 0.0f;

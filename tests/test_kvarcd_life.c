@@ -148,25 +148,32 @@ static int wait_acked(const int fd[2], uint64_t acked[2], uint64_t want, int ms)
     }
 }
 
-/* Poll for ms until a new connection's Health is refused: 0 once it is. */
+/* For up to ms (of real time), open a new connection and call Health
+ * until the daemon refuses it (UNAVAILABLE: it no longer accepts); 0 once
+ * it does. A timeout or any other status is not taken for a refusal. */
 static int wait_refused(int ms)
 {
     char msg[256];
-    for (int t = 0; t < ms; t += 50) {
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
         kvc_conn *late;
-        if (kvc_connect(dir, &late))
-            return 0;
-        Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
-        ProtobufCMessage *rep = NULL;
-        int rc = kvc_call(late, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg);
-        if (rep)
-            protobuf_c_message_free_unpacked(rep, NULL);
-        kvc_close(late);
-        if (rc != 0)
-            return 0;
+        if (!kvc_connect(dir, &late)) {
+            Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+            ProtobufCMessage *rep = NULL;
+            int st = kvc_call(late, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 2000, msg,
+                              sizeof msg);
+            if (rep)
+                protobuf_c_message_free_unpacked(rep, NULL);
+            kvc_close(late);
+            if (st == GRPC_STATUS_UNAVAILABLE)
+                return 0;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 > ms)
+            return -1;
         sleep_ms(50);
     }
-    return -1;
 }
 
 int main(int argc, char **argv)

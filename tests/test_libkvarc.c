@@ -4,6 +4,8 @@
  *    steps before, at and long after the hot window fills, in both
  *    position modes' true-position equivalent (true mode);
  *  - a prefill chunk (n_q = 100) equals full causal attention per query;
+ *  - a chunk split into 100 query groups by a tiny record cache (q3, top_k
+ *    16) gives the same output bits as one group;
  *  - consecutive steps hit the record cache (records not resent);
  *  - a second worker attaching after a sync continues exactly: same
  *    lengths, the next step's output equal to the first worker's;
@@ -268,6 +270,35 @@ int main(void)
             }
             CHECK(pw < 2e-5f, "prefill chunk layer %d: worst relative error %.3g", l, pw);
         }
+    }
+    {   /* one query group per query (a record cache of 64) = one group for the chunk */
+        kvarc_options og = o;
+        og.format = KVARC_FMT_Q3;
+        og.top_k = 16;
+        og.shortlist = 8;
+        kvarc_conv *one, *many;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "groups-1", &m, &og, NULL, &one), 0);
+        og.cache_records = 64;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "groups-n", &m, &og, NULL, &many), 0);
+        static float qb[QH * 100 * D], o1[QH * 100 * D], on[QH * 100 * D];
+        int same = 1;
+        for (int c = 0; c < 2; c++) {
+            kvarc_conv *cv = c ? many : one;
+            CHECK_RC(append_tokens(cv, 0, 100), 0);
+            CHECK_RC(append_tokens(cv, 100, 100), 0);
+            CHECK_RC(append_tokens(cv, 200, 100), 0);
+            CHECK_RC(append_tokens(cv, 300, 100), 0);
+        }
+        for (int l = 0; l < L; l++) {
+            for (int hq = 0; hq < QH; hq++)
+                memcpy(qb + (size_t)hq * 100 * D, Q[l][hq][300], 100 * D * 4);
+            CHECK(kvarc_attend(one, (uint32_t)l, qb, 100, o1) == 0, "one group: %s", kvarc_errmsg(one));
+            CHECK(kvarc_attend(many, (uint32_t)l, qb, 100, on) == 0, "100 groups: %s", kvarc_errmsg(many));
+            same &= !memcmp(o1, on, sizeof o1);
+        }
+        CHECK(same, "a chunk in 100 query groups gives the bits of one group");
+        kvarc_conv_close(one);
+        kvarc_conv_close(many);
     }
     CHECK(kvarc_attend(pf, 0, out, 0, out) == -EINVAL && strstr(kvarc_errmsg(pf), "max_chunk"), "0 queries refused: %s",
           kvarc_errmsg(pf));
