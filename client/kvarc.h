@@ -79,7 +79,9 @@ typedef struct kvarc_options {
     int      score_mode;        /* 0 asymmetric (RaBitQ-style), 1 Hamming */
     int      combine;           /* GQA group in stage 1: 0 max, 1 mean */
     int32_t  score_distance;    /* stage 1/2 turn the query this many positions; -1: hot_window */
-    size_t   cache_records;     /* LRU record cache capacity, records per conversation */
+    size_t   cache_records;     /* LRU record cache capacity, records per conversation; any
+                                   size works, but one under 2 x kv heads x (shortlist + 1) x
+                                   top_k splits a prefill chunk into one query per RerankLayer */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same
