@@ -187,8 +187,9 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
  * every KV head): each item's answer equals kvd_rerank's bit for bit, but
  * a record that several items of the same head list is read and verified
  * once (consecutive queries' shortlists overlap most). Items of a head are
- * taken in passes of at most KVD_RERANK_PASS shortlist entries, so memory
- * stays bounded. Returns 0 and each item's count in item.got, or the
+ * taken in passes of at most KVD_RERANK_PASS shortlist entries (a longer
+ * item is a pass of its own; RerankLayer allows 65536), so memory stays
+ * bounded. Returns 0 and each item's count in item.got, or the
  * first error (then no item's outputs are to be used). */
 #define KVD_RERANK_PASS 65536
 typedef struct kvd_rerank_item {
