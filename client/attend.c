@@ -13,7 +13,7 @@
  * combined) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
  * per query one exact softmax over [sinks][retrieved][hot up to itself]
  * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
- * A record is decoded once per call (the `decoded` map): the queries of a
+ * A record is decoded once per query group (the `decoded` map): the queries of a
  * prefill chunk retrieve mostly the same tokens, and a record always
  * decodes to the same K and V; in true-position mode its key is turned to
  * its position there too, once. Remapped, a key's position is its rank
