@@ -57,6 +57,17 @@ static void sort_by_pos(posrec *pr, size_t n)
     }
 }
 
+/* The slot of (head, pos) in an open-addressing table keys[n] (n a power
+ * of two; key (head << 48 | pos) + 1, 0 = empty): where it is or would go. */
+static size_t slot_of(const uint64_t *keys, size_t n, size_t head, uint64_t pos)
+{
+    uint64_t key = ((uint64_t)head << 48 | pos) + 1, h = key;
+    size_t i = (size_t)kvarc_splitmix64(&h) & (n - 1);
+    while (keys[i] && keys[i] != key)
+        i = (i + 1) & (n - 1);
+    return i;
+}
+
 /* Per call scratch, allocated once. */
 typedef struct scratch {
     float    *scores;        /* [cold] */
@@ -92,10 +103,8 @@ typedef struct scratch {
 static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, uint64_t pos, const uint8_t *rec,
                    const kvarc_conv *turn, float *k, float *v)
 {
-    uint64_t key = ((uint64_t)head << 48 | pos) + 1, h = key;
-    size_t i = (size_t)kvarc_splitmix64(&h) & (x->dslots - 1);
-    while (x->dkey[i] && x->dkey[i] != key)
-        i = (i + 1) & (x->dslots - 1);
+    uint64_t key = ((uint64_t)head << 48 | pos) + 1;
+    size_t i = slot_of(x->dkey, x->dslots, head, pos);
     if (!x->dkey[i]) {
         if (x->dn == x->dcap)      /* cannot happen: a group retrieves at most dcap - 1 */
             return -EOVERFLOW;
@@ -211,10 +220,7 @@ static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *it
             size_t off = 0;
             for (size_t j = 0; !rc && j < res->n_positions; j++) {
                 uint64_t p = res->positions[j], key = kl_cache_key(layer, item_head[i], p);
-                uint64_t lk = ((uint64_t)item_head[i] << 48 | p) + 1, hh = lk;
-                size_t slot = (size_t)kvarc_splitmix64(&hh) & (nland - 1);
-                while (lkey[slot] && lkey[slot] != lk)
-                    slot = (slot + 1) & (nland - 1);
+                uint64_t lk = ((uint64_t)item_head[i] << 48 | p) + 1;
                 uint8_t *dst = x->ret_rec + (i * kret + j) * cv->rb;
                 if (res->sent[j]) {
                     if (off + cv->rb > res->records.len) {
@@ -225,12 +231,15 @@ static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *it
                         memcpy(dst, res->records.data + off, cv->rb);
                         kl_cache_put(&cv->cache, key, dst);
                         cv->st.records_fetched++;
+                        size_t slot = slot_of(lkey, nland, item_head[i], p);
                         lkey[slot] = lk;
                         lrec[slot] = dst;
                     }
                     off += cv->rb;
                     continue;
                 }
+                if (pass == 2)
+                    continue;
                 int had = bsearch(&p, hv, x->nhave[i], 8, u64_cmp) != NULL;
                 if (pass == 1 && had) {
                     const uint8_t *c = kl_cache_get(&cv->cache, key);
@@ -242,6 +251,7 @@ static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *it
                     memcpy(dst, c, cv->rb);
                     cv->st.cache_hits++;
                 } else if (pass == 3 && !had) {
+                    size_t slot = slot_of(lkey, nland, item_head[i], p);
                     if (lkey[slot] != lk) {
                         rc = kl_fail(cv, -EIO, "record of layer %u head %u position %llu was neither sent nor held",
                                      layer, item_head[i], (unsigned long long)p);

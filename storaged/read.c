@@ -179,6 +179,14 @@ static void pin_release(kvd_engine *e, pinset *ps)
 }
 
 /* The conversation's record, checked to exist with this layer and head. */
+static int check_head(const conv_rec *info, uint32_t head, kvd_err *err)
+{
+    if (head >= info->shape.n_kv_heads)
+        return kvd_fail(err, -EINVAL, "kv head %u out of range: '%s/%s' has %u kv heads", head,
+                        info->ns, info->name, info->shape.n_kv_heads);
+    return 0;
+}
+
 static int check_target(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t head,
                         conv_rec *info, kvd_err *err)
 {
@@ -188,11 +196,9 @@ static int check_target(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t h
     if (layer >= info->shape.n_layers)
         return kvd_fail(err, -EINVAL, "layer %u out of range: '%s/%s' has %u layers", layer,
                         info->ns, info->name, info->shape.n_layers);
-    if (head >= info->shape.n_kv_heads)
-        return kvd_fail(err, -EINVAL, "kv head %u out of range: '%s/%s' has %u kv heads", head,
-                        info->ns, info->name, info->shape.n_kv_heads);
-    return 0;
+    return check_head(info, head, err);
 }
+
 
 /* Where each position's slot lives: ops[i] and owner[i]. */
 static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head,
@@ -422,12 +428,6 @@ int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
     return rc;
 }
 
-static int u64_cmp(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Index of p in the ascending u[n] (p is there). */
 static size_t u64_find(const uint64_t *u, size_t n, uint64_t p)
 {
@@ -452,7 +452,7 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
     size_t most = 0;
     for (size_t i = 0; i < n; i++)
         most = it[i]->n > most ? it[i]->n : most;
-    uint64_t *u = malloc((total + 1) * 8);
+    uint64_t *u = malloc((total + 1) * 8), *tmp = NULL;
     uint8_t *urec = malloc(total * (size_t)rb + 1), *recs = malloc(most * (size_t)rb + 1);
     float *sc = malloc((most + 1) * sizeof *sc);
     uint32_t *sel = malloc((most + 1) * sizeof *sel), *tks = malloc((most + 1) * sizeof *tks);
@@ -488,7 +488,11 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
             memcpy(u + nu, it[i]->shortlist, it[i]->n * 8);
             nu += it[i]->n;
         }
-        qsort(u, nu, 8, u64_cmp);
+        if (!(tmp = malloc((nu + 1) * 8))) {
+            rc = kvd_fail(err, -ENOMEM, "out of memory for a rerank of %zu shortlist entries", total);
+            goto done;
+        }
+        kvg_sort_u64(u, nu, tmp);
         size_t w = 0;
         for (size_t j = 0; j < nu; j++)
             if (!w || u[j] != u[w - 1])
@@ -523,6 +527,7 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
     }
 done:
     free(u);
+    free(tmp);
     free(urec);
     free(recs);
     free(sc);
@@ -538,9 +543,11 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
     int rc = 0;
     for (size_t i = 0; i < n_items; i++)
         items[i].got = 0;
+    if (n_items && (rc = check_target(r->e, conv, layer, items[0].head, &info, err)))
+        return rc;
     for (size_t i = 0; i < n_items; i++) {
         kvd_rerank_item *x = &items[i];
-        if ((rc = check_target(r->e, conv, layer, x->head, &info, err)))
+        if ((rc = check_head(&info, x->head, err)))
             return rc;
         int d = (int)info.shape.head_dim;
         if (!x->q || x->n_q < 1 || x->n_q > 64)

@@ -720,7 +720,7 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
         res[i].records.data = recs + start;
         res[i].records.len = rec_off - start;
         resp[i] = &res[i];
-        off += it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
+        off += ri[i].top_k;
     }
     if (!rc) {
         Kvarc__V1__RerankLayerReply r = KVARC__V1__RERANK_LAYER_REPLY__INIT;

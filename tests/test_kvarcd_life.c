@@ -108,6 +108,14 @@ static void sleep_ms(int ms)
     nanosleep(&d, NULL);
 }
 
+/* Milliseconds since t0 (CLOCK_MONOTONIC). */
+static int ms_since(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int)((t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000);
+}
+
 /* The last length a writer acknowledged: *last updated from its pipe to
  * the end (the writer has exited). */
 static void read_acked(int fd, uint64_t *last)
@@ -124,13 +132,12 @@ static void read_acked(int fd, uint64_t *last)
  * up may not get an append through in 700 ms. 0 when both got there. */
 static int wait_acked(const int fd[2], uint64_t acked[2], uint64_t want, int ms)
 {
-    struct timespec t0, t;
+    struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         if (acked[0] >= want && acked[1] >= want)
             return 0;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        int left = ms - (int)((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000);
+        int left = ms - ms_since(&t0);
         if (left <= 0)
             return -1;
         struct pollfd pf[2] = { { fd[0], POLLIN, 0 }, { fd[1], POLLIN, 0 } };
@@ -154,7 +161,7 @@ static int wait_acked(const int fd[2], uint64_t acked[2], uint64_t want, int ms)
 static int wait_refused(int ms)
 {
     char msg[256];
-    struct timespec t0, t;
+    struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         kvc_conn *late;
@@ -169,8 +176,7 @@ static int wait_refused(int ms)
             if (st == GRPC_STATUS_UNAVAILABLE)
                 return 0;
         }
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 > ms)
+        if (ms_since(&t0) > ms)
             return -1;
         sleep_ms(50);
     }
