@@ -218,7 +218,7 @@ int kvg_encode_ref(const kvg_codec *c, kvarc_dtype dt, const void *k, const void
     float yk[KVARC_HEAD_DIM_MAX], yv[KVARC_HEAD_DIM_MAX];
     for (size_t t = 0; t < n; t++) {
         uint8_t *rec = records + t * (size_t)(2 * half);
-        float ssk, ssv;
+        float ssk = 0.0f, ssv = 0.0f;   /* set by rotate_norm; -O3 cannot see ssv only feeds the rotated path */
         int rc = load_centered(dt, k, t, d, c->mu_k, xk);
         if (!rc)
             rc = load_centered(dt, v, t, d, c->mu_v, xv);
