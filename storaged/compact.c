@@ -95,6 +95,8 @@ static int live_set(kvd_engine *e, MDB_txn *txn, idset *live)
 int kvd_compact(kvd_engine *e, double threshold, uint64_t *reclaimed_out, kvd_progress_fn fn,
                 void *arg, kvd_err *err)
 {
+    if (e->check_only)
+        return kvd_fail(err, -EROFS, "%s is open to be checked only: it cannot be compacted", e->dir);
     if (!(threshold >= 0.0 && threshold <= 1.0))
         return kvd_fail(err, -EINVAL, "compaction threshold %g is not in [0, 1]", threshold);
     pthread_mutex_lock(&e->compact_mu);

@@ -19,9 +19,14 @@
  *     so nothing of the batch becomes visible, half or whole; later batches
  *     start from the committed size again.
  *  3. An acknowledged append (gc_submit returned 0) is in a committed txn.
- *  4. Recovery (kvd_open) truncates every segment to its committed size and
- *     removes files the index does not know: what was not acknowledged is
- *     gone, what was acknowledged is intact.
+ *  4. Recovery (kvd_open) replays the valid blocks past what the index
+ *     knows (replay.c: roll-forward), cuts only bytes where no valid block
+ *     starts off segment ends, and removes files that hold nothing the
+ *     index needs: what was acknowledged is intact even when the index
+ *     lost its last transaction. A batch that was durable but whose commit
+ *     never happened (a crash between steps 2 and 3) becomes visible then:
+ *     it was not acknowledged, and a writer that retries it finds its
+ *     layer already holds those positions.
  * Segment roll: when the active segment has grown past segment_bytes, the
  * next batch seals it and creates the next one inside its own txn.
  */
@@ -268,7 +273,14 @@ int extent_resolve(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, u
             }
         }
         mdb_cursor_close(cur);
-        return found ? 0 : -ERANGE;
+        if (found)
+            return 0;
+        /* inside the layer's length an extent must hold it: the index is
+         * damaged (data loss), not the caller past the end */
+        uint64_t len;
+        if ((rc = layer_len_get(e, txn, conv, layer, &len)))
+            return rc;
+        return pos < len ? KVARC_ECORRUPT : -ERANGE;
     }
     return KVARC_ECORRUPT;   /* a fork cycle */
 }
@@ -523,6 +535,8 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
 
 int gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err)
 {
+    if (e->check_only)
+        return kvd_fail(err, -EROFS, "%s is open to be checked only: nothing can be written", e->dir);
     it->rc = 0;
     it->done = 0;
     it->err.code = 0;
@@ -569,28 +583,44 @@ static int mkdir_p(const char *p)
     return 0;
 }
 
+static int rf_push(rf_seg **v, size_t *n, const rf_seg *s)
+{
+    rf_seg *nv = realloc(*v, (*n + 1) * sizeof *nv);
+    if (!nv)
+        return -ENOMEM;
+    *v = nv;
+    nv[(*n)++] = *s;
+    return 0;
+}
+
+/* Recovery (invariant 4 above, and replay.c's roll-forward): open every
+ * listed segment, replay the valid blocks the index does not know yet,
+ * cut what no valid block occupies off segment ends, remove files that
+ * hold nothing needed. Refuses (changing nothing but DEAD files) when the
+ * index and the segments disagree in a way only rebuild-index repairs. */
 static int recover(kvd_engine *e, kvd_err *err)
 {
     MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val k, v;
+    rf_seg *rs = NULL, *tails = NULL;
+    size_t nrs = 0, ntails = 0;
+    char p[PATH_MAX], d[PATH_MAX];
+    snprintf(d, sizeof d, "%s/segments", e->dir);
     int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn));
     if (rc)
         return kvd_fail(err, rc, "cannot open the index of %s: %s", e->dir, kvarc_strerror(rc));
     if ((rc = kvd_mdb_err(mdb_cursor_open(txn, e->segs, &cur))))
         goto out;
-    uint64_t open_id = 0;
-    int have_open = 0;
     for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
         seg_val sv;
         if (k.mv_size != 8 || v.mv_size != sizeof sv) {
-            rc = kvd_fail(err, KVARC_ECORRUPT, "index of %s has a malformed segment entry; "
-                          "run `kvarc rebuild-index`", e->dir);
+            rc = kvd_fail(err, KVARC_ECORRUPT, "index of %s has a malformed segment entry; with kvarcd "
+                          "stopped run `kvarc verify %s`, then `kvarc rebuild-index %s`", e->dir, e->dir, e->dir);
             break;
         }
         memcpy(&sv, v.mv_data, sizeof sv);
         uint64_t id = key_get_u64(k.mv_data);
-        char p[PATH_MAX];
         seg_path(e->dir, id, p, sizeof p);
         if (sv.state == SEG_DEAD) {                /* compaction finished, unlink pending */
             unlink(p);
@@ -601,7 +631,8 @@ static int recover(kvd_engine *e, kvd_err *err)
         struct stat st;
         if (fd < 0 || fstat(fd, &st)) {
             rc = kvd_fail(err, KVARC_ECORRUPT, "segment %s is listed in the index but cannot be "
-                          "opened: %s", p, strerror(errno));
+                          "opened: %s; with kvarcd stopped run `kvarc verify %s`, then `kvarc "
+                          "rebuild-index %s`", p, strerror(errno), e->dir, e->dir);
             if (fd >= 0)
                 close(fd);
             break;
@@ -609,51 +640,108 @@ static int recover(kvd_engine *e, kvd_err *err)
         if ((uint64_t)st.st_size < sv.bytes) {
             close(fd);
             rc = kvd_fail(err, KVARC_ECORRUPT, "segment %s is %lld bytes, shorter than its "
-                          "committed %llu: acknowledged data is missing; run `kvarc verify`", p,
-                          (long long)st.st_size, (unsigned long long)sv.bytes);
+                          "committed %llu: acknowledged data is missing. With kvarcd stopped, `kvarc "
+                          "verify %s` says what is lost and `kvarc rebuild-index %s` rebuilds the index "
+                          "from what the segments still hold", p, (long long)st.st_size,
+                          (unsigned long long)sv.bytes, e->dir, e->dir);
             break;
         }
-        if ((uint64_t)st.st_size > sv.bytes) {     /* an unacknowledged tail */
-            if (ftruncate(fd, (off_t)sv.bytes) || fdatasync(fd)) {
-                rc = kvd_fail(err, -errno, "cannot truncate the tail of %s: %s", p, strerror(errno));
-                close(fd);
-                break;
-            }
-        }
-        if ((rc = segtab_add(e, id, fd, sv.state, sv.bytes))) {
+        rf_seg r = { .id = id, .fd = fd, .listed = sv.state, .committed = sv.bytes,
+                     .size = (uint64_t)st.st_size, .new_bytes = sv.bytes };
+        if ((rc = rf_push(&rs, &nrs, &r))) {
             close(fd);
             break;
-        }
-        if (sv.state == SEG_OPEN) {
-            if (have_open) {                      /* only one OPEN: seal the older */
-                sv.state = SEG_SEALED;
-                segtab_find(e, open_id)->state = SEG_SEALED;
-                seg_put(e, txn, open_id, SEG_SEALED, segtab_find(e, open_id)->bytes);
-            }
-            open_id = id;
-            have_open = 1;
         }
     }
     mdb_cursor_close(cur);
     if (rc)
         goto out;
-    /* files no entry knows: uncommitted rolls or compaction outputs */
-    char d[PATH_MAX];
-    snprintf(d, sizeof d, "%s/segments", e->dir);
+    /* files no entry knows: uncommitted rolls or compaction outputs, or a
+     * segment whose creation the index lost */
     DIR *dp = opendir(d);
     if (dp) {
         struct dirent *de;
-        while ((de = readdir(dp))) {
+        while ((de = readdir(dp)) && !rc) {
             uint64_t id;
-            if (seg_parse_name(de->d_name, &id) && !segtab_find(e, id)) {
-                char p[PATH_MAX];
-                seg_path(e->dir, id, p, sizeof p);
-                unlink(p);
+            int known = 0;
+            if (!seg_parse_name(de->d_name, &id))
+                continue;
+            for (size_t i = 0; i < nrs; i++)
+                known |= rs[i].id == id;
+            if (known)
+                continue;
+            seg_path(e->dir, id, p, sizeof p);
+            int fd = open(p, O_RDWR | O_CLOEXEC);
+            struct stat st;
+            if (fd < 0 || fstat(fd, &st)) {
+                rc = kvd_fail(err, -errno, "cannot open %s: %s", p, strerror(errno));
+                if (fd >= 0)
+                    close(fd);
+                break;
             }
+            rf_seg r = { .id = id, .fd = fd, .size = (uint64_t)st.st_size };
+            if ((rc = rf_push(&rs, &nrs, &r)))
+                close(fd);
         }
         closedir(dp);
     }
-    if (!have_open) {
+    if (rc)
+        goto out;
+    for (size_t i = 0; i < nrs && !rc; i++)
+        if (rs[i].size > rs[i].committed)
+            rc = rf_push(&tails, &ntails, &rs[i]);
+    if (rc || (ntails && (rc = recover_roll_forward(e, txn, tails, ntails, err))))
+        goto out;
+    for (size_t i = 0; i < ntails; i++)
+        for (size_t j = 0; j < nrs; j++)
+            if (rs[j].id == tails[i].id)
+                rs[j] = tails[i];
+    uint64_t open_id = 0, max_id = 0;
+    for (size_t i = 0; i < nrs && !rc; i++) {
+        rf_seg *r = &rs[i];
+        seg_path(e->dir, r->id, p, sizeof p);
+        if (!r->listed && !r->applied) {           /* nothing in it is needed */
+            close(r->fd);
+            r->fd = -1;
+            unlink(p);
+            continue;
+        }
+        e->n_rolled_forward += r->applied;
+        if (r->size > r->new_bytes && (ftruncate(r->fd, (off_t)r->new_bytes) || fdatasync(r->fd))) {
+            rc = kvd_fail(err, -errno, "cannot truncate the tail of %s: %s", p, strerror(errno));
+            break;
+        }
+        uint8_t state = r->listed ? (uint8_t)r->listed : SEG_SEALED;
+        if ((rc = segtab_add(e, r->id, r->fd, state, r->new_bytes)))
+            break;
+        r->fd = -1;                                /* the table owns it now */
+        if ((!r->listed || r->new_bytes != r->committed) &&
+            (rc = seg_put(e, txn, r->id, state, r->new_bytes)))
+            break;
+        if (r->id > max_id)
+            max_id = r->id;
+        if (state == SEG_OPEN && r->id > open_id)
+            open_id = r->id;
+    }
+    if (rc)
+        goto out;
+    if (max_id && (rc = meta_at_least(e, txn, "next_seg", max_id + 1)))
+        goto out;
+    /* one OPEN segment, the newest: a segment the roll-forward brought back
+     * is newer than the OPEN one the index remembered */
+    if (open_id && open_id != max_id)
+        open_id = max_id;
+    for (size_t i = 0; i < e->nseg && !rc; i++) {
+        kvd_seg *s = &e->segtab[i];
+        uint8_t want = s->id == open_id ? SEG_OPEN : SEG_SEALED;
+        if (s->state != want && s->state != SEG_DEAD) {
+            s->state = want;
+            rc = seg_put(e, txn, s->id, want, s->bytes);
+        }
+    }
+    if (rc)
+        goto out;
+    if (!open_id) {
         int fd = seg_create(e, txn, &open_id, SEG_OPEN);
         if (fd < 0) {
             rc = kvd_fail(err, fd, "cannot create a segment in %s: %s", d, kvarc_strerror(fd));
@@ -670,10 +758,63 @@ static int recover(kvd_engine *e, kvd_err *err)
 out:
     if (txn)
         mdb_txn_abort(txn);
+    for (size_t i = 0; i < nrs; i++)
+        if (rs[i].fd >= 0 && !segtab_find(e, rs[i].id))
+            close(rs[i].fd);
+    free(rs);
+    free(tails);
     return rc;
 }
 
+/* kvd_open_check's load: every listed segment that opens, read-only, at
+ * its committed size; what does not open kvd_verify reports. */
+static int load_segments(kvd_engine *e, kvd_err *err)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    if (rc)
+        return kvd_fail(err, rc, "cannot read the index of %s: %s", e->dir, kvarc_strerror(rc));
+    if (!(rc = kvd_mdb_err(mdb_cursor_open(txn, e->segs, &cur)))) {
+        for (int op = MDB_FIRST; !rc && !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+            seg_val sv;
+            if (k.mv_size != 8 || v.mv_size != sizeof sv)
+                continue;
+            memcpy(&sv, v.mv_data, sizeof sv);
+            char p[PATH_MAX];
+            seg_path(e->dir, key_get_u64(k.mv_data), p, sizeof p);
+            int fd = sv.state == SEG_DEAD ? -1 : open(p, O_RDONLY | O_CLOEXEC);
+            if (fd >= 0 && (rc = segtab_add(e, key_get_u64(k.mv_data), fd, sv.state, sv.bytes)))
+                close(fd);
+        }
+        mdb_cursor_close(cur);
+    }
+    mdb_txn_abort(txn);
+    return rc;
+}
+
+static int engine_open(const kvd_options *opt, int check_only, kvd_engine **out, kvd_err *err);
+
 int kvd_open(const kvd_options *opt, kvd_engine **out, kvd_err *err)
+{
+    return engine_open(opt, 0, out, err);
+}
+
+int kvd_open_check(const char *dir, kvd_engine **out, kvd_err *err)
+{
+    char p[PATH_MAX];
+    struct stat st;
+    if (!dir)
+        return kvd_fail(err, -EINVAL, "no data directory given");
+    snprintf(p, sizeof p, "%s/index/data.mdb", dir);
+    if (stat(p, &st))
+        return kvd_fail(err, -ENOENT, "%s is not a kvarc data directory (no %s)", dir, p);
+    kvd_options o = { .dir = dir };
+    return engine_open(&o, 1, out, err);
+}
+
+static int engine_open(const kvd_options *opt, int check_only, kvd_engine **out, kvd_err *err)
 {
     if (!opt || !opt->dir || !out)
         return kvd_fail(err, -EINVAL, "kvd_open: no data directory given");
@@ -704,10 +845,13 @@ int kvd_open(const kvd_options *opt, kvd_engine **out, kvd_err *err)
         goto fail;
     }
     if (flock(e->lock_fd, LOCK_EX | LOCK_NB)) {
-        rc = kvd_fail(err, -EBUSY, "data directory %s is in use by another process (lock %s "
-                      "held); stop it first", e->dir, p);
+        rc = kvd_fail(err, -EBUSY, check_only ? "data directory %s is in use (lock %s held): kvarcd runs "
+                      "on it; verify through it instead (`kvarc verify --data DIR`)"
+                      : "data directory %s is in use by another process (lock %s held); stop it first",
+                      e->dir, p);
         goto fail;
     }
+    e->check_only = check_only;
     snprintf(p, sizeof p, "%s/segments", e->dir);
     if ((rc = mkdir_p(p))) {
         kvd_fail(err, rc, "cannot create %s: %s", p, strerror(-rc));
@@ -722,24 +866,24 @@ int kvd_open(const kvd_options *opt, kvd_engine **out, kvd_err *err)
         (rc = kvd_mdb_err(mdb_env_set_maxdbs(e->env, 8))) ||
         (rc = kvd_mdb_err(mdb_env_set_mapsize(e->env, opt->map_size ? opt->map_size : 64ull << 30))) ||
         (rc = kvd_mdb_err(mdb_env_set_maxreaders(e->env, 1024))) ||
-        (rc = kvd_mdb_err(mdb_env_open(e->env, p, MDB_NOTLS, 0600)))) {
+        (rc = kvd_mdb_err(mdb_env_open(e->env, p, MDB_NOTLS | (check_only ? MDB_RDONLY : 0), 0600)))) {
         kvd_fail(err, rc, "cannot open the LMDB index %s: %s", p, kvarc_strerror(rc));
         goto fail;
     }
-    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn))))
+    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, check_only ? MDB_RDONLY : 0, &txn))))
         goto fail;
     struct { const char *name; MDB_dbi *dbi; } dbs[] = {
         { "meta", &e->meta }, { "names", &e->names }, { "convs", &e->convs }, { "means", &e->means },
         { "layers", &e->layers }, { "extents", &e->extents }, { "segs", &e->segs },
     };
     for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++)
-        if ((rc = kvd_mdb_err(mdb_dbi_open(txn, dbs[i].name, MDB_CREATE, dbs[i].dbi)))) {
+        if ((rc = kvd_mdb_err(mdb_dbi_open(txn, dbs[i].name, check_only ? 0 : MDB_CREATE, dbs[i].dbi)))) {
             kvd_fail(err, rc, "cannot open table %s of %s: %s", dbs[i].name, p, kvarc_strerror(rc));
             goto fail;
         }
     rc = kvd_mdb_err(mdb_txn_commit(txn));
     txn = NULL;
-    if (rc || (rc = recover(e, err)))
+    if (rc || (rc = check_only ? load_segments(e, err) : recover(e, err)))
         goto fail;
     *out = e;
     return 0;
@@ -1380,5 +1524,6 @@ int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err)
     st->appends = atomic_load(&e->n_appends);
     st->group_commits = atomic_load(&e->n_commits);
     st->fsyncs = atomic_load(&e->n_fsyncs);
+    st->rolled_forward = e->n_rolled_forward;
     return 0;
 }

@@ -180,6 +180,11 @@ int main(int argc, char **argv)
         log_line("error", "msg=\"%s\"", err.msg);
         goto out;
     }
+    kvd_stats rst;
+    if (!kvd_stats_get(e, &rst, NULL) && rst.rolled_forward)
+        log_line("warn", "msg=\"recovery replayed %llu valid block(s) that the index of %s did not know "
+                 "(its last transaction was lost, or a crash came between a write and its commit)\"",
+                 (unsigned long long)rst.rolled_forward, dir);
     char sock[1200], addr[1300], msg[256];
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
     if (strlen(sock) >= 108) {

@@ -89,8 +89,13 @@ typedef struct kvd_conv_info {
 /* ---- engine --------------------------------------------------------- */
 
 /* Open (creating if needed) the data directory; recovers from a crash:
- * segment tails past the committed size are truncated, files no index
- * entry references are removed. */
+ * valid blocks past what the index knows are replayed into it (the index
+ * may have lost its last transaction), bytes where no valid block starts
+ * are cut off segment ends, files holding nothing the index needs are
+ * removed. Refuses with KVARC_ECORRUPT, naming `kvarc verify DIR` and
+ * `kvarc rebuild-index DIR`, when the index and its segments disagree in a
+ * way only a rebuild repairs (a segment shorter than its committed size,
+ * a valid block the index cannot take). */
 int  kvd_open(const kvd_options *opt, kvd_engine **out, kvd_err *err);
 void kvd_close(kvd_engine *e);
 
@@ -213,6 +218,7 @@ typedef struct kvd_stats {
     uint64_t conversations, deleted, segments, segment_bytes, live_bytes;
     uint64_t blocks, tokens, extents;          /* tokens: archived (token, layer) pairs */
     uint64_t appends, group_commits, fsyncs;   /* since open */
+    uint64_t rolled_forward;   /* valid blocks the index lacked, replayed by recovery at open */
 } kvd_stats;
 
 int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err);
@@ -241,8 +247,20 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, void (*log)(void *arg, con
                void *arg, kvd_progress_fn fn, void *parg, kvd_err *err);
 
 /* Rebuild the index of the (closed) data directory from its segments:
- * the old index is kept as index.old/ until the new one is complete. */
-int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *err);
+ * every valid block is replayed in sequence order (damage is skipped, the
+ * blocks after it still count); a block the index cannot take (a gap left
+ * by a lost block, ...) is left out, described through `log` (may be
+ * NULL) and counted in *dropped_out (may be NULL). The old index is kept
+ * as index.old/ until the new one is complete. -EBUSY while kvarcd runs. */
+int kvd_rebuild_index(const char *dir, void (*log)(void *arg, const char *line), void *larg,
+                      uint64_t *dropped_out, kvd_progress_fn fn, void *arg, kvd_err *err);
+
+/* Open a stopped data directory to check it, changing nothing: no
+ * recovery, no truncation, the index read-only. kvd_verify on it also
+ * reports what recovery would act on (valid blocks past the committed
+ * sizes, segment files the index does not list); appends and compaction
+ * are refused. -EBUSY while kvarcd runs (use the Verify RPC then). */
+int kvd_open_check(const char *dir, kvd_engine **out, kvd_err *err);
 
 /* ---- fault injection (tests) ----------------------------------------- */
 

@@ -28,7 +28,8 @@ void seg_path(const char *dir, uint64_t id, char *out, size_t len);
 /* pwrite all of iov at off, honouring injected faults; 0 or -errno. */
 int  seg_pwritev(int fd, const struct iovec *iov, int n, uint64_t off);
 int  seg_sync(int fd);
-/* Read exactly len bytes at off (pread loop); 0, -errno, or -EIO on EOF. */
+/* Read exactly len bytes at off (pread loop); 0, -errno, or KVARC_ECORRUPT
+ * at the end of the file (what should be there is missing). */
 int  seg_pread_full(int fd, void *buf, size_t len, uint64_t off);
 
 /* ---- LMDB layout (engine.c) ------------------------------------------ */
@@ -98,6 +99,8 @@ struct kvd_engine {
     pthread_mutex_t compact_mu; /* one compaction at a time */
 
     atomic_ullong n_appends, n_commits, n_fsyncs;
+    uint64_t n_rolled_forward;  /* blocks recovery replayed into the index at open */
+    int      check_only;        /* kvd_open_check: read-only, no recovery */
 };
 
 /* Fill err (if non-NULL) with code and a formatted message; returns code. */
@@ -132,5 +135,55 @@ int  layer_len_get(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, u
  * (following forks) and its extent. 0, -ERANGE past the end, or an error. */
 int  extent_resolve(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t pos,
                     uint64_t *owner, uint64_t *first, extent_val *ev);
+
+/* ---- blocks read back (replay.c) --------------------------------------- */
+
+/* Check a whole block's payload (header h already decoded): 0 or
+ * KVARC_ECORRUPT with *what naming the part that failed; records (may be
+ * NULL) grows by the records it holds. */
+int block_check_payload(const kvarc_block_header *h, const uint8_t *block, const char **what,
+                        uint64_t *records);
+
+/* Called per block by block_walk, in file order. A valid block: h set,
+ * bad NULL, bytes its length, block its bytes when it was read whole
+ * (those reaching past check_from), else NULL. A damaged range: bad says
+ * what failed, h is the header when only the payload failed (else NULL),
+ * bytes is how much was skipped to the next valid block (or the end).
+ * Nonzero stops the walk and is returned. */
+typedef int (*block_fn)(void *arg, uint64_t seg, uint64_t off, const kvarc_block_header *h,
+                        const uint8_t *block, const char *bad, uint64_t bytes);
+/* Walk fd's blocks in [start, end); blocks ending past check_from are
+ * read and checked whole, earlier ones by their header only. Damage is
+ * skipped by resynchronising on the next valid block. *valid_end: the
+ * end of the last valid block (start if none). */
+int block_walk(int fd, uint64_t seg, uint64_t start, uint64_t check_from, uint64_t end, block_fn fn,
+               void *arg, uint64_t *valid_end);
+
+/* Apply one valid block (whole, at seg/off) to the index in txn: 1
+ * applied, 0 already there or nothing to do, KVARC_ECORRUPT (err says
+ * why) when the index cannot take it, or another error. */
+/* Raise the counter `name` in the meta table to at least at_least. */
+int meta_at_least(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t at_least);
+int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const uint8_t *block,
+                 uint64_t seg, uint64_t off, kvd_err *err);
+
+/* A segment file as recovery found it. */
+typedef struct rf_seg {
+    uint64_t id;
+    int      fd;
+    int      listed;            /* its SEG_* state in the index, 0: a file it does not know */
+    uint64_t committed;         /* the index's committed size (0 if not listed) */
+    uint64_t size;              /* the file's size */
+    uint64_t new_bytes;         /* out: committed size after roll-forward */
+    uint64_t blocks, applied;   /* out: valid blocks past committed; of them replayed */
+    uint64_t bad_off;           /* out: damage past committed (when bad_what) */
+    const char *bad_what;
+} rf_seg;
+
+/* Replay, in sequence order, every valid block past the committed size of
+ * segs (recovery's roll-forward; replay.c's design notes). 0, or
+ * KVARC_ECORRUPT (a block the index cannot take: nothing should be
+ * changed, kvarcd refuses to start), or an I/O error. */
+int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs, kvd_err *err);
 
 #endif

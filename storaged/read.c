@@ -227,7 +227,10 @@ static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t 
                 break;
             }
             if (rc) {
-                kvd_fail(err, rc, "resolving position %llu of layer %u: %s",
+                kvd_fail(err, rc, rc == KVARC_ECORRUPT
+                         ? "position %llu of layer %u is inside the layer but the index has no intact "
+                           "extent for it: the index is damaged (run `kvarc verify`)"
+                         : "resolving position %llu of layer %u: %s",
                          (unsigned long long)pos[i], layer, kvarc_strerror(rc));
                 break;
             }
@@ -282,8 +285,10 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
     if ((rc = resolve_slots(r, conv, layer, head, &info.shape, pos, n, ops, owner, &ps, err)))
         goto out;
     if ((rc = ring_run(r, ops, n))) {
-        kvd_fail(err, rc, "reading records of '%s/%s' layer %u: %s", info.ns, info.name, layer,
-                 kvarc_strerror(rc));
+        kvd_fail(err, rc, rc == KVARC_ECORRUPT
+                 ? "reading records of '%s/%s' layer %u: the index points past the end of a segment: %s "
+                   "(run `kvarc verify`)"
+                 : "reading records of '%s/%s' layer %u: %s", info.ns, info.name, layer, kvarc_strerror(rc));
         goto out;
     }
     for (size_t i = 0; i < n; i++) {

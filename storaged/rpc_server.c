@@ -52,6 +52,7 @@
 #include "kvarc.pb-c.h"
 #include "kvd_internal.h"
 #include "kvg.h"
+#include "pb_strings.h"
 #include "rpc_server.h"
 
 enum { REQUESTED, RECEIVING, SENDING, JOB, FINISHING };
@@ -296,7 +297,12 @@ typedef int (*handler_fn)(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
 #define DECODE(type, fn, var)                                                             \
     type *var = fn(NULL, len, in);                                                        \
     if (!var)                                                                             \
-        return kvd_fail(err, -EINVAL, "request is not a valid " #type " message (%zu bytes)", len)
+        return kvd_fail(err, -EINVAL, "request is not a valid " #type " message (%zu bytes)", len); \
+    int var##_bad = pb_strings_check(var->base.descriptor, in, len, err);                 \
+    if (var##_bad) {                                                                      \
+        protobuf_c_message_free_unpacked(&var->base, NULL);                               \
+        return var##_bad;                                                                 \
+    }
 
 static int h_health(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {

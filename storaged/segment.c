@@ -114,8 +114,8 @@ int seg_pread_full(int fd, void *buf, size_t len, uint64_t off)
                 continue;
             return -errno;
         }
-        if (r == 0)
-            return -EIO;
+        if (r == 0)             /* the index points past the file's end */
+            return KVARC_ECORRUPT;
         p += r;
         len -= (size_t)r;
         off += (uint64_t)r;

@@ -60,105 +60,44 @@ static void logf_(log_fn log, void *arg, uint64_t *problems, const char *fmt, ..
         log(arg, line);
 }
 
-/* Check one block's payload in buf (header h). 0 or KVARC_ECORRUPT with
- * *what saying which part failed. */
-static int check_payload(const kvarc_block_header *h, const uint8_t *block, const char **what,
-                         uint64_t *records)
-{
-    if (h->kind != KVARC_BLOCK_DATA) {
-        *what = "metadata payload checksum";
-        return kvarc_crc32c(0, block + KVARC_BLOCK_HEADER, h->payload_bytes) == h->payload_crc
-                   ? 0 : KVARC_ECORRUPT;
-    }
-    size_t sec = kvarc_block_sig_section(h->count, h->head_dim);
-    for (int hd = 0; hd < h->n_heads; hd++) {
-        const uint8_t *p = block + kvarc_block_sig_offset(h, hd);
-        uint32_t crc;
-        memcpy(&crc, p + sec - 4, 4);
-        if (crc != kvarc_sig_section_crc(h->conv, h->layer, h->first_pos, (uint32_t)hd, p, sec - 4)) {
-            *what = "signature section checksum";
-            return KVARC_ECORRUPT;
-        }
-        for (uint32_t t = 0; t < h->count; t++) {
-            const uint8_t *s = block + kvarc_block_slot_offset(h, hd, t);
-            memcpy(&crc, s + h->rec_bytes, 4);
-            if (crc != kvarc_record_crc(h->conv, h->layer, (uint32_t)hd, h->first_pos + t, s, h->rec_bytes)) {
-                *what = "record checksum";
-                return KVARC_ECORRUPT;
-            }
-        }
-        if (records)
-            *records += h->count;
-    }
-    return 0;
-}
+/* What block_walk finds in one segment: valid blocks into out, damage
+ * reported through bad (verify) or only counted (rebuild). */
+typedef struct scan_ctx {
+    blklist *out;
+    uint64_t *records, *problems;
+    log_fn    bad;
+    void     *bad_arg;
+    kvd_progress_fn fn;
+    void     *parg;
+    uint64_t *done, total;
+} scan_ctx;
 
-/* Scan fd's blocks in [0, limit). Valid blocks are pushed to out; the scan
- * stops at the first block that does not check (its offset in *valid_end).
- * Meta payloads are kept when keep_meta (caller frees via metas). */
-static int scan_segment(int fd, uint64_t seg, uint64_t limit, blklist *out, uint64_t *valid_end,
-                        uint64_t *records, const char **what, kvd_progress_fn fn, void *parg,
-                        uint64_t *done, uint64_t total, log_fn bad, void *bad_arg, uint64_t *problems)
+static int scan_block(void *arg, uint64_t seg, uint64_t off, const kvarc_block_header *h,
+                      const uint8_t *block, const char *bad, uint64_t bytes)
 {
-    uint64_t off = 0;
-    uint8_t *buf = NULL;
-    size_t cap = 0;
-    int rc = 0;
-    *what = NULL;
-    while (off + KVARC_BLOCK_HEADER <= limit) {
-        uint8_t hb[KVARC_BLOCK_HEADER];
-        blk b = { .seg = seg, .off = off };
-        if ((rc = seg_pread_full(fd, hb, sizeof hb, off)))
-            break;
-        if ((rc = kvarc_block_header_decode(hb, &b.h))) {
-            *what = "block header";
-            break;
-        }
-        size_t bytes = KVARC_BLOCK_HEADER + (size_t)b.h.payload_bytes;
-        if (off + bytes > limit) {
-            rc = KVARC_ECORRUPT;
-            *what = "block running past the segment's end";
-            break;
-        }
-        if (bytes > cap) {
-            uint8_t *n = realloc(buf, bytes);
-            if (!n) {
-                rc = -ENOMEM;
-                break;
-            }
-            buf = n;
-            cap = bytes;
-        }
-        memcpy(buf, hb, sizeof hb);
-        if ((rc = seg_pread_full(fd, buf + sizeof hb, b.h.payload_bytes, off + sizeof hb)))
-            break;
-        if ((rc = check_payload(&b.h, buf, what, records))) {
-            if (!problems)
-                break;
-            /* verify: the header is sound, so report this block and go on */
-            logf_(bad, bad_arg, problems, "segment %016llx offset %llu: %s failed (conversation %llu "
-                  "layer %u positions %llu..%llu)", (unsigned long long)seg, (unsigned long long)off,
-                  *what, (unsigned long long)b.h.conv, b.h.layer, (unsigned long long)b.h.first_pos,
-                  (unsigned long long)(b.h.first_pos + b.h.count - 1));
-            rc = 0;
-            *what = NULL;
-        } else if ((rc = blk_push(out, &b))) {
-            break;
-        }
-        off += bytes;
-        *done += bytes;
-        if (fn && fn(parg, *done, total)) {
-            rc = -ECANCELED;
-            break;
-        }
+    scan_ctx *sc = arg;
+    if (bad) {
+        if (h)
+            logf_(sc->bad, sc->bad_arg, sc->problems, "segment %016llx offset %llu: %s failed "
+                  "(conversation %llu layer %u positions %llu..%llu); %llu bytes skipped",
+                  (unsigned long long)seg, (unsigned long long)off, bad, (unsigned long long)h->conv,
+                  h->layer, (unsigned long long)h->first_pos,
+                  (unsigned long long)(h->first_pos + h->count - 1), (unsigned long long)bytes);
+        else
+            logf_(sc->bad, sc->bad_arg, sc->problems, "segment %016llx offset %llu: %s failed; %llu "
+                  "bytes skipped to the next valid block", (unsigned long long)seg,
+                  (unsigned long long)off, bad, (unsigned long long)bytes);
+    } else {
+        blk b = { .seg = seg, .off = off, .h = *h };
+        int rc = blk_push(sc->out, &b);
+        if (rc)
+            return rc;
+        if (h->kind == KVARC_BLOCK_DATA)
+            *sc->records += (uint64_t)h->count * h->n_heads;
+        (void)block;
     }
-    if (!rc && off != limit && off + KVARC_BLOCK_HEADER > limit && off < limit) {
-        rc = KVARC_ECORRUPT;
-        *what = "trailing bytes shorter than a block header";
-    }
-    *valid_end = off;
-    free(buf);
-    return rc;
+    *sc->done += bytes;
+    return sc->fn && sc->fn(sc->parg, *sc->done, sc->total) ? -ECANCELED : 0;
 }
 
 static int blk_find(const blklist *l, uint64_t seg, uint64_t off)
@@ -183,6 +122,157 @@ static int blk_cmp_pos(const void *a, const void *b)
     return (x->off > y->off) - (x->off < y->off);
 }
 
+static uint32_t key_get_u32(const uint8_t *k)
+{
+    return (uint32_t)k[0] << 24 | (uint32_t)k[1] << 16 | (uint32_t)k[2] << 8 | k[3];
+}
+
+/* Every conversation opens as kvd_conv_open would open it: its record,
+ * its name both ways, its means, its layer lengths, its creating block. */
+static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_verify_report *rep,
+                         log_fn log, void *arg)
+{
+    MDB_cursor *cur;
+    MDB_val k, v;
+    if (mdb_cursor_open(txn, e->convs, &cur))
+        return;
+    for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+        if (k.mv_size != 8 || v.mv_size != sizeof(conv_rec)) {
+            logf_(log, arg, &rep->problems, "conversation record %s is damaged (%zu bytes, expected %zu): "
+                  "it cannot be opened", k.mv_size == 8 ? "entry" : "key", v.mv_size, sizeof(conv_rec));
+            continue;
+        }
+        uint64_t id = key_get_u64(k.mv_data);
+        conv_rec c;
+        memcpy(&c, v.mv_data, sizeof c);
+        if (c.flags & KVD_CONV_DELETED)
+            continue;
+        if (!memchr(c.ns, 0, sizeof c.ns) || !memchr(c.name, 0, sizeof c.name) ||
+            !kvd_name_valid(c.ns, KVD_NS_MAX) || !kvd_name_valid(c.name, KVD_NAME_MAX)) {
+            logf_(log, arg, &rep->problems, "conversation %llu: its name in the index is damaged",
+                  (unsigned long long)id);
+            continue;
+        }
+        const kvd_shape *s = &c.shape;
+        if (s->n_layers == 0 || s->n_layers > KVD_MAX_LAYERS || s->n_kv_heads == 0 ||
+            s->n_kv_heads > KVD_MAX_HEADS || kvarc_head_dim_check((int)s->head_dim) || !kvarc_format_get(s->format)) {
+            logf_(log, arg, &rep->problems, "conversation '%s/%s' (%llu): its shape in the index is damaged",
+                  c.ns, c.name, (unsigned long long)id);
+            continue;
+        }
+        char nb[KVD_NS_MAX + KVD_NAME_MAX];
+        MDB_val nk, nv;
+        name_key(nb, sizeof nb, c.ns, c.name, &nk);
+        uint64_t nid = 0;
+        if (mdb_get(txn, e->names, &nk, &nv) || nv.mv_size != 8 || (memcpy(&nid, nv.mv_data, 8), nid != id))
+            logf_(log, arg, &rep->problems, "conversation '%s/%s' (%llu): the name table does not lead to it "
+                  "(it cannot be opened by name)", c.ns, c.name, (unsigned long long)id);
+        MDB_val mv;
+        if (mdb_get(txn, e->means, &k, &mv) || mv.mv_size != means_floats(s) * sizeof(float))
+            logf_(log, arg, &rep->problems, "conversation '%s/%s': its centering means are missing or damaged",
+                  c.ns, c.name);
+        if (c.parent) {
+            conv_rec pc;
+            if (conv_get(e, txn, c.parent, &pc))
+                logf_(log, arg, &rep->problems, "conversation '%s/%s': its fork parent %llu is missing",
+                      c.ns, c.name, (unsigned long long)c.parent);
+        }
+        for (uint32_t l = 0; l < s->n_layers; l++) {
+            uint8_t lk[12];
+            layer_key(lk, id, l);
+            MDB_val lkv = { 12, lk }, lv;
+            int lrc = mdb_get(txn, e->layers, &lkv, &lv);
+            uint64_t len = 0;
+            if (lrc == 0 && lv.mv_size == 8)
+                memcpy(&len, lv.mv_data, 8);
+            if ((lrc && lrc != MDB_NOTFOUND) || (lrc == 0 && lv.mv_size != 8) || len < c.fork_len) {
+                logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u: its length in the index "
+                      "is damaged", c.ns, c.name, l);
+                break;
+            }
+        }
+        int bi = blk_find(bl, c.create_seg, c.create_off);
+        if (bi < 0 || bl->v[bi].h.kind != KVARC_BLOCK_CONV_CREATE || bl->v[bi].h.conv != id)
+            logf_(log, arg, &rep->problems, "conversation '%s/%s': the index says it was created by the "
+                  "block at segment %016llx offset %llu, where no such block is", c.ns, c.name,
+                  (unsigned long long)c.create_seg, (unsigned long long)c.create_off);
+    }
+    mdb_cursor_close(cur);
+    /* and every name leads to a live conversation of that name */
+    if (mdb_cursor_open(txn, e->names, &cur))
+        return;
+    for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+        uint64_t id = 0;
+        conv_rec c;
+        if (v.mv_size == 8)
+            memcpy(&id, v.mv_data, 8);
+        if (v.mv_size != 8 || conv_get(e, txn, id, &c) || (c.flags & KVD_CONV_DELETED))
+            logf_(log, arg, &rep->problems, "name '%.*s' leads to no live conversation",
+                  (int)(k.mv_size < 200 ? k.mv_size : 200), (const char *)k.mv_data);
+    }
+    mdb_cursor_close(cur);
+}
+
+static int count_block(void *arg, uint64_t seg, uint64_t off, const kvarc_block_header *h,
+                       const uint8_t *block, const char *bad, uint64_t bytes)
+{
+    (void)seg; (void)off; (void)h; (void)block; (void)bytes;
+    *(uint64_t *)arg += !bad;
+    return 0;
+}
+
+/* A stopped directory (kvd_open_check): the index's segments that do not
+ * open, and segment files the index does not list. */
+static void verify_files(kvd_engine *e, MDB_txn *txn, kvd_verify_report *rep, log_fn log, void *arg)
+{
+    MDB_cursor *cur;
+    MDB_val k, v;
+    char p[PATH_MAX];
+    if (!mdb_cursor_open(txn, e->segs, &cur)) {
+        for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+            seg_val sv;
+            if (k.mv_size != 8 || v.mv_size != sizeof sv) {
+                logf_(log, arg, &rep->problems, "a segment entry of the index is damaged");
+                continue;
+            }
+            memcpy(&sv, v.mv_data, sizeof sv);
+            uint64_t id = key_get_u64(k.mv_data);
+            if (sv.state != SEG_DEAD && !segtab_find(e, id)) {
+                seg_path(e->dir, id, p, sizeof p);
+                logf_(log, arg, &rep->problems, "segment %016llx is listed in the index (%llu committed "
+                      "bytes) but %s cannot be opened", (unsigned long long)id, (unsigned long long)sv.bytes, p);
+            }
+        }
+        mdb_cursor_close(cur);
+    }
+    snprintf(p, sizeof p, "%s/segments", e->dir);
+    DIR *dp = opendir(p);
+    struct dirent *de;
+    while (dp && (de = readdir(dp))) {
+        uint64_t id, n = 0, vend;
+        uint8_t kb[8];
+        if (!seg_parse_name(de->d_name, &id))
+            continue;
+        key_u64(kb, id);
+        MDB_val sk = { 8, kb }, sv;
+        if (mdb_get(txn, e->segs, &sk, &sv) == 0)
+            continue;
+        seg_path(e->dir, id, p, sizeof p);
+        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd >= 0 && !fstat(fd, &st))
+            block_walk(fd, id, 0, 0, (uint64_t)st.st_size, count_block, &n, &vend);
+        if (fd >= 0)
+            close(fd);
+        if (n)
+            logf_(log, arg, &rep->problems, "segment file %s is not in the index but holds %llu valid "
+                  "block(s): at start kvarcd replays those the index lacks, or removes the file when it "
+                  "needs none", p, (unsigned long long)n);
+    }
+    if (dp)
+        closedir(dp);
+}
+
 int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd_progress_fn fn,
                void *parg, kvd_err *err)
 {
@@ -192,7 +282,14 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
     memset(rep, 0, sizeof *rep);
     blklist bl = { 0 };
     int rc = 0;
+    MDB_txn *txn = NULL;
     pthread_mutex_lock(&e->compact_mu);
+    /* the index view first: every extent it holds then lies within the
+     * committed sizes read next (the table grows after each commit) */
+    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
+        pthread_mutex_unlock(&e->compact_mu);
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    }
 
     /* the committed segments, as the index says (pinned while scanned) */
     pthread_mutex_lock(&e->seg_mu);
@@ -202,6 +299,7 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
         memcpy(segs, e->segtab, nseg * sizeof *segs);
     pthread_mutex_unlock(&e->seg_mu);
     if (!segs) {
+        mdb_txn_abort(txn);
         pthread_mutex_unlock(&e->compact_mu);
         return kvd_fail(err, -ENOMEM, "out of memory");
     }
@@ -209,6 +307,7 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
     for (size_t i = 0; i < nseg; i++)
         if (segs[i].state != SEG_DEAD)
             total += segs[i].bytes;
+    scan_ctx sc = { &bl, &rep->records, &rep->problems, log, arg, fn, parg, &done, total };
     for (size_t i = 0; i < nseg; i++) {
         if (segs[i].state == SEG_DEAD)
             continue;
@@ -218,46 +317,67 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
                   (unsigned long long)segs[i].id);
             continue;
         }
-        uint64_t end;
-        const char *what;
-        int src = scan_segment(fd, segs[i].id, segs[i].bytes, &bl, &end, &rep->records, &what,
-                               fn, parg, &done, total, log, arg, &rep->problems);
+        struct stat st;
+        uint64_t end = segs[i].bytes, vend;
+        if (fstat(fd, &st) == 0 && (uint64_t)st.st_size < end) {
+            logf_(log, arg, &rep->problems, "segment %016llx is %llu bytes, shorter than its committed %llu: "
+                  "the bytes after %llu are missing", (unsigned long long)segs[i].id,
+                  (unsigned long long)st.st_size, (unsigned long long)end, (unsigned long long)st.st_size);
+            end = (uint64_t)st.st_size;
+        }
+        int src = block_walk(fd, segs[i].id, 0, 0, end, scan_block, &sc, &vend);
+        /* the index of a stopped directory may be behind its segments:
+         * kvarcd replays those blocks at start (online the tail past the
+         * committed size is a batch being written) */
+        uint64_t behind = 0;
+        blklist tail = { 0 };
+        if (!src && e->check_only && (uint64_t)st.st_size > segs[i].bytes) {
+            uint64_t tr = 0, tp = 0, td = 0;
+            scan_ctx tc = { &tail, &tr, &tp, NULL, NULL, NULL, NULL, &td, 0 };
+            src = block_walk(fd, segs[i].id, segs[i].bytes, 0, (uint64_t)st.st_size, scan_block, &tc, &vend);
+            behind = tail.n;
+            free(tail.v);
+        }
         seg_unpin(e, segs[i].id);
         rep->segments++;
-        rep->bytes += segs[i].bytes;
+        rep->bytes += end;
         if (src == -ENOMEM || src == -ECANCELED) {
             rc = kvd_fail(err, src, src == -ECANCELED ? "verify stopped before it finished"
                                                       : "out of memory while verifying");
             goto out;
         }
         if (src)
-            logf_(log, arg, &rep->problems, "segment %016llx offset %llu: %s failed (%s); %llu of "
-                  "%llu committed bytes check", (unsigned long long)segs[i].id,
-                  (unsigned long long)end, what ? what : "read", kvarc_strerror(src),
-                  (unsigned long long)end, (unsigned long long)segs[i].bytes);
+            logf_(log, arg, &rep->problems, "segment %016llx: reading it failed: %s",
+                  (unsigned long long)segs[i].id, kvarc_strerror(src));
+        if (behind)
+            logf_(log, arg, &rep->problems, "segment %016llx holds %llu valid block(s) past its committed "
+                  "size %llu: the index is behind its segments (kvarcd replays them into it at start)",
+                  (unsigned long long)segs[i].id, (unsigned long long)behind, (unsigned long long)segs[i].bytes);
     }
     if (bl.n)   /* an empty archive has no list at all: qsort(NULL) is undefined */
         qsort(bl.v, bl.n, sizeof *bl.v, blk_cmp_pos);
     rep->blocks = bl.n;
 
-    /* every extent points at a matching data block; layers are contiguous */
-    MDB_txn *txn;
+    /* every extent points at a matching data block, reads find it where it
+     * says, and layers are contiguous */
     MDB_cursor *cur;
     MDB_val k, v;
-    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
-        kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-        goto out;
-    }
+    verify_convs(e, txn, &bl, rep, log, arg);
     if (!mdb_cursor_open(txn, e->extents, &cur)) {
         uint64_t pconv = UINT64_MAX, expect = 0;
         uint32_t player = UINT32_MAX;
         for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+            rep->extents++;
+            if (k.mv_size != 20 || v.mv_size != sizeof(extent_val)) {
+                logf_(log, arg, &rep->problems, "an extent entry is damaged (key %zu bytes, value %zu)",
+                      k.mv_size, v.mv_size);
+                continue;
+            }
             const uint8_t *kb = k.mv_data;
             uint64_t conv = key_get_u64(kb), first = key_get_u64(kb + 12);
-            uint32_t layer = (uint32_t)kb[8] << 24 | (uint32_t)kb[9] << 16 | (uint32_t)kb[10] << 8 | kb[11];
+            uint32_t layer = key_get_u32(kb + 8);
             extent_val ev;
             memcpy(&ev, v.mv_data, sizeof ev);
-            rep->extents++;
             conv_rec c;
             int crc = conv_get(e, txn, conv, &c);
             if (crc) {
@@ -278,11 +398,28 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
                 player = layer;
                 expect = c.fork_len;
             }
-            if (first != expect && !(c.flags & KVD_CONV_DELETED))
+            if (c.flags & KVD_CONV_DELETED) {
+                expect = first + ev.count;
+                continue;
+            }
+            if (first != expect)
                 logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u: extent at %llu, expected "
                       "%llu (gap or overlap)", c.ns, c.name, layer, (unsigned long long)first,
                       (unsigned long long)expect);
             expect = first + ev.count;
+            /* the path reads take (a seek, not a walk) must land on it */
+            uint64_t owner, f;
+            extent_val rv;
+            for (int end = 0; end < 2 && ev.count; end++) {
+                uint64_t pos = end ? first + ev.count - 1 : first;
+                int rrc = extent_resolve(e, txn, conv, layer, pos, &owner, &f, &rv);
+                if (rrc || owner != conv || f != first || rv.seg != ev.seg || rv.off != ev.off) {
+                    logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u position %llu: a read "
+                          "does not find the extent that holds it (%s)", c.ns, c.name, layer,
+                          (unsigned long long)pos, rrc ? kvarc_strerror(rrc) : "it finds another");
+                    break;
+                }
+            }
             int bi = blk_find(&bl, ev.seg, ev.off);
             if (bi < 0) {
                 logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u position %llu: extent "
@@ -293,7 +430,8 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
             }
             const kvarc_block_header *h = &bl.v[bi].h;
             if (h->kind != KVARC_BLOCK_DATA || h->conv != conv || h->layer != layer ||
-                h->first_pos != first || h->count != ev.count)
+                h->first_pos != first || h->count != ev.count ||
+                ev.bytes != KVARC_BLOCK_HEADER + h->payload_bytes)
                 logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u position %llu: the block "
                       "at segment %016llx offset %llu is another one", c.ns, c.name, layer,
                       (unsigned long long)first, (unsigned long long)ev.seg, (unsigned long long)ev.off);
@@ -308,10 +446,37 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
         }
         mdb_cursor_close(cur);
     }
-    mdb_txn_abort(txn);
+    if (e->check_only)
+        verify_files(e, txn, rep, log, arg);
+    /* and the other way: a valid data block of a live conversation past
+     * its layer's length is data the index lost */
+    for (size_t i = 0; i < bl.n; i++) {
+        const kvarc_block_header *h = &bl.v[i].h;
+        conv_rec c;
+        uint64_t len;
+        uint8_t sk[8];
+        key_u64(sk, bl.v[i].seg);
+        MDB_val skv = { 8, sk }, sv;
+        seg_val segv;
+        if (mdb_get(txn, e->segs, &skv, &sv) || sv.mv_size != sizeof segv ||
+            (memcpy(&segv, sv.mv_data, sizeof segv), bl.v[i].off + KVARC_BLOCK_HEADER + h->payload_bytes > segv.bytes))
+            continue;                   /* committed after this view began */
+        if (h->kind != KVARC_BLOCK_DATA || conv_get(e, txn, h->conv, &c) || (c.flags & KVD_CONV_DELETED) ||
+            h->layer >= c.shape.n_layers || layer_len_get(e, txn, h->conv, h->layer, &len) ||
+            h->first_pos + h->count <= len)
+            continue;
+        logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u: the valid block at segment %016llx "
+              "offset %llu holds positions %llu..%llu, past the %llu tokens the index has: the index lost "
+              "them (with kvarcd stopped, `kvarc rebuild-index %s` takes them back)", c.ns, c.name, h->layer,
+              (unsigned long long)bl.v[i].seg, (unsigned long long)bl.v[i].off,
+              (unsigned long long)h->first_pos, (unsigned long long)(h->first_pos + h->count - 1),
+              (unsigned long long)len, e->dir);
+    }
     rc = rep->problems ? kvd_fail(err, KVARC_ECORRUPT, "verify found %llu problem(s) in %s",
                                   (unsigned long long)rep->problems, e->dir) : 0;
 out:
+    if (txn)
+        mdb_txn_abort(txn);
     free(bl.v);
     free(segs);
     pthread_mutex_unlock(&e->compact_mu);
@@ -333,13 +498,8 @@ static int seq_cmp(const void *a, const void *b)
     return (x->seg < y->seg) - (x->seg > y->seg);    /* newest copy first */
 }
 
-static int put_u64(MDB_txn *txn, MDB_dbi dbi, const char *key, uint64_t v)
-{
-    MDB_val k = { strlen(key), (void *)key }, d = { 8, &v };
-    return kvd_mdb_err(mdb_put(txn, dbi, &k, &d, 0));
-}
-
-int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *err)
+int kvd_rebuild_index(const char *dir, log_fn log, void *larg, uint64_t *dropped_out, kvd_progress_fn fn,
+                      void *arg, kvd_err *err)
 {
     char p[PATH_MAX - 64], q[PATH_MAX];
     int rc = 0, lock_fd = -1;
@@ -392,20 +552,22 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
         if (sf[i].id > maxseg)
             maxseg = sf[i].id;
     }
-    uint64_t bad_blocks = 0;
+    uint64_t bad_ranges = 0;
+    scan_ctx sc = { &bl, &records, &bad_ranges, NULL, NULL, fn, arg, &done, total };
     for (size_t i = 0; i < nsf; i++) {
         struct stat st;
-        const char *what;
         fstat(sf[i].fd, &st);
-        /* blocks whose payload fails are skipped (their layer ends there);
-         * a header that fails ends the segment: a torn tail */
-        int src = scan_segment(sf[i].fd, sf[i].id, (uint64_t)st.st_size, &bl, &sf[i].valid, &records,
-                               &what, fn, arg, &done, total, NULL, NULL, &bad_blocks);
+        /* damage is skipped: blocks after it still count */
+        int src = block_walk(sf[i].fd, sf[i].id, 0, 0, (uint64_t)st.st_size, scan_block, &sc, &sf[i].valid);
         if (src == -ENOMEM || src == -ECANCELED) {
             rc = kvd_fail(err, src, src == -ECANCELED ? "rebuild stopped before it wrote anything" : "out of memory");
             goto out;
         }
-        /* a failing block ends the segment's usable part: a torn tail */
+        if (src) {
+            seg_path(dir, sf[i].id, p, sizeof p);
+            rc = kvd_fail(err, src, "cannot read %s: %s", p, kvarc_strerror(src));
+            goto out;
+        }
     }
     if (bl.n)
         qsort(bl.v, bl.n, sizeof *bl.v, seq_cmp);
@@ -434,75 +596,38 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
     for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++)
         if ((rc = kvd_mdb_err(mdb_dbi_open(txn, dbs[i].name, MDB_CREATE, dbs[i].dbi))))
             goto out;
-    uint64_t maxconv = 0, maxseq = 0;
+    uint64_t maxconv = 0, dropped = 0;
     for (size_t i = 0; i < bl.n && !rc; i++) {
         blk *b = &bl.v[i];
         kvarc_block_header *h = &b->h;
-        if (h->seq > maxseq)
-            maxseq = h->seq;
-        conv_rec c;
-        int have = conv_get(&shadow, txn, h->conv, &c) == 0;
+        if (h->kind == KVARC_BLOCK_CONV_CREATE && h->conv > maxconv)
+            maxconv = h->conv;
         segfile *s = NULL;
         for (size_t j = 0; j < nsf; j++)
             if (sf[j].id == b->seg)
                 s = &sf[j];
-        if (h->kind == KVARC_BLOCK_CONV_CREATE) {
-            if (have)
-                continue;                              /* an older copy of the same block */
-            size_t bytes = h->payload_bytes;
+        size_t bytes = KVARC_BLOCK_HEADER + (size_t)h->payload_bytes;
+        if (h->kind != KVARC_BLOCK_DATA) {     /* data blocks are replayed from their header */
             uint8_t *n = realloc(buf, bytes);
             if (!n) {
                 rc = -ENOMEM;
                 break;
             }
             buf = n;
-            if ((rc = seg_pread_full(s->fd, buf, bytes, b->off + KVARC_BLOCK_HEADER)))
+            if ((rc = seg_pread_full(s->fd, buf, bytes, b->off)))
                 break;
-            memcpy(&c, buf, sizeof c);
-            c.ns[KVD_NS_MAX - 1] = 0;
-            c.name[KVD_NAME_MAX - 1] = 0;
-            c.create_seg = b->seg;
-            c.create_off = b->off;
-            c.flags &= ~KVD_CONV_DELETED;
-            if (sizeof c + means_floats(&c.shape) * sizeof(float) > bytes)
-                continue;                              /* malformed: skip */
-            uint8_t kb[8];
-            key_u64(kb, h->conv);
-            MDB_val k = { 8, kb }, nk, nv = { 8, &h->conv };
-            MDB_val mv = { means_floats(&c.shape) * sizeof(float), buf + sizeof c };
-            char nb[KVD_NS_MAX + KVD_NAME_MAX];
-            name_key(nb, sizeof nb, c.ns, c.name, &nk);
-            if ((rc = conv_put(&shadow, txn, h->conv, &c)) ||
-                (rc = kvd_mdb_err(mdb_put(txn, shadow.names, &nk, &nv, 0))) ||
-                (rc = kvd_mdb_err(mdb_put(txn, shadow.means, &k, &mv, 0))))
-                break;
-            if (c.fork_len)
-                for (uint32_t l = 0; l < c.shape.n_layers && !rc; l++)
-                    rc = layer_len_put(&shadow, txn, h->conv, l, c.fork_len);
-            if (h->conv > maxconv)
-                maxconv = h->conv;
-        } else if (h->kind == KVARC_BLOCK_CONV_DELETE) {
-            if (!have || (c.flags & KVD_CONV_DELETED))
-                continue;
-            c.flags |= KVD_CONV_DELETED;
-            char nb[KVD_NS_MAX + KVD_NAME_MAX];
-            MDB_val nk;
-            name_key(nb, sizeof nb, c.ns, c.name, &nk);
-            if ((rc = conv_put(&shadow, txn, h->conv, &c)))
-                break;
-            mdb_del(txn, shadow.names, &nk, NULL);
-        } else {
-            uint64_t len;
-            if (!have || h->layer >= c.shape.n_layers || layer_len_get(&shadow, txn, h->conv, h->layer, &len) ||
-                h->first_pos != len)
-                continue;                              /* unknown conv, duplicate copy, or gap */
-            uint8_t kb[20];
-            extent_key(kb, h->conv, h->layer, h->first_pos);
-            extent_val ev = { b->seg, b->off, h->count, (uint32_t)(KVARC_BLOCK_HEADER + h->payload_bytes) };
-            MDB_val k = { 20, kb }, v = { sizeof ev, &ev };
-            if ((rc = kvd_mdb_err(mdb_put(txn, shadow.extents, &k, &v, 0))) ||
-                (rc = layer_len_put(&shadow, txn, h->conv, h->layer, len + h->count)))
-                break;
+        }
+        kvd_err why = { 0, "" };
+        int arc = replay_block(&shadow, txn, h, buf, b->seg, b->off, &why);
+        if (arc == KVARC_ECORRUPT) {           /* a gap or a block nothing can take: skipped */
+            dropped++;
+            if (log)
+                logf_(log, larg, NULL, "segment %016llx offset %llu (conversation %llu layer %u positions "
+                      "%llu..+%u) left out: %s", (unsigned long long)b->seg, (unsigned long long)b->off,
+                      (unsigned long long)h->conv, h->layer, (unsigned long long)h->first_pos, h->count,
+                      why.msg);
+        } else if (arc < 0) {
+            rc = arc;
         }
     }
     for (size_t i = 0; i < nsf && !rc; i++) {
@@ -512,12 +637,15 @@ int kvd_rebuild_index(const char *dir, kvd_progress_fn fn, void *arg, kvd_err *e
         MDB_val k = { 8, kb }, v = { sizeof sv, &sv };
         rc = kvd_mdb_err(mdb_put(txn, shadow.segs, &k, &v, 0));
     }
-    if (!rc && !(rc = put_u64(txn, shadow.meta, "next_conv", maxconv + 1)) &&
-        !(rc = put_u64(txn, shadow.meta, "next_seg", maxseg + 1)) &&
-        !(rc = put_u64(txn, shadow.meta, "seq", maxseq + 1))) {
+    /* replay raised seq and next_conv past what it applied; ids of blocks
+     * it left out are not given again either */
+    if (!rc && !(rc = meta_at_least(&shadow, txn, "next_conv", maxconv + 1)) &&
+        !(rc = meta_at_least(&shadow, txn, "next_seg", maxseg + 1))) {
         rc = kvd_mdb_err(mdb_txn_commit(txn));
         txn = NULL;
     }
+    if (dropped_out)
+        *dropped_out = dropped;
     if (rc) {
         kvd_fail(err, rc, "rebuilding the index of %s failed: %s", dir, kvarc_strerror(rc));
         goto out;

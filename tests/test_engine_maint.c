@@ -147,7 +147,7 @@ int main(void)
     kvd_close(e);
 
     /* rebuild the index from the segments: same answers */
-    CHECK_RC(kvd_rebuild_index(dir, NULL, NULL, &err), 0);
+    CHECK_RC(kvd_rebuild_index(dir, NULL, NULL, NULL, NULL, NULL, &err), 0);
     CHECK_RC(kvd_open(&o, &e, &err), 0);
     CHECK(fingerprint(e, "ns", "b") == fb && fingerprint(e, "ns", "d") == fd_, "answers differ after rebuild");
     kvd_conv_info tmp;

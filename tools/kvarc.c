@@ -41,8 +41,16 @@ static void usage(FILE *f)
             "  health | stats | ls [NAMESPACE] | stat NS/NAME | inspect NS/NAME\n"
             "  fork SRC DST [--at N] | snapshot SRC DST [--at N] | restore SNAPSHOT DST\n"
             "  delete NS/NAME | verify | compact [--threshold 0..1]\n"
-            "exit codes: 0 ok, 1 refused by kvarcd (or verify found problems), 2 usage,\n"
-            "3 no kvarcd answering\n");
+            "\n"
+            "commands on a stopped data directory (kvarcd not running on it):\n"
+            "  verify DIR [--json]\n"
+            "                 check every block, the index against the segments and the\n"
+            "                 segments against the index, changing nothing\n"
+            "  rebuild-index DIR [--json]\n"
+            "                 rebuild the index from the segments alone (the old one is kept\n"
+            "                 as DIR/index.old)\n"
+            "exit codes: 0 ok, 1 refused by kvarcd (or verify found problems), 2 usage (or\n"
+            "the directory is in use), 3 no kvarcd answering (offline: DIR cannot be read)\n");
 }
 
 static double now(void)

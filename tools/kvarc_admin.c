@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "kvarc_admin.h"
+#include "kvd.h"
 #include "kvarc_rpc.h"
 
 typedef struct opts {
@@ -435,10 +436,124 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
     return 0;
 }
 
+/* ---- offline: a stopped data directory, through the engine itself ---- */
+
+static int offline_progress(void *arg, uint64_t done, uint64_t total)
+{
+    show_progress(arg, done, total);
+    return 0;
+}
+
+typedef struct line_list {
+    char  **v;
+    size_t  n;
+    int     json, echo;     /* echo: print each line as it comes (text mode) */
+} line_list;
+
+static void keep_line(void *arg, const char *line)
+{
+    line_list *l = arg;
+    if (l->echo) {
+        printf("problem: %s\n", line);
+        return;
+    }
+    char **n = realloc(l->v, (l->n + 1) * sizeof *n);
+    if (n && (n[l->n] = strdup(line))) {
+        l->v = n;
+        l->n++;
+    } else if (n) {
+        l->v = n;
+    }
+}
+
+/* `kvarc verify DIR`: kvarcd stopped; the engine opened read-only with no
+ * recovery, so the directory is checked as it lies on disk. */
+static int offline_verify(const char *dir, int json)
+{
+    kvd_engine *e;
+    kvd_err err = { 0, "" };
+    if (kvd_open_check(dir, &e, &err)) {
+        fprintf(stderr, "kvarc verify: %s\n", err.msg);
+        return err.code == -EBUSY ? 2 : 3;
+    }
+    if (!json)
+        fprintf(stderr, "verifying every block of %s (offline) ...\n", dir);
+    progress_state ps = { "verify", -1, isatty(2) };
+    line_list ll = { .json = json, .echo = !json };
+    kvd_verify_report rep;
+    int rc = kvd_verify(e, &rep, keep_line, &ll, json ? NULL : offline_progress, &ps, &err);
+    progress_end(&ps);
+    kvd_close(e);
+    if (rc && rc != KVARC_ECORRUPT) {
+        fprintf(stderr, "kvarc verify: %s\n", err.msg);
+        return 3;
+    }
+    if (json) {
+        printf("{\"segments\":%llu,\"blocks\":%llu,\"records\":%llu,\"extents\":%llu,\"bytes\":%llu,"
+               "\"problems\":%llu,\"lines\":[", (unsigned long long)rep.segments, (unsigned long long)rep.blocks,
+               (unsigned long long)rep.records, (unsigned long long)rep.extents, (unsigned long long)rep.bytes,
+               (unsigned long long)rep.problems);
+        for (size_t i = 0; i < ll.n; i++) {
+            printf(i ? "," : "");
+            json_str(ll.v[i]);
+        }
+        printf("]}\n");
+    } else {
+        printf("%llu segments, %llu blocks, %llu records, %llu extents, %llu bytes: %llu problem(s)\n",
+               (unsigned long long)rep.segments, (unsigned long long)rep.blocks, (unsigned long long)rep.records,
+               (unsigned long long)rep.extents, (unsigned long long)rep.bytes, (unsigned long long)rep.problems);
+        if (rep.problems)
+            printf("repair: with kvarcd stopped, `kvarc rebuild-index %s` rebuilds the index from the "
+                   "segments (the old one is kept as %s/index.old)\n", dir, dir);
+    }
+    for (size_t i = 0; i < ll.n; i++)
+        free(ll.v[i]);
+    free(ll.v);
+    return rep.problems ? 1 : 0;
+}
+
+static void print_line(void *arg, const char *line)
+{
+    (void)arg;
+    printf("left out: %s\n", line);
+}
+
+/* `kvarc rebuild-index DIR`: kvarcd stopped. */
+static int offline_rebuild(const char *dir, int json)
+{
+    kvd_err err = { 0, "" };
+    uint64_t dropped = 0;
+    if (!json)
+        fprintf(stderr, "rebuilding the index of %s from its segments ...\n", dir);
+    progress_state ps = { "rebuild-index", -1, isatty(2) };
+    int rc = kvd_rebuild_index(dir, json ? NULL : print_line, NULL, &dropped,
+                               json ? NULL : offline_progress, &ps, &err);
+    progress_end(&ps);
+    if (rc) {
+        fprintf(stderr, "kvarc rebuild-index: %s\n", err.msg);
+        return rc == -EBUSY ? 2 : 1;
+    }
+    /* what the new index holds, checked as kvarcd will find it */
+    kvd_engine *e;
+    kvd_verify_report rep = { 0 };
+    if (kvd_open_check(dir, &e, &err) == 0) {
+        kvd_verify(e, &rep, NULL, NULL, NULL, NULL, &err);
+        kvd_close(e);
+    }
+    if (json)
+        printf("{\"rebuilt\":true,\"left_out\":%llu,\"extents\":%llu,\"problems\":%llu}\n",
+               (unsigned long long)dropped, (unsigned long long)rep.extents, (unsigned long long)rep.problems);
+    else
+        printf("index of %s rebuilt: %llu extents, %llu block(s) left out, %llu problem(s) left (the old "
+               "index is in %s/index.old)\n", dir, (unsigned long long)rep.extents,
+               (unsigned long long)dropped, (unsigned long long)rep.problems, dir);
+    return 0;
+}
+
 int kvarc_admin(const char *cmd, int argc, char **argv)
 {
     static const char *known[] = { "ls", "stat", "inspect", "delete", "fork", "snapshot", "restore",
-                                   "health", "stats", "verify", "compact" };
+                                   "health", "stats", "verify", "compact", "rebuild-index" };
     int found = 0;
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         found |= !strcmp(cmd, known[i]);
@@ -449,6 +564,13 @@ int kvarc_admin(const char *cmd, int argc, char **argv)
     int rc = parse(argc, argv, &o, def, sizeof def);
     if (rc)
         return rc;
+    if (!strcmp(cmd, "rebuild-index") || (!strcmp(cmd, "verify") && o.npos)) {
+        if (o.npos != 1) {
+            fprintf(stderr, "kvarc %s: give one data directory (kvarcd stopped): kvarc %s DIR\n", cmd, cmd);
+            return 2;
+        }
+        return !strcmp(cmd, "verify") ? offline_verify(o.pos[0], o.json) : offline_rebuild(o.pos[0], o.json);
+    }
     char token[1100] = "", cmsg[300];
     if (!o.token_file)
         o.token_file = getenv("KVARC_TOKEN_FILE");
