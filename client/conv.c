@@ -436,9 +436,11 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
         if (!rc && got != len * H)
             rc = kl_fail(cv, -EIO, "LoadSignatures of layer %u gave %llu of %llu signatures", l,
                          (unsigned long long)got, (unsigned long long)(len * H));
-        /* sinks and the hot window, decoded from their records */
+        /* sinks and the ring, decoded from their records: the whole ring
+         * (hot window + max_chunk), as a writer's holds it, so that attending
+         * the last n_q <= max_chunk tokens finds each query's hot window */
         uint32_t ns_ = (uint32_t)(len < cv->o.sinks ? len : cv->o.sinks);
-        uint64_t hot = len < cv->o.hot_window ? len : cv->o.hot_window;
+        uint64_t hot = len < cv->ring ? len : cv->ring;
         float *tk = malloc((hot + ns_ + 1) * d * 4), *tv = malloc((hot + ns_ + 1) * d * 4);
         if (!tk || !tv)
             rc = kl_fail(cv, -ENOMEM, "out of memory");
