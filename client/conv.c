@@ -10,7 +10,21 @@
  * archived (kvarc_append flushes before it would overwrite one); 3.
  * hot_window >= batch, so every token older than the hot window is
  * archived and has a signature; 4. the first `sinks` tokens are also kept
- * exact outside the ring.
+ * exact outside the ring; 5. no position below `inherited` is ever sent
+ * (kvarcd holds it already; kvarcd refuses an Append not at a layer's end).
+ *
+ * Taking over from a dead writer (kvarc_conv_attach). kvarc_conv_sync and
+ * the batches of kvarc_append send one Append per layer, so a writer that
+ * dies between them leaves layers of different lengths in kvarcd. Attach
+ * continues every layer at the common (shortest) length L: its sinks, hot
+ * window and signatures are rebuilt from [0, L) as after any crash, and
+ * each layer also loads the signatures of what it holds past L
+ * (`inherited`). The taker re-feeds the tokens from L on; kl_flush encodes
+ * each layer's re-fed tokens below `inherited`, compares their signature
+ * bits with the stored ones (a wrong transcript is refused, -EILSEQ, while
+ * the bit flips of a non-deterministic but equal recomputation pass) and
+ * advances `archived` without an Append; from `inherited` on it appends as
+ * usual. Stored records win: what kvarcd acknowledged is never rewritten.
  */
 #include <errno.h>
 #include <math.h>
@@ -370,13 +384,12 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
         snprintf(c->err, sizeof c->err, "kvarcd did not report '%s/%s's layer lengths", ns, name);
         rc = -EIO;
     }
-    for (size_t l = 1; !rc && l < info->n_layer_lengths; l++)
-        if (info->layer_lengths[l] != info->layer_lengths[0]) {
-            snprintf(c->err, sizeof c->err, "'%s/%s' has layers of different lengths (layer 0: %llu, layer %zu: "
-                     "%llu): its writer did not sync; attach after it does", ns, name,
-                     (unsigned long long)info->layer_lengths[0], l, (unsigned long long)info->layer_lengths[l]);
-            rc = -EAGAIN;
-        }
+    /* layers of different lengths: a writer died between its per-layer
+     * Appends; continue at the common length (design notes) */
+    uint64_t len = UINT64_MAX;
+    for (size_t l = 0; !rc && l < info->n_layer_lengths; l++)
+        if (info->layer_lengths[l] < len)
+            len = info->layer_lengths[l];
     opt.format = (int)sh->format;
     opt.pos_mode = (int)sh->pos_mode;
     opt.seed = sh->seed;
@@ -390,8 +403,9 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
     if (!rc) {
         memcpy(cv->means, cr->means, cr->n_means * sizeof *cr->means);
         cv->id = info->id;
+        for (uint32_t l = 0; l < m->n_layers; l++)
+            cv->layers[l].inherited = info->layer_lengths[l];
     }
-    uint64_t len = rc ? 0 : info->layer_lengths[0];
     protobuf_c_message_free_unpacked(rep, NULL);
     if (rc) {
         conv_free(cv);
@@ -401,20 +415,22 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
     for (uint32_t l = 0; !rc && l < m->n_layers; l++) {
         kl_layer *y = &cv->layers[l];
         y->len = y->archived = len;
-        if ((rc = sig_reserve(cv, y, len)))
+        /* signatures: one server stream per layer, every head, past len up
+         * to what the layer holds (kl_flush checks re-fed tokens with them) */
+        uint64_t held = y->inherited;
+        if ((rc = sig_reserve(cv, y, held)))
             break;
-        /* signatures: one server stream per layer, every head */
         Kvarc__V1__LoadSignaturesRequest lr = KVARC__V1__LOAD_SIGNATURES_REQUEST__INIT;
         lr.conv = cv->id;
         lr.layer = l;
-        lr.count = len;
+        lr.count = held;
         kvc_stream *s;
         uint64_t got = 0;
-        if (len && !kvc_sstream_open(c->conn, "LoadSignatures", &lr.base, 0, &s)) {
+        if (held && !kvc_sstream_open(c->conn, "LoadSignatures", &lr.base, 0, &s)) {
             ProtobufCMessage *mm;
             while (kvc_sstream_next(s, &kvarc__v1__sig_chunk__descriptor, &mm) == 1) {
                 Kvarc__V1__SigChunk *ch = (Kvarc__V1__SigChunk *)mm;
-                if (ch->head < H && ch->first_pos + ch->count <= len && ch->bits.len == ch->count * sb &&
+                if (ch->head < H && ch->first_pos + ch->count <= held && ch->bits.len == ch->count * sb &&
                     ch->scales.len == ch->count * 2) {
                     memcpy(y->sig_bits[ch->head] + ch->first_pos * sb, ch->bits.data, ch->bits.len);
                     memcpy(y->sig_scale[ch->head] + ch->first_pos, ch->scales.data, ch->scales.len);
@@ -433,12 +449,14 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
             if (st)
                 rc = kl_rc_of_status(st);
         }
-        if (!rc && got != len * H)
+        if (!rc && got != held * H)
             rc = kl_fail(cv, -EIO, "LoadSignatures of layer %u gave %llu of %llu signatures", l,
-                         (unsigned long long)got, (unsigned long long)(len * H));
-        /* sinks and the hot window, decoded from their records */
+                         (unsigned long long)got, (unsigned long long)(held * H));
+        /* sinks and the ring, decoded from their records: the whole ring
+         * (hot window + max_chunk), as a writer's holds it, so that attending
+         * the last n_q <= max_chunk tokens finds each query's hot window */
         uint32_t ns_ = (uint32_t)(len < cv->o.sinks ? len : cv->o.sinks);
-        uint64_t hot = len < cv->o.hot_window ? len : cv->o.hot_window;
+        uint64_t hot = len < cv->ring ? len : cv->ring;
         float *tk = malloc((hot + ns_ + 1) * d * 4), *tv = malloc((hot + ns_ + 1) * d * 4);
         if (!tk || !tv)
             rc = kl_fail(cv, -ENOMEM, "out of memory");
@@ -466,15 +484,43 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
 
 /* ---- append and archive --------------------------------------------------- */
 
-int kl_flush(kvarc_conv *cv, uint32_t layer)
+/* A re-fed token differs from the stored one when more than this share of
+ * its signature bits differ: a recomputation of the same token (another
+ * batch shape, another GPU) flips the few near-zero coordinates, another
+ * token flips about half of them. */
+#define REFED_MAX_FLIPS(d) ((d) / 4)
+
+/* Check the signatures of n re-fed tokens from position `archived` ([H][n]
+ * [d/8] bits) against those kvarcd stores (in the mirror since attach). */
+static int check_refed(kvarc_conv *cv, uint32_t layer, const uint8_t *bits, uint32_t n)
 {
     kl_layer *y = &cv->layers[layer];
-    if (y->archived >= y->len)
-        return 0;
-    int64_t t0 = kl_now_ns();
-    uint32_t n = (uint32_t)(y->len - y->archived);
     size_t H = cv->m.n_kv_heads, d = cv->m.head_dim, sb = d / 8;
-    int rc = sig_reserve(cv, y, y->len);
+    for (uint32_t t = 0; t < n; t++)
+        for (size_t h = 0; h < H; h++) {
+            const uint8_t *a = bits + (h * n + t) * sb, *b = y->sig_bits[h] + (y->archived + t) * sb;
+            unsigned flips = 0;
+            for (size_t i = 0; i < sb; i++)
+                flips += (unsigned)__builtin_popcount((unsigned)(a[i] ^ b[i]));
+            if (flips > REFED_MAX_FLIPS(d))
+                return kl_fail(cv, -EILSEQ, "'%s/%s' layer %u position %llu head %zu: the token given there differs "
+                               "from the one a previous writer archived (%u of %zu signature bits differ); after "
+                               "attach, append the conversation's own tokens from its attach length on (or fork it "
+                               "at that length right after attach and continue the fork)", cv->ns, cv->name, layer,
+                               (unsigned long long)(y->archived + t), h, flips, d);
+        }
+    return 0;
+}
+
+/* Encode tokens [archived, archived + n) of a layer from the ring; send
+ * them (an Append), or, with `held` (kvarcd already holds them), check them
+ * against the stored signatures and keep those. */
+static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
+{
+    kl_layer *y = &cv->layers[layer];
+    int64_t t0 = kl_now_ns();
+    size_t H = cv->m.n_kv_heads, d = cv->m.head_dim, sb = d / 8;
+    int rc = sig_reserve(cv, y, y->archived + n);
     if (rc)
         return rc;
     uint8_t *bits = malloc(H * n * sb), *recs = malloc(H * n * cv->rb);
@@ -496,7 +542,10 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
                     (unsigned long long)(y->archived + bad), kvarc_strerror(rc));
     }
-    if (!rc) {
+    if (!rc && held) {
+        if (!(rc = check_refed(cv, layer, bits, n)))
+            y->archived += n;
+    } else if (!rc) {
         Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
         r.conv = cv->id;
         r.layer = layer;
@@ -534,6 +583,18 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
     free(k);
     free(v);
     cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
+    return rc;
+}
+
+int kl_flush(kvarc_conv *cv, uint32_t layer)
+{
+    kl_layer *y = &cv->layers[layer];
+    int rc = 0;
+    while (!rc && y->archived < y->len) {
+        int held = y->archived < y->inherited;
+        uint64_t end = held && y->inherited < y->len ? y->inherited : y->len;
+        rc = flush_range(cv, layer, (uint32_t)(end - y->archived), held);
+    }
     return rc;
 }
 

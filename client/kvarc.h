@@ -38,6 +38,25 @@
  *   from the archived records: exact with a lossless format (f16/bf16),
  *   quantized otherwise; tokens appended but not yet synced by the other
  *   worker are not there.
+ * - Taking over from a dead writer. Archiving sends one Append per layer
+ *   (kvarc_conv_sync, and each batch of kvarc_append), so a writer that
+ *   dies in between leaves layers of different lengths. Attach then
+ *   continues every layer at the common (shortest) length, which
+ *   kvarc_length reports: the hot-window tokens the dead writer never
+ *   archived are gone with it, as in any crash, and the taker must append
+ *   the same tokens again from that length on (recomputed from its own
+ *   transcript). Where a layer already holds a position, the re-fed token
+ *   is not sent again: its signature is compared with the stored one and
+ *   the stored record is kept (what kvarcd acknowledged is never
+ *   rewritten). A recomputation that differs only by rounding passes; a
+ *   different token fails the append or sync with -EILSEQ and nothing is
+ *   written. The taker's first sync past the longest layer leaves every
+ *   layer at the same length. A taker without the transcript forks the
+ *   conversation right after attach (kvarc_fork: at the common length)
+ *   and continues the fork. Attach cannot tell a dead writer from a slow
+ *   one: if the old writer still runs, the first to append a position
+ *   wins and the other's Append is refused ("appends must continue at
+ *   the end").
  */
 #ifndef KVARC_H
 #define KVARC_H
@@ -118,7 +137,9 @@ int kvarc_conv_create(kvarc_client *c, const char *ns, const char *name, const k
 /* Attach to an existing ns/name (another worker's, a fork, a restored
  * snapshot): checks m against it (KVARC_ESHAPE naming both sides), loads
  * every layer's signatures (LoadSignatures), sinks and hot window, and
- * continues at its archived length. Format, pos_mode and seed come from
+ * continues at its archived length: the shortest layer's when a writer
+ * died between its per-layer Appends (then re-feed the tokens from
+ * kvarc_length on; see the caveats). Format, pos_mode and seed come from
  * the conversation; the rest of o applies. */
 int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
                       const kvarc_options *o, kvarc_conv **out);

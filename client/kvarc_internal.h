@@ -47,6 +47,8 @@ struct kvarc_client {
 typedef struct kl_layer {
     uint64_t  len;               /* tokens appended */
     uint64_t  archived;          /* tokens durable in kvarcd */
+    uint64_t  inherited;         /* the layer's length in kvarcd at attach: [archived, inherited)
+                                    a dead writer already stored; kl_flush checks, never resends */
     float    *sink_k, *sink_v;   /* [H][sinks][d], pre-RoPE */
     float    *ring_k, *ring_v;   /* [H][ring][d], token p at slot p % ring, pre-RoPE */
     float    *ring_kr;           /* [H][ring][d] the same keys turned by RoPE to their position */
@@ -82,7 +84,9 @@ int64_t kl_now_ns(void);
 kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head);
 /* Put token p's exact K, V ([d] each, pre-RoPE) of head h in the ring. */
 void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v);
-/* Encode and archive tokens [archived, len) of a layer (from the ring). */
+/* Encode and archive tokens [archived, len) of a layer (from the ring);
+ * those below `inherited` are checked against kvarcd's signatures instead
+ * of being sent. */
 int  kl_flush(kvarc_conv *cv, uint32_t layer);
 #ifdef KVARC_HAVE_CUDA
 /* gpu.c: set cv->gpu when a device is there and the options allow it. */
