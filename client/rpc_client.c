@@ -85,13 +85,25 @@ int kvc_connect_opts(const char *target, const kvc_options *o, kvc_conn **out, c
         return -EINVAL;
     }
     grpc_init();
-    /* A restarted kvarcd is found again within ~1 s: gRPC's default
-     * reconnect backoff grows to minutes. */
+    /* Connection policy.
+     * - A restarted kvarcd is found again within ~1 s: gRPC's default
+     *   reconnect backoff grows to minutes.
+     * - gRPC 1.51 gives a connection attempt max(next backoff time, now +
+     *   GRPC_ARG_MIN_RECONNECT_BACKOFF_MS) to reach the server's SETTINGS
+     *   frame. At 100 ms, clients started together on a loaded machine
+     *   timed out (20 of 128 `kvarc health`, 64 at once): the handshake
+     *   needs both processes scheduled. 20 s is gRPC's own default; a
+     *   refused or missing socket still fails at once.
+     * - Calls are not wait-for-ready: a call made while the channel is
+     *   connecting already waits for the connection (up to its deadline);
+     *   wait-for-ready would only add waiting through failed attempts,
+     *   i.e. through "nothing listens here", which callers want reported
+     *   at once (`kvarc health` exits 3, a writer sees kvarcd die). */
     grpc_arg args[6] = {
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, .value.integer = MAX_MESSAGE },
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, .value.integer = 100 },
-        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, .value.integer = 100 },
+        { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, .value.integer = 20000 },
         { .type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, .value.integer = 1000 },
         { .type = GRPC_ARG_STRING, .key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG,
           .value.string = (char *)(o && o->tls_name ? o->tls_name : "") },
