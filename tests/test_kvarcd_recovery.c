@@ -140,6 +140,26 @@ static char *segment_file(char *p, size_t len)
 
 static const uint64_t full[LAYERS] = { LEN, LEN, LEN, LEN };
 
+/* Restart kvarcd on the damaged directory: it must serve len[] of every
+ * layer bit-exact and verify clean; then stop it and remove the directory. */
+static void expect_intact(const char *after, const uint64_t *len)
+{
+    kvc_conn *c;
+    pid_t pid = restart(&c);
+    CHECK(pid > 0, "kvarcd did not start after %s (log %s.log)", after, dir);
+    if (pid < 0)
+        return;
+    CHECK(check_served(c, len) == 0, "acknowledged appends lost after %s", after);
+    char out[8192], log[300];
+    CHECK_RC(cli(out, sizeof out, "verify --json"), 0);
+    CHECK(json_u64(out, "problems") == 0, "verify after %s: %s", after, out);
+    kvc_close(c);
+    stop_kill(pid);
+    snprintf(log, sizeof log, "%s.log", dir);
+    eu_rmrf(dir);
+    unlink(log);
+}
+
 static void scenario_meta_page(void)
 {
     int f0 = tu_failures;         /* this scenario's own checks decide its early exits */
@@ -165,21 +185,7 @@ static void scenario_meta_page(void)
     CHECK(pwrite(fd, &raised, 8, (t0 < t1 ? 0 : psize) + 144) == 8, "write txnid");
     fsync(fd);
     close(fd);
-    kvc_conn *c;
-    pid_t pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start after the meta page flip (log %s.log)", dir);
-    if (pid < 0)
-        return;
-    CHECK(check_served(c, full) == 0, "acknowledged appends lost after LMDB opened its previous transaction");
-    char out[8192];
-    CHECK_RC(cli(out, sizeof out, "verify --json"), 0);
-    CHECK(json_u64(out, "problems") == 0, "verify after roll-forward: %s", out);
-    kvc_close(c);
-    stop_kill(pid);
-    char log[300];
-    snprintf(log, sizeof log, "%s.log", dir);
-    eu_rmrf(dir);
-    unlink(log);
+    expect_intact("LMDB opened its previous transaction", full);
 }
 
 static void scenario_committed_size(void)
@@ -213,18 +219,7 @@ static void scenario_committed_size(void)
     CHECK_RC(mdb_txn_commit(txn), 0);
     mdb_env_close(env);
     CHECK(lowered == 1, "lowered %d committed sizes", lowered);
-    kvc_conn *c;
-    pid_t pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start after the committed size was lowered (log %s.log)", dir);
-    if (pid < 0)
-        return;
-    CHECK(check_served(c, full) == 0, "acknowledged appends lost after the committed size was lowered");
-    char out[8192];
-    CHECK_RC(cli(out, sizeof out, "verify --json"), 0);
-    CHECK(json_u64(out, "problems") == 0, "verify: %s", out);
-    kvc_close(c);
-    stop_kill(pid);
-    eu_rmrf(dir);
+    expect_intact("the committed size was lowered", full);
 }
 
 static void scenario_index_damage(void)
