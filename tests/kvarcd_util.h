@@ -1,7 +1,13 @@
 /* kvarcd_util.h - helpers for tests that run a real kvarcd (header-only).
  * Needs KVARCD_PATH and KVARC_CLI_PATH defined by CMake (the environment
  * variables of the same names override them: a bundle run elsewhere), and engine_util.h's
- * deterministic content (eu_fill / eu_byte) for what is appended. */
+ * deterministic content (eu_fill / eu_byte) for what is appended.
+ *
+ * Waiting: every wait_* helper waits for the thing itself (a process
+ * exit, a socket, a log line, an answer), polling where there is nothing
+ * to block on; its milliseconds are a failure guard in real time
+ * (CLOCK_MONOTONIC), generous because CI machines are 3-5x slower than a
+ * workstation and an ASan kvarcd starts slower still. */
 #ifndef KVARC_KVARCD_UTIL_H
 #define KVARC_KVARCD_UTIL_H
 
@@ -22,6 +28,21 @@
 #define KD_FN static __attribute__((unused))
 
 static char dir[256];
+
+/* Milliseconds on CLOCK_MONOTONIC: deadlines of the waits below. */
+KD_FN long kd_now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* The pause between two polls of something that cannot be waited on. */
+KD_FN void kd_sleep_ms(int ms)
+{
+    struct timespec d = { ms / 1000, (long)(ms % 1000) * 1000000 };
+    nanosleep(&d, NULL);
+}
 
 /* kvarcd on dir with 2 threads and a 2 s grace, plus the NULL-terminated
  * extra arguments; stderr appends to dir.log. */
@@ -50,12 +71,12 @@ KD_FN pid_t start_daemon(void)
 }
 
 /* The TCP port of the newest "listening" line in dir.log, waiting up to
- * ~10 s for it; 0 if none. */
+ * 30 s for it; 0 if none. */
 KD_FN int daemon_tcp_port(void)
 {
     char log[300], line[1024];
     snprintf(log, sizeof log, "%s.log", dir);
-    for (int i = 0; i < 200; i++) {
+    for (long end = kd_now_ms() + 30000;;) {
         FILE *f = fopen(log, "r");
         int port = 0;
         while (f && fgets(line, sizeof line, f)) {
@@ -68,49 +89,74 @@ KD_FN int daemon_tcp_port(void)
             fclose(f);
         if (port)
             return port;
-        struct timespec d = { 0, 50 * 1000000 };
-        nanosleep(&d, NULL);
+        if (kd_now_ms() > end)
+            return 0;
+        kd_sleep_ms(20);
     }
-    return 0;
 }
 
 /* Wait for pid to exit (at most ms); its exit code, -2 on a signal, -1 on timeout. */
 KD_FN int wait_exit(pid_t pid, int ms)
 {
-    for (int i = 0; i < ms / 10; i++) {
+    for (long end = kd_now_ms() + ms;;) {
         int st;
         if (waitpid(pid, &st, WNOHANG) == pid)
             return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
-        struct timespec d = { 0, 10 * 1000000 };
-        nanosleep(&d, NULL);
+        if (kd_now_ms() > end)
+            return -1;
+        kd_sleep_ms(10);
     }
-    return -1;
 }
 
-/* Health until it answers (at most ~10 s). */
+/* Health on c: 1 serving, 0 answered otherwise, -1 no answer within ms. */
+KD_FN int kd_health(kvc_conn *c, long ms)
+{
+    Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
+    ProtobufCMessage *rep = NULL;
+    char msg[256];
+    if (kvc_call(c, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, (int)(ms > 1000 ? ms : 1000),
+                 msg, sizeof msg))
+        return -1;
+    int ok = !strcmp(((Kvarc__V1__HealthReply *)rep)->status, "serving");
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return ok;
+}
+
+/* Wait until the daemon on dir answers, then until c gets an answer: 1
+ * when it is "serving" (at most 30 s in all). The daemon is probed first
+ * on a fresh connection per try: a gRPC channel that failed to connect
+ * (the daemon not up yet, or a stale socket left by a kill -9) backs off
+ * 1 s, 1.6 s, 2.6 s... before it tries again, which would keep a c that
+ * was not used yet seconds behind a daemon that is ready. Each call may
+ * take up to what is left: a slow answer (an ASan daemon still
+ * recovering, a loaded machine) is still an answer. */
 KD_FN int wait_ready(kvc_conn *c)
 {
     char sock[300];
     struct stat st;
+    long end = kd_now_ms() + 30000;
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
-    for (int i = 0; i < 750 && stat(sock, &st); i++) {   /* 15 s: a slow, loaded machine */
-        struct timespec d = { 0, 20 * 1000000 };
-        nanosleep(&d, NULL);
-    }
-    for (int i = 0; i < 200; i++) {
-        Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
-        ProtobufCMessage *rep = NULL;
-        char msg[256];
-        if (kvc_call(c, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 500, msg, sizeof msg) == 0) {
-            Kvarc__V1__HealthReply *h = (Kvarc__V1__HealthReply *)rep;
-            int ok = !strcmp(h->status, "serving");
-            protobuf_c_message_free_unpacked(rep, NULL);
-            return ok;
+    while (stat(sock, &st) && kd_now_ms() < end)
+        kd_sleep_ms(20);
+    for (;;) {
+        kvc_conn *probe;
+        int up = 0;
+        if (!kvc_connect(dir, &probe)) {
+            up = kd_health(probe, end - kd_now_ms()) >= 0;
+            kvc_close(probe);
         }
-        struct timespec d = { 0, 50 * 1000000 };
-        nanosleep(&d, NULL);
+        if (up || kd_now_ms() > end)
+            break;
+        kd_sleep_ms(20);
     }
-    return 0;
+    for (;;) {
+        int h = kd_health(c, end - kd_now_ms());
+        if (h >= 0)
+            return h;
+        if (kd_now_ms() > end)
+            return 0;
+        kd_sleep_ms(20);
+    }
 }
 
 KD_FN Kvarc__V1__Shape shape_pb(uint32_t head_dim)
