@@ -10,6 +10,8 @@
 #include "daemon.h"
 #include "kvarc_rpc.h"
 
+#define KD_SPAWN_MS 30000     /* kd_spawn's failure bound */
+
 const char *kd_find_kvarcd(const char *given, char *buf, size_t len)
 {
     if (given)
@@ -58,25 +60,36 @@ int kd_spawn(const char *kvarcd, const char *dir, const char *log, pid_t *pid, c
         fprintf(stderr, "cannot run %s: %s\n", kvarcd, strerror(errno));
         _exit(127);
     }
+    /* Wait for it to answer, not for a time: a real 30 s deadline is only
+     * the failure bound (an ASan build recovering a big archive on a slow
+     * disk may take seconds); each Health may take what is left of it,
+     * on a fresh connection (no gRPC reconnect backoff between tries). */
     char sock[1200];
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
-    for (int i = 0; i < 200; i++) {
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
         int st;
         if (waitpid(p, &st, WNOHANG) == p) {
             snprintf(msg, len, "%s exited with code %d before serving%s%s", kvarcd, WIFEXITED(st) ? WEXITSTATUS(st) : -1,
                      log ? "; see " : "", log ? log : "");
             return -1;
         }
-        if (!access(sock, F_OK) && kd_alive(dir, 500)) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long left = KD_SPAWN_MS - ((long)(now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000);
+        if (left <= 0)
+            break;
+        if (!access(sock, F_OK) && kd_alive(dir, (int)(left > 1000 ? left : 1000))) {
             *pid = p;
             return 0;
         }
-        struct timespec d = { 0, 50 * 1000000 };
+        struct timespec d = { 0, 20 * 1000000 };
         nanosleep(&d, NULL);
     }
     kill(p, SIGKILL);
     waitpid(p, NULL, 0);
-    snprintf(msg, len, "%s did not answer within 10 s", kvarcd);
+    snprintf(msg, len, "%s did not answer within %d s; its log%s%s may say why", kvarcd, KD_SPAWN_MS / 1000,
+             log ? " is " : " went to /dev/null: run it by hand to see", log ? log : "");
     return -1;
 }
 

@@ -13,7 +13,7 @@ const char *kd_find_kvarcd(const char *given, char *buf, size_t len);
 int kd_alive(const char *target, int timeout_ms);
 
 /* Start `kvarcd --data dir` (stderr appended to log, or /dev/null) and
- * wait up to 10 s for it to answer. Call before this process makes any
+ * wait up to 30 s for it to answer. Call before this process makes any
  * gRPC channel of its own (gRPC must not cross a fork). 0, or -1 with msg. */
 int kd_spawn(const char *kvarcd, const char *dir, const char *log, pid_t *pid, char *msg, size_t len);
 

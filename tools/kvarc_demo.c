@@ -113,7 +113,9 @@ int kvarc_demo(int argc, char **argv)
     mkdir(data, 0700);
     pid_t pid = 0;
     int started = 0;
-    if (!kd_alive(data, 1000)) {
+    /* a generous deadline: a busy daemon answers late, and none running
+     * fails at once (nothing listens on the socket) */
+    if (!kd_alive(data, 10000)) {
         snprintf(log, sizeof log, "%s/kvarcd.log", data);
         if (kd_spawn(kd_find_kvarcd(kvarcd, kbuf, sizeof kbuf), data, log, &pid, msg, sizeof msg)) {
             fprintf(stderr, "kvarc demo: could not start kvarcd: %s\n", msg);
