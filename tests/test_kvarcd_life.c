@@ -234,7 +234,11 @@ int main(int argc, char **argv)
     uint64_t acked_u = acked[0], acked_s = acked[1];
     CHECK(acked_u > 0 && acked_s > 0, "both writers had appends acknowledged (%llu, %llu)",
           (unsigned long long)acked_u, (unsigned long long)acked_s);
-    pid = start_daemon();
+    /* a long grace: part 2 checks that an in-flight stream completes after
+     * SIGTERM, which must not depend on how fast a loaded machine gets
+     * there (a 2 s grace expired under ASan beside other tests) */
+    const char *long_grace[] = { "--grace-ms", "60000", NULL };
+    pid = start_daemon_args(long_grace);
     CHECK_RC(kvc_connect(dir, &c), 0);
     CHECK(wait_ready(c), "kvarcd ready after kill -9");
     uint64_t len_u = layer0_length(c, unary), len_s = layer0_length(c, streamed);
@@ -260,17 +264,27 @@ int main(int argc, char **argv)
     kill(pid, SIGTERM);
     CHECK(wait_refused(10000) == 0, "a new connection is refused while shutting down");
     CHECK_RC(stream_block(st, g, 2, 13, 0), 0);
-    CHECK_RC(stream_end(st, &len, &blocks, msg), GRPC_STATUS_OK);
-    CHECK(len == 3 * BLOCK && blocks == 3, "the in-flight stream completed: %llu tokens, %llu blocks",
-          (unsigned long long)len, (unsigned long long)blocks);
+    int sst = stream_end(st, &len, &blocks, msg);
+    /* gRPC's graceful close races its client: the server sends the status
+     * and, its last stream done after the GOAWAY, closes the connection; a
+     * client still writing then (a window update) fails the call with
+     * "Broken pipe" before reading the status already in its socket (seen
+     * 2 in 65 runs under ASan with both cores busy). What kvarcd owes is
+     * the call's work: it is checked on the restart below either way. */
+    CHECK(sst == GRPC_STATUS_OK || sst == GRPC_STATUS_UNAVAILABLE,
+          "the in-flight stream after SIGTERM: status %d (%s)", sst, msg);
+    CHECK(sst != GRPC_STATUS_OK || (len == 3 * BLOCK && blocks == 3),
+          "the in-flight stream completed: %llu tokens, %llu blocks", (unsigned long long)len,
+          (unsigned long long)blocks);
     kvc_close(c);
-    CHECK(wait_exit(pid, 10000) == 0, "kvarcd exits 0 after the in-flight call");
+    CHECK(wait_exit(pid, 30000) == 0, "kvarcd exits 0 after the in-flight call");
 
     /* 3. a stream idle past a short grace period is cancelled */
     const char *short_grace[] = { "--grace-ms", "300", NULL };
     pid = start_daemon_args(short_grace);
     CHECK_RC(kvc_connect(dir, &c), 0);
     CHECK(wait_ready(c), "kvarcd ready (short grace)");
+    CHECK(layer0_length(c, g) == 3 * BLOCK, "the stream in flight at SIGTERM had all 3 blocks stored");
     uint64_t idle = 0;
     CHECK_RC(create(c, "life", "idle", 128, msg, &idle), 0);
     /* the stream's own deadline (60 s) is what would end it if the daemon
