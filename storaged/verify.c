@@ -319,7 +319,9 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
         }
         struct stat st;
         uint64_t end = segs[i].bytes, vend;
-        if (fstat(fd, &st) == 0 && (uint64_t)st.st_size < end) {
+        if (fstat(fd, &st))
+            st.st_size = (off_t)end;                 /* unknown: take the index's word */
+        if ((uint64_t)st.st_size < end) {
             logf_(log, arg, &rep->problems, "segment %016llx is %llu bytes, shorter than its committed %llu: "
                   "the bytes after %llu are missing", (unsigned long long)segs[i].id,
                   (unsigned long long)st.st_size, (unsigned long long)end, (unsigned long long)st.st_size);
@@ -556,7 +558,11 @@ int kvd_rebuild_index(const char *dir, log_fn log, void *larg, uint64_t *dropped
     scan_ctx sc = { &bl, &records, &bad_ranges, NULL, NULL, fn, arg, &done, total };
     for (size_t i = 0; i < nsf; i++) {
         struct stat st;
-        fstat(sf[i].fd, &st);
+        if (fstat(sf[i].fd, &st)) {
+            rc = kvd_fail(err, -errno, "cannot stat segment %016llx of %s: %s", (unsigned long long)sf[i].id,
+                          dir, strerror(errno));
+            goto out;
+        }
         /* damage is skipped: blocks after it still count */
         int src = block_walk(sf[i].fd, sf[i].id, 0, 0, (uint64_t)st.st_size, scan_block, &sc, &sf[i].valid);
         if (src == -ENOMEM || src == -ECANCELED) {
