@@ -696,7 +696,7 @@ static int recover(kvd_engine *e, kvd_err *err)
         for (size_t j = 0; j < nrs; j++)
             if (rs[j].id == tails[i].id)
                 rs[j] = tails[i];
-    uint64_t open_id = 0, max_id = 0;
+    uint64_t open_id = 0, max_id = 0, max_new = 0;
     for (size_t i = 0; i < nrs && !rc; i++) {
         rf_seg *r = &rs[i];
         seg_path(e->dir, r->id, p, sizeof p);
@@ -707,6 +707,12 @@ static int recover(kvd_engine *e, kvd_err *err)
             continue;
         }
         e->n_rolled_forward += r->applied;
+        /* damage past the old committed size with valid blocks kept after
+         * it (a torn write that writeback did not finish, the batch after
+         * it whole): the range stays inside the segment; verify reports it,
+         * and compaction refuses that segment until rebuild-index */
+        if (r->bad_what && r->new_bytes > r->bad_off)
+            e->n_recovery_damaged++;
         if (r->size > r->new_bytes && (ftruncate(r->fd, (off_t)r->new_bytes) || fdatasync(r->fd))) {
             rc = kvd_fail(err, -errno, "cannot truncate the tail of %s: %s", p, strerror(errno));
             break;
@@ -718,6 +724,8 @@ static int recover(kvd_engine *e, kvd_err *err)
         if ((!r->listed || r->new_bytes != r->committed) &&
             (rc = seg_put(e, txn, r->id, state, r->new_bytes)))
             break;
+        if (!r->listed && r->id > max_new)
+            max_new = r->id;
         if (r->id > max_id)
             max_id = r->id;
         if (state == SEG_OPEN && r->id > open_id)
@@ -727,10 +735,11 @@ static int recover(kvd_engine *e, kvd_err *err)
         goto out;
     if (max_id && (rc = meta_at_least(e, txn, "next_seg", max_id + 1)))
         goto out;
-    /* one OPEN segment, the newest: a segment the roll-forward brought back
-     * is newer than the OPEN one the index remembered */
-    if (open_id && open_id != max_id)
-        open_id = max_id;
+    /* one OPEN segment: a segment the roll-forward brought back (its roll
+     * was lost with the index) is newer than the OPEN one the index
+     * remembered; compaction outputs, also of higher ids, stay sealed */
+    if (open_id && max_new > open_id)
+        open_id = max_new;
     for (size_t i = 0; i < e->nseg && !rc; i++) {
         kvd_seg *s = &e->segtab[i];
         uint8_t want = s->id == open_id ? SEG_OPEN : SEG_SEALED;
@@ -1525,5 +1534,6 @@ int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err)
     st->group_commits = atomic_load(&e->n_commits);
     st->fsyncs = atomic_load(&e->n_fsyncs);
     st->rolled_forward = e->n_rolled_forward;
+    st->recovery_damaged = e->n_recovery_damaged;
     return 0;
 }

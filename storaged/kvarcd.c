@@ -185,6 +185,9 @@ int main(int argc, char **argv)
         log_line("warn", "msg=\"recovery replayed %llu valid block(s) that the index of %s did not know "
                  "(its last transaction was lost, or a crash came between a write and its commit)\"",
                  (unsigned long long)rst.rolled_forward, dir);
+    if (!kvd_stats_get(e, &rst, NULL) && rst.recovery_damaged)
+        log_line("warn", "msg=\"recovery kept %llu damaged range(s) in %s because valid blocks follow them; "
+                 "`kvarc verify` names them\"", (unsigned long long)rst.recovery_damaged, dir);
     char sock[1200], addr[1300], msg[256];
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
     if (strlen(sock) >= 108) {

@@ -219,6 +219,8 @@ typedef struct kvd_stats {
     uint64_t blocks, tokens, extents;          /* tokens: archived (token, layer) pairs */
     uint64_t appends, group_commits, fsyncs;   /* since open */
     uint64_t rolled_forward;   /* valid blocks the index lacked, replayed by recovery at open */
+    uint64_t recovery_damaged; /* damaged ranges past a committed size that recovery kept, because
+                                  valid blocks follow them (verify names them) */
 } kvd_stats;
 
 int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err);

@@ -100,6 +100,7 @@ struct kvd_engine {
 
     atomic_ullong n_appends, n_commits, n_fsyncs;
     uint64_t n_rolled_forward;  /* blocks recovery replayed into the index at open */
+    uint64_t n_recovery_damaged; /* damaged ranges recovery kept (valid blocks after them) */
     int      check_only;        /* kvd_open_check: read-only, no recovery */
 };
 

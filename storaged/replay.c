@@ -264,12 +264,14 @@ int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const
             return 0;
         c.flags |= KVD_CONV_DELETED;
         char nb[KVD_NS_MAX + KVD_NAME_MAX];
-        MDB_val nk;
+        MDB_val nk, nv;
         name_key(nb, sizeof nb, c.ns, c.name, &nk);
         if ((rc = conv_put(e, txn, h->conv, &c)))
             return rc;
-        rc = mdb_del(txn, e->names, &nk, NULL);
-        return rc && rc != MDB_NOTFOUND ? kvd_mdb_err(rc) : 1;
+        uint64_t owner = 0;
+        if (mdb_get(txn, e->names, &nk, &nv) || nv.mv_size != 8 || (memcpy(&owner, nv.mv_data, 8), owner != h->conv))
+            return 1;                                   /* the name is not (or no longer) its */
+        return (rc = mdb_del(txn, e->names, &nk, NULL)) ? kvd_mdb_err(rc) : 1;
     }
     if (h->kind != KVARC_BLOCK_DATA)
         return kvd_fail(err, KVARC_ECORRUPT, "its kind %u is unknown", h->kind);

@@ -51,7 +51,12 @@ int seg_parse_name(const char *name, uint64_t *id)
 {
     unsigned long long v;
     char tail[8];
+    char canon[32];
     if (sscanf(name, "%16llx.%7s", &v, tail) != 2 || strcmp(tail, "seg"))
+        return 0;
+    /* only the name seg_path gives: "5.seg" or "0x5.seg" is another file */
+    snprintf(canon, sizeof canon, "%016llx.seg", v);
+    if (strcmp(name, canon))
         return 0;
     *id = v;
     return 1;

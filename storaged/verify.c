@@ -309,6 +309,18 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
             total += segs[i].bytes;
     scan_ctx sc = { &bl, &rep->records, &rep->problems, log, arg, fn, parg, &done, total };
     for (size_t i = 0; i < nseg; i++) {
+        /* scan what this view's index committed: the table's size grows
+         * only after a commit, so a view begun between the two would see
+         * extents past the table's size */
+        uint8_t skb[8];
+        key_u64(skb, segs[i].id);
+        MDB_val sk = { 8, skb }, sv;
+        seg_val segv;
+        if (mdb_get(txn, e->segs, &sk, &sv) || sv.mv_size != sizeof segv)
+            continue;                         /* created after this view began */
+        memcpy(&segv, sv.mv_data, sizeof segv);
+        segs[i].bytes = segv.bytes;
+        segs[i].state = segv.state;
         if (segs[i].state == SEG_DEAD)
             continue;
         int fd = seg_pin(e, segs[i].id);
@@ -606,7 +618,7 @@ int kvd_rebuild_index(const char *dir, log_fn log, void *larg, uint64_t *dropped
     for (size_t i = 0; i < bl.n && !rc; i++) {
         blk *b = &bl.v[i];
         kvarc_block_header *h = &b->h;
-        if (h->kind == KVARC_BLOCK_CONV_CREATE && h->conv > maxconv)
+        if (h->conv > maxconv)          /* every kind: a purged conversation's id is not given again */
             maxconv = h->conv;
         segfile *s = NULL;
         for (size_t j = 0; j < nsf; j++)

@@ -486,6 +486,9 @@ static int offline_verify(const char *dir, int json)
     kvd_close(e);
     if (rc && rc != KVARC_ECORRUPT) {
         fprintf(stderr, "kvarc verify: %s\n", err.msg);
+        for (size_t i = 0; i < ll.n; i++)
+            free(ll.v[i]);
+        free(ll.v);
         return 3;
     }
     if (json) {
@@ -536,9 +539,14 @@ static int offline_rebuild(const char *dir, int json)
     /* what the new index holds, checked as kvarcd will find it */
     kvd_engine *e;
     kvd_verify_report rep = { 0 };
-    if (kvd_open_check(dir, &e, &err) == 0) {
-        kvd_verify(e, &rep, NULL, NULL, NULL, NULL, &err);
+    int vrc = kvd_open_check(dir, &e, &err);
+    if (!vrc) {
+        vrc = kvd_verify(e, &rep, NULL, NULL, NULL, NULL, &err);
         kvd_close(e);
+    }
+    if (vrc && vrc != KVARC_ECORRUPT) {
+        fprintf(stderr, "kvarc rebuild-index: the index was rebuilt, but checking it failed: %s\n", err.msg);
+        return 3;
     }
     if (json)
         printf("{\"rebuilt\":true,\"left_out\":%llu,\"extents\":%llu,\"problems\":%llu}\n",
@@ -547,7 +555,9 @@ static int offline_rebuild(const char *dir, int json)
         printf("index of %s rebuilt: %llu extents, %llu block(s) left out, %llu problem(s) left (the old "
                "index is in %s/index.old)\n", dir, (unsigned long long)rep.extents,
                (unsigned long long)dropped, (unsigned long long)rep.problems, dir);
-    return 0;
+    if (rep.problems && !json)
+        printf("`kvarc verify %s` names what is left\n", dir);
+    return rep.problems ? 1 : 0;
 }
 
 int kvarc_admin(const char *cmd, int argc, char **argv)
