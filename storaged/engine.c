@@ -66,6 +66,7 @@ int kvd_mdb_err(int rc)
     case MDB_KEYEXIST:    return -EEXIST;
     case MDB_CORRUPTED:
     case MDB_PAGE_NOTFOUND:
+    case MDB_INCOMPATIBLE:          /* a table's flags changed under it: damage */
     case MDB_INVALID:     return KVARC_ECORRUPT;
     default:              return rc > 0 ? -rc : -EIO;
     }

@@ -127,6 +127,15 @@ static uint32_t key_get_u32(const uint8_t *k)
     return (uint32_t)k[0] << 24 | (uint32_t)k[1] << 16 | (uint32_t)k[2] << 8 | k[3];
 }
 
+/* A table walked to its end ends with MDB_NOTFOUND; anything else is a
+ * damaged index (a walk that stopped early checked nothing after it). */
+static void walk_end(int rc, const char *table, kvd_verify_report *rep, log_fn log, void *arg)
+{
+    if (rc != MDB_NOTFOUND)
+        logf_(log, arg, &rep->problems, "the index's %s table cannot be read to its end: %s", table,
+              mdb_strerror(rc));
+}
+
 /* Every conversation opens as kvd_conv_open would open it: its record,
  * its name both ways, its means, its layer lengths, its creating block. */
 static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_verify_report *rep,
@@ -134,9 +143,12 @@ static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_ver
 {
     MDB_cursor *cur;
     MDB_val k, v;
-    if (mdb_cursor_open(txn, e->convs, &cur))
+    if (mdb_cursor_open(txn, e->convs, &cur)) {
+        logf_(log, arg, &rep->problems, "the index's conversations table cannot be read");
         return;
-    for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+    }
+    int wrc = 0;
+    for (int op = MDB_FIRST; !(wrc = mdb_cursor_get(cur, &k, &v, op)); op = MDB_NEXT) {
         if (k.mv_size != 8 || v.mv_size != sizeof(conv_rec)) {
             logf_(log, arg, &rep->problems, "conversation record %s is damaged (%zu bytes, expected %zu): "
                   "it cannot be opened", k.mv_size == 8 ? "entry" : "key", v.mv_size, sizeof(conv_rec));
@@ -190,6 +202,15 @@ static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_ver
                       "is damaged", c.ns, c.name, l);
                 break;
             }
+            /* its own part must have extents up to the length (a walk of
+             * the extents table cannot see a layer that has none at all) */
+            uint64_t owner, f;
+            extent_val ev;
+            if (len > c.fork_len && (extent_resolve(e, txn, id, l, len - 1, &owner, &f, &ev) || owner != id)) {
+                logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u: position %llu, inside its "
+                      "length, has no extent in the index", c.ns, c.name, l, (unsigned long long)(len - 1));
+                break;
+            }
         }
         int bi = blk_find(bl, c.create_seg, c.create_off);
         if (bi < 0 || bl->v[bi].h.kind != KVARC_BLOCK_CONV_CREATE || bl->v[bi].h.conv != id)
@@ -198,10 +219,14 @@ static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_ver
                   (unsigned long long)c.create_seg, (unsigned long long)c.create_off);
     }
     mdb_cursor_close(cur);
+    walk_end(wrc, "conversations", rep, log, arg);
     /* and every name leads to a live conversation of that name */
-    if (mdb_cursor_open(txn, e->names, &cur))
+    if (mdb_cursor_open(txn, e->names, &cur)) {
+        logf_(log, arg, &rep->problems, "the index's names table cannot be read");
         return;
-    for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+    }
+    wrc = 0;
+    for (int op = MDB_FIRST; !(wrc = mdb_cursor_get(cur, &k, &v, op)); op = MDB_NEXT) {
         uint64_t id = 0;
         conv_rec c;
         if (v.mv_size == 8)
@@ -211,6 +236,7 @@ static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_ver
                   (int)(k.mv_size < 200 ? k.mv_size : 200), (const char *)k.mv_data);
     }
     mdb_cursor_close(cur);
+    walk_end(wrc, "names", rep, log, arg);
 }
 
 static int count_block(void *arg, uint64_t seg, uint64_t off, const kvarc_block_header *h,
@@ -229,7 +255,8 @@ static void verify_files(kvd_engine *e, MDB_txn *txn, kvd_verify_report *rep, lo
     MDB_val k, v;
     char p[PATH_MAX];
     if (!mdb_cursor_open(txn, e->segs, &cur)) {
-        for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+        int wrc = 0;
+        for (int op = MDB_FIRST; !(wrc = mdb_cursor_get(cur, &k, &v, op)); op = MDB_NEXT) {
             seg_val sv;
             if (k.mv_size != 8 || v.mv_size != sizeof sv) {
                 logf_(log, arg, &rep->problems, "a segment entry of the index is damaged");
@@ -244,6 +271,9 @@ static void verify_files(kvd_engine *e, MDB_txn *txn, kvd_verify_report *rep, lo
             }
         }
         mdb_cursor_close(cur);
+        walk_end(wrc, "segments", rep, log, arg);
+    } else {
+        logf_(log, arg, &rep->problems, "the index's segments table cannot be read");
     }
     snprintf(p, sizeof p, "%s/segments", e->dir);
     DIR *dp = opendir(p);
@@ -271,6 +301,36 @@ static void verify_files(kvd_engine *e, MDB_txn *txn, kvd_verify_report *rep, lo
     }
     if (dp)
         closedir(dp);
+}
+
+/* The counters new ids come from must be past every id in use, or the
+ * next create, block or segment would take one again. */
+static void verify_counters(kvd_engine *e, MDB_txn *txn, const blklist *bl, const kvd_seg *segs, size_t nseg,
+                            kvd_verify_report *rep, log_fn log, void *arg)
+{
+    uint64_t seq = 0, conv = 0, seg = 0;
+    for (size_t i = 0; i < bl->n; i++) {
+        if (bl->v[i].h.seq > seq)
+            seq = bl->v[i].h.seq;
+        if (bl->v[i].h.conv > conv)
+            conv = bl->v[i].h.conv;
+    }
+    for (size_t i = 0; i < nseg; i++)
+        if (segs[i].id > seg)
+            seg = segs[i].id;
+    const struct { const char *name; uint64_t in_use; } c[] = {
+        { "seq", seq }, { "next_conv", conv }, { "next_seg", seg },
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        MDB_val k = { strlen(c[i].name), (void *)c[i].name }, v;
+        uint64_t next = 0;
+        int rc = mdb_get(txn, e->meta, &k, &v);
+        if (rc == 0 && v.mv_size == 8)
+            memcpy(&next, v.mv_data, 8);
+        if ((rc == 0 && v.mv_size != 8) || (rc && rc != MDB_NOTFOUND) || (c[i].in_use && next <= c[i].in_use))
+            logf_(log, arg, &rep->problems, "the index's counter %s is %llu, but %llu is in use: the next one "
+                  "would be given twice", c[i].name, (unsigned long long)next, (unsigned long long)c[i].in_use);
+    }
 }
 
 int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd_progress_fn fn,
@@ -380,7 +440,8 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
     if (!mdb_cursor_open(txn, e->extents, &cur)) {
         uint64_t pconv = UINT64_MAX, expect = 0;
         uint32_t player = UINT32_MAX;
-        for (int op = MDB_FIRST; !mdb_cursor_get(cur, &k, &v, op); op = MDB_NEXT) {
+        int wrc = 0;
+        for (int op = MDB_FIRST; !(wrc = mdb_cursor_get(cur, &k, &v, op)); op = MDB_NEXT) {
             rep->extents++;
             if (k.mv_size != 20 || v.mv_size != sizeof(extent_val)) {
                 logf_(log, arg, &rep->problems, "an extent entry is damaged (key %zu bytes, value %zu)",
@@ -459,9 +520,13 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
                       "end at %llu", pc.ns, pc.name, player, (unsigned long long)len, (unsigned long long)expect);
         }
         mdb_cursor_close(cur);
+        walk_end(wrc, "extents", rep, log, arg);
+    } else {
+        logf_(log, arg, &rep->problems, "the index's extents table cannot be read");
     }
     if (e->check_only)
         verify_files(e, txn, rep, log, arg);
+    verify_counters(e, txn, &bl, segs, nseg, rep, log, arg);
     /* and the other way: a valid data block of a live conversation past
      * its layer's length is data the index lost */
     for (size_t i = 0; i < bl.n; i++) {
