@@ -623,7 +623,29 @@ static int recover(kvd_engine *e, kvd_err *err)
         memcpy(&sv, v.mv_data, sizeof sv);
         uint64_t id = key_get_u64(k.mv_data);
         seg_path(e->dir, id, p, sizeof p);
+        if (sv.state != SEG_OPEN && sv.state != SEG_SEALED && sv.state != SEG_DEAD) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "index of %s gives segment %016llx the state %u, which does not "
+                          "exist: the index is damaged; with kvarcd stopped run `kvarc verify %s`, then `kvarc "
+                          "rebuild-index %s`", e->dir, (unsigned long long)id, sv.state, e->dir, e->dir);
+            break;
+        }
         if (sv.state == SEG_DEAD) {                /* compaction finished, unlink pending */
+            /* ... unless the index still refers to it (a damaged state byte
+             * must not remove live data) */
+            int dfd = open(p, O_RDONLY | O_CLOEXEC);
+            struct stat dst;
+            uint64_t refs = 0;
+            if (dfd >= 0 && !fstat(dfd, &dst))
+                rc = seg_dead_referenced(e, txn, dfd, id, (uint64_t)dst.st_size, &refs);
+            if (dfd >= 0)
+                close(dfd);
+            if (!rc && refs)
+                rc = kvd_fail(err, KVARC_ECORRUPT, "segment %s is marked for removal but the index still refers to "
+                              "%llu of its blocks: the index is damaged. Nothing was removed; with kvarcd stopped "
+                              "run `kvarc verify %s`, then `kvarc rebuild-index %s`", p, (unsigned long long)refs,
+                              e->dir, e->dir);
+            if (rc)
+                break;
             unlink(p);
             mdb_cursor_del(cur, 0);
             continue;
@@ -647,7 +669,7 @@ static int recover(kvd_engine *e, kvd_err *err)
                           (unsigned long long)sv.bytes, e->dir, e->dir);
             break;
         }
-        rf_seg r = { .id = id, .fd = fd, .listed = sv.state, .committed = sv.bytes,
+        rf_seg r = { .id = id, .fd = fd, .listed = 1, .state = sv.state, .committed = sv.bytes,
                      .size = (uint64_t)st.st_size, .new_bytes = sv.bytes };
         if ((rc = rf_push(&rs, &nrs, &r))) {
             close(fd);
@@ -718,7 +740,7 @@ static int recover(kvd_engine *e, kvd_err *err)
             rc = kvd_fail(err, -errno, "cannot truncate the tail of %s: %s", p, strerror(errno));
             break;
         }
-        uint8_t state = r->listed ? (uint8_t)r->listed : SEG_SEALED;
+        uint8_t state = r->listed ? r->state : SEG_SEALED;
         if ((rc = segtab_add(e, r->id, r->fd, state, r->new_bytes)))
             break;
         r->fd = -1;                                /* the table owns it now */
@@ -886,9 +908,30 @@ static int engine_open(const kvd_options *opt, int check_only, kvd_engine **out,
         { "meta", &e->meta }, { "names", &e->names }, { "convs", &e->convs }, { "means", &e->means },
         { "layers", &e->layers }, { "extents", &e->extents }, { "segs", &e->segs },
     };
-    for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++)
-        if ((rc = kvd_mdb_err(mdb_dbi_open(txn, dbs[i].name, check_only ? 0 : MDB_CREATE, dbs[i].dbi)))) {
-            kvd_fail(err, rc, "cannot open table %s of %s: %s", dbs[i].name, p, kvarc_strerror(rc));
+    /* a new index gets every table; an index that has some but lacks
+     * others is damaged (its main table): creating the missing ones empty
+     * would make recovery take the segments for leftovers */
+    size_t missing = 0, ntab = sizeof dbs / sizeof dbs[0];
+    const char *lacks = NULL;
+    for (size_t i = 0; i < ntab; i++) {
+        int orc = mdb_dbi_open(txn, dbs[i].name, 0, dbs[i].dbi);
+        if (orc == MDB_NOTFOUND) {
+            missing++;
+            lacks = dbs[i].name;
+        } else if ((rc = kvd_mdb_err(orc))) {
+            kvd_fail(err, rc, "cannot open table %s of %s: %s; with kvarcd stopped run `kvarc verify %s`, then "
+                     "`kvarc rebuild-index %s`", dbs[i].name, p, kvarc_strerror(rc), e->dir, e->dir);
+            goto fail;
+        }
+    }
+    if (missing && (missing < ntab || check_only)) {
+        rc = kvd_fail(err, KVARC_ECORRUPT, "the index %s lacks its %s table%s: it is damaged; with kvarcd stopped "
+                      "run `kvarc rebuild-index %s`", p, lacks, missing > 1 ? " (and others)" : "", e->dir);
+        goto fail;
+    }
+    for (size_t i = 0; i < ntab && missing; i++)
+        if ((rc = kvd_mdb_err(mdb_dbi_open(txn, dbs[i].name, MDB_CREATE, dbs[i].dbi)))) {
+            kvd_fail(err, rc, "cannot create table %s of %s: %s", dbs[i].name, p, kvarc_strerror(rc));
             goto fail;
         }
     rc = kvd_mdb_err(mdb_txn_commit(txn));

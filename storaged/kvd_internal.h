@@ -168,11 +168,18 @@ int meta_at_least(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t at_lea
 int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const uint8_t *block,
                  uint64_t seg, uint64_t off, kvd_err *err);
 
+/* Does the index refer to the block h at (seg, off) itself (not a copy)? */
+int block_indexed_at(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, uint64_t seg, uint64_t off);
+/* How many blocks of the file fd (segment seg, size bytes) the index still
+ * refers to: a segment marked DEAD must have none before it is removed. */
+int seg_dead_referenced(kvd_engine *e, MDB_txn *txn, int fd, uint64_t seg, uint64_t size, uint64_t *n);
+
 /* A segment file as recovery found it. */
 typedef struct rf_seg {
     uint64_t id;
     int      fd;
-    int      listed;            /* its SEG_* state in the index, 0: a file it does not know */
+    int      listed;            /* in the index's segment table (else a file it does not know) */
+    uint8_t  state;             /* SEG_OPEN or SEG_SEALED as listed */
     uint64_t committed;         /* the index's committed size (0 if not listed) */
     uint64_t size;              /* the file's size */
     uint64_t new_bytes;         /* out: committed size after roll-forward */

@@ -39,7 +39,8 @@
  *     naming `kvarc verify DIR` and `kvarc rebuild-index DIR`.
  *  4. A segment file the index does not list and none of whose blocks was
  *     needed (an uncommitted compaction output, an empty roll) is removed
- *     as before. */
+ *     as before; but one the index refers to (its segment table damaged)
+ *     makes recovery refuse, never a removal. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -310,6 +311,32 @@ int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const
 
 /* ---- roll-forward ------------------------------------------------------ */
 
+typedef struct dead_ctx {
+    kvd_engine *e;
+    MDB_txn    *txn;
+    uint64_t    referenced;
+} dead_ctx;
+
+static int dead_block(void *arg, uint64_t seg, uint64_t off, const kvarc_block_header *h,
+                      const uint8_t *block, const char *bad, uint64_t bytes)
+{
+    dead_ctx *d = arg;
+    (void)block;
+    (void)bytes;
+    if (!bad && block_indexed_at(d->e, d->txn, h, seg, off))
+        d->referenced++;
+    return 0;
+}
+
+int seg_dead_referenced(kvd_engine *e, MDB_txn *txn, int fd, uint64_t seg, uint64_t size, uint64_t *n)
+{
+    dead_ctx d = { e, txn, 0 };
+    uint64_t vend;
+    int rc = block_walk(fd, seg, 0, size, size, dead_block, &d, &vend);   /* headers only */
+    *n = d.referenced;
+    return rc;
+}
+
 typedef struct rf_blk {
     uint64_t seg, off, seq;
 } rf_blk;
@@ -359,6 +386,23 @@ static int rf_cmp(const void *a, const void *b)
     return (x->seg > y->seg) - (x->seg < y->seg);
 }
 
+int block_indexed_at(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, uint64_t seg,
+                            uint64_t off)
+{
+    if (h->kind == KVARC_BLOCK_CONV_CREATE) {
+        conv_rec c;
+        return conv_get(e, txn, h->conv, &c) == 0 && c.create_seg == seg && c.create_off == off;
+    }
+    if (h->kind != KVARC_BLOCK_DATA)
+        return 0;
+    uint8_t kb[20];
+    extent_key(kb, h->conv, h->layer, h->first_pos);
+    MDB_val k = { 20, kb }, v;
+    extent_val ev;
+    return mdb_get(txn, e->extents, &k, &v) == 0 && v.mv_size == sizeof ev &&
+           (memcpy(&ev, v.mv_data, sizeof ev), ev.seg == seg && ev.off == off);
+}
+
 int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs, kvd_err *err)
 {
     rf_state st = { 0 };
@@ -399,6 +443,16 @@ int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs
             (rc = kvarc_block_header_decode(hb, &h)) ||
             (rc = read_block(s->fd, st.v[i].off, &h, &buf, &cap, &what)))
             goto io;
+        if (!s->listed && block_indexed_at(e, txn, &h, s->id, st.v[i].off)) {
+            /* the index points into a file its segment table does not list:
+             * that table is damaged; the file must not be taken for a leftover */
+            seg_path(e->dir, s->id, p, sizeof p);
+            rc = kvd_fail(err, KVARC_ECORRUPT, "the index refers to %s (offset %llu) but does not list it among "
+                          "its segments: the index is damaged. Nothing was changed; with kvarcd stopped run "
+                          "`kvarc verify %s`, then `kvarc rebuild-index %s`", p, (unsigned long long)st.v[i].off,
+                          e->dir, e->dir);
+            goto out;
+        }
         kvd_err why = { 0, "" };
         int arc = replay_block(e, txn, &h, buf, st.v[i].seg, st.v[i].off, &why);
         if (arc == KVARC_ECORRUPT) {
