@@ -262,11 +262,9 @@ KD_FN int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t h
     return bad ? 100 : 0;
 }
 
-/* Run the kvarc CLI against dir; its exit code, stdout into out. */
-KD_FN int cli(char *out, size_t len, const char *args)
+/* Run the shell command cmd; its exit code, stdout into out. */
+KD_FN int kd_run(char *out, size_t len, const char *cmd)
 {
-    char cmd[1024];
-    snprintf(cmd, sizeof cmd, "%s %s --data %s 2>/dev/null", KD_CLI, args, dir);
     FILE *f = popen(cmd, "r");
     if (!f)
         return -1;
@@ -274,6 +272,14 @@ KD_FN int cli(char *out, size_t len, const char *args)
     out[n] = 0;
     int st = pclose(f);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* Run the kvarc CLI against dir; its exit code, stdout into out. */
+KD_FN int cli(char *out, size_t len, const char *args)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s %s --data %s 2>/dev/null", KD_CLI, args, dir);
+    return kd_run(out, len, cmd);
 }
 
 KD_FN int fork_call(kvc_conn *c, const char *method, const char *src, const char *dst, char *msg)

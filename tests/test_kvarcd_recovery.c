@@ -103,13 +103,7 @@ static int run_cli(char *out, size_t len, const char *args)
 {
     char cmd[1200];
     snprintf(cmd, sizeof cmd, "%s %s 2>&1", KD_CLI, args);
-    FILE *f = popen(cmd, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(out, 1, len - 1, f);
-    out[n] = 0;
-    int st = pclose(f);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return kd_run(out, len, cmd);
 }
 
 static MDB_env *index_open(MDB_txn **txn)
