@@ -128,20 +128,28 @@ int kvd_name_valid(const char *s, size_t max)
 
 /* ---- small LMDB helpers ---------------------------------------------- */
 
-static int meta_next(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t *out)
+int meta_get(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t dflt, uint64_t *out)
 {
     MDB_val k = { strlen(name), (void *)name }, v;
-    uint64_t cur = 1;
     int rc = mdb_get(txn, e->meta, &k, &v);
+    *out = dflt;
     if (rc == 0 && v.mv_size == 8)
-        memcpy(&cur, v.mv_data, 8);
+        memcpy(out, v.mv_data, 8);
     else if (rc != MDB_NOTFOUND)
         return kvd_mdb_err(rc ? rc : MDB_CORRUPTED);
-    *out = cur;
-    cur++;
-    v.mv_size = 8;
-    v.mv_data = &cur;
+    return 0;
+}
+
+int meta_put(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t value)
+{
+    MDB_val k = { strlen(name), (void *)name }, v = { 8, &value };
     return kvd_mdb_err(mdb_put(txn, e->meta, &k, &v, 0));
+}
+
+static int meta_next(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t *out)
+{
+    int rc = meta_get(e, txn, name, 1, out);
+    return rc ? rc : meta_put(e, txn, name, *out + 1);
 }
 
 int conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out)
@@ -604,8 +612,8 @@ static int recover(kvd_engine *e, kvd_err *err)
     MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val k, v;
-    rf_seg *rs = NULL, *tails = NULL;
-    size_t nrs = 0, ntails = 0;
+    rf_seg *rs = NULL;
+    size_t nrs = 0;
     char p[PATH_MAX], d[PATH_MAX];
     snprintf(d, sizeof d, "%s/segments", e->dir);
     int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn));
@@ -670,7 +678,7 @@ static int recover(kvd_engine *e, kvd_err *err)
             break;
         }
         rf_seg r = { .id = id, .fd = fd, .listed = 1, .state = sv.state, .committed = sv.bytes,
-                     .size = (uint64_t)st.st_size, .new_bytes = sv.bytes };
+                     .size = (uint64_t)st.st_size };
         if ((rc = rf_push(&rs, &nrs, &r))) {
             close(fd);
             break;
@@ -710,15 +718,8 @@ static int recover(kvd_engine *e, kvd_err *err)
     }
     if (rc)
         goto out;
-    for (size_t i = 0; i < nrs && !rc; i++)
-        if (rs[i].size > rs[i].committed)
-            rc = rf_push(&tails, &ntails, &rs[i]);
-    if (rc || (ntails && (rc = recover_roll_forward(e, txn, tails, ntails, err))))
+    if ((rc = recover_roll_forward(e, txn, rs, nrs, err)))
         goto out;
-    for (size_t i = 0; i < ntails; i++)
-        for (size_t j = 0; j < nrs; j++)
-            if (rs[j].id == tails[i].id)
-                rs[j] = tails[i];
     uint64_t open_id = 0, max_id = 0, max_new = 0;
     for (size_t i = 0; i < nrs && !rc; i++) {
         rf_seg *r = &rs[i];
@@ -794,7 +795,6 @@ out:
         if (rs[i].fd >= 0 && !segtab_find(e, rs[i].id))
             close(rs[i].fd);
     free(rs);
-    free(tails);
     return rc;
 }
 
@@ -977,7 +977,7 @@ void kvd_close(kvd_engine *e)
 
 /* ---- conversations ----------------------------------------------------- */
 
-static int shape_check(const kvd_shape *s, kvd_err *err)
+int shape_check(const kvd_shape *s, kvd_err *err)
 {
     if (!s)
         return kvd_fail(err, -EINVAL, "no shape given");

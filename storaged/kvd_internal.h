@@ -163,6 +163,11 @@ int block_walk(int fd, uint64_t seg, uint64_t start, uint64_t check_from, uint64
 /* Apply one valid block (whole, at seg/off) to the index in txn: 1
  * applied, 0 already there or nothing to do, KVARC_ECORRUPT (err says
  * why) when the index cannot take it, or another error. */
+/* The counter `name` of the meta table (dflt when absent), and its store. */
+int meta_get(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t dflt, uint64_t *out);
+int meta_put(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t value);
+/* A shape as kvd_conv_create accepts it: 0 or an error with err saying why. */
+int shape_check(const kvd_shape *s, kvd_err *err);
 /* Raise the counter `name` in the meta table to at least at_least. */
 int meta_at_least(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t at_least);
 int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const uint8_t *block,
@@ -189,7 +194,8 @@ typedef struct rf_seg {
 } rf_seg;
 
 /* Replay, in sequence order, every valid block past the committed size of
- * segs (recovery's roll-forward; replay.c's design notes). 0, or
+ * those segs that are longer than it (recovery's roll-forward; replay.c's
+ * design notes); sets every seg's new_bytes, blocks, applied. 0, or
  * KVARC_ECORRUPT (a block the index cannot take: nothing should be
  * changed, kvarcd refuses to start), or an I/O error. */
 int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs, kvd_err *err);

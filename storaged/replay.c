@@ -202,18 +202,9 @@ int block_walk(int fd, uint64_t seg, uint64_t start, uint64_t check_from, uint64
 
 int meta_at_least(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t at_least)
 {
-    MDB_val k = { strlen(name), (void *)name }, v;
-    uint64_t cur = 0;
-    int rc = mdb_get(txn, e->meta, &k, &v);
-    if (rc == 0 && v.mv_size == 8)
-        memcpy(&cur, v.mv_data, 8);
-    else if (rc != MDB_NOTFOUND)
-        return kvd_mdb_err(rc ? rc : MDB_CORRUPTED);
-    if (cur >= at_least)
-        return 0;
-    v.mv_size = 8;
-    v.mv_data = &at_least;
-    return kvd_mdb_err(mdb_put(txn, e->meta, &k, &v, 0));
+    uint64_t cur;
+    int rc = meta_get(e, txn, name, 0, &cur);
+    return rc || cur >= at_least ? rc : meta_put(e, txn, name, at_least);
 }
 
 int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const uint8_t *block,
@@ -234,11 +225,12 @@ int replay_block(kvd_engine *e, MDB_txn *txn, const kvarc_block_header *h, const
         memcpy(&r, block + KVARC_BLOCK_HEADER, sizeof r);
         r.ns[KVD_NS_MAX - 1] = 0;
         r.name[KVD_NAME_MAX - 1] = 0;
+        kvd_err why;
+        if (shape_check(&r.shape, &why))
+            return kvd_fail(err, KVARC_ECORRUPT, "its metadata is malformed: %s", why.msg);
         size_t nm = means_floats(&r.shape);
-        if (r.shape.n_layers == 0 || r.shape.n_layers > KVD_MAX_LAYERS || r.shape.n_kv_heads == 0 ||
-            r.shape.n_kv_heads > KVD_MAX_HEADS || kvarc_head_dim_check((int)r.shape.head_dim) ||
-            sizeof r + nm * sizeof(float) > h->payload_bytes)
-            return kvd_fail(err, KVARC_ECORRUPT, "its metadata is malformed");
+        if (sizeof r + nm * sizeof(float) > h->payload_bytes)
+            return kvd_fail(err, KVARC_ECORRUPT, "its metadata is shorter than its means");
         r.create_seg = seg;
         r.create_off = off;
         r.flags &= ~KVD_CONV_DELETED;
@@ -413,6 +405,9 @@ int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs
     for (size_t i = 0; i < nsegs; i++) {
         rf_seg *s = &segs[i];
         size_t before = st.n;
+        s->new_bytes = s->committed;
+        if (s->size <= s->committed)            /* nothing past what the index knows */
+            continue;
         st.committed = s->committed;
         st.last_end = 0;
         st.bad_what = NULL;

@@ -166,10 +166,10 @@ static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_ver
             continue;
         }
         const kvd_shape *s = &c.shape;
-        if (s->n_layers == 0 || s->n_layers > KVD_MAX_LAYERS || s->n_kv_heads == 0 ||
-            s->n_kv_heads > KVD_MAX_HEADS || kvarc_head_dim_check((int)s->head_dim) || !kvarc_format_get(s->format)) {
-            logf_(log, arg, &rep->problems, "conversation '%s/%s' (%llu): its shape in the index is damaged",
-                  c.ns, c.name, (unsigned long long)id);
+        kvd_err why;
+        if (shape_check(s, &why)) {
+            logf_(log, arg, &rep->problems, "conversation '%s/%s' (%llu): its shape in the index is damaged (%s)",
+                  c.ns, c.name, (unsigned long long)id, why.msg);
             continue;
         }
         char nb[KVD_NS_MAX + KVD_NAME_MAX];
@@ -322,12 +322,8 @@ static void verify_counters(kvd_engine *e, MDB_txn *txn, const blklist *bl, cons
         { "seq", seq }, { "next_conv", conv }, { "next_seg", seg },
     };
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
-        MDB_val k = { strlen(c[i].name), (void *)c[i].name }, v;
-        uint64_t next = 0;
-        int rc = mdb_get(txn, e->meta, &k, &v);
-        if (rc == 0 && v.mv_size == 8)
-            memcpy(&next, v.mv_data, 8);
-        if ((rc == 0 && v.mv_size != 8) || (rc && rc != MDB_NOTFOUND) || (c[i].in_use && next <= c[i].in_use))
+        uint64_t next;
+        if (meta_get(e, txn, c[i].name, 0, &next) || (c[i].in_use && next <= c[i].in_use))
             logf_(log, arg, &rep->problems, "the index's counter %s is %llu, but %llu is in use: the next one "
                   "would be given twice", c[i].name, (unsigned long long)next, (unsigned long long)c[i].in_use);
     }
@@ -404,14 +400,8 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
          * kvarcd replays those blocks at start (online the tail past the
          * committed size is a batch being written) */
         uint64_t behind = 0;
-        blklist tail = { 0 };
-        if (!src && e->check_only && (uint64_t)st.st_size > segs[i].bytes) {
-            uint64_t tr = 0, tp = 0, td = 0;
-            scan_ctx tc = { &tail, &tr, &tp, NULL, NULL, NULL, NULL, &td, 0 };
-            src = block_walk(fd, segs[i].id, segs[i].bytes, 0, (uint64_t)st.st_size, scan_block, &tc, &vend);
-            behind = tail.n;
-            free(tail.v);
-        }
+        if (!src && e->check_only && (uint64_t)st.st_size > segs[i].bytes)
+            src = block_walk(fd, segs[i].id, segs[i].bytes, 0, (uint64_t)st.st_size, count_block, &behind, &vend);
         seg_unpin(e, segs[i].id);
         rep->segments++;
         rep->bytes += end;
