@@ -42,7 +42,8 @@ typedef struct kvd_reader kvd_reader;
 
 typedef struct kvd_err {
     int  code;          /* the return code, repeated */
-    char msg[320];      /* what went wrong, where, and what to do */
+    char msg[1024];     /* what went wrong, where, and what to do (the remedy first
+                           where a long path could push it past the end) */
 } kvd_err;
 
 typedef struct kvd_options {

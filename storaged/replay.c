@@ -452,12 +452,11 @@ int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs
         int arc = replay_block(e, txn, &h, buf, st.v[i].seg, st.v[i].off, &why);
         if (arc == KVARC_ECORRUPT) {
             seg_path(e->dir, s->id, p, sizeof p);
-            rc = kvd_fail(err, KVARC_ECORRUPT, "%s offset %llu holds a valid block (conversation %llu "
-                          "layer %u positions %llu..+%u) past what the index knows, and the index cannot "
-                          "take it: %s. Nothing was changed; with kvarcd stopped run `kvarc verify %s`, "
-                          "then `kvarc rebuild-index %s`", p, (unsigned long long)st.v[i].off,
-                          (unsigned long long)h.conv, h.layer, (unsigned long long)h.first_pos, h.count,
-                          why.msg, e->dir, e->dir);
+            rc = kvd_fail(err, KVARC_ECORRUPT, "nothing was changed; with kvarcd stopped run `kvarc verify %s`, "
+                          "then `kvarc rebuild-index %s`: %s offset %llu holds a valid block (conversation %llu "
+                          "layer %u positions %llu..+%u) past what the index knows, and the index cannot take "
+                          "it: %s", e->dir, e->dir, p, (unsigned long long)st.v[i].off,
+                          (unsigned long long)h.conv, h.layer, (unsigned long long)h.first_pos, h.count, why.msg);
             goto out;
         }
         if (arc < 0) {

@@ -34,20 +34,22 @@ static void stop_kill(pid_t pid)
     waitpid(pid, NULL, 0);
 }
 
-/* kvarcd on dir until it answers; 0 (and *c) or -1 with it stopped. */
-static pid_t restart(kvc_conn **c)
+/* kvarcd on dir until it answers: its pid (and *c), or -1 with it stopped
+ * and a failed check naming `when`. */
+static pid_t restart(kvc_conn **c, const char *when)
 {
     pid_t pid = start_daemon();
-    if (kvc_connect(dir, c)) {
-        stop_kill(pid);
-        return -1;
-    }
+    if (kvc_connect(dir, c))
+        goto fail;
     if (!wait_ready(*c)) {
         kvc_close(*c);
-        stop_kill(pid);
-        return -1;
+        goto fail;
     }
     return pid;
+fail:
+    stop_kill(pid);
+    CHECK(0, "kvarcd did not start (%s; log %s.log)", when, dir);
+    return -1;
 }
 
 /* A fresh directory holding t/c: BLOCKS acknowledged appends per layer,
@@ -56,7 +58,7 @@ static int populate(const char *tag)
 {
     eu_tmpdir(dir, sizeof dir, tag);
     kvc_conn *c;
-    pid_t pid = restart(&c);
+    pid_t pid = restart(&c, "on a new directory");
     if (pid < 0)
         return -1;
     char msg[256];
@@ -139,8 +141,7 @@ static const uint64_t full[LAYERS] = { LEN, LEN, LEN, LEN };
 static void expect_intact(const char *after, const uint64_t *len)
 {
     kvc_conn *c;
-    pid_t pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start after %s (log %s.log)", after, dir);
+    pid_t pid = restart(&c, after);
     if (pid < 0)
         return;
     CHECK(check_served(c, len) == 0, "acknowledged appends lost after %s", after);
@@ -252,8 +253,7 @@ static void scenario_index_damage(void)
     mdb_env_close(env);
 
     kvc_conn *c;
-    pid_t pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start (log %s.log)", dir);
+    pid_t pid = restart(&c, "on the damaged directory");
     if (pid < 0)
         return;
     char msg[256];
@@ -307,8 +307,7 @@ static void scenario_header_flip(void)
     free(buf);
     CHECK(seen == 3, "found %d block headers", seen);
     kvc_conn *c;
-    pid_t pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start (log %s.log)", dir);
+    pid_t pid = restart(&c, "on the damaged directory");
     if (pid < 0)
         return;
     char out[16384];
@@ -362,8 +361,7 @@ static void scenario_truncated(void)
     CHECK(vrc == 0 || (vrc == 1 && !strstr(out, "shorter")), "offline verify after the rebuild (exit %d): %s", vrc, out);
 
     kvc_conn *c;
-    pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start after rebuild-index (log %s.log)", dir);
+    pid = restart(&c, "after rebuild-index");
     if (pid < 0)
         return;
     uint64_t left[LAYERS] = { LEN, LEN, LEN, LEN - COUNT };
@@ -393,8 +391,7 @@ static void scenario_nul_name(void)
 {
     eu_tmpdir(dir, sizeof dir, "rec-nul");
     kvc_conn *c;
-    pid_t pid = restart(&c);
-    CHECK(pid > 0, "kvarcd did not start");
+    pid_t pid = restart(&c, "on a new directory");
     if (pid < 0)
         return;
     Kvarc__V1__CreateRequest r = KVARC__V1__CREATE_REQUEST__INIT;
