@@ -238,10 +238,10 @@ KD_FN int rpc_append(kvc_conn *c, uint64_t conv, uint32_t layer, uint64_t first,
     return st;
 }
 
-/* Fetch positions and compare with tag's records; returns the status, or
- * 100 when the bytes differ. */
-KD_FN int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t head, uint64_t *pos,
-                           size_t n, uint64_t tag, char *msg)
+/* Fetch positions of (conv, layer, head): the status; on OK *reply (free
+ * it with protobuf_c_message_free_unpacked). msg: 256 bytes. */
+KD_FN int rpc_fetch(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t head, uint64_t *pos, size_t n,
+                    Kvarc__V1__FetchReply **reply, char *msg)
 {
     Kvarc__V1__FetchRequest r = KVARC__V1__FETCH_REQUEST__INIT;
     r.conv = conv;
@@ -249,17 +249,37 @@ KD_FN int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t h
     r.head = head;
     r.positions = pos;
     r.n_positions = n;
-    ProtobufCMessage *rep = NULL;
-    int st = kvc_call(c, "Fetch", &r.base, &kvarc__v1__fetch_reply__descriptor, &rep, 0, msg, 256);
+    return kvc_call(c, "Fetch", &r.base, &kvarc__v1__fetch_reply__descriptor, (ProtobufCMessage **)reply, 0,
+                    msg, 256);
+}
+
+/* Fetch positions and compare with tag's records; returns the status, or
+ * 100 when the bytes differ. */
+KD_FN int rpc_fetch_check(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t head, uint64_t *pos,
+                           size_t n, uint64_t tag, char *msg)
+{
+    Kvarc__V1__FetchReply *f = NULL;
+    int st = rpc_fetch(c, conv, layer, head, pos, n, &f, msg);
     if (st)
         return st;
-    Kvarc__V1__FetchReply *f = (Kvarc__V1__FetchReply *)rep;
     int bad = f->record_bytes != 104 || f->records.len != n * 104;
     for (size_t i = 0; !bad && i < n; i++)
         for (int b = 0; b < 104; b++)
             bad |= f->records.data[i * 104 + b] != eu_byte(tag, layer, head, pos[i], (size_t)b);
-    protobuf_c_message_free_unpacked(rep, NULL);
+    protobuf_c_message_free_unpacked(&f->base, NULL);
     return bad ? 100 : 0;
+}
+
+/* Remove dir and its kvarcd log (a test's last step when it passed;
+ * KEEP=1 in the environment keeps them to look at). */
+KD_FN void kd_remove_dir(void)
+{
+    char log[300];
+    if (getenv("KEEP"))
+        return;
+    snprintf(log, sizeof log, "%s.log", dir);
+    unlink(log);
+    eu_rmrf(dir);
 }
 
 /* Run the shell command cmd; its exit code, stdout into out. */

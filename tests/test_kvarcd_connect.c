@@ -154,13 +154,7 @@ int main(void)
 
     kill(pid, SIGTERM);
     CHECK(wait_exit(pid, 10000) == 0, "kvarcd exits 0 on SIGTERM");
-    if (!tu_failures) {
-        char log[300];
-        snprintf(log, sizeof log, "%s.log", dir);
-        if (!getenv("KEEP")) {
-            unlink(log);
-            eu_rmrf(dir);
-        }
-    }
+    if (!tu_failures)
+        kd_remove_dir();
     return tu_finish("test_kvarcd_connect");
 }

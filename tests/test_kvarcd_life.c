@@ -315,13 +315,7 @@ int main(int argc, char **argv)
     kvc_close(c);
     kill(pid, SIGTERM);
     CHECK(wait_exit(pid, 10000) == 0, "final SIGTERM exits 0");
-    if (!tu_failures) {
-        char log[300];
-        snprintf(log, sizeof log, "%s.log", dir);
-        if (!getenv("KEEP")) {
-            unlink(log);
-            eu_rmrf(dir);
-        }
-    }
+    if (!tu_failures)
+        kd_remove_dir();
     return tu_finish("test_kvarcd_life");
 }

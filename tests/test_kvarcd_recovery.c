@@ -145,14 +145,12 @@ static void expect_intact(const char *after, const uint64_t *len)
     if (pid < 0)
         return;
     CHECK(check_served(c, len) == 0, "acknowledged appends lost after %s", after);
-    char out[8192], log[300];
+    char out[8192];
     CHECK_RC(cli(out, sizeof out, "verify --json"), 0);
     CHECK(json_u64(out, "problems") == 0, "verify after %s: %s", after, out);
     kvc_close(c);
     stop_kill(pid);
-    snprintf(log, sizeof log, "%s.log", dir);
-    eu_rmrf(dir);
-    unlink(log);
+    kd_remove_dir();
 }
 
 static void scenario_meta_page(void)
@@ -280,7 +278,7 @@ static void scenario_index_damage(void)
     snprintf(args, sizeof args, "verify %s", dir);
     vrc = run_cli(out, sizeof out, args);
     CHECK(vrc == 1 && strstr(out, "layer 1") && strstr(out, "means"), "offline verify (exit %d): %s", vrc, out);
-    eu_rmrf(dir);
+    kd_remove_dir();
 }
 
 static void scenario_header_flip(void)
@@ -321,7 +319,7 @@ static void scenario_header_flip(void)
     CHECK(strstr(out, "block header") && strstr(out, "skipped"), "verify line: %s", out);
     kvc_close(c);
     stop_kill(pid);
-    eu_rmrf(dir);
+    kd_remove_dir();
 }
 
 static void scenario_truncated(void)
@@ -383,8 +381,7 @@ static void scenario_truncated(void)
     snprintf(args, sizeof args, "verify %s", dir);
     vrc = run_cli(out, sizeof out, args);
     CHECK(vrc == 0, "offline verify of the repaired directory (exit %d): %s", vrc, out);
-    eu_rmrf(dir);
-    unlink(log);
+    kd_remove_dir();
 }
 
 static void scenario_nul_name(void)
@@ -418,7 +415,7 @@ static void scenario_nul_name(void)
     CHECK_RC(open_conv(c, "team-a", "chat", NULL, msg), GRPC_STATUS_NOT_FOUND);
     kvc_close(c);
     stop_kill(pid);
-    eu_rmrf(dir);
+    kd_remove_dir();
 }
 
 int main(void)

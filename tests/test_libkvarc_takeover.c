@@ -196,25 +196,18 @@ static int fetch_records(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t he
     uint64_t pos[N];
     for (uint64_t i = 0; i < n; i++)
         pos[i] = i;
-    Kvarc__V1__FetchRequest r = KVARC__V1__FETCH_REQUEST__INIT;
-    r.conv = conv;
-    r.layer = layer;
-    r.head = head;
-    r.positions = pos;
-    r.n_positions = n;
-    ProtobufCMessage *rep = NULL;
+    Kvarc__V1__FetchReply *f = NULL;
     char msg[256];
-    int st = kvc_call(c, "Fetch", &r.base, &kvarc__v1__fetch_reply__descriptor, &rep, 0, msg, sizeof msg);
+    int st = rpc_fetch(c, conv, layer, head, pos, n, &f, msg);
     if (st) {
         fprintf(stderr, "Fetch layer %u head %u: %s\n", layer, head, msg);
         return st;
     }
-    Kvarc__V1__FetchReply *f = (Kvarc__V1__FetchReply *)rep;
     *bytes = f->records.len;
     *out = malloc(f->records.len);
     if (*out)
         memcpy(*out, f->records.data, f->records.len);
-    protobuf_c_message_free_unpacked(rep, NULL);
+    protobuf_c_message_free_unpacked(&f->base, NULL);
     return *out ? 0 : -ENOMEM;
 }
 
