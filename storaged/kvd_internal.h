@@ -188,14 +188,14 @@ typedef struct rf_seg {
     uint64_t committed;         /* the index's committed size (0 if not listed) */
     uint64_t size;              /* the file's size */
     uint64_t new_bytes;         /* out: committed size after roll-forward */
-    uint64_t blocks, applied;   /* out: valid blocks past committed; of them replayed */
+    uint64_t applied;           /* out: blocks past committed that were replayed */
     uint64_t bad_off;           /* out: damage past committed (when bad_what) */
     const char *bad_what;
 } rf_seg;
 
 /* Replay, in sequence order, every valid block past the committed size of
  * those segs that are longer than it (recovery's roll-forward; replay.c's
- * design notes); sets every seg's new_bytes, blocks, applied. 0, or
+ * design notes); sets every seg's new_bytes and applied. 0, or
  * KVARC_ECORRUPT (a block the index cannot take: nothing should be
  * changed, kvarcd refuses to start), or an I/O error. */
 int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs, kvd_err *err);

@@ -404,7 +404,6 @@ int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs
     char p[PATH_MAX];
     for (size_t i = 0; i < nsegs; i++) {
         rf_seg *s = &segs[i];
-        size_t before = st.n;
         s->new_bytes = s->committed;
         if (s->size <= s->committed)            /* nothing past what the index knows */
             continue;
@@ -420,7 +419,6 @@ int recover_roll_forward(kvd_engine *e, MDB_txn *txn, rf_seg *segs, size_t nsegs
             goto out;
         }
         s->new_bytes = st.last_end > s->committed ? st.last_end : s->committed;
-        s->blocks = st.n - before;
         s->bad_off = st.bad_what ? st.bad_off : 0;
         s->bad_what = st.bad_what;
     }
