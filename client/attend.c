@@ -5,6 +5,14 @@
  *   ns     = min(sinks, chunk_start)          sink tokens before the chunk
  *   hot_lo = max(ns, chunk_start - hot_window) exact tokens from here on
  *   cold   = [ns, hot_lo)                      found by retrieval only
+ * Scoring follows the position mode (SCHEMA.md section 6). Remapped: the
+ * query is turned by `score_distance` and scored against kind-1 signatures
+ * (keys are attended that far back). True: the query is turned to its own
+ * position and scored against kind-2 signatures (each key at its own), a
+ * bias per 64-position block restoring the centering (kvg_block_bias_ref,
+ * from the conversation's table of block angles); kvarcd's stage 2 then
+ * turns each shortlisted key to its position. So both stages rank by the
+ * logit attention computes.
  * Queries are taken in groups sized so that one RerankLayer call carries
  * the group (its reply under 8 MiB, its records and the `have` records
  * fitting in half the cache, so nothing a reply refers to is evicted
@@ -74,6 +82,7 @@ typedef struct scratch {
     uint32_t *idx;           /* [cold] topk output, then scratch */
     uint32_t *tk_scratch;    /* [cold] */
     float    *qsc;           /* [items][G][d] scoring queries */
+    float    *bb;            /* [G][nblk] true positions: a query's kind-2 block biases */
     uint64_t *shortlist;     /* [items][R] */
     uint64_t *have;          /* [items][R] */
     size_t   *nhave;
@@ -124,7 +133,7 @@ static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, ui
 
 static void scratch_free(scratch *x)
 {
-    free(x->scores); free(x->idx); free(x->tk_scratch); free(x->qsc); free(x->shortlist); free(x->have);
+    free(x->scores); free(x->idx); free(x->tk_scratch); free(x->qsc); free(x->bb); free(x->shortlist); free(x->have);
     free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
     free(x->sort_tmp); free(x->cs_rank);
@@ -289,6 +298,10 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     const int rot = (int)cv->m.rotary_dims, lay = cv->m.rope_layout;
     const float scale = cv->o.scale > 0 ? cv->o.scale : 1.0f / sqrtf((float)d);
     const int remap = cv->o.pos_mode == 1;
+    /* true positions: the blocks of kind-2 signatures the cold range spans */
+    const uint64_t b0 = ns / KVG_SIG_BLOCK;
+    const size_t nblk = cold ? (size_t)((hot_lo - 1) / KVG_SIG_BLOCK - b0 + 1) : 0;
+    const double *bcs = NULL;
     int rc = 0;
     if (cold && y->archived < hot_lo && (rc = kl_flush(cv, layer)))   /* invariant 3 makes this rare */
         return rc;
@@ -312,6 +325,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.idx = malloc((cold + 1) * 4);
     x.tk_scratch = malloc((cold + 1) * 4);
     x.qsc = malloc(ni * G * d * 4);
+    x.bb = malloc((G * nblk + 1) * 4);
     x.shortlist = malloc((ni * R_n + 1) * 8);
     x.have = malloc((ni * R_n + 1) * 8);
     x.nhave = calloc(ni, sizeof *x.nhave);
@@ -338,7 +352,10 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.dv = malloc(x.dcap * d * 4);
     uint32_t *item_head = malloc(ni * sizeof *item_head);
     kvg_query *qs = malloc(G * sizeof *qs);
-    if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.shortlist || !x.have || !x.nhave || !x.ret_pos ||
+    if (!remap && nblk)
+        bcs = kl_block_angles(cv, b0 + nblk);
+    if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.bb || (!remap && nblk && !bcs) || !x.shortlist ||
+        !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
         !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
@@ -384,11 +401,20 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 for (size_t g = 0; g < G; g++) {
                     float *qv = x.qsc + (it * G + g) * d;
                     memcpy(qv, q + ((h * G + g) * n_q + g0 + i) * d, d * 4);
-                    kvg_rope_turn(qv, (int)d, rot, lay, x.cs_score);
-                    if ((rc = kvg_query_prep_ref(&cv->rot, codec.mu_k, KVARC_DTYPE_F32, qv, &qs[g]))) {
+                    /* remapped: the query turned by the scoring distance against
+                     * kind-1 signatures; true: turned to its own position against
+                     * kind-2 ones, the centering's bias per block */
+                    if (remap)
+                        kvg_rope_turn(qv, (int)d, rot, lay, x.cs_score);
+                    else
+                        kvg_rope_apply(qv, (int)d, rot, lay, cv->inv_freq, (double)(cs + g0 + i));
+                    if ((rc = kvg_query_prep_ref(&cv->rot, remap ? codec.mu_k : NULL, KVARC_DTYPE_F32, qv, &qs[g]))) {
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
                     }
+                    if (!remap)
+                        kvg_block_bias_ref(&cv->rope, codec.mu_k, qv, b0, nblk,
+                                           bcs + b0 * 2 * (size_t)cv->rope.n_slow, x.bb + g * nblk);
                 }
                 if (rc)
                     break;
@@ -396,15 +422,17 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 long got = -ENOTSUP;
 #ifdef KVARC_HAVE_CUDA
                 if (cv->gpu)
-                    got = kl_gpu_stage1(cv, layer, (uint32_t)h, qs, (int)G, ns, cold, R_n, x.idx);
+                    got = kl_gpu_stage1(cv, layer, (uint32_t)h, qs, (int)G, ns, cold, remap ? NULL : x.bb, nblk, R_n,
+                                        x.idx);
                 if (got < 0 && got != -ENOTSUP) {     /* the device failed: the CPU path from now on */
                     kl_gpu_free(cv);
                     got = -ENOTSUP;
                 }
 #endif
                 if (got == -ENOTSUP) {
-                    rc = kvg_score_ref((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
-                                       y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, x.scores);
+                    rc = kvg_score_pos_ref((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
+                                           y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, ns,
+                                           remap ? NULL : x.bb, nblk, x.scores);
                     got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);
                 }
                 if (got < 0) {

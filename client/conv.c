@@ -155,6 +155,7 @@ static void conv_free(kvarc_conv *cv)
         free(y->sig_scale);
     }
     free(cv->layers);
+    free(cv->bcs);
     free(cv->means);
     free(cv->last_ret);
     kl_cache_free(&cv->cache);
@@ -204,6 +205,12 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     cv->rb = (size_t)rb;
     size_t L = m->n_layers, H = m->n_kv_heads, d = m->head_dim;
     kvg_rope_freqs(cv->inv_freq, (int)d, (int)m->rotary_dims, m->rope_theta);
+    if (kvg_rope_init(&cv->rope, (int)d, (int)m->rotary_dims, m->rope_layout, m->rope_theta)) {
+        snprintf(c->err, sizeof c->err, "bad RoPE: rotary_dims %u, layout %d (0 or 1), theta %g (finite, > 0 "
+                 "when rotary_dims > 0)", m->rotary_dims, m->rope_layout, (double)m->rope_theta);
+        free(cv);
+        return -EINVAL;
+    }
     int rc = kvarc_rotation_init(&cv->rot, (int)d, o->seed);
     if (rc) {
         snprintf(c->err, sizeof c->err, "head_dim %zu: %s", d, kvarc_strerror(rc));
@@ -276,7 +283,7 @@ static void fill_shape(const kvarc_conv *cv, Kvarc__V1__Shape *s)
     s->n_q_heads = cv->m.n_q_heads;
     s->head_dim = cv->m.head_dim;
     s->format = (uint32_t)cv->o.format;
-    s->pos_mode = (uint32_t)cv->o.pos_mode;
+    s->pos_mode = cv->o.pos_mode == 1 ? KVARC_POS_REMAPPED : KVARC_POS_TRUE;
     s->rope_layout = (uint32_t)cv->m.rope_layout;
     s->dtype = (uint32_t)cv->m.dtype;
     s->rotary_dims = cv->m.rotary_dims;
@@ -390,8 +397,19 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
     for (size_t l = 0; !rc && l < info->n_layer_lengths; l++)
         if (info->layer_lengths[l] < len)
             len = info->layer_lengths[l];
+    if (!rc && sh->pos_mode == KVARC_POS_TRUE_FREE) {
+        snprintf(c->err, sizeof c->err, "conversation '%s/%s' was archived in true-position mode with position-free "
+                 "signatures (by a kvarc before signature kind 2): its retrieval would rank keys by a score "
+                 "attention does not use, so it is not served; its records are intact (Fetch, export): archive "
+                 "its tokens again into a new conversation", ns, name);
+        rc = KVARC_EVERSION;
+    } else if (!rc && sh->pos_mode > KVARC_POS_KIND_MAX) {
+        snprintf(c->err, sizeof c->err, "conversation '%s/%s' has position mode / signature kind %u, which this "
+                 "libkvarc does not know (a newer kvarc wrote it): not served", ns, name, sh->pos_mode);
+        rc = KVARC_EVERSION;
+    }
     opt.format = (int)sh->format;
-    opt.pos_mode = (int)sh->pos_mode;
+    opt.pos_mode = sh->pos_mode == KVARC_POS_REMAPPED ? 1 : 0;
     opt.seed = sh->seed;
     kvarc_conv *cv = NULL;
     if (!rc)
@@ -538,6 +556,9 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         size_t bad = 0;
         rc = kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
                             &bad);
+        if (!rc && cv->o.pos_mode == 0)     /* true positions: kind-2 signatures replace the encoder's */
+            rc = kvg_sig_pos_ref(&cv->rope, &cv->rot, codec.mu_k, k, y->archived, n, bits + h * n * sb, sc + h * n,
+                                 &bad);
         if (rc)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
                     (unsigned long long)(y->archived + bad), kvarc_strerror(rc));
@@ -596,6 +617,24 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
         rc = flush_range(cv, layer, (uint32_t)(end - y->archived), held);
     }
     return rc;
+}
+
+const double *kl_block_angles(kvarc_conv *cv, uint64_t nb)
+{
+    size_t per = 2 * (size_t)cv->rope.n_slow;
+    if (nb > cv->bcs_n) {
+        uint64_t cap = cv->bcs_n ? cv->bcs_n : 64;
+        while (cap < nb)
+            cap *= 2;
+        double *t = realloc(cv->bcs, cap * per * sizeof *t + 1);
+        if (!t)
+            return NULL;
+        cv->bcs = t;
+        for (uint64_t b = cv->bcs_n; b < cap; b++)
+            kvg_block_angles(&cv->rope, b, t + b * per);
+        cv->bcs_n = cap;
+    }
+    return cv->bcs;
 }
 
 void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v)

@@ -54,7 +54,8 @@ struct kl_gpu {
     float     *d_scores;
     uint32_t  *d_idx;
     void      *d_scratch;
-    size_t     score_cap, scratch_cap, idx_cap;
+    float     *d_bias;          /* kind-2 block biases of one stage-1 call */
+    size_t     score_cap, scratch_cap, idx_cap, bias_cap;
     /* attention */
     cudaStream_t stream;
     int        has_stream;
@@ -112,6 +113,7 @@ void kl_gpu_free(kvarc_conv *cv)
     cudaFree(g->d_scores);
     cudaFree(g->d_idx);
     cudaFree(g->d_scratch);
+    cudaFree(g->d_bias);
     if (g->has_stream)
         cudaStreamSynchronize(g->stream);
     for (size_t l = 0; g->d_ring_kr && g->d_ring_v && g->host_registered && l < g->nl; l++) {
@@ -194,7 +196,7 @@ static int grow(void **p, size_t *cap, size_t bytes)
 }
 
 long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
-                   uint64_t n, size_t r, uint32_t *idx_out)
+                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t *idx_out)
 {
     kl_gpu *g = cv->gpu;
     size_t i = (size_t)layer * g->nh + head;
@@ -202,14 +204,18 @@ long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_quer
         return -ENOTSUP;                   /* the caller runs the CPU path instead */
     if (grow((void **)&g->d_scores, &g->score_cap, (size_t)n * 4) ||
         grow(&g->d_scratch, &g->scratch_cap, kvg_topk_cuda_scratch_bytes((size_t)n)) ||
-        grow((void **)&g->d_idx, &g->idx_cap, (r + 1) * 4))
+        grow((void **)&g->d_idx, &g->idx_cap, (r + 1) * 4) ||
+        (blk_bias && grow((void **)&g->d_bias, &g->bias_cap, (size_t)n_q * nblk * 4)))
         return kl_fail(cv, -ENOMEM, "out of GPU memory for stage 1 over %llu tokens", (unsigned long long)n);
+    if (blk_bias && cudaMemcpy(g->d_bias, blk_bias, (size_t)n_q * nblk * 4, cudaMemcpyHostToDevice) != cudaSuccess)
+        return kl_fail(cv, -EIO, "copying stage 1's block biases to the GPU failed");
     for (uint64_t p = first; p < first + n;) {
         size_t c = (size_t)(p / KL_GPU_CHUNK), off = (size_t)(p % KL_GPU_CHUNK);
         size_t cnt = KL_GPU_CHUNK - off < first + n - p ? KL_GPU_CHUNK - off : (size_t)(first + n - p);
-        int rc = kvg_score_cuda((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, n_q,
-                                g->bits[i][c] + off * g->sb, g->scales[i][c] + off, cnt,
-                                g->d_scores + (p - first), NULL);
+        int rc = kvg_score_pos_cuda((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, n_q,
+                                    g->bits[i][c] + off * g->sb, g->scales[i][c] + off, cnt, p,
+                                    blk_bias ? g->d_bias + (p / KVG_SIG_BLOCK - first / KVG_SIG_BLOCK) : NULL,
+                                    nblk, g->d_scores + (p - first), NULL);
         if (rc)
             return kl_fail(cv, rc, "stage 1 on the GPU (layer %u head %u): %s", layer, head, kvarc_strerror(rc));
         p += cnt;

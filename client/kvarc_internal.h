@@ -68,6 +68,9 @@ struct kvarc_conv {
     size_t         rb;           /* record bytes */
     kvarc_rotation rot;
     double         inv_freq[KVARC_HEAD_DIM_MAX / 2];   /* RoPE frequencies */
+    kvg_rope       rope;         /* the same, with the slow pairs kind-2 signatures center */
+    double        *bcs;          /* true positions: [bcs_n][rope.n_slow][2] block angles */
+    uint64_t       bcs_n;        /* blocks in bcs */
     float         *means;        /* [L][H][2][d] */
     kl_layer      *layers;
     kl_cache       cache;
@@ -88,6 +91,9 @@ void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float 
  * those below `inherited` are checked against kvarcd's signatures instead
  * of being sent. */
 int  kl_flush(kvarc_conv *cv, uint32_t layer);
+/* The block angles of blocks [0, nb), nb >= 1 (kvg_block_angles), grown
+ * as needed; NULL when out of memory. */
+const double *kl_block_angles(kvarc_conv *cv, uint64_t nb);
 #ifdef KVARC_HAVE_CUDA
 /* gpu.c: set cv->gpu when a device is there and the options allow it. */
 int  kl_gpu_init(kvarc_conv *cv);
@@ -96,10 +102,11 @@ void kl_gpu_free(kvarc_conv *cv);
 int  kl_gpu_put_sigs(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t first, const uint8_t *bits,
                      const uint16_t *scales, uint64_t n);
 /* Stage 1 over positions [first, first + n): the best r indices (relative
- * to first) into idx_out, as kvg_topk_ref would; -ENOTSUP when the device
+ * to first) into idx_out, as kvg_topk_ref would (blk_bias: kind-2 block
+ * biases [n_q][nblk] as kvg_score_pos_ref takes them, or NULL); -ENOTSUP when the device
  * cannot (r above its top-k limit): run the CPU path. */
 long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
-                   uint64_t n, size_t r, uint32_t *idx_out);
+                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t *idx_out);
 /* Bring the layer's VRAM hot window up to its length (once per attend). */
 int  kl_gpu_ring_sync(kvarc_conv *cv, uint32_t layer);
 /* One query's attention on the GPU: qi [n_q_heads][d] turned; sinks

@@ -187,6 +187,20 @@ static void make_signature(const float *y, float ss, int d, uint8_t *bits, uint1
     *scale = kvarc_f32_to_f16(fminf(w, 65504.0f));
 }
 
+int kvg_signature_ref(const kvarc_rotation *rot, const float *x, uint8_t *bits, uint16_t *scale)
+{
+    float y[KVARC_HEAD_DIM_MAX], ss;
+    if (!rot || !x || !bits || !scale)
+        return -EINVAL;
+    for (int i = 0; i < rot->head_dim; i++)
+        if (!isfinite(x[i]))
+            return KVARC_ENONFINITE;
+    int rc = rotate_norm(rot, x, y, &ss);
+    if (!rc)
+        make_signature(y, ss, rot->head_dim, bits, scale);
+    return rc;
+}
+
 /* The checks every codec entry point starts with: the format's table entry
  * in *fi, or an error code. */
 static int codec_check(const kvg_codec *c, const kvarc_format_info **fi)

@@ -64,6 +64,11 @@ int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
 int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
                        size_t n, float *scores);
 
+/* The signature (SCHEMA.md section 6) of an already centered key x[d]:
+ * bits and scale of y = R x. 0, -EINVAL, KVARC_ENONFINITE (x, or a squared
+ * norm that overflows). kvg_encode_ref makes the same from k - mu_k. */
+int kvg_signature_ref(const kvarc_rotation *rot, const float *x, uint8_t *bits, uint16_t *scale);
+
 /* y = R x and x = R^T y (SCHEMA.md section 3); x and y may alias. */
 void kvg_rotate_ref(const kvarc_rotation *rot, const float *x, float *y);
 void kvg_unrotate_ref(const kvarc_rotation *rot, const float *y, float *x);
@@ -155,6 +160,59 @@ void kvg_rope_apply(float *x, int d, int rotary_dims, int layout, const double *
  * is these two; same results. */
 void kvg_rope_angles(double *cs, int d, int rotary_dims, const double *inv_freq, double pos);
 void kvg_rope_turn(float *x, int d, int rotary_dims, int layout, const double *cs);
+
+/* A conversation's RoPE, prepared once: frequencies and which dimensions
+ * a true-position signature centers (SCHEMA.md section 6.2). */
+#define KVG_SIG_BLOCK 64           /* positions per signature block */
+#define KVG_SLOW_FREQ (1.0 / 320)  /* a pair turning at most this (rad/token) is "slow" */
+typedef struct kvg_rope {
+    int    d, rotary_dims, layout; /* rotary_dims as used: min(rotary_dims, d), even */
+    int    first_slow, n_slow;     /* pairs [first_slow, rotary_dims/2) are slow */
+    double inv_freq[KVARC_HEAD_DIM_MAX / 2];
+} kvg_rope;
+
+/* 0, or -EINVAL (d not 64/128/256, layout not 0/1, theta not finite or
+ * not > 0 while rotary_dims > 0). */
+int kvg_rope_init(kvg_rope *r, int d, int rotary_dims, int layout, float theta);
+/* Block b's center position (b * KVG_SIG_BLOCK + 31.5) and the cosines
+ * and sines of the slow pairs there: cs[n_slow][2], the values
+ * kvg_rope_angles gives for those pairs. */
+double kvg_block_center(uint64_t b);
+void kvg_block_angles(const kvg_rope *r, uint64_t b, double *cs);
+
+/* True-position signatures (kind 2) of n keys k[n][d] (fp32, pre-RoPE) at
+ * positions first_pos.. of one (layer, kv head): key n turned to n
+ * (kvg_rope_apply), minus the slow-and-unturned part of mu_k turned to
+ * its block's center, then kvg_signature_ref. bits [n][d/8], scales[n].
+ * 0, -EINVAL, KVARC_ENONFINITE (*bad = the token). */
+int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *mu_k, const float *k,
+                    uint64_t first_pos, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad);
+
+/* The stage-1 bias of kind-2 signatures for a query q_r[d] already turned
+ * to its own position: per block b in [b0, b0 + nb), the exact q_r . (the
+ * centering that block's signatures subtracted), in double, rounded once:
+ *   sum over unturned dims j of q_j mu_j, then over slow pairs i (a, b) of
+ *   (q_a mu_a + q_b mu_b) cos_i + (q_b mu_a - q_a mu_b) sin_i.
+ * cs: [nb][n_slow][2] from kvg_block_angles, or NULL (computed here).
+ * mu_k NULL = 0. out[nb]. */
+void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                        const double *cs, float *out);
+
+/* Stage-1 scores against kind-2 signatures: as kvg_score_ref, with each
+ * query's constant bias replaced by a bias per block: token j (position
+ * first_pos + j) of query h takes blk_bias[h * nblk + (first_pos + j) /
+ * KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK]. Hamming mode ignores biases.
+ * blk_bias NULL = kvg_score_ref. */
+int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                      const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, uint64_t first_pos,
+                      const float *blk_bias, size_t nblk, float *scores);
+
+/* Stage-2 scores at true positions: for each record j at position pos[j],
+ * the max over the n_q queries q_r[n_q][d] (turned to their own
+ * positions) of q_r . RoPE(pos[j]) khat_j, khat the decoded key (sum in
+ * index order). Same return codes as kvg_key_scores_ref. */
+int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const float *q_r, int n_q,
+                           const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
 
 /* ---- attention ---------------------------------------------------------- */
 

@@ -53,6 +53,12 @@ int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, i
                    const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n,
                    float *d_scores, void *stream);
 
+/* kvg_score_pos_ref on the device: d_blk_bias [n_q][nblk] in device
+ * memory (the host's kvg_block_bias_ref values), or NULL. */
+int kvg_score_pos_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                       const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n, uint64_t first_pos,
+                       const float *d_blk_bias, size_t nblk, float *d_scores, void *stream);
+
 /* kvg_topk_ref on the device: d_idx_out[min(k, n)] and optionally
  * d_val_out. Needs device scratch of kvg_topk_cuda_scratch_bytes(n).
  * Returns the count selected or a negative code (-EINVAL for k above

@@ -12,7 +12,9 @@
  * complement, sum_{bit set} q8_i = sum_b w_b * popc(plane_b & kbits),
  * w_b = 2^b (b < 7), -128 (b = 7); dot = 2 * that - sum_i q8_i. It is
  * an exact integer, so the final ((float)dot * qscale) * scale + bias
- * (three _rn operations) equals the CPU's bit for bit. */
+ * (three _rn operations) equals the CPU's bit for bit. Kind-2 signatures
+ * (kvg_score_pos_cuda) take the bias of the token's block from a table the
+ * host computed (kvg_block_bias_ref), so it is the CPU's float. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,7 +31,8 @@ struct qdev {                       /* one prepared query, bit-plane form */
 
 __global__ static void score_kernel(int mode, int comb, const qdev *qs_g, int n_q, int d,
                                     const unsigned char *sig_bits,
-                                    const unsigned short *sig_scale, size_t n, float *scores)
+                                    const unsigned short *sig_scale, size_t n, unsigned first_off,
+                                    const float *bb, size_t nblk, float *scores)
 {
     extern __shared__ qdev qs[];
     for (int i = threadIdx.x; i < n_q * (int)(sizeof(qdev) / 4); i += blockDim.x)
@@ -56,7 +59,8 @@ __global__ static void score_kernel(int mode, int comb, const qdev *qs_g, int n_
                     s += b == 7 ? -128 * c : c << b;
                 }
                 int dot = 2 * s - q.qsum;
-                v = __fadd_rn(__fmul_rn(__fmul_rn((float)dot, q.qscale), w16), q.bias);
+                float bias = bb ? bb[(size_t)h * nblk + (first_off + j) / KVG_SIG_BLOCK] : q.bias;
+                v = __fadd_rn(__fmul_rn(__fmul_rn((float)dot, q.qscale), w16), bias);
             } else {
                 int pop = 0;
                 for (int w = 0; w < nw; w++)
@@ -80,6 +84,14 @@ extern "C" int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_q
                               const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n,
                               float *d_scores, void *stream)
 {
+    return kvg_score_pos_cuda(mode, comb, qs, n_q, d_sig_bits, d_sig_scale, n, 0, NULL, 0, d_scores, stream);
+}
+
+extern "C" int kvg_score_pos_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                                  const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n,
+                                  uint64_t first_pos, const float *d_blk_bias, size_t nblk, float *d_scores,
+                                  void *stream)
+{
     int rc = 0;
     qdev *hq = NULL, *dq = NULL;
     rc = kvg_score_check(mode, comb, qs, n_q);
@@ -89,6 +101,8 @@ extern "C" int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_q
     if (n == 0)
         return 0;
     if (!d_sig_bits || !d_scores || (mode == KVG_SCORE_ASYM && !d_sig_scale))
+        return -EINVAL;
+    if (d_blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
         return -EINVAL;
     hq = (qdev *)calloc((size_t)n_q, sizeof *hq);
     if (!hq)
@@ -115,7 +129,9 @@ extern "C" int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_q
             KVG_CUDA_TRY(cudaFuncSetAttribute(score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               (int)bytes));
         score_kernel<<<blocks, threads, bytes, kvg_stream(stream)>>>(mode, comb, dq, n_q, d, d_sig_bits,
-                                                                     d_sig_scale, n, d_scores);
+                                                                     d_sig_scale, n,
+                                                                     (unsigned)(first_pos % KVG_SIG_BLOCK),
+                                                                     d_blk_bias, nblk, d_scores);
         KVG_CUDA_TRY(cudaGetLastError());
         KVG_CUDA_TRY(cudaStreamSynchronize(kvg_stream(stream)));
     }

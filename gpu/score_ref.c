@@ -81,33 +81,46 @@ static inline float half_to_float(uint16_t h)
  * compile-time constant in each instance so the lookups unroll. */
 static inline void score_asym_nb(const kvg_query *q, const int16_t *lut, int nb,
                                  const uint8_t *bits, const uint16_t *scale, size_t n,
-                                 float *out, int first, kvg_combine comb)
+                                 float *out, int first, kvg_combine comb, uint64_t first_pos,
+                                 const float *bb)
 {
-    for (size_t j = 0; j < n; j++) {
-        const uint8_t *s = bits + j * (size_t)nb;
-        int dot = 0;
+    /* runs of tokens sharing one bias: the whole range, or one block each */
+    for (size_t j0 = 0, j1; j0 < n; j0 = j1) {
+        float bias = q->bias;
+        j1 = n;
+        if (bb) {
+            uint64_t p = first_pos + j0;
+            bias = bb[p / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK];
+            if (n - j0 > KVG_SIG_BLOCK - p % KVG_SIG_BLOCK)
+                j1 = j0 + (KVG_SIG_BLOCK - p % KVG_SIG_BLOCK);
+        }
+        for (size_t j = j0; j < j1; j++) {
+            const uint8_t *s = bits + j * (size_t)nb;
+            int dot = 0;
 #pragma GCC unroll 32
-        for (int b = 0; b < nb; b++)
-            dot += lut[b * 256 + s[b]];
-        float v = ((float)dot * q->qscale) * half_to_float(scale[j]) + q->bias;
-        if (first)
-            out[j] = v;
-        else if (comb == KVG_COMBINE_MAX)
-            out[j] = v > out[j] ? v : out[j];
-        else
-            out[j] += v;
+            for (int b = 0; b < nb; b++)
+                dot += lut[b * 256 + s[b]];
+            float v = ((float)dot * q->qscale) * half_to_float(scale[j]) + bias;
+            if (first)
+                out[j] = v;
+            else if (comb == KVG_COMBINE_MAX)
+                out[j] = v > out[j] ? v : out[j];
+            else
+                out[j] += v;
+        }
     }
 }
 
 static void score_asym_one(const kvg_query *q, const uint8_t *bits, const uint16_t *scale,
-                           size_t n, float *out, int first, kvg_combine comb)
+                           size_t n, float *out, int first, kvg_combine comb, uint64_t first_pos,
+                           const float *bb)
 {
     int16_t lut[KVARC_HEAD_DIM_MAX / 8 * 256];
     build_lut(q, lut);
     switch (q->head_dim) {
-    case 64:  score_asym_nb(q, lut, 8, bits, scale, n, out, first, comb); break;
-    case 128: score_asym_nb(q, lut, 16, bits, scale, n, out, first, comb); break;
-    default:  score_asym_nb(q, lut, 32, bits, scale, n, out, first, comb); break;
+    case 64:  score_asym_nb(q, lut, 8, bits, scale, n, out, first, comb, first_pos, bb); break;
+    case 128: score_asym_nb(q, lut, 16, bits, scale, n, out, first, comb, first_pos, bb); break;
+    default:  score_asym_nb(q, lut, 32, bits, scale, n, out, first, comb, first_pos, bb); break;
     }
 }
 
@@ -153,6 +166,13 @@ int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
                   const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n,
                   float *scores)
 {
+    return kvg_score_pos_ref(mode, comb, qs, n_q, sig_bits, sig_scale, n, 0, NULL, 0, scores);
+}
+
+int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                      const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, uint64_t first_pos,
+                      const float *blk_bias, size_t nblk, float *scores)
+{
     int rc = kvg_score_check(mode, comb, qs, n_q);
     if (rc)
         return rc;
@@ -160,9 +180,12 @@ int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
         return 0;
     if (!sig_bits || !scores || (mode == KVG_SCORE_ASYM && !sig_scale))
         return -EINVAL;
+    if (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+        return -EINVAL;
     for (int h = 0; h < n_q; h++) {
         if (mode == KVG_SCORE_ASYM)
-            score_asym_one(&qs[h], sig_bits, sig_scale, n, scores, h == 0, comb);
+            score_asym_one(&qs[h], sig_bits, sig_scale, n, scores, h == 0, comb, first_pos,
+                           blk_bias ? blk_bias + (size_t)h * nblk : NULL);
         else
             score_hamming_one(&qs[h], sig_bits, n, scores, h == 0, comb);
     }

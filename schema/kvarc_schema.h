@@ -76,6 +76,19 @@ typedef enum kvarc_format {
     KVARC_FMT_BF16 = 5, /* lossless: K and V as bfloat16, unrotated */
 } kvarc_format;
 
+/* A conversation's position mode, which also names the kind of its
+ * signatures (SCHEMA.md section 6): the byte stored in its metadata. */
+typedef enum kvarc_pos_kind {
+    KVARC_POS_TRUE_FREE = 0, /* true positions with position-free signatures: written
+                                before kind 2 existed; they rank keys by the wrong
+                                score, so retrieval refuses them (KVARC_EVERSION) */
+    KVARC_POS_REMAPPED  = 1, /* remapped; kind-1 signatures (position-free, scored at
+                                one fixed distance, the distance it attends at) */
+    KVARC_POS_TRUE      = 2, /* true positions; kind-2 signatures (each key at its own
+                                position, the query at its own) */
+} kvarc_pos_kind;
+#define KVARC_POS_KIND_MAX 2
+
 #define KVARC_FMT_DEFAULT      KVARC_FMT_Q3
 #define KVARC_FORMAT_VERSION   1   /* every format's current version byte */
 #define KVARC_HEAD_DIM_MAX     256

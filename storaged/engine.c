@@ -166,6 +166,19 @@ int conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out)
     return 0;
 }
 
+int kvd_retrieval_check(const conv_rec *c, kvd_err *err)
+{
+    if (c->shape.pos_mode == KVARC_POS_TRUE_FREE)
+        return kvd_fail(err, KVARC_EVERSION, "'%s/%s' was archived in true-position mode with position-free "
+                        "signatures (kind 0, written before kind 2): stage 1 and 2 would rank its keys by a score "
+                        "attention does not use, so it is not searched; its records still read, fork and export: "
+                        "archive its tokens again into a new conversation", c->ns, c->name);
+    if (c->shape.pos_mode > KVARC_POS_KIND_MAX)
+        return kvd_fail(err, KVARC_EVERSION, "'%s/%s' has signature kind %u, unknown to this kvarcd", c->ns,
+                        c->name, c->shape.pos_mode);
+    return 0;
+}
+
 int conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c)
 {
     uint8_t kb[8];
@@ -994,9 +1007,9 @@ int shape_check(const kvd_shape *s, kvd_err *err)
         return kvd_fail(err, KVARC_EFORMAT, "record format %u unknown", s->format);
     if (!kvarc_dtype_size((kvarc_dtype)s->dtype))
         return kvd_fail(err, KVARC_EDTYPE, "dtype %u unknown (0 f32, 1 f16, 2 bf16)", s->dtype);
-    if (s->pos_mode > 1 || s->rope_layout > 1)
-        return kvd_fail(err, -EINVAL, "pos_mode %u / rope_layout %u out of range 0..1", s->pos_mode,
-                        s->rope_layout);
+    if (s->pos_mode > KVARC_POS_KIND_MAX || s->rope_layout > 1)
+        return kvd_fail(err, -EINVAL, "pos_mode %u (0..%d) / rope_layout %u (0..1) out of range", s->pos_mode,
+                        KVARC_POS_KIND_MAX, s->rope_layout);
     if (s->rotary_dims > s->head_dim || s->rotary_dims % 2)
         return kvd_fail(err, -EINVAL, "rotary_dims %u must be even and <= head_dim %u",
                         s->rotary_dims, s->head_dim);

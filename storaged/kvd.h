@@ -64,10 +64,11 @@ int kvd_name_valid(const char *s, size_t max);
 typedef struct kvd_shape {
     uint32_t n_layers, n_kv_heads, n_q_heads, head_dim;
     uint8_t  format;            /* kvarc_format of its records */
-    uint8_t  pos_mode;          /* 0 true positions, 1 remapped */
+    uint8_t  pos_mode;          /* kvarc_pos_kind: 2 true positions (kind-2 signatures),
+                                   1 remapped, 0 true with retired kind-0 signatures */
     uint8_t  rope_layout;       /* 0 half-split (NeoX), 1 interleaved pairs */
     uint8_t  dtype;             /* kvarc_dtype the client hands K/V in */
-    uint32_t rotary_dims;       /* 0 = head_dim */
+    uint32_t rotary_dims;       /* dimensions RoPE turns (0: none) */
     float    rope_theta;
     uint64_t seed;              /* rotation seed */
     char     fingerprint[64];   /* model fingerprint, NUL-terminated */
@@ -168,17 +169,29 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
 int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
                   uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err);
 
+/* Kind-2 (true-position) signatures: what stage 1 needs for the block
+ * biases (kvg_block_bias_ref): the RoPE, the head's mu_k (NULL = 0) and
+ * the queries q_r[n_q][head_dim] turned to their own positions (the ones
+ * qs were prepared from, with mu NULL). */
+typedef struct kvd_qbias {
+    const kvg_rope *rope;
+    const float    *mu_k;
+    const float    *q_r;
+} kvd_qbias;
+
 /* Stage 1 over the stored signatures of (conv, layer, head), positions
  * [0, len): the best k (1..KVD_SEARCH_K_MAX) by kvg_score_ref(mode,
- * combine) over the prepared queries qs[n_q], best first, ties to the lower
- * position: pos_out[k], score_out[k] (may be NULL). Scans in chunks of
- * KVD_SEARCH_CHUNK tokens, so memory stays bounded at any length; the
- * answer equals one kvg_topk_ref over the whole layer. Returns the count. */
+ * combine) over the prepared queries qs[n_q] (kvg_score_pos_ref with the
+ * block biases of qb when qb is given: kind-2 signatures), best first,
+ * ties to the lower position: pos_out[k], score_out[k] (may be NULL).
+ * Scans in chunks of KVD_SEARCH_CHUNK tokens (a multiple of
+ * KVG_SIG_BLOCK), so memory stays bounded at any length; the answer equals
+ * one kvg_topk_ref over the whole layer. Returns the count. */
 #define KVD_SEARCH_CHUNK 65536
 #define KVD_SEARCH_K_MAX 65536
 long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint32_t head_dim, uint64_t len,
-                int mode, int combine, const kvg_query *qs, int n_q, size_t k, uint64_t *pos_out,
-                float *score_out, kvd_err *err);
+                int mode, int combine, const kvg_query *qs, int n_q, const kvd_qbias *qb, size_t k,
+                uint64_t *pos_out, float *score_out, kvd_err *err);
 
 /* Stage 2: score the shortlist exactly against the queries of a GQA group
  * (q[n_q][head_dim], fp32, combined by max; the score is q.k of the

@@ -11,7 +11,12 @@
  * union of the items' shortlists is read once in ascending order (extents
  * resolve in runs), then each item is scored on its own shortlist's
  * records in its own order, so every item's answer is what reranking it
- * alone gives, bit for bit. */
+ * alone gives, bit for bit. Scores follow the position mode (SCHEMA.md
+ * section 6): remapped, the query (turned by the client's scoring
+ * distance) against the decoded keys as stored; true, the query (turned to
+ * its own position) against each key turned to its own
+ * (kvg_key_scores_pos_ref). A conversation of the retired kind 0 is
+ * refused (kvd_retrieval_check). */
 #include <errno.h>
 #include <liburing.h>
 #include <math.h>
@@ -451,7 +456,7 @@ static size_t u64_find(const uint64_t *u, size_t n, uint64_t p)
  * shortlists hold `total` entries: the union read once, then each item
  * scored on its own shortlist's records, in its own order. */
 static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_rec *info, const kvg_codec *c,
-                       kvd_rerank_item **it, size_t n, size_t total, kvd_err *err)
+                       const kvg_rope *rp, kvd_rerank_item **it, size_t n, size_t total, kvd_err *err)
 {
     const int rb = kvarc_record_bytes(info->shape.format, (int)info->shape.head_dim);
     size_t most = 0;
@@ -510,7 +515,9 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
         kvd_rerank_item *x = it[i];
         for (size_t j = 0; j < x->n; j++)
             memcpy(recs + j * (size_t)rb, urec + u64_find(u, nu, x->shortlist[j]) * (size_t)rb, (size_t)rb);
-        if ((rc = kvg_key_scores_ref(c, x->q, x->n_q, recs, x->n, sc))) {
+        rc = rp ? kvg_key_scores_pos_ref(c, rp, x->q, x->n_q, recs, x->shortlist, x->n, sc) :
+                  kvg_key_scores_ref(c, x->q, x->n_q, recs, x->n, sc);
+        if (rc) {
             kvd_fail(err, rc, "scoring the shortlist: %s", kvarc_strerror(rc));
             goto done;
         }
@@ -550,6 +557,8 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
         items[i].got = 0;
     if (n_items && (rc = check_target(r->e, conv, layer, items[0].head, &info, err)))
         return rc;
+    if (n_items && (rc = kvd_retrieval_check(&info, err)))
+        return rc;
     for (size_t i = 0; i < n_items; i++) {
         kvd_rerank_item *x = &items[i];
         if ((rc = check_head(&info, x->head, err)))
@@ -568,6 +577,11 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
     const int d = (int)info.shape.head_dim;
     kvarc_rotation rot;
     kvarc_rotation_init(&rot, d, info.shape.seed);
+    kvg_rope rope;           /* true positions: each key scored at its own */
+    const kvg_rope *rp = info.shape.pos_mode == KVARC_POS_TRUE ? &rope : NULL;
+    if (rp && kvg_rope_init(&rope, d, (int)info.shape.rotary_dims, info.shape.rope_layout, info.shape.rope_theta))
+        return kvd_fail(err, -EINVAL, "'%s/%s' has a RoPE kvarc cannot apply (rotary_dims %u, theta %g)", info.ns,
+                        info.name, info.shape.rotary_dims, (double)info.shape.rope_theta);
     kvd_rerank_item **pass = malloc(n_items * sizeof *pass);
     if (!pass)
         return kvd_fail(err, -ENOMEM, "out of memory");
@@ -583,7 +597,7 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
                     have_mu = 1;
                 kvg_codec c = { info.shape.format, &rot, mu_k, NULL };
                 if (!rc)
-                    rc = rerank_pass(r, conv, layer, &info, &c, pass, np, total, err);
+                    rc = rerank_pass(r, conv, layer, &info, &c, rp, pass, np, total, err);
                 np = total = 0;
             }
             if (mine) {

@@ -771,17 +771,27 @@ static int h_search(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     float mu[KVARC_HEAD_DIM_MAX];
     if (!rc)
+        rc = kvd_retrieval_check(&info, err);
+    if (!rc)
         rc = kvd_conv_means(c->w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
+    /* true positions (kind 2): the query comes turned to its own position,
+     * is prepared uncentered, and the centering returns as block biases */
+    kvg_rope rope;
+    const int pos_true = info.shape.pos_mode == KVARC_POS_TRUE;
+    kvd_qbias qb = { &rope, mu, req->query };
+    if (!rc && pos_true && kvg_rope_init(&rope, (int)d, (int)info.shape.rotary_dims, info.shape.rope_layout,
+                                         info.shape.rope_theta))
+        rc = kvd_fail(err, -EINVAL, "'%s/%s' has a RoPE kvarc cannot apply", info.ns, info.name);
     kvarc_rotation rot;
     if (!rc)
         kvarc_rotation_init(&rot, (int)d, info.shape.seed);
     for (uint32_t h = 0; !rc && h < req->n_queries; h++)
-        if ((rc = kvg_query_prep_ref(&rot, mu, KVARC_DTYPE_F32, req->query + h * d, &qs[h])))
+        if ((rc = kvg_query_prep_ref(&rot, pos_true ? NULL : mu, KVARC_DTYPE_F32, req->query + h * d, &qs[h])))
             kvd_fail(err, rc, "query %u: %s", h, kvarc_strerror(rc));
     long got = 0;
     if (!rc && llen) {
         got = kvd_search(c->w->reader, req->conv, req->layer, req->head, (uint32_t)d, llen, (int)req->mode,
-                         (int)req->combine, qs, (int)req->n_queries, req->k, pos, best, err);
+                         (int)req->combine, qs, (int)req->n_queries, pos_true ? &qb : NULL, req->k, pos, best, err);
         if (got < 0)
             rc = (int)got;
     }

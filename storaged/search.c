@@ -8,6 +8,8 @@
  * The result equals one top-k over the whole layer (kvg_topk_ref): a
  * token in the global best k is in its chunk's best k, and candidates are
  * kept in position order so ties still go to the lower position.
+ * Kind-2 signatures (true positions) add a bias per 64-position block,
+ * computed per chunk from the turned queries (kvd_qbias).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -28,8 +30,8 @@ static int by_pos(const void *a, const void *b)
 }
 
 long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint32_t head_dim, uint64_t len,
-                int mode, int combine, const kvg_query *qs, int n_q, size_t k, uint64_t *pos_out,
-                float *score_out, kvd_err *err)
+                int mode, int combine, const kvg_query *qs, int n_q, const kvd_qbias *qb, size_t k,
+                uint64_t *pos_out, float *score_out, kvd_err *err)
 {
     if (k < 1 || k > KVD_SEARCH_K_MAX)
         return kvd_fail(err, -EINVAL, "search k %zu out of range 1..%d", k, KVD_SEARCH_K_MAX);
@@ -39,8 +41,11 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
     float *scores = malloc(chunk * 4), *cscore = malloc(2 * k * 4);
     uint32_t *idx = malloc((chunk > 2 * k ? chunk : 2 * k) * 4);
     cand *best = malloc(k * sizeof *best), *merged = malloc(2 * k * sizeof *merged);
+    const size_t nblk = chunk / KVG_SIG_BLOCK, per = qb ? 2 * (size_t)qb->rope->n_slow : 0;
+    float *bb = qb ? malloc((size_t)n_q * nblk * 4) : NULL;
+    double *cs = qb ? malloc(nblk * per * sizeof *cs + 1) : NULL;
     long rc = 0;
-    if (!bits || !sc || !scores || !cscore || !idx || !best || !merged) {
+    if (!bits || !sc || !scores || !cscore || !idx || !best || !merged || (qb && (!bb || !cs))) {
         rc = kvd_fail(err, -ENOMEM, "out of memory for a search chunk");
         goto out;
     }
@@ -48,7 +53,14 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
         size_t n = len - first < chunk ? (size_t)(len - first) : chunk;
         if ((rc = kvd_read_sigs(r, conv, layer, head, first, n, bits, sc, err)))
             goto out;
-        if ((rc = kvg_score_ref((kvg_score_mode)mode, (kvg_combine)combine, qs, n_q, bits, sc, n, scores))) {
+        size_t nb = (n + KVG_SIG_BLOCK - 1) / KVG_SIG_BLOCK;     /* first is a multiple of the block */
+        for (size_t b = 0; qb && b < nb; b++)
+            kvg_block_angles(qb->rope, first / KVG_SIG_BLOCK + b, cs + b * per);
+        for (int h = 0; qb && h < n_q; h++)
+            kvg_block_bias_ref(qb->rope, qb->mu_k, qb->q_r + (size_t)h * head_dim, first / KVG_SIG_BLOCK, nb, cs,
+                               bb + (size_t)h * nblk);
+        if ((rc = kvg_score_pos_ref((kvg_score_mode)mode, (kvg_combine)combine, qs, n_q, bits, sc, n, first, bb,
+                                    nblk, scores))) {
             rc = kvd_fail(err, (int)rc, "scoring failed: %s", kvarc_strerror((int)rc));
             goto out;
         }
@@ -92,5 +104,7 @@ out:
     free(idx);
     free(best);
     free(merged);
+    free(bb);
+    free(cs);
     return rc;
 }

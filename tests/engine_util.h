@@ -51,6 +51,7 @@ static inline kvd_shape eu_shape(uint32_t layers, uint32_t heads, int fmt)
     s.n_q_heads = heads * 4;
     s.head_dim = 128;
     s.format = (uint8_t)fmt;
+    s.pos_mode = KVARC_POS_REMAPPED;   /* no RoPE here: kind-1 scores, the query as sent */
     s.dtype = KVARC_DTYPE_F16;
     s.rope_theta = 10000.0f;
     s.seed = 0x1234;

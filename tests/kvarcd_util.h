@@ -167,6 +167,7 @@ KD_FN Kvarc__V1__Shape shape_pb(uint32_t head_dim)
     s.n_q_heads = 8;
     s.head_dim = head_dim;
     s.format = KVARC_FMT_Q3;
+    s.pos_mode = KVARC_POS_REMAPPED;   /* no RoPE here: kind-1 scores, the query as sent */
     s.dtype = KVARC_DTYPE_F16;
     s.rope_theta = 10000.0f;
     s.seed = 42;

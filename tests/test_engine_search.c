@@ -52,7 +52,7 @@ int main(void)
                     size_t k = ks[ki];
                     CHECK_RC(kvg_score_ref((kvg_score_mode)mode, (kvg_combine)comb, qs, nq, bits, sc, len, scores), 0);
                     long w = kvg_topk_ref(scores, len, k, idx, want, NULL);
-                    long got = kvd_search(r, ci.id, 0, 0, D, len, mode, comb, qs, nq, k, pos, best, &err);
+                    long got = kvd_search(r, ci.id, 0, 0, D, len, mode, comb, qs, nq, NULL, k, pos, best, &err);
                     CHECK(got == w && got == (long)k, "mode %d comb %d nq %d k %zu: %ld vs %ld", mode, comb, nq, k,
                           got, w);
                     int same = got == w;
@@ -61,9 +61,9 @@ int main(void)
                     CHECK(same, "mode %d comb %d nq %d k %zu: chunked answer equals the whole-layer top-k", mode,
                           comb, nq, k);
                 }
-    CHECK(kvd_search(r, ci.id, 0, 0, D, len, 0, 0, qs, 1, 0, pos, best, &err) == -EINVAL, "k 0 refused");
-    CHECK(kvd_search(r, ci.id, 1, 0, D, 0, 0, 0, qs, 1, 8, pos, best, &err) == 0, "an empty layer answers nothing");
-    CHECK(kvd_search(r, ci.id, 0, 0, D, len + 1, 0, 0, qs, 1, 8, pos, best, &err) < 0, "past the end refused");
+    CHECK(kvd_search(r, ci.id, 0, 0, D, len, 0, 0, qs, 1, NULL, 0, pos, best, &err) == -EINVAL, "k 0 refused");
+    CHECK(kvd_search(r, ci.id, 1, 0, D, 0, 0, 0, qs, 1, NULL, 8, pos, best, &err) == 0, "an empty layer answers nothing");
+    CHECK(kvd_search(r, ci.id, 0, 0, D, len + 1, 0, 0, qs, 1, NULL, 8, pos, best, &err) < 0, "past the end refused");
 
     free(bits); free(sc); free(scores); free(idx); free(pos); free(best); free(want);
     kvd_reader_close(r);

@@ -1,0 +1,182 @@
+/* sigpos_ref.c - true-position signatures (kind 2), their stage-1 block
+ * biases and the stage-2 scores at true positions: the CPU reference
+ * (SCHEMA.md section 6.2).
+ *
+ * Why: attention's logit is q_m . RoPE(n - m) k_n, which depends on the
+ * distance; at long contexts even the slowest rotary pair turns by
+ * radians, so a signature made at one fixed distance ranks keys by a
+ * score attention never computes. A kind-2 signature is made from the key
+ * at its own position, and the query is turned to its own.
+ *
+ * Centering. RoPE smears a key mean over positions, so a constant center
+ * fits turned keys badly; centering each key with the mean turned to the
+ * key's own position fits exactly, but then the bias q . center depends on
+ * the position, a trigonometric sum per token. The middle way kept here:
+ * the unturned dimensions and the slow pairs (at most KVG_SLOW_FREQ rad per
+ * token, where real models keep their large key means) are centered with
+ * the mean turned to the center of the key's 64-position block (it moves
+ * at most 0.1 rad within a block); fast pairs are not centered (their
+ * turned mean averages out). The bias is then one number per block and
+ * query, exact for the center used, so the score still estimates the
+ * whole logit. In a numpy simulation of Llama-like keys (large means in
+ * the slow pairs, theta 500000, 32K tokens), top-64 recall in a 512
+ * shortlist: 0.88 with this centering (0.87 with the exact per-token
+ * bias), 0.73 with the best constant center, 0.49 uncentered, 0.28 for
+ * the fixed-distance score.
+ */
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+#include "kvg.h"
+
+int kvg_rope_init(kvg_rope *r, int d, int rotary_dims, int layout, float theta)
+{
+    if (!r || kvarc_head_dim_check(d) || (layout != 0 && layout != 1) || rotary_dims < 0)
+        return -EINVAL;
+    memset(r, 0, sizeof *r);
+    int half = (rotary_dims < d ? rotary_dims : d) / 2;
+    if (half && !(isfinite(theta) && theta > 0.0f))
+        return -EINVAL;
+    r->d = d;
+    r->rotary_dims = 2 * half;
+    r->layout = layout;
+    kvg_rope_freqs(r->inv_freq, d, r->rotary_dims, theta);
+    r->first_slow = half;
+    for (int i = half - 1; i >= 0 && r->inv_freq[i] <= KVG_SLOW_FREQ; i--)
+        r->first_slow = i;
+    r->n_slow = half - r->first_slow;
+    return 0;
+}
+
+double kvg_block_center(uint64_t b)
+{
+    return (double)b * KVG_SIG_BLOCK + (KVG_SIG_BLOCK - 1) / 2.0;
+}
+
+void kvg_block_angles(const kvg_rope *r, uint64_t b, double *cs)
+{
+    double c = kvg_block_center(b);
+    for (int s = 0; s < r->n_slow; s++) {
+        double ang = c * r->inv_freq[r->first_slow + s];
+        cs[2 * s] = cos(ang);
+        cs[2 * s + 1] = sin(ang);
+    }
+}
+
+/* The two dimensions of pair i. */
+static void pair_dims(const kvg_rope *r, int i, int *a, int *b)
+{
+    int half = r->rotary_dims / 2;
+    *a = r->layout ? 2 * i : i;
+    *b = r->layout ? 2 * i + 1 : i + half;
+}
+
+/* The centering of block b's keys: mu's unturned dims, its slow pairs
+ * turned to the block's center (as kvg_rope_turn would), 0 elsewhere. */
+static void block_center_mu(const kvg_rope *r, const float *mu, uint64_t b, float *c)
+{
+    double cs[KVARC_HEAD_DIM_MAX];
+    memset(c, 0, (size_t)r->d * sizeof *c);
+    if (!mu)
+        return;
+    for (int j = r->rotary_dims; j < r->d; j++)
+        c[j] = mu[j];
+    kvg_block_angles(r, b, cs);
+    for (int s = 0; s < r->n_slow; s++) {
+        int a, bb;
+        pair_dims(r, r->first_slow + s, &a, &bb);
+        double ma = mu[a], mb = mu[bb], co = cs[2 * s], si = cs[2 * s + 1];
+        c[a] = (float)(ma * co - mb * si);
+        c[bb] = (float)(ma * si + mb * co);
+    }
+}
+
+int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *mu_k, const float *k,
+                    uint64_t first_pos, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad)
+{
+    if (!r || !rot || rot->head_dim != r->d || (n && (!k || !bits || !scales)))
+        return -EINVAL;
+    const int d = r->d;
+    float x[KVARC_HEAD_DIM_MAX], c[KVARC_HEAD_DIM_MAX];
+    uint64_t cb = UINT64_MAX;
+    for (size_t t = 0; t < n; t++) {
+        uint64_t pos = first_pos + t;
+        if (pos / KVG_SIG_BLOCK != cb) {
+            cb = pos / KVG_SIG_BLOCK;
+            block_center_mu(r, mu_k, cb, c);
+        }
+        memcpy(x, k + t * (size_t)d, (size_t)d * sizeof *x);
+        kvg_rope_apply(x, d, r->rotary_dims, r->layout, r->inv_freq, (double)pos);
+        for (int i = 0; i < d; i++)
+            x[i] = x[i] - c[i];
+        int rc = kvg_signature_ref(rot, x, bits + t * (size_t)(d / 8), &scales[t]);
+        if (rc) {
+            if (bad)
+                *bad = t;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                        const double *cs, float *out)
+{
+    double c0 = 0.0, A[KVARC_HEAD_DIM_MAX / 2], B[KVARC_HEAD_DIM_MAX / 2], own[KVARC_HEAD_DIM_MAX];
+    if (!mu_k) {
+        for (size_t b = 0; b < nb; b++)
+            out[b] = 0.0f;
+        return;
+    }
+    for (int j = r->rotary_dims; j < r->d; j++)
+        c0 += (double)q_r[j] * (double)mu_k[j];
+    for (int s = 0; s < r->n_slow; s++) {
+        int a, bb;
+        pair_dims(r, r->first_slow + s, &a, &bb);
+        A[s] = (double)q_r[a] * mu_k[a] + (double)q_r[bb] * mu_k[bb];
+        B[s] = (double)q_r[bb] * mu_k[a] - (double)q_r[a] * mu_k[bb];
+    }
+    for (size_t b = 0; b < nb; b++) {
+        const double *t = cs ? cs + b * 2 * (size_t)r->n_slow : own;
+        if (!cs)
+            kvg_block_angles(r, b0 + b, own);
+        double acc = c0;
+        for (int s = 0; s < r->n_slow; s++)
+            acc += A[s] * t[2 * s] + B[s] * t[2 * s + 1];
+        out[b] = (float)acc;
+    }
+}
+
+int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const float *q_r, int n_q,
+                           const uint8_t *records, const uint64_t *pos, size_t n, float *scores)
+{
+    if (!c || !c->rot || !r || r->d != c->rot->head_dim || !q_r || n_q < 1 || n_q > 64 ||
+        (n && (!records || !pos || !scores)))
+        return -EINVAL;
+    const int d = r->d;
+    const int rb = kvarc_record_bytes(c->format, d);
+    if (rb < 0)
+        return rb;
+    for (size_t i = 0; i < (size_t)n_q * (size_t)d; i++)
+        if (!isfinite(q_r[i]))
+            return KVARC_ENONFINITE;
+    float k[KVARC_HEAD_DIM_MAX];
+    for (size_t j = 0; j < n; j++) {
+        int rc = kvg_decode_ref(c, records + j * (size_t)rb, 1, k, NULL);
+        if (rc)
+            return rc;
+        kvg_rope_apply(k, d, r->rotary_dims, r->layout, r->inv_freq, (double)pos[j]);
+        float best = 0.0f;
+        for (int h = 0; h < n_q; h++) {
+            const float *q = q_r + (size_t)h * (size_t)d;
+            float s = 0.0f;
+            for (int i = 0; i < d; i++)
+                s += q[i] * k[i];
+            if (h == 0 || s > best)
+                best = s;
+        }
+        scores[j] = best;
+    }
+    return 0;
+}
