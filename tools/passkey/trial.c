@@ -293,6 +293,17 @@ int pk_agreement(const pk_setup *s, pk_mode mode, uint32_t length, uint64_t seed
     pair p;
     if (pair_open(s, mode, &o, length, seed, length, s->chunk, 0, "agree", &p, err, len))
         return pair_close(&p, -1, err, len);
+    if (np > from && acc->n + (np - from) > acc->kl_cap) {
+        uint64_t cap = acc->kl_cap ? 2 * acc->kl_cap : 4096;
+        while (cap < acc->n + (np - from))
+            cap *= 2;
+        double *kl = realloc(acc->kl, cap * sizeof *kl);
+        if (!kl) {
+            snprintf(err, len, "out of memory for the KLs of %llu positions", (unsigned long long)cap);
+            return pair_close(&p, -1, err, len);
+        }
+        acc->kl = kl, acc->kl_cap = cap;
+    }
     for (uint32_t at = 0; at < np; at += s->chunk) {
         uint32_t c = np - at < s->chunk ? np - at : s->chunk;
         if (pk_forward(s->m, &p.full, p.prompt + at, c, p.lf, 0, err, len) ||
@@ -318,8 +329,31 @@ int pk_agreement(const pk_setup *s, pk_mode mode, uint32_t length, uint64_t seed
             acc->kl_sum += kl;
             acc->kl_max = kl > acc->kl_max ? kl : acc->kl_max;
             acc->top1_same += pk_argmax(a, V) == pk_argmax(b, V);
-            acc->n++;
+            acc->kl[acc->n++] = kl;
         }
     }
     return pair_close(&p, 0, err, len);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+double pk_agree_quantile(pk_agree *acc, double q)
+{
+    if (!acc->n || !acc->kl)
+        return 0;
+    qsort(acc->kl, acc->n, sizeof *acc->kl, cmp_double);
+    double at = q * (double)(acc->n - 1);
+    uint64_t lo = (uint64_t)at, hi = lo + 1 < acc->n ? lo + 1 : lo;
+    return acc->kl[lo] + (at - (double)lo) * (acc->kl[hi] - acc->kl[lo]);
+}
+
+void pk_agree_free(pk_agree *acc)
+{
+    free(acc->kl);
+    acc->kl = NULL;
+    acc->kl_cap = 0;
 }

@@ -68,12 +68,23 @@ int pk_gate(const pk_setup *s, uint32_t length, uint32_t n_gen, uint64_t seed, i
 
 /* Next-token agreement of a kvarc mode (s's format, top_k, hot) with full
  * attention on the prompt (length, seed), at every position >= from: sums
- * of KL(full || kvarc) in nats and of top-1 agreements, and the count. */
+ * of KL(full || kvarc) in nats and of top-1 agreements, the count, and
+ * every position's KL (for the median: a few large KLs at positions where
+ * full attention is sure of a token dominate the mean). Start from
+ * pk_agree a = { 0 } and add prompts; pk_agree_free releases kl. */
 typedef struct pk_agree {
     double   kl_sum, kl_max;
     uint64_t top1_same, n;
+    double  *kl;                 /* [n] each position's KL, in the order added; owned */
+    uint64_t kl_cap;
 } pk_agree;
 int pk_agreement(const pk_setup *s, pk_mode mode, uint32_t length, uint64_t seed, uint32_t from, pk_agree *acc,
                  char *err, size_t len);
+
+/* The q-quantile (0..1) of the KLs added, interpolated between ranks
+ * (q = 0.5: the median, the mean of the middle two when n is even); 0 if
+ * none. Sorts acc->kl. */
+double pk_agree_quantile(pk_agree *acc, double q);
+void   pk_agree_free(pk_agree *acc);
 
 #endif
