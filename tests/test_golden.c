@@ -1,6 +1,8 @@
 /* test_golden: every committed golden file (schema/golden/, *.golden) is
  * reproduced byte for byte: records, signatures, decoded K/V, prepared
- * query and both stage-1 scores. Inputs are read from the file itself. */
+ * query and both stage-1 scores; for kind-2 signatures (sig2_*), the
+ * signatures at true positions, the turned query, the block biases and
+ * the scores. Inputs are read from the file itself. */
 #include <dirent.h>
 #include <string.h>
 
@@ -144,6 +146,82 @@ static void check_file(const char *path)
     CHECK(!memcmp(sc, g.score_hamming, (size_t)n * 4), "%s: Hamming scores differ", path);
 }
 
+/* A kind-2 (true-position) signature file: signatures of the keys at
+ * their positions, the turned and prepared query, the block biases and the
+ * scores, all recomputed from the file's inputs. */
+static void check_sig2(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    static char line[16384];
+    int d = 0, rotary = -1, layout = -1, n = 0, kind = 0, ok = f != NULL;
+    unsigned long long seed = 0, first_pos = 0, q_pos = 0;
+    static uint8_t mu[1024], k[MAXTOK][1024], bits[MAXTOK][32], ss[MAXTOK][2], q[1024], qt[1024];
+    uint8_t theta[4] = { 0 }, qscale[4], q8[256], bb[8], score[MAXTOK * 4];
+    while (ok && fgets(line, sizeof line, f)) {
+        char key[32];
+        int off, idx, o2;
+        if (line[0] == '#' || sscanf(line, "%31s %n", key, &off) != 1)
+            continue;
+        const char *r = line + off;
+        struct { const char *name; uint8_t *dst; size_t cap; } one[] = {
+            { "rope_theta", theta, 4 }, { "mu_k", mu, 1024 }, { "query", q, 1024 }, { "q_turned", qt, 1024 },
+            { "q_scale", qscale, 4 }, { "q8", q8, 256 }, { "block_bias", bb, 8 }, { "score_asym", score, sizeof score },
+        }, per[] = { { "k", k[0], 1024 }, { "sig_bits", bits[0], 32 }, { "sig_scale", ss[0], 2 } };
+        int matched = 0;
+        for (size_t i = 0; i < sizeof one / sizeof one[0] && !matched; i++)
+            if (!strcmp(key, one[i].name))
+                matched = 1, ok = unhex(r, one[i].dst, one[i].cap) >= 0;
+        for (size_t i = 0; i < sizeof per / sizeof per[0] && !matched; i++)
+            if (!strcmp(key, per[i].name)) {
+                matched = 1;
+                ok = sscanf(r, "%d %n", &idx, &o2) == 1 && idx >= 0 && idx < MAXTOK &&
+                     unhex(r + o2, per[i].dst + (size_t)idx * per[i].cap, per[i].cap) >= 0;
+            }
+        if (matched) continue;
+        if (!strcmp(key, "signature_kind")) sscanf(r, "%d", &kind);
+        else if (!strcmp(key, "head_dim")) sscanf(r, "%d", &d);
+        else if (!strcmp(key, "seed")) sscanf(r, "%llx", &seed);
+        else if (!strcmp(key, "rotary_dims")) sscanf(r, "%d", &rotary);
+        else if (!strcmp(key, "rope_layout")) sscanf(r, "%d", &layout);
+        else if (!strcmp(key, "first_pos")) sscanf(r, "%llu", &first_pos);
+        else if (!strcmp(key, "query_pos")) sscanf(r, "%llu", &q_pos);
+        else if (!strcmp(key, "tokens")) sscanf(r, "%d", &n);
+        else ok = 0;
+    }
+    if (f)
+        fclose(f);
+    CHECK(ok && kind == 2 && n > 0 && n <= MAXTOK && rotary >= 0 && layout >= 0, "%s: malformed kind-2 file", path);
+    kvarc_rotation rot;
+    kvg_rope rope;
+    float th;
+    memcpy(&th, theta, 4);
+    if (!ok || kvarc_rotation_init(&rot, d, seed) || kvg_rope_init(&rope, d, rotary, layout, th)) {
+        CHECK(0, "%s: head_dim %d / RoPE not accepted", path, d);
+        return;
+    }
+    float kf[MAXTOK * KVARC_HEAD_DIM_MAX], muf[KVARC_HEAD_DIM_MAX], qf[KVARC_HEAD_DIM_MAX], sc[MAXTOK], b2[2];
+    memcpy(muf, mu, (size_t)d * 4);
+    memcpy(qf, q, (size_t)d * 4);
+    for (int t = 0; t < n; t++)
+        memcpy(kf + t * d, k[t], (size_t)d * 4);
+    uint8_t ob[MAXTOK * 32];
+    uint16_t os[MAXTOK];
+    CHECK_RC(kvg_sig_pos_ref(&rope, &rot, muf, kf, first_pos, (size_t)n, ob, os, NULL), 0);
+    int bad = 0;
+    for (int t = 0; t < n; t++)
+        bad += memcmp(ob + (size_t)t * d / 8, bits[t], (size_t)d / 8) != 0 || memcmp(&os[t], ss[t], 2) != 0;
+    CHECK(bad == 0, "%s: %d kind-2 signatures differ from the golden bytes", path, bad);
+    kvg_rope_apply(qf, d, rope.rotary_dims, rope.layout, rope.inv_freq, (double)q_pos);
+    CHECK(!memcmp(qf, qt, (size_t)d * 4), "%s: the query turned to its position differs", path);
+    kvg_query qp;
+    CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, qf, &qp), 0);
+    CHECK(!memcmp(&qp.qscale, qscale, 4) && !memcmp(qp.q8, q8, (size_t)d), "%s: prepared query differs", path);
+    kvg_block_bias_ref(&rope, muf, qf, first_pos / KVG_SIG_BLOCK, 2, NULL, b2);
+    CHECK(!memcmp(b2, bb, 8), "%s: block biases differ", path);
+    CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, &qp, 1, ob, os, (size_t)n, first_pos, b2, 2, sc), 0);
+    CHECK(!memcmp(sc, score, (size_t)n * 4), "%s: kind-2 scores differ", path);
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = argc > 1 ? argv[1] : "schema/golden";
@@ -152,7 +230,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "test_golden: cannot open %s\n", dir);
         return 1;
     }
-    int files = 0;
+    int files = 0, sig2 = 0;
     struct dirent *de;
     while ((de = readdir(dp))) {
         size_t l = strlen(de->d_name);
@@ -160,10 +238,16 @@ int main(int argc, char **argv)
             continue;
         char path[4096];
         snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
-        check_file(path);
-        files++;
+        if (!strncmp(de->d_name, "sig2_", 5)) {
+            check_sig2(path);
+            sig2++;
+        } else {
+            check_file(path);
+            files++;
+        }
     }
     closedir(dp);
     CHECK(files == 15, "expected 15 golden files (5 formats x 3 head_dims), found %d", files);
+    CHECK(sig2 == 3, "expected 3 kind-2 signature golden files (3 head_dims), found %d", sig2);
     return tu_finish("test_golden");
 }
