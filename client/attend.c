@@ -413,8 +413,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                         break;
                     }
                     if (!remap)
-                        kvg_block_bias_ref(&cv->rope, codec.mu_k, qv, b0, nblk,
-                                           bcs + b0 * 2 * (size_t)cv->rope.n_slow, x.bb + g * nblk);
+                        kvg_block_bias_ref(&cv->rope, codec.mu_k, qv, b0, nblk, bcs + b0, cv->bcs_n, x.bb + g * nblk);
                 }
                 if (rc)
                     break;

@@ -621,17 +621,16 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
 
 const double *kl_block_angles(kvarc_conv *cv, uint64_t nb)
 {
-    size_t per = 2 * (size_t)cv->rope.n_slow;
-    if (nb > cv->bcs_n) {
-        uint64_t cap = cv->bcs_n ? cv->bcs_n : 64;
+    if (nb > cv->bcs_n) {                 /* pair-major: rows are the capacity long, so grow and refill */
+        uint64_t cap = cv->bcs_n ? cv->bcs_n : 256;
         while (cap < nb)
             cap *= 2;
-        double *t = realloc(cv->bcs, cap * per * sizeof *t + 1);
+        double *t = malloc(2 * (size_t)cv->rope.n_slow * cap * sizeof *t + 1);
         if (!t)
             return NULL;
+        kvg_block_angles_pm(&cv->rope, 0, cap, t, cap);
+        free(cv->bcs);
         cv->bcs = t;
-        for (uint64_t b = cv->bcs_n; b < cap; b++)
-            kvg_block_angles(&cv->rope, b, t + b * per);
         cv->bcs_n = cap;
     }
     return cv->bcs;

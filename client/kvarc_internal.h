@@ -69,8 +69,8 @@ struct kvarc_conv {
     kvarc_rotation rot;
     double         inv_freq[KVARC_HEAD_DIM_MAX / 2];   /* RoPE frequencies */
     kvg_rope       rope;         /* the same, with the slow pairs kind-2 signatures center */
-    double        *bcs;          /* true positions: [bcs_n][rope.n_slow][2] block angles */
-    uint64_t       bcs_n;        /* blocks in bcs */
+    double        *bcs;          /* true positions: block angles, pair-major [2 n_slow][bcs_n] */
+    uint64_t       bcs_n;        /* blocks in bcs (its row length) */
     float         *means;        /* [L][H][2][d] */
     kl_layer      *layers;
     kl_cache       cache;
@@ -91,8 +91,9 @@ void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float 
  * those below `inherited` are checked against kvarcd's signatures instead
  * of being sent. */
 int  kl_flush(kvarc_conv *cv, uint32_t layer);
-/* The block angles of blocks [0, nb), nb >= 1 (kvg_block_angles), grown
- * as needed; NULL when out of memory. */
+/* The block angles of blocks [0, nb), nb >= 1, pair-major with rows
+ * cv->bcs_n long (kvg_block_angles_pm), grown as needed; NULL when out of
+ * memory. */
 const double *kl_block_angles(kvarc_conv *cv, uint64_t nb);
 #ifdef KVARC_HAVE_CUDA
 /* gpu.c: set cv->gpu when a device is there and the options allow it. */

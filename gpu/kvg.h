@@ -14,7 +14,7 @@
  * math in fp32 accumulation; GPU parity is to a stated tolerance.
  *
  * Memory: no function allocates except kvg_topk_ref when given no scratch
- * (then -ENOMEM is possible). Outputs are caller-owned. Every function is
+ * and kvg_rope_table_init (then -ENOMEM is possible). Outputs are caller-owned. Every function is
  * thread-safe on distinct outputs.
  */
 #ifndef KVG_H
@@ -179,6 +179,10 @@ int kvg_rope_init(kvg_rope *r, int d, int rotary_dims, int layout, float theta);
  * kvg_rope_angles gives for those pairs. */
 double kvg_block_center(uint64_t b);
 void kvg_block_angles(const kvg_rope *r, uint64_t b, double *cs);
+/* The same for blocks [b0, b0 + nb) laid out pair-major, for kernels that
+ * run across blocks: cos of slow pair s at block b0 + j in
+ * cs[2s * stride + j], its sin in cs[(2s + 1) * stride + j]. */
+void kvg_block_angles_pm(const kvg_rope *r, uint64_t b0, size_t nb, double *cs, size_t stride);
 
 /* True-position signatures (kind 2) of n keys k[n][d] (fp32, pre-RoPE) at
  * positions first_pos.. of one (layer, kv head): key n turned to n
@@ -193,10 +197,12 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
  * centering that block's signatures subtracted), in double, rounded once:
  *   sum over unturned dims j of q_j mu_j, then over slow pairs i (a, b) of
  *   (q_a mu_a + q_b mu_b) cos_i + (q_b mu_a - q_a mu_b) sin_i.
- * cs: [nb][n_slow][2] from kvg_block_angles, or NULL (computed here).
- * mu_k NULL = 0. out[nb]. */
+ * Each block's sum runs in that order in double; blocks are independent
+ * (so a kernel may run across them). cs: block b0's entry of a pair-major
+ * table (kvg_block_angles_pm) whose rows are cs_stride long, or NULL
+ * (computed here). mu_k NULL = 0. out[nb]. */
 void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
-                        const double *cs, float *out);
+                        const double *cs, size_t cs_stride, float *out);
 
 /* Stage-1 scores against kind-2 signatures: as kvg_score_ref, with each
  * query's constant bias replaced by a bias per block: token j (position
@@ -207,12 +213,27 @@ int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs
                       const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, uint64_t first_pos,
                       const float *blk_bias, size_t nblk, float *scores);
 
+/* RoPE angles of any position below 2^32 without a cosine per pair: the
+ * turn by pos is the product of the turns by its four bytes (a table of
+ * 4 x 256 unit complex numbers per pair, made once). The values equal
+ * kvg_rope_angles' to about 1e-15 (both are exact rotations up to double
+ * rounding), not bit for bit. */
+typedef struct kvg_rope_table {
+    int     n_pairs;
+    double *t;                     /* [4][256][n_pairs][2] */
+} kvg_rope_table;
+int  kvg_rope_table_init(kvg_rope_table *tb, const kvg_rope *r);   /* 0 or -ENOMEM */
+void kvg_rope_table_free(kvg_rope_table *tb);
+/* cs[rotary_dims/2][2] for pos (kvg_rope_angles past 2^32). */
+void kvg_rope_table_angles(const kvg_rope_table *tb, const kvg_rope *r, uint64_t pos, double *cs);
+
 /* Stage-2 scores at true positions: for each record j at position pos[j],
  * the max over the n_q queries q_r[n_q][d] (turned to their own
  * positions) of q_r . RoPE(pos[j]) khat_j, khat the decoded key (sum in
- * index order). Same return codes as kvg_key_scores_ref. */
-int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const float *q_r, int n_q,
-                           const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
+ * index order). tb (may be NULL: kvg_rope_angles) gives the angles. Same
+ * return codes as kvg_key_scores_ref. */
+int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb, const float *q_r,
+                           int n_q, const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
 
 /* ---- attention ---------------------------------------------------------- */
 

@@ -26,6 +26,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kvg.h"
@@ -61,6 +62,16 @@ void kvg_block_angles(const kvg_rope *r, uint64_t b, double *cs)
         double ang = c * r->inv_freq[r->first_slow + s];
         cs[2 * s] = cos(ang);
         cs[2 * s + 1] = sin(ang);
+    }
+}
+
+void kvg_block_angles_pm(const kvg_rope *r, uint64_t b0, size_t nb, double *cs, size_t stride)
+{
+    double one[KVARC_HEAD_DIM_MAX];
+    for (size_t j = 0; j < nb; j++) {
+        kvg_block_angles(r, b0 + j, one);
+        for (int s = 0; s < 2 * r->n_slow; s++)
+            cs[(size_t)s * stride + j] = one[s];
     }
 }
 
@@ -120,10 +131,15 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
     return 0;
 }
 
+#define BIAS_TILE 64   /* blocks per tile with a table */
+#define OWN_TILE  16   /* without: the angles of 16 blocks on the stack (32 KB at most) */
+
 void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
-                        const double *cs, float *out)
+                        const double *cs, size_t cs_stride, float *out)
 {
-    double c0 = 0.0, A[KVARC_HEAD_DIM_MAX / 2], B[KVARC_HEAD_DIM_MAX / 2], own[KVARC_HEAD_DIM_MAX];
+    double c0 = 0.0, A[KVARC_HEAD_DIM_MAX / 2], B[KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
+    double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
+    const size_t tile = cs ? BIAS_TILE : OWN_TILE;
     if (!mu_k) {
         for (size_t b = 0; b < nb; b++)
             out[b] = 0.0f;
@@ -137,19 +153,79 @@ void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, 
         A[s] = (double)q_r[a] * mu_k[a] + (double)q_r[bb] * mu_k[bb];
         B[s] = (double)q_r[bb] * mu_k[a] - (double)q_r[a] * mu_k[bb];
     }
-    for (size_t b = 0; b < nb; b++) {
-        const double *t = cs ? cs + b * 2 * (size_t)r->n_slow : own;
-        if (!cs)
-            kvg_block_angles(r, b0 + b, own);
-        double acc = c0;
-        for (int s = 0; s < r->n_slow; s++)
-            acc += A[s] * t[2 * s] + B[s] * t[2 * s + 1];
-        out[b] = (float)acc;
+    /* tiles of blocks, the pairs outermost: each block's sum keeps the
+     * pair order, and the inner loop runs across blocks (it vectorizes) */
+    for (size_t t0 = 0; t0 < nb; t0 += tile) {
+        size_t tn = nb - t0 < tile ? nb - t0 : tile, st = cs_stride;
+        const double *tc = cs ? cs + t0 : own;
+        if (!cs) {
+            kvg_block_angles_pm(r, b0 + t0, tn, own, OWN_TILE);
+            st = OWN_TILE;
+        }
+        for (size_t j = 0; j < tn; j++)
+            acc[j] = c0;
+        for (int s = 0; s < r->n_slow; s++) {
+            const double *co = tc + (size_t)(2 * s) * st, *si = tc + (size_t)(2 * s + 1) * st;
+            const double as = A[s], bs = B[s];
+            for (size_t j = 0; j < tn; j++)
+                acc[j] += as * co[j] + bs * si[j];
+        }
+        for (size_t j = 0; j < tn; j++)
+            out[t0 + j] = (float)acc[j];
     }
 }
 
-int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const float *q_r, int n_q,
-                           const uint8_t *records, const uint64_t *pos, size_t n, float *scores)
+int kvg_rope_table_init(kvg_rope_table *tb, const kvg_rope *r)
+{
+    int np = r->rotary_dims / 2;
+    tb->n_pairs = np;
+    tb->t = malloc((size_t)4 * 256 * (size_t)(np ? np : 1) * 2 * sizeof *tb->t);
+    if (!tb->t)
+        return -ENOMEM;
+    for (int l = 0; l < 4; l++)
+        for (int v = 0; v < 256; v++)
+            for (int i = 0; i < np; i++) {
+                double ang = (double)((uint64_t)v << (8 * l)) * r->inv_freq[i];
+                double *e = tb->t + (((size_t)l * 256 + (size_t)v) * (size_t)np + (size_t)i) * 2;
+                e[0] = cos(ang);
+                e[1] = sin(ang);
+            }
+    return 0;
+}
+
+void kvg_rope_table_free(kvg_rope_table *tb)
+{
+    free(tb->t);
+    tb->t = NULL;
+}
+
+void kvg_rope_table_angles(const kvg_rope_table *tb, const kvg_rope *r, uint64_t pos, double *cs)
+{
+    int np = tb->n_pairs;
+    if (pos >> 32) {
+        kvg_rope_angles(cs, r->d, r->rotary_dims, r->inv_freq, (double)pos);
+        return;
+    }
+    const double *e0 = tb->t + (size_t)(pos & 255) * (size_t)np * 2;
+    for (int i = 0; i < np; i++) {
+        cs[2 * i] = e0[2 * i];
+        cs[2 * i + 1] = e0[2 * i + 1];
+    }
+    for (int l = 1; l < 4; l++) {
+        unsigned v = (unsigned)(pos >> (8 * l)) & 255;
+        if (!v)
+            continue;
+        const double *e = tb->t + ((size_t)l * 256 + v) * (size_t)np * 2;
+        for (int i = 0; i < np; i++) {
+            double c = cs[2 * i], s = cs[2 * i + 1];
+            cs[2 * i] = c * e[2 * i] - s * e[2 * i + 1];
+            cs[2 * i + 1] = c * e[2 * i + 1] + s * e[2 * i];
+        }
+    }
+}
+
+int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb, const float *q_r,
+                           int n_q, const uint8_t *records, const uint64_t *pos, size_t n, float *scores)
 {
     if (!c || !c->rot || !r || r->d != c->rot->head_dim || !q_r || n_q < 1 || n_q > 64 ||
         (n && (!records || !pos || !scores)))
@@ -166,7 +242,12 @@ int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const float *q
         int rc = kvg_decode_ref(c, records + j * (size_t)rb, 1, k, NULL);
         if (rc)
             return rc;
-        kvg_rope_apply(k, d, r->rotary_dims, r->layout, r->inv_freq, (double)pos[j]);
+        double cs[KVARC_HEAD_DIM_MAX];
+        if (tb)
+            kvg_rope_table_angles(tb, r, pos[j], cs);
+        else
+            kvg_rope_angles(cs, d, r->rotary_dims, r->inv_freq, (double)pos[j]);
+        kvg_rope_turn(k, d, r->rotary_dims, r->layout, cs);
         float best = 0.0f;
         for (int h = 0; h < n_q; h++) {
             const float *q = q_r + (size_t)h * (size_t)d;

@@ -33,7 +33,24 @@ struct kvd_reader {
     struct io_uring ring;
     uint8_t        *buf;           /* slot staging */
     size_t          cap;
+    kvg_rope        rt_rope;       /* the RoPE rt was made for */
+    kvg_rope_table  rt;            /* true-position stage 2's angles (1 MB at head_dim 128) */
 };
+
+/* The angle table of rope, made on first use and kept while the reader's
+ * conversations share a RoPE; NULL (direct angles) when out of memory. */
+static const kvg_rope_table *rope_table(kvd_reader *r, const kvg_rope *rope)
+{
+    const kvg_rope *o = &r->rt_rope;
+    if (r->rt.t && o->d == rope->d && o->rotary_dims == rope->rotary_dims &&
+        !memcmp(o->inv_freq, rope->inv_freq, sizeof o->inv_freq))
+        return &r->rt;
+    kvg_rope_table_free(&r->rt);
+    if (kvg_rope_table_init(&r->rt, rope))
+        return NULL;
+    r->rt_rope = *rope;
+    return &r->rt;
+}
 
 int kvd_reader_open(kvd_engine *e, kvd_reader **out, kvd_err *err)
 {
@@ -56,6 +73,7 @@ void kvd_reader_close(kvd_reader *r)
     if (!r)
         return;
     io_uring_queue_exit(&r->ring);
+    kvg_rope_table_free(&r->rt);
     free(r->buf);
     free(r);
 }
@@ -515,7 +533,7 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
         kvd_rerank_item *x = it[i];
         for (size_t j = 0; j < x->n; j++)
             memcpy(recs + j * (size_t)rb, urec + u64_find(u, nu, x->shortlist[j]) * (size_t)rb, (size_t)rb);
-        rc = rp ? kvg_key_scores_pos_ref(c, rp, x->q, x->n_q, recs, x->shortlist, x->n, sc) :
+        rc = rp ? kvg_key_scores_pos_ref(c, rp, rope_table(r, rp), x->q, x->n_q, recs, x->shortlist, x->n, sc) :
                   kvg_key_scores_ref(c, x->q, x->n_q, recs, x->n, sc);
         if (rc) {
             kvd_fail(err, rc, "scoring the shortlist: %s", kvarc_strerror(rc));

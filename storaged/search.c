@@ -54,11 +54,11 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
         if ((rc = kvd_read_sigs(r, conv, layer, head, first, n, bits, sc, err)))
             goto out;
         size_t nb = (n + KVG_SIG_BLOCK - 1) / KVG_SIG_BLOCK;     /* first is a multiple of the block */
-        for (size_t b = 0; qb && b < nb; b++)
-            kvg_block_angles(qb->rope, first / KVG_SIG_BLOCK + b, cs + b * per);
+        if (qb)
+            kvg_block_angles_pm(qb->rope, first / KVG_SIG_BLOCK, nb, cs, nblk);
         for (int h = 0; qb && h < n_q; h++)
             kvg_block_bias_ref(qb->rope, qb->mu_k, qb->q_r + (size_t)h * head_dim, first / KVG_SIG_BLOCK, nb, cs,
-                               bb + (size_t)h * nblk);
+                               nblk, bb + (size_t)h * nblk);
         if ((rc = kvg_score_pos_ref((kvg_score_mode)mode, (kvg_combine)combine, qs, n_q, bits, sc, n, first, bb,
                                     nblk, scores))) {
             rc = kvd_fail(err, (int)rc, "scoring failed: %s", kvarc_strerror((int)rc));

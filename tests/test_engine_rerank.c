@@ -5,7 +5,9 @@
  * needle comes first; GQA takes the max over the group's queries; bad
  * queries are refused. kvd_rerank_batch (many items, two heads, shortlists
  * that overlap, repeat positions and span more than one read pass) gives
- * every item the answer of its own reference computation, bit for bit. */
+ * every item the answer of its own reference computation, bit for bit.
+ * At true positions (kind 2) each key is scored turned to its own
+ * position; the retired kind 0 is refused. */
 #include <errno.h>
 
 #include "engine_util.h"
@@ -151,6 +153,86 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
     free(k); free(v); free(rec); free(bits); free(ss); free(brec); free(bbits); free(bss);
 }
 
+/* True positions (kind 2): stage 2 turns each shortlisted key to its own
+ * position. Keys with a large mean, RoPE on every dimension (theta
+ * 500000), positions up to 64K; a needle matched by the query at its true
+ * distance comes first, and every answer equals kvg_key_scores_pos_ref on
+ * the same records. A conversation of the retired kind 0 is refused,
+ * naming what to do, while its records still read. */
+static void true_position_case(kvd_engine *e, kvd_reader *r)
+{
+    enum { T = 65536, SL = 512 };
+    kvd_err err = { 0 };
+    kvd_shape s = eu_shape(1, 1, KVARC_FMT_Q3);
+    s.pos_mode = KVARC_POS_TRUE;
+    s.rotary_dims = D;
+    s.rope_theta = 500000.0f;
+    kvg_rope rope;
+    CHECK_RC(kvg_rope_init(&rope, D, D, 0, s.rope_theta), 0);
+    tu_rng g = { 78 };
+    float *k = malloc(sizeof(float) * T * D), *v = malloc(sizeof(float) * T * D), means[2 * D] = { 0 };
+    for (int i = 0; i < D; i++)
+        means[i] = (i % 64 >= rope.first_slow ? 3.0f : 0.3f) * tu_gauss(&g);
+    for (size_t t = 0; t < T; t++)
+        for (int i = 0; i < D; i++) {
+            k[t * D + i] = means[i] + tu_gauss(&g);
+            v[t * D + i] = tu_gauss(&g);
+        }
+    float dir[D], q[D], q_r[D];
+    for (int i = 0; i < D; i++)
+        dir[i] = tu_gauss(&g) / sqrtf(D);
+    const uint64_t needle = 40000, m = T + 300;
+    for (int i = 0; i < D; i++)
+        k[needle * D + i] = means[i] + 16.0f * dir[i];
+    memcpy(q, dir, sizeof q);
+    kvg_rope_ref(q, D, D, 0, s.rope_theta, (double)needle - (double)m);
+    for (int i = 0; i < D; i++)
+        q_r[i] = 3.0f * q[i];
+    kvg_rope_ref(q_r, D, D, 0, s.rope_theta, (double)m);
+    kvd_conv_info ci;
+    CHECK_RC(kvd_conv_create(e, "r", "true", &s, means, &ci, &err), 0);
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, D, s.seed);
+    kvg_codec c = { KVARC_FMT_Q3, &rot, means, means + D };
+    uint8_t *rec = malloc((size_t)T * 104), *bits = malloc((size_t)T * D / 8);
+    uint16_t *ss = malloc(T * 2);
+    CHECK_RC(kvg_encode_ref(&c, KVARC_DTYPE_F32, k, v, T, rec, bits, ss, NULL), 0);
+    CHECK_RC(kvg_sig_pos_ref(&rope, &rot, means, k, 0, T, bits, ss, NULL), 0);
+    for (int b = 0; b < T; b += 4096)
+        CHECK_RC(kvd_append(e, ci.id, 0, (uint64_t)b, 4096, bits + (size_t)b * D / 8, ss + b, rec + (size_t)b * 104,
+                            &err), 0);
+    uint64_t sl[SL], pos[16];
+    for (int i = 0; i < SL; i++)
+        sl[i] = (uint64_t)i * 127 + 13;                  /* spread over the layer, the needle among them */
+    sl[SL / 3] = needle;
+    float sc[16], ks[SL];
+    uint8_t out[16 * 104], g2[SL * 104];
+    long n = kvd_rerank(r, ci.id, 0, 0, q_r, 1, sl, SL, 16, pos, sc, out, &err);
+    CHECK(n == 16, "true-position rerank returned %ld: %s", n, err.msg);
+    CHECK(pos[0] == needle, "the needle at its true distance comes first (got %llu)", (unsigned long long)pos[0]);
+    for (int i = 0; i < SL; i++)
+        memcpy(g2 + i * 104, rec + sl[i] * 104, 104);
+    CHECK_RC(kvg_key_scores_pos_ref(&c, &rope, NULL, q_r, 1, g2, sl, SL, ks), 0);
+    uint32_t idx[16];
+    CHECK(kvg_topk_ref(ks, SL, 16, idx, NULL, NULL) == 16, "reference top-k");
+    int same = 1;
+    for (int i = 0; i < 16; i++)
+        same &= pos[i] == sl[idx[i]] && fabsf(sc[i] - ks[idx[i]]) <= 1e-5f * (fabsf(ks[idx[i]]) + 1);
+    CHECK(same, "true-position rerank equals kvg_key_scores_pos_ref");
+
+    s.pos_mode = KVARC_POS_TRUE_FREE;                     /* written by a kvarc before kind 2 */
+    kvd_conv_info c0;
+    CHECK_RC(kvd_conv_create(e, "r", "kind0", &s, means, &c0, &err), 0);
+    CHECK_RC(kvd_append(e, c0.id, 0, 0, 4096, bits, ss, rec, &err), 0);
+    uint64_t few[4] = { 1, 2, 3, 4 };
+    CHECK(kvd_rerank(r, c0.id, 0, 0, q_r, 1, few, 4, 2, pos, sc, out, &err) == KVARC_EVERSION &&
+          strstr(err.msg, "kind 0") && strstr(err.msg, "r/kind0"), "kind 0 refused for retrieval: %s", err.msg);
+    CHECK_RC(kvd_read_records(r, c0.id, 0, 0, few, 4, out, &err), 0);
+    s.pos_mode = KVARC_POS_KIND_MAX + 1;
+    CHECK(kvd_conv_create(e, "r", "kind3", &s, means, &c0, &err) == -EINVAL, "an unknown kind is not created");
+    free(k); free(v); free(rec); free(bits); free(ss);
+}
+
 int main(void)
 {
     char dir[256];
@@ -242,6 +324,7 @@ int main(void)
     CHECK(kvd_rerank(r, ci.id, 0, 0, q, 1, sl, 512, 16, pos, sc, out, &err) == -ERANGE, "past the end");
     CHECK(kvd_rerank(r, ci.id, 0, 0, q, 1, sl, 0, 16, pos, sc, out, &err) == 0, "empty shortlist");
     batch_case(e, r);
+    true_position_case(e, r);
     kvd_reader_close(r);
     kvd_close(e);
     free(k); free(v); free(rec); free(bits); free(ss); free(kd);

@@ -3,7 +3,8 @@
  * must equal one kvg_topk_ref over the whole layer, positions and scores,
  * in both score modes (Hamming scores are integers: many ties, which must
  * still go to the lower position), for k from 1 to past a chunk's
- * boundary, GQA max and mean; a zero k and an empty layer are handled. */
+ * boundary, GQA max and mean; the same with kind-2 block biases; a zero k
+ * and an empty layer are handled. */
 #include <errno.h>
 
 #include "engine_util.h"
@@ -61,6 +62,34 @@ int main(void)
                     CHECK(same, "mode %d comb %d nq %d k %zu: chunked answer equals the whole-layer top-k", mode,
                           comb, nq, k);
                 }
+    /* kind-2 signatures: a bias per 64-position block, computed per chunk
+     * from the turned queries; equal to one scan with every block's bias */
+    {
+        kvg_rope rope;
+        CHECK_RC(kvg_rope_init(&rope, D, D, 0, 500000.0f), 0);
+        float mu[D];
+        for (int i = 0; i < D; i++)
+            mu[i] = 2.0f * tu_gauss(&rng);
+        kvg_query q2[4];
+        for (int h = 0; h < 4; h++)
+            CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q + h * D, &q2[h]), 0);
+        size_t nblk = (size_t)((len + KVG_SIG_BLOCK - 1) / KVG_SIG_BLOCK);
+        float *bb = malloc(4 * nblk * 4);
+        for (int h = 0; h < 4; h++)
+            kvg_block_bias_ref(&rope, mu, q + h * D, 0, nblk, NULL, 0, bb + h * nblk);
+        kvd_qbias qb = { &rope, mu, q };
+        for (int comb = 0; comb < 2; comb++) {
+            CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, (kvg_combine)comb, q2, 4, bits, sc, len, 0, bb, nblk, scores), 0);
+            long w = kvg_topk_ref(scores, len, 512, idx, want, NULL);
+            long got = kvd_search(r, ci.id, 0, 0, D, len, 0, comb, q2, 4, &qb, 512, pos, best, &err);
+            int same = got == w && got == 512;
+            for (long i = 0; same && i < got; i++)
+                same = pos[i] == idx[i] && best[i] == want[i];
+            CHECK(same, "kind 2, comb %d: chunked answer with block biases equals the whole-layer top-k (%ld, %ld)",
+                  comb, got, w);
+        }
+        free(bb);
+    }
     CHECK(kvd_search(r, ci.id, 0, 0, D, len, 0, 0, qs, 1, NULL, 0, pos, best, &err) == -EINVAL, "k 0 refused");
     CHECK(kvd_search(r, ci.id, 1, 0, D, 0, 0, 0, qs, 1, NULL, 8, pos, best, &err) == 0, "an empty layer answers nothing");
     CHECK(kvd_search(r, ci.id, 0, 0, D, len + 1, 0, 0, qs, 1, NULL, 8, pos, best, &err) < 0, "past the end refused");

@@ -216,7 +216,7 @@ static void check_sig2(const char *path)
     kvg_query qp;
     CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, qf, &qp), 0);
     CHECK(!memcmp(&qp.qscale, qscale, 4) && !memcmp(qp.q8, q8, (size_t)d), "%s: prepared query differs", path);
-    kvg_block_bias_ref(&rope, muf, qf, first_pos / KVG_SIG_BLOCK, 2, NULL, b2);
+    kvg_block_bias_ref(&rope, muf, qf, first_pos / KVG_SIG_BLOCK, 2, NULL, 0, b2);
     CHECK(!memcmp(b2, bb, 8), "%s: block biases differ", path);
     CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, &qp, 1, ob, os, (size_t)n, first_pos, b2, 2, sc), 0);
     CHECK(!memcmp(sc, score, (size_t)n * 4), "%s: kind-2 scores differ", path);

@@ -431,6 +431,64 @@ int main(void)
         full_attention(0, 302, ref);
         CHECK(max_rel(o1, ref, QH * D) < 2e-5f, "after the refused calls the gate still holds");
     }
+    {   /* a conversation archived before kind-2 signatures (true positions, position-free
+         * signatures: kind 0) is refused by attach and by stage 1 and 2, naming why */
+        kvc_conn *k;
+        CHECK_RC(kvc_connect(dir, &k), 0);
+        Kvarc__V1__Shape sh = KVARC__V1__SHAPE__INIT;
+        sh.n_layers = m.n_layers;
+        sh.n_kv_heads = m.n_kv_heads;
+        sh.n_q_heads = m.n_q_heads;
+        sh.head_dim = m.head_dim;
+        sh.format = KVARC_FMT_Q3;
+        sh.pos_mode = KVARC_POS_TRUE_FREE;
+        sh.rope_layout = (uint32_t)m.rope_layout;
+        sh.dtype = (uint32_t)m.dtype;
+        sh.rotary_dims = m.rotary_dims;
+        sh.rope_theta = m.rope_theta;
+        sh.seed = 7;
+        sh.fingerprint = (char *)m.fingerprint;
+        Kvarc__V1__CreateRequest cr = KVARC__V1__CREATE_REQUEST__INIT;
+        cr.ns = "lib";
+        cr.name = "kind0";
+        cr.shape = &sh;
+        ProtobufCMessage *rep = NULL;
+        char msg[512];
+        CHECK_RC(kvc_call(k, "Create", &cr.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
+        kvarc_conv *old = NULL;
+        CHECK_RC(kvarc_conv_attach(cl2, "lib", "kind0", &m, &o, &old), KVARC_EVERSION);
+        CHECK(strstr(kvarc_client_errmsg(cl2), "position-free") && strstr(kvarc_client_errmsg(cl2), "lib/kind0"),
+              "attach says why: %s", kvarc_client_errmsg(cl2));
+        float qv[4 * D] = { 0 };
+        uint64_t sl[1] = { 0 };
+        Kvarc__V1__SearchRequest sr = KVARC__V1__SEARCH_REQUEST__INIT;
+        sr.conv = id;
+        sr.n_queries = 1;
+        sr.n_query = D;
+        sr.query = qv;
+        sr.k = 4;
+        CHECK_RC(kvc_call(k, "Search", &sr.base, &kvarc__v1__search_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "kind 0") != NULL, "Search says why: %s", msg);
+        Kvarc__V1__RerankItem it = KVARC__V1__RERANK_ITEM__INIT, *ip[1] = { &it };
+        it.n_queries = 1;
+        it.n_query = D;
+        it.query = qv;
+        it.n_shortlist = 1;
+        it.shortlist = sl;
+        it.top_k = 1;
+        Kvarc__V1__RerankLayerRequest rl = KVARC__V1__RERANK_LAYER_REQUEST__INIT;
+        rl.conv = id;
+        rl.n_items = 1;
+        rl.items = ip;
+        CHECK_RC(kvc_call(k, "RerankLayer", &rl.base, &kvarc__v1__rerank_layer_reply__descriptor, NULL, 0, msg,
+                          sizeof msg), GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "kind 0") != NULL, "RerankLayer says why: %s", msg);
+        kvc_close(k);
+    }
     kvarc_model wrong = m;
     wrong.head_dim = 128;
     kvarc_conv *bad = NULL;

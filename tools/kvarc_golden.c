@@ -172,7 +172,7 @@ static int write_sig2(const char *dir, int d)
     kvg_rope_apply(qr, d, rope.rotary_dims, rope.layout, rope.inv_freq, (double)q_pos);
     if (!rc)
         rc = kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, qr, &qp);
-    kvg_block_bias_ref(&rope, mu_k, qr, first_pos / KVG_SIG_BLOCK, 2, NULL, bb);
+    kvg_block_bias_ref(&rope, mu_k, qr, first_pos / KVG_SIG_BLOCK, 2, NULL, 0, bb);
     if (!rc)
         rc = kvg_score_pos_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, &qp, 1, bits, ss, NTOK, first_pos, bb, 2, sc);
     if (rc) {
