@@ -14,8 +14,9 @@
  * (rotary_dims = head_dim / 2, theta 10000): topics and needles live in the
  * other half, so they match at any distance. Needles: at chosen positions a
  * key carries a strong unit direction of its own and its value a pattern; a
- * needle query points at that direction (full attention puts about half its
- * weight on the needle even among a million tokens). Ordinary queries point
+ * needle query points at that direction (full attention's weight on the
+ * needle, as bench-quality measures it: 0.97 / 0.77 / 0.30 on average at
+ * 4K / 32K / 1M, some needles far less). Ordinary queries point
  * at a past topic. Because nothing a query looks for turns with position,
  * this generator cannot tell whether retrieval ranks keys at the distance
  * attention uses.
