@@ -16,9 +16,13 @@
  * rotary_dims is 0) when it attends. Position mode "true" (0): every key
  * at its real position. "remapped" (1): sinks and retrieved keys take
  * consecutive positions just before the hot window (sinks first, then the
- * retrieved in position order); hot keys keep theirs. Stages 1 and 2 score
- * with the query turned by `score_distance` positions (default: the hot
- * window), so keys are compared as if that far back.
+ * retrieved in position order); hot keys keep theirs. Retrieval ranks keys
+ * by the logit attention will use: in true mode each key is scored at its
+ * own position and the query at its own (kind-2 signatures, SCHEMA.md
+ * section 6.2); remapped, stages 1 and 2 score with the query turned by
+ * `score_distance` positions (default: the hot window), the distance
+ * retrieved keys are attended at. A conversation archived in true mode
+ * before kind-2 signatures existed is refused by attach (KVARC_EVERSION).
  *
  * Return codes: 0, a negative errno, or a KVARC_E* code (kvarc_strerror).
  * A call that fails leaves a message in kvarc_errmsg(conv) /
@@ -97,7 +101,8 @@ typedef struct kvarc_options {
     uint32_t max_chunk;         /* largest prefill chunk (queries of one attend call) */
     int      score_mode;        /* 0 asymmetric (RaBitQ-style), 1 Hamming */
     int      combine;           /* GQA group in stage 1: 0 max, 1 mean */
-    int32_t  score_distance;    /* stage 1/2 turn the query this many positions; -1: hot_window */
+    int32_t  score_distance;    /* remapped: stage 1/2 turn the query this many positions; -1:
+                                   hot_window (true mode scores at true positions) */
     size_t   cache_records;     /* LRU record cache capacity, records per conversation; any
                                    size works, but one under 2 x kv heads x (shortlist + 1) x
                                    top_k splits a prefill chunk into one query per RerankLayer */

@@ -133,6 +133,27 @@ static void score_case(int d, size_t n, int n_q, tu_rng *r)
                   comb, diff, n);
             free(gs);
         }
+    /* kind-2 signatures: a bias per 64-position block, from a first
+     * position off a block boundary */
+    const uint64_t first = 1000003;
+    size_t nblk = (size_t)((first + n - 1) / KVG_SIG_BLOCK - first / KVG_SIG_BLOCK + 1);
+    float *bb = malloc((size_t)n_q * nblk * 4);
+    for (size_t i = 0; i < (size_t)n_q * nblk; i++)
+        bb[i] = tu_gauss(r) * 20.0f;
+    float *dbb = dev_copy(bb, (size_t)n_q * nblk * 4);
+    for (int comb = 0; comb < 2; comb++) {
+        CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, bits, ss, n, first, bb, nblk, cs), 0);
+        CHECK_RC(kvg_score_pos_cuda(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, db, dss, n, first, dbb, nblk, dsc,
+                                    NULL), 0);
+        float *gs = dev_back(dsc, n * 4);
+        size_t diff = 0;
+        for (size_t j = 0; j < n; j++)
+            diff += memcmp(&cs[j], &gs[j], 4) != 0;
+        CHECK(diff == 0, "kind-2 score d%d n%zu q%d comb %d: %zu of %zu differ", d, n, n_q, comb, diff, n);
+        free(gs);
+    }
+    cudaFree(dbb);
+    free(bb);
     cudaFree(db); cudaFree(dss); cudaFree(dsc);
     free(bits); free(ss); free(cs);
 }
