@@ -67,14 +67,6 @@ static void put_code(uint8_t *codes, int i, int bits, unsigned c)
             codes[pos / 8] |= (uint8_t)(1u << (pos % 8));
 }
 
-static unsigned get_code(const uint8_t *codes, int i, int bits)
-{
-    unsigned pos = (unsigned)i * (unsigned)bits, c = 0;
-    for (int b = 0; b < bits; b++, pos++)
-        c |= (unsigned)((codes[pos / 8] >> (pos % 8)) & 1) << b;
-    return c;
-}
-
 /* Encode rotated, centered y[0..d) (squared norm ss, finite) into one half
  * record of a rotated format. */
 static void encode_rotated_half(const kvarc_format_info *fi, const kvarc_rotation *rot,
@@ -112,20 +104,36 @@ static void encode_rotated_half(const kvarc_format_info *fi, const kvarc_rotatio
     put_f32(half, kvarc_tree_sum(prod, d) / kvarc_tree_sum(sq, d));
 }
 
+/* Codes of one half record as level values (q3/q4: the Lloyd-Max level;
+ * i8: the integer), unpacked a byte group at a time. */
+static void unpack_levels(const kvarc_format_info *fi, const uint8_t *codes, int d, float *out)
+{
+    if (fi->id == KVARC_FMT_I8) {
+        for (int i = 0; i < d; i++)
+            out[i] = (float)(int8_t)codes[i];
+    } else if (fi->id == KVARC_FMT_Q4) {
+        for (int i = 0; i < d; i += 2) {
+            out[i] = kvarc_q4_levels[codes[i / 2] & 15];
+            out[i + 1] = kvarc_q4_levels[codes[i / 2] >> 4];
+        }
+    } else {
+        for (int i = 0; i < d; i += 8) {
+            const uint8_t *p = codes + i / 8 * 3;
+            uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+            for (int j = 0; j < 8; j++)
+                out[i + j] = kvarc_q3_levels[(w >> (3 * j)) & 7];
+        }
+    }
+}
+
 static void decode_rotated_half(const kvarc_format_info *fi, const kvarc_rotation *rot,
                                 const uint8_t *half, const float *mu, float *x)
 {
     int d = rot->head_dim;
-    float scale = get_f32(half), y[KVARC_HEAD_DIM_MAX] = { 0 };
-    const uint8_t *codes = half + 4;
-    if (fi->id == KVARC_FMT_I8) {
-        for (int i = 0; i < d; i++)
-            y[i] = scale * (float)(int8_t)codes[i];
-    } else {
-        const float *levels = fi->id == KVARC_FMT_Q3 ? kvarc_q3_levels : kvarc_q4_levels;
-        for (int i = 0; i < d; i++)
-            y[i] = scale * levels[get_code(codes, i, fi->code_bits)];
-    }
+    float scale = get_f32(half), y[KVARC_HEAD_DIM_MAX];
+    unpack_levels(fi, half + 4, d, y);
+    for (int i = 0; i < d; i++)
+        y[i] = scale * y[i];
     kvg_unrotate_ref(rot, y, x);
     if (mu)
         for (int i = 0; i < d; i++)
@@ -282,28 +290,6 @@ int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
         }
     }
     return 0;
-}
-
-/* Codes of one half record as level values (q3/q4: the Lloyd-Max level;
- * i8: the integer), unpacked a byte group at a time. */
-static void unpack_levels(const kvarc_format_info *fi, const uint8_t *codes, int d, float *out)
-{
-    if (fi->id == KVARC_FMT_I8) {
-        for (int i = 0; i < d; i++)
-            out[i] = (float)(int8_t)codes[i];
-    } else if (fi->id == KVARC_FMT_Q4) {
-        for (int i = 0; i < d; i += 2) {
-            out[i] = kvarc_q4_levels[codes[i / 2] & 15];
-            out[i + 1] = kvarc_q4_levels[codes[i / 2] >> 4];
-        }
-    } else {
-        for (int i = 0; i < d; i += 8) {
-            const uint8_t *p = codes + i / 8 * 3;
-            uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
-            for (int j = 0; j < 8; j++)
-                out[i + j] = kvarc_q3_levels[(w >> (3 * j)) & 7];
-        }
-    }
 }
 
 int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
