@@ -77,6 +77,17 @@ static inline float half_to_float(uint16_t h)
     return f;
 }
 
+/* One query head's score v of a token into the GQA combination *o. */
+static inline void combine_into(float *o, float v, int first, kvg_combine comb)
+{
+    if (first)
+        *o = v;
+    else if (comb == KVG_COMBINE_MAX)
+        *o = v > *o ? v : *o;
+    else
+        *o += v;
+}
+
 /* Asymmetric scores of one query into out[n]; NB (signature bytes) is a
  * compile-time constant in each instance so the lookups unroll. */
 static inline void score_asym_nb(const kvg_query *q, const int16_t *lut, int nb,
@@ -100,13 +111,7 @@ static inline void score_asym_nb(const kvg_query *q, const int16_t *lut, int nb,
 #pragma GCC unroll 32
             for (int b = 0; b < nb; b++)
                 dot += lut[b * 256 + s[b]];
-            float v = ((float)dot * q->qscale) * half_to_float(scale[j]) + bias;
-            if (first)
-                out[j] = v;
-            else if (comb == KVG_COMBINE_MAX)
-                out[j] = v > out[j] ? v : out[j];
-            else
-                out[j] += v;
+            combine_into(out + j, ((float)dot * q->qscale) * half_to_float(scale[j]) + bias, first, comb);
         }
     }
 }
@@ -138,13 +143,7 @@ static void score_hamming_one(const kvg_query *q, const uint8_t *bits, size_t n,
             memcpy(&kw, s + 8 * w, 8);
             pop += __builtin_popcountll(qw[w] ^ kw);
         }
-        float v = (float)(d - 2 * pop);
-        if (first)
-            out[j] = v;
-        else if (comb == KVG_COMBINE_MAX)
-            out[j] = v > out[j] ? v : out[j];
-        else
-            out[j] += v;
+        combine_into(out + j, (float)(d - 2 * pop), first, comb);
     }
 }
 

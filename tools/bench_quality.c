@@ -101,6 +101,26 @@ typedef struct best {
     int       n, cap;
 } best;
 
+/* Where a value v replacing the root settles: the children smaller than
+ * v move up along the way. */
+static int sift_down(best *b, double v)
+{
+    int i = 0;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= b->n)
+            break;
+        if (c + 1 < b->n && b->val[c + 1] < b->val[c])
+            c++;
+        if (b->val[c] >= v)
+            break;
+        b->val[i] = b->val[c];
+        b->pos[i] = b->pos[c];
+        i = c;
+    }
+    return i;
+}
+
 static void best_push(best *b, double v, uint64_t p)
 {
     int i;
@@ -114,19 +134,7 @@ static void best_push(best *b, double v, uint64_t p)
     } else {
         if (b->cap == 0 || v <= b->val[0])
             return;
-        i = 0;
-        for (;;) {                          /* sift the new root down */
-            int c = 2 * i + 1;
-            if (c >= b->n)
-                break;
-            if (c + 1 < b->n && b->val[c + 1] < b->val[c])
-                c++;
-            if (b->val[c] >= v)
-                break;
-            b->val[i] = b->val[c];
-            b->pos[i] = b->pos[c];
-            i = c;
-        }
+        i = sift_down(b, v);                /* v replaces the root */
     }
     b->val[i] = v;
     b->pos[i] = p;
@@ -143,19 +151,7 @@ static int best_drain(best *b, uint64_t *pos, double *val)
             val[r] = b->val[0];
         double v = b->val[--b->n];
         uint64_t p = b->pos[b->n];
-        int i = 0;
-        for (;;) {
-            int c = 2 * i + 1;
-            if (c >= b->n)
-                break;
-            if (c + 1 < b->n && b->val[c + 1] < b->val[c])
-                c++;
-            if (b->val[c] >= v)
-                break;
-            b->val[i] = b->val[c];
-            b->pos[i] = b->pos[c];
-            i = c;
-        }
+        int i = sift_down(b, v);
         if (b->n) {
             b->val[i] = v;
             b->pos[i] = p;

@@ -69,17 +69,19 @@ int synth_topic(const synth *s, uint64_t pos)
     return (int)(mix(s->seed ^ 0x7091c ^ (pos / SYNTH_RUN)) % SYNTH_TOPICS);
 }
 
-int synth_init(synth *s, int d, int H, int QH, uint64_t seed, uint64_t n_tokens, const double *depths, int nn)
+/* The fields both generators share, and their buffers: 0, or -1 (freed). */
+static int synth_setup(synth *s, int d, int H, int QH, uint64_t seed, int gen, int rotary_dims, float theta,
+                       int needle_len, int nn)
 {
     memset(s, 0, sizeof *s);
     s->d = d;
     s->n_kv_heads = H;
     s->n_q_heads = QH;
     s->seed = seed;
-    s->gen = SYNTH_GEN_FREE;
-    s->rotary_dims = d / 2;
-    s->rope_theta = 10000.0f;
-    s->needle_len = 1;
+    s->gen = gen;
+    s->rotary_dims = rotary_dims;
+    s->rope_theta = theta;
+    s->needle_len = needle_len;
     s->n_needles = nn < SYNTH_NEEDLES ? nn : SYNTH_NEEDLES;
     s->mu = malloc(sizeof(float) * (size_t)H * d);
     s->topic = malloc(sizeof(float) * SYNTH_TOPICS * (size_t)H * d);
@@ -89,6 +91,13 @@ int synth_init(synth *s, int d, int H, int QH, uint64_t seed, uint64_t n_tokens,
         synth_free(s);
         return -1;
     }
+    return 0;
+}
+
+int synth_init(synth *s, int d, int H, int QH, uint64_t seed, uint64_t n_tokens, const double *depths, int nn)
+{
+    if (synth_setup(s, d, H, QH, seed, SYNTH_GEN_FREE, d / 2, 10000.0f, 1, nn))
+        return -1;
     for (int h = 0; h < H; h++)
         for (int i = 0; i < d; i++)
             s->mu[h * d + i] = 2.0f * gauss(seed, 1, (uint64_t)h, (uint64_t)i);
@@ -122,23 +131,8 @@ int synth_init_pos(synth *s, int d, int H, int QH, uint64_t seed, uint64_t n_tok
         needle_len = SYNTH_NEEDLE_LEN;
     if (d < 2 || d % 2 || d > KVARC_HEAD_DIM_MAX || H < 1 || QH < H || QH % H || n_tokens < (uint64_t)needle_len)
         return -1;
-    s->d = d;
-    s->n_kv_heads = H;
-    s->n_q_heads = QH;
-    s->seed = seed;
-    s->gen = SYNTH_GEN_POS;
-    s->rotary_dims = d;
-    s->rope_theta = POS_THETA;
-    s->needle_len = needle_len;
-    s->n_needles = nn < SYNTH_NEEDLES ? nn : SYNTH_NEEDLES;
-    s->mu = malloc(sizeof(float) * (size_t)H * d);
-    s->topic = malloc(sizeof(float) * SYNTH_TOPICS * (size_t)H * d);
-    s->needle_dir = malloc(sizeof(float) * SYNTH_NEEDLES * (size_t)H * d);
-    s->ar = calloc((size_t)H * d, sizeof *s->ar);
-    if (!s->mu || !s->topic || !s->needle_dir || !s->ar) {
-        synth_free(s);
+    if (synth_setup(s, d, H, QH, seed, SYNTH_GEN_POS, d, POS_THETA, needle_len, nn))
         return -1;
-    }
     /* the slow parts once, with the careful Gaussian */
     for (int h = 0; h < H; h++)
         for (int i = 0; i < d; i++)
