@@ -434,7 +434,9 @@ int main(int argc, char **argv)
         CHECK(cli(out, sizeof out, "stat shared/base --json") == 0 &&
                   strstr(out, "\"layer_lengths\":[200,200,200,200]"), "kvarc stat --json shows layer lengths: %s", out);
         CHECK(cli(out, sizeof out, "inspect t/alpha") == 0 && strstr(out, "length        0 tokens") &&
-              strstr(out, "tiny-llama"), "kvarc inspect: %s", out);
+              strstr(out, "tiny-llama") && strstr(out, "positions     remapped (kind-1"), "kvarc inspect: %s", out);
+        CHECK(cli(out, sizeof out, "stat t/alpha --json") == 0 && strstr(out, "\"pos_mode\":\"remapped\""),
+              "kvarc stat --json names the position mode: %s", out);
         CHECK(cli(out, sizeof out, "stat t/ghost") == 1, "kvarc stat of an unknown conversation exits 1");
         CHECK(cli(out, sizeof out, "stat nonsense") == 2, "kvarc stat without NS/NAME exits 2");
         CHECK(cli(out, sizeof out, "snapshot t/alpha t/cli-snap --json") == 0 && strstr(out, "cli-snap"),

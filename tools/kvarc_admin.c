@@ -157,6 +157,19 @@ static void json_str(const char *s)
     putchar('"');
 }
 
+/* A conversation's position mode and signature kind, in words. */
+static const char *pos_kind_words(uint32_t b, int json)
+{
+    switch (b) {
+    case KVARC_POS_TRUE:     return json ? "true" : "true (kind-2 signatures: keys scored at their own positions)";
+    case KVARC_POS_REMAPPED: return json ? "remapped" : "remapped (kind-1 signatures, scored at one fixed distance)";
+    case KVARC_POS_TRUE_FREE:
+        return json ? "true-kind0" : "true, kind 0 (archived before kind-2 signatures): not served for retrieval; "
+                                     "records read, fork and export";
+    default:                 return json ? "unknown" : "unknown signature kind (a newer kvarc wrote it)";
+    }
+}
+
 static void print_conv_json(const Kvarc__V1__ConvInfo *c)
 {
     printf("{\"ns\":");
@@ -170,6 +183,8 @@ static void print_conv_json(const Kvarc__V1__ConvInfo *c)
            c->shape->n_kv_heads, c->shape->n_q_heads, c->shape->head_dim);
     const kvarc_format_info *fi = kvarc_format_get((int)c->shape->format);
     json_str(fi ? fi->name : "?");
+    printf(",\"pos_mode\":");
+    json_str(pos_kind_words(c->shape->pos_mode, 1));
     printf(",\"fingerprint\":");
     json_str(c->shape->fingerprint);
     if (c->n_layer_lengths) {
@@ -284,6 +299,7 @@ static int cmd_stat(kvc_conn *k, opts *o, int inspect)
         printf("format        %s (%d B per token, layer and kv head), rotation seed %llu\n",
                fi ? fi->name : "?", kvarc_record_bytes((int)c->shape->format, (int)c->shape->head_dim),
                (unsigned long long)c->shape->seed);
+        printf("positions     %s\n", pos_kind_words(c->shape->pos_mode, 0));
         uint64_t lo = c->length, hi = c->length;
         for (size_t l = 0; l < c->n_layer_lengths; l++)
             hi = c->layer_lengths[l] > hi ? c->layer_lengths[l] : hi;
