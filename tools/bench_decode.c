@@ -192,6 +192,9 @@ int main(int argc, char **argv)
         kvarc_rotation rot;
         kvarc_rotation_init(&rot, D, o.seed);
         kvg_codec codec = { fmt, &rot, NULL, NULL };
+        kvg_rope rope;               /* true positions (the default): kind-2 signatures, as libkvarc makes them */
+        if (kvg_rope_init(&rope, D, D, 0, THETA))
+            die("rope", "bad RoPE");
         double ta = tu_now_s(), t_enc = 0;
         for (uint64_t p = 0; p < N; p += CHUNK) {
             double te = tu_now_s();
@@ -201,7 +204,9 @@ int main(int argc, char **argv)
                     memcpy(vb + (size_t)t * D, V + ((p + (uint64_t)t) * H + (uint64_t)h) * D, sizeof(float) * D);
                 }
                 if (kvg_encode_ref(&codec, KVARC_DTYPE_F32, kb, vb, CHUNK, recs + (size_t)h * CHUNK * rb,
-                                   bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL))
+                                   bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL) ||
+                    kvg_sig_pos_ref(&rope, &rot, NULL, kb, p, CHUNK, bits + (size_t)h * CHUNK * D / 8,
+                                    sc + (size_t)h * CHUNK, NULL))
                     die("encode", "failed");
             }
             t_enc += tu_now_s() - te;
