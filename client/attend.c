@@ -412,8 +412,12 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
                     }
-                    if (!remap)
-                        kvg_block_bias_ref(&cv->rope, codec.mu_k, qv, b0, nblk, bcs + b0, cv->bcs_n, x.bb + g * nblk);
+                    if (!remap && (rc = kvg_block_bias_ref(&cv->rope, codec.mu_k, qv, b0, nblk, bcs + b0, cv->bcs_n,
+                                                           x.bb + g * nblk))) {
+                        kl_fail(cv, rc, "query %u head %zu: its bias against the centering overflows fp32",
+                                g0 + i, h * G + g);
+                        break;
+                    }
                 }
                 if (rc)
                     break;

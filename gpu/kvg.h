@@ -200,9 +200,10 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
  * Each block's sum runs in that order in double; blocks are independent
  * (so a kernel may run across them). cs: block b0's entry of a pair-major
  * table (kvg_block_angles_pm) whose rows are cs_stride long, or NULL
- * (computed here). mu_k NULL = 0. out[nb]. */
-void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
-                        const double *cs, size_t cs_stride, float *out);
+ * (computed here). mu_k NULL = 0. out[nb]. Returns 0, or KVARC_ENONFINITE
+ * when a bias overflows fp32 (as kvg_query_prep_ref refuses a kind-1 bias). */
+int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                       const double *cs, size_t cs_stride, float *out);
 
 /* Stage-1 scores against kind-2 signatures: as kvg_score_ref, with each
  * query's constant bias replaced by a bias per block: token j (position

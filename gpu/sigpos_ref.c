@@ -134,16 +134,17 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
 #define BIAS_TILE 64   /* blocks per tile with a table */
 #define OWN_TILE  16   /* without: the angles of 16 blocks on the stack (32 KB at most) */
 
-void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
-                        const double *cs, size_t cs_stride, float *out)
+int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                       const double *cs, size_t cs_stride, float *out)
 {
     double c0 = 0.0, A[KVARC_HEAD_DIM_MAX / 2], B[KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
     double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
     const size_t tile = cs ? BIAS_TILE : OWN_TILE;
+    int finite = 1;
     if (!mu_k) {
         for (size_t b = 0; b < nb; b++)
             out[b] = 0.0f;
-        return;
+        return 0;
     }
     for (int j = r->rotary_dims; j < r->d; j++)
         c0 += (double)q_r[j] * (double)mu_k[j];
@@ -170,9 +171,12 @@ void kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, 
             for (size_t j = 0; j < tn; j++)
                 acc[j] += as * co[j] + bs * si[j];
         }
-        for (size_t j = 0; j < tn; j++)
+        for (size_t j = 0; j < tn; j++) {
             out[t0 + j] = (float)acc[j];
+            finite &= isfinite(out[t0 + j]) != 0;
+        }
     }
+    return finite ? 0 : KVARC_ENONFINITE;
 }
 
 int kvg_rope_table_init(kvg_rope_table *tb, const kvg_rope *r)

@@ -1007,9 +1007,9 @@ int shape_check(const kvd_shape *s, kvd_err *err)
         return kvd_fail(err, KVARC_EFORMAT, "record format %u unknown", s->format);
     if (!kvarc_dtype_size((kvarc_dtype)s->dtype))
         return kvd_fail(err, KVARC_EDTYPE, "dtype %u unknown (0 f32, 1 f16, 2 bf16)", s->dtype);
-    if (s->pos_mode > KVARC_POS_KIND_MAX || s->rope_layout > 1)
-        return kvd_fail(err, -EINVAL, "pos_mode %u (0..%d) / rope_layout %u (0..1) out of range", s->pos_mode,
-                        KVARC_POS_KIND_MAX, s->rope_layout);
+    if (s->rope_layout > 1)     /* any position-mode byte is a stored shape: a newer kind is refused
+                                   where retrieval needs it (kvd_retrieval_check), not here */
+        return kvd_fail(err, -EINVAL, "rope_layout %u out of range 0..1", s->rope_layout);
     if (s->rotary_dims > s->head_dim || s->rotary_dims % 2)
         return kvd_fail(err, -EINVAL, "rotary_dims %u must be even and <= head_dim %u",
                         s->rotary_dims, s->head_dim);
@@ -1131,6 +1131,8 @@ int kvd_conv_create(kvd_engine *e, const char *ns, const char *name, const kvd_s
     int rc = names_check(ns, name, err);
     if (rc || (rc = shape_check(shape, err)))
         return rc;
+    if (shape->pos_mode > KVARC_POS_KIND_MAX)
+        return kvd_fail(err, -EINVAL, "pos_mode %u out of range 0..%d", shape->pos_mode, KVARC_POS_KIND_MAX);
     size_t nm = means_floats(shape);
     if (means)
         for (size_t i = 0; i < nm; i++)

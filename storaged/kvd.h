@@ -195,9 +195,13 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
 
 /* Stage 2: score the shortlist exactly against the queries of a GQA group
  * (q[n_q][head_dim], fp32, combined by max; the score is q.k of the
- * decoded key, uncentered) and return the best top_k: positions, scores and
+ * decoded key, uncentered; in a true-position conversation (pos_mode 2)
+ * the queries come turned to their own positions and each key is turned
+ * to its own first) and return the best top_k: positions, scores and
  * records (pos_out[top_k], score_out[top_k] may be NULL, rec_out[top_k]
- * [record_bytes] may be NULL), best first. Returns the count. */
+ * [record_bytes] may be NULL), best first. Returns the count, or
+ * KVARC_EVERSION for a conversation of the retired kind 0 or an unknown
+ * kind (kvd_retrieval_check). */
 long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const float *q,
                 int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
                 float *score_out, uint8_t *rec_out, kvd_err *err);

@@ -341,6 +341,11 @@ static int h_create(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     int rc = ns_check(c, req->ns, err);
     if (!rc)
         rc = shape_from_pb(req->shape, &sh, err);
+    if (!rc && sh.pos_mode == KVARC_POS_TRUE_FREE)     /* what a libkvarc before kind 2 sends for true mode */
+        rc = kvd_fail(err, KVARC_EVERSION, "'%s/%s': position mode 0 (true positions with position-free "
+                      "signatures) is no longer created: its retrieval ranks keys by a score attention does not "
+                      "use; a current libkvarc sends 2 for true positions (kind-2 signatures) or 1 for remapped: "
+                      "upgrade the client", req->ns, req->name);
     if (!rc && req->n_means && req->n_means != (size_t)sh.n_layers * sh.n_kv_heads * 2 * sh.head_dim)
         rc = kvd_fail(err, -EINVAL, "means has %zu values, the shape needs %llu (n_layers x n_kv_heads "
                       "x 2 x head_dim) or none", req->n_means,

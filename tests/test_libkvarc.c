@@ -126,6 +126,29 @@ int main(void)
                 for (int i = 0; i < D; i++)
                     Q[l][hq][t][i] = 0.5f * tu_gauss(&rng);
     }
+    {   /* an archive written before kind-2 signatures: a true-position conversation with
+         * position-mode byte 0, as an older kvarcd stored it (the engine still takes it) */
+        kvd_options eo = { .dir = dir };
+        kvd_engine *e;
+        kvd_err ee = { 0 };
+        kvd_shape s0;
+        memset(&s0, 0, sizeof s0);
+        s0.n_layers = L;
+        s0.n_kv_heads = H;
+        s0.n_q_heads = QH;
+        s0.head_dim = D;
+        s0.format = KVARC_FMT_Q3;
+        s0.pos_mode = KVARC_POS_TRUE_FREE;
+        s0.dtype = KVARC_DTYPE_F32;
+        s0.rotary_dims = D;
+        s0.rope_theta = 10000.0f;
+        s0.seed = 7;
+        snprintf(s0.fingerprint, sizeof s0.fingerprint, "toy-gqa");
+        kvd_conv_info ci0;
+        CHECK_RC(kvd_open(&eo, &e, &ee), 0);
+        CHECK_RC(kvd_conv_create(e, "lib", "kind0", &s0, NULL, &ci0, &ee), 0);
+        kvd_close(e);
+    }
     pid_t pid = start_daemon();
     kvc_conn *probe;
     CHECK_RC(kvc_connect(dir, &probe), 0);
@@ -432,9 +455,19 @@ int main(void)
         CHECK(max_rel(o1, ref, QH * D) < 2e-5f, "after the refused calls the gate still holds");
     }
     {   /* a conversation archived before kind-2 signatures (true positions, position-free
-         * signatures: kind 0) is refused by attach and by stage 1 and 2, naming why */
+         * signatures: kind 0, written above as an older kvarcd stored it) is refused by attach
+         * and by stage 1 and 2, naming why; an older client's Create of kind 0 is refused */
         kvc_conn *k;
         CHECK_RC(kvc_connect(dir, &k), 0);
+        Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;
+        orq.ns = "lib";
+        orq.name = "kind0";
+        ProtobufCMessage *rep = NULL;
+        char msg[512];
+        CHECK_RC(kvc_call(k, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+        uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
         Kvarc__V1__Shape sh = KVARC__V1__SHAPE__INIT;
         sh.n_layers = m.n_layers;
         sh.n_kv_heads = m.n_kv_heads;
@@ -442,22 +475,16 @@ int main(void)
         sh.head_dim = m.head_dim;
         sh.format = KVARC_FMT_Q3;
         sh.pos_mode = KVARC_POS_TRUE_FREE;
-        sh.rope_layout = (uint32_t)m.rope_layout;
-        sh.dtype = (uint32_t)m.dtype;
         sh.rotary_dims = m.rotary_dims;
         sh.rope_theta = m.rope_theta;
-        sh.seed = 7;
         sh.fingerprint = (char *)m.fingerprint;
         Kvarc__V1__CreateRequest cr = KVARC__V1__CREATE_REQUEST__INIT;
         cr.ns = "lib";
-        cr.name = "kind0";
+        cr.name = "kind0-new";
         cr.shape = &sh;
-        ProtobufCMessage *rep = NULL;
-        char msg[512];
-        CHECK_RC(kvc_call(k, "Create", &cr.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
-        uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
-        if (rep)
-            protobuf_c_message_free_unpacked(rep, NULL);
+        CHECK_RC(kvc_call(k, "Create", &cr.base, &kvarc__v1__conv_reply__descriptor, NULL, 0, msg, sizeof msg),
+                 GRPC_STATUS_INVALID_ARGUMENT);
+        CHECK(strstr(msg, "no longer created") != NULL, "an old client's kind-0 Create is refused: %s", msg);
         kvarc_conv *old = NULL;
         CHECK_RC(kvarc_conv_attach(cl2, "lib", "kind0", &m, &o, &old), KVARC_EVERSION);
         CHECK(strstr(kvarc_client_errmsg(cl2), "position-free") && strstr(kvarc_client_errmsg(cl2), "lib/kind0"),

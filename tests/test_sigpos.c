@@ -6,7 +6,8 @@
  * - scores with a bias per block equal kind-1 scores with that bias, block
  *   by block, for both GQA combines; Hamming ignores the biases;
  * - the block bias is q_r . (the block's centering), computed here
- *   independently; the table path equals the direct one bit for bit;
+ *   independently; the table path equals the direct one bit for bit; an
+ *   overflowing bias is refused;
  * - retrieval at true positions on Llama-like keys (large means in the
  *   slow pairs, RoPE on every dimension, theta 500000, keys spread over
  *   1M positions): a needle matched at its true distance ranks first, and
@@ -163,6 +164,10 @@ static void bias_cases(void)
                 worst |= fabs(dot - direct[b]) > 1e-5 * (mag + 1);
             }
             CHECK(!worst, "rotary %d layout %d: the block bias is q . (the block's centering)", rd, lay);
+            float big[D], o1[2];
+            for (int i = 0; i < D; i++)
+                big[i] = 1e30f;
+            CHECK_RC(kvg_block_bias_ref(&r, big, big, b0, 2, NULL, 0, o1), KVARC_ENONFINITE);
         }
     }
 }

@@ -87,6 +87,7 @@ int main(int argc, char **argv)
     s.n_q_heads = 4 * HEADS;
     s.head_dim = D;
     s.format = KVARC_FMT_Q3;
+    s.pos_mode = KVARC_POS_REMAPPED;
     s.dtype = KVARC_DTYPE_F16;
     s.rope_theta = 500000.0f;
     s.seed = 3;
@@ -101,6 +102,7 @@ int main(int argc, char **argv)
     sp.n_q_heads = 4 * HEADS;
     sp.head_dim = D;
     sp.format = KVARC_FMT_Q3;
+    sp.pos_mode = KVARC_POS_REMAPPED;       /* no RoPE here: kind 1 */
     sp.dtype = KVARC_DTYPE_F16;
     sp.rope_theta = 500000.0f;
     sp.seed = 3;
