@@ -110,6 +110,21 @@ static int attend_step(kvarc_conv *cv, int l, int t, float *out)
     return kvarc_attend(cv, (uint32_t)l, qb, 1, out);
 }
 
+/* The internal id of lib/name (an Open over the raw connection), 0 if it fails. */
+static uint64_t conv_id(kvc_conn *k, const char *name)
+{
+    Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;
+    orq.ns = "lib";
+    orq.name = (char *)name;
+    ProtobufCMessage *rep = NULL;
+    char msg[256];
+    CHECK_RC(kvc_call(k, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
+    uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
+    if (rep)
+        protobuf_c_message_free_unpacked(rep, NULL);
+    return id;
+}
+
 int main(void)
 {
     eu_tmpdir(dir, sizeof dir, "libkvarc");
@@ -409,15 +424,8 @@ int main(void)
     {   /* RerankLayer refuses bad items with their status; the conversation still serves after */
         kvc_conn *k;
         CHECK_RC(kvc_connect(dir, &k), 0);
-        Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;
-        orq.ns = "lib";
-        orq.name = "gate";
-        ProtobufCMessage *rep = NULL;
         char msg[256];
-        CHECK_RC(kvc_call(k, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
-        uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
-        if (rep)
-            protobuf_c_message_free_unpacked(rep, NULL);
+        uint64_t id = conv_id(k, "gate");
         float qv[4 * D] = { 0 };
         uint64_t sl[3] = { 10, 20, 30 }, have_bad[2] = { 20, 10 };
         Kvarc__V1__RerankItem it = KVARC__V1__RERANK_ITEM__INIT, *ip[1] = { &it };
@@ -459,15 +467,8 @@ int main(void)
          * and by stage 1 and 2, naming why; an older client's Create of kind 0 is refused */
         kvc_conn *k;
         CHECK_RC(kvc_connect(dir, &k), 0);
-        Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;
-        orq.ns = "lib";
-        orq.name = "kind0";
-        ProtobufCMessage *rep = NULL;
         char msg[512];
-        CHECK_RC(kvc_call(k, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg), 0);
-        uint64_t id = rep ? ((Kvarc__V1__ConvReply *)rep)->info->id : 0;
-        if (rep)
-            protobuf_c_message_free_unpacked(rep, NULL);
+        uint64_t id = conv_id(k, "kind0");
         Kvarc__V1__Shape sh = KVARC__V1__SHAPE__INIT;
         sh.n_layers = m.n_layers;
         sh.n_kv_heads = m.n_kv_heads;
