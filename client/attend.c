@@ -433,7 +433,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 }
 #endif
                 if (got == -ENOTSUP) {
-                    rc = kvg_score_pos_ref((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
+                    rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
                                            y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, ns,
                                            remap ? NULL : x.bb, nblk, x.scores);
                     got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);

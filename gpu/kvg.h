@@ -110,6 +110,15 @@ int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
                   const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n,
                   float *scores);
 
+/* kvg_score_pos_ref's answer bit for bit by the fastest kernel this CPU
+ * has, chosen at run time (cpuid): AVX-512 (VPOPCNTDQ) for the asymmetric
+ * score at head_dim 128, every query head of the group in one pass;
+ * otherwise the reference. kvg_score_kernel names the choice. */
+int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                  const uint16_t *sig_scale, size_t n, uint64_t first_pos, const float *blk_bias, size_t nblk,
+                  float *scores);
+const char *kvg_score_kernel(int head_dim);
+
 /* The argument checks of kvg_score_ref, shared with the GPU version:
  * 0 or -EINVAL. */
 int kvg_score_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q);

@@ -62,7 +62,7 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
                 rc = kvd_fail(err, (int)rc, "query %d: its bias against the centering overflows fp32", h);
                 goto out;
             }
-        if ((rc = kvg_score_pos_ref((kvg_score_mode)mode, (kvg_combine)combine, qs, n_q, bits, sc, n, first, bb,
+        if ((rc = kvg_score_pos((kvg_score_mode)mode, (kvg_combine)combine, qs, n_q, bits, sc, n, first, bb,
                                     nblk, scores))) {
             rc = kvd_fail(err, (int)rc, "scoring failed: %s", kvarc_strerror((int)rc));
             goto out;

@@ -27,8 +27,51 @@ static float naive_hamming(const kvg_query *q, const uint8_t *bits)
     return (float)(2 * agree - q->head_dim);
 }
 
+/* kvg_score_pos (the run-time choice: AVX-512 where the CPU has it) gives
+ * the reference's bits: head_dim 128, GQA groups 1..8, both combines, with
+ * and without block biases, ranges not a multiple of 8 nor block-aligned,
+ * scales 0, subnormal and large. */
+static void dispatch_case(void)
+{
+    tu_rng g = { 31 };
+    enum { NS = 1000 };
+    static uint8_t bits[NS * 16];
+    uint16_t sc[NS];
+    for (size_t i = 0; i < sizeof bits; i++)
+        bits[i] = (uint8_t)(kvarc_splitmix64(&g.s) >> 56);
+    for (int j = 0; j < NS; j++)
+        sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(&g) * 4);
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, 128, 9);
+    kvg_query qs[8];
+    float q[128], bb[8 * 20], want[NS], got[NS];
+    for (int h = 0; h < 8; h++) {
+        for (int i = 0; i < 128; i++)
+            q[i] = tu_gauss(&g) * (float)(h + 1);
+        CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q, &qs[h]), 0);
+        qs[h].bias = tu_gauss(&g);
+    }
+    for (int i = 0; i < 8 * 20; i++)
+        bb[i] = 30.0f * tu_gauss(&g);
+    int bad = 0;
+    for (int nq = 1; nq <= 8; nq += nq < 4 ? 1 : 4)
+        for (int comb = 0; comb < 2; comb++)
+            for (int withb = 0; withb < 2; withb++)
+                for (size_t n = 1; n <= NS; n += 333) {
+                    uint64_t first = 1000003 + n;
+                    CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, comb, qs, nq, bits, sc, n, first, withb ? bb : NULL, 20,
+                                               want), 0);
+                    CHECK_RC(kvg_score_pos(KVG_SCORE_ASYM, comb, qs, nq, bits, sc, n, first, withb ? bb : NULL, 20, got),
+                             0);
+                    bad += memcmp(want, got, n * 4) != 0;
+                }
+    CHECK(bad == 0, "the %s scan differs from the reference in %d cases", kvg_score_kernel(128), bad);
+    printf("stage-1 kernel at head_dim 128: %s\n", kvg_score_kernel(128));
+}
+
 int main(void)
 {
+    dispatch_case();
     tu_rng r = { 99 };
     kvarc_rotation rot;
     CHECK_RC(kvarc_rotation_init(&rot, D, 77), 0);

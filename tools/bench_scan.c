@@ -6,10 +6,12 @@
  * times, in the same run and on the same buffers:
  *   read     : a plain sequential read of the signature planes (the bits
  *              and the fp16 scales), summing 64-bit words: the baseline
- *   asym     : kvg_score_ref, asymmetric estimator, one query
+ *   asym     : kvg_score_pos (the kernel chosen at run time, e.g. AVX-512),
+ *              asymmetric estimator, one query
  *   hamming  : kvg_score_ref, plain Hamming, one query
- *   asym+topk: scan then kvg_topk_ref of the 512 best
- *   gqa4     : asymmetric scan of a GQA group of 4 query heads (max)
+ *   asym+topk: asym then kvg_topk_ref of the 512 best
+ *   gqa4     : asym for a GQA group of 4 query heads (max), one pass
+ *   asym-ref, gqa4-ref: the same with the scalar reference (kvg_score_ref)
  * and prints signatures per second, the bytes that implies, and the ratio
  * to the plain read. Napkin math: a signature is D/8 + 2 bytes. */
 #include <stdio.h>
@@ -52,14 +54,22 @@ static void run_read(ctx *c)
         a += s[i];
     sink = a + b;
 }
-static void run_asym(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
+static void run_asym(ctx *c)
+{
+    kvg_score_pos(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, 0, NULL, 0, c->scores);
+}
+static void run_asym_ref(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
 static void run_ham(ctx *c) { kvg_score_ref(KVG_SCORE_HAMMING, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
 static void run_topk(ctx *c)
 {
     run_asym(c);
     sink += (uint64_t)kvg_topk_ref(c->scores, c->n, 512, c->idx, NULL, c->scratch);
 }
-static void run_gqa(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, c->bits, c->ss, c->n, c->scores); }
+static void run_gqa(ctx *c)
+{
+    kvg_score_pos(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, c->bits, c->ss, c->n, 0, NULL, 0, c->scores);
+}
+static void run_gqa_ref(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, c->bits, c->ss, c->n, c->scores); }
 
 /* Best-of-repeats seconds per call, running for about `secs`. */
 static double time_it(void (*fn)(ctx *), ctx *c, double secs)
@@ -103,6 +113,7 @@ int main(int argc, char **argv)
     }
     printf("bench-scan: CPU stage-1 scan, head_dim %d, 1 thread, signature = %d B bits + 2 B scale\n",
            d, d / 8);
+    printf("bench-scan: the run-time choice of the asymmetric scan here: %s\n", kvg_score_kernel(d));
     printf("%-10s %-10s %14s %10s %12s\n", "tokens", "kernel", "sigs/s", "GB/s", "vs read");
     for (int in = 0; in < nn; in++) {
         size_t n = ns[in];
@@ -137,7 +148,7 @@ int main(int argc, char **argv)
         double bytes = (double)n * (d / 8 + 2);
         struct { const char *name; void (*fn)(ctx *); } ks[] = {
             { "read", run_read }, { "asym", run_asym }, { "hamming", run_ham },
-            { "asym+topk", run_topk }, { "gqa4", run_gqa },
+            { "asym+topk", run_topk }, { "gqa4", run_gqa }, { "asym-ref", run_asym_ref }, { "gqa4-ref", run_gqa_ref },
         };
         double base = 0;
         for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
