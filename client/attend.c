@@ -122,7 +122,7 @@ static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, ui
             return rc;
         if (turn)               /* true positions: the key turned to its own */
             kvg_rope_apply(x->dk + x->dn * d, (int)d, (int)turn->m.rotary_dims, turn->m.rope_layout,
-                           turn->inv_freq, (double)pos);
+                           turn->rope.inv_freq, (double)pos);
         x->dkey[i] = key;
         x->dat[i] = (uint32_t)x->dn++;
     }
@@ -298,9 +298,9 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     const int rot = (int)cv->m.rotary_dims, lay = cv->m.rope_layout;
     const float scale = cv->o.scale > 0 ? cv->o.scale : 1.0f / sqrtf((float)d);
     const int remap = cv->o.pos_mode == 1;
-    /* true positions: the blocks of kind-2 signatures the cold range spans */
+    /* true positions: the blocks of kind-2 signatures the cold range spans (0 remapped) */
     const uint64_t b0 = ns / KVG_SIG_BLOCK;
-    const size_t nblk = cold ? (size_t)((hot_lo - 1) / KVG_SIG_BLOCK - b0 + 1) : 0;
+    const size_t nblk = cold && !remap ? (size_t)((hot_lo - 1) / KVG_SIG_BLOCK - b0 + 1) : 0;
     const double *bcs = NULL;
     int rc = 0;
     if (cold && y->archived < hot_lo && (rc = kl_flush(cv, layer)))   /* invariant 3 makes this rare */
@@ -352,9 +352,9 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.dv = malloc(x.dcap * d * 4);
     uint32_t *item_head = malloc(ni * sizeof *item_head);
     kvg_query *qs = malloc(G * sizeof *qs);
-    if (!remap && nblk)
+    if (nblk)
         bcs = kl_block_angles(cv, b0 + nblk);
-    if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.bb || (!remap && nblk && !bcs) || !x.shortlist ||
+    if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
         !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
         !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs) {
@@ -363,9 +363,10 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         goto out;
     }
 
-    kvg_rope_angles(x.cs_score, (int)d, rot, cv->inv_freq, (double)cv->o.score_distance);
+    kvg_rope_angles(x.cs_score, (int)d, rot, cv->rope.inv_freq, (double)cv->o.score_distance);
     for (size_t r = 0; remap && r < kret; r++)
-        kvg_rope_angles(x.cs_rank + r * d, (int)d, rot, cv->inv_freq, (double)hot_lo - (double)kret + (double)r);
+        kvg_rope_angles(x.cs_rank + r * d, (int)d, rot, cv->rope.inv_freq,
+                        (double)hot_lo - (double)kret + (double)r);
 
     /* exact parts: sinks per mode; the hot window (at true positions) is
      * gathered on the host only for the CPU path: the GPU reads its mirror */
@@ -375,7 +376,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
             memcpy(x.sink_k + dst, y->sink_k + src, d * 4);
             memcpy(x.sink_v + dst, y->sink_v + src, d * 4);
             double p = remap ? (double)hot_lo - (double)kret - (double)ns + (double)s : (double)s;
-            kvg_rope_apply(x.sink_k + dst, (int)d, rot, lay, cv->inv_freq, p);
+            kvg_rope_apply(x.sink_k + dst, (int)d, rot, lay, cv->rope.inv_freq, p);
         }
     }
 
@@ -407,7 +408,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     if (remap)
                         kvg_rope_turn(qv, (int)d, rot, lay, x.cs_score);
                     else
-                        kvg_rope_apply(qv, (int)d, rot, lay, cv->inv_freq, (double)(cs + g0 + i));
+                        kvg_rope_apply(qv, (int)d, rot, lay, cv->rope.inv_freq, (double)(cs + g0 + i));
                     if ((rc = kvg_query_prep_ref(&cv->rot, remap ? codec.mu_k : NULL, KVARC_DTYPE_F32, qv, &qs[g]))) {
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
@@ -489,7 +490,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     else if (remap && kn == kret)
                         kvg_rope_turn(kk, (int)d, rot, lay, x.cs_rank + r * d);
                     else if (remap)
-                        kvg_rope_apply(kk, (int)d, rot, lay, cv->inv_freq, (double)hot_lo - (double)kn + (double)r);
+                        kvg_rope_apply(kk, (int)d, rot, lay, cv->rope.inv_freq,
+                                       (double)hot_lo - (double)kn + (double)r);
                 }
             }
             int64_t t5 = kl_now_ns();
@@ -498,7 +500,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 break;
             for (size_t hq = 0; hq < QH; hq++) {
                 memcpy(x.qi + hq * d, q + (hq * n_q + g0 + i) * d, d * 4);
-                kvg_rope_apply(x.qi + hq * d, (int)d, rot, lay, cv->inv_freq, (double)pq);
+                kvg_rope_apply(x.qi + hq * d, (int)d, rot, lay, cv->rope.inv_freq, (double)pq);
             }
             kvg_attn_part parts[3] = {
                 { x.sink_k, x.sink_v, (size_t)ns, (size_t)ns, NULL },

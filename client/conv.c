@@ -204,7 +204,6 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     cv->ring = o->hot_window + o->max_chunk;
     cv->rb = (size_t)rb;
     size_t L = m->n_layers, H = m->n_kv_heads, d = m->head_dim;
-    kvg_rope_freqs(cv->inv_freq, (int)d, (int)m->rotary_dims, m->rope_theta);
     if (kvg_rope_init(&cv->rope, (int)d, (int)m->rotary_dims, m->rope_layout, m->rope_theta)) {
         snprintf(c->err, sizeof c->err, "bad RoPE: rotary_dims %u, layout %d (0 or 1), theta %g (finite, > 0 "
                  "when rotary_dims > 0)", m->rotary_dims, m->rope_layout, (double)m->rope_theta);
@@ -642,7 +641,7 @@ void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float 
     memcpy(y->ring_k + slot, k, d * 4);
     memcpy(y->ring_v + slot, v, d * 4);
     memcpy(y->ring_kr + slot, k, d * 4);
-    kvg_rope_apply(y->ring_kr + slot, (int)d, (int)cv->m.rotary_dims, cv->m.rope_layout, cv->inv_freq, (double)p);
+    kvg_rope_apply(y->ring_kr + slot, (int)d, cv->rope.rotary_dims, cv->rope.layout, cv->rope.inv_freq, (double)p);
     if (p < cv->o.sinks) {
         memcpy(y->sink_k + (h * cv->o.sinks + p) * d, k, d * 4);
         memcpy(y->sink_v + (h * cv->o.sinks + p) * d, v, d * 4);

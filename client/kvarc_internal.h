@@ -67,8 +67,7 @@ struct kvarc_conv {
     uint32_t       ring;         /* hot_window + max_chunk */
     size_t         rb;           /* record bytes */
     kvarc_rotation rot;
-    double         inv_freq[KVARC_HEAD_DIM_MAX / 2];   /* RoPE frequencies */
-    kvg_rope       rope;         /* the same, with the slow pairs kind-2 signatures center */
+    kvg_rope       rope;         /* RoPE: frequencies, and the slow pairs kind-2 signatures center */
     double        *bcs;          /* true positions: block angles, pair-major [2 n_slow][bcs_n] */
     uint64_t       bcs_n;        /* blocks in bcs (its row length) */
     float         *means;        /* [L][H][2][d] */
