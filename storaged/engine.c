@@ -166,8 +166,9 @@ int conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out)
     return 0;
 }
 
-int kvd_retrieval_check(const conv_rec *c, kvd_err *err)
+int kvd_retrieval_check(const conv_rec *c, kvg_rope *buf, const kvg_rope **rope, kvd_err *err)
 {
+    *rope = NULL;
     if (c->shape.pos_mode == KVARC_POS_TRUE_FREE)
         return kvd_fail(err, KVARC_EVERSION, "'%s/%s' was archived in true-position mode with position-free "
                         "signatures (kind 0, written before kind 2): stage 1 and 2 would rank its keys by a score "
@@ -176,6 +177,13 @@ int kvd_retrieval_check(const conv_rec *c, kvd_err *err)
     if (c->shape.pos_mode > KVARC_POS_KIND_MAX)
         return kvd_fail(err, KVARC_EVERSION, "'%s/%s' has signature kind %u, unknown to this kvarcd", c->ns,
                         c->name, c->shape.pos_mode);
+    if (c->shape.pos_mode != KVARC_POS_TRUE)
+        return 0;
+    if (kvg_rope_init(buf, (int)c->shape.head_dim, (int)c->shape.rotary_dims, c->shape.rope_layout,
+                      c->shape.rope_theta))
+        return kvd_fail(err, -EINVAL, "'%s/%s' has a RoPE kvarc cannot apply (rotary_dims %u, theta %g)", c->ns,
+                        c->name, c->shape.rotary_dims, (double)c->shape.rope_theta);
+    *rope = buf;
     return 0;
 }
 

@@ -123,10 +123,12 @@ int  conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out);
 /* A live conversation's record in its own read txn: the hot paths' check
  * (no length over every layer, unlike kvd_conv_stat). -ENOENT if deleted. */
 int  conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err);
-/* 0 if c's signatures can be searched and reranked: KVARC_EVERSION, naming
- * it, for the retired kind 0 (true positions, position-free signatures)
- * and for a kind this kvarcd does not know. */
-int  kvd_retrieval_check(const conv_rec *c, kvd_err *err);
+/* 0 if c's signatures can be searched and reranked, with *rope the RoPE
+ * its scores turn by (kind 2, true positions: made in *buf) or NULL (kind
+ * 1, remapped: scored as stored). KVARC_EVERSION, naming it, for the
+ * retired kind 0 (true positions, position-free signatures) and for a kind
+ * this kvarcd does not know; -EINVAL for a RoPE kvg_rope_init refuses. */
+int  kvd_retrieval_check(const conv_rec *c, kvg_rope *buf, const kvg_rope **rope, kvd_err *err);
 int  conv_put(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c);
 /* The `names` key of ns/name, built in buf. */
 void name_key(char *buf, size_t len, const char *ns, const char *name, MDB_val *k);

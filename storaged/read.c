@@ -575,7 +575,9 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
         items[i].got = 0;
     if (n_items && (rc = check_target(r->e, conv, layer, items[0].head, &info, err)))
         return rc;
-    if (n_items && (rc = kvd_retrieval_check(&info, err)))
+    kvg_rope rope;           /* true positions: each key scored at its own */
+    const kvg_rope *rp = NULL;
+    if (n_items && (rc = kvd_retrieval_check(&info, &rope, &rp, err)))
         return rc;
     for (size_t i = 0; i < n_items; i++) {
         kvd_rerank_item *x = &items[i];
@@ -595,11 +597,6 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
     const int d = (int)info.shape.head_dim;
     kvarc_rotation rot;
     kvarc_rotation_init(&rot, d, info.shape.seed);
-    kvg_rope rope;           /* true positions: each key scored at its own */
-    const kvg_rope *rp = info.shape.pos_mode == KVARC_POS_TRUE ? &rope : NULL;
-    if (rp && kvg_rope_init(&rope, d, (int)info.shape.rotary_dims, info.shape.rope_layout, info.shape.rope_theta))
-        return kvd_fail(err, -EINVAL, "'%s/%s' has a RoPE kvarc cannot apply (rotary_dims %u, theta %g)", info.ns,
-                        info.name, info.shape.rotary_dims, (double)info.shape.rope_theta);
     kvd_rerank_item **pass = malloc(n_items * sizeof *pass);
     if (!pass)
         return kvd_fail(err, -ENOMEM, "out of memory");

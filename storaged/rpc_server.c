@@ -775,18 +775,16 @@ static int h_search(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
                  (qs = malloc(req->n_queries * sizeof *qs))))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     float mu[KVARC_HEAD_DIM_MAX];
-    if (!rc)
-        rc = kvd_retrieval_check(&info, err);
-    if (!rc)
-        rc = kvd_conv_means(c->w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
     /* true positions (kind 2): the query comes turned to its own position,
      * is prepared uncentered, and the centering returns as block biases */
     kvg_rope rope;
-    const int pos_true = info.shape.pos_mode == KVARC_POS_TRUE;
-    kvd_qbias qb = { &rope, mu, req->query };
-    if (!rc && pos_true && kvg_rope_init(&rope, (int)d, (int)info.shape.rotary_dims, info.shape.rope_layout,
-                                         info.shape.rope_theta))
-        rc = kvd_fail(err, -EINVAL, "'%s/%s' has a RoPE kvarc cannot apply", info.ns, info.name);
+    const kvg_rope *rp = NULL;
+    if (!rc)
+        rc = kvd_retrieval_check(&info, &rope, &rp, err);
+    if (!rc)
+        rc = kvd_conv_means(c->w->s->e, req->conv, req->layer, req->head, mu, NULL, err);
+    const int pos_true = rp != NULL;
+    kvd_qbias qb = { rp, mu, req->query };
     kvarc_rotation rot;
     if (!rc)
         kvarc_rotation_init(&rot, (int)d, info.shape.seed);
