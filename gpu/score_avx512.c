@@ -41,78 +41,65 @@ static void make_planes(const kvg_query *q, planes *pl)
     pl->qscale = q->qscale;
 }
 
-/* The reference's value for one token, one head (the tail of a run). */
-static float one(const planes *pl, const uint8_t *sig, uint16_t scale, float bias)
+/* Eight tokens at bits/scales (those under the masks; the others read as
+ * zero and are not stored: lanes are independent, so a short group's
+ * values are the full group's). */
+AVX512_SCAN static inline __attribute__((always_inline)) void group8(const planes *pl, int n_q, const float *bias,
+                                                                     kvg_combine comb, const uint8_t *bits,
+                                                                     const uint16_t *scales, float *out, __mmask8 ka,
+                                                                     __mmask8 kb, __mmask8 kt)
 {
-    uint64_t w[2];
-    memcpy(w, sig, 16);
-    int64_t s = 0;
-    for (int b = 0; b < 8; b++) {
-        int64_t c = __builtin_popcountll(w[0] & pl->p[b][0]) + __builtin_popcountll(w[1] & pl->p[b][1]);
-        s += b == 7 ? -128 * c : c << b;
+    const __m512i i0 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), i1 = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+    __m512i a = _mm512_maskz_loadu_epi64(ka, bits), b = _mm512_maskz_loadu_epi64(kb, bits + 64);
+    __m512i w0 = _mm512_permutex2var_epi64(a, i0, b), w1 = _mm512_permutex2var_epi64(a, i1, b);
+    __m256 sc = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(kt, scales));
+    __m256 acc = _mm256_setzero_ps();
+    for (int h = 0; h < n_q; h++) {
+        __m512i s = _mm512_setzero_si512();
+        for (int p = 0; p < 8; p++) {
+            __m512i c = _mm512_add_epi64(
+                _mm512_popcnt_epi64(_mm512_and_si512(w0, _mm512_set1_epi64((long long)pl[h].p[p][0]))),
+                _mm512_popcnt_epi64(_mm512_and_si512(w1, _mm512_set1_epi64((long long)pl[h].p[p][1]))));
+            s = p == 7 ? _mm512_sub_epi64(s, _mm512_slli_epi64(c, 7))
+                       : _mm512_add_epi64(s, _mm512_slli_epi64(c, (unsigned)p));
+        }
+        __m512i dot = _mm512_sub_epi64(_mm512_slli_epi64(s, 1), _mm512_set1_epi64(pl[h].qsum));
+        __m256 v = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(pl[h].qscale));
+        v = _mm256_add_ps(_mm256_mul_ps(v, sc), _mm256_set1_ps(bias[h]));
+        if (h == 0)
+            acc = v;
+        else if (comb == KVG_COMBINE_MAX)
+            acc = _mm256_max_ps(v, acc);
+        else
+            acc = _mm256_add_ps(acc, v);
     }
-    return ((float)(2 * s - pl->qsum) * pl->qscale) * kvarc_f16_to_f32(scale) + bias;
+    if (comb == KVG_COMBINE_MEAN && n_q > 1)
+        acc = _mm256_div_ps(acc, _mm256_set1_ps((float)n_q));
+    _mm256_mask_storeu_ps(out, kt, acc);
 }
 
+/* The n tokens of a run that share their biases: whole groups of eight,
+ * then the last group under masks. */
 AVX512_SCAN static void run8(const planes *pl, int n_q, const float *bias, kvg_combine comb, const uint8_t *bits,
                              const uint16_t *scales, size_t n, float *out)
 {
-    const __m512i i0 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), i1 = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
     size_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m512i a = _mm512_loadu_si512(bits + 16 * j), b = _mm512_loadu_si512(bits + 16 * j + 64);
-        __m512i w0 = _mm512_permutex2var_epi64(a, i0, b), w1 = _mm512_permutex2var_epi64(a, i1, b);
-        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j)));
-        __m256 acc = _mm256_setzero_ps();
-        for (int h = 0; h < n_q; h++) {
-            __m512i s = _mm512_setzero_si512();
-            for (int p = 0; p < 8; p++) {
-                __m512i c = _mm512_add_epi64(
-                    _mm512_popcnt_epi64(_mm512_and_si512(w0, _mm512_set1_epi64((long long)pl[h].p[p][0]))),
-                    _mm512_popcnt_epi64(_mm512_and_si512(w1, _mm512_set1_epi64((long long)pl[h].p[p][1]))));
-                s = p == 7 ? _mm512_sub_epi64(s, _mm512_slli_epi64(c, 7)) : _mm512_add_epi64(s, _mm512_slli_epi64(c, (unsigned)p));
-            }
-            __m512i dot = _mm512_sub_epi64(_mm512_slli_epi64(s, 1), _mm512_set1_epi64(pl[h].qsum));
-            __m256 v = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(pl[h].qscale));
-            v = _mm256_add_ps(_mm256_mul_ps(v, sc), _mm256_set1_ps(bias[h]));
-            if (h == 0)
-                acc = v;
-            else if (comb == KVG_COMBINE_MAX)
-                acc = _mm256_max_ps(v, acc);
-            else
-                acc = _mm256_add_ps(acc, v);
-        }
-        if (comb == KVG_COMBINE_MEAN && n_q > 1)
-            acc = _mm256_div_ps(acc, _mm256_set1_ps((float)n_q));
-        _mm256_storeu_ps(out + j, acc);
-    }
-    for (; j < n; j++) {
-        float acc = 0.0f;
-        for (int h = 0; h < n_q; h++) {
-            float v = one(&pl[h], bits + 16 * j, scales[j], bias[h]);
-            if (h == 0)
-                acc = v;
-            else if (comb == KVG_COMBINE_MAX)
-                acc = v > acc ? v : acc;
-            else
-                acc += v;
-        }
-        if (comb == KVG_COMBINE_MEAN && n_q > 1)
-            acc /= (float)n_q;
-        out[j] = acc;
+    for (; j + 8 <= n; j += 8)
+        group8(pl, n_q, bias, comb, bits + 16 * j, scales + j, out + j, 0xff, 0xff, 0xff);
+    if (j < n) {
+        unsigned m = (unsigned)(n - j);                                   /* 1..7 tokens */
+        group8(pl, n_q, bias, comb, bits + 16 * j, scales + j, out + j,
+               (__mmask8)(m >= 4 ? 0xff : (1u << (2 * m)) - 1),          /* 64-bit words of tokens 0..3 */
+               (__mmask8)(m <= 4 ? 0 : (1u << (2 * (m - 4))) - 1), (__mmask8)((1u << m) - 1));
     }
 }
 
+/* cpuid as libgcc read it at start-up (no state of ours, no race). */
 static int have_avx512(void)
 {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vpopcntdq");
-    }
-    return known;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vpopcntdq");
 }
 #else
 static int have_avx512(void) { return 0; }

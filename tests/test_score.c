@@ -57,7 +57,7 @@ static void dispatch_case(void)
     for (int nq = 1; nq <= 8; nq += nq < 4 ? 1 : 4)
         for (int comb = 0; comb < 2; comb++)
             for (int withb = 0; withb < 2; withb++)
-                for (size_t n = 1; n <= NS; n += 333) {
+                for (size_t n = 1; n <= NS; n += n < 24 ? 1 : 333) {   /* every short group size */
                     uint64_t first = 1000003 + n;
                     CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, comb, qs, nq, bits, sc, n, first, withb ? bb : NULL, 20,
                                                want), 0);
