@@ -99,6 +99,7 @@ typedef struct scratch {
     uint64_t *sort_tmp;      /* [R] kvg_sort_u64's work space */
     double   *cs_rank;       /* [kret][d] remapped: RoPE angles of rank r when all kret came back */
     double    cs_score[KVARC_HEAD_DIM_MAX];   /* RoPE angles of the scoring distance */
+    kl_coarse_scratch co;    /* the coarse tier's stage 1 */
     uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
     float    *dk, *dv;       /* [dcap][d] decoded (true positions: turned) */
@@ -138,6 +139,7 @@ static void scratch_free(scratch *x)
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
     free(x->sort_tmp); free(x->cs_rank);
     free(x->dkey); free(x->dat); free(x->dk); free(x->dv);
+    kl_coarse_scratch_free(&x->co);
 }
 
 /* The exact hot window [hot_lo, hot_lo + nh) of every head from the ring
@@ -433,6 +435,9 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     got = -ENOTSUP;
                 }
 #endif
+                if (got == -ENOTSUP)
+                    got = kl_stage1_coarse(cv, y, h, qs, (int)G, ns, hot_lo, remap ? NULL : x.bb, nblk, R_n, &x.co,
+                                           x.idx);
                 if (got == -ENOTSUP) {
                     rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
                                            y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, ns,

@@ -153,6 +153,13 @@ static void conv_free(kvarc_conv *cv)
         }
         free(y->sig_bits);
         free(y->sig_scale);
+        for (uint32_t h = 0; y->sum_bits && h < cv->m.n_kv_heads; h++) {
+            free(y->sum_bits[h]);
+            free(y->sum_scale[h]);
+        }
+        free(y->sum_bits);
+        free(y->sum_scale);
+        free(y->sum_ok);
     }
     free(cv->layers);
     free(cv->bcs);
@@ -185,6 +192,14 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
                  "max_chunk >= 1; pos_mode and score_mode 0 or 1", o->hot_window, o->batch);
         return -EINVAL;
     }
+    if (o->coarse_blocks && ((uint64_t)o->coarse_blocks * KVG_SIG_BLOCK < (uint64_t)o->shortlist * o->top_k ||
+                             o->coarse_blocks > (1u << 24))) {
+        snprintf(c->err, sizeof c->err, "bad options: coarse_blocks %u scans %llu tokens, fewer than the "
+                 "shortlist (%u x top_k %u); 0 (off) or %llu..16777216", o->coarse_blocks,
+                 (unsigned long long)o->coarse_blocks * KVG_SIG_BLOCK, o->shortlist, o->top_k,
+                 ((unsigned long long)o->shortlist * o->top_k + KVG_SIG_BLOCK - 1) / KVG_SIG_BLOCK);
+        return -EINVAL;
+    }
     if (m->fingerprint && strlen(m->fingerprint) > 63) {
         snprintf(c->err, sizeof c->err, "fingerprint longer than 63 bytes");
         return -EINVAL;
@@ -201,7 +216,7 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     cv->o = *o;
     if (cv->o.score_distance < 0)
         cv->o.score_distance = (int32_t)cv->o.hot_window;
-    cv->ring = o->hot_window + o->max_chunk;
+    cv->ring = o->hot_window + o->max_chunk + KVG_SIG_BLOCK;   /* + a block: its summary reads its keys */
     cv->rb = (size_t)rb;
     size_t L = m->n_layers, H = m->n_kv_heads, d = m->head_dim;
     if (kvg_rope_init(&cv->rope, (int)d, (int)m->rotary_dims, m->rope_layout, m->rope_theta)) {
@@ -233,7 +248,10 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         y->ring_kr = malloc(rg * 4);
         y->sig_bits = calloc(H, sizeof *y->sig_bits);
         y->sig_scale = calloc(H, sizeof *y->sig_scale);
-        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->ring_kr || !y->sig_bits || !y->sig_scale)
+        y->sum_bits = calloc(H, sizeof *y->sum_bits);
+        y->sum_scale = calloc(H, sizeof *y->sum_scale);
+        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->ring_kr || !y->sig_bits || !y->sig_scale ||
+            !y->sum_bits || !y->sum_scale)
             goto oom;
     }
 #ifdef KVARC_HAVE_CUDA
@@ -249,6 +267,51 @@ oom:
     conv_free(cv);
     snprintf(c->err, sizeof c->err, "out of memory");
     return -ENOMEM;
+}
+
+/* The coarse tier's summaries of a layer's blocks [0, nb) from kvarcd
+ * (LoadSummaries, per head, in pages) into the layer's arrays. */
+static int load_summaries(kvarc_conv *cv, uint32_t layer, uint64_t nb)
+{
+    const size_t H = cv->m.n_kv_heads, sb = cv->m.head_dim / 8, S = KVG_SUM_ITEMS;
+    kl_layer *y = &cv->layers[layer];
+    int rc = kl_coarse_keep(cv, y, 0, nb, NULL, NULL);     /* room, and "none" until a page says otherwise */
+    for (size_t h = 0; !rc && h < H; h++)
+        for (uint64_t b = 0; !rc && b < nb;) {
+            Kvarc__V1__LoadSummariesRequest r = KVARC__V1__LOAD_SUMMARIES_REQUEST__INIT;
+            r.conv = cv->id;
+            r.layer = layer;
+            r.head = (uint32_t)h;
+            r.first_block = b;
+            r.count = nb - b < 65536 ? nb - b : 65536;
+            ProtobufCMessage *rep = NULL;
+            int st = kvc_call(cv->cl->conn, "LoadSummaries", &r.base, &kvarc__v1__load_summaries_reply__descriptor,
+                              &rep, 0, cv->err, sizeof cv->err);
+            if (st) {
+                rc = kl_rc_of_status(st);
+                break;
+            }
+            Kvarc__V1__LoadSummariesReply *a = (Kvarc__V1__LoadSummariesReply *)rep;
+            uint64_t n = a->count;
+            if (a->first_block != b || n != r.count || a->bits.len != n * S * sb || a->scales.len != n * S * 2 ||
+                a->present.len != n)
+                rc = kl_fail(cv, -EIO, "LoadSummaries of layer %u head %zu answered %llu blocks from %llu for %llu "
+                             "from %llu", layer, h, (unsigned long long)n, (unsigned long long)a->first_block,
+                             (unsigned long long)r.count, (unsigned long long)b);
+            for (uint64_t j = 0; !rc && j < n; j++) {
+                if (h == 0)
+                    y->sum_ok[b + j] = a->present.data[j] != 0;
+                else if (y->sum_ok[b + j] != (a->present.data[j] != 0))
+                    rc = kl_fail(cv, -EIO, "block %llu of layer %u has summaries for some heads only",
+                                 (unsigned long long)(b + j), layer);
+                memcpy(y->sum_bits[h] + (b + j) * S * sb, a->bits.data + j * S * sb, S * sb);
+                memcpy(y->sum_scale[h] + (b + j) * S, a->scales.data + j * S * 2, S * 2);
+            }
+            cv->st.bytes_received += a->bits.len + a->scales.len + a->present.len;
+            protobuf_c_message_free_unpacked(rep, NULL);
+            b += n;
+        }
+    return rc;
 }
 
 /* Room for signatures of positions [0, n) in every head's mirror. */
@@ -469,6 +532,8 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
         if (!rc && got != held * H)
             rc = kl_fail(cv, -EIO, "LoadSignatures of layer %u gave %llu of %llu signatures", l,
                          (unsigned long long)got, (unsigned long long)(held * H));
+        if (!rc)
+            rc = load_summaries(cv, l, held / KVG_SIG_BLOCK);
         /* sinks and the ring, decoded from their records: the whole ring
          * (hot window + max_chunk), as a writer's holds it, so that attending
          * the last n_q <= max_chunk tokens finds each query's hot window */
@@ -562,8 +627,15 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
                     (unsigned long long)(y->archived + bad), kvarc_strerror(rc));
     }
+    /* the summaries of the blocks these tokens complete (sent with them) */
+    uint8_t *sbits = NULL;
+    uint16_t *sscale = NULL;
+    long nsb = rc || held ? 0 : kl_coarse_make(cv, layer, y->archived, n, bits, sc, &sbits, &sscale);
+    if (nsb < -1)
+        rc = (int)nsb;
+    const uint64_t sb0 = y->archived / KVG_SIG_BLOCK, snb = (y->archived + n) / KVG_SIG_BLOCK - sb0;
     if (!rc && held) {
-        if (!(rc = check_refed(cv, layer, bits, n)))
+        if (!(rc = check_refed(cv, layer, bits, n)) && !(rc = kl_coarse_keep(cv, y, sb0, snb, NULL, NULL)))
             y->archived += n;
     } else if (!rc) {
         Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
@@ -577,6 +649,12 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         r.sig_scale.len = H * n * 2;
         r.records.data = recs;
         r.records.len = H * n * cv->rb;
+        if (nsb > 0) {
+            r.sum_bits.data = sbits;
+            r.sum_bits.len = H * (size_t)nsb * KVG_SUM_ITEMS * sb;
+            r.sum_scale.data = (uint8_t *)sscale;
+            r.sum_scale.len = H * (size_t)nsb * KVG_SUM_ITEMS * 2;
+        }
         ProtobufCMessage *rep = NULL;
         int st = kvc_call(cv->cl->conn, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, cv->err,
                           sizeof cv->err);
@@ -584,7 +662,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             rc = kl_rc_of_status(st);
         } else {
             protobuf_c_message_free_unpacked(rep, NULL);
-            cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len;
+            cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len + r.sum_bits.len + r.sum_scale.len;
             for (size_t h = 0; h < H; h++) {
                 memcpy(y->sig_bits[h] + y->archived * sb, bits + h * n * sb, n * sb);
                 memcpy(y->sig_scale[h] + y->archived, sc + h * n, n * 2);
@@ -593,10 +671,13 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
                     kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */
 #endif
             }
+            rc = kl_coarse_keep(cv, y, sb0, snb, nsb > 0 ? sbits : NULL, sscale);
             y->archived += n;
             cv->st.archived += n;
         }
     }
+    free(sbits);
+    free(sscale);
     free(bits);
     free(recs);
     free(sc);

@@ -55,6 +55,11 @@ typedef struct kl_layer {
     uint8_t **sig_bits;          /* [H] -> [sig_cap][d/8], positions [0, archived) */
     uint16_t **sig_scale;        /* [H] -> [sig_cap] */
     uint64_t  sig_cap;
+    uint8_t **sum_bits;          /* [H] -> [sum_cap][KVG_SUM_ITEMS][d/8]: the coarse tier's summaries
+                                    of blocks [0, sum_n) (coarse.c) */
+    uint16_t **sum_scale;        /* [H] -> [sum_cap][KVG_SUM_ITEMS] */
+    uint8_t  *sum_ok;            /* [sum_cap] 1: the block has its summaries (0: scanned always) */
+    uint64_t  sum_n, sum_cap;
 } kl_layer;
 
 struct kvarc_conv {
@@ -117,6 +122,46 @@ int  kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float 
                    size_t ns, const float *rk, const float *rv, size_t kstride, size_t kn, uint64_t hot_lo,
                    size_t n_hot, float scale, float *out);
 #endif
+
+/* ---- coarse tier (coarse.c) ------------------------------------------- */
+
+/* Work space of kl_stage1_coarse, grown as needed, freed by kl_coarse_scratch_free. */
+typedef struct kl_coarse_scratch {
+    size_t    n_items, n_tok;    /* capacities: summary items, scanned tokens */
+    float    *ib, *is, *bs;      /* item biases [G][items], item scores, block scores */
+    uint32_t *bidx, *tk;         /* chosen blocks; top-k work space */
+    uint64_t *chosen, *tmp;      /* chosen blocks sorted */
+    uint64_t *runs;              /* [2][runs] */
+    uint32_t *rel;               /* [n_tok] a scanned token's index from ns */
+    float    *ts;                /* [n_tok] its score */
+    uint32_t *tidx, *tk2;        /* [n_tok] top-k output and work space */
+} kl_coarse_scratch;
+
+/* Summaries (kvg_summary_ref) of the blocks that tokens [a, a + n) of a
+ * layer complete, [a / 64, (a + n) / 64), for every head, from the ring's
+ * exact keys; tok_bits [H][n][d/8] and tok_sc [H][n] are the n tokens'
+ * signatures (earlier ones come from the mirror). *sbits [H][nsb][S][d/8]
+ * and *sscale [H][nsb][S] (malloc'ed) for the nsb returned; 0: none
+ * completed; -1: not possible (a block's first tokens already left the
+ * ring, right after an attach: those blocks go without); or an error. */
+long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, const uint8_t *tok_bits,
+                    const uint16_t *tok_sc, uint8_t **sbits, uint16_t **sscale);
+/* Keep the summaries of blocks [b0, b0 + nsb) (laid out as
+ * kl_coarse_make's; NULL: those blocks have none, stage 1 always scans
+ * them) past y->sum_n. 0, -ENOMEM, -EIO. */
+int  kl_coarse_keep(kvarc_conv *cv, kl_layer *y, uint64_t b0, uint64_t nsb, const uint8_t *sbits,
+                    const uint16_t *sscale);
+/* Stage 1 of one kv head's query group qs[G] through the coarse tier over
+ * the cold range [ns, hot_lo): the summaries of its blocks scored
+ * (bb: kind-2 block biases [G][nblk] from block ns / 64, or NULL), the
+ * tokens of the best o.coarse_blocks blocks (and of blocks not yet
+ * summarized) scanned, their best r into idx_out as indices from ns, as
+ * kvg_topk_ref orders them. -ENOTSUP when the coarse tier would scan about
+ * as much as the full scan (or is off): scan it all. */
+long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, kl_coarse_scratch *x,
+                      uint32_t *idx_out);
+void kl_coarse_scratch_free(kl_coarse_scratch *x);
 
 /* gRPC status -> a libkvarc return code. */
 int  kl_rc_of_status(int status);

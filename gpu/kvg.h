@@ -119,6 +119,55 @@ int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
                   float *scores);
 const char *kvg_score_kernel(int head_dim);
 
+/* The same over runs of one head's signatures: runs[2r] is run r's first
+ * index in sig_bits/sig_scale (the token at position first_pos + that
+ * index), runs[2r + 1] its length; the scores of every run are written
+ * one after another into scores[sum of lengths]. Each run is what
+ * kvg_score_pos_ref gives for it alone (blk_bias, when given, covers the
+ * whole array from first_pos: nblk blocks from block first_pos / 64); the
+ * query is prepared once for all runs. Same return codes. */
+int kvg_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                   const uint16_t *sig_scale, uint64_t first_pos, const uint64_t *runs, size_t nr,
+                   const float *blk_bias, size_t nblk, float *scores);
+
+/* Scores of n items that each carry their own bias: as kvg_score_pos_ref
+ * with item j of query h taking item_bias[h * n + j] (NULL: the query's
+ * bias). The coarse tier scores its block summaries with it. The _ref
+ * version is the definition; kvg_score_items picks the kernel as
+ * kvg_score_pos does. */
+int kvg_score_items_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                        const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, const float *item_bias,
+                        float *scores);
+int kvg_score_items(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                    const uint16_t *sig_scale, size_t n, const float *item_bias, float *scores);
+
+/* ---- coarse tier ---------------------------------------------------------- */
+
+/* The coarse tier summarizes each KVG_SIG_BLOCK-position block of one
+ * (layer, kv head) by KVG_SUM_ITEMS signatures, scored like tokens
+ * (kvg_score_items, every item with its block's kind-2 bias); stage 1
+ * then scans the tokens of the best blocks only (SCHEMA.md section 6.3).
+ * Made by the writer from the exact keys, x[n][d] as the block's
+ * signatures sign them (kind 1: k - mu_k; kind 2: kvg_sig_pos_keys):
+ *   m_i = (sum over tokens j in order of x_ji) / n          (fp32)
+ *   item 0: kvg_signature_ref(m): its score is about the mean of the
+ *           block's token scores;
+ *   v_i = (sum over j of (x_ji - m_i)^2) / n, and per token the whitened
+ *   distance r_j = tree sum over i of (x_ji - m_i)^2 / v_i (0 where v_i is 0);
+ *   items 1..: copies of the signatures of the tokens of largest r_j (ties
+ *           to the lower index): the outliers a mean dilutes n times, such
+ *           as a one-token needle, measured against the block's own spread
+ *           per channel (so a channel that is loud everywhere does not
+ *           make every token an outlier).
+ * Blocks of fewer tokens than items repeat item 0. */
+#define KVG_SUM_ITEMS KVARC_SUM_ITEMS   /* 2 */
+/* Summarize n (1..KVG_SIG_BLOCK) tokens: x[n][d] (fp32), their signatures
+ * bits[n][d/8] and scales[n], into sum_bits[KVG_SUM_ITEMS][d/8] and
+ * sum_scales[KVG_SUM_ITEMS]. 0, -EINVAL (sizes, NULL pointers),
+ * KVARC_ENONFINITE (x). */
+int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
+                    size_t n, uint8_t *sum_bits, uint16_t *sum_scales);
+
 /* The argument checks of kvg_score_ref, shared with the GPU version:
  * 0 or -EINVAL. */
 int kvg_score_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q);
@@ -200,6 +249,11 @@ void kvg_block_angles_pm(const kvg_rope *r, uint64_t b0, size_t nb, double *cs, 
  * 0, -EINVAL, KVARC_ENONFINITE (*bad = the token). */
 int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *mu_k, const float *k,
                     uint64_t first_pos, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad);
+
+/* The vectors kind-2 signatures sign, x[n][d] (x may alias k): key t
+ * turned to its position first_pos + t, minus its block's centering, as
+ * kvg_sig_pos_ref makes them. 0 or -EINVAL. */
+int kvg_sig_pos_keys(const kvg_rope *r, const float *mu_k, const float *k, uint64_t first_pos, size_t n, float *x);
 
 /* The stage-1 bias of kind-2 signatures for a query q_r[d] already turned
  * to its own position: per block b in [b0, b0 + nb), the exact q_r . (the

@@ -14,6 +14,7 @@
  * "v > acc ? v : acc" (equal or NaN: acc). Every query head of the group
  * is scored in the same pass over the signatures.
  */
+#include <errno.h>
 #include <string.h>
 
 #include "kvg.h"
@@ -29,25 +30,31 @@ typedef struct planes {
     float    qscale;
 } planes;
 
-static void make_planes(const kvg_query *q, planes *pl)
+/* The bit planes of each query: plane b of 64 int8s is the mask of the
+ * bytes whose bit b is set (one VPTESTMB). */
+AVX512_SCAN static void make_planes(const kvg_query *q, planes *pl)
 {
-    memset(pl, 0, sizeof *pl);
-    for (int i = 0; i < 128; i++) {
-        unsigned u = (uint8_t)q->q8[i];
-        for (int b = 0; b < 8; b++)
-            pl->p[b][i / 64] |= (uint64_t)((u >> b) & 1u) << (i % 64);
-        pl->qsum += q->q8[i];
+    __m512i lo = _mm512_loadu_si512(q->q8), hi = _mm512_loadu_si512(q->q8 + 64);
+    for (int b = 0; b < 8; b++) {
+        __m512i m = _mm512_set1_epi8((char)(1u << b));
+        pl->p[b][0] = _mm512_test_epi8_mask(lo, m);
+        pl->p[b][1] = _mm512_test_epi8_mask(hi, m);
     }
+    int64_t sum = 0;
+    for (int i = 0; i < 128; i++)
+        sum += q->q8[i];
+    pl->qsum = sum;
     pl->qscale = q->qscale;
 }
 
 /* Eight tokens at bits/scales (those under the masks; the others read as
  * zero and are not stored: lanes are independent, so a short group's
- * values are the full group's). */
+ * values are the full group's). Query h's bias: bias[h] for all eight, or
+ * with item biases (ib) the eight at ib + h * ibs. */
 AVX512_SCAN static inline __attribute__((always_inline)) void group8(const planes *pl, int n_q, const float *bias,
-                                                                     kvg_combine comb, const uint8_t *bits,
-                                                                     const uint16_t *scales, float *out, __mmask8 ka,
-                                                                     __mmask8 kb, __mmask8 kt)
+                                                                     const float *ib, size_t ibs, kvg_combine comb,
+                                                                     const uint8_t *bits, const uint16_t *scales,
+                                                                     float *out, __mmask8 ka, __mmask8 kb, __mmask8 kt)
 {
     const __m512i i0 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), i1 = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
     __m512i a = _mm512_maskz_loadu_epi64(ka, bits), b = _mm512_maskz_loadu_epi64(kb, bits + 64);
@@ -65,7 +72,8 @@ AVX512_SCAN static inline __attribute__((always_inline)) void group8(const plane
         }
         __m512i dot = _mm512_sub_epi64(_mm512_slli_epi64(s, 1), _mm512_set1_epi64(pl[h].qsum));
         __m256 v = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(pl[h].qscale));
-        v = _mm256_add_ps(_mm256_mul_ps(v, sc), _mm256_set1_ps(bias[h]));
+        v = _mm256_add_ps(_mm256_mul_ps(v, sc), ib ? _mm256_maskz_loadu_ps(kt, ib + (size_t)h * ibs)
+                                                    : _mm256_set1_ps(bias[h]));
         if (h == 0)
             acc = v;
         else if (comb == KVG_COMBINE_MAX)
@@ -78,19 +86,43 @@ AVX512_SCAN static inline __attribute__((always_inline)) void group8(const plane
     _mm256_mask_storeu_ps(out, kt, acc);
 }
 
-/* The n tokens of a run that share their biases: whole groups of eight,
- * then the last group under masks. */
-AVX512_SCAN static void run8(const planes *pl, int n_q, const float *bias, kvg_combine comb, const uint8_t *bits,
-                             const uint16_t *scales, size_t n, float *out)
+/* The n tokens of a run that share their biases (or carry their own:
+ * ib, ibs as in group8): whole groups of eight, then the last group
+ * under masks. */
+AVX512_SCAN static void run8(const planes *pl, int n_q, const float *bias, const float *ib, size_t ibs,
+                             kvg_combine comb, const uint8_t *bits, const uint16_t *scales, size_t n, float *out)
 {
     size_t j = 0;
     for (; j + 8 <= n; j += 8)
-        group8(pl, n_q, bias, comb, bits + 16 * j, scales + j, out + j, 0xff, 0xff, 0xff);
+        group8(pl, n_q, bias, ib ? ib + j : NULL, ibs, comb, bits + 16 * j, scales + j, out + j, 0xff, 0xff, 0xff);
     if (j < n) {
         unsigned m = (unsigned)(n - j);                                   /* 1..7 tokens */
-        group8(pl, n_q, bias, comb, bits + 16 * j, scales + j, out + j,
+        group8(pl, n_q, bias, ib ? ib + j : NULL, ibs, comb, bits + 16 * j, scales + j, out + j,
                (__mmask8)(m >= 4 ? 0xff : (1u << (2 * m)) - 1),          /* 64-bit words of tokens 0..3 */
                (__mmask8)(m <= 4 ? 0 : (1u << (2 * (m - 4))) - 1), (__mmask8)((1u << m) - 1));
+    }
+}
+
+/* Tokens [j0, j0 + n) of an array whose index 0 is at first_pos, scores
+ * into out[n]: runs of tokens sharing their biases (the whole range, or
+ * one block each). */
+AVX512_SCAN static void scan(const planes *pl, int n_q, const kvg_query *qs, kvg_combine comb, const uint8_t *bits,
+                             const uint16_t *scales, uint64_t first_pos, size_t j0, size_t n, const float *blk_bias,
+                             size_t nblk, float *out)
+{
+    float bias[64];
+    for (int h = 0; h < n_q; h++)
+        bias[h] = qs[h].bias;
+    for (size_t a = j0, e = j0 + n, b; a < e; a = b) {
+        b = e;
+        if (blk_bias) {
+            uint64_t p = first_pos + a;
+            for (int h = 0; h < n_q; h++)
+                bias[h] = blk_bias[(size_t)h * nblk + (p / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK)];
+            if (e - a > KVG_SIG_BLOCK - p % KVG_SIG_BLOCK)
+                b = a + (KVG_SIG_BLOCK - p % KVG_SIG_BLOCK);
+        }
+        run8(pl, n_q, bias, NULL, 0, comb, bits + 16 * a, scales + a, b - a, out + (a - j0));
     }
 }
 
@@ -110,15 +142,80 @@ const char *kvg_score_kernel(int head_dim)
     return head_dim == 128 && have_avx512() ? "avx512" : "scalar";
 }
 
+/* Whether the AVX-512 scan serves these arguments (else the reference). */
+static int fast(kvg_score_mode mode, const kvg_query *qs, const uint8_t *sig_bits, const uint16_t *sig_scale,
+                const float *scores)
+{
+    return mode == KVG_SCORE_ASYM && qs[0].head_dim == 128 && sig_bits && sig_scale && scores && have_avx512();
+}
+
 int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
                   const uint16_t *sig_scale, size_t n, uint64_t first_pos, const float *blk_bias, size_t nblk,
                   float *scores)
 {
     int rc = kvg_score_check(mode, comb, qs, n_q);
-    if (rc || mode != KVG_SCORE_ASYM || qs[0].head_dim != 128 || !have_avx512() || n == 0 || !sig_bits ||
-        !sig_scale || !scores ||
+    if (rc || n == 0 || !fast(mode, qs, sig_bits, sig_scale, scores) ||
         (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1))
         return kvg_score_pos_ref(mode, comb, qs, n_q, sig_bits, sig_scale, n, first_pos, blk_bias, nblk, scores);
+#if defined(__x86_64__) && defined(__GNUC__)
+    planes pl[64];
+    for (int h = 0; h < n_q; h++)
+        make_planes(&qs[h], &pl[h]);
+    scan(pl, n_q, qs, comb, sig_bits, sig_scale, first_pos, 0, n, blk_bias, nblk, scores);
+#endif
+    return 0;
+}
+
+int kvg_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                   const uint16_t *sig_scale, uint64_t first_pos, const uint64_t *runs, size_t nr,
+                   const float *blk_bias, size_t nblk, float *scores)
+{
+    int rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
+    if (nr && !runs)
+        return -EINVAL;
+    uint64_t end = 0;                                 /* the array's extent the runs reach */
+    for (size_t r = 0; r < nr; r++)
+        if (runs[2 * r + 1] && runs[2 * r] + runs[2 * r + 1] > end)
+            end = runs[2 * r] + runs[2 * r + 1];
+    if (blk_bias && end && nblk < (first_pos + end - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+        return -EINVAL;
+    if (!end)
+        return 0;
+    if (!fast(mode, qs, sig_bits, sig_scale, scores)) {
+        size_t o = 0;
+        for (size_t r = 0; r < nr; r++) {
+            uint64_t a = runs[2 * r], n = runs[2 * r + 1], db = (first_pos + a) / KVG_SIG_BLOCK -
+                                                                 first_pos / KVG_SIG_BLOCK;
+            if (n && (rc = kvg_score_pos_ref(mode, comb, qs, n_q, sig_bits + a * (size_t)(qs[0].head_dim / 8),
+                                             sig_scale ? sig_scale + a : NULL, n, first_pos + a,
+                                             blk_bias ? blk_bias + db : NULL, nblk, scores + o)))
+                return rc;
+            o += n;
+        }
+        return 0;
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    planes pl[64];
+    for (int h = 0; h < n_q; h++)
+        make_planes(&qs[h], &pl[h]);
+    size_t o = 0;
+    for (size_t r = 0; r < nr; r++) {
+        scan(pl, n_q, qs, comb, sig_bits, sig_scale, first_pos, runs[2 * r], runs[2 * r + 1], blk_bias, nblk,
+             scores + o);
+        o += runs[2 * r + 1];
+    }
+#endif
+    return 0;
+}
+
+int kvg_score_items(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                    const uint16_t *sig_scale, size_t n, const float *item_bias, float *scores)
+{
+    int rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc || n == 0 || !fast(mode, qs, sig_bits, sig_scale, scores))
+        return kvg_score_items_ref(mode, comb, qs, n_q, sig_bits, sig_scale, n, item_bias, scores);
 #if defined(__x86_64__) && defined(__GNUC__)
     planes pl[64];
     float bias[64];
@@ -126,18 +223,7 @@ int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
         make_planes(&qs[h], &pl[h]);
         bias[h] = qs[h].bias;
     }
-    /* runs of tokens sharing their biases: the whole range, or one block each */
-    for (size_t j0 = 0, j1; j0 < n; j0 = j1) {
-        j1 = n;
-        if (blk_bias) {
-            uint64_t p = first_pos + j0;
-            for (int h = 0; h < n_q; h++)
-                bias[h] = blk_bias[(size_t)h * nblk + (p / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK)];
-            if (n - j0 > KVG_SIG_BLOCK - p % KVG_SIG_BLOCK)
-                j1 = j0 + (KVG_SIG_BLOCK - p % KVG_SIG_BLOCK);
-        }
-        run8(pl, n_q, bias, comb, sig_bits + 16 * j0, sig_scale + j0, j1 - j0, scores + j0);
-    }
+    run8(pl, n_q, bias, item_bias, n, comb, sig_bits, sig_scale, n, scores);
 #endif
     return 0;
 }

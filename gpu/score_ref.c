@@ -93,13 +93,17 @@ static inline void combine_into(float *o, float v, int first, kvg_combine comb)
 static inline void score_asym_nb(const kvg_query *q, const int16_t *lut, int nb,
                                  const uint8_t *bits, const uint16_t *scale, size_t n,
                                  float *out, int first, kvg_combine comb, uint64_t first_pos,
-                                 const float *bb)
+                                 const float *bb, const float *ib)
 {
-    /* runs of tokens sharing one bias: the whole range, or one block each */
+    /* runs of tokens sharing one bias: the whole range, one block each, or
+     * (item biases) one token each */
     for (size_t j0 = 0, j1; j0 < n; j0 = j1) {
         float bias = q->bias;
         j1 = n;
-        if (bb) {
+        if (ib) {
+            bias = ib[j0];
+            j1 = j0 + 1;
+        } else if (bb) {
             uint64_t p = first_pos + j0;
             bias = bb[p / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK];
             if (n - j0 > KVG_SIG_BLOCK - p % KVG_SIG_BLOCK)
@@ -118,14 +122,14 @@ static inline void score_asym_nb(const kvg_query *q, const int16_t *lut, int nb,
 
 static void score_asym_one(const kvg_query *q, const uint8_t *bits, const uint16_t *scale,
                            size_t n, float *out, int first, kvg_combine comb, uint64_t first_pos,
-                           const float *bb)
+                           const float *bb, const float *ib)
 {
     int16_t lut[KVARC_HEAD_DIM_MAX / 8 * 256];
     build_lut(q, lut);
     switch (q->head_dim) {
-    case 64:  score_asym_nb(q, lut, 8, bits, scale, n, out, first, comb, first_pos, bb); break;
-    case 128: score_asym_nb(q, lut, 16, bits, scale, n, out, first, comb, first_pos, bb); break;
-    default:  score_asym_nb(q, lut, 32, bits, scale, n, out, first, comb, first_pos, bb); break;
+    case 64:  score_asym_nb(q, lut, 8, bits, scale, n, out, first, comb, first_pos, bb, ib); break;
+    case 128: score_asym_nb(q, lut, 16, bits, scale, n, out, first, comb, first_pos, bb, ib); break;
+    default:  score_asym_nb(q, lut, 32, bits, scale, n, out, first, comb, first_pos, bb, ib); break;
     }
 }
 
@@ -168,9 +172,11 @@ int kvg_score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
     return kvg_score_pos_ref(mode, comb, qs, n_q, sig_bits, sig_scale, n, 0, NULL, 0, scores);
 }
 
-int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
-                      const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, uint64_t first_pos,
-                      const float *blk_bias, size_t nblk, float *scores)
+/* kvg_score_pos_ref and kvg_score_items_ref: block biases or item biases
+ * (at most one of the two). */
+static int score_any(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                     const uint16_t *sig_scale, size_t n, uint64_t first_pos, const float *blk_bias, size_t nblk,
+                     const float *item_bias, float *scores)
 {
     int rc = kvg_score_check(mode, comb, qs, n_q);
     if (rc)
@@ -184,7 +190,8 @@ int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs
     for (int h = 0; h < n_q; h++) {
         if (mode == KVG_SCORE_ASYM)
             score_asym_one(&qs[h], sig_bits, sig_scale, n, scores, h == 0, comb, first_pos,
-                           blk_bias ? blk_bias + (size_t)h * nblk : NULL);
+                           blk_bias ? blk_bias + (size_t)h * nblk : NULL,
+                           item_bias ? item_bias + (size_t)h * n : NULL);
         else
             score_hamming_one(&qs[h], sig_bits, n, scores, h == 0, comb);
     }
@@ -192,4 +199,18 @@ int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs
         for (size_t j = 0; j < n; j++)
             scores[j] /= (float)n_q;
     return 0;
+}
+
+int kvg_score_pos_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                      const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, uint64_t first_pos,
+                      const float *blk_bias, size_t nblk, float *scores)
+{
+    return score_any(mode, comb, qs, n_q, sig_bits, sig_scale, n, first_pos, blk_bias, nblk, NULL, scores);
+}
+
+int kvg_score_items_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                        const uint8_t *sig_bits, const uint16_t *sig_scale, size_t n, const float *item_bias,
+                        float *scores)
+{
+    return score_any(mode, comb, qs, n_q, sig_bits, sig_scale, n, 0, NULL, 0, item_bias, scores);
 }

@@ -103,24 +103,37 @@ static void block_center_mu(const kvg_rope *r, const float *mu, uint64_t b, floa
     }
 }
 
+int kvg_sig_pos_keys(const kvg_rope *r, const float *mu_k, const float *k, uint64_t first_pos, size_t n, float *x)
+{
+    if (!r || (n && (!k || !x)))
+        return -EINVAL;
+    const int d = r->d;
+    float c[KVARC_HEAD_DIM_MAX];
+    uint64_t cb = UINT64_MAX;
+    for (size_t t = 0; t < n; t++) {
+        uint64_t pos = first_pos + t;
+        float *xt = x + t * (size_t)d;
+        if (pos / KVG_SIG_BLOCK != cb) {
+            cb = pos / KVG_SIG_BLOCK;
+            block_center_mu(r, mu_k, cb, c);
+        }
+        memmove(xt, k + t * (size_t)d, (size_t)d * sizeof *xt);
+        kvg_rope_apply(xt, d, r->rotary_dims, r->layout, r->inv_freq, (double)pos);
+        for (int i = 0; i < d; i++)
+            xt[i] = xt[i] - c[i];
+    }
+    return 0;
+}
+
 int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *mu_k, const float *k,
                     uint64_t first_pos, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad)
 {
     if (!r || !rot || rot->head_dim != r->d || (n && (!k || !bits || !scales)))
         return -EINVAL;
     const int d = r->d;
-    float x[KVARC_HEAD_DIM_MAX], c[KVARC_HEAD_DIM_MAX];
-    uint64_t cb = UINT64_MAX;
+    float x[KVARC_HEAD_DIM_MAX];
     for (size_t t = 0; t < n; t++) {
-        uint64_t pos = first_pos + t;
-        if (pos / KVG_SIG_BLOCK != cb) {
-            cb = pos / KVG_SIG_BLOCK;
-            block_center_mu(r, mu_k, cb, c);
-        }
-        memcpy(x, k + t * (size_t)d, (size_t)d * sizeof *x);
-        kvg_rope_apply(x, d, r->rotary_dims, r->layout, r->inv_freq, (double)pos);
-        for (int i = 0; i < d; i++)
-            x[i] = x[i] - c[i];
+        kvg_sig_pos_keys(r, mu_k, k + t * (size_t)d, first_pos + t, 1, x);
         int rc = kvg_signature_ref(rot, x, bits + t * (size_t)(d / 8), &scales[t]);
         if (rc) {
             if (bad)

@@ -98,6 +98,7 @@ void kvarc_block_header_encode(kvarc_block_header *h, uint8_t out[KVARC_BLOCK_HE
     put32(out + 40, h->payload_bytes);
     put32(out + 44, h->payload_crc);
     put64(out + 48, h->seq);
+    put32(out + 56, h->n_sum);
     h->header_crc = kvarc_crc32c(0, out, 60);
     put32(out + 60, h->header_crc);
 }
@@ -106,7 +107,7 @@ int kvarc_block_header_decode(const uint8_t in[KVARC_BLOCK_HEADER], kvarc_block_
 {
     if (get32(in) != KVARC_BLOCK_MAGIC || get32(in + 60) != kvarc_crc32c(0, in, 60))
         return KVARC_ECORRUPT;
-    if (in[5] != KVARC_BLOCK_VERSION)
+    if (in[5] < 1 || in[5] > KVARC_BLOCK_VERSION)
         return in[5] > KVARC_BLOCK_VERSION ? KVARC_EVERSION : KVARC_ECORRUPT;
     h->kind = in[4];
     h->version = in[5];
@@ -122,13 +123,17 @@ int kvarc_block_header_decode(const uint8_t in[KVARC_BLOCK_HEADER], kvarc_block_
     h->payload_bytes = get32(in + 40);
     h->payload_crc = get32(in + 44);
     h->seq = get64(in + 48);
+    h->n_sum = get32(in + 56);
     h->header_crc = get32(in + 60);
     if (h->kind < KVARC_BLOCK_DATA || h->kind > KVARC_BLOCK_CONV_DELETE || h->payload_bytes % 8)
+        return KVARC_ECORRUPT;
+    /* summaries: data blocks of version 2 only, for every block they complete */
+    if (h->n_sum && (h->version < 2 || h->kind != KVARC_BLOCK_DATA || h->n_sum != kvarc_block_n_sum(h->first_pos, h->count)))
         return KVARC_ECORRUPT;
     if (h->kind == KVARC_BLOCK_DATA &&
         (kvarc_head_dim_check(h->head_dim) || h->n_heads == 0 || h->count == 0 ||
          kvarc_record_bytes(h->format, h->head_dim) != (int)h->rec_bytes ||
-         kvarc_block_payload_bytes(h->count, h->head_dim, h->n_heads, h->rec_bytes) != h->payload_bytes))
+         kvarc_block_payload_bytes_sum(h->count, h->head_dim, h->n_heads, h->rec_bytes, h->n_sum) != h->payload_bytes))
         return KVARC_ECORRUPT;
     return 0;
 }
@@ -139,11 +144,32 @@ size_t kvarc_block_sig_section(uint32_t count, int head_dim)
     return (b + 3) / 4 * 4 + 4;
 }
 
-size_t kvarc_block_payload_bytes(uint32_t count, int head_dim, int n_heads, uint32_t rec_bytes)
+uint32_t kvarc_block_n_sum(uint64_t first_pos, uint32_t count)
+{
+    return (uint32_t)((first_pos + count) / KVARC_SUM_BLOCK - first_pos / KVARC_SUM_BLOCK);
+}
+
+size_t kvarc_block_sum_section(uint32_t n_sum, int head_dim)
+{
+    size_t b = (size_t)n_sum * KVARC_SUM_ITEMS * ((size_t)(head_dim / 8) + 2);
+    return n_sum ? (b + 3) / 4 * 4 + 4 : 0;
+}
+
+size_t kvarc_block_payload_bytes_sum(uint32_t count, int head_dim, int n_heads, uint32_t rec_bytes, uint32_t n_sum)
 {
     size_t p = (size_t)n_heads * (kvarc_block_sig_section(count, head_dim) +
-                                  (size_t)count * ((size_t)rec_bytes + 4));
+                                  (size_t)count * ((size_t)rec_bytes + 4) + kvarc_block_sum_section(n_sum, head_dim));
     return (p + 7) / 8 * 8;
+}
+
+size_t kvarc_block_payload_bytes(uint32_t count, int head_dim, int n_heads, uint32_t rec_bytes)
+{
+    return kvarc_block_payload_bytes_sum(count, head_dim, n_heads, rec_bytes, 0);
+}
+
+size_t kvarc_block_sum_offset(const kvarc_block_header *h, int head)
+{
+    return kvarc_block_slot_offset(h, h->n_heads, 0) + (size_t)head * kvarc_block_sum_section(h->n_sum, h->head_dim);
 }
 
 size_t kvarc_block_sig_offset(const kvarc_block_header *h, int head)
@@ -172,6 +198,12 @@ uint32_t kvarc_sig_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos
                                const uint8_t *section, size_t bytes)
 {
     return kvarc_crc32c(key_crc(conv, layer, head | 0x80000000u, first_pos), section, bytes);
+}
+
+uint32_t kvarc_sum_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t head,
+                               const uint8_t *section, size_t bytes)
+{
+    return kvarc_crc32c(key_crc(conv, layer, head | 0x40000000u, first_pos), section, bytes);
 }
 
 uint32_t kvarc_record_crc(uint64_t conv, uint32_t layer, uint32_t head, uint64_t pos,

@@ -171,7 +171,9 @@ uint32_t kvarc_crc32c(uint32_t crc, const void *buf, size_t len);
  * A segment file is a sequence of self-describing blocks, each a 64-byte
  * header then payload_bytes of payload. */
 #define KVARC_BLOCK_MAGIC    0x3142564bu  /* "KVB1" little-endian */
-#define KVARC_BLOCK_VERSION  1
+#define KVARC_BLOCK_VERSION  2           /* the newest understood (1: no summaries) */
+#define KVARC_SUM_ITEMS      2           /* summary items per 64-position block (SCHEMA.md 6.3) */
+#define KVARC_SUM_BLOCK      64          /* positions a summary covers */
 #define KVARC_BLOCK_HEADER   64
 
 typedef enum kvarc_block_kind {
@@ -195,6 +197,8 @@ typedef struct kvarc_block_header {
     uint32_t payload_bytes;  /* bytes after the header */
     uint32_t payload_crc;    /* meta blocks: CRC of the payload; data: 0 */
     uint64_t seq;            /* engine-wide sequence number (replay order) */
+    uint32_t n_sum;          /* data blocks: the 64-position blocks whose summaries this one carries,
+                                0 or kvarc_block_n_sum(first_pos, count) (version 2) */
     uint32_t header_crc;     /* filled by encode, checked by decode */
 } kvarc_block_header;
 
@@ -211,11 +215,23 @@ int kvarc_block_header_decode(const uint8_t in[KVARC_BLOCK_HEADER], kvarc_block_
 size_t kvarc_block_sig_section(uint32_t count, int head_dim);
 size_t kvarc_block_payload_bytes(uint32_t count, int head_dim, int n_heads, uint32_t rec_bytes);
 size_t kvarc_block_sig_offset(const kvarc_block_header *h, int head);   /* from block start */
+/* Summaries (SCHEMA.md section 6.3), after the record sections: per head h
+ * bits[n_sum][KVARC_SUM_ITEMS][d/8], scales[n_sum][KVARC_SUM_ITEMS] fp16,
+ * zero pad to 4, crc32c. Summary j is of the 64-position block
+ * first_pos / 64 + j: the blocks whose last position the block holds. */
+uint32_t kvarc_block_n_sum(uint64_t first_pos, uint32_t count);
+size_t kvarc_block_sum_section(uint32_t n_sum, int head_dim);
+size_t kvarc_block_payload_bytes_sum(uint32_t count, int head_dim, int n_heads, uint32_t rec_bytes, uint32_t n_sum);
+size_t kvarc_block_sum_offset(const kvarc_block_header *h, int head);
 size_t kvarc_block_slot_offset(const kvarc_block_header *h, int head, uint32_t t);
 
 /* CRC of a signature section (bits+scales+pad of one head), over
  * (conv, layer, first_pos, head) then the section, so a section cannot
  * pass in another block. */
+/* CRC of head's summary section (without its CRC), seeded with the key
+ * (conv, layer, head | 0x40000000, first_pos). */
+uint32_t kvarc_sum_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t head,
+                               const uint8_t *section, size_t bytes);
 uint32_t kvarc_sig_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t head,
                                const uint8_t *section, size_t bytes);
 /* CRC of a record slot: over (conv, layer, head, pos) then the record, so

@@ -1503,6 +1503,13 @@ int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos,
                const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
                kvd_err *err)
 {
+    return kvd_append_sums(e, conv, layer, first_pos, count, sig_bits, sig_scale, records, NULL, NULL, err);
+}
+
+int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t count,
+                    const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
+                    const uint8_t *sum_bits, const uint16_t *sum_scale, kvd_err *err)
+{
     conv_rec info;      /* one lookup: the commit re-validates under its txn */
     int rc = conv_lookup(e, conv, &info, err);
     if (rc)
@@ -1515,7 +1522,8 @@ int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos,
         return kvd_fail(err, -EINVAL, "append needs count > 0 and signature and record buffers");
     int d = (int)s->head_dim, H = (int)s->n_kv_heads;
     uint32_t rb = (uint32_t)kvarc_record_bytes(s->format, d);
-    size_t payload = kvarc_block_payload_bytes(count, d, H, rb);
+    uint32_t n_sum = sum_bits && sum_scale ? kvarc_block_n_sum(first_pos, count) : 0;
+    size_t payload = kvarc_block_payload_bytes_sum(count, d, H, rb, n_sum);
     if (payload > (1u << 30))
         return kvd_fail(err, -E2BIG, "append of %u tokens x %d heads is %zu bytes; split it into "
                         "blocks under 1 GiB", count, H, payload);
@@ -1537,7 +1545,16 @@ int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos,
     it.h.count = count;
     it.h.rec_bytes = rb;
     it.h.payload_bytes = (uint32_t)payload;
-    size_t sb = (size_t)d / 8, sec = kvarc_block_sig_section(count, d);
+    it.h.n_sum = n_sum;
+    size_t sb = (size_t)d / 8, sec = kvarc_block_sig_section(count, d), ssec = kvarc_block_sum_section(n_sum, d);
+    for (int h = 0; h < H && n_sum; h++) {
+        uint8_t *p = it.block + kvarc_block_sum_offset(&it.h, h);
+        size_t nb = (size_t)n_sum * KVARC_SUM_ITEMS;
+        memcpy(p, sum_bits + (size_t)h * nb * sb, nb * sb);
+        memcpy(p + nb * sb, sum_scale + (size_t)h * nb, nb * 2);
+        uint32_t crc = kvarc_sum_section_crc(conv, layer, first_pos, (uint32_t)h, p, ssec - 4);
+        memcpy(p + ssec - 4, &crc, 4);
+    }
     for (int h = 0; h < H; h++) {
         uint8_t *p = it.block + kvarc_block_sig_offset(&it.h, h);
         memcpy(p, sig_bits + (size_t)h * count * sb, count * sb);

@@ -152,6 +152,15 @@ int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos,
                const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
                kvd_err *err);
 
+/* The same, with the coarse tier's summaries of the 64-position blocks
+ * the tokens complete (kvarc_block_n_sum(first_pos, count) of them, 0
+ * allowed), per head: sum_bits [n_kv_heads][n_sum][KVARC_SUM_ITEMS]
+ * [head_dim/8], sum_scale [n_kv_heads][n_sum][KVARC_SUM_ITEMS]; NULL:
+ * none (those blocks then have no summary). */
+int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t count,
+                    const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
+                    const uint8_t *sum_bits, const uint16_t *sum_scale, kvd_err *err);
+
 /* ---- reads (one reader per thread) -------------------------------- */
 
 int  kvd_reader_open(kvd_engine *e, kvd_reader **out, kvd_err *err);
@@ -168,6 +177,14 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
  * and scales[count], verified. */
 int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
                   uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err);
+
+/* Summaries of the 64-position blocks [b0, b0 + nb) of (conv, layer,
+ * head), each block's last position below the layer's length (-ERANGE):
+ * bits[nb][KVARC_SUM_ITEMS][d/8], scales[nb][KVARC_SUM_ITEMS], and ok[nb]
+ * (1: present, verified; 0: the block was archived without one, its bytes
+ * zero). KVARC_ECORRUPT when a summary section fails its checksum. */
+int kvd_read_sums(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t b0, uint64_t nb,
+                  uint8_t *bits, uint16_t *scales, uint8_t *ok, kvd_err *err);
 
 /* Kind-2 (true-position) signatures: what stage 1 needs for the block
  * biases (kvg_block_bias_ref): the RoPE, the head's mu_k (NULL = 0) and

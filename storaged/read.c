@@ -641,3 +641,139 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
         free(x.pos_out);
     return rc ? rc : x.got;
 }
+
+int kvd_read_sums(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t b0, uint64_t nb,
+                  uint8_t *bits, uint16_t *scales, uint8_t *ok, kvd_err *err)
+{
+    kvd_engine *e = r->e;
+    conv_rec info;
+    int rc = check_target(e, conv, layer, head, &info, err);
+    if (rc || nb == 0)
+        return rc;
+    if (!bits || !scales || !ok)
+        return kvd_fail(err, -EINVAL, "read_sums needs output buffers");
+    const int d = (int)info.shape.head_dim, H = (int)info.shape.n_kv_heads;
+    const size_t sb = (size_t)d / 8, S = KVARC_SUM_ITEMS, B = KVARC_SUM_BLOCK;
+    const uint32_t rb = (uint32_t)kvarc_record_bytes(info.shape.format, d);
+    memset(bits, 0, nb * S * sb);
+    memset(scales, 0, nb * S * 2);
+    memset(ok, 0, nb);
+    /* one piece per extent the blocks' positions cross; those whose data
+     * block carries summaries are read (one section each) */
+    typedef struct { uint64_t owner, first, from, stop; uint32_t count, n_sum; } piece;
+    size_t cap = 64, np = 0, total = 0;
+    piece *pcs = malloc(cap * sizeof *pcs);
+    rd_op *ops = malloc(cap * sizeof *ops);
+    pinset ps = { .n = 0 };
+    if (!pcs || !ops) {
+        free(pcs);
+        free(ops);
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    }
+    MDB_txn *txn;
+    pthread_rwlock_rdlock(&e->resolve);
+    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
+        pthread_rwlock_unlock(&e->resolve);
+        free(pcs);
+        free(ops);
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    }
+    uint64_t p = b0 * B, end = (b0 + nb) * B;
+    while (p < end && !rc) {
+        uint64_t owner, f;
+        extent_val ev;
+        rc = extent_resolve(e, txn, conv, layer, p, &owner, &f, &ev);
+        if (rc) {
+            kvd_fail(err, rc, rc == -ERANGE ? "summaries of blocks [%llu, %llu) reach past the end of layer %u"
+                                            : "resolving summaries of blocks [%llu, %llu) of layer %u failed",
+                     (unsigned long long)b0, (unsigned long long)(b0 + nb), layer);
+            break;
+        }
+        uint64_t stop = f + ev.count;
+        for (uint64_t x = conv; x != owner && !rc;) {      /* an ancestor's block serves up to the fork point */
+            conv_rec c;
+            if ((rc = conv_get(e, txn, x, &c)))
+                break;
+            if (stop > c.fork_len)
+                stop = c.fork_len;
+            x = c.parent;
+        }
+        if (rc) {
+            kvd_fail(err, rc, "resolving the fork chain of conversation %llu: %s", (unsigned long long)conv,
+                     kvarc_strerror(rc));
+            break;
+        }
+        if (stop > end)
+            stop = end;
+        /* the index keeps the block's size: a data block with summaries is longer */
+        uint32_t n_sum = kvarc_block_n_sum(f, ev.count);
+        int has = n_sum && ev.bytes == KVARC_BLOCK_HEADER + kvarc_block_payload_bytes_sum(ev.count, d, H, rb, n_sum);
+        if (has) {
+            if (np == cap) {
+                piece *p2 = realloc(pcs, 2 * cap * sizeof *pcs);
+                rd_op *o2 = p2 ? realloc(ops, 2 * cap * sizeof *ops) : NULL;
+                if (p2)
+                    pcs = p2;
+                if (o2)
+                    ops = o2;
+                if (!p2 || !o2) {
+                    rc = kvd_fail(err, -ENOMEM, "out of memory");
+                    break;
+                }
+                cap *= 2;
+            }
+            int fd = pin_get(e, &ps, ev.seg);
+            if (fd < 0) {
+                rc = kvd_fail(err, fd, "segment %016llx is not available", (unsigned long long)ev.seg);
+                break;
+            }
+            kvarc_block_header h = { .head_dim = (uint16_t)d, .n_heads = (uint16_t)H, .count = ev.count,
+                                     .rec_bytes = rb, .n_sum = n_sum };
+            pcs[np] = (piece){ owner, f, p, stop, ev.count, n_sum };
+            ops[np] = (rd_op){ fd, ev.off + kvarc_block_sum_offset(&h, (int)head),
+                               (uint32_t)kvarc_block_sum_section(n_sum, d), NULL };
+            total += ops[np].len;
+            np++;
+        }
+        p = stop;
+    }
+    mdb_txn_abort(txn);
+    pthread_rwlock_unlock(&e->resolve);
+    if (!rc && reserve(r, total))
+        rc = kvd_fail(err, -ENOMEM, "out of memory for %zu bytes of summaries", total);
+    if (!rc) {
+        size_t at = 0;
+        for (size_t i = 0; i < np; i++) {
+            ops[i].dst = r->buf + at;
+            at += ops[i].len;
+        }
+        if ((rc = ring_run(r, ops, np)))
+            kvd_fail(err, rc, "reading summaries of layer %u: %s", layer, kvarc_strerror(rc));
+    }
+    for (size_t i = 0; i < np && !rc; i++) {
+        const uint8_t *sec = ops[i].dst;
+        size_t len = ops[i].len;
+        uint32_t crc;
+        memcpy(&crc, sec + len - 4, 4);
+        if (crc != kvarc_sum_section_crc(pcs[i].owner, layer, pcs[i].first, head, sec, len - 4)) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "block summaries of positions [%llu, %llu) layer %u head %u fail "
+                          "their checksum: data loss, run `kvarc verify`", (unsigned long long)pcs[i].first,
+                          (unsigned long long)(pcs[i].first + pcs[i].count), layer, head);
+            break;
+        }
+        /* summary j is of block first / 64 + j, ending at (that + 1) * 64 - 1:
+         * ours when that last position lies in [from, stop) */
+        for (uint32_t j = 0; j < pcs[i].n_sum; j++) {
+            uint64_t b = pcs[i].first / B + j, last = (b + 1) * B - 1;
+            if (b < b0 || b >= b0 + nb || last < pcs[i].from || last >= pcs[i].stop)
+                continue;
+            memcpy(bits + (b - b0) * S * sb, sec + (size_t)j * S * sb, S * sb);
+            memcpy(scales + (b - b0) * S, sec + (size_t)pcs[i].n_sum * S * sb + (size_t)j * S * 2, S * 2);
+            ok[b - b0] = 1;
+        }
+    }
+    pin_release(e, &ps);
+    free(pcs);
+    free(ops);
+    return rc;
+}

@@ -60,14 +60,23 @@ int block_check_payload(const kvarc_block_header *h, const uint8_t *block, const
                    ? 0 : KVARC_ECORRUPT;
     }
     if (h->n_heads == 0 || kvarc_head_dim_check(h->head_dim) ||
-        h->payload_bytes != kvarc_block_payload_bytes(h->count, h->head_dim, h->n_heads, h->rec_bytes)) {
+        h->payload_bytes != kvarc_block_payload_bytes_sum(h->count, h->head_dim, h->n_heads, h->rec_bytes,
+                                                          h->n_sum)) {
         *what = "data block geometry";
         return KVARC_ECORRUPT;
     }
-    size_t sec = kvarc_block_sig_section(h->count, h->head_dim);
+    size_t sec = kvarc_block_sig_section(h->count, h->head_dim), ssec = kvarc_block_sum_section(h->n_sum, h->head_dim);
     for (int hd = 0; hd < h->n_heads; hd++) {
         const uint8_t *p = block + kvarc_block_sig_offset(h, hd);
         uint32_t crc;
+        if (ssec) {
+            const uint8_t *q = block + kvarc_block_sum_offset(h, hd);
+            memcpy(&crc, q + ssec - 4, 4);
+            if (crc != kvarc_sum_section_crc(h->conv, h->layer, h->first_pos, (uint32_t)hd, q, ssec - 4)) {
+                *what = "summary section checksum";
+                return KVARC_ECORRUPT;
+            }
+        }
         memcpy(&crc, p + sec - 4, 4);
         if (crc != kvarc_sig_section_crc(h->conv, h->layer, h->first_pos, (uint32_t)hd, p, sec - 4)) {
             *what = "signature section checksum";

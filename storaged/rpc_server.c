@@ -525,23 +525,34 @@ static int append_one(rpc_call *c, const uint8_t *in, size_t len, uint64_t *leng
     if (!rc) {
         size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, n = req->count;
         size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
+        size_t ns = (size_t)kvarc_block_n_sum(req->first_pos, req->count) * KVARC_SUM_ITEMS;
         if (req->sig_bits.len != H * n * d / 8 || req->sig_scale.len != H * n * 2 ||
             req->records.len != H * n * rb)
             rc = kvd_fail(err, -EINVAL, "append of %u tokens to '%s/%s' needs %zu signature bytes, %zu "
                           "scale bytes and %zu record bytes; got %zu, %zu, %zu", req->count, info.ns,
                           info.name, H * n * d / 8, H * n * 2, H * n * rb, req->sig_bits.len,
                           req->sig_scale.len, req->records.len);
+        else if ((req->sum_bits.len || req->sum_scale.len) &&
+                 (!ns || req->sum_bits.len != H * ns * d / 8 || req->sum_scale.len != H * ns * 2))
+            rc = kvd_fail(err, -EINVAL, "append of positions [%llu, +%u) to '%s/%s' completes %zu blocks: their "
+                          "summaries are %zu bits and %zu scale bytes (or none); got %zu, %zu",
+                          (unsigned long long)req->first_pos, req->count, info.ns, info.name, ns / KVARC_SUM_ITEMS,
+                          H * ns * d / 8, H * ns * 2, req->sum_bits.len, req->sum_scale.len);
     }
     if (!rc) {
         uint16_t *scales = malloc(req->sig_scale.len ? req->sig_scale.len : 1);
-        if (!scales)
+        uint16_t *sums = malloc(req->sum_scale.len ? req->sum_scale.len : 1);   /* aligned copies */
+        if (!scales || !sums)
             rc = kvd_fail(err, -ENOMEM, "out of memory");
         else {
             memcpy(scales, req->sig_scale.data, req->sig_scale.len);
-            rc = kvd_append(c->w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
-                            scales, req->records.data, err);
-            free(scales);
+            memcpy(sums, req->sum_scale.data, req->sum_scale.len);
+            rc = kvd_append_sums(c->w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
+                                 scales, req->records.data, req->sum_bits.len ? req->sum_bits.data : NULL,
+                                 req->sum_bits.len ? sums : NULL, err);
         }
+        free(scales);
+        free(sums);
     }
     if (!rc)
         rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, length, err);
@@ -589,6 +600,58 @@ static int h_fetch(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer 
     }
     kvarc__v1__fetch_request__free_unpacked(req, NULL);
     free(recs);
+    return rc;
+}
+
+#define MAX_SUM_BLOCKS 65536     /* blocks per LoadSummaries reply (2.4 MB at head_dim 128) */
+
+static int h_load_sums(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__LoadSummariesRequest, kvarc__v1__load_summaries_request__unpack, req);
+    conv_rec info;
+    uint64_t llen = 0, n = 0;
+    uint8_t *bits = NULL, *ok = NULL;
+    uint16_t *sc = NULL;
+    size_t sb = 0;
+    int rc = visible_conv(c, req->conv, &info, err);
+    if (!rc)
+        rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, &llen, err);
+    if (!rc) {
+        uint64_t complete = llen / KVARC_SUM_BLOCK;
+        n = req->count ? req->count : (req->first_block < complete ? complete - req->first_block : 0);
+        if (!req->count && n > MAX_SUM_BLOCKS)
+            n = MAX_SUM_BLOCKS;
+        if (req->first_block > complete || n > complete - req->first_block || n > MAX_SUM_BLOCKS)
+            rc = kvd_fail(err, -ERANGE, "summaries of blocks [%llu, +%llu) of layer %u: it has %llu complete "
+                          "64-position blocks, and a call answers at most %u", (unsigned long long)req->first_block,
+                          (unsigned long long)req->count, req->layer, (unsigned long long)complete, MAX_SUM_BLOCKS);
+    }
+    if (!rc) {
+        sb = info.shape.head_dim / 8;
+        bits = malloc(n * KVARC_SUM_ITEMS * sb + 1);
+        sc = malloc(n * KVARC_SUM_ITEMS * 2 + 2);
+        ok = malloc(n + 1);
+        if (!bits || !sc || !ok)
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+    }
+    if (!rc)
+        rc = kvd_read_sums(c->w->reader, req->conv, req->layer, req->head, req->first_block, n, bits, sc, ok, err);
+    if (!rc) {
+        Kvarc__V1__LoadSummariesReply r = KVARC__V1__LOAD_SUMMARIES_REPLY__INIT;
+        r.first_block = req->first_block;
+        r.count = n;
+        r.bits.data = bits;
+        r.bits.len = n * KVARC_SUM_ITEMS * sb;
+        r.scales.data = (uint8_t *)sc;
+        r.scales.len = n * KVARC_SUM_ITEMS * 2;
+        r.present.data = ok;
+        r.present.len = n;
+        *out = pack(&r.base);
+    }
+    kvarc__v1__load_summaries_request__free_unpacked(req, NULL);
+    free(bits);
+    free(sc);
+    free(ok);
     return rc;
 }
 
@@ -941,6 +1004,7 @@ static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/Fetch", h_fetch },       { "/kvarc.v1.Kvarc/Rerank", h_rerank },
     { "/kvarc.v1.Kvarc/RerankLayer", h_rerank_layer },
     { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Search", h_search },
+    { "/kvarc.v1.Kvarc/LoadSummaries", h_load_sums },
 };
 
 /* ---- call state machine ---------------------------------------------------- */

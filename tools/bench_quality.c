@@ -7,7 +7,7 @@
  *
  *   bench-quality [--kvarcd PATH] [--gen free,pos] [--pos-mode true,remapped]
  *                 [--contexts 4096,16384,65536] [--formats q3,q4,i8,f16]
- *                 [--top-k 32,64,128] [--shortlist 8] [--score asym]
+ *                 [--top-k 32,64,128] [--shortlist 8] [--score asym] [--coarse 0,64]
  *                 [--steps 16] [--hot-window 256] [--sinks 4]
  *                 [--kv-heads 2] [--group 4] [--needle-len 16]
  *                 [--expect-oracle R] [--expect-needles F] [--expect-err E]
@@ -75,7 +75,7 @@ typedef struct list {
     int  n;
 } list;
 
-static int parse_list(const char *s, list *l, const char *const *names)
+static int parse_list_min(const char *s, list *l, const char *const *names, long min)
 {
     char buf[512];
     snprintf(buf, sizeof buf, "%s", s);
@@ -87,11 +87,17 @@ static int parse_list(const char *s, list *l, const char *const *names)
                 v = i;
         if (!names)
             v = strtol(t, NULL, 10);
-        if (v < 0 || (!names && v <= 0))
+        if (v < 0 || (!names && v < min))
             return -1;
         l->v[l->n++] = v;
     }
     return l->n ? 0 : -1;
+}
+
+/* A comma list of names (names given) or of numbers >= 1. */
+static int parse_list(const char *s, list *l, const char *const *names)
+{
+    return parse_list_min(s, l, names, 1);
 }
 
 /* A min-heap of the best n (value, position) pairs seen. */
@@ -540,14 +546,18 @@ static void usage(void)
 {
     fprintf(stderr, "usage: bench-quality [--kvarcd PATH] [--gen free,pos] [--pos-mode true,remapped] "
                     "[--contexts N,...] [--formats q3,q4,i8,f16,bf16] [--top-k K,...] [--shortlist F,...] "
-                    "[--score asym,hamming] [--steps S] [--hot-window W] [--sinks S] [--kv-heads H] "
+                    "[--score asym,hamming] [--coarse BLOCKS,...] [--steps S] [--hot-window W] [--sinks S] [--kv-heads H] "
                     "[--group G] [--needle-len L] [--expect-oracle R] [--expect-needles F] [--expect-err E]\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *kvarcd = NULL;
-    list ctxs, gens, pms, fmts, ks, sls, scores;
+    list ctxs, gens, pms, fmts, ks, sls, scores, coarse;
+    kvarc_options dflt;
+    kvarc_options_default(&dflt);
+    coarse.n = 1;
+    coarse.v[0] = dflt.coarse_blocks;
     parse_list("4096,16384,65536", &ctxs, NULL);
     parse_list("free,pos", &gens, gen_names);
     parse_list("true", &pms, pm_names);
@@ -575,6 +585,8 @@ int main(int argc, char **argv)
             bad = parse_list(argv[++i], &sls, NULL);
         else if (!strcmp(argv[i], "--score") && i + 1 < argc)
             bad = parse_list(argv[++i], &scores, score_names);
+        else if (!strcmp(argv[i], "--coarse") && i + 1 < argc)
+            bad = parse_list_min(argv[++i], &coarse, NULL, 0);
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--hot-window") && i + 1 < argc)
@@ -745,14 +757,20 @@ int main(int argc, char **argv)
                     double t_arch = tu_now_s() - ta, tr = tu_now_s();
                     for (int ki = 0; ki < ks.n && !code; ki++)
                         for (int si = 0; si < sls.n && !code; si++)
-                            for (int sc = 0; sc < scores.n && !code; sc++) {
-                                char fork[160], slx[16];
-                                snprintf(fork, sizeof fork, "%s-k%ld-s%ld-%s", name, ks.v[ki], sls.v[si],
-                                         score_names[scores.v[sc]]);
+                            for (int sc = 0; sc < scores.n && !code; sc++)
+                            for (int ci = 0; ci < coarse.n && !code; ci++) {
+                                char fork[160], slx[16], method[32];
+                                snprintf(fork, sizeof fork, "%s-k%ld-s%ld-%s-c%ld", name, ks.v[ki], sls.v[si],
+                                         score_names[scores.v[sc]], coarse.v[ci]);
                                 kvarc_options oo = o;
                                 oo.top_k = (uint32_t)ks.v[ki];
                                 oo.shortlist = (uint32_t)sls.v[si];
                                 oo.score_mode = (int)scores.v[sc];
+                                oo.coarse_blocks = (uint32_t)coarse.v[ci];
+                                if (coarse.v[ci])
+                                    snprintf(method, sizeof method, "kvarc/c%ld", coarse.v[ci]);
+                                else
+                                    snprintf(method, sizeof method, "kvarc");
                                 kvarc_conv *cv;
                                 if ((rc = kvarc_fork(base, "quality", fork, 0)) ||
                                     (rc = kvarc_conv_attach(cl, "quality", fork, &mod, &oo, &cv))) {
@@ -769,7 +787,7 @@ int main(int argc, char **argv)
                                     break;
                                 }
                                 snprintf(slx, sizeof slx, "%ld", sls.v[si]);
-                                report(gname, pname, b.N, "kvarc", fname, ks.v[ki], slx, score_names[scores.v[sc]], &m);
+                                report(gname, pname, b.N, method, fname, ks.v[ki], slx, score_names[scores.v[sc]], &m);
                                 double ratio = m.oracle > 0 ? m.mass / m.oracle : 0, err = m.err / m.steps;
                                 double found = m.needle_steps ? (double)m.needles / m.needle_steps : 1;
                                 char why[256] = "";
@@ -784,14 +802,14 @@ int main(int argc, char **argv)
                                     wl += (size_t)snprintf(why + wl, sizeof why - wl, " rel_err %.4f > %g;", err,
                                                            expect_err);
                                 if (wl) {
-                                    printf("# GATE FAIL gen=%s pos_mode=%s context=%llu fmt=%s top_k=%ld:%s\n", gname,
-                                           pname, (unsigned long long)b.N, fname, ks.v[ki], why);
+                                    printf("# GATE FAIL gen=%s pos_mode=%s context=%llu fmt=%s top_k=%ld coarse=%ld:%s\n",
+                                           gname, pname, (unsigned long long)b.N, fname, ks.v[ki], coarse.v[ci], why);
                                     gate = 1;
                                 }
                             }
                     kvarc_conv_close(base);
                     printf("# time gen=%s context=%llu %s/%s archive %.1f s, %d rows %.1f s\n", gname,
-                           (unsigned long long)b.N, pname, fname, t_arch, ks.n * sls.n * scores.n, tu_now_s() - tr);
+                           (unsigned long long)b.N, pname, fname, t_arch, ks.n * sls.n * scores.n * coarse.n, tu_now_s() - tr);
                     fflush(stdout);
                 }
             for (int s = 0; s < steps; s++) {

@@ -1,0 +1,249 @@
+/* coarse.c - libkvarc's coarse tier: block summaries, and stage 1 through
+ * them.
+ *
+ * Design notes
+ * Every KVG_SIG_BLOCK (64) positions of a (layer, kv head) get
+ * KVG_SUM_ITEMS summary signatures (kvg_summary_ref: the block mean's, and
+ * the token farthest from it), made from the archived signatures once the
+ * block is complete: y->sum_n blocks are summarized, always
+ * archived / 64 after kl_coarse_update, which attend calls first. A block
+ * is aligned with the kind-2 bias blocks, so in true-position mode each
+ * summary item takes its block's bias and scores like a token of it.
+ * Stage 1 (kl_stage1_coarse) then scores the summaries of the cold range's
+ * blocks (kvg_score_items, the GQA group combined as for tokens), ranks a
+ * block by its best item, and scans the tokens of the o.coarse_blocks best
+ * blocks and of the blocks not summarized yet (the last, partly archived
+ * or hot) with kvg_score_runs, in position order; the shortlist is their
+ * best r, ordered as kvg_topk_ref orders a full scan's (score descending,
+ * position ascending). So the shortlist equals the full scan's whenever
+ * the full scan's winners lie in the chosen blocks; bench-quality measures
+ * how often they do (needles found, attention mass, coarse on and off).
+ * When the chosen blocks would hold fewer than r tokens or about as many
+ * as the whole cold range, the full scan runs instead (-ENOTSUP), the
+ * same for every head so that heads shortlist equally many.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvarc_internal.h"
+
+long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, const uint8_t *tok_bits,
+                    const uint16_t *tok_sc, uint8_t **sbits, uint16_t **sscale)
+{
+    kl_layer *y = &cv->layers[layer];
+    const uint64_t B = KVG_SIG_BLOCK, b0 = a / B, nsb = (a + n) / B - b0, len = y->len;
+    *sbits = NULL;
+    *sscale = NULL;
+    if (!nsb)
+        return 0;
+    if (b0 * B + cv->ring < len)          /* the block's first tokens left the ring (right after an attach) */
+        return -1;
+    const size_t H = cv->m.n_kv_heads, d = cv->m.head_dim, sb = d / 8, S = KVG_SUM_ITEMS;
+    uint8_t *ob = malloc(H * nsb * S * sb), *bb = malloc(B * sb);
+    uint16_t *os = malloc(H * nsb * S * 2), *bs = malloc(B * 2);
+    float *x = malloc(B * d * 4);
+    int rc = ob && bb && os && bs && x ? 0 : kl_fail(cv, -ENOMEM, "out of memory for block summaries");
+    for (size_t h = 0; !rc && h < H; h++) {
+        kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
+        for (uint64_t b = b0; !rc && b < b0 + nsb; b++) {
+            for (uint64_t t = 0; t < B; t++) {
+                uint64_t p = b * B + t;
+                const float *k = y->ring_k + (h * cv->ring + p % cv->ring) * d;
+                memcpy(x + t * d, k, d * 4);
+                if (cv->o.pos_mode == 1)             /* kind 1: k - mu_k */
+                    for (size_t i = 0; i < d; i++)
+                        x[t * d + i] = codec.mu_k ? x[t * d + i] - codec.mu_k[i] : x[t * d + i];
+                if (p < a) {
+                    memcpy(bb + t * sb, y->sig_bits[h] + p * sb, sb);
+                    bs[t] = y->sig_scale[h][p];
+                } else {
+                    memcpy(bb + t * sb, tok_bits + (h * n + (p - a)) * sb, sb);
+                    bs[t] = tok_sc[h * n + (p - a)];
+                }
+            }
+            if (cv->o.pos_mode == 0)                 /* kind 2: turned, minus the block's centering */
+                kvg_sig_pos_keys(&cv->rope, codec.mu_k, x, b * B, B, x);
+            size_t o = h * nsb + (b - b0);
+            if ((rc = kvg_summary_ref(&cv->rot, x, bb, bs, B, ob + o * S * sb, os + o * S)))
+                kl_fail(cv, rc, "summarizing block %llu of layer %u head %zu: %s", (unsigned long long)b, layer, h,
+                        kvarc_strerror(rc));
+        }
+    }
+    free(bb);
+    free(bs);
+    free(x);
+    if (rc) {
+        free(ob);
+        free(os);
+        return rc;
+    }
+    *sbits = ob;
+    *sscale = os;
+    return (long)nsb;
+}
+
+int kl_coarse_keep(kvarc_conv *cv, kl_layer *y, uint64_t b0, uint64_t nsb, const uint8_t *sbits,
+                   const uint16_t *sscale)
+{
+    const size_t H = cv->m.n_kv_heads, sb = cv->m.head_dim / 8, S = KVG_SUM_ITEMS;
+    if (b0 + nsb <= y->sum_n)
+        return 0;
+    if (b0 > y->sum_n)                    /* never: summaries come in block order */
+        return kl_fail(cv, -EIO, "block summaries %llu.. after %llu", (unsigned long long)b0,
+                       (unsigned long long)y->sum_n);
+    const uint64_t nb = b0 + nsb;
+    if (nb > y->sum_cap) {
+        uint64_t cap = y->sum_cap ? y->sum_cap : 64;
+        while (cap < nb)
+            cap *= 2;
+        uint8_t *ok = realloc(y->sum_ok, cap);
+        if (ok)
+            y->sum_ok = ok;
+        for (size_t h = 0; ok && h < H; h++) {
+            uint8_t *b = realloc(y->sum_bits[h], cap * S * sb);
+            if (b)
+                y->sum_bits[h] = b;
+            uint16_t *s = realloc(y->sum_scale[h], cap * S * 2);
+            if (s)
+                y->sum_scale[h] = s;
+            if (!b || !s)
+                ok = NULL;
+        }
+        if (!ok)
+            return kl_fail(cv, -ENOMEM, "out of memory for %llu block summaries", (unsigned long long)cap);
+        y->sum_cap = cap;
+    }
+    for (uint64_t b = y->sum_n; b < nb; b++) {
+        y->sum_ok[b] = sbits != NULL;
+        for (size_t h = 0; h < H; h++) {
+            size_t o = h * nsb + (b - b0);
+            if (sbits) {
+                memcpy(y->sum_bits[h] + b * S * sb, sbits + o * S * sb, S * sb);
+                memcpy(y->sum_scale[h] + b * S, sscale + o * S, S * 2);
+            } else {                          /* scored but never chosen: defined bytes */
+                memset(y->sum_bits[h] + b * S * sb, 0, S * sb);
+                memset(y->sum_scale[h] + b * S, 0, S * 2);
+            }
+        }
+    }
+    y->sum_n = nb;
+    return 0;
+}
+
+void kl_coarse_scratch_free(kl_coarse_scratch *x)
+{
+    free(x->ib); free(x->is); free(x->bs); free(x->bidx); free(x->tk); free(x->chosen); free(x->tmp);
+    free(x->runs); free(x->rel); free(x->ts); free(x->tidx); free(x->tk2);
+    memset(x, 0, sizeof *x);
+}
+
+/* Room for n_items summary items (G queries) and n_tok scanned tokens. */
+static int reserve(kl_coarse_scratch *x, size_t n_items, int G, size_t n_tok)
+{
+    size_t nbk = n_items / KVG_SUM_ITEMS + 1;
+    if (n_items > x->n_items) {
+        free(x->ib); free(x->is); free(x->bs); free(x->bidx); free(x->tk); free(x->chosen); free(x->tmp);
+        x->ib = malloc(n_items * (size_t)64 * 4);          /* G <= 64 */
+        x->is = malloc(n_items * 4);
+        x->bs = malloc(nbk * 4);
+        x->bidx = malloc(nbk * 4);
+        x->tk = malloc(nbk * 4);
+        x->chosen = malloc(2 * nbk * 8);
+        x->tmp = malloc(2 * nbk * 8);
+        x->runs = realloc(x->runs, nbk * 16);
+        x->n_items = x->ib && x->is && x->bs && x->bidx && x->tk && x->chosen && x->tmp && x->runs ? n_items : 0;
+        if (!x->n_items)
+            return -ENOMEM;
+    }
+    if (n_tok > x->n_tok) {
+        free(x->rel); free(x->ts); free(x->tidx); free(x->tk2);
+        x->rel = malloc(n_tok * 4);
+        x->ts = malloc(n_tok * 4);
+        x->tidx = malloc(n_tok * 4);
+        x->tk2 = malloc(n_tok * 4);
+        x->n_tok = x->rel && x->ts && x->tidx && x->tk2 ? n_tok : 0;
+        if (!x->n_tok)
+            return -ENOMEM;
+    }
+    (void)G;
+    return 0;
+}
+
+long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, kl_coarse_scratch *x,
+                      uint32_t *idx_out)
+{
+    const uint64_t M = cv->o.coarse_blocks, B = KVG_SIG_BLOCK;
+    if (!M || hot_lo <= ns || !r)
+        return -ENOTSUP;
+    const uint64_t fb = ns / B, lb = (hot_lo - 1) / B;          /* blocks the cold range spans */
+    const uint64_t se = y->sum_n < lb + 1 ? y->sum_n : lb + 1;  /* summarized: [fb, se) */
+    const uint64_t nsum = se > fb ? se - fb : 0, tail = lb + 1 - (se > fb ? se : fb);
+    /* the chosen blocks hold at least M - 2 whole blocks (the first and
+     * last may be clipped); worth it only well below the whole range */
+    if (nsum <= 2 * M || (M < 2 ? 0 : M - 2) * B < r)
+        return -ENOTSUP;
+    const size_t S = KVG_SUM_ITEMS, sb = cv->m.head_dim / 8, ni = (size_t)nsum * S;
+    const size_t ntok_max = (size_t)(M + tail) * B;
+    if (reserve(x, ni, G, ntok_max))
+        return kl_fail(cv, -ENOMEM, "out of memory for the coarse tier's stage 1");
+    /* 1. the summaries, each item with its block's bias */
+    for (int g = 0; g < G; g++)
+        for (uint64_t b = 0; b < nsum; b++)
+            for (size_t s = 0; s < S; s++)
+                x->ib[(size_t)g * ni + b * S + s] = bb ? bb[(size_t)g * nblk + b] : qs[g].bias;
+    int rc = kvg_score_items((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
+                             y->sum_bits[h] + fb * S * sb, y->sum_scale[h] + fb * S, ni, x->ib, x->is);
+    if (rc)
+        return kl_fail(cv, rc, "scoring the block summaries of head %zu: %s", h, kvarc_strerror(rc));
+    size_t n_ch = 0;
+    for (uint64_t b = 0; b < nsum; b++) {
+        float best = x->is[b * S];
+        for (size_t s = 1; s < S; s++)
+            best = x->is[b * S + s] > best ? x->is[b * S + s] : best;
+        x->bs[b] = best;
+        if (!y->sum_ok[fb + b]) {                          /* no summary: always scanned */
+            x->bs[b] = -INFINITY;
+            x->chosen[n_ch++] = fb + b;
+        }
+    }
+    long nc = kvg_topk_ref(x->bs, (size_t)nsum, (size_t)M, x->bidx, NULL, x->tk);
+    if (nc < 0)
+        return kl_fail(cv, (int)nc, "choosing blocks for head %zu", h);
+    /* 2. their tokens, and those of the blocks not summarized, in position order */
+    for (long j = 0; j < nc; j++)
+        if (y->sum_ok[fb + x->bidx[j]])
+            x->chosen[n_ch++] = fb + x->bidx[j];
+    kvg_sort_u64(x->chosen, n_ch, x->tmp);
+    for (uint64_t b = (se > fb ? se : fb); b <= lb; b++)
+        x->chosen[n_ch++] = b;
+    size_t nr = 0, nt = 0;
+    for (size_t c = 0; c < n_ch; c++) {
+        uint64_t lo = x->chosen[c] * B, hi = lo + B;
+        lo = lo < ns ? ns : lo;
+        hi = hi > hot_lo ? hot_lo : hi;
+        if (nr && x->runs[2 * (nr - 1)] + x->runs[2 * (nr - 1) + 1] == lo - ns)
+            x->runs[2 * (nr - 1) + 1] += hi - lo;              /* adjacent: one run */
+        else {
+            x->runs[2 * nr] = lo - ns;
+            x->runs[2 * nr + 1] = hi - lo;
+            nr++;
+        }
+        for (uint64_t p = lo; p < hi; p++)
+            x->rel[nt++] = (uint32_t)(p - ns);
+    }
+    if (nt < r)
+        return -ENOTSUP;
+    rc = kvg_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
+                        y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, ns, x->runs, nr, bb, nblk, x->ts);
+    if (rc)
+        return kl_fail(cv, rc, "scanning the chosen blocks of head %zu: %s", h, kvarc_strerror(rc));
+    long got = kvg_topk_ref(x->ts, nt, r, x->tidx, NULL, x->tk2);
+    if (got < 0)
+        return kl_fail(cv, (int)got, "top-%zu of head %zu's chosen blocks", r, h);
+    for (long j = 0; j < got; j++)
+        idx_out[j] = x->rel[x->tidx[j]];
+    return got;
+}
