@@ -17,8 +17,9 @@
  * the group (its reply under 8 MiB, its records and the `have` records
  * fitting in half the cache, so nothing a reply refers to is evicted
  * before it is used). Per group: stage 1 scores each (query, kv head)
- * against the cold signatures (kvg_score_ref, the GQA group's queries
- * combined) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
+ * against the cold signatures (kvg_score_pos, the GQA group's queries
+ * combined; through the coarse tier's block summaries when the context is
+ * long enough, coarse.c) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
  * per query one exact softmax over [sinks][retrieved][hot up to itself]
  * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
  * A record is decoded once per query group (the `decoded` map): the queries of a
@@ -415,7 +416,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
                     }
-                    if (!remap && (rc = kvg_block_bias_ref(&cv->rope, codec.mu_k, qv, b0, nblk, bcs + b0, cv->bcs_n,
+                    if (!remap && (rc = kvg_block_bias(&cv->rope, codec.mu_k, qv, b0, nblk, bcs + b0, cv->bcs_n,
                                                            x.bb + g * nblk))) {
                         kl_fail(cv, rc, "query %u head %zu: its bias against the centering overflows fp32",
                                 g0 + i, h * G + g);

@@ -106,9 +106,11 @@ typedef struct kvarc_options {
     size_t   cache_records;     /* LRU record cache capacity, records per conversation; any
                                    size works, but one under 2 x kv heads x (shortlist + 1) x
                                    top_k splits a prefill chunk into one query per RerankLayer */
-    uint32_t coarse_blocks;     /* coarse tier: stage 1 scores every 64-token block's summary and
-                                   scans the tokens of this many best blocks per query and kv head
-                                   (0: scan every cold token); at least shortlist x top_k / 64 */
+    uint32_t coarse_blocks;     /* coarse tier (default 64): stage 1 scores every 64-token block's
+                                   summaries and scans only the tokens of this many best blocks per
+                                   query and kv head (contexts under twice that scan all); 0: scan
+                                   every cold token. 0 or shortlist x top_k / 64 .. 2^24, else
+                                   create/attach fail with -EINVAL */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same

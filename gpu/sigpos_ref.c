@@ -147,8 +147,9 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
 #define BIAS_TILE 64   /* blocks per tile with a table */
 #define OWN_TILE  16   /* without: the angles of 16 blocks on the stack (32 KB at most) */
 
-int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
-                       const double *cs, size_t cs_stride, float *out)
+static inline __attribute__((always_inline)) int block_bias(const kvg_rope *r, const float *mu_k, const float *q_r,
+                                                            uint64_t b0, size_t nb, const double *cs,
+                                                            size_t cs_stride, float *out)
 {
     double c0 = 0.0, A[KVARC_HEAD_DIM_MAX / 2], B[KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
     double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
@@ -190,6 +191,24 @@ int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, u
         }
     }
     return finite ? 0 : KVARC_ENONFINITE;
+}
+
+int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                       const double *cs, size_t cs_stride, float *out)
+{
+    return block_bias(r, mu_k, q_r, b0, nb, cs, cs_stride, out);
+}
+
+/* The same C compiled for the widest vectors this CPU has, chosen at load
+ * time (an ifunc: cpuid): each lane is one block and keeps the pair order,
+ * and nothing is fused (-ffp-contract=off), so the bits are the reference's. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                   const double *cs, size_t cs_stride, float *out)
+{
+    return block_bias(r, mu_k, q_r, b0, nb, cs, cs_stride, out);
 }
 
 int kvg_rope_table_init(kvg_rope_table *tb, const kvg_rope *r)

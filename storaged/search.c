@@ -57,7 +57,7 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
         if (qb)
             kvg_block_angles_pm(qb->rope, first / KVG_SIG_BLOCK, nb, cs, nblk);
         for (int h = 0; qb && h < n_q; h++)
-            if ((rc = kvg_block_bias_ref(qb->rope, qb->mu_k, qb->q_r + (size_t)h * head_dim, first / KVG_SIG_BLOCK,
+            if ((rc = kvg_block_bias(qb->rope, qb->mu_k, qb->q_r + (size_t)h * head_dim, first / KVG_SIG_BLOCK,
                                          nb, cs, nblk, bb + (size_t)h * nblk))) {
                 rc = kvd_fail(err, (int)rc, "query %d: its bias against the centering overflows fp32", h);
                 goto out;

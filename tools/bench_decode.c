@@ -2,6 +2,7 @@
  * full attention over the same tokens, in one run.
  *
  *   bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format q3]
+ *                [--coarse 0,256]
  *
  * Model: L layers x 8 KV heads x 32 query heads (GQA 4) x head_dim 128,
  * RoPE on all 128 dims (theta 500000): a Llama-3-8B-shaped attention.
@@ -10,7 +11,9 @@
  * measured here, see bench-quality for fidelity), then a libkvarc handle
  * attaches (loading every layer's signatures) and decodes S steps: per
  * step and layer, append one token and attend with one query (32 heads),
- * top_k 64, shortlist 8 x 64, kvarcd on a unix socket.
+ * top_k 64, shortlist 8 x 64, kvarcd on a unix socket; once per --coarse
+ * setting (the coarse tier's blocks per kv head, 0 = off; the archive
+ * carries the block summaries libkvarc would have made).
  * Baseline, same run: exact attention of the same 32 query heads over the
  * same N tokens held as fp32 in RAM (one layer; x L for the model), its
  * loops laid out to vectorize (built -O3), each GQA group reading its KV
@@ -120,7 +123,8 @@ static void exact(const float *q, const float *kt, const float *v, size_t n, flo
 int main(int argc, char **argv)
 {
     const char *kvarcd = NULL;
-    int layers = 1, steps = 20, fmt = KVARC_FMT_Q3;
+    int layers = 1, steps = 20, fmt = KVARC_FMT_Q3, n_coarse = 2;
+    uint32_t coarse[8] = { 0, 256 };
     uint64_t N = 131072;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--kvarcd") && i + 1 < argc)
@@ -131,6 +135,16 @@ int main(int argc, char **argv)
             N = strtoull(argv[++i], NULL, 10) / CHUNK * CHUNK;
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--coarse") && i + 1 < argc) {
+            char *e = argv[++i];
+            n_coarse = 0;
+            do {
+                long v = strtol(e, &e, 10);
+                if (v < 0 || v > (1 << 24) || n_coarse == 8)
+                    die("usage", "--coarse BLOCKS[,BLOCKS...]: up to 8 values, 0 (off) .. 16777216");
+                coarse[n_coarse++] = (uint32_t)v;
+            } while (*e == ',' && *++e);
+        }
         else if (!strcmp(argv[i], "--format") && i + 1 < argc) {
             const char *f = argv[++i];
             fmt = !strcmp(f, "q3") ? KVARC_FMT_Q3 : !strcmp(f, "q4") ? KVARC_FMT_Q4 : !strcmp(f, "i8") ? KVARC_FMT_I8
@@ -138,7 +152,8 @@ int main(int argc, char **argv)
             if (fmt < 0)
                 die("usage", "--format q3|q4|i8|f16");
         } else {
-            fprintf(stderr, "usage: bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format F]\n");
+            fprintf(stderr, "usage: bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format F] "
+                            "[--coarse BLOCKS,...]\n");
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
     }
@@ -183,7 +198,11 @@ int main(int argc, char **argv)
         float *kb = malloc(sizeof(float) * CHUNK * D), *vb = malloc(sizeof(float) * CHUNK * D);
         uint8_t *recs = malloc((size_t)H * CHUNK * rb), *bits = malloc((size_t)H * CHUNK * D / 8);
         uint16_t *sc = malloc((size_t)H * CHUNK * 2);
-        if (!K || !V || !kb || !vb || !recs || !bits || !sc)
+        /* the coarse tier's summaries of the chunk's 64-position blocks, as libkvarc makes them */
+        const size_t nsb = CHUNK / KVG_SIG_BLOCK, S = KVG_SUM_ITEMS;
+        uint8_t *sbits = malloc((size_t)H * nsb * S * D / 8);
+        uint16_t *sscale = malloc((size_t)H * nsb * S * 2);
+        if (!K || !V || !kb || !vb || !recs || !bits || !sc || !sbits || !sscale)
             die("memory", "out of memory");
         for (size_t i = 0; i < N * H * D; i++) {
             K[i] = rnd();
@@ -206,8 +225,16 @@ int main(int argc, char **argv)
                 if (kvg_encode_ref(&codec, KVARC_DTYPE_F32, kb, vb, CHUNK, recs + (size_t)h * CHUNK * rb,
                                    bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL) ||
                     kvg_sig_pos_ref(&rope, &rot, NULL, kb, p, CHUNK, bits + (size_t)h * CHUNK * D / 8,
-                                    sc + (size_t)h * CHUNK, NULL))
+                                    sc + (size_t)h * CHUNK, NULL) ||
+                    kvg_sig_pos_keys(&rope, NULL, kb, p, CHUNK, kb))
                     die("encode", "failed");
+                for (size_t b = 0; b < nsb; b++) {
+                    size_t t0 = b * KVG_SIG_BLOCK, o = (size_t)h * nsb + b;
+                    if (kvg_summary_ref(&rot, kb + t0 * D, bits + ((size_t)h * CHUNK + t0) * D / 8,
+                                        sc + (size_t)h * CHUNK + t0, KVG_SIG_BLOCK, sbits + o * S * D / 8,
+                                        sscale + o * S))
+                        die("summary", "failed");
+                }
             }
             t_enc += tu_now_s() - te;
             for (int l = 0; l < layers; l++) {
@@ -222,6 +249,10 @@ int main(int argc, char **argv)
                 r2.sig_scale.len = (size_t)H * CHUNK * 2;
                 r2.records.data = recs;
                 r2.records.len = (size_t)H * CHUNK * rb;
+                r2.sum_bits.data = sbits;
+                r2.sum_bits.len = (size_t)H * nsb * S * D / 8;
+                r2.sum_scale.data = (uint8_t *)sscale;
+                r2.sum_scale.len = (size_t)H * nsb * S * 2;
                 if (kvc_call(k, "Append", &r2.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg, sizeof msg))
                     die("append", msg);
             }
@@ -259,53 +290,64 @@ int main(int argc, char **argv)
         free(K);
         free(V);
 
-        /* attach (signatures of every layer) and decode */
-        double tl = tu_now_s();
-        if (kvarc_conv_attach(cl, "bench", "decode", &m, &o, &cv))
-            die("attach", kvarc_client_errmsg(cl));
-        double tattach = tu_now_s() - tl;
+        /* attach (signatures of every layer) and decode, once per coarse setting */
         double *step = calloc((size_t)steps, sizeof *step);
-        float tk[H * D], tv[H * D];
-        kvarc_stats s0, s1;
-        kvarc_conv_stats(cv, &s0);
-        for (int s = 0; s < steps; s++) {
-            for (int i = 0; i < QH * D; i++)
-                q[i] = rnd();
-            for (int i = 0; i < H * D; i++) {
-                tk[i] = rnd();
-                tv[i] = rnd();
-            }
-            double ts = tu_now_s();
-            for (int l = 0; l < layers; l++)
-                if (kvarc_append(cv, (uint32_t)l, KVARC_DTYPE_F32, tk, tv, 1) ||
-                    kvarc_attend(cv, (uint32_t)l, q, 1, out))
-                    die("decode", kvarc_errmsg(cv));
-            step[s] = tu_now_s() - ts;
-        }
-        kvarc_conv_stats(cv, &s1);
-        qsort(step, (size_t)steps, sizeof *step, tu_cmp_double);
-        double p50 = step[steps / 2], p90 = step[steps * 9 / 10];
         printf("bench-decode: %d layer(s) x %d kv heads x %d query heads x head_dim %d, %llu cold tokens, %s records, "
                "top_k %u, shortlist %u x top_k; %d steps\n", layers, H, QH, D, (unsigned long long)N,
                kvarc_format_get(fmt)->name, o.top_k, o.shortlist, steps);
-        printf("  archive: %.1f s (encode %.1f s, once for all layers); attach (signatures of every layer): %.1f s; "
-               "stage 1 on the %s\n", tarch, t_enc, tattach, kvarc_uses_gpu(cv) ? "GPU" : "CPU");
-        printf("  decode step, all %d layer(s):  p50 %8.2f ms   p90 %8.2f ms\n", layers, p50 * 1e3, p90 * 1e3);
-        printf("    by stage (mean per step):    stage 1 %.2f ms, stage 2 (RerankLayer) %.2f ms, decode %.2f ms, "
-               "attention %.2f ms, archive %.2f ms\n", (double)(s1.ns_stage1 - s0.ns_stage1) * 1e-6 / steps,
-               (double)(s1.ns_stage2 - s0.ns_stage2) * 1e-6 / steps, (double)(s1.ns_decode - s0.ns_decode) * 1e-6 / steps,
-               (double)(s1.ns_attend - s0.ns_attend) * 1e-6 / steps,
-               (double)(s1.ns_archive - s0.ns_archive) * 1e-6 / steps);
+        printf("  archive: %.1f s (encode %.1f s, once for all layers)\n", tarch, t_enc);
         printf("  exact full attention, one layer, fp32 in RAM (baseline): %.2f ms; x %d layers = %.2f ms\n", best * 1e3,
                layers, best * 1e3 * layers);
-        printf("  kvarc step / exact attention:  %.3fx   (per layer: kvarc %.2f ms, exact %.2f ms)\n",
-               p50 / (best * layers), p50 * 1e3 / layers, best * 1e3);
-        printf("  records fetched per step %.0f, cache hit rate %.0f%%, bytes on the wire per step %.0f KB\n",
-               (double)(s1.records_fetched - s0.records_fetched) / steps,
-               s1.cache_lookups > s0.cache_lookups ? 100.0 * (double)(s1.cache_hits - s0.cache_hits) /
-                                                         (double)(s1.cache_lookups - s0.cache_lookups) : 0.0,
-               (double)(s1.bytes_sent - s0.bytes_sent + s1.bytes_received - s0.bytes_received) / steps / 1024);
-        kvarc_conv_close(cv);
+        for (int ci = 0; ci < n_coarse; ci++) {
+            o.coarse_blocks = coarse[ci];
+            double tl = tu_now_s();
+            if (kvarc_conv_attach(cl, "bench", "decode", &m, &o, &cv))
+                die("attach", kvarc_client_errmsg(cl));
+            double tattach = tu_now_s() - tl;
+            float tk[H * D], tv[H * D];
+            kvarc_stats s0, s1;
+            kvarc_conv_stats(cv, &s0);
+            for (int s = 0; s < steps; s++) {
+                for (int i = 0; i < QH * D; i++)
+                    q[i] = rnd();
+                for (int i = 0; i < H * D; i++) {
+                    tk[i] = rnd();
+                    tv[i] = rnd();
+                }
+                double ts = tu_now_s();
+                for (int l = 0; l < layers; l++)
+                    if (kvarc_append(cv, (uint32_t)l, KVARC_DTYPE_F32, tk, tv, 1) ||
+                        kvarc_attend(cv, (uint32_t)l, q, 1, out))
+                        die("decode", kvarc_errmsg(cv));
+                step[s] = tu_now_s() - ts;
+            }
+            kvarc_conv_stats(cv, &s1);
+            qsort(step, (size_t)steps, sizeof *step, tu_cmp_double);
+            double p50 = step[steps / 2], p90 = step[steps * 9 / 10];
+            if (coarse[ci])
+                printf("coarse tier on: stage 1 scans the %u best 64-token blocks of each kv head\n", coarse[ci]);
+            else
+                printf("coarse tier off: stage 1 scans every cold token\n");
+            printf("  attach (signatures and summaries of every layer): %.1f s; stage 1 on the %s\n", tattach,
+                   kvarc_uses_gpu(cv) ? "GPU" : "CPU");
+            printf("  decode step, all %d layer(s):  p50 %8.2f ms   p90 %8.2f ms\n", layers, p50 * 1e3, p90 * 1e3);
+            printf("    by stage (mean per step):    stage 1 %.2f ms, stage 2 (RerankLayer) %.2f ms, decode %.2f ms, "
+                   "attention %.2f ms, archive %.2f ms\n", (double)(s1.ns_stage1 - s0.ns_stage1) * 1e-6 / steps,
+                   (double)(s1.ns_stage2 - s0.ns_stage2) * 1e-6 / steps,
+                   (double)(s1.ns_decode - s0.ns_decode) * 1e-6 / steps,
+                   (double)(s1.ns_attend - s0.ns_attend) * 1e-6 / steps,
+                   (double)(s1.ns_archive - s0.ns_archive) * 1e-6 / steps);
+            printf("  kvarc step / exact attention:  %.3fx   (per layer: kvarc %.2f ms, exact %.2f ms)\n",
+                   p50 / (best * layers), p50 * 1e3 / layers, best * 1e3);
+            printf("  records fetched per step %.0f, cache hit rate %.0f%%, bytes on the wire per step %.0f KB\n",
+                   (double)(s1.records_fetched - s0.records_fetched) / steps,
+                   s1.cache_lookups > s0.cache_lookups ? 100.0 * (double)(s1.cache_hits - s0.cache_hits) /
+                                                             (double)(s1.cache_lookups - s0.cache_lookups) : 0.0,
+                   (double)(s1.bytes_sent - s0.bytes_sent + s1.bytes_received - s0.bytes_received) / steps / 1024);
+            fflush(stdout);
+            /* the next setting continues the same conversation: fork-free, the appended steps stay */
+            kvarc_conv_close(cv);
+        }
         free(step);
         free(q);
         free(out);
@@ -315,6 +357,8 @@ int main(int argc, char **argv)
         free(recs);
         free(bits);
         free(sc);
+        free(sbits);
+        free(sscale);
     }
     kvarc_client_close(cl);
     cleanup();

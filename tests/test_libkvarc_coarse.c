@@ -1,0 +1,231 @@
+/* test_libkvarc_coarse: the coarse tier end to end, libkvarc against a real
+ * kvarcd on a unix socket (1 layer, 2 KV heads x 4 query heads, head_dim
+ * 128, RoPE on every dimension, true positions, q3):
+ *  - the writer makes the block summaries and sends them with its Appends;
+ *    a worker attaching loads them (LoadSummaries): every complete block
+ *    has them, and its coarse stage 1 retrieves exactly what the writer's
+ *    does (the outputs differ only by the reader's hot window, decoded
+ *    from q3 records);
+ *  - one-token needles (a key of 16 x a unit direction among Gaussian keys
+ *    with loud channels; the query aimed at it at its true distance) are
+ *    retrieved with the coarse tier on, scanning 4 of 128 blocks, as with
+ *    the full scan;
+ *  - a fork taken in the middle of a block and continued: the fork's own
+ *    appends complete that block with a summary of its own, and a worker
+ *    attaching to the fork finds every block summarized;
+ *  - coarse_blocks below shortlist x top_k / 64 is refused, naming it. */
+#include <math.h>
+
+#include "kvarcd_util.h"
+#include "kvarc.h"
+#include "../client/kvarc_internal.h"
+#include "kvg.h"
+
+#define H 2
+#define QH 4
+#define D 128
+#define N 8192
+#define THETA 10000.0f
+
+static float K[H][N][D], V[H][N][D];
+static const uint64_t needles[3] = { 1234, 4100, 6999 };
+static float ndir[3][H][D];
+
+static int append_range(kvarc_conv *cv, int t0, int n)
+{
+    static float kb[H * N * D], vb[H * N * D];
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < n; i++) {
+            memcpy(kb + ((size_t)h * n + i) * D, K[h][t0 + i], D * 4);
+            memcpy(vb + ((size_t)h * n + i) * D, V[h][t0 + i], D * 4);
+        }
+    return kvarc_append(cv, 0, KVARC_DTYPE_F32, kb, vb, (uint32_t)n);
+}
+
+/* The pre-RoPE query of every query head at position m aimed at needle j:
+ * its direction turned back by the distance, so that at true positions it
+ * meets the needle's key; plus a little noise. */
+static void needle_query(tu_rng *g, int j, uint64_t m, float *q)
+{
+    for (int hq = 0; hq < QH; hq++) {
+        float *qh = q + (size_t)hq * D;
+        for (int i = 0; i < D; i++)
+            qh[i] = 10.0f * ndir[j][hq / (QH / H)][i] + 0.3f * tu_gauss(g);
+        kvg_rope_ref(qh, D, D, 0, THETA, (double)needles[j] - (double)m);
+    }
+}
+
+static int has(const uint64_t *v, size_t n, uint64_t p)
+{
+    for (size_t i = 0; i < n; i++)
+        if (v[i] == p)
+            return 1;
+    return 0;
+}
+
+/* Every complete archived block of the layer has its summaries. */
+static int all_summarized(const kvarc_conv *cv)
+{
+    if (!cv)
+        return 0;
+    const kl_layer *y = &cv->layers[0];
+    if (y->sum_n != y->archived / KVG_SIG_BLOCK)
+        return 0;
+    for (uint64_t b = 0; b < y->sum_n; b++)
+        if (!y->sum_ok[b])
+            return 0;
+    return 1;
+}
+
+int main(void)
+{
+    eu_tmpdir(dir, sizeof dir, "coarse");
+    tu_rng g = { 5 };
+    for (int j = 0; j < 3; j++)
+        for (int h = 0; h < H; h++) {
+            double n2 = 0;
+            for (int i = 0; i < D; i++) {
+                ndir[j][h][i] = tu_gauss(&g);
+                n2 += (double)ndir[j][h][i] * ndir[j][h][i];
+            }
+            for (int i = 0; i < D; i++)
+                ndir[j][h][i] = (float)(ndir[j][h][i] / sqrt(n2));
+        }
+    for (int h = 0; h < H; h++)
+        for (int t = 0; t < N; t++) {
+            for (int i = 0; i < D; i++) {     /* Gaussian keys, a few loud channels, as real keys have */
+                K[h][t][i] = tu_gauss(&g) * (i % 37 == 5 ? 5.0f : 1.0f);
+                V[h][t][i] = tu_gauss(&g);
+            }
+            for (int j = 0; j < 3; j++)
+                if ((uint64_t)t == needles[j])
+                    for (int i = 0; i < D; i++)
+                        K[h][t][i] += 16.0f * ndir[j][h][i];
+        }
+    pid_t pid = start_daemon();
+    kvc_conn *probe;
+    CHECK_RC(kvc_connect(dir, &probe), 0);
+    CHECK(wait_ready(probe), "kvarcd ready");
+    kvc_close(probe);
+    kvarc_client *cl, *cl2;
+    CHECK_RC(kvarc_client_open(dir, NULL, NULL, &cl), 0);
+    CHECK_RC(kvarc_client_open(dir, NULL, NULL, &cl2), 0);
+    if (tu_failures) {
+        kill(pid, SIGKILL);
+        return tu_finish("test_libkvarc_coarse");
+    }
+    kvarc_model m = { 1, H, QH, D, KVARC_DTYPE_F32, THETA, D, 0, "coarse-toy" };
+    kvarc_options o;
+    kvarc_options_default(&o);
+    o.top_k = 8;
+    o.shortlist = 4;                       /* 32 shortlisted */
+    o.coarse_blocks = 4;                   /* of 128 blocks */
+    o.hot_window = 64;
+    o.batch = 64;
+    o.max_chunk = 16;
+
+    {   /* bad option: fewer scanned tokens than the shortlist */
+        kvarc_options bad = o;
+        bad.top_k = 64;
+        bad.shortlist = 8;
+        bad.coarse_blocks = 4;
+        kvarc_conv *x = NULL;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "bad", &m, &bad, NULL, &x), -EINVAL);
+        CHECK(strstr(kvarc_client_errmsg(cl), "coarse_blocks") != NULL, "the refusal names coarse_blocks: %s",
+              kvarc_client_errmsg(cl));
+    }
+
+    kvarc_conv *w = NULL, *r = NULL, *f = NULL, *fk = NULL, *fr = NULL;
+    CHECK_RC(kvarc_conv_create(cl, "lib", "c", &m, &o, NULL, &w), 0);
+    /* appends of 100 tokens: blocks complete inside appends, not at their edges */
+    const int t_end = 7800;                /* then 6 needle steps, and a fork's 150 tokens: < N */
+    for (int t = 0; t < t_end && !tu_failures; t += 100)
+        CHECK_RC(append_range(w, t, 100), 0);
+    CHECK_RC(kvarc_conv_sync(w), 0);
+    CHECK(all_summarized(w), "the writer holds a summary for each of its %llu complete blocks",
+          (unsigned long long)w->layers[0].archived / KVG_SIG_BLOCK);
+
+    CHECK_RC(kvarc_conv_attach(cl2, "lib", "c", &m, &o, &r), 0);
+    CHECK(all_summarized(r), "an attaching worker loads a summary for every complete block (%llu)",
+          (unsigned long long)r->layers[0].sum_n);
+    if (!w || !r) {                        /* nothing below can run */
+        kill(pid, SIGKILL);
+        return tu_finish("test_libkvarc_coarse");
+    }
+    CHECK(r->layers[0].sum_n == w->layers[0].sum_n &&
+          !memcmp(r->layers[0].sum_bits[1], w->layers[0].sum_bits[1], r->layers[0].sum_n * KVG_SUM_ITEMS * D / 8) &&
+          !memcmp(r->layers[0].sum_scale[0], w->layers[0].sum_scale[0], r->layers[0].sum_n * KVG_SUM_ITEMS * 2),
+          "the loaded summaries are the writer's bytes");
+
+    /* needle queries: found with the coarse tier, by writer and reader alike, bit for bit */
+    float q[QH * D], ow[QH * D], orr[QH * D];
+    (void)orr;
+    static float one_k[H * D], one_v[H * D];
+    int t = t_end;
+    for (int j = 0; j < 3 && !tu_failures; j++, t++) {
+        for (int h = 0; h < H; h++) {
+            memcpy(one_k + h * D, K[h][t], D * 4);
+            memcpy(one_v + h * D, V[h][t], D * 4);
+        }
+        CHECK_RC(kvarc_append(w, 0, KVARC_DTYPE_F32, one_k, one_v, 1), 0);
+        CHECK_RC(kvarc_append(r, 0, KVARC_DTYPE_F32, one_k, one_v, 1), 0);
+        needle_query(&g, j, (uint64_t)t, q);
+        CHECK_RC(kvarc_attend(w, 0, q, 1, ow), 0);
+        CHECK_RC(kvarc_attend(r, 0, q, 1, orr), 0);
+        for (uint32_t h = 0; h < H; h++) {
+            uint64_t pw[64], pr[64];
+            size_t nw = kvarc_last_retrieved(w, h, pw, 64), nr = kvarc_last_retrieved(r, h, pr, 64);
+            CHECK(nw == o.top_k && nr == nw && !memcmp(pw, pr, nw * 8), "needle %d head %u: same retrieval", j, h);
+            CHECK(has(pw, nw, needles[j]), "needle %d (position %llu) head %u retrieved with 4 of 128 blocks "
+                  "scanned", j, (unsigned long long)needles[j], h);
+        }
+    }
+    /* the same needles through the full scan (coarse off), as a check of the setup */
+    kvarc_options full = o;
+    full.coarse_blocks = 0;
+    CHECK_RC(kvarc_fork(w, "lib", "c-full", 0), 0);
+    CHECK_RC(kvarc_conv_attach(cl2, "lib", "c-full", &m, &full, &f), 0);
+    for (int j = 0; j < 3 && !tu_failures; j++, t++) {
+        for (int h = 0; h < H; h++) {
+            memcpy(one_k + h * D, K[h][t], D * 4);
+            memcpy(one_v + h * D, V[h][t], D * 4);
+        }
+        CHECK_RC(kvarc_append(f, 0, KVARC_DTYPE_F32, one_k, one_v, 1), 0);
+        needle_query(&g, j, (uint64_t)t, q);
+        CHECK_RC(kvarc_attend(f, 0, q, 1, ow), 0);
+        uint64_t pw[64];
+        size_t nw = kvarc_last_retrieved(f, 0, pw, 64);
+        CHECK(has(pw, nw, needles[j]), "needle %d retrieved by the full scan too", j);
+    }
+    kvarc_conv_close(f);
+    kvarc_conv_close(r);
+
+    /* a fork in the middle of a block, continued: the fork completes that block with its own summary */
+    CHECK_RC(kvarc_conv_sync(w), 0);
+    uint64_t wl = kvarc_length(w, 0);
+    CHECK(wl % KVG_SIG_BLOCK != 0, "the fork point %llu is inside a block", (unsigned long long)wl);
+    CHECK_RC(kvarc_fork(w, "lib", "c-fork", 0), 0);
+    CHECK_RC(kvarc_conv_attach(cl, "lib", "c-fork", &m, &o, &fk), 0);
+    if (fk) {
+        CHECK_RC(append_range(fk, (int)wl, 150), 0);
+        CHECK_RC(kvarc_conv_sync(fk), 0);
+        CHECK_RC(kvarc_conv_attach(cl2, "lib", "c-fork", &m, &o, &fr), 0);
+    }
+    CHECK(fr && fr->layers[0].archived == wl + 150 && all_summarized(fr),
+          "the fork's attached reader has every block summarized (%llu blocks, %llu tokens)",
+          fr ? (unsigned long long)fr->layers[0].sum_n : 0ull, fr ? (unsigned long long)fr->layers[0].archived : 0ull);
+    kvarc_conv_close(fr);
+    kvarc_conv_close(fk);
+    kvarc_conv_close(w);
+    kvarc_client_close(cl);
+    kvarc_client_close(cl2);
+    kill(pid, SIGTERM);
+    CHECK(wait_exit(pid, 10000) == 0, "kvarcd exits 0");
+    if (!tu_failures) {
+        char log[300];
+        snprintf(log, sizeof log, "%s.log", dir);
+        unlink(log);
+        eu_rmrf(dir);
+    }
+    return tu_finish("test_libkvarc_coarse");
+}
