@@ -1,7 +1,12 @@
 /* test_score: stage-1 scores equal an independent per-token computation
  * bit for bit (asymmetric and Hamming, GQA max and mean), the asymmetric
  * estimator tracks the true q.k (centering bias added back), a planted
- * needle lands in the shortlist, and bad input gets its defined error. */
+ * needle lands in the shortlist, and bad input gets its defined error.
+ * The coarse tier's entry points: kvg_score_items equals
+ * kvg_score_items_ref, which is kvg_score_pos_ref item by item with the
+ * item's own bias; kvg_score_runs equals kvg_score_pos_ref run by run
+ * (ragged runs across block boundaries, block biases sliced per run), at
+ * head_dim 128 (the AVX-512 scan where the CPU has it) and 64, 256. */
 #include <errno.h>
 #include <string.h>
 
@@ -69,9 +74,200 @@ static void dispatch_case(void)
     printf("stage-1 kernel at head_dim 128: %s\n", kvg_score_kernel(128));
 }
 
+/* Random signatures of d/8 bytes; scales 0, subnormal, the largest
+ * finite fp16 and ordinary ones among them. */
+static void make_sigs(tu_rng *g, int d, size_t n, uint8_t *bits, uint16_t *sc)
+{
+    for (size_t i = 0; i < n * (size_t)d / 8; i++)
+        bits[i] = (uint8_t)(kvarc_splitmix64(&g->s) >> 56);
+    for (size_t j = 0; j < n; j++)
+        sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(g) * 4);
+}
+
+/* nq prepared queries of head_dim d (each with a bias of its own). */
+static void make_queries(tu_rng *g, int d, kvg_query *qs, int nq)
+{
+    kvarc_rotation rot;
+    CHECK_RC(kvarc_rotation_init(&rot, d, 9 + (uint64_t)d), 0);
+    float q[KVARC_HEAD_DIM_MAX];
+    for (int h = 0; h < nq; h++) {
+        for (int i = 0; i < d; i++)
+            q[i] = tu_gauss(g) * (float)(h + 1);
+        CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q, &qs[h]), 0);
+        qs[h].bias = tu_gauss(g);
+    }
+}
+
+/* What kvg_score_runs must give: kvg_score_pos_ref on each run alone
+ * (its own first position, the block biases of the blocks it spans
+ * copied out), concatenated. Returns the total length. */
+static size_t runs_want(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int nq, int d,
+                        const uint8_t *bits, const uint16_t *sc, uint64_t first, const uint64_t *runs, size_t nr,
+                        const float *bb, size_t nblk, float *want)
+{
+    size_t o = 0, sb = (size_t)d / 8;
+    for (size_t r = 0; r < nr; r++) {
+        uint64_t a = runs[2 * r], n = runs[2 * r + 1], p0 = first + a;
+        if (!n)
+            continue;
+        uint64_t b0 = p0 / 64 - first / 64, nbr = (p0 + n - 1) / 64 - p0 / 64 + 1;
+        float rb[8 * 4];
+        for (int h = 0; h < nq && bb; h++)
+            for (uint64_t k = 0; k < nbr; k++)
+                rb[(size_t)h * nbr + k] = bb[(size_t)h * nblk + b0 + k];
+        CHECK_RC(kvg_score_pos_ref(mode, comb, qs, nq, bits + a * sb, sc + a, n, p0, bb ? rb : NULL, nbr, want + o),
+                 0);
+        o += n;
+    }
+    return o;
+}
+
+/* kvg_score_runs against runs_want, bit for bit: runs of 0..100 tokens
+ * in any order (overlapping too), many starting a few tokens before a
+ * 64-position boundary, first_pos not a multiple of 64, GQA groups of
+ * 1..8 at head_dim 128 (1, 3, 8 at 64 and 256, where both sides are the
+ * reference), both combines and modes, with and without block biases.
+ * The output past the runs' total is never written. */
+static void runs_case(int d)
+{
+    tu_rng g = { 1000 + (uint64_t)d };
+    enum { NS = 700, MAXR = 12 };
+    const size_t sb = (size_t)d / 8;
+    uint8_t *bits = malloc(NS * sb);
+    uint16_t sc[NS];
+    make_sigs(&g, d, NS, bits, sc);
+    kvg_query qs[8];
+    make_queries(&g, d, qs, 8);
+    const uint64_t first = 64 * 1000 + 37;
+    const size_t nblk = (first + NS - 1) / 64 - first / 64 + 1;
+    float *bb = malloc(8 * nblk * sizeof *bb);
+    for (size_t i = 0; i < 8 * nblk; i++)
+        bb[i] = 30.0f * tu_gauss(&g);
+    static float want[MAXR * 100], got[MAXR * 100 + 8];
+    uint64_t runs[2 * MAXR];
+    int bad = 0, cases = 0, crossing = 0, trials = d == 128 ? 10 : 4;
+    for (int trial = 0; trial < trials; trial++) {
+        size_t nr = 1 + (size_t)(kvarc_splitmix64(&g.s) % MAXR);
+        for (size_t r = 0; r < nr; r++) {
+            uint64_t u = kvarc_splitmix64(&g.s), n = u % 8 == 0 ? 0 : (u >> 8) % 101, a;
+            if ((u >> 20) & 1) {      /* start 1..n-1 tokens before a block boundary */
+                uint64_t bnd = 64 * (1 + (u >> 24) % (NS / 64 - 2)) - first % 64, back = 1 + (u >> 40) % (n ? n : 1);
+                a = bnd - (back < bnd ? back : 0);
+            } else {
+                a = (u >> 24) % (NS - n + 1);
+            }
+            if (a + n > NS)
+                a = NS - n;
+            runs[2 * r] = a;
+            runs[2 * r + 1] = n;
+            crossing += n && (first + a) / 64 != (first + a + n - 1) / 64;
+        }
+        for (int mode = 0; mode < 2; mode++)
+            for (int nq = 1; nq <= 8; nq += d != 128 ? (nq < 3 ? 2 : 5) : 1)
+                for (int comb = 0; comb < 2; comb++)
+                    for (int withb = 0; withb < 2; withb++) {
+                        const float *b = withb ? bb : NULL;
+                        size_t tot = runs_want((kvg_score_mode)mode, (kvg_combine)comb, qs, nq, d, bits, sc, first,
+                                               runs, nr, b, nblk, want);
+                        memset(got, 0xa5, sizeof got);
+                        CHECK_RC(kvg_score_runs((kvg_score_mode)mode, (kvg_combine)comb, qs, nq, bits, sc, first, runs,
+                                                nr, b, nblk, got), 0);
+                        uint8_t untouched[8 * 4];
+                        memset(untouched, 0xa5, sizeof untouched);
+                        bad += memcmp(want, got, tot * 4) != 0 || memcmp(got + tot, untouched, sizeof untouched) != 0;
+                        cases++;
+                    }
+    }
+    CHECK(bad == 0, "head_dim %d: kvg_score_runs (%s) differs from kvg_score_pos_ref run by run in %d of %d cases",
+          d, kvg_score_kernel(d), bad, cases);
+    CHECK(crossing >= 2 * trials, "only %d runs crossed a block boundary", crossing);
+
+    /* the block biases must cover the runs' whole extent (the widest run
+     * in the middle): one block short is -EINVAL */
+    uint64_t fp = 64 * 5 + 40, ex[6] = { 10, 30, 0, 100, 50, 20 };   /* extent [0, 100): blocks 5..7 */
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, fp, ex, 3, bb, 3, got), 0);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, fp, ex, 3, bb, 2, got), -EINVAL);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_HAMMING, KVG_COMBINE_MEAN, qs, 2, bits, sc, fp, ex, 3, bb, 2, got), -EINVAL);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, fp, ex, 3, NULL, 0, got), 0);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, fp, NULL, 1, NULL, 0, got), -EINVAL);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, fp, NULL, 0, NULL, 0, got), 0);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, NULL, fp, ex, 3, NULL, 0, got), -EINVAL);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, fp, ex, 3, NULL, 0, NULL), -EINVAL);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 0, bits, sc, fp, ex, 3, NULL, 0, got), -EINVAL);
+    CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, (kvg_combine)7, qs, 2, bits, sc, fp, ex, 3, NULL, 0, got), -EINVAL);
+    free(bits);
+    free(bb);
+}
+
+/* kvg_score_items equals kvg_score_items_ref bit for bit: at head_dim 128
+ * every n up to 24 (each short group of the scan), then longer, GQA groups
+ * of 1..8; at 64 and 256 n up to 13, groups of 1, 3, 8; both
+ * combines and modes, item biases or NULL. And kvg_score_items_ref is its
+ * definition: kvg_score_pos_ref of item j alone, each query's bias
+ * replaced by item j's (NULL: left as it is). */
+static void items_case(int d)
+{
+    tu_rng g = { 2000 + (uint64_t)d };
+    enum { NI = 400 };
+    const size_t sb = (size_t)d / 8;
+    uint8_t *bits = malloc(NI * sb);
+    uint16_t sc[NI];
+    make_sigs(&g, d, NI, bits, sc);
+    kvg_query qs[8], q1[8];
+    make_queries(&g, d, qs, 8);
+    float *ib = malloc(8 * NI * sizeof *ib), want[NI], got[NI + 8], one;
+    for (size_t i = 0; i < 8 * NI; i++)
+        ib[i] = 30.0f * tu_gauss(&g);
+    int bad = 0, bad_def = 0, cases = 0;
+    for (int mode = 0; mode < 2; mode++)
+        for (int nq = 1; nq <= 8; nq += d != 128 ? (nq < 3 ? 2 : 5) : 1)
+            for (int comb = 0; comb < 2; comb++)
+                for (int withb = 0; withb < 2; withb++)
+                    for (size_t n = 1; n <= (d == 128 ? NI : 13); n += n < 24 ? 1 : 75) {
+                        const float *b = withb ? ib : NULL;
+                        CHECK_RC(kvg_score_items_ref((kvg_score_mode)mode, (kvg_combine)comb, qs, nq, bits, sc, n, b,
+                                                     want), 0);
+                        memset(got, 0xa5, sizeof got);
+                        CHECK_RC(kvg_score_items((kvg_score_mode)mode, (kvg_combine)comb, qs, nq, bits, sc, n, b, got),
+                                 0);
+                        uint8_t untouched[8 * 4];
+                        memset(untouched, 0xa5, sizeof untouched);
+                        bad += memcmp(want, got, n * 4) != 0 || memcmp(got + n, untouched, sizeof untouched) != 0;
+                        cases++;
+                        if (n != 13)
+                            continue;
+                        for (size_t j = 0; j < n; j++) {
+                            for (int h = 0; h < nq; h++) {
+                                q1[h] = qs[h];
+                                if (b)
+                                    q1[h].bias = b[(size_t)h * n + j];
+                            }
+                            CHECK_RC(kvg_score_pos_ref((kvg_score_mode)mode, (kvg_combine)comb, q1, nq, bits + j * sb,
+                                                       sc + j, 1, 0, NULL, 0, &one), 0);
+                            bad_def += memcmp(&one, &want[j], 4) != 0;
+                        }
+                    }
+    CHECK(bad == 0, "head_dim %d: kvg_score_items (%s) differs from kvg_score_items_ref in %d of %d cases", d,
+          kvg_score_kernel(d), bad, cases);
+    CHECK(bad_def == 0, "head_dim %d: kvg_score_items_ref differs from kvg_score_pos_ref item by item %d times", d,
+          bad_def);
+    CHECK_RC(kvg_score_items(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 0, bits, sc, 8, NULL, got), -EINVAL);
+    CHECK_RC(kvg_score_items(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 65, bits, sc, 8, NULL, got), -EINVAL);
+    CHECK_RC(kvg_score_items(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, NULL, 8, ib, got), -EINVAL);
+    CHECK_RC(kvg_score_items(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, sc, 8, ib, NULL), -EINVAL);
+    CHECK_RC(kvg_score_items(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, NULL, NULL, 0, NULL, NULL), 0);
+    CHECK_RC(kvg_score_items_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 2, bits, NULL, 8, ib, got), -EINVAL);
+    free(bits);
+    free(ib);
+}
+
 int main(void)
 {
     dispatch_case();
+    for (int d = 64; d <= 256; d *= 2) {
+        runs_case(d);
+        items_case(d);
+    }
     tu_rng r = { 99 };
     kvarc_rotation rot;
     CHECK_RC(kvarc_rotation_init(&rot, D, 77), 0);

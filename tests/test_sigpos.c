@@ -266,7 +266,7 @@ static void retrieval_at_true_positions(void)
         rec1 += exact[i1[j]] >= cut;
     }
     CHECK(exact[needle] == sorted[0], "the needle has the largest exact logit");
-    CHECK(i2[0] == needle, "kind 2 ranks the needle first (got token %u)", i2[0]);
+    CHECK(i2[0] == (uint32_t)needle, "kind 2 ranks the needle first (got token %u)", i2[0]);
     CHECK(rec2 >= TOPK * 9 / 10, "kind 2: the shortlist of %d holds %d of the exact top %d", SL, rec2, TOPK);
     CHECK(rec1 < TOPK / 2, "the fixed-distance score holds only %d of the top %d (it must miss them)", rec1, TOPK);
     printf("true positions, 8192 keys over 1M: kind 2 recall %d/%d, fixed-distance score %d/%d\n", rec2, TOPK, rec1,
