@@ -139,22 +139,25 @@ void kl_coarse_scratch_free(kl_coarse_scratch *x)
     memset(x, 0, sizeof *x);
 }
 
-/* Room for n_items summary items (G queries) and n_tok scanned tokens. */
-static int reserve(kl_coarse_scratch *x, size_t n_items, int G, size_t n_tok)
+/* Room for n_items summary items (of up to 64 queries), n_blocks blocks
+ * (summarized or not) and n_tok scanned tokens. */
+static int reserve(kl_coarse_scratch *x, size_t n_items, size_t n_blocks, size_t n_tok)
 {
-    size_t nbk = n_items / KVG_SUM_ITEMS + 1;
-    if (n_items > x->n_items) {
+    size_t nbk = n_blocks + 1;
+    if (n_items > x->n_items || nbk > x->n_blocks) {
         free(x->ib); free(x->is); free(x->bs); free(x->bidx); free(x->tk); free(x->chosen); free(x->tmp);
         x->ib = malloc(n_items * (size_t)64 * 4);          /* G <= 64 */
         x->is = malloc(n_items * 4);
         x->bs = malloc(nbk * 4);
         x->bidx = malloc(nbk * 4);
         x->tk = malloc(nbk * 4);
-        x->chosen = malloc(2 * nbk * 8);
-        x->tmp = malloc(2 * nbk * 8);
+        x->chosen = malloc(nbk * 8);
+        x->tmp = malloc(nbk * 8);
         x->runs = realloc(x->runs, nbk * 16);
-        x->n_items = x->ib && x->is && x->bs && x->bidx && x->tk && x->chosen && x->tmp && x->runs ? n_items : 0;
-        if (!x->n_items)
+        int ok = x->ib && x->is && x->bs && x->bidx && x->tk && x->chosen && x->tmp && x->runs;
+        x->n_items = ok ? n_items : 0;
+        x->n_blocks = ok ? nbk : 0;
+        if (!ok)
             return -ENOMEM;
     }
     if (n_tok > x->n_tok) {
@@ -167,7 +170,6 @@ static int reserve(kl_coarse_scratch *x, size_t n_items, int G, size_t n_tok)
         if (!x->n_tok)
             return -ENOMEM;
     }
-    (void)G;
     return 0;
 }
 
@@ -185,9 +187,14 @@ long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_que
      * last may be clipped); worth it only well below the whole range */
     if (nsum <= 2 * M || (M < 2 ? 0 : M - 2) * B < r)
         return -ENOTSUP;
+    uint64_t missing = 0;                                       /* blocks without summaries: always scanned */
+    for (uint64_t b = fb; b < se; b++)
+        missing += !y->sum_ok[b];
+    if (2 * (M + missing + tail) >= nsum + tail)
+        return -ENOTSUP;
     const size_t S = KVG_SUM_ITEMS, sb = cv->m.head_dim / 8, ni = (size_t)nsum * S;
-    const size_t ntok_max = (size_t)(M + tail) * B;
-    if (reserve(x, ni, G, ntok_max))
+    const size_t ntok_max = (size_t)(M + missing + tail) * B;
+    if (reserve(x, ni, (size_t)(nsum + tail), ntok_max))
         return kl_fail(cv, -ENOMEM, "out of memory for the coarse tier's stage 1");
     /* 1. the summaries, each item with its block's bias */
     for (int g = 0; g < G; g++)

@@ -127,7 +127,7 @@ int  kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float 
 
 /* Work space of kl_stage1_coarse, grown as needed, freed by kl_coarse_scratch_free. */
 typedef struct kl_coarse_scratch {
-    size_t    n_items, n_tok;    /* capacities: summary items, scanned tokens */
+    size_t    n_items, n_blocks, n_tok;   /* capacities: summary items, blocks, scanned tokens */
     float    *ib, *is, *bs;      /* item biases [G][items], item scores, block scores */
     uint32_t *bidx, *tk;         /* chosen blocks; top-k work space */
     uint64_t *chosen, *tmp;      /* chosen blocks sorted */

@@ -38,6 +38,8 @@ int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bi
             sq[i] = v[i] > 0.0f ? e * e / v[i] : 0.0f;
         }
         r[j] = kvarc_tree_sum(sq, d);
+        if (!isfinite(r[j]))
+            return KVARC_ENONFINITE;
     }
     uint64_t taken = 0;
     for (int it = 1; it < KVG_SUM_ITEMS; it++) {

@@ -158,13 +158,14 @@ int kvg_score_items(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
  *           to the lower index): the outliers a mean dilutes n times, such
  *           as a one-token needle, measured against the block's own spread
  *           per channel (so a channel that is loud everywhere does not
- *           make every token an outlier).
- * Blocks of fewer tokens than items repeat item 0. */
+ *           make every token an outlier). A one-token block's item 1 is
+ *           that token's signature; items past the block's token count
+ *           (more items than tokens) repeat item 0. */
 #define KVG_SUM_ITEMS KVARC_SUM_ITEMS   /* 2 */
 /* Summarize n (1..KVG_SIG_BLOCK) tokens: x[n][d] (fp32), their signatures
  * bits[n][d/8] and scales[n], into sum_bits[KVG_SUM_ITEMS][d/8] and
  * sum_scales[KVG_SUM_ITEMS]. 0, -EINVAL (sizes, NULL pointers),
- * KVARC_ENONFINITE (x). */
+ * KVARC_ENONFINITE (x, or a distance that overflows fp32). */
 int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
                     size_t n, uint8_t *sum_bits, uint16_t *sum_scales);
 

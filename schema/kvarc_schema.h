@@ -171,7 +171,9 @@ uint32_t kvarc_crc32c(uint32_t crc, const void *buf, size_t len);
  * A segment file is a sequence of self-describing blocks, each a 64-byte
  * header then payload_bytes of payload. */
 #define KVARC_BLOCK_MAGIC    0x3142564bu  /* "KVB1" little-endian */
-#define KVARC_BLOCK_VERSION  2           /* the newest understood (1: no summaries) */
+#define KVARC_BLOCK_VERSION  2           /* the newest understood (2: data blocks with summaries) */
+#define KVARC_BLOCK_VERSION_PLAIN 1      /* what is written where no summary needs 2, so an older reader
+                                            reads every block but those */
 #define KVARC_SUM_ITEMS      2           /* summary items per 64-position block (SCHEMA.md 6.3) */
 #define KVARC_SUM_BLOCK      64          /* positions a summary covers */
 #define KVARC_BLOCK_HEADER   64
@@ -225,13 +227,13 @@ size_t kvarc_block_payload_bytes_sum(uint32_t count, int head_dim, int n_heads, 
 size_t kvarc_block_sum_offset(const kvarc_block_header *h, int head);
 size_t kvarc_block_slot_offset(const kvarc_block_header *h, int head, uint32_t t);
 
-/* CRC of a signature section (bits+scales+pad of one head), over
- * (conv, layer, first_pos, head) then the section, so a section cannot
- * pass in another block. */
 /* CRC of head's summary section (without its CRC), seeded with the key
  * (conv, layer, head | 0x40000000, first_pos). */
 uint32_t kvarc_sum_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t head,
                                const uint8_t *section, size_t bytes);
+/* CRC of a signature section (bits+scales+pad of one head), over
+ * (conv, layer, first_pos, head) then the section, so a section cannot
+ * pass in another block. */
 uint32_t kvarc_sig_section_crc(uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t head,
                                const uint8_t *section, size_t bytes);
 /* CRC of a record slot: over (conv, layer, head, pos) then the record, so

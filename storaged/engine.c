@@ -1110,7 +1110,7 @@ static int create_block(kvd_engine *e, create_arg *a, kvd_conv_info *info, kvd_e
     if (a->means)
         memcpy(m, a->means, nm * sizeof(float));
     it.h.kind = KVARC_BLOCK_CONV_CREATE;
-    it.h.version = KVARC_BLOCK_VERSION;
+    it.h.version = KVARC_BLOCK_VERSION_PLAIN;
     it.h.format = a->rec.shape.format;
     it.h.format_version = kvarc_format_get(a->rec.shape.format)->version;
     it.h.head_dim = (uint16_t)a->rec.shape.head_dim;
@@ -1353,7 +1353,7 @@ int kvd_conv_delete(kvd_engine *e, const char *ns, const char *name, kvd_err *er
     it.block = block;
     it.bytes = sizeof block;
     it.h.kind = KVARC_BLOCK_CONV_DELETE;
-    it.h.version = KVARC_BLOCK_VERSION;
+    it.h.version = KVARC_BLOCK_VERSION_PLAIN;
     it.h.conv = info.id;
     it.h.payload_crc = kvarc_crc32c(0, "", 0);
     it.prepare = prepare_delete;
@@ -1534,7 +1534,7 @@ int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first
     if (!it.block)
         return kvd_fail(err, -ENOMEM, "out of memory for a %zu-byte block", it.bytes);
     it.h.kind = KVARC_BLOCK_DATA;
-    it.h.version = KVARC_BLOCK_VERSION;
+    it.h.version = KVARC_BLOCK_VERSION_PLAIN;
     it.h.format = s->format;
     it.h.format_version = kvarc_format_get(s->format)->version;
     it.h.head_dim = (uint16_t)d;
@@ -1546,6 +1546,8 @@ int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first
     it.h.rec_bytes = rb;
     it.h.payload_bytes = (uint32_t)payload;
     it.h.n_sum = n_sum;
+    if (n_sum)
+        it.h.version = KVARC_BLOCK_VERSION;     /* summaries: the one kind of block an older reader cannot take */
     size_t sb = (size_t)d / 8, sec = kvarc_block_sig_section(count, d), ssec = kvarc_block_sum_section(n_sum, d);
     for (int h = 0; h < H && n_sum; h++) {
         uint8_t *p = it.block + kvarc_block_sum_offset(&it.h, h);

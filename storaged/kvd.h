@@ -276,7 +276,7 @@ typedef struct kvd_verify_report {
     uint64_t problems;          /* 0: consistent */
 } kvd_verify_report;
 
-/* Check every block (header, signature and record CRCs), that every
+/* Check every block (header, signature, record and summary CRCs), that every
  * extent points at a matching block inside a committed segment, and that
  * every layer's extents cover [fork_len, length) exactly. Each problem is
  * described through `log` (may be NULL). Returns 0 or KVARC_ECORRUPT. */

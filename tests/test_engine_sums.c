@@ -215,6 +215,33 @@ static int flip_summary(const char *dir, uint64_t conv, int head, size_t at)
     return copies;
 }
 
+/* Every block on disk: those carrying summaries are version 2, all others
+ * version 1 (so that a reader from before summaries still reads them).
+ * Counts of each into v1, v2; returns the blocks that break the rule. */
+static int block_versions(const char *dir, int *v1, int *v2)
+{
+    int bad = 0;
+    char p[4096];
+    *v1 = *v2 = 0;
+    for (uint64_t id = 1; id < 256; id++) {
+        snprintf(p, sizeof p, "%s/segments/%016llx.seg", dir, (unsigned long long)id);
+        int fd = open(p, O_RDONLY);
+        if (fd < 0)
+            continue;
+        off_t off = 0;
+        uint8_t hb[KVARC_BLOCK_HEADER];
+        kvarc_block_header h;
+        while (pread(fd, hb, sizeof hb, off) == (ssize_t)sizeof hb && !kvarc_block_header_decode(hb, &h)) {
+            *v1 += h.version == 1;
+            *v2 += h.version == 2;
+            bad += h.version != (h.n_sum ? 2 : 1);
+            off += KVARC_BLOCK_HEADER + h.payload_bytes;
+        }
+        close(fd);
+    }
+    return bad;
+}
+
 static void linelog(void *arg, const char *line)
 {
     int *summary_lines = arg;
@@ -280,6 +307,9 @@ int main(void)
     kvd_verify_report rep;
     CHECK_RC(kvd_verify(e, &rep, NULL, NULL, NULL, NULL, &err), 0);
     CHECK(rep.problems == 0, "verify: %llu problems", (unsigned long long)rep.problems);
+    int nv1, nv2, badv = block_versions(dir, &nv1, &nv2);
+    CHECK(badv == 0 && nv1 > 0 && nv2 > 0, "blocks with summaries are version 2, the others 1 (%d v1, %d v2, "
+          "%d wrong)", nv1, nv2, badv);
 
     /* restart; the index rebuilt from the segments; compaction */
     kvd_close(e);

@@ -13,6 +13,8 @@
  *  - a fork taken in the middle of a block and continued: the fork's own
  *    appends complete that block with a summary of its own, and a worker
  *    attaching to the fork finds every block summarized;
+ *  - blocks without summaries (archived by a writer that did not send
+ *    them) are always scanned, and the needles are still found;
  *  - coarse_blocks below shortlist x top_k / 64 is refused, naming it. */
 #include <math.h>
 
@@ -159,7 +161,6 @@ int main(void)
 
     /* needle queries: found with the coarse tier, by writer and reader alike, bit for bit */
     float q[QH * D], ow[QH * D], orr[QH * D];
-    (void)orr;
     static float one_k[H * D], one_v[H * D];
     int t = t_end;
     for (int j = 0; j < 3 && !tu_failures; j++, t++) {
@@ -180,6 +181,28 @@ int main(void)
                   "scanned", j, (unsigned long long)needles[j], h);
         }
     }
+    /* blocks without summaries (an archive a writer made without them: here every other block of the
+     * reader's copy marked so) are always scanned, beside the 4 chosen: the needles are still found.
+     * Every fourth block (31): still well under the whole range, so the coarse path runs */
+    for (uint64_t b = 0; b < r->layers[0].sum_n; b += 4)
+        r->layers[0].sum_ok[b] = 0;
+    for (int j = 0; j < 3 && !tu_failures; j++) {
+        needle_query(&g, j, (uint64_t)(t - 1), q);
+        CHECK_RC(kvarc_attend(r, 0, q, 1, orr), 0);       /* the last token again, aimed at needle j */
+        uint64_t pr[64];
+        size_t nr = kvarc_last_retrieved(r, 1, pr, 64);
+        CHECK(has(pr, nr, needles[j]), "needle %d found with every fourth block unsummarized", j);
+    }
+    for (uint64_t b = 0; b < r->layers[0].sum_n; b++)     /* all of them: the full scan */
+        r->layers[0].sum_ok[b] = 0;
+    needle_query(&g, 0, (uint64_t)(t - 1), q);
+    CHECK_RC(kvarc_attend(r, 0, q, 1, orr), 0);
+    {
+        uint64_t pr[64];
+        size_t nr = kvarc_last_retrieved(r, 0, pr, 64);
+        CHECK(has(pr, nr, needles[0]), "needle 0 found with no block summarized");
+    }
+
     /* the same needles through the full scan (coarse off), as a check of the setup */
     kvarc_options full = o;
     full.coarse_blocks = 0;
