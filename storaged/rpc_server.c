@@ -545,8 +545,10 @@ static int append_one(rpc_call *c, const uint8_t *in, size_t len, uint64_t *leng
         if (!scales || !sums)
             rc = kvd_fail(err, -ENOMEM, "out of memory");
         else {
-            memcpy(scales, req->sig_scale.data, req->sig_scale.len);
-            memcpy(sums, req->sum_scale.data, req->sum_scale.len);
+            if (req->sig_scale.len)
+                memcpy(scales, req->sig_scale.data, req->sig_scale.len);
+            if (req->sum_scale.len)
+                memcpy(sums, req->sum_scale.data, req->sum_scale.len);
             rc = kvd_append_sums(c->w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
                                  scales, req->records.data, req->sum_bits.len ? req->sum_bits.data : NULL,
                                  req->sum_bits.len ? sums : NULL, err);
