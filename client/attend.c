@@ -83,7 +83,7 @@ typedef struct scratch {
     uint32_t *idx;           /* [cold] topk output, then scratch */
     uint32_t *tk_scratch;    /* [cold] */
     float    *qsc;           /* [items][G][d] scoring queries */
-    float    *bb;            /* [G][nblk] true positions: a query's kind-2 block biases */
+    float    *bb;            /* [QH][nblk] true positions: a query's kind-2 block biases, every head */
     uint64_t *shortlist;     /* [items][R] */
     uint64_t *have;          /* [items][R] */
     size_t   *nhave;
@@ -328,7 +328,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.idx = malloc((cold + 1) * 4);
     x.tk_scratch = malloc((cold + 1) * 4);
     x.qsc = malloc(ni * G * d * 4);
-    x.bb = malloc((G * nblk + 1) * 4);
+    x.bb = malloc((QH * nblk + 1) * 4);
     x.shortlist = malloc((ni * R_n + 1) * 8);
     x.have = malloc((ni * R_n + 1) * 8);
     x.nhave = calloc(ni, sizeof *x.nhave);
@@ -354,13 +354,14 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.dk = malloc(x.dcap * d * 4);
     x.dv = malloc(x.dcap * d * 4);
     uint32_t *item_head = malloc(ni * sizeof *item_head);
-    kvg_query *qs = malloc(G * sizeof *qs);
+    kvg_query *qs = malloc(QH * sizeof *qs);
+    const float **mus = malloc(QH * sizeof *mus);     /* each query head's centering (its kv head's mu_k) */
     if (nblk)
         bcs = kl_block_angles(cv, b0 + nblk);
     if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
         !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
-        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs) {
+        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs || !mus) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
                      (unsigned long long)cold);
         goto out;
@@ -397,7 +398,9 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         }
         /* stage 1 */
         int64_t t1 = kl_now_ns();
-        for (uint32_t i = 0; i < gn && kret && !rc; i++)
+        for (uint32_t i = 0; i < gn && kret && !rc; i++) {
+            /* every query head of query i: turned and prepared; then, true
+             * mode, all their block biases in one pass over the angle table */
             for (size_t h = 0; h < H && !rc; h++) {
                 size_t it = (size_t)i * H + h;
                 item_head[it] = (uint32_t)h;
@@ -412,37 +415,36 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                         kvg_rope_turn(qv, (int)d, rot, lay, x.cs_score);
                     else
                         kvg_rope_apply(qv, (int)d, rot, lay, cv->rope.inv_freq, (double)(cs + g0 + i));
-                    if ((rc = kvg_query_prep_ref(&cv->rot, remap ? codec.mu_k : NULL, KVARC_DTYPE_F32, qv, &qs[g]))) {
+                    if ((rc = kvg_query_prep_ref(&cv->rot, remap ? codec.mu_k : NULL, KVARC_DTYPE_F32, qv,
+                                                 &qs[h * G + g]))) {
                         kl_fail(cv, rc, "query %u head %zu: %s", g0 + i, h * G + g, kvarc_strerror(rc));
                         break;
                     }
-                    if (!remap && (rc = kvg_block_bias(&cv->rope, codec.mu_k, qv, b0, nblk, bcs + b0, cv->bcs_n,
-                                                           x.bb + g * nblk))) {
-                        kl_fail(cv, rc, "query %u head %zu: its bias against the centering overflows fp32",
-                                g0 + i, h * G + g);
-                        break;
-                    }
+                    mus[h * G + g] = codec.mu_k;
                 }
-                if (rc)
-                    break;
+            }
+            if (!rc && !remap && (rc = kvg_block_bias_n(&cv->rope, (int)QH, mus, x.qsc + (size_t)i * H * G * d, d, b0,
+                                                        nblk, bcs + b0, cv->bcs_n, x.bb, nblk)))
+                kl_fail(cv, rc, "query %u: a bias against the centering overflows fp32", g0 + i);
+            for (size_t h = 0; h < H && !rc; h++) {
+                size_t it = (size_t)i * H + h;
+                const float *bbh = remap ? NULL : x.bb + h * G * nblk;
                 size_t sb = d / 8;
                 long got = -ENOTSUP;
 #ifdef KVARC_HAVE_CUDA
                 if (cv->gpu)
-                    got = kl_gpu_stage1(cv, layer, (uint32_t)h, qs, (int)G, ns, cold, remap ? NULL : x.bb, nblk, R_n,
-                                        x.idx);
+                    got = kl_gpu_stage1(cv, layer, (uint32_t)h, qs + h * G, (int)G, ns, cold, bbh, nblk, R_n, x.idx);
                 if (got < 0 && got != -ENOTSUP) {     /* the device failed: the CPU path from now on */
                     kl_gpu_free(cv);
                     got = -ENOTSUP;
                 }
 #endif
                 if (got == -ENOTSUP)
-                    got = kl_stage1_coarse(cv, y, h, qs, (int)G, ns, hot_lo, remap ? NULL : x.bb, nblk, R_n, &x.co,
-                                           x.idx);
+                    got = kl_stage1_coarse(cv, y, h, qs + h * G, (int)G, ns, hot_lo, bbh, nblk, R_n, &x.co, x.idx);
                 if (got == -ENOTSUP) {
-                    rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
-                                           y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, ns,
-                                           remap ? NULL : x.bb, nblk, x.scores);
+                    rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs + h * G,
+                                       (int)G, y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, ns, bbh,
+                                       nblk, x.scores);
                     got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);
                 }
                 if (got < 0) {
@@ -459,6 +461,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 kvg_sort_u64(hv, nhv, x.sort_tmp);
                 x.nhave[it] = nhv;
             }
+        }
         int64_t t2 = kl_now_ns();
         cv->st.ns_stage1 += (uint64_t)(t2 - t1);
         /* stage 2 */
@@ -541,5 +544,6 @@ out:
     scratch_free(&x);
     free(item_head);
     free(qs);
+    free(mus);
     return rc;
 }

@@ -199,16 +199,74 @@ int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, u
     return block_bias(r, mu_k, q_r, b0, nb, cs, cs_stride, out);
 }
 
-/* The same C compiled for the widest vectors this CPU has, chosen at load
- * time (an ifunc: cpuid): each lane is one block and keeps the pair order,
- * and nothing is fused (-ffp-contract=off), so the bits are the reference's. */
+#define MULTI_Q 16   /* queries whose coefficients sit on the stack at a time */
+
+/* The same sums for n_q queries at once, a tile of blocks' angles read
+ * once for all of them (the table is the memory traffic: 72 doubles a
+ * block); each query's every block keeps the reference's order, nothing
+ * is fused (-ffp-contract=off), so the bits are kvg_block_bias_ref's. The
+ * C is compiled for the widest vectors this CPU has, chosen at load time
+ * (an ifunc: cpuid). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
+int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *q_r, size_t q_stride,
+                     uint64_t b0, size_t nb, const double *cs, size_t cs_stride, float *out, size_t out_stride)
+{
+    double c0[MULTI_Q], A[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], B[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
+    double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
+    const size_t tile = cs ? BIAS_TILE : OWN_TILE;
+    int finite = 1;
+    for (int q0 = 0; q0 < n_q; q0 += MULTI_Q) {
+        const int nq = n_q - q0 < MULTI_Q ? n_q - q0 : MULTI_Q;
+        for (int q = 0; q < nq; q++) {
+            const float *mu = mu_k[q0 + q], *qr = q_r + (size_t)(q0 + q) * q_stride;
+            c0[q] = 0.0;
+            for (int j = r->rotary_dims; mu && j < r->d; j++)
+                c0[q] += (double)qr[j] * (double)mu[j];
+            for (int s = 0; s < r->n_slow; s++) {
+                int a, bb;
+                pair_dims(r, r->first_slow + s, &a, &bb);
+                A[q][s] = mu ? (double)qr[a] * mu[a] + (double)qr[bb] * mu[bb] : 0.0;
+                B[q][s] = mu ? (double)qr[bb] * mu[a] - (double)qr[a] * mu[bb] : 0.0;
+            }
+        }
+        for (size_t t0 = 0; t0 < nb; t0 += tile) {
+            size_t tn = nb - t0 < tile ? nb - t0 : tile, st = cs_stride;
+            const double *tc = cs ? cs + t0 : own;
+            if (!cs) {
+                kvg_block_angles_pm(r, b0 + t0, tn, own, OWN_TILE);
+                st = OWN_TILE;
+            }
+            for (int q = 0; q < nq; q++) {
+                float *o = out + (size_t)(q0 + q) * out_stride + t0;
+                if (!mu_k[q0 + q]) {                   /* no centering: no bias */
+                    for (size_t j = 0; j < tn; j++)
+                        o[j] = 0.0f;
+                    continue;
+                }
+                for (size_t j = 0; j < tn; j++)
+                    acc[j] = c0[q];
+                for (int s = 0; s < r->n_slow; s++) {
+                    const double *co = tc + (size_t)(2 * s) * st, *si = tc + (size_t)(2 * s + 1) * st;
+                    const double as = A[q][s], bs = B[q][s];
+                    for (size_t j = 0; j < tn; j++)
+                        acc[j] += as * co[j] + bs * si[j];
+                }
+                for (size_t j = 0; j < tn; j++) {
+                    o[j] = (float)acc[j];
+                    finite &= isfinite(o[j]) != 0;
+                }
+            }
+        }
+    }
+    return finite ? 0 : KVARC_ENONFINITE;
+}
+
 int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
                    const double *cs, size_t cs_stride, float *out)
 {
-    return block_bias(r, mu_k, q_r, b0, nb, cs, cs_stride, out);
+    return kvg_block_bias_n(r, 1, &mu_k, q_r, 0, b0, nb, cs, cs_stride, out, 0);
 }
 
 int kvg_rope_table_init(kvg_rope_table *tb, const kvg_rope *r)

@@ -153,8 +153,31 @@ static void bias_cases(void)
                 CHECK_RC(kvg_block_bias(&r, mu, q, b0, nb, cs + 3, stride, fast_t), 0);
                 same &= !memcmp(fast, direct, nb * sizeof *fast) && !memcmp(fast_t, direct, nb * sizeof *fast);
             }
-            free(cs);
             CHECK(same, "rotary %d layout %d: kvg_block_bias gives kvg_block_bias_ref's bits", rd, lay);
+            /* 37 queries at once (past the 16 whose coefficients it keeps at a time), each with its own
+             * centering, one without (no bias): each query's row is the reference's alone */
+            enum { NQ = 37 };
+            static float qn[NQ][D], mun[NQ][D], outn[NQ][NB + 3];
+            const float *mup[NQ];
+            for (int k = 0; k < NQ; k++) {
+                for (int i = 0; i < D; i++) {
+                    qn[k][i] = tu_gauss(&g);
+                    mun[k][i] = tu_gauss(&g);
+                }
+                mup[k] = k == 5 ? NULL : mun[k];
+            }
+            int same_n = 1;
+            for (int with_table = 0; with_table < 2; with_table++) {
+                CHECK_RC(kvg_block_bias_n(&r, NQ, mup, qn[0], D, b0, NB, with_table ? cs + 3 : NULL, stride,
+                                          outn[0], NB + 3), 0);
+                for (int k = 0; k < NQ; k++) {
+                    float one[NB];
+                    kvg_block_bias_ref(&r, mup[k], qn[k], b0, NB, NULL, 0, one);
+                    same_n &= !memcmp(one, outn[k], sizeof one);
+                }
+            }
+            free(cs);
+            CHECK(same_n, "rotary %d layout %d: kvg_block_bias_n gives each query the reference's bits", rd, lay);
             /* independently: mu masked to the unturned dims and the slow pairs, turned to the center */
             int worst = 0;
             for (int b = 0; b < NB; b++) {
