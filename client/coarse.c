@@ -48,13 +48,18 @@ long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, cons
     for (size_t h = 0; !rc && h < H; h++) {
         kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
         for (uint64_t b = b0; !rc && b < b0 + nsb; b++) {
+            float c[KVARC_HEAD_DIM_MAX];             /* what the block's signatures subtract */
+            if (cv->o.pos_mode == 1)
+                for (size_t i = 0; i < d; i++)
+                    c[i] = codec.mu_k ? codec.mu_k[i] : 0.0f;
+            else
+                kvg_block_centering(&cv->rope, codec.mu_k, b, c);
             for (uint64_t t = 0; t < B; t++) {
                 uint64_t p = b * B + t;
-                const float *k = y->ring_k + (h * cv->ring + p % cv->ring) * d;
-                memcpy(x + t * d, k, d * 4);
-                if (cv->o.pos_mode == 1)             /* kind 1: k - mu_k */
-                    for (size_t i = 0; i < d; i++)
-                        x[t * d + i] = codec.mu_k ? x[t * d + i] - codec.mu_k[i] : x[t * d + i];
+                /* kind 1: k - mu_k; kind 2: k turned to p (as the ring keeps it) - the block's centering */
+                const float *k = (cv->o.pos_mode == 1 ? y->ring_k : y->ring_kr) + (h * cv->ring + p % cv->ring) * d;
+                for (size_t i = 0; i < d; i++)
+                    x[t * d + i] = k[i] - c[i];
                 if (p < a) {
                     memcpy(bb + t * sb, y->sig_bits[h] + p * sb, sb);
                     bs[t] = y->sig_scale[h][p];
@@ -63,8 +68,6 @@ long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, cons
                     bs[t] = tok_sc[h * n + (p - a)];
                 }
             }
-            if (cv->o.pos_mode == 0)                 /* kind 2: turned, minus the block's centering */
-                kvg_sig_pos_keys(&cv->rope, codec.mu_k, x, b * B, B, x);
             size_t o = h * nsb + (b - b0);
             if ((rc = kvg_summary_ref(&cv->rot, x, bb, bs, B, ob + o * S * sb, os + o * S)))
                 kl_fail(cv, rc, "summarizing block %llu of layer %u head %zu: %s", (unsigned long long)b, layer, h,

@@ -551,7 +551,7 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
             if ((rc = fetch_decode(cv, l, h, len - hot, (uint32_t)hot, tk, tv)))
                 break;
             for (uint64_t t = 0; t < hot; t++)
-                kl_ring_put(cv, y, h, len - hot + t, tk + t * d, tv + t * d);
+                kl_ring_put(cv, y, h, len - hot + t, tk + t * d, tv + t * d, NULL);
         }
         free(tk);
         free(tv);
@@ -595,6 +595,35 @@ static int check_refed(kvarc_conv *cv, uint32_t layer, const uint8_t *bits, uint
     return 0;
 }
 
+/* Kind-2 signatures of positions [first, first + n) of head h, from the
+ * ring's keys already turned to their positions (ring_kr, made by
+ * kvg_rope_apply as kvg_sig_pos_ref would): minus each block's centering,
+ * then kvg_signature_ref. The bits kvg_sig_pos_ref gives, without turning
+ * every key again. */
+static int kl_sig_pos(kvarc_conv *cv, const kl_layer *y, size_t h, const float *mu_k, uint64_t first, uint32_t n,
+                      uint8_t *bits, uint16_t *scales, size_t *bad)
+{
+    const size_t d = cv->m.head_dim;
+    float c[KVARC_HEAD_DIM_MAX], x[KVARC_HEAD_DIM_MAX];
+    uint64_t cb = UINT64_MAX;
+    for (uint32_t t = 0; t < n; t++) {
+        uint64_t p = first + t;
+        if (p / KVG_SIG_BLOCK != cb) {
+            cb = p / KVG_SIG_BLOCK;
+            kvg_block_centering(&cv->rope, mu_k, cb, c);
+        }
+        const float *kr = y->ring_kr + (h * cv->ring + p % cv->ring) * d;
+        for (size_t i = 0; i < d; i++)
+            x[i] = kr[i] - c[i];
+        int rc = kvg_signature_ref(&cv->rot, x, bits + t * (d / 8), &scales[t]);
+        if (rc) {
+            *bad = t;
+            return rc;
+        }
+    }
+    return 0;
+}
+
 /* Encode tokens [archived, archived + n) of a layer from the ring; send
  * them (an Append), or, with `held` (kvarcd already holds them), check them
  * against the stored signatures and keep those. */
@@ -622,8 +651,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         rc = kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
                             &bad);
         if (!rc && cv->o.pos_mode == 0)     /* true positions: kind-2 signatures replace the encoder's */
-            rc = kvg_sig_pos_ref(&cv->rope, &cv->rot, codec.mu_k, k, y->archived, n, bits + h * n * sb, sc + h * n,
-                                 &bad);
+            rc = kl_sig_pos(cv, y, h, codec.mu_k, y->archived, n, bits + h * n * sb, sc + h * n, &bad);
         if (rc)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
                     (unsigned long long)(y->archived + bad), kvarc_strerror(rc));
@@ -717,13 +745,17 @@ const double *kl_block_angles(kvarc_conv *cv, uint64_t nb)
     return cv->bcs;
 }
 
-void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v)
+void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v, const double *cs)
 {
     size_t d = cv->m.head_dim, slot = (h * cv->ring + p % cv->ring) * d;
     memcpy(y->ring_k + slot, k, d * 4);
     memcpy(y->ring_v + slot, v, d * 4);
     memcpy(y->ring_kr + slot, k, d * 4);
-    kvg_rope_apply(y->ring_kr + slot, (int)d, cv->rope.rotary_dims, cv->rope.layout, cv->rope.inv_freq, (double)p);
+    if (cs)
+        kvg_rope_turn(y->ring_kr + slot, (int)d, cv->rope.rotary_dims, cv->rope.layout, cs);
+    else
+        kvg_rope_apply(y->ring_kr + slot, (int)d, cv->rope.rotary_dims, cv->rope.layout, cv->rope.inv_freq,
+                       (double)p);
     if (p < cv->o.sinks) {
         memcpy(y->sink_k + (h * cv->o.sinks + p) * d, k, d * 4);
         memcpy(y->sink_v + (h * cv->o.sinks + p) * d, v, d * 4);
@@ -763,8 +795,10 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
                                    (unsigned long long)p, h, t);
                 }
             }
+        double cs[KVARC_HEAD_DIM_MAX];            /* position p's RoPE angles, once for every head */
+        kvg_rope_angles(cs, (int)d, cv->rope.rotary_dims, cv->rope.inv_freq, (double)p);
         for (size_t h = 0; h < H; h++)
-            kl_ring_put(cv, y, h, p, tok_k + h * d, tok_v + h * d);
+            kl_ring_put(cv, y, h, p, tok_k + h * d, tok_v + h * d, cs);
         y->len = p + 1;
     }
     free(tok_k);

@@ -89,8 +89,9 @@ int  kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...) __attribute__((format
 int64_t kl_now_ns(void);
 /* The codec of (layer, head). */
 kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head);
-/* Put token p's exact K, V ([d] each, pre-RoPE) of head h in the ring. */
-void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v);
+/* Put token p's exact K, V ([d] each, pre-RoPE) of head h in the ring,
+ * and its key turned to p in ring_kr (cs: p's kvg_rope_angles, or NULL). */
+void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v, const double *cs);
 /* Encode and archive tokens [archived, len) of a layer (from the ring);
  * those below `inherited` are checked against kvarcd's signatures instead
  * of being sent. */

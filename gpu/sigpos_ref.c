@@ -103,6 +103,11 @@ static void block_center_mu(const kvg_rope *r, const float *mu, uint64_t b, floa
     }
 }
 
+void kvg_block_centering(const kvg_rope *r, const float *mu_k, uint64_t b, float *c)
+{
+    block_center_mu(r, mu_k, b, c);
+}
+
 int kvg_sig_pos_keys(const kvg_rope *r, const float *mu_k, const float *k, uint64_t first_pos, size_t n, float *x)
 {
     if (!r || (n && (!k || !x)))

@@ -98,6 +98,8 @@ typedef struct rd_op {
     uint8_t *dst;
 } rd_op;
 
+#define MERGE_MAX (64u << 10)   /* the longest read adjacent record slots are merged into */
+
 /* Run all ops through the ring; 0 or the first error (a short read is
  * -EIO: a committed block must be whole). */
 static int ring_run(kvd_reader *r, const rd_op *ops, size_t n)
@@ -296,10 +298,10 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
         return kvd_fail(err, -EINVAL, "read_records needs positions and an output buffer");
     uint32_t rb = (uint32_t)kvarc_record_bytes(info.shape.format, (int)info.shape.head_dim);
     size_t slot = rb + 4;
-    rd_op *ops = malloc(n * sizeof *ops);
+    rd_op *ops = malloc(n * sizeof *ops), *mops = malloc(n * sizeof *mops);
     uint64_t *owner = malloc(n * sizeof *owner);
     pinset ps = { .n = 0 };
-    if (!ops || !owner || reserve(r, n * slot)) {
+    if (!ops || !mops || !owner || reserve(r, n * slot)) {
         rc = kvd_fail(err, -ENOMEM, "out of memory for %zu records", n);
         goto out;
     }
@@ -307,7 +309,19 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
         ops[i].dst = r->buf + i * slot;
     if ((rc = resolve_slots(r, conv, layer, head, &info.shape, pos, n, ops, owner, &ps, err)))
         goto out;
-    if ((rc = ring_run(r, ops, n))) {
+    /* slots that lie one after another in a segment (consecutive positions
+     * of one block, as a shortlist's runs often are) and land one after
+     * another in the buffer: one read. ops[] keeps each slot's place for
+     * the checks below; the merged reads go in mops. */
+    size_t nm = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (nm && mops[nm - 1].fd == ops[i].fd && mops[nm - 1].off + mops[nm - 1].len == ops[i].off &&
+            mops[nm - 1].dst + mops[nm - 1].len == ops[i].dst && mops[nm - 1].len + slot <= MERGE_MAX)
+            mops[nm - 1].len += (uint32_t)slot;
+        else
+            mops[nm++] = ops[i];
+    }
+    if ((rc = ring_run(r, mops, nm))) {
         kvd_fail(err, rc, rc == KVARC_ECORRUPT
                  ? "reading records of '%s/%s' layer %u: the index points past the end of a segment: %s "
                    "(run `kvarc verify`)"
@@ -330,6 +344,7 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
 out:
     pin_release(r->e, &ps);
     free(ops);
+    free(mops);
     free(owner);
     return rc;
 }

@@ -138,7 +138,10 @@ int main(void)
     }
 
     kvarc_conv *w = NULL, *r = NULL, *f = NULL, *fk = NULL, *fr = NULL;
-    CHECK_RC(kvarc_conv_create(cl, "lib", "c", &m, &o, NULL, &w), 0);
+    static float means[H * 2 * D];         /* K and V means: keys are centered (kind 2: per block) */
+    for (int i = 0; i < H * 2 * D; i++)
+        means[i] = 0.7f * tu_gauss(&g);
+    CHECK_RC(kvarc_conv_create(cl, "lib", "c", &m, &o, means, &w), 0);
     /* appends of 100 tokens: blocks complete inside appends, not at their edges */
     const int t_end = 7800;                /* then 6 needle steps, and a fork's 150 tokens: < N */
     for (int t = 0; t < t_end && !tu_failures; t += 100)
@@ -146,6 +149,32 @@ int main(void)
     CHECK_RC(kvarc_conv_sync(w), 0);
     CHECK(all_summarized(w), "the writer holds a summary for each of its %llu complete blocks",
           (unsigned long long)w->layers[0].archived / KVG_SIG_BLOCK);
+
+    {   /* the writer's kind-2 signatures and summaries are kvg_sig_pos_ref's and kvg_summary_ref's bits,
+         * computed here from the keys alone */
+        static uint8_t bits[N * D / 8];
+        static uint16_t sc[N];
+        static float x[KVG_SIG_BLOCK * D];
+        int sig_same = 1, sum_same = 1;
+        for (uint32_t h = 0; h < H; h++) {
+            kvg_codec codec = kl_codec(w, 0, h);
+            CHECK_RC(kvg_sig_pos_ref(&w->rope, &w->rot, codec.mu_k, K[h][0], 0, (size_t)t_end, bits, sc, NULL), 0);
+            sig_same &= !memcmp(bits, w->layers[0].sig_bits[h], (size_t)t_end * D / 8) &&
+                        !memcmp(sc, w->layers[0].sig_scale[h], (size_t)t_end * 2);
+            for (uint64_t b = 0; b < (uint64_t)t_end / KVG_SIG_BLOCK; b++) {
+                uint8_t sb[KVG_SUM_ITEMS * D / 8];
+                uint16_t ss[KVG_SUM_ITEMS];
+                CHECK_RC(kvg_sig_pos_keys(&w->rope, codec.mu_k, K[h][b * KVG_SIG_BLOCK], b * KVG_SIG_BLOCK,
+                                          KVG_SIG_BLOCK, x), 0);
+                CHECK_RC(kvg_summary_ref(&w->rot, x, bits + b * KVG_SIG_BLOCK * D / 8, sc + b * KVG_SIG_BLOCK,
+                                         KVG_SIG_BLOCK, sb, ss), 0);
+                sum_same &= !memcmp(sb, w->layers[0].sum_bits[h] + b * sizeof sb, sizeof sb) &&
+                            !memcmp(ss, w->layers[0].sum_scale[h] + b * KVG_SUM_ITEMS, sizeof ss);
+            }
+        }
+        CHECK(sig_same, "the writer's signatures are kvg_sig_pos_ref's bits");
+        CHECK(sum_same, "the writer's block summaries are kvg_summary_ref's bits");
+    }
 
     CHECK_RC(kvarc_conv_attach(cl2, "lib", "c", &m, &o, &r), 0);
     CHECK(all_summarized(r), "an attaching worker loads a summary for every complete block (%llu)",
