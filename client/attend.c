@@ -79,9 +79,8 @@ static size_t slot_of(const uint64_t *keys, size_t n, size_t head, uint64_t pos)
 
 /* Per call scratch, allocated once. */
 typedef struct scratch {
-    float    *scores;        /* [cold] */
-    uint32_t *idx;           /* [cold] topk output, then scratch */
-    uint32_t *tk_scratch;    /* [cold] */
+    uint32_t *idx;           /* [H][R] one query's shortlists, indices from ns */
+    long     *got;           /* [H] their lengths */
     float    *qsc;           /* [items][G][d] scoring queries */
     float    *bb;            /* [QH][nblk] true positions: a query's kind-2 block biases, every head */
     uint64_t *shortlist;     /* [items][R] */
@@ -100,7 +99,6 @@ typedef struct scratch {
     uint64_t *sort_tmp;      /* [R] kvg_sort_u64's work space */
     double   *cs_rank;       /* [kret][d] remapped: RoPE angles of rank r when all kret came back */
     double    cs_score[KVARC_HEAD_DIM_MAX];   /* RoPE angles of the scoring distance */
-    kl_coarse_scratch co;    /* the coarse tier's stage 1 */
     uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
     float    *dk, *dv;       /* [dcap][d] decoded (true positions: turned) */
@@ -135,12 +133,11 @@ static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, ui
 
 static void scratch_free(scratch *x)
 {
-    free(x->scores); free(x->idx); free(x->tk_scratch); free(x->qsc); free(x->bb); free(x->shortlist); free(x->have);
+    free(x->idx); free(x->got); free(x->qsc); free(x->bb); free(x->shortlist); free(x->have);
     free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
     free(x->sort_tmp); free(x->cs_rank);
     free(x->dkey); free(x->dat); free(x->dk); free(x->dv);
-    kl_coarse_scratch_free(&x->co);
 }
 
 /* The exact hot window [hot_lo, hot_lo + nh) of every head from the ring
@@ -324,9 +321,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     scratch x;
     memset(&x, 0, sizeof x);
     size_t ni = qb * H;
-    x.scores = malloc((cold + 1) * 4);
-    x.idx = malloc((cold + 1) * 4);
-    x.tk_scratch = malloc((cold + 1) * 4);
+    x.idx = malloc((H * R_n + 1) * 4);
+    x.got = malloc(H * sizeof *x.got);
     x.qsc = malloc(ni * G * d * 4);
     x.bb = malloc((QH * nblk + 1) * 4);
     x.shortlist = malloc((ni * R_n + 1) * 8);
@@ -358,7 +354,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     const float **mus = malloc(QH * sizeof *mus);     /* each query head's centering (its kv head's mu_k) */
     if (nblk)
         bcs = kl_block_angles(cv, b0 + nblk);
-    if (!x.scores || !x.idx || !x.tk_scratch || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
+    if (!x.idx || !x.got || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
         !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
         !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs || !mus) {
@@ -426,35 +422,17 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
             if (!rc && !remap && (rc = kvg_block_bias_n(&cv->rope, (int)QH, mus, x.qsc + (size_t)i * H * G * d, d, b0,
                                                         nblk, bcs + b0, cv->bcs_n, x.bb, nblk)))
                 kl_fail(cv, rc, "query %u: a bias against the centering overflows fp32", g0 + i);
+            /* every head's shortlist, the heads over threads (stage1.c) */
+            kl_s1_args a = { H, G, R_n, nblk, ns, hot_lo, qs, remap ? NULL : x.bb, x.idx };
+            if (!rc)
+                rc = kl_stage1(cv, layer, &a, &cv->lanes, x.got);
             for (size_t h = 0; h < H && !rc; h++) {
                 size_t it = (size_t)i * H + h;
-                const float *bbh = remap ? NULL : x.bb + h * G * nblk;
-                size_t sb = d / 8;
-                long got = -ENOTSUP;
-#ifdef KVARC_HAVE_CUDA
-                if (cv->gpu)
-                    got = kl_gpu_stage1(cv, layer, (uint32_t)h, qs + h * G, (int)G, ns, cold, bbh, nblk, R_n, x.idx);
-                if (got < 0 && got != -ENOTSUP) {     /* the device failed: the CPU path from now on */
-                    kl_gpu_free(cv);
-                    got = -ENOTSUP;
-                }
-#endif
-                if (got == -ENOTSUP)
-                    got = kl_stage1_coarse(cv, y, h, qs + h * G, (int)G, ns, hot_lo, bbh, nblk, R_n, &x.co, x.idx);
-                if (got == -ENOTSUP) {
-                    rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs + h * G,
-                                       (int)G, y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, (size_t)cold, ns, bbh,
-                                       nblk, x.scores);
-                    got = rc ? -1 : kvg_topk_ref(x.scores, (size_t)cold, R_n, x.idx, NULL, x.tk_scratch);
-                }
-                if (got < 0) {
-                    rc = kl_fail(cv, rc ? rc : (int)got, "stage 1 on layer %u head %zu failed", layer, h);
-                    break;
-                }
                 uint64_t *sl = x.shortlist + it * R_n, *hv = x.have + it * R_n;
+                const uint32_t *idx = x.idx + h * R_n;
                 size_t nhv = 0;
-                for (long j = 0; j < got; j++) {
-                    sl[j] = ns + x.idx[j];
+                for (long j = 0; j < x.got[h]; j++) {
+                    sl[j] = ns + idx[j];
                     if (kl_cache_has(&cv->cache, kl_cache_key(layer, (uint32_t)h, sl[j])))
                         hv[nhv++] = sl[j];
                 }

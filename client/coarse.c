@@ -176,7 +176,7 @@ static int reserve(kl_coarse_scratch *x, size_t n_items, size_t n_blocks, size_t
     return 0;
 }
 
-long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
+long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
                       uint64_t hot_lo, const float *bb, size_t nblk, size_t r, kl_coarse_scratch *x,
                       uint32_t *idx_out)
 {
@@ -198,7 +198,7 @@ long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_que
     const size_t S = KVG_SUM_ITEMS, sb = cv->m.head_dim / 8, ni = (size_t)nsum * S;
     const size_t ntok_max = (size_t)(M + missing + tail) * B;
     if (reserve(x, ni, (size_t)(nsum + tail), ntok_max))
-        return kl_fail(cv, -ENOMEM, "out of memory for the coarse tier's stage 1");
+        return -ENOMEM;
     /* 1. the summaries, each item with its block's bias */
     for (int g = 0; g < G; g++)
         for (uint64_t b = 0; b < nsum; b++)
@@ -207,7 +207,7 @@ long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_que
     int rc = kvg_score_items((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
                              y->sum_bits[h] + fb * S * sb, y->sum_scale[h] + fb * S, ni, x->ib, x->is);
     if (rc)
-        return kl_fail(cv, rc, "scoring the block summaries of head %zu: %s", h, kvarc_strerror(rc));
+        return rc;
     size_t n_ch = 0;
     for (uint64_t b = 0; b < nsum; b++) {
         float best = x->is[b * S];
@@ -221,7 +221,7 @@ long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_que
     }
     long nc = kvg_topk_ref(x->bs, (size_t)nsum, (size_t)M, x->bidx, NULL, x->tk);
     if (nc < 0)
-        return kl_fail(cv, (int)nc, "choosing blocks for head %zu", h);
+        return nc;
     /* 2. their tokens, and those of the blocks not summarized, in position order */
     for (long j = 0; j < nc; j++)
         if (y->sum_ok[fb + x->bidx[j]])
@@ -249,10 +249,10 @@ long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_que
     rc = kvg_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
                         y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, ns, x->runs, nr, bb, nblk, x->ts);
     if (rc)
-        return kl_fail(cv, rc, "scanning the chosen blocks of head %zu: %s", h, kvarc_strerror(rc));
+        return rc;
     long got = kvg_topk_ref(x->ts, nt, r, x->tidx, NULL, x->tk2);
     if (got < 0)
-        return kl_fail(cv, (int)got, "top-%zu of head %zu's chosen blocks", r, h);
+        return got;
     for (long j = 0; j < got; j++)
         idx_out[j] = x->rel[x->tidx[j]];
     return got;

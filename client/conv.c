@@ -163,6 +163,7 @@ static void conv_free(kvarc_conv *cv)
         free(y->sum_ok);
     }
     free(cv->layers);
+    kl_s1_lanes_free(&cv->lanes);
     free(cv->bcs);
     free(cv->means);
     free(cv->last_ret);
@@ -191,6 +192,11 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         o->pos_mode < 0 || o->pos_mode > 1 || o->score_mode < 0 || o->score_mode > 1) {
         snprintf(c->err, sizeof c->err, "bad options: hot_window %u must be >= batch %u >= 1; shortlist, "
                  "max_chunk >= 1; pos_mode and score_mode 0 or 1", o->hot_window, o->batch);
+        return -EINVAL;
+    }
+    if (o->threads > KVARC_THREADS_MAX) {
+        snprintf(c->err, sizeof c->err, "bad options: threads %u; 0 (every CPU) .. %d", o->threads,
+                 KVARC_THREADS_MAX);
         return -EINVAL;
     }
     if (o->coarse_blocks && ((uint64_t)o->coarse_blocks * KVG_SIG_BLOCK < (uint64_t)o->shortlist * o->top_k ||

@@ -35,6 +35,47 @@ int kl_cache_has(const kl_cache *c, uint64_t key);
 /* Insert (or refresh) key's record, evicting the least recent if full. */
 void kl_cache_put(kl_cache *c, uint64_t key, const uint8_t *rec);
 
+/* Work space of kl_stage1_coarse, grown as needed, freed by kl_coarse_scratch_free. */
+typedef struct kl_coarse_scratch {
+    size_t    n_items, n_blocks, n_tok;   /* capacities: summary items, blocks, scanned tokens */
+    float    *ib, *is, *bs;      /* item biases [G][items], item scores, block scores */
+    uint32_t *bidx, *tk;         /* chosen blocks; top-k work space */
+    uint64_t *chosen, *tmp;      /* chosen blocks sorted */
+    uint64_t *runs;              /* [2][runs] */
+    uint32_t *rel;               /* [n_tok] a scanned token's index from ns */
+    float    *ts;                /* [n_tok] its score */
+    uint32_t *tidx, *tk2;        /* [n_tok] top-k output and work space */
+} kl_coarse_scratch;
+
+/* ---- stage 1 over threads (stage1.c) ---------------------------------- */
+
+#define KVARC_THREADS_MAX 256
+
+/* One thread's stage-1 work space, kept across calls. */
+typedef struct kl_s1_lane {
+    uint64_t          cap;       /* cold tokens the arrays hold */
+    float            *scores;
+    uint32_t         *idx, *tk;
+    kl_coarse_scratch co;
+} kl_s1_lane;
+
+typedef struct kl_s1_lanes {
+    kl_s1_lane *lane;
+    int         n;
+} kl_s1_lanes;
+
+/* One query's stage 1: H kv heads, each with G prepared queries qs[H][G]
+ * (kind-2 block biases bb[H][G][nblk] from block ns / 64, or NULL) over
+ * the cold range [ns, hot_lo); head h's best r into idx_out[h][r] (indices
+ * from ns, as kvg_topk_ref orders them), their count into got[h]. */
+typedef struct kl_s1_args {
+    size_t           H, G, r, nblk;
+    uint64_t         ns, hot_lo;
+    const kvg_query *qs;
+    const float     *bb;
+    uint32_t        *idx_out;
+} kl_s1_args;
+
 /* ---- conversation ------------------------------------------------------ */
 
 typedef struct kl_gpu kl_gpu;    /* gpu.c, built with CUDA */
@@ -82,6 +123,7 @@ struct kvarc_conv {
     uint64_t      *last_ret;     /* [H][top_k]: the last query's retrieved positions */
     uint32_t       last_n;       /* per head */
     kl_gpu        *gpu;          /* stage 1 and attention on the device, or NULL */
+    kl_s1_lanes    lanes;        /* stage 1's per-thread scratch (stage1.c) */
     char           err[512];
 };
 
@@ -126,17 +168,6 @@ int  kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float 
 
 /* ---- coarse tier (coarse.c) ------------------------------------------- */
 
-/* Work space of kl_stage1_coarse, grown as needed, freed by kl_coarse_scratch_free. */
-typedef struct kl_coarse_scratch {
-    size_t    n_items, n_blocks, n_tok;   /* capacities: summary items, blocks, scanned tokens */
-    float    *ib, *is, *bs;      /* item biases [G][items], item scores, block scores */
-    uint32_t *bidx, *tk;         /* chosen blocks; top-k work space */
-    uint64_t *chosen, *tmp;      /* chosen blocks sorted */
-    uint64_t *runs;              /* [2][runs] */
-    uint32_t *rel;               /* [n_tok] a scanned token's index from ns */
-    float    *ts;                /* [n_tok] its score */
-    uint32_t *tidx, *tk2;        /* [n_tok] top-k output and work space */
-} kl_coarse_scratch;
 
 /* Summaries (kvg_summary_ref) of the blocks that tokens [a, a + n) of a
  * layer complete, [a / 64, (a + n) / 64), for every head, from the ring's
@@ -158,11 +189,21 @@ int  kl_coarse_keep(kvarc_conv *cv, kl_layer *y, uint64_t b0, uint64_t nsb, cons
  * tokens of the best o.coarse_blocks blocks (and of blocks not yet
  * summarized) scanned, their best r into idx_out as indices from ns, as
  * kvg_topk_ref orders them. -ENOTSUP when the coarse tier would scan about
- * as much as the full scan (or is off): scan it all. */
-long kl_stage1_coarse(kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
+ * as much as the full scan (or is off): scan it all. Other errors are
+ * returned, not reported (cv is only read: threads call it for different
+ * heads with their own scratch). */
+long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
                       uint64_t hot_lo, const float *bb, size_t nblk, size_t r, kl_coarse_scratch *x,
                       uint32_t *idx_out);
 void kl_coarse_scratch_free(kl_coarse_scratch *x);
+
+/* The threads a call may use: o.threads, or every online CPU for 0. */
+int  kl_threads(const kvarc_conv *cv);
+/* Stage 1 of every head of one query, on kl_threads(cv) threads (the GPU's
+ * when it has one); the same answer whatever the thread count. 0 or an
+ * error (message set, naming the first failing head). */
+int  kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *lanes, long *got);
+void kl_s1_lanes_free(kl_s1_lanes *l);
 
 /* gRPC status -> a libkvarc return code. */
 int  kl_rc_of_status(int status);

@@ -1,0 +1,168 @@
+/* stage1.c - libkvarc's stage 1 for one query: every kv head's shortlist,
+ * the heads spread over threads.
+ *
+ * Design notes
+ * A query's kv heads are independent: each scores its GQA group's
+ * prepared queries against its own signatures (through the coarse tier
+ * when it pays, coarse.c; else the full scan) and keeps the best r. So
+ * kl_stage1 hands heads to o.threads threads (0: every online CPU; 1: the
+ * caller's only), head h to lane h mod T: each lane has its own scratch
+ * (kl_s1_lane, kept across calls), and a head's shortlist depends only on
+ * its inputs, so the answer is the same bits whatever the thread count.
+ * The caller's thread is lane 0; the others are started per call and
+ * joined before it returns (a layer-step's stage 1 is milliseconds, a
+ * thread start tens of microseconds). Workers only read the conversation;
+ * errors come back as codes and the caller reports the first head's. The
+ * GPU path (one device stream) and single-head models run on the caller's
+ * thread.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kvarc_internal.h"
+
+void kl_s1_lanes_free(kl_s1_lanes *l)
+{
+    for (int t = 0; t < l->n; t++) {
+        free(l->lane[t].scores);
+        free(l->lane[t].idx);
+        free(l->lane[t].tk);
+        kl_coarse_scratch_free(&l->lane[t].co);
+    }
+    free(l->lane);
+    memset(l, 0, sizeof *l);
+}
+
+int kl_threads(const kvarc_conv *cv)
+{
+    if (cv->o.threads)
+        return (int)cv->o.threads;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > KVARC_THREADS_MAX ? KVARC_THREADS_MAX : (int)n;
+}
+
+/* Lanes 0..n-1 with room for cold scores each. */
+static int lanes_reserve(kl_s1_lanes *l, int n, uint64_t cold)
+{
+    if (n > l->n) {
+        kl_s1_lane *nl = realloc(l->lane, (size_t)n * sizeof *nl);
+        if (!nl)
+            return -ENOMEM;
+        memset(nl + l->n, 0, (size_t)(n - l->n) * sizeof *nl);
+        l->lane = nl;
+        l->n = n;
+    }
+    for (int t = 0; t < n; t++) {
+        kl_s1_lane *a = &l->lane[t];
+        if (cold + 1 > a->cap) {
+            free(a->scores);
+            free(a->idx);
+            free(a->tk);
+            a->scores = malloc((cold + 1) * 4);
+            a->idx = malloc((cold + 1) * 4);
+            a->tk = malloc((cold + 1) * 4);
+            a->cap = a->scores && a->idx && a->tk ? cold + 1 : 0;
+            if (!a->cap)
+                return -ENOMEM;
+        }
+    }
+    return 0;
+}
+
+typedef struct s1_work {
+    kvarc_conv       *cv;
+    const kl_layer   *y;
+    uint32_t          layer;
+    const kl_s1_args *a;
+    kl_s1_lanes      *lanes;
+    int               T;
+    long             *got;          /* [H] shortlisted, or an error code */
+} s1_work;
+
+typedef struct s1_arg {
+    s1_work *w;
+    int      t;
+} s1_arg;
+
+/* Head h's shortlist into a->idx_out[h] (indices from ns). */
+static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
+{
+    kvarc_conv *cv = w->cv;
+    const kl_s1_args *a = w->a;
+    const size_t G = a->G, sb = cv->m.head_dim / 8;
+    const kvg_query *qs = a->qs + h * G;
+    const float *bb = a->bb ? a->bb + h * G * a->nblk : NULL;
+    uint32_t *idx = a->idx_out + h * a->r;
+    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->r, &ln->co, idx);
+    if (got != -ENOTSUP)
+        return got;
+    const uint64_t cold = a->hot_lo - a->ns;
+    int rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
+                           w->y->sig_bits[h] + a->ns * sb, w->y->sig_scale[h] + a->ns, (size_t)cold, a->ns, bb,
+                           a->nblk, ln->scores);
+    return rc ? rc : kvg_topk_ref(ln->scores, (size_t)cold, a->r, idx, NULL, ln->tk);
+}
+
+static void *lane_main(void *p)
+{
+    s1_arg *x = p;
+    s1_work *w = x->w;
+    for (size_t h = (size_t)x->t; h < w->a->H; h += (size_t)w->T)
+        w->got[h] = one_head(w, &w->lanes->lane[x->t], h);
+    return NULL;
+}
+
+int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *lanes, long *got)
+{
+    const kl_layer *y = &cv->layers[layer];
+    int T = kl_threads(cv);
+    if ((size_t)T > a->H)
+        T = (int)a->H;
+    int rc = 0;
+#ifdef KVARC_HAVE_CUDA
+    if (cv->gpu) {                     /* one device stream: the caller's thread, head by head */
+        int all = 1;
+        for (size_t h = 0; h < a->H; h++) {
+            got[h] = kl_gpu_stage1(cv, layer, (uint32_t)h, a->qs + h * a->G, (int)a->G, a->ns, a->hot_lo - a->ns,
+                                   a->bb ? a->bb + h * a->G * a->nblk : NULL, a->nblk, a->r,
+                                   a->idx_out + h * a->r);
+            if (got[h] < 0) {          /* -ENOTSUP: the device cannot; else it failed: the CPU from now on */
+                if (got[h] != -ENOTSUP)
+                    kl_gpu_free(cv);
+                all = 0;
+                break;
+            }
+        }
+        if (all)
+            return 0;
+    }
+#endif
+    if ((rc = lanes_reserve(lanes, T, a->hot_lo - a->ns)))
+        return kl_fail(cv, rc, "out of memory for stage 1 over %llu cold tokens",
+                       (unsigned long long)(a->hot_lo - a->ns));
+    s1_work w = { cv, y, layer, a, lanes, T, got };
+    s1_arg args[KVARC_THREADS_MAX];
+    pthread_t tid[KVARC_THREADS_MAX];
+    int started = 1;                   /* lanes [1, started) run on threads of their own */
+    for (int t = 1; t < T; t++) {
+        args[t] = (s1_arg){ &w, t };
+        if (pthread_create(&tid[t], NULL, lane_main, &args[t]))
+            break;
+        started = t + 1;
+    }
+    args[0] = (s1_arg){ &w, 0 };
+    lane_main(&args[0]);
+    for (int t = started; t < T; t++)  /* lanes whose thread would not start: here, with lane 0's scratch */
+        for (size_t h = (size_t)t; h < a->H; h += (size_t)T)
+            got[h] = one_head(&w, &lanes->lane[0], h);
+    for (int t = 1; t < started; t++)
+        pthread_join(tid[t], NULL);
+    for (size_t h = 0; h < a->H; h++)
+        if (got[h] < 0)
+            return kl_fail(cv, (int)got[h], "stage 1 on layer %u head %zu failed: %s", layer, h,
+                           kvarc_strerror((int)got[h]));
+    return 0;
+}
