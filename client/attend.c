@@ -395,8 +395,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         /* stage 1 */
         int64_t t1 = kl_now_ns();
         for (uint32_t i = 0; i < gn && kret && !rc; i++) {
-            /* every query head of query i: turned and prepared; then, true
-             * mode, all their block biases in one pass over the angle table */
+            /* every query head of query i: turned and prepared (their block
+             * biases, true mode, are made by stage 1's threads) */
             for (size_t h = 0; h < H && !rc; h++) {
                 size_t it = (size_t)i * H + h;
                 item_head[it] = (uint32_t)h;
@@ -419,11 +419,9 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     mus[h * G + g] = codec.mu_k;
                 }
             }
-            if (!rc && !remap && (rc = kvg_block_bias_n(&cv->rope, (int)QH, mus, x.qsc + (size_t)i * H * G * d, d, b0,
-                                                        nblk, bcs + b0, cv->bcs_n, x.bb, nblk)))
-                kl_fail(cv, rc, "query %u: a bias against the centering overflows fp32", g0 + i);
             /* every head's shortlist, the heads over threads (stage1.c) */
-            kl_s1_args a = { H, G, R_n, nblk, ns, hot_lo, qs, remap ? NULL : x.bb, x.idx };
+            kl_s1_args a = { H, G, R_n, nblk, ns, hot_lo, qs, remap ? NULL : x.bb, x.idx,
+                             x.qsc + (size_t)i * H * G * d, mus, remap ? NULL : bcs + b0, cv->bcs_n, b0 };
             if (!rc)
                 rc = kl_stage1(cv, layer, &a, &cv->lanes, x.got);
             for (size_t h = 0; h < H && !rc; h++) {

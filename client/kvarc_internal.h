@@ -53,6 +53,9 @@ typedef struct kl_coarse_scratch {
 
 /* One thread's stage-1 work space, kept across calls. */
 typedef struct kl_s1_lane {
+    const float     **qp, **mp;  /* [pcap] the block-bias pass's queries and centerings */
+    float           **op;        /* [pcap] and outputs */
+    size_t            pcap;
     uint64_t          cap;       /* cold tokens the arrays hold */
     float            *scores;
     uint32_t         *idx, *tk;
@@ -65,15 +68,21 @@ typedef struct kl_s1_lanes {
 } kl_s1_lanes;
 
 /* One query's stage 1: H kv heads, each with G prepared queries qs[H][G]
- * (kind-2 block biases bb[H][G][nblk] from block ns / 64, or NULL) over
- * the cold range [ns, hot_lo); head h's best r into idx_out[h][r] (indices
- * from ns, as kvg_topk_ref orders them), their count into got[h]. */
+ * over the cold range [ns, hot_lo); true mode: each thread first makes its
+ * heads' kind-2 block biases into bb (kvg_block_bias_n, one pass over the
+ * angle table); head h's best r into idx_out[h][r] (indices from ns, as
+ * kvg_topk_ref orders them), their count into got[h]. */
 typedef struct kl_s1_args {
     size_t           H, G, r, nblk;
     uint64_t         ns, hot_lo;
     const kvg_query *qs;
-    const float     *bb;
+    float           *bb;         /* out, [H][G][nblk]: true mode's block biases (NULL: remapped) */
     uint32_t        *idx_out;
+    const float     *q_r;        /* [H][G][d] the queries turned to their position (for bb) */
+    const float *const *mu;      /* [H * G] each query's centering (its kv head's mu_k) */
+    const double    *bcs;        /* block b0's entry of the pair-major angle table, rows bcs_stride */
+    size_t           bcs_stride;
+    uint64_t         b0;         /* ns / 64 */
 } kl_s1_args;
 
 /* ---- conversation ------------------------------------------------------ */

@@ -9,6 +9,9 @@
  * caller's only), head h to lane h mod T: each lane has its own scratch
  * (kl_s1_lane, kept across calls), and a head's shortlist depends only on
  * its inputs, so the answer is the same bits whatever the thread count.
+ * In true-position mode a lane first makes the block biases of all its
+ * heads' queries in one pass over the angle table (kvg_block_bias_n: the
+ * table's memory is that work's cost).
  * The caller's thread is lane 0; the others are started per call and
  * joined before it returns (a layer-step's stage 1 is milliseconds, a
  * thread start tens of microseconds). Workers only read the conversation;
@@ -30,6 +33,9 @@ void kl_s1_lanes_free(kl_s1_lanes *l)
         free(l->lane[t].scores);
         free(l->lane[t].idx);
         free(l->lane[t].tk);
+        free(l->lane[t].qp);
+        free(l->lane[t].mp);
+        free(l->lane[t].op);
         kl_coarse_scratch_free(&l->lane[t].co);
     }
     free(l->lane);
@@ -44,8 +50,8 @@ int kl_threads(const kvarc_conv *cv)
     return n < 1 ? 1 : n > KVARC_THREADS_MAX ? KVARC_THREADS_MAX : (int)n;
 }
 
-/* Lanes 0..n-1 with room for cold scores each. */
-static int lanes_reserve(kl_s1_lanes *l, int n, uint64_t cold)
+/* Lanes 0..n-1 with room for cold scores and nq bias queries each. */
+static int lanes_reserve(kl_s1_lanes *l, int n, uint64_t cold, size_t nq)
 {
     if (n > l->n) {
         kl_s1_lane *nl = realloc(l->lane, (size_t)n * sizeof *nl);
@@ -66,6 +72,17 @@ static int lanes_reserve(kl_s1_lanes *l, int n, uint64_t cold)
             a->tk = malloc((cold + 1) * 4);
             a->cap = a->scores && a->idx && a->tk ? cold + 1 : 0;
             if (!a->cap)
+                return -ENOMEM;
+        }
+        if (nq > a->pcap) {
+            free(a->qp);
+            free(a->mp);
+            free(a->op);
+            a->qp = malloc(nq * sizeof *a->qp);
+            a->mp = malloc(nq * sizeof *a->mp);
+            a->op = malloc(nq * sizeof *a->op);
+            a->pcap = a->qp && a->mp && a->op ? nq : 0;
+            if (!a->pcap)
                 return -ENOMEM;
         }
     }
@@ -106,12 +123,36 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     return rc ? rc : kvg_topk_ref(ln->scores, (size_t)cold, a->r, idx, NULL, ln->tk);
 }
 
+/* Lane t's block biases (true mode): every query of its heads t, t + T, ...
+ * (or of the heads given) in one pass over the angle table. 0 or
+ * KVARC_ENONFINITE. */
+static int lane_biases(s1_work *w, kl_s1_lane *ln, size_t h0, size_t step)
+{
+    const kl_s1_args *a = w->a;
+    const size_t d = w->cv->m.head_dim;
+    size_t n = 0;
+    for (size_t h = h0; h < a->H; h += step)
+        for (size_t g = 0; g < a->G; g++, n++) {
+            ln->qp[n] = a->q_r + (h * a->G + g) * d;
+            ln->mp[n] = a->mu[h * a->G + g];
+            ln->op[n] = a->bb + (h * a->G + g) * a->nblk;
+        }
+    return kvg_block_bias_n(&w->cv->rope, (int)n, ln->mp, ln->qp, a->b0, a->nblk, a->bcs, a->bcs_stride, ln->op);
+}
+
+/* Lane t: its heads' biases, then their shortlists (a bias that overflows
+ * fails each of its heads). */
+static void run_lane(s1_work *w, kl_s1_lane *ln, size_t h0, size_t step)
+{
+    int rc = w->a->bb ? lane_biases(w, ln, h0, step) : 0;
+    for (size_t h = h0; h < w->a->H; h += step)
+        w->got[h] = rc ? rc : one_head(w, ln, h);
+}
+
 static void *lane_main(void *p)
 {
     s1_arg *x = p;
-    s1_work *w = x->w;
-    for (size_t h = (size_t)x->t; h < w->a->H; h += (size_t)w->T)
-        w->got[h] = one_head(w, &w->lanes->lane[x->t], h);
+    run_lane(x->w, &x->w->lanes->lane[x->t], (size_t)x->t, (size_t)x->w->T);
     return NULL;
 }
 
@@ -125,6 +166,9 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
 #ifdef KVARC_HAVE_CUDA
     if (cv->gpu) {                     /* one device stream: the caller's thread, head by head */
         int all = 1;
+        if ((rc = lanes_reserve(lanes, 1, 0, a->H * a->G)) ||
+            (a->bb && (rc = lane_biases(&(s1_work){ cv, y, layer, a, lanes, 1, got }, &lanes->lane[0], 0, 1))))
+            return kl_fail(cv, rc, "stage 1 on layer %u: %s", layer, kvarc_strerror(rc));
         for (size_t h = 0; h < a->H; h++) {
             got[h] = kl_gpu_stage1(cv, layer, (uint32_t)h, a->qs + h * a->G, (int)a->G, a->ns, a->hot_lo - a->ns,
                                    a->bb ? a->bb + h * a->G * a->nblk : NULL, a->nblk, a->r,
@@ -140,7 +184,7 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
             return 0;
     }
 #endif
-    if ((rc = lanes_reserve(lanes, T, a->hot_lo - a->ns)))
+    if ((rc = lanes_reserve(lanes, T, a->hot_lo - a->ns, a->H * a->G)))
         return kl_fail(cv, rc, "out of memory for stage 1 over %llu cold tokens",
                        (unsigned long long)(a->hot_lo - a->ns));
     s1_work w = { cv, y, layer, a, lanes, T, got };
@@ -156,13 +200,13 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
     args[0] = (s1_arg){ &w, 0 };
     lane_main(&args[0]);
     for (int t = started; t < T; t++)  /* lanes whose thread would not start: here, with lane 0's scratch */
-        for (size_t h = (size_t)t; h < a->H; h += (size_t)T)
-            got[h] = one_head(&w, &lanes->lane[0], h);
+        run_lane(&w, &lanes->lane[0], (size_t)t, (size_t)T);
     for (int t = 1; t < started; t++)
         pthread_join(tid[t], NULL);
     for (size_t h = 0; h < a->H; h++)
         if (got[h] < 0)
-            return kl_fail(cv, (int)got[h], "stage 1 on layer %u head %zu failed: %s", layer, h,
-                           kvarc_strerror((int)got[h]));
+            return kl_fail(cv, (int)got[h], got[h] == KVARC_ENONFINITE
+                           ? "stage 1 on layer %u head %zu: a query's bias against the centering overflows fp32 (%s)"
+                           : "stage 1 on layer %u head %zu failed: %s", layer, h, kvarc_strerror((int)got[h]));
     return 0;
 }

@@ -276,13 +276,13 @@ int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, u
                        const double *cs, size_t cs_stride, float *out);
 /* The same bits, compiled for AVX-512 / AVX2 as the CPU allows (chosen at
  * load time by cpuid). kvg_block_bias_n does n_q queries in one pass over
- * the angle table (its memory is the cost): query i is q_r + i * q_stride
- * with centering mu_k[i] (NULL = 0), its biases out + i * out_stride;
- * each the bits kvg_block_bias_ref gives it alone. */
+ * the angle table (its memory is the cost): query q_r[i] with centering
+ * mu_k[i] (NULL = 0), its biases into out[i][nb]; each the bits
+ * kvg_block_bias_ref gives it alone. */
 int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
                    const double *cs, size_t cs_stride, float *out);
-int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *q_r, size_t q_stride,
-                     uint64_t b0, size_t nb, const double *cs, size_t cs_stride, float *out, size_t out_stride);
+int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
+                     size_t nb, const double *cs, size_t cs_stride, float *const *out);
 
 /* Stage-1 scores against kind-2 signatures: as kvg_score_ref, with each
  * query's constant bias replaced by a bias per block: token j (position

@@ -215,8 +215,8 @@ int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, u
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
-int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *q_r, size_t q_stride,
-                     uint64_t b0, size_t nb, const double *cs, size_t cs_stride, float *out, size_t out_stride)
+int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
+                     size_t nb, const double *cs, size_t cs_stride, float *const *out)
 {
     double c0[MULTI_Q], A[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], B[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
     double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
@@ -225,7 +225,7 @@ int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const
     for (int q0 = 0; q0 < n_q; q0 += MULTI_Q) {
         const int nq = n_q - q0 < MULTI_Q ? n_q - q0 : MULTI_Q;
         for (int q = 0; q < nq; q++) {
-            const float *mu = mu_k[q0 + q], *qr = q_r + (size_t)(q0 + q) * q_stride;
+            const float *mu = mu_k[q0 + q], *qr = q_r[q0 + q];
             c0[q] = 0.0;
             for (int j = r->rotary_dims; mu && j < r->d; j++)
                 c0[q] += (double)qr[j] * (double)mu[j];
@@ -244,7 +244,7 @@ int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const
                 st = OWN_TILE;
             }
             for (int q = 0; q < nq; q++) {
-                float *o = out + (size_t)(q0 + q) * out_stride + t0;
+                float *o = out[q0 + q] + t0;
                 if (!mu_k[q0 + q]) {                   /* no centering: no bias */
                     for (size_t j = 0; j < tn; j++)
                         o[j] = 0.0f;
@@ -271,7 +271,7 @@ int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const
 int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
                    const double *cs, size_t cs_stride, float *out)
 {
-    return kvg_block_bias_n(r, 1, &mu_k, q_r, 0, b0, nb, cs, cs_stride, out, 0);
+    return kvg_block_bias_n(r, 1, &mu_k, &q_r, b0, nb, cs, cs_stride, &out);
 }
 
 int kvg_rope_table_init(kvg_rope_table *tb, const kvg_rope *r)

@@ -158,22 +158,24 @@ static void bias_cases(void)
              * centering, one without (no bias): each query's row is the reference's alone */
             enum { NQ = 37 };
             static float qn[NQ][D], mun[NQ][D], outn[NQ][NB + 3];
-            const float *mup[NQ];
+            const float *mup[NQ], *qp[NQ];
+            float *op[NQ];
             for (int k = 0; k < NQ; k++) {
                 for (int i = 0; i < D; i++) {
                     qn[k][i] = tu_gauss(&g);
                     mun[k][i] = tu_gauss(&g);
                 }
                 mup[k] = k == 5 ? NULL : mun[k];
+                qp[k] = qn[(k * 7) % NQ];            /* in any order */
+                op[k] = outn[(k * 7) % NQ];
             }
             int same_n = 1;
             for (int with_table = 0; with_table < 2; with_table++) {
-                CHECK_RC(kvg_block_bias_n(&r, NQ, mup, qn[0], D, b0, NB, with_table ? cs + 3 : NULL, stride,
-                                          outn[0], NB + 3), 0);
+                CHECK_RC(kvg_block_bias_n(&r, NQ, mup, qp, b0, NB, with_table ? cs + 3 : NULL, stride, op), 0);
                 for (int k = 0; k < NQ; k++) {
                     float one[NB];
-                    kvg_block_bias_ref(&r, mup[k], qn[k], b0, NB, NULL, 0, one);
-                    same_n &= !memcmp(one, outn[k], sizeof one);
+                    kvg_block_bias_ref(&r, mup[k], qp[k], b0, NB, NULL, 0, one);
+                    same_n &= !memcmp(one, op[k], sizeof one);
                 }
             }
             free(cs);

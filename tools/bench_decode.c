@@ -2,7 +2,7 @@
  * full attention over the same tokens, in one run.
  *
  *   bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format q3]
- *                [--coarse 0,256]
+ *                [--coarse 0,256] [--threads T]
  *
  * Model: L layers x 8 KV heads x 32 query heads (GQA 4) x head_dim 128,
  * RoPE on all 128 dims (theta 500000): a Llama-3-8B-shaped attention.
@@ -125,6 +125,7 @@ int main(int argc, char **argv)
     const char *kvarcd = NULL;
     int layers = 1, steps = 20, fmt = KVARC_FMT_Q3, n_coarse = 2;
     uint32_t coarse[8] = { 0, 256 };
+    int threads = 0;
     uint64_t N = 131072;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--kvarcd") && i + 1 < argc)
@@ -135,6 +136,8 @@ int main(int argc, char **argv)
             N = strtoull(argv[++i], NULL, 10) / CHUNK * CHUNK;
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--coarse") && i + 1 < argc) {
             char *e = argv[++i];
             n_coarse = 0;
@@ -153,12 +156,12 @@ int main(int argc, char **argv)
                 die("usage", "--format q3|q4|i8|f16");
         } else {
             fprintf(stderr, "usage: bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format F] "
-                            "[--coarse BLOCKS,...]\n");
+                            "[--coarse BLOCKS,...] [--threads T]\n");
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
     }
-    if (layers < 1 || layers > 128 || N < CHUNK || steps < 5)
-        die("usage", "--layers 1..128, --tokens >= 4096, --steps >= 5");
+    if (layers < 1 || layers > 128 || N < CHUNK || steps < 5 || threads < 0 || threads > 256)
+        die("usage", "--layers 1..128, --tokens >= 4096, --steps >= 5, --threads 0..256");
     char dir[] = "/var/tmp/kvarc-decode-XXXXXX", kbuf[1024], msg[512];
     if (!mkdtemp(dir))
         die("mkdtemp", strerror(errno));
@@ -174,6 +177,7 @@ int main(int argc, char **argv)
     kvarc_options o;
     kvarc_options_default(&o);
     o.format = fmt;
+    o.threads = (uint32_t)threads;
     kvarc_conv *cv;
     if (kvarc_conv_create(cl, "bench", "decode", &m, &o, NULL, &cv))
         die("create", kvarc_client_errmsg(cl));
@@ -295,8 +299,9 @@ int main(int argc, char **argv)
         /* attach (signatures of every layer) and decode, once per coarse setting */
         double *step = calloc((size_t)steps, sizeof *step);
         printf("bench-decode: %d layer(s) x %d kv heads x %d query heads x head_dim %d, %llu cold tokens, %s records, "
-               "top_k %u, shortlist %u x top_k; %d steps\n", layers, H, QH, D, (unsigned long long)N,
-               kvarc_format_get(fmt)->name, o.top_k, o.shortlist, steps);
+               "top_k %u, shortlist %u x top_k; %d steps; stage-1 threads %d%s\n", layers, H, QH, D,
+               (unsigned long long)N, kvarc_format_get(fmt)->name, o.top_k, o.shortlist, steps, threads,
+               threads ? "" : " (every CPU)");
         printf("  archive: %.1f s (encode %.1f s, once for all layers)\n", tarch, t_enc);
         printf("  exact full attention, one layer, fp32 in RAM (baseline): %.2f ms; x %d layers = %.2f ms\n", best * 1e3,
                layers, best * 1e3 * layers);
