@@ -111,9 +111,9 @@ typedef struct kvarc_options {
                                    query and kv head (contexts under twice that scan all); 0: scan
                                    every cold token. 0 or shortlist x top_k / 64 .. 2^24, else
                                    create/attach fail with -EINVAL */
-    uint32_t threads;           /* threads a decode step's stage 1 may use (kv heads spread over
-                                   them; the same answer whatever the count): 0 (default) every
-                                   online CPU, 1 only the caller's; at most 256 */
+    uint32_t threads;           /* threads a decode step's stage 1 may use from 32K cold tokens on
+                                   (kv heads spread over them; the same answer whatever the count):
+                                   0 (default) every online CPU, 1 only the caller's; at most 256 */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same

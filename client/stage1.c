@@ -13,8 +13,11 @@
  * heads' queries in one pass over the angle table (kvg_block_bias_n: the
  * table's memory is that work's cost).
  * The caller's thread is lane 0; the others are started per call and
- * joined before it returns (a layer-step's stage 1 is milliseconds, a
- * thread start tens of microseconds). Workers only read the conversation;
+ * joined before it returns (a layer-step's stage 1 at long contexts is
+ * milliseconds, a thread start tens of microseconds); under
+ * KL_S1_THREADED_MIN cold tokens one thread does it all (a prefill of
+ * short contexts runs stage 1 per query, and starting threads would cost
+ * more than its scan). Workers only read the conversation;
  * errors come back as codes and the caller reports the first head's. The
  * GPU path (one device stream) and single-head models run on the caller's
  * thread.
@@ -26,6 +29,8 @@
 #include <unistd.h>
 
 #include "kvarc_internal.h"
+
+#define KL_S1_THREADED_MIN 32768   /* cold tokens from which stage 1 uses threads */
 
 void kl_s1_lanes_free(kl_s1_lanes *l)
 {
@@ -162,6 +167,8 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
     int T = kl_threads(cv);
     if ((size_t)T > a->H)
         T = (int)a->H;
+    if (a->hot_lo - a->ns < KL_S1_THREADED_MIN)   /* too little to scan to pay for starting threads */
+        T = 1;
     int rc = 0;
 #ifdef KVARC_HAVE_CUDA
     if (cv->gpu) {                     /* one device stream: the caller's thread, head by head */

@@ -15,7 +15,8 @@
  *    attaching to the fork finds every block summarized;
  *  - blocks without summaries (archived by a writer that did not send
  *    them) are always scanned, and the needles are still found;
- *  - stage 1 on 1 and on 2 threads: the same retrieval and output bits;
+ *  - stage 1 on 1 and on 2 threads (40K tokens): the same retrieval and
+ *    output bits, coarse tier on and off;
  *  - coarse_blocks below shortlist x top_k / 64, and threads past 256, are
  *    refused, naming them. */
 #include <math.h>
@@ -234,33 +235,51 @@ int main(void)
         CHECK(has(pr, nr, needles[0]), "needle 0 found with no block summarized");
     }
 
-    /* stage 1 over 1 thread and over 2 (one kv head each): the same retrieval, the same output bits */
+    /* stage 1 over 1 thread and over 2 (one kv head each; threads start from 32K cold tokens): a
+     * 40960-token conversation (the keys again and again), read back by two workers: the same
+     * retrieval, the same output bits, for the coarse tier and for the full scan */
     {
-        kvarc_options o1 = o, o2 = o;
-        o1.threads = 1;
-        o2.threads = 2;
-        kvarc_conv *a1 = NULL, *a2 = NULL;
-        CHECK_RC(kvarc_conv_attach(cl, "lib", "c", &m, &o1, &a1), 0);
-        CHECK_RC(kvarc_conv_attach(cl2, "lib", "c", &m, &o2, &a2), 0);
-        for (int j = 0; j < 3 && a1 && a2 && !tu_failures; j++) {
-            float o_1[QH * D], o_2[QH * D];
-            needle_query(&g, j, kvarc_length(a1, 0) - 1, q);
-            CHECK_RC(kvarc_attend(a1, 0, q, 1, o_1), 0);
-            CHECK_RC(kvarc_attend(a2, 0, q, 1, o_2), 0);
-            CHECK(!memcmp(o_1, o_2, sizeof o_1), "needle %d: 1 and 2 stage-1 threads give the same output bits", j);
-            for (uint32_t h = 0; h < H; h++) {
-                uint64_t p1[64], p2[64];
-                size_t n1 = kvarc_last_retrieved(a1, h, p1, 64), n2 = kvarc_last_retrieved(a2, h, p2, 64);
-                CHECK(n1 == n2 && !memcmp(p1, p2, n1 * 8) && has(p1, n1, needles[j]),
-                      "needle %d head %u: the same retrieval on 1 and 2 threads, the needle in it", j, h);
-            }
+        kvarc_conv *tw = NULL;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "threads", &m, &o, means, &tw), 0);
+        static float kb[H * 512 * D], vb[H * 512 * D];
+        for (int t0 = 0; t0 < 40960 && tw && !tu_failures; t0 += 512) {
+            for (int h = 0; h < H; h++)
+                for (int i = 0; i < 512; i++) {
+                    memcpy(kb + ((size_t)h * 512 + i) * D, K[h][(t0 + i) % N], D * 4);
+                    memcpy(vb + ((size_t)h * 512 + i) * D, V[h][(t0 + i) % N], D * 4);
+                }
+            CHECK_RC(kvarc_append(tw, 0, KVARC_DTYPE_F32, kb, vb, 512), 0);
         }
-        kvarc_conv_close(a1);
-        kvarc_conv_close(a2);
+        CHECK_RC(kvarc_conv_close(tw), 0);
+        for (int coarse = 0; coarse < 2 && !tu_failures; coarse++) {
+            kvarc_options o1 = o, o2 = o;
+            o1.threads = 1;
+            o2.threads = 2;
+            o1.coarse_blocks = o2.coarse_blocks = coarse ? o.coarse_blocks : 0;
+            kvarc_conv *a1 = NULL, *a2 = NULL;
+            CHECK_RC(kvarc_conv_attach(cl, "lib", "threads", &m, &o1, &a1), 0);
+            CHECK_RC(kvarc_conv_attach(cl2, "lib", "threads", &m, &o2, &a2), 0);
+            for (int j = 0; j < 3 && a1 && a2 && !tu_failures; j++) {
+                float o_1[QH * D], o_2[QH * D];
+                needle_query(&g, j, kvarc_length(a1, 0) - 1, q);
+                CHECK_RC(kvarc_attend(a1, 0, q, 1, o_1), 0);
+                CHECK_RC(kvarc_attend(a2, 0, q, 1, o_2), 0);
+                CHECK(!memcmp(o_1, o_2, sizeof o_1), "coarse %d query %d: 1 and 2 stage-1 threads give the same "
+                      "output bits", coarse, j);
+                for (uint32_t h = 0; h < H; h++) {
+                    uint64_t p1[64], p2[64];
+                    size_t n1 = kvarc_last_retrieved(a1, h, p1, 64), n2 = kvarc_last_retrieved(a2, h, p2, 64);
+                    CHECK(n1 == n2 && n1 > 0 && !memcmp(p1, p2, n1 * 8), "coarse %d query %d head %u: the same "
+                          "retrieval on 1 and 2 threads", coarse, j, h);
+                }
+            }
+            kvarc_conv_close(a1);
+            kvarc_conv_close(a2);
+        }
         kvarc_options bad = o;
         bad.threads = 100000;
         kvarc_conv *x = NULL;
-        CHECK_RC(kvarc_conv_attach(cl, "lib", "c", &m, &bad, &x), -EINVAL);
+        CHECK_RC(kvarc_conv_attach(cl, "lib", "threads", &m, &bad, &x), -EINVAL);
         CHECK(strstr(kvarc_client_errmsg(cl), "threads") != NULL, "the refusal names threads: %s",
               kvarc_client_errmsg(cl));
     }
