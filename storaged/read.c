@@ -349,6 +349,106 @@ out:
     return rc;
 }
 
+/* One stretch of a layer's positions [from, stop) served by one extent:
+ * the block owner wrote at [first, first + ev.count), read through fd. */
+typedef struct piece {
+    uint64_t    owner, first, from, stop;
+    extent_val  ev;
+    int         fd;
+} piece;
+
+/* The extents serving conv's positions [p0, end) of a layer, in order, as
+ * pieces (*out, malloc'ed, *np of them), their segments pinned in ps: an
+ * ancestor's block serves only up to the nearest fork point on the way
+ * from conv to it. what names the positions in errors. */
+static int extent_pieces(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t p0, uint64_t end, pinset *ps,
+                         piece **out, size_t *np, const char *what, kvd_err *err)
+{
+    size_t cap = 64, n = 0;
+    piece *pcs = malloc(cap * sizeof *pcs);
+    *out = NULL;
+    *np = 0;
+    if (!pcs)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    MDB_txn *txn;
+    pthread_rwlock_rdlock(&e->resolve);
+    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    if (rc) {
+        pthread_rwlock_unlock(&e->resolve);
+        free(pcs);
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    }
+    for (uint64_t p = p0; p < end && !rc;) {
+        piece pc = { 0 };
+        rc = extent_resolve(e, txn, conv, layer, p, &pc.owner, &pc.first, &pc.ev);
+        if (rc) {
+            kvd_fail(err, rc, rc == -ERANGE ? "%s [%llu, %llu) reach past the end of layer %u"
+                                            : "resolving %s [%llu, %llu) of layer %u failed",
+                     what, (unsigned long long)p0, (unsigned long long)end, layer);
+            break;
+        }
+        pc.from = p;
+        pc.stop = pc.first + pc.ev.count;
+        for (uint64_t x = conv; x != pc.owner && !rc;) {
+            conv_rec c;
+            if ((rc = conv_get(e, txn, x, &c)))
+                break;
+            if (pc.stop > c.fork_len)
+                pc.stop = c.fork_len;
+            x = c.parent;
+        }
+        if (rc) {
+            kvd_fail(err, rc, "resolving the fork chain of conversation %llu: %s", (unsigned long long)conv,
+                     kvarc_strerror(rc));
+            break;
+        }
+        if (pc.stop > end)
+            pc.stop = end;
+        if ((pc.fd = pin_get(e, ps, pc.ev.seg)) < 0) {
+            rc = kvd_fail(err, pc.fd, "segment %016llx is not available", (unsigned long long)pc.ev.seg);
+            break;
+        }
+        if (n == cap) {
+            piece *n2 = realloc(pcs, 2 * cap * sizeof *pcs);
+            if (!n2) {
+                rc = kvd_fail(err, -ENOMEM, "out of memory");
+                break;
+            }
+            pcs = n2;
+            cap *= 2;
+        }
+        pcs[n++] = pc;
+        p = pc.stop;
+    }
+    mdb_txn_abort(txn);
+    pthread_rwlock_unlock(&e->resolve);
+    if (rc) {
+        free(pcs);
+        return rc;
+    }
+    *out = pcs;
+    *np = n;
+    return 0;
+}
+
+/* Read ops[n] (their lengths set) into the reader's buffer, one after
+ * another. */
+static int read_ops(kvd_reader *r, rd_op *ops, size_t n, uint32_t layer, const char *what, kvd_err *err)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += ops[i].len;
+    if (reserve(r, total))
+        return kvd_fail(err, -ENOMEM, "out of memory for %zu bytes of %s", total, what);
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        ops[i].dst = r->buf + at;
+        at += ops[i].len;
+    }
+    int rc = ring_run(r, ops, n);
+    return rc ? kvd_fail(err, rc, "reading %s of layer %u: %s", what, layer, kvarc_strerror(rc)) : 0;
+}
+
 int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
                   uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err)
 {
@@ -359,111 +459,39 @@ int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
         return rc;
     if (!bits || !scales)
         return kvd_fail(err, -EINVAL, "read_sigs needs output buffers");
-    int d = (int)info.shape.head_dim;
-    size_t sb = (size_t)d / 8;
-    /* each piece: one extent's signature section, and which of its tokens we want */
-    typedef struct { uint64_t owner, first, from, n; uint32_t count; } piece;
-    size_t cap = 64, np = 0, total = 0;
-    piece *pcs = malloc(cap * sizeof *pcs);
+    const int d = (int)info.shape.head_dim;
+    const size_t sb = (size_t)d / 8;
+    piece *pcs = NULL;
+    size_t np = 0;
     rd_op *ops = NULL;
     pinset ps = { .n = 0 };
-    if (!pcs)
-        return kvd_fail(err, -ENOMEM, "out of memory");
-    MDB_txn *txn;
-    pthread_rwlock_rdlock(&e->resolve);
-    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
-        pthread_rwlock_unlock(&e->resolve);
-        free(pcs);
-        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-    }
-    uint64_t p = first, end = first + count;
-    while (p < end && !rc) {
-        uint64_t owner, f;
-        extent_val ev;
-        rc = extent_resolve(e, txn, conv, layer, p, &owner, &f, &ev);
-        if (rc) {
-            kvd_fail(err, rc, rc == -ERANGE ? "signatures [%llu, %llu) reach past the end of layer %u"
-                                            : "resolving signatures [%llu, %llu) of layer %u failed",
-                     (unsigned long long)first, (unsigned long long)end, layer);
-            break;
-        }
-        uint64_t stop = f + ev.count;
-        /* an ancestor's block serves only up to the nearest fork point on
-         * the way from conv to it */
-        for (uint64_t x = conv; x != owner && !rc;) {
-            conv_rec c;
-            if ((rc = conv_get(e, txn, x, &c)))
-                break;
-            if (stop > c.fork_len)
-                stop = c.fork_len;
-            x = c.parent;
-        }
-        if (rc) {
-            kvd_fail(err, rc, "resolving the fork chain of conversation %llu: %s",
-                     (unsigned long long)conv, kvarc_strerror(rc));
-            break;
-        }
-        if (stop > end)
-            stop = end;
-        if (np == cap) {
-            piece *n2 = realloc(pcs, 2 * cap * sizeof *pcs);
-            if (!n2) {
-                rc = kvd_fail(err, -ENOMEM, "out of memory");
-                break;
-            }
-            pcs = n2;
-            cap *= 2;
-        }
-        int fd = pin_get(e, &ps, ev.seg);
-        if (fd < 0) {
-            rc = kvd_fail(err, fd, "segment %016llx is not available", (unsigned long long)ev.seg);
-            break;
-        }
-        pcs[np] = (piece){ owner, f, p - f, stop - p, ev.count };
-        total += kvarc_block_sig_section(ev.count, d);
-        np++;
-        p = stop;
-        /* stash the fd and offset in a parallel op list below */
-        rd_op *o2 = realloc(ops, np * sizeof *o2);
-        if (!o2) {
-            rc = kvd_fail(err, -ENOMEM, "out of memory");
-            break;
-        }
-        ops = o2;
+    rc = extent_pieces(e, conv, layer, first, first + count, &ps, &pcs, &np, "signatures", err);
+    if (!rc && !(ops = malloc((np + 1) * sizeof *ops)))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; !rc && i < np; i++) {        /* each extent's whole signature section */
         kvarc_block_header h = { .head_dim = (uint16_t)d, .n_heads = (uint16_t)info.shape.n_kv_heads,
-                                 .count = ev.count };
-        ops[np - 1] = (rd_op){ fd, ev.off + kvarc_block_sig_offset(&h, (int)head),
-                               (uint32_t)kvarc_block_sig_section(ev.count, d), NULL };
+                                 .count = pcs[i].ev.count };
+        ops[i] = (rd_op){ pcs[i].fd, pcs[i].ev.off + kvarc_block_sig_offset(&h, (int)head),
+                          (uint32_t)kvarc_block_sig_section(pcs[i].ev.count, d), NULL };
     }
-    mdb_txn_abort(txn);
-    pthread_rwlock_unlock(&e->resolve);
-    if (!rc && reserve(r, total))
-        rc = kvd_fail(err, -ENOMEM, "out of memory for %zu bytes of signatures", total);
-    if (!rc) {
-        size_t at = 0;
-        for (size_t i = 0; i < np; i++) {
-            ops[i].dst = r->buf + at;
-            at += ops[i].len;
-        }
-        if ((rc = ring_run(r, ops, np)))
-            kvd_fail(err, rc, "reading signatures of layer %u: %s", layer, kvarc_strerror(rc));
-    }
+    if (!rc)
+        rc = read_ops(r, ops, np, layer, "signatures", err);
     size_t outi = 0;
     for (size_t i = 0; i < np && !rc; i++) {
         const uint8_t *sec = ops[i].dst;
-        size_t len = ops[i].len;
+        size_t len = ops[i].len, n = pcs[i].stop - pcs[i].from, from = pcs[i].from - pcs[i].first;
         uint32_t crc;
         memcpy(&crc, sec + len - 4, 4);
         if (crc != kvarc_sig_section_crc(pcs[i].owner, layer, pcs[i].first, head, sec, len - 4)) {
             rc = kvd_fail(err, KVARC_ECORRUPT, "signatures of positions [%llu, %llu) layer %u head %u "
                           "fail their checksum: data loss, run `kvarc verify`",
                           (unsigned long long)pcs[i].first,
-                          (unsigned long long)(pcs[i].first + pcs[i].count), layer, head);
+                          (unsigned long long)(pcs[i].first + pcs[i].ev.count), layer, head);
             break;
         }
-        memcpy(bits + outi * sb, sec + pcs[i].from * sb, pcs[i].n * sb);
-        memcpy(scales + outi, sec + (size_t)pcs[i].count * sb + pcs[i].from * 2, pcs[i].n * 2);
-        outi += pcs[i].n;
+        memcpy(bits + outi * sb, sec + from * sb, n * sb);
+        memcpy(scales + outi, sec + (size_t)pcs[i].ev.count * sb + from * 2, n * 2);
+        outi += n;
     }
     pin_release(e, &ps);
     free(pcs);
@@ -673,117 +701,47 @@ int kvd_read_sums(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
     memset(bits, 0, nb * S * sb);
     memset(scales, 0, nb * S * 2);
     memset(ok, 0, nb);
-    /* one piece per extent the blocks' positions cross; those whose data
-     * block carries summaries are read (one section each) */
-    typedef struct { uint64_t owner, first, from, stop; uint32_t count, n_sum; } piece;
-    size_t cap = 64, np = 0, total = 0;
-    piece *pcs = malloc(cap * sizeof *pcs);
-    rd_op *ops = malloc(cap * sizeof *ops);
+    piece *pcs = NULL;
+    size_t np = 0, nr = 0;
+    rd_op *ops = NULL;
     pinset ps = { .n = 0 };
-    if (!pcs || !ops) {
-        free(pcs);
-        free(ops);
-        return kvd_fail(err, -ENOMEM, "out of memory");
+    rc = extent_pieces(e, conv, layer, b0 * B, (b0 + nb) * B, &ps, &pcs, &np, "summaries of positions", err);
+    if (!rc && !(ops = malloc((np + 1) * sizeof *ops)))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    /* the pieces whose data block carries summaries (the index keeps each
+     * block's size: one with summaries is longer), one section each */
+    for (size_t i = 0; !rc && i < np; i++) {
+        uint32_t n_sum = kvarc_block_n_sum(pcs[i].first, pcs[i].ev.count);
+        if (!n_sum || pcs[i].ev.bytes != KVARC_BLOCK_HEADER + kvarc_block_payload_bytes_sum(pcs[i].ev.count, d, H,
+                                                                                             rb, n_sum))
+            continue;
+        kvarc_block_header h = { .head_dim = (uint16_t)d, .n_heads = (uint16_t)H, .count = pcs[i].ev.count,
+                                 .rec_bytes = rb, .n_sum = n_sum };
+        pcs[nr] = pcs[i];
+        ops[nr++] = (rd_op){ pcs[i].fd, pcs[i].ev.off + kvarc_block_sum_offset(&h, (int)head),
+                             (uint32_t)kvarc_block_sum_section(n_sum, d), NULL };
     }
-    MDB_txn *txn;
-    pthread_rwlock_rdlock(&e->resolve);
-    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
-        pthread_rwlock_unlock(&e->resolve);
-        free(pcs);
-        free(ops);
-        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-    }
-    uint64_t p = b0 * B, end = (b0 + nb) * B;
-    while (p < end && !rc) {
-        uint64_t owner, f;
-        extent_val ev;
-        rc = extent_resolve(e, txn, conv, layer, p, &owner, &f, &ev);
-        if (rc) {
-            kvd_fail(err, rc, rc == -ERANGE ? "summaries of blocks [%llu, %llu) reach past the end of layer %u"
-                                            : "resolving summaries of blocks [%llu, %llu) of layer %u failed",
-                     (unsigned long long)b0, (unsigned long long)(b0 + nb), layer);
-            break;
-        }
-        uint64_t stop = f + ev.count;
-        for (uint64_t x = conv; x != owner && !rc;) {      /* an ancestor's block serves up to the fork point */
-            conv_rec c;
-            if ((rc = conv_get(e, txn, x, &c)))
-                break;
-            if (stop > c.fork_len)
-                stop = c.fork_len;
-            x = c.parent;
-        }
-        if (rc) {
-            kvd_fail(err, rc, "resolving the fork chain of conversation %llu: %s", (unsigned long long)conv,
-                     kvarc_strerror(rc));
-            break;
-        }
-        if (stop > end)
-            stop = end;
-        /* the index keeps the block's size: a data block with summaries is longer */
-        uint32_t n_sum = kvarc_block_n_sum(f, ev.count);
-        int has = n_sum && ev.bytes == KVARC_BLOCK_HEADER + kvarc_block_payload_bytes_sum(ev.count, d, H, rb, n_sum);
-        if (has) {
-            if (np == cap) {
-                piece *p2 = realloc(pcs, 2 * cap * sizeof *pcs);
-                rd_op *o2 = p2 ? realloc(ops, 2 * cap * sizeof *ops) : NULL;
-                if (p2)
-                    pcs = p2;
-                if (o2)
-                    ops = o2;
-                if (!p2 || !o2) {
-                    rc = kvd_fail(err, -ENOMEM, "out of memory");
-                    break;
-                }
-                cap *= 2;
-            }
-            int fd = pin_get(e, &ps, ev.seg);
-            if (fd < 0) {
-                rc = kvd_fail(err, fd, "segment %016llx is not available", (unsigned long long)ev.seg);
-                break;
-            }
-            kvarc_block_header h = { .head_dim = (uint16_t)d, .n_heads = (uint16_t)H, .count = ev.count,
-                                     .rec_bytes = rb, .n_sum = n_sum };
-            pcs[np] = (piece){ owner, f, p, stop, ev.count, n_sum };
-            ops[np] = (rd_op){ fd, ev.off + kvarc_block_sum_offset(&h, (int)head),
-                               (uint32_t)kvarc_block_sum_section(n_sum, d), NULL };
-            total += ops[np].len;
-            np++;
-        }
-        p = stop;
-    }
-    mdb_txn_abort(txn);
-    pthread_rwlock_unlock(&e->resolve);
-    if (!rc && reserve(r, total))
-        rc = kvd_fail(err, -ENOMEM, "out of memory for %zu bytes of summaries", total);
-    if (!rc) {
-        size_t at = 0;
-        for (size_t i = 0; i < np; i++) {
-            ops[i].dst = r->buf + at;
-            at += ops[i].len;
-        }
-        if ((rc = ring_run(r, ops, np)))
-            kvd_fail(err, rc, "reading summaries of layer %u: %s", layer, kvarc_strerror(rc));
-    }
-    for (size_t i = 0; i < np && !rc; i++) {
+    if (!rc)
+        rc = read_ops(r, ops, nr, layer, "summaries", err);
+    for (size_t i = 0; i < nr && !rc; i++) {
         const uint8_t *sec = ops[i].dst;
         size_t len = ops[i].len;
-        uint32_t crc;
+        uint32_t crc, n_sum = kvarc_block_n_sum(pcs[i].first, pcs[i].ev.count);
         memcpy(&crc, sec + len - 4, 4);
         if (crc != kvarc_sum_section_crc(pcs[i].owner, layer, pcs[i].first, head, sec, len - 4)) {
             rc = kvd_fail(err, KVARC_ECORRUPT, "block summaries of positions [%llu, %llu) layer %u head %u fail "
                           "their checksum: data loss, run `kvarc verify`", (unsigned long long)pcs[i].first,
-                          (unsigned long long)(pcs[i].first + pcs[i].count), layer, head);
+                          (unsigned long long)(pcs[i].first + pcs[i].ev.count), layer, head);
             break;
         }
         /* summary j is of block first / 64 + j, ending at (that + 1) * 64 - 1:
          * ours when that last position lies in [from, stop) */
-        for (uint32_t j = 0; j < pcs[i].n_sum; j++) {
+        for (uint32_t j = 0; j < n_sum; j++) {
             uint64_t b = pcs[i].first / B + j, last = (b + 1) * B - 1;
             if (b < b0 || b >= b0 + nb || last < pcs[i].from || last >= pcs[i].stop)
                 continue;
             memcpy(bits + (b - b0) * S * sb, sec + (size_t)j * S * sb, S * sb);
-            memcpy(scales + (b - b0) * S, sec + (size_t)pcs[i].n_sum * S * sb + (size_t)j * S * 2, S * 2);
+            memcpy(scales + (b - b0) * S, sec + (size_t)n_sum * S * sb + (size_t)j * S * 2, S * 2);
             ok[b - b0] = 1;
         }
     }

@@ -182,12 +182,11 @@ static void check_world(kvd_engine *e, const world *w, const char *what)
     kvd_reader_close(r);
 }
 
-/* Flip bit 5 of byte `at` of every copy of a's layer-0 data block at
- * position 0 (the one that summarizes blocks 0 and 1). Returns the
- * copies changed. */
-static int flip_summary(const char *dir, uint64_t conv, int head, size_t at)
+/* Call fn on every block header of every segment file in dir, with the
+ * file open read-write and the block's offset. */
+typedef void (*block_fn)(void *arg, int fd, off_t off, const kvarc_block_header *h);
+static void each_block(const char *dir, block_fn fn, void *arg)
 {
-    int copies = 0;
     char p[4096];
     for (uint64_t id = 1; id < 256; id++) {
         snprintf(p, sizeof p, "%s/segments/%016llx.seg", dir, (unsigned long long)id);
@@ -198,21 +197,55 @@ static int flip_summary(const char *dir, uint64_t conv, int head, size_t at)
         uint8_t hb[KVARC_BLOCK_HEADER];
         kvarc_block_header h;
         while (pread(fd, hb, sizeof hb, off) == (ssize_t)sizeof hb && !kvarc_block_header_decode(hb, &h)) {
-            if (h.kind == KVARC_BLOCK_DATA && h.conv == conv && h.layer == 0 && h.first_pos == 0) {
-                CHECK(h.n_sum == 2 && h.version == 2, "the block of [0, 128) has n_sum %u version %u", h.n_sum,
-                      h.version);
-                uint8_t byte;
-                off_t o = off + (off_t)(kvarc_block_sum_offset(&h, head) + at);
-                if (pread(fd, &byte, 1, o) == 1) {
-                    byte ^= 0x20;
-                    copies += pwrite(fd, &byte, 1, o) == 1;
-                }
-            }
+            fn(arg, fd, off, &h);
             off += KVARC_BLOCK_HEADER + h.payload_bytes;
         }
         close(fd);
     }
-    return copies;
+}
+
+typedef struct flip_arg {
+    uint64_t conv;
+    int      head, copies;
+    size_t   at;
+} flip_arg;
+
+static void flip_one(void *arg, int fd, off_t off, const kvarc_block_header *h)
+{
+    flip_arg *f = arg;
+    if (h->kind != KVARC_BLOCK_DATA || h->conv != f->conv || h->layer != 0 || h->first_pos != 0)
+        return;
+    CHECK(h->n_sum == 2 && h->version == 2, "the block of [0, 128) has n_sum %u version %u", h->n_sum, h->version);
+    uint8_t byte;
+    off_t o = off + (off_t)(kvarc_block_sum_offset(h, f->head) + f->at);
+    if (pread(fd, &byte, 1, o) == 1) {
+        byte ^= 0x20;
+        f->copies += pwrite(fd, &byte, 1, o) == 1;
+    }
+}
+
+/* Flip bit 5 of byte `at` of every copy of a's layer-0 data block at
+ * position 0 (the one that summarizes blocks 0 and 1). Returns the
+ * copies changed. */
+static int flip_summary(const char *dir, uint64_t conv, int head, size_t at)
+{
+    flip_arg f = { conv, head, 0, at };
+    each_block(dir, flip_one, &f);
+    return f.copies;
+}
+
+typedef struct version_arg {
+    int v1, v2, bad;
+} version_arg;
+
+static void version_one(void *arg, int fd, off_t off, const kvarc_block_header *h)
+{
+    version_arg *v = arg;
+    (void)fd;
+    (void)off;
+    v->v1 += h->version == 1;
+    v->v2 += h->version == 2;
+    v->bad += h->version != (h->n_sum ? 2 : 1);
 }
 
 /* Every block on disk: those carrying summaries are version 2, all others
@@ -220,26 +253,11 @@ static int flip_summary(const char *dir, uint64_t conv, int head, size_t at)
  * Counts of each into v1, v2; returns the blocks that break the rule. */
 static int block_versions(const char *dir, int *v1, int *v2)
 {
-    int bad = 0;
-    char p[4096];
-    *v1 = *v2 = 0;
-    for (uint64_t id = 1; id < 256; id++) {
-        snprintf(p, sizeof p, "%s/segments/%016llx.seg", dir, (unsigned long long)id);
-        int fd = open(p, O_RDONLY);
-        if (fd < 0)
-            continue;
-        off_t off = 0;
-        uint8_t hb[KVARC_BLOCK_HEADER];
-        kvarc_block_header h;
-        while (pread(fd, hb, sizeof hb, off) == (ssize_t)sizeof hb && !kvarc_block_header_decode(hb, &h)) {
-            *v1 += h.version == 1;
-            *v2 += h.version == 2;
-            bad += h.version != (h.n_sum ? 2 : 1);
-            off += KVARC_BLOCK_HEADER + h.payload_bytes;
-        }
-        close(fd);
-    }
-    return bad;
+    version_arg v = { 0, 0, 0 };
+    each_block(dir, version_one, &v);
+    *v1 = v.v1;
+    *v2 = v.v2;
+    return v.bad;
 }
 
 static void linelog(void *arg, const char *line)
