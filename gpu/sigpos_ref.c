@@ -152,57 +152,6 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
 #define BIAS_TILE 64   /* blocks per tile with a table */
 #define OWN_TILE  16   /* without: the angles of 16 blocks on the stack (32 KB at most) */
 
-static inline __attribute__((always_inline)) int block_bias(const kvg_rope *r, const float *mu_k, const float *q_r,
-                                                            uint64_t b0, size_t nb, const double *cs,
-                                                            size_t cs_stride, float *out)
-{
-    double c0 = 0.0, A[KVARC_HEAD_DIM_MAX / 2], B[KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
-    double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
-    const size_t tile = cs ? BIAS_TILE : OWN_TILE;
-    int finite = 1;
-    if (!mu_k) {
-        for (size_t b = 0; b < nb; b++)
-            out[b] = 0.0f;
-        return 0;
-    }
-    for (int j = r->rotary_dims; j < r->d; j++)
-        c0 += (double)q_r[j] * (double)mu_k[j];
-    for (int s = 0; s < r->n_slow; s++) {
-        int a, bb;
-        pair_dims(r, r->first_slow + s, &a, &bb);
-        A[s] = (double)q_r[a] * mu_k[a] + (double)q_r[bb] * mu_k[bb];
-        B[s] = (double)q_r[bb] * mu_k[a] - (double)q_r[a] * mu_k[bb];
-    }
-    /* tiles of blocks, the pairs outermost: each block's sum keeps the
-     * pair order, and the inner loop runs across blocks (it vectorizes) */
-    for (size_t t0 = 0; t0 < nb; t0 += tile) {
-        size_t tn = nb - t0 < tile ? nb - t0 : tile, st = cs_stride;
-        const double *tc = cs ? cs + t0 : own;
-        if (!cs) {
-            kvg_block_angles_pm(r, b0 + t0, tn, own, OWN_TILE);
-            st = OWN_TILE;
-        }
-        for (size_t j = 0; j < tn; j++)
-            acc[j] = c0;
-        for (int s = 0; s < r->n_slow; s++) {
-            const double *co = tc + (size_t)(2 * s) * st, *si = tc + (size_t)(2 * s + 1) * st;
-            const double as = A[s], bs = B[s];
-            for (size_t j = 0; j < tn; j++)
-                acc[j] += as * co[j] + bs * si[j];
-        }
-        for (size_t j = 0; j < tn; j++) {
-            out[t0 + j] = (float)acc[j];
-            finite &= isfinite(out[t0 + j]) != 0;
-        }
-    }
-    return finite ? 0 : KVARC_ENONFINITE;
-}
-
-int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
-                       const double *cs, size_t cs_stride, float *out)
-{
-    return block_bias(r, mu_k, q_r, b0, nb, cs, cs_stride, out);
-}
 
 #define MULTI_Q 16   /* queries whose coefficients sit on the stack at a time */
 
@@ -212,11 +161,9 @@ int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, u
  * is fused (-ffp-contract=off), so the bits are kvg_block_bias_ref's. The
  * C is compiled for the widest vectors this CPU has, chosen at load time
  * (an ifunc: cpuid). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
-                     size_t nb, const double *cs, size_t cs_stride, float *const *out)
+static inline __attribute__((always_inline)) int bias_n(const kvg_rope *r, int n_q, const float *const *mu_k,
+                                                        const float *const *q_r, uint64_t b0, size_t nb,
+                                                        const double *cs, size_t cs_stride, float *const *out)
 {
     double c0[MULTI_Q], A[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], B[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
     double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
@@ -266,6 +213,22 @@ int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const
         }
     }
     return finite ? 0 : KVARC_ENONFINITE;
+}
+
+/* The definition: one query, the plain C (x86-64-v2, two doubles a vector). */
+int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
+                       const double *cs, size_t cs_stride, float *out)
+{
+    return bias_n(r, 1, &mu_k, &q_r, b0, nb, cs, cs_stride, &out);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
+                     size_t nb, const double *cs, size_t cs_stride, float *const *out)
+{
+    return bias_n(r, n_q, mu_k, q_r, b0, nb, cs, cs_stride, out);
 }
 
 int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
