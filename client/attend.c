@@ -19,7 +19,8 @@
  * before it is used). Per group: stage 1 scores each (query, kv head)
  * against the cold signatures (kvg_score_pos, the GQA group's queries
  * combined; through the coarse tier's block summaries when the context is
- * long enough, coarse.c) and keeps shortlist x top_k; stage 2 is one RerankLayer; then
+ * long enough, coarse.c; the kv heads over threads, stage1.c) and keeps
+ * shortlist x top_k; stage 2 is one RerankLayer; then
  * per query one exact softmax over [sinks][retrieved][hot up to itself]
  * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
  * A record is decoded once per query group (the `decoded` map): the queries of a
