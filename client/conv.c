@@ -53,7 +53,7 @@ void kvarc_options_default(kvarc_options *o)
     o->cache_records = 1 << 18;
     o->scale = 0.0f;
     o->use_gpu = 1;
-    o->coarse_blocks = 64;
+    o->coarse_blocks = 0;
 }
 
 int64_t kl_now_ns(void)

@@ -106,11 +106,12 @@ typedef struct kvarc_options {
     size_t   cache_records;     /* LRU record cache capacity, records per conversation; any
                                    size works, but one under 2 x kv heads x (shortlist + 1) x
                                    top_k splits a prefill chunk into one query per RerankLayer */
-    uint32_t coarse_blocks;     /* coarse tier (default 64): stage 1 scores every 64-token block's
-                                   summaries and scans only the tokens of this many best blocks per
-                                   query and kv head (contexts under twice that scan all); 0: scan
-                                   every cold token. 0 or shortlist x top_k / 64 .. 2^24, else
-                                   create/attach fail with -EINVAL */
+    uint32_t coarse_blocks;     /* coarse tier: stage 1 scores every 64-token block's summaries and
+                                   scans only the tokens of this many best blocks per query and kv
+                                   head (contexts under twice that scan all). 0 (default): scan every
+                                   cold token; 64 kept every synthetic needle but lost 2 of 10
+                                   passkeys at 16K (README). 0 or shortlist x top_k / 64 .. 2^24,
+                                   else create/attach fail with -EINVAL */
     uint32_t threads;           /* threads a decode step's stage 1 may use from 32K cold tokens on
                                    (kv heads spread over them; the same answer whatever the count):
                                    0 (default) every online CPU, 1 only the caller's; at most 256 */
