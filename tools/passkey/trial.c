@@ -51,6 +51,7 @@ void pk_setup_options(const pk_setup *s, pk_mode mode, kvarc_options *o)
     o->top_k = mode == PK_ABLATION ? 0 : s->top_k;
     o->hot_window = s->hot;
     o->sinks = s->sinks;
+    o->coarse_blocks = s->coarse;
     if (o->batch > s->hot)
         o->batch = s->hot;
     if (o->max_chunk < s->chunk)

@@ -31,6 +31,7 @@ typedef struct pk_setup {
     const float    *means;       /* centering means [layers][kv][2][hd], or NULL */
     int             format;      /* KVARC_FMT_* */
     uint32_t        top_k, hot, sinks, chunk;   /* chunk: prefill tokens per forward call */
+    uint32_t        coarse;                     /* kvarc_options.coarse_blocks (0: the full scan) */
 } pk_setup;
 
 /* libkvarc options for a kvarc mode of s (pos_mode, top_k, ...). */
