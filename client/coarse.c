@@ -4,20 +4,23 @@
  * Design notes
  * Every KVG_SIG_BLOCK (64) positions of a (layer, kv head) get
  * KVG_SUM_ITEMS summary signatures (kvg_summary_ref: the block mean's, and
- * the token farthest from it), made from the archived signatures once the
- * block is complete: y->sum_n blocks are summarized, always
- * archived / 64 after kl_coarse_update, which attend calls first. A block
- * is aligned with the kind-2 bias blocks, so in true-position mode each
- * summary item takes its block's bias and scores like a token of it.
+ * the token most unlike the block), which only the writer can make: from
+ * the exact keys in its ring, in the flush whose tokens complete the block
+ * (kl_coarse_make), sent with that Append and kept (kl_coarse_keep);
+ * an attaching worker loads them (LoadSummaries). y->sum_n blocks have an
+ * entry, y->sum_ok says which have summaries (a block archived without
+ * them is always scanned). A block is aligned with the kind-2 bias
+ * blocks, so in true-position mode each summary item takes its block's
+ * bias and scores like a token of it.
  * Stage 1 (kl_stage1_coarse) then scores the summaries of the cold range's
  * blocks (kvg_score_items, the GQA group combined as for tokens), ranks a
  * block by its best item, and scans the tokens of the o.coarse_blocks best
- * blocks and of the blocks not summarized yet (the last, partly archived
- * or hot) with kvg_score_runs, in position order; the shortlist is their
- * best r, ordered as kvg_topk_ref orders a full scan's (score descending,
- * position ascending). So the shortlist equals the full scan's whenever
- * the full scan's winners lie in the chosen blocks; bench-quality measures
- * how often they do (needles found, attention mass, coarse on and off).
+ * blocks and of the blocks without summaries (among them the last, partly
+ * archived or hot) with kvg_score_runs, in position order; the shortlist
+ * is their best r, ordered as kvg_topk_ref orders a full scan's (score
+ * descending, position ascending). So the shortlist equals the full scan's
+ * whenever the full scan's winners lie in the chosen blocks; bench-quality
+ * and the passkey runs measure how often they do.
  * When the chosen blocks would hold fewer than r tokens or about as many
  * as the whole cold range, the full scan runs instead (-ENOTSUP), the
  * same for every head so that heads shortlist equally many.
@@ -48,18 +51,9 @@ long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, cons
     for (size_t h = 0; !rc && h < H; h++) {
         kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
         for (uint64_t b = b0; !rc && b < b0 + nsb; b++) {
-            float c[KVARC_HEAD_DIM_MAX];             /* what the block's signatures subtract */
-            if (cv->o.pos_mode == 1)
-                for (size_t i = 0; i < d; i++)
-                    c[i] = codec.mu_k ? codec.mu_k[i] : 0.0f;
-            else
-                kvg_block_centering(&cv->rope, codec.mu_k, b, c);
+            kl_sig_keys(cv, y, h, codec.mu_k, b * B, B, x);   /* what the block's signatures sign */
             for (uint64_t t = 0; t < B; t++) {
                 uint64_t p = b * B + t;
-                /* kind 1: k - mu_k; kind 2: k turned to p (as the ring keeps it) - the block's centering */
-                const float *k = (cv->o.pos_mode == 1 ? y->ring_k : y->ring_kr) + (h * cv->ring + p % cv->ring) * d;
-                for (size_t i = 0; i < d; i++)
-                    x[t * d + i] = k[i] - c[i];
                 if (p < a) {
                     memcpy(bb + t * sb, y->sig_bits[h] + p * sb, sb);
                     bs[t] = y->sig_scale[h][p];

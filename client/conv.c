@@ -601,33 +601,19 @@ static int check_refed(kvarc_conv *cv, uint32_t layer, const uint8_t *bits, uint
     return 0;
 }
 
-/* Kind-2 signatures of positions [first, first + n) of head h, from the
- * ring's keys already turned to their positions (ring_kr, made by
- * kvg_rope_apply as kvg_sig_pos_ref would): minus each block's centering,
- * then kvg_signature_ref. The bits kvg_sig_pos_ref gives, without turning
- * every key again. */
-static int kl_sig_pos(kvarc_conv *cv, const kl_layer *y, size_t h, const float *mu_k, uint64_t first, uint32_t n,
-                      uint8_t *bits, uint16_t *scales, size_t *bad)
+void kl_sig_keys(const kvarc_conv *cv, const kl_layer *y, size_t h, const float *mu_k, uint64_t first, uint64_t n,
+                 float *x)
 {
     const size_t d = cv->m.head_dim;
-    float c[KVARC_HEAD_DIM_MAX], x[KVARC_HEAD_DIM_MAX];
-    uint64_t cb = UINT64_MAX;
-    for (uint32_t t = 0; t < n; t++) {
+    const int remap = cv->o.pos_mode == 1;
+    for (uint64_t t = 0; t < n; t++) {
         uint64_t p = first + t;
-        if (p / KVG_SIG_BLOCK != cb) {
-            cb = p / KVG_SIG_BLOCK;
-            kvg_block_centering(&cv->rope, mu_k, cb, c);
-        }
-        const float *kr = y->ring_kr + (h * cv->ring + p % cv->ring) * d;
-        for (size_t i = 0; i < d; i++)
-            x[i] = kr[i] - c[i];
-        int rc = kvg_signature_ref(&cv->rot, x, bits + t * (d / 8), &scales[t]);
-        if (rc) {
-            *bad = t;
-            return rc;
-        }
+        const float *k = (remap ? y->ring_k : y->ring_kr) + (h * cv->ring + p % cv->ring) * d;
+        for (size_t i = 0; i < d; i++)           /* kind 1: k - mu_k (kind 2 centers per block below) */
+            x[t * d + i] = remap ? k[i] - mu_k[i] : k[i];
     }
-    return 0;
+    if (!remap)
+        kvg_sig_pos_center(&cv->rope, mu_k, first, n, x);
 }
 
 /* Encode tokens [archived, archived + n) of a layer from the ring; send
@@ -656,8 +642,12 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         size_t bad = 0;
         rc = kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
                             &bad);
-        if (!rc && cv->o.pos_mode == 0)     /* true positions: kind-2 signatures replace the encoder's */
-            rc = kl_sig_pos(cv, y, h, codec.mu_k, y->archived, n, bits + h * n * sb, sc + h * n, &bad);
+        if (!rc && cv->o.pos_mode == 0) {   /* true positions: kind-2 signatures replace the encoder's */
+            kl_sig_keys(cv, y, h, codec.mu_k, y->archived, n, k);   /* from the ring's turned keys, not again */
+            for (uint32_t t = 0; !rc && t < n; t++)
+                if ((rc = kvg_signature_ref(&cv->rot, k + t * d, bits + (h * n + t) * sb, &sc[h * n + t])))
+                    bad = t;
+        }
         if (rc)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
                     (unsigned long long)(y->archived + bad), kvarc_strerror(rc));

@@ -143,6 +143,12 @@ kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head);
 /* Put token p's exact K, V ([d] each, pre-RoPE) of head h in the ring,
  * and its key turned to p in ring_kr (cs: p's kvg_rope_angles, or NULL). */
 void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float *k, const float *v, const double *cs);
+/* The vectors positions [first, first + n) of head h's signatures sign,
+ * from the ring into x[n][d]: kind 1 k - mu_k; kind 2 the ring's key turned
+ * to its position (as kvg_sig_pos_ref turns it) minus its block's
+ * centering. The ring must still hold them. */
+void kl_sig_keys(const kvarc_conv *cv, const kl_layer *y, size_t h, const float *mu_k, uint64_t first, uint64_t n,
+                 float *x);
 /* Encode and archive tokens [archived, len) of a layer (from the ring);
  * those below `inherited` are checked against kvarcd's signatures instead
  * of being sent. */

@@ -97,7 +97,6 @@ static int lanes_reserve(kl_s1_lanes *l, int n, uint64_t cold, size_t nq)
 typedef struct s1_work {
     kvarc_conv       *cv;
     const kl_layer   *y;
-    uint32_t          layer;
     const kl_s1_args *a;
     kl_s1_lanes      *lanes;
     int               T;
@@ -174,7 +173,7 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
     if (cv->gpu) {                     /* one device stream: the caller's thread, head by head */
         int all = 1;
         if ((rc = lanes_reserve(lanes, 1, 0, a->H * a->G)) ||
-            (a->bb && (rc = lane_biases(&(s1_work){ cv, y, layer, a, lanes, 1, got }, &lanes->lane[0], 0, 1))))
+            (a->bb && (rc = lane_biases(&(s1_work){ cv, y, a, lanes, 1, got }, &lanes->lane[0], 0, 1))))
             return kl_fail(cv, rc, "stage 1 on layer %u: %s", layer, kvarc_strerror(rc));
         for (size_t h = 0; h < a->H; h++) {
             got[h] = kl_gpu_stage1(cv, layer, (uint32_t)h, a->qs + h * a->G, (int)a->G, a->ns, a->hot_lo - a->ns,
@@ -194,7 +193,7 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
     if ((rc = lanes_reserve(lanes, T, a->hot_lo - a->ns, a->H * a->G)))
         return kl_fail(cv, rc, "out of memory for stage 1 over %llu cold tokens",
                        (unsigned long long)(a->hot_lo - a->ns));
-    s1_work w = { cv, y, layer, a, lanes, T, got };
+    s1_work w = { cv, y, a, lanes, T, got };
     s1_arg args[KVARC_THREADS_MAX];
     pthread_t tid[KVARC_THREADS_MAX];
     int started = 1;                   /* lanes [1, started) run on threads of their own */

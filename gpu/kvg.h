@@ -251,11 +251,11 @@ void kvg_block_angles_pm(const kvg_rope *r, uint64_t b0, size_t nb, double *cs, 
 int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *mu_k, const float *k,
                     uint64_t first_pos, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad);
 
-/* Block b's centering c[d] (SCHEMA.md 6.2): mu_k's unturned dims, its slow
- * pairs turned to the block's center, 0 elsewhere (all 0 for mu_k NULL).
- * A key already turned to its position (kvg_rope_apply) minus this is
- * what its kind-2 signature signs. */
-void kvg_block_centering(const kvg_rope *r, const float *mu_k, uint64_t b, float *c);
+/* Keys x[n][d] already turned to their positions first_pos.. (by
+ * kvg_rope_apply) become what kind-2 signatures sign: minus each one's
+ * block's centering (SCHEMA.md 6.2: mu_k's unturned dims and its slow pairs
+ * turned to the block's center; none for mu_k NULL), in place. */
+void kvg_sig_pos_center(const kvg_rope *r, const float *mu_k, uint64_t first_pos, size_t n, float *x);
 
 /* The vectors kind-2 signatures sign, x[n][d] (x may alias k): key t
  * turned to its position first_pos + t, minus its block's centering, as

@@ -103,15 +103,8 @@ static void block_center_mu(const kvg_rope *r, const float *mu, uint64_t b, floa
     }
 }
 
-void kvg_block_centering(const kvg_rope *r, const float *mu_k, uint64_t b, float *c)
+void kvg_sig_pos_center(const kvg_rope *r, const float *mu_k, uint64_t first_pos, size_t n, float *x)
 {
-    block_center_mu(r, mu_k, b, c);
-}
-
-int kvg_sig_pos_keys(const kvg_rope *r, const float *mu_k, const float *k, uint64_t first_pos, size_t n, float *x)
-{
-    if (!r || (n && (!k || !x)))
-        return -EINVAL;
     const int d = r->d;
     float c[KVARC_HEAD_DIM_MAX];
     uint64_t cb = UINT64_MAX;
@@ -122,13 +115,26 @@ int kvg_sig_pos_keys(const kvg_rope *r, const float *mu_k, const float *k, uint6
             cb = pos / KVG_SIG_BLOCK;
             block_center_mu(r, mu_k, cb, c);
         }
-        memmove(xt, k + t * (size_t)d, (size_t)d * sizeof *xt);
-        kvg_rope_apply(xt, d, r->rotary_dims, r->layout, r->inv_freq, (double)pos);
         for (int i = 0; i < d; i++)
             xt[i] = xt[i] - c[i];
     }
+}
+
+int kvg_sig_pos_keys(const kvg_rope *r, const float *mu_k, const float *k, uint64_t first_pos, size_t n, float *x)
+{
+    if (!r || (n && (!k || !x)))
+        return -EINVAL;
+    const int d = r->d;
+    for (size_t t = 0; t < n; t++) {
+        float *xt = x + t * (size_t)d;
+        memmove(xt, k + t * (size_t)d, (size_t)d * sizeof *xt);
+        kvg_rope_apply(xt, d, r->rotary_dims, r->layout, r->inv_freq, (double)(first_pos + t));
+    }
+    kvg_sig_pos_center(r, mu_k, first_pos, n, x);
     return 0;
 }
+
+#define SIG_CHUNK 16   /* keys turned at a time on the stack (16 KB at head_dim 256) */
 
 int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *mu_k, const float *k,
                     uint64_t first_pos, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad)
@@ -136,14 +142,17 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
     if (!r || !rot || rot->head_dim != r->d || (n && (!k || !bits || !scales)))
         return -EINVAL;
     const int d = r->d;
-    float x[KVARC_HEAD_DIM_MAX];
-    for (size_t t = 0; t < n; t++) {
-        kvg_sig_pos_keys(r, mu_k, k + t * (size_t)d, first_pos + t, 1, x);
-        int rc = kvg_signature_ref(rot, x, bits + t * (size_t)(d / 8), &scales[t]);
-        if (rc) {
-            if (bad)
-                *bad = t;
-            return rc;
+    float x[SIG_CHUNK * KVARC_HEAD_DIM_MAX];
+    for (size_t t0 = 0; t0 < n; t0 += SIG_CHUNK) {
+        size_t cn = n - t0 < SIG_CHUNK ? n - t0 : SIG_CHUNK;
+        kvg_sig_pos_keys(r, mu_k, k + t0 * (size_t)d, first_pos + t0, cn, x);
+        for (size_t t = 0; t < cn; t++) {
+            int rc = kvg_signature_ref(rot, x + t * (size_t)d, bits + (t0 + t) * (size_t)(d / 8), &scales[t0 + t]);
+            if (rc) {
+                if (bad)
+                    *bad = t0 + t;
+                return rc;
+            }
         }
     }
     return 0;

@@ -1,7 +1,8 @@
 /* test_libkvarc_coarse: the coarse tier end to end, libkvarc against a real
  * kvarcd on a unix socket (1 layer, 2 KV heads x 4 query heads, head_dim
  * 128, RoPE on every dimension, true positions, q3):
- *  - the writer makes the block summaries and sends them with its Appends;
+ *  - the writer makes the block summaries (true positions and remapped,
+ *    checked against the kernels' definitions) and sends them with its Appends;
  *    a worker attaching loads them (LoadSummaries): every complete block
  *    has them, and its coarse stage 1 retrieves exactly what the writer's
  *    does (the outputs differ only by the reader's hot window, decoded
@@ -177,6 +178,37 @@ int main(void)
         }
         CHECK(sig_same, "the writer's signatures are kvg_sig_pos_ref's bits");
         CHECK(sum_same, "the writer's block summaries are kvg_summary_ref's bits");
+    }
+    {   /* remapped mode (kind-1 signatures, the encoder's): the summaries are made from k - mu_k */
+        kvarc_options om = o;
+        om.pos_mode = 1;
+        kvarc_conv *wm = NULL;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "remapped", &m, &om, means, &wm), 0);
+        enum { NM = 1000 };
+        for (int t0 = 0; wm && t0 < NM && !tu_failures; t0 += 100)
+            CHECK_RC(append_range(wm, t0, 100), 0);
+        CHECK_RC(kvarc_conv_sync(wm), 0);
+        int same = wm && wm->layers[0].sum_n == NM / KVG_SIG_BLOCK;
+        for (uint32_t h = 0; same && h < H; h++) {
+            kvg_codec codec = kl_codec(wm, 0, h);
+            static uint8_t recs[NM * 128], bits[NM * D / 8];
+            static uint16_t sc[NM];
+            static float x[KVG_SIG_BLOCK * D];
+            CHECK_RC(kvg_encode_ref(&codec, KVARC_DTYPE_F32, K[h][0], V[h][0], NM, recs, bits, sc, NULL), 0);
+            for (uint64_t b = 0; b < NM / KVG_SIG_BLOCK; b++) {
+                uint8_t sb[KVG_SUM_ITEMS * D / 8];
+                uint16_t ss[KVG_SUM_ITEMS];
+                for (int t = 0; t < KVG_SIG_BLOCK; t++)
+                    for (int i = 0; i < D; i++)
+                        x[t * D + i] = K[h][b * KVG_SIG_BLOCK + (uint64_t)t][i] - codec.mu_k[i];
+                CHECK_RC(kvg_summary_ref(&wm->rot, x, bits + b * KVG_SIG_BLOCK * D / 8, sc + b * KVG_SIG_BLOCK,
+                                         KVG_SIG_BLOCK, sb, ss), 0);
+                same &= !memcmp(sb, wm->layers[0].sum_bits[h] + b * sizeof sb, sizeof sb) &&
+                        !memcmp(ss, wm->layers[0].sum_scale[h] + b * KVG_SUM_ITEMS, sizeof ss);
+            }
+        }
+        CHECK(same, "remapped: the writer's block summaries are kvg_summary_ref's bits of k - mu_k");
+        kvarc_conv_close(wm);
     }
 
     CHECK_RC(kvarc_conv_attach(cl2, "lib", "c", &m, &o, &r), 0);
