@@ -19,7 +19,9 @@
  *  - stage 1 on 1 and on 2 threads (40K tokens): the same retrieval and
  *    output bits, coarse tier on and off;
  *  - coarse_blocks below shortlist x top_k / 64, and threads past 256, are
- *    refused, naming them. */
+ *    refused, naming them; so are an Append with summaries of the wrong
+ *    size or of no block, and LoadSummaries past the last complete block
+ *    or of a head that is not there (nothing stored). */
 #include <math.h>
 
 #include "kvarcd_util.h"
@@ -209,6 +211,86 @@ int main(void)
         }
         CHECK(same, "remapped: the writer's block summaries are kvg_summary_ref's bits of k - mu_k");
         kvarc_conv_close(wm);
+    }
+
+    {   /* bad summaries in an Append, and LoadSummaries past the end or of a head that is not there: refused
+         * with INVALID_ARGUMENT naming what is wrong, and nothing stored */
+        kvc_conn *k;
+        char msg[512];
+        CHECK_RC(kvc_connect(dir, &k), 0);
+        uint64_t len0 = kvarc_length(w, 0), nb0 = len0 / KVG_SIG_BLOCK;
+        uint64_t first = len0, count = KVG_SIG_BLOCK;           /* completes exactly one block */
+        static uint8_t bits[H * KVG_SIG_BLOCK * D / 8], recs[H * KVG_SIG_BLOCK * 128];
+        static uint16_t sc[H * KVG_SIG_BLOCK];
+        uint8_t sbits[H * KVG_SUM_ITEMS * D / 8 + 1];
+        uint16_t sscale[H * KVG_SUM_ITEMS];
+        memset(sbits, 0, sizeof sbits);
+        memset(sscale, 0, sizeof sscale);
+        Kvarc__V1__AppendRequest ar = KVARC__V1__APPEND_REQUEST__INIT;
+        ar.conv = w->id;
+        ar.layer = 0;
+        ar.first_pos = first;
+        ar.count = (uint32_t)count;
+        ar.sig_bits.data = bits;
+        ar.sig_bits.len = sizeof bits;
+        ar.sig_scale.data = (uint8_t *)sc;
+        ar.sig_scale.len = sizeof sc;
+        ar.records.data = recs;
+        ar.records.len = H * count * w->rb;
+        ar.sum_bits.data = sbits;
+        ar.sum_bits.len = sizeof sbits;               /* one byte too many */
+        ar.sum_scale.data = (uint8_t *)sscale;
+        ar.sum_scale.len = sizeof sscale;
+        int st = kvc_call(k, "Append", &ar.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg, sizeof msg);
+        CHECK(st == GRPC_STATUS_INVALID_ARGUMENT && strstr(msg, "summaries"), "Append with summaries of the wrong "
+              "size: status %d, '%s'", st, msg);
+        uint64_t short_n = KVG_SIG_BLOCK - 1 - first % KVG_SIG_BLOCK;   /* tokens that complete no block */
+        ar.sum_bits.len = sizeof sbits - 1;           /* one block's summaries, but the tokens complete none */
+        ar.count = (uint32_t)short_n;
+        ar.sig_bits.len = H * short_n * D / 8;
+        ar.sig_scale.len = H * short_n * 2;
+        ar.records.len = H * short_n * w->rb;
+        CHECK(short_n > 0, "position %llu leaves room for a short append", (unsigned long long)first);
+        st = kvc_call(k, "Append", &ar.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg, sizeof msg);
+        CHECK(st == GRPC_STATUS_INVALID_ARGUMENT && strstr(msg, "completes 0 blocks"), "Append with summaries of "
+              "no block: status %d, '%s'", st, msg);
+        Kvarc__V1__LoadSummariesRequest lr = KVARC__V1__LOAD_SUMMARIES_REQUEST__INIT;
+        lr.conv = w->id;
+        lr.layer = 0;
+        lr.head = 0;
+        lr.first_block = nb0;
+        lr.count = 1;                                 /* a block not yet complete */
+        st = kvc_call(k, "LoadSummaries", &lr.base, &kvarc__v1__load_summaries_reply__descriptor, NULL, 0, msg,
+                      sizeof msg);
+        CHECK(st == GRPC_STATUS_INVALID_ARGUMENT && strstr(msg, "complete"), "LoadSummaries past the end: status %d, "
+              "'%s'", st, msg);
+        lr.first_block = 0;
+        lr.head = H;
+        st = kvc_call(k, "LoadSummaries", &lr.base, &kvarc__v1__load_summaries_reply__descriptor, NULL, 0, msg,
+                      sizeof msg);
+        CHECK(st == GRPC_STATUS_INVALID_ARGUMENT && strstr(msg, "head"), "LoadSummaries of head %d: status %d, '%s'",
+              H, st, msg);
+        lr.head = 0;
+        lr.count = 0;                                 /* every complete block: still nb0 of them */
+        ProtobufCMessage *rep = NULL;
+        st = kvc_call(k, "LoadSummaries", &lr.base, &kvarc__v1__load_summaries_reply__descriptor, &rep, 0, msg,
+                      sizeof msg);
+        CHECK(st == GRPC_STATUS_OK && rep && ((Kvarc__V1__LoadSummariesReply *)rep)->count == nb0,
+              "after the refusals the layer still has %llu complete blocks: status %d", (unsigned long long)nb0, st);
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
+        Kvarc__V1__OpenRequest orq = KVARC__V1__OPEN_REQUEST__INIT;    /* and its length is what it was */
+        orq.ns = "lib";
+        orq.name = "c";
+        rep = NULL;
+        st = kvc_call(k, "Open", &orq.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg);
+        const Kvarc__V1__ConvInfo *ci = st == GRPC_STATUS_OK && rep ? ((Kvarc__V1__ConvReply *)rep)->info : NULL;
+        CHECK(ci && ci->n_layer_lengths == 1 && ci->layer_lengths[0] == len0, "after the refusals layer 0 still "
+              "holds %llu tokens (%llu)", (unsigned long long)len0,
+              ci && ci->n_layer_lengths ? (unsigned long long)ci->layer_lengths[0] : 0ull);
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
+        kvc_close(k);
     }
 
     CHECK_RC(kvarc_conv_attach(cl2, "lib", "c", &m, &o, &r), 0);
