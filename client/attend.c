@@ -103,33 +103,48 @@ typedef struct scratch {
     uint64_t *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
     float    *dk, *dv;       /* [dcap][d] decoded (true positions: turned) */
+    uint8_t  *stage;         /* [kret] records to decode together */
+    uint64_t *spos;          /* [kret] their positions */
     size_t    dcap, dslots, dn;   /* dcap: a group's items x kret + 1; dslots: a power of two >= 2 dcap */
 } scratch;
 
-/* K and V of (head, pos) decoded from rec, through the map: decoded on
- * first use, copied after. The map holds one query group's records (it is
- * emptied at each group) and has room for all a group can retrieve (items
- * x top_k), so it never evicts; only the entries used are touched. */
-static int decoded(scratch *x, const kvg_codec *codec, size_t d, size_t head, uint64_t pos, const uint8_t *rec,
-                   const kvarc_conv *turn, float *k, float *v)
+/* The records of one (query, head) not yet in the decoded map, decoded
+ * together (kvg_decode runs them many at a time) and entered in it. The
+ * map holds one query group's records (it is emptied at each group) and
+ * has room for all a group can retrieve (items x top_k), so it never
+ * evicts. pr[0..kn) name the records: position and index j in recs. */
+static int decode_new(scratch *x, const kvg_codec *codec, size_t d, size_t head, const posrec *pr, size_t kn,
+                      const uint8_t *recs, size_t rb, const kvarc_conv *turn)
 {
-    uint64_t key = ((uint64_t)head << 48 | pos) + 1;
-    size_t i = slot_of(x->dkey, x->dslots, head, pos);
-    if (!x->dkey[i]) {
-        if (x->dn == x->dcap)      /* cannot happen: a group retrieves at most dcap - 1 */
+    size_t nm = 0;
+    for (size_t r = 0; r < kn; r++) {
+        size_t i = slot_of(x->dkey, x->dslots, head, pr[r].pos);
+        if (x->dkey[i])
+            continue;
+        if (x->dn + nm == x->dcap)      /* cannot happen: a group retrieves at most dcap - 1 */
             return -EOVERFLOW;
-        int rc = kvg_decode_ref(codec, rec, 1, x->dk + x->dn * d, x->dv + x->dn * d);
-        if (rc)
-            return rc;
-        if (turn)               /* true positions: the key turned to its own */
-            kvg_rope_apply(x->dk + x->dn * d, (int)d, (int)turn->m.rotary_dims, turn->m.rope_layout,
-                           turn->rope.inv_freq, (double)pos);
-        x->dkey[i] = key;
-        x->dat[i] = (uint32_t)x->dn++;
+        memcpy(x->stage + nm * rb, recs + (size_t)pr[r].j * rb, rb);
+        x->spos[nm] = pr[r].pos;
+        x->dkey[i] = ((uint64_t)head << 48 | pr[r].pos) + 1;
+        x->dat[i] = (uint32_t)(x->dn + nm++);
     }
+    int rc = kvg_decode(codec, x->stage, nm, x->dk + x->dn * d, x->dv + x->dn * d);
+    if (rc)
+        return rc;
+    if (turn)                           /* true positions: each key turned to its own */
+        for (size_t m = 0; m < nm; m++)
+            kvg_rope_apply(x->dk + (x->dn + m) * d, (int)d, (int)turn->m.rotary_dims, turn->m.rope_layout,
+                           turn->rope.inv_freq, (double)x->spos[m]);
+    x->dn += nm;
+    return 0;
+}
+
+/* K and V of (head, pos), already in the map (decode_new). */
+static void decoded(const scratch *x, size_t d, size_t head, uint64_t pos, float *k, float *v)
+{
+    size_t i = slot_of(x->dkey, x->dslots, head, pos);
     memcpy(k, x->dk + (size_t)x->dat[i] * d, d * 4);
     memcpy(v, x->dv + (size_t)x->dat[i] * d, d * 4);
-    return 0;
 }
 
 static void scratch_free(scratch *x)
@@ -138,7 +153,7 @@ static void scratch_free(scratch *x)
     free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
     free(x->sort_tmp); free(x->cs_rank);
-    free(x->dkey); free(x->dat); free(x->dk); free(x->dv);
+    free(x->dkey); free(x->dat); free(x->dk); free(x->dv); free(x->stage); free(x->spos);
 }
 
 /* The exact hot window [hot_lo, hot_lo + nh) of every head from the ring
@@ -350,6 +365,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.dat = malloc(x.dslots * sizeof *x.dat);
     x.dk = malloc(x.dcap * d * 4);
     x.dv = malloc(x.dcap * d * 4);
+    x.stage = malloc((kret + 1) * cv->rb);
+    x.spos = malloc((kret + 1) * sizeof *x.spos);
     uint32_t *item_head = malloc(ni * sizeof *item_head);
     kvg_query *qs = malloc(QH * sizeof *qs);
     const float **mus = malloc(QH * sizeof *mus);     /* each query head's centering (its kv head's mu_k) */
@@ -358,7 +375,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     if (!x.idx || !x.got || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
         !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
-        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !item_head || !qs || !mus) {
+        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !x.stage || !x.spos ||
+        !item_head || !qs || !mus) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
                      (unsigned long long)cold);
         goto out;
@@ -468,12 +486,15 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 }
                 sort_by_pos(x.pr, kn);
                 kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
-                for (size_t r = 0; r < kn && !rc; r++) {
+                if ((rc = decode_new(&x, &codec, d, h, x.pr, kn, x.ret_rec + it * kret * cv->rb, cv->rb,
+                                     remap ? NULL : cv))) {
+                    kl_fail(cv, rc, "decoding records of layer %u: %s", layer, kvarc_strerror(rc));
+                    break;
+                }
+                for (size_t r = 0; r < kn; r++) {
                     float *kk = x.rk + (h * kret + r) * d, *vv = x.rv + (h * kret + r) * d;
-                    if ((rc = decoded(&x, &codec, d, h, x.pr[r].pos, x.ret_rec + (it * kret + x.pr[r].j) * cv->rb,
-                                      remap ? NULL : cv, kk, vv)))
-                        kl_fail(cv, rc, "decoding a record of layer %u: %s", layer, kvarc_strerror(rc));
-                    else if (remap && kn == kret)
+                    decoded(&x, d, h, x.pr[r].pos, kk, vv);
+                    if (remap && kn == kret)
                         kvg_rope_turn(kk, (int)d, rot, lay, x.cs_rank + r * d);
                     else if (remap)
                         kvg_rope_apply(kk, (int)d, rot, lay, cv->rope.inv_freq,

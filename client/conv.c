@@ -418,7 +418,7 @@ static int fetch_decode(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t 
     int rc = f->records.len == n * cv->rb ? 0 : kl_fail(cv, -EIO, "Fetch returned %zu bytes for %u records",
                                                         f->records.len, n);
     kvg_codec codec = kl_codec(cv, layer, head);
-    if (!rc && (rc = kvg_decode_ref(&codec, f->records.data, n, k, v)))
+    if (!rc && (rc = kvg_decode(&codec, f->records.data, n, k, v)))
         kl_fail(cv, rc, "decoding records of layer %u head %u: %s", layer, head, kvarc_strerror(rc));
     cv->st.bytes_received += f->records.len;
     protobuf_c_message_free_unpacked(rep, NULL);
@@ -640,7 +640,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         }
         kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
         size_t bad = 0;
-        rc = kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
+        rc = kvg_encode(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
                             &bad);
         if (!rc && cv->o.pos_mode == 0) {   /* true positions: kind-2 signatures replace the encoder's */
             kl_sig_keys(cv, y, h, codec.mu_k, y->archived, n, k);   /* from the ring's turned keys, not again */

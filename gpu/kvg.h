@@ -64,6 +64,23 @@ int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
 int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
                        size_t n, float *scores);
 
+/* The same codec sixteen tokens at a time (codec_simd.c), chosen at run
+ * time: kvg_encode / kvg_decode give kvg_encode_ref's / kvg_decode_ref's
+ * bits and return codes (bad_token included) on every CPU. The *_isa forms
+ * run one build: KVG_ISA_REF the reference, BASE the lanes on the build's
+ * baseline ISA, V3 / V4 on x86-64-v3 (AVX2) / x86-64-v4 (AVX-512);
+ * -ENOTSUP where this CPU lacks it. */
+typedef enum kvg_isa { KVG_ISA_REF = 0, KVG_ISA_BASE = 1, KVG_ISA_V3 = 2, KVG_ISA_V4 = 3 } kvg_isa;
+int         kvg_codec_isa_supported(kvg_isa isa);
+kvg_isa     kvg_codec_isa_best(void);
+const char *kvg_codec_isa_name(kvg_isa isa);
+int kvg_encode(const kvg_codec *c, kvarc_dtype dt, const void *k, const void *v, size_t n, uint8_t *records,
+               uint8_t *sig_bits, uint16_t *sig_scale, size_t *bad_token);
+int kvg_encode_isa(kvg_isa isa, const kvg_codec *c, kvarc_dtype dt, const void *k, const void *v, size_t n,
+                   uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, size_t *bad_token);
+int kvg_decode(const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out);
+int kvg_decode_isa(kvg_isa isa, const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out);
+
 /* The signature (SCHEMA.md section 6) of an already centered key x[d]:
  * bits and scale of y = R x. 0, -EINVAL, KVARC_ENONFINITE (x, or a squared
  * norm that overflows). kvg_encode_ref makes the same from k - mu_k. */
@@ -314,6 +331,14 @@ void kvg_rope_table_angles(const kvg_rope_table *tb, const kvg_rope *r, uint64_t
  * return codes as kvg_key_scores_ref. */
 int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb, const float *q_r,
                            int n_q, const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
+
+/* kvg_key_scores_pos_ref's bits, sixteen records at a time (codec_simd.c;
+ * isa as for kvg_encode_isa). */
+int kvg_key_scores_pos(const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb, const float *q_r, int n_q,
+                       const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
+int kvg_key_scores_pos_isa(kvg_isa isa, const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb,
+                           const float *q_r, int n_q, const uint8_t *records, const uint64_t *pos, size_t n,
+                           float *scores);
 
 /* ---- attention ---------------------------------------------------------- */
 

@@ -124,17 +124,24 @@ static void check_file(const char *path)
     uint16_t ss[MAXTOK];
     float kd[MAXTOK * KVARC_HEAD_DIM_MAX], vd[MAXTOK * KVARC_HEAD_DIM_MAX], sc[MAXTOK];
     kvg_codec c = { fi->id, &rot, mu_k, mu_v };
-    CHECK_RC(kvg_encode_ref(&c, dt, k, v, (size_t)n, rec, bits, ss, NULL), 0);
-    CHECK_RC(kvg_decode_ref(&c, rec, (size_t)n, kd, vd), 0);
-    int bad = 0;
-    for (int t = 0; t < n; t++) {
-        bad += memcmp(rec + (size_t)t * rb, g.record[t], (size_t)rb) != 0;
-        bad += memcmp(bits + (size_t)t * d / 8, g.sig_bits[t], (size_t)d / 8) != 0;
-        bad += memcmp(&ss[t], g.sig_scale[t], 2) != 0;
-        bad += memcmp(kd + (size_t)t * d, g.dec_k[t], (size_t)d * 4) != 0;
-        bad += memcmp(vd + (size_t)t * d, g.dec_v[t], (size_t)d * 4) != 0;
+    /* the reference and every build of the lanes this CPU runs (codec_simd.c) */
+    for (int isa = KVG_ISA_REF; isa <= KVG_ISA_V4; isa++) {
+        if (!kvg_codec_isa_supported((kvg_isa)isa))
+            continue;
+        memset(rec, 0xa5, sizeof rec);
+        CHECK_RC(kvg_encode_isa((kvg_isa)isa, &c, dt, k, v, (size_t)n, rec, bits, ss, NULL), 0);
+        CHECK_RC(kvg_decode_isa((kvg_isa)isa, &c, rec, (size_t)n, kd, vd), 0);
+        int bad = 0;
+        for (int t = 0; t < n; t++) {
+            bad += memcmp(rec + (size_t)t * rb, g.record[t], (size_t)rb) != 0;
+            bad += memcmp(bits + (size_t)t * d / 8, g.sig_bits[t], (size_t)d / 8) != 0;
+            bad += memcmp(&ss[t], g.sig_scale[t], 2) != 0;
+            bad += memcmp(kd + (size_t)t * d, g.dec_k[t], (size_t)d * 4) != 0;
+            bad += memcmp(vd + (size_t)t * d, g.dec_v[t], (size_t)d * 4) != 0;
+        }
+        CHECK(bad == 0, "%s: %s: %d token outputs differ from the golden bytes", path,
+              kvg_codec_isa_name((kvg_isa)isa), bad);
     }
-    CHECK(bad == 0, "%s: %d token outputs differ from the golden bytes", path, bad);
     kvg_query qp;
     CHECK_RC(kvg_query_prep_ref(&rot, mu_k, KVARC_DTYPE_F32, q, &qp), 0);
     CHECK(!memcmp(&qp.qscale, g.q_scale, 4) && !memcmp(&qp.bias, g.q_bias, 4) &&

@@ -226,7 +226,7 @@ int main(int argc, char **argv)
                     memcpy(kb + (size_t)t * D, K + ((p + (uint64_t)t) * H + (uint64_t)h) * D, sizeof(float) * D);
                     memcpy(vb + (size_t)t * D, V + ((p + (uint64_t)t) * H + (uint64_t)h) * D, sizeof(float) * D);
                 }
-                if (kvg_encode_ref(&codec, KVARC_DTYPE_F32, kb, vb, CHUNK, recs + (size_t)h * CHUNK * rb,
+                if (kvg_encode(&codec, KVARC_DTYPE_F32, kb, vb, CHUNK, recs + (size_t)h * CHUNK * rb,
                                    bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL) ||
                     kvg_sig_pos_keys(&rope, NULL, kb, p, CHUNK, kb))   /* the keys kind 2 signs, as libkvarc */
                     die("encode", "failed");

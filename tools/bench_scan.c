@@ -139,7 +139,7 @@ int main(int argc, char **argv)
             size_t m = n - t0 < 1024 ? n - t0 : 1024;
             for (size_t i = 0; i < m * (size_t)d; i++)
                 k[i] = (float)((int64_t)(kvarc_splitmix64(&st) >> 40) - (1 << 23)) / (float)(1 << 23);
-            kvg_encode_ref(&codec, KVARC_DTYPE_F32, k, v, m, rec, bits + t0 * d / 8, ss + t0, NULL);
+            kvg_encode(&codec, KVARC_DTYPE_F32, k, v, m, rec, bits + t0 * d / 8, ss + t0, NULL);
         }
         c.bits = bits;
         c.ss = ss;

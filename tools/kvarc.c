@@ -194,7 +194,7 @@ static int demo_format(const demo_data *dd, int fmt, int top_k, const float *ful
         goto out;
     const float *cold_k = dd->k + (size_t)SINKS * d, *cold_v = dd->v + (size_t)SINKS * d;
     double t0 = now();
-    rc = kvg_encode_ref(&c, KVARC_DTYPE_F32, cold_k, cold_v, (size_t)n, rec, bits, ss, NULL);
+    rc = kvg_encode(&c, KVARC_DTYPE_F32, cold_k, cold_v, (size_t)n, rec, bits, ss, NULL);
     if (rc)
         goto out;
     row->ms_encode = (now() - t0) * 1e3;

@@ -1,0 +1,423 @@
+/* codec_lanes.h - the body of the codec's lanes (codec_simd.c), a
+ * template included once by each build: codec_lanes_v4.c, _v3.c, _base.c.
+ * Each defines LN (tokens per batch: the vector width of its ISA in fp32
+ * lanes, so every vector is one native register and no comparison is
+ * lowered lane by lane) and LANES_FN(name) (the build's exported name),
+ * and sets its target ISA for the whole file before including this.
+ *
+ * Lane l of every vector is token t0 + l, and each lane performs exactly
+ * the reference's sequence of IEEE operations for its token (codec_ref.c,
+ * sigpos_ref.c): the same products, butterflies in the same order, the
+ * same pairwise tree sums, divisions and conversions. Only LN tokens run
+ * at once, so the bits are the reference's by construction (nothing is
+ * reassociated; the build passes -ffp-contract=off). Per-token scalars (a
+ * square root, an fp16 conversion, the RoPE angles) are computed lane by
+ * lane by the reference's own functions. Helpers take pointers only, so no
+ * vector crosses a call. */
+#include <math.h>
+#include <string.h>
+
+#include "kvg.h"
+
+#if !defined(LN) || !defined(LANES_FN)
+#error "codec_lanes.h is included by a build file that defines LN and LANES_FN"
+#endif
+
+typedef float   vf __attribute__((vector_size(4 * LN)));
+typedef int32_t vi __attribute__((vector_size(4 * LN)));
+typedef uint32_t vu __attribute__((vector_size(4 * LN)));
+typedef double  vd __attribute__((vector_size(8 * LN)));
+typedef int64_t vl __attribute__((vector_size(8 * LN)));
+
+#define AI static inline __attribute__((always_inline))
+
+/* ---- lane helpers (pointers only) ------------------------------------ */
+
+/* kvarc_fwht on lanes: the same butterflies in the same order. */
+AI void fwht_l(vf *x, int d)
+{
+    for (int h = 1; h < d; h *= 2)
+        for (int i = 0; i < d; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                vf a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+}
+
+/* kvarc_tree_sum on lanes, in place: the sum lands in t[0]. */
+AI void tree_sum_l(vf *t, int d)
+{
+    for (int h = d / 2; h >= 1; h /= 2)
+        for (int i = 0; i < h; i++)
+            t[i] += t[i + h];
+}
+
+/* Lanes where v is NaN or +-Inf: -1, else 0 (v - v is +0 exactly for
+ * finite v, NaN otherwise). */
+AI void nonfinite_l(const vf *v, vi *bad) { *bad |= (*v - *v) != 0.0f; }
+
+AI int any_l(const vi *m)
+{
+    int r = 0;
+    for (int l = 0; l < LN; l++)
+        r |= (*m)[l] != 0;
+    return r;
+}
+
+/* Tokens t0..t0+m of [n][d] dt into lanes (zeros past m), minus mu as
+ * load_centered does; *bad gets the lanes with a non-finite value or
+ * difference. */
+/* In-register transpose of an LN x LN block: b[r][p] becomes b[p][r].
+ * Stage s swaps bit s of the row index with bit s of the position (two
+ * two-source shuffles with constant masks a row pair); all stages together
+ * swap every bit, which is the transpose. Exact: only moves. */
+#define TP_MK(p, s, hi) ((((p) & (s)) ? LN : 0) + (((p) & ~(s)) | ((hi) ? (s) : 0)))
+#define TP_L4(s, hi) TP_MK(0, s, hi), TP_MK(1, s, hi), TP_MK(2, s, hi), TP_MK(3, s, hi)
+#define TP_L8(s, hi) TP_L4(s, hi), TP_MK(4, s, hi), TP_MK(5, s, hi), TP_MK(6, s, hi), TP_MK(7, s, hi)
+#define TP_L16(s, hi) TP_L8(s, hi), TP_MK(8, s, hi), TP_MK(9, s, hi), TP_MK(10, s, hi), TP_MK(11, s, hi), \
+                      TP_MK(12, s, hi), TP_MK(13, s, hi), TP_MK(14, s, hi), TP_MK(15, s, hi)
+#if LN == 16
+#define TP_LIST TP_L16
+#elif LN == 8
+#define TP_LIST TP_L8
+#elif LN == 4
+#define TP_LIST TP_L4
+#else
+#error "LN must be 4, 8 or 16"
+#endif
+#define TP_STAGE(b, s)                                                                         \
+    do {                                                                                       \
+        for (int r0 = 0; r0 < LN; r0++) {                                                      \
+            if (r0 & (s))                                                                      \
+                continue;                                                                      \
+            vf lo_ = (b)[r0], hi_ = (b)[r0 | (s)];                                             \
+            (b)[r0] = __builtin_shuffle(lo_, hi_, (vi){ TP_LIST(s, 0) });                      \
+            (b)[r0 | (s)] = __builtin_shuffle(lo_, hi_, (vi){ TP_LIST(s, 1) });                \
+        }                                                                                      \
+    } while (0)
+
+AI void transpose_l(vf *b)
+{
+    TP_STAGE(b, 1);
+    TP_STAGE(b, 2);
+#if LN >= 8
+    TP_STAGE(b, 4);
+#endif
+#if LN >= 16
+    TP_STAGE(b, 8);
+#endif
+}
+
+/* Tokens t0..t0+m of [n][d] dt into lanes (zeros past m), minus mu as
+ * load_centered does; *bad gets the lanes with a non-finite value or
+ * difference. fp32 rows come in as vectors, LN dims of LN tokens a block,
+ * transposed in registers. */
+AI void load_l(kvarc_dtype dt, const void *base, size_t t0, int m, int d, const float *mu, vf *x, vi *bad)
+{
+    if (dt == KVARC_DTYPE_F32) {
+        const float *src = (const float *)base + t0 * (size_t)d;
+        for (int i0 = 0; i0 < d; i0 += LN) {
+            vf *b = x + i0;
+            for (int l = 0; l < LN; l++) {
+                if (l < m)
+                    memcpy(&b[l], src + (size_t)l * (size_t)d + (size_t)i0, sizeof(vf));
+                else
+                    b[l] = (vf){ 0 };
+            }
+            transpose_l(b);
+        }
+    } else {
+        for (int l = 0; l < LN; l++) {
+            size_t o = (t0 + (size_t)l) * (size_t)d;
+            for (int i = 0; i < d; i++)
+                x[i][l] = l < m ? kvarc_load_f32(dt, base, o + (size_t)i) : 0.0f;
+        }
+    }
+    for (int i = 0; i < d; i++) {
+        nonfinite_l(&x[i], bad);
+        if (mu) {
+            x[i] = x[i] - mu[i];
+            nonfinite_l(&x[i], bad);
+        }
+    }
+}
+
+/* kvg_rotate_ref on lanes, then the squared norm (tree sum) into *ss. */
+AI void rotate_norm_l(const kvarc_rotation *rot, vf *x, vf *tmp, vf *ss)
+{
+    int d = rot->head_dim;
+    for (int i = 0; i < d; i++)
+        x[i] = x[i] * rot->signs[i];
+    fwht_l(x, d);
+    for (int i = 0; i < d; i++) {
+        x[i] = x[i] * rot->inv_sqrt_d;
+        tmp[i] = x[i] * x[i];
+    }
+    tree_sum_l(tmp, d);
+    *ss = tmp[0];
+}
+
+/* make_signature on lanes: bits of lanes < m at bits + lane * d/8. */
+AI void signature_l(const vf *y, const vf *ss, int d, int m, vf *tmp, uint8_t *bits, uint16_t *scale)
+{
+    for (int g = 0; g < d / 8; g++) {
+        vi b = { 0 };
+        for (int j = 0; j < 8; j++)
+            b |= ~(y[8 * g + j] < 0.0f) & (1 << j);
+        for (int l = 0; l < m; l++)
+            bits[(size_t)l * (size_t)(d / 8) + (size_t)g] = (uint8_t)b[l];
+    }
+    for (int i = 0; i < d; i++)
+        tmp[i] = (vf)((vi)y[i] & 0x7fffffff);             /* fabsf */
+    tree_sum_l(tmp, d);
+    for (int l = 0; l < m; l++) {
+        float l1 = tmp[0][l], w = l1 > 0.0f ? (*ss)[l] / l1 : 0.0f;
+        scale[l] = kvarc_f32_to_f16(fminf(w, 65504.0f));
+    }
+}
+
+/* encode_rotated_half on lanes: half records of lanes < m at half +
+ * lane * stride. */
+AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, const vf *y, const vf *ss, int m,
+                      vf *tmp, vf *tmp2, uint8_t *half, size_t stride)
+{
+    int d = rot->head_dim, cb = fi->code_bits;
+    if (fi->id == KVARC_FMT_I8) {
+        vf mx = { 0 };
+        for (int i = 0; i < d; i++) {
+            vf a = (vf)((vi)y[i] & 0x7fffffff);
+            vi gt = a > mx;                                /* fmaxf of finite values */
+            mx = (vf)(((vi)a & gt) | ((vi)mx & ~gt));
+        }
+        vf scale = mx / 127.0f;
+        vi pos = scale > 0.0f;
+        for (int i = 0; i < d; i++) {
+            vf u = y[i] / scale;
+            u = (u + 12582912.0f) - 12582912.0f;           /* rintf: |u| <= 127 < 2^22 */
+            u = (vf)((vi)u & pos);
+            vi lo = u < -127.0f, hi = u > 127.0f;
+            u = (vf)(((vi)u & ~lo) | ((vi)((vf){ 0 } - 127.0f) & lo));
+            u = (vf)(((vi)u & ~hi) | ((vi)((vf){ 0 } + 127.0f) & hi));
+            vi q = __builtin_convertvector(u, vi);
+            for (int l = 0; l < m; l++)
+                half[(size_t)l * stride + 4 + (size_t)i] = (uint8_t)(int8_t)q[l];
+        }
+        for (int l = 0; l < m; l++)
+            memcpy(half + (size_t)l * stride, &scale[l], 4);
+        return;
+    }
+    const float *levels = fi->id == KVARC_FMT_Q3 ? kvarc_q3_levels : kvarc_q4_levels;
+    const float *bounds = fi->id == KVARC_FMT_Q3 ? kvarc_q3_bounds : kvarc_q4_bounds;
+    int nb = (1 << cb) - 1;
+    vf sigma;
+    for (int l = 0; l < LN; l++)
+        sigma[l] = sqrtf((*ss)[l]) * rot->inv_sqrt_d;
+    vi pos = sigma > 0.0f;
+    for (int g = 0; g < d; g += 8) {
+        vu w = { 0 };
+        for (int j = 0; j < 8; j++) {
+            int i = g + j;
+            vf u = (vf)((vi)(y[i] / sigma) & pos);         /* sigma > 0 ? y / sigma : 0 */
+            vi c = { 0 };
+            vf lev = (vf){ 0 } + levels[0];
+            for (int b = 0; b < nb; b++) {
+                vi gt = u > bounds[b];                      /* bounds ascend: lev ends at levels[c] */
+                c -= gt;
+                lev = (vf)(((vi)lev & ~gt) | ((vi)((vf){ 0 } + levels[b + 1]) & gt));
+            }
+            tmp[i] = y[i] * lev;
+            tmp2[i] = lev * lev;
+            w |= (vu)c << (cb * j);
+        }
+        for (int l = 0; l < m; l++) {
+            uint8_t *p = half + (size_t)l * stride + 4 + (size_t)(g * cb / 8);
+            for (int k = 0; k < cb; k++)                   /* 8 codes of cb bits = cb bytes, LSB first */
+                p[k] = (uint8_t)(w[l] >> (8 * k));
+        }
+    }
+    tree_sum_l(tmp, d);
+    tree_sum_l(tmp2, d);
+    vf scale = tmp[0] / tmp2[0];
+    for (int l = 0; l < m; l++)
+        memcpy(half + (size_t)l * stride, &scale[l], 4);
+}
+
+/* decode_rotated_half on lanes: half records of lanes < m at half +
+ * lane * stride into x (lanes past m are zero). */
+AI void decode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, const uint8_t *half, size_t stride,
+                      int m, const float *mu, vf *x)
+{
+    int d = rot->head_dim;
+    vf scale = { 0 };
+    for (int l = 0; l < LN; l++) {
+        if (l >= m) {
+            for (int i = 0; i < d; i++)
+                x[i][l] = 0.0f;
+            continue;
+        }
+        const uint8_t *h = half + (size_t)l * stride, *codes = h + 4;
+        memcpy(&scale[l], h, 4);
+        if (fi->id == KVARC_FMT_I8) {
+            for (int i = 0; i < d; i++)
+                x[i][l] = (float)(int8_t)codes[i];
+        } else if (fi->id == KVARC_FMT_Q4) {
+            for (int i = 0; i < d; i += 2) {
+                x[i][l] = kvarc_q4_levels[codes[i / 2] & 15];
+                x[i + 1][l] = kvarc_q4_levels[codes[i / 2] >> 4];
+            }
+        } else {
+            for (int i = 0; i < d; i += 8) {
+                const uint8_t *p = codes + i / 8 * 3;
+                uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+                for (int j = 0; j < 8; j++)
+                    x[i + j][l] = kvarc_q3_levels[(w >> (3 * j)) & 7];
+            }
+        }
+    }
+    for (int i = 0; i < d; i++)
+        x[i] = scale * x[i];
+    fwht_l(x, d);
+    for (int i = 0; i < d; i++) {
+        x[i] = (x[i] * rot->inv_sqrt_d) * rot->signs[i];
+        if (mu)
+            x[i] += mu[i];
+    }
+}
+
+/* Lanes x (transposed in place: x is scratch afterwards) to rows out[m][d]. */
+AI void store_l(vf *x, int d, int m, float *out)
+{
+    for (int i0 = 0; i0 < d; i0 += LN) {
+        vf *b = x + i0;
+        transpose_l(b);
+        for (int l = 0; l < m; l++)
+            memcpy(out + (size_t)l * (size_t)d + (size_t)i0, &b[l], sizeof(vf));
+    }
+}
+
+/* ---- bodies ------------------------------------------------------------ */
+
+typedef struct scratch {
+    vf x[2][KVARC_HEAD_DIM_MAX];
+    union {
+        vf     t[2][KVARC_HEAD_DIM_MAX];
+        double cs[LN][KVARC_HEAD_DIM_MAX];      /* stage 2: each lane's angles */
+    } u;
+} scratch;
+
+/* Encode tokens [t0, t0 + m), m <= LN; 0, or 1 if the batch must go to
+ * the reference. */
+AI int encode_body(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype dt, const void *k, const void *v,
+                   size_t t0, int m, uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, scratch *s)
+{
+    int d = c->rot->head_dim, half = kvarc_record_half_bytes(fi->id, d);
+    vi bad = { 0 };
+    vf ss[2];
+    load_l(dt, k, t0, m, d, c->mu_k, s->x[0], &bad);
+    load_l(dt, v, t0, m, d, c->mu_v, s->x[1], &bad);
+    if (any_l(&bad))
+        return 1;
+    for (int p = 0; p < 2; p++) {
+        rotate_norm_l(c->rot, s->x[p], s->u.t[0], &ss[p]);
+        nonfinite_l(&ss[p], &bad);
+    }
+    if (any_l(&bad))
+        return 1;
+    signature_l(s->x[0], &ss[0], d, m, s->u.t[0], sig_bits + t0 * (size_t)(d / 8), sig_scale + t0);
+    for (int p = 0; p < 2; p++)
+        encode_half_l(fi, c->rot, s->x[p], &ss[p], m, s->u.t[0], s->u.t[1],
+                      records + t0 * (size_t)(2 * half) + (size_t)(p * half), (size_t)(2 * half));
+    return 0;
+}
+
+AI void decode_body(const kvg_codec *c, const kvarc_format_info *fi, const uint8_t *records, size_t t0, int m,
+                    float *k_out, float *v_out, scratch *s)
+{
+    int d = c->rot->head_dim, half = kvarc_record_half_bytes(fi->id, d);
+    const uint8_t *rec = records + t0 * (size_t)(2 * half);
+    for (int p = 0; p < 2; p++) {
+        float *out = p ? v_out : k_out;
+        if (!out)
+            continue;
+        decode_half_l(fi, c->rot, rec + p * half, (size_t)(2 * half), m, p ? c->mu_v : c->mu_k, s->x[p]);
+        store_l(s->x[p], d, m, out + t0 * (size_t)d);
+    }
+}
+
+/* kvg_key_scores_pos_ref for records [j0, j0 + m). */
+AI void scores_pos_body(const kvg_codec *c, const kvarc_format_info *fi, const kvg_rope *r,
+                        const kvg_rope_table *tb, const float *q_r, int n_q, const uint8_t *records,
+                        const uint64_t *pos, size_t j0, int m, float *scores, scratch *s)
+{
+    int d = r->d, half = kvarc_record_half_bytes(fi->id, d);
+    int np = r->rotary_dims / 2;
+    vf *k = s->x[0];
+    decode_half_l(fi, c->rot, records + j0 * (size_t)(2 * half), (size_t)(2 * half), m, c->mu_k, k);
+    /* the angles, lane by lane, by the reference's own functions */
+    for (int l = 0; l < LN; l++) {
+        double *o = s->u.cs[l];
+        uint64_t p = pos[j0 + (size_t)(l < m ? l : 0)];
+        if (tb)
+            kvg_rope_table_angles(tb, r, p, o);
+        else
+            kvg_rope_angles(o, d, r->rotary_dims, r->inv_freq, (double)p);
+    }
+    for (int i = 0; i < np; i++) {
+        vd co, si;
+        for (int l = 0; l < LN; l++) {
+            co[l] = s->u.cs[l][2 * i];
+            si[l] = s->u.cs[l][2 * i + 1];
+        }
+        int a = r->layout ? 2 * i : i, b = r->layout ? 2 * i + 1 : i + np;
+        vd xa = __builtin_convertvector(k[a], vd), xb = __builtin_convertvector(k[b], vd);
+        k[a] = __builtin_convertvector(xa * co - xb * si, vf);
+        k[b] = __builtin_convertvector(xa * si + xb * co, vf);
+    }
+    vf best = { 0 };
+    for (int h = 0; h < n_q; h++) {
+        const float *q = q_r + (size_t)h * (size_t)d;
+        vf acc = { 0 };
+        for (int i = 0; i < d; i++)
+            acc += q[i] * k[i];
+        vi gt = h == 0 ? (vi){ 0 } - 1 : acc > best;        /* h == 0 || s > best */
+        best = (vf)(((vi)acc & gt) | ((vi)best & ~gt));
+    }
+    for (int l = 0; l < m; l++)
+        scores[j0 + (size_t)l] = best[l];
+}
+
+/* ---- the build's entry points (codec_simd.c calls them) ---------------- */
+
+/* Encode n tokens; 0, or 1 with *bad_t0 = the first batch the reference
+ * must redo (a non-finite input or norm). */
+int LANES_FN(encode)(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype dt, const void *k, const void *v,
+                     size_t n, uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, size_t *bad_t0)
+{
+    scratch s;
+    for (size_t t0 = 0; t0 < n; t0 += LN) {
+        int m = n - t0 < LN ? (int)(n - t0) : LN;
+        if (encode_body(c, fi, dt, k, v, t0, m, records, sig_bits, sig_scale, &s)) {
+            *bad_t0 = t0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void LANES_FN(decode)(const kvg_codec *c, const kvarc_format_info *fi, const uint8_t *records, size_t n,
+                      float *k_out, float *v_out)
+{
+    scratch s;
+    for (size_t t0 = 0; t0 < n; t0 += LN)
+        decode_body(c, fi, records, t0, n - t0 < LN ? (int)(n - t0) : LN, k_out, v_out, &s);
+}
+
+void LANES_FN(scores_pos)(const kvg_codec *c, const kvarc_format_info *fi, const kvg_rope *r,
+                          const kvg_rope_table *tb, const float *q_r, int n_q, const uint8_t *records,
+                          const uint64_t *pos, size_t n, float *scores)
+{
+    scratch s;
+    for (size_t j0 = 0; j0 < n; j0 += LN)
+        scores_pos_body(c, fi, r, tb, q_r, n_q, records, pos, j0, n - j0 < LN ? (int)(n - j0) : LN, scores, &s);
+}
