@@ -178,9 +178,9 @@ AI void signature_l(const vf *y, const vf *ss, int d, int m, vf *tmp, uint8_t *b
 }
 
 /* encode_rotated_half on lanes: half records of lanes < m at half +
- * lane * stride. */
-AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, const vf *y, const vf *ss, int m,
-                      vf *tmp, vf *tmp2, uint8_t *half, size_t stride)
+ * lane * stride. y is consumed (the products y_i L[c_i] replace it). */
+AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf *y, const vf *ss, int m,
+                      vf *tmp, uint8_t *half, size_t stride)
 {
     int d = rot->head_dim, cb = fi->code_bits;
     if (fi->id == KVARC_FMT_I8) {
@@ -214,20 +214,38 @@ AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, co
     for (int l = 0; l < LN; l++)
         sigma[l] = sqrtf((*ss)[l]) * rot->inv_sqrt_d;
     vi pos = sigma > 0.0f;
+    /* where the codebook fits one register (and a variable permute is
+     * native: LN >= 8), bounds and levels are looked up by index */
+    int tables = LN >= 8 && nb + 1 <= LN;
+    vf bv = { 0 }, lv = { 0 };
+    for (int b = 0; tables && b <= nb; b++) {
+        bv[b] = b < nb ? bounds[b] : 0.0f;
+        lv[b] = levels[b];
+    }
     for (int g = 0; g < d; g += 8) {
         vu w = { 0 };
         for (int j = 0; j < 8; j++) {
             int i = g + j;
             vf u = (vf)((vi)(y[i] / sigma) & pos);         /* sigma > 0 ? y / sigma : 0 */
             vi c = { 0 };
-            vf lev = (vf){ 0 } + levels[0];
-            for (int b = 0; b < nb; b++) {
-                vi gt = u > bounds[b];                      /* bounds ascend: lev ends at levels[c] */
-                c -= gt;
-                lev = (vf)(((vi)lev & ~gt) | ((vi)((vf){ 0 } + levels[b + 1]) & gt));
+            vf lev;
+            if (tables) {
+                /* bounds ascend strictly, so the count of bounds below u is
+                 * found by bisection: at step s, c is a multiple of 2s and
+                 * bound c + s - 1 splits [c, c + 2s) */
+                for (int st = (nb + 1) / 2; st >= 1; st /= 2)
+                    c += (u > __builtin_shuffle(bv, c + (st - 1))) & st;
+                lev = __builtin_shuffle(lv, c);
+            } else {
+                lev = (vf){ 0 } + levels[0];
+                for (int b = 0; b < nb; b++) {
+                    vi gt = u > bounds[b];                  /* bounds ascend: lev ends at levels[c] */
+                    c -= gt;
+                    lev = (vf)(((vi)lev & ~gt) | ((vi)((vf){ 0 } + levels[b + 1]) & gt));
+                }
             }
-            tmp[i] = y[i] * lev;
-            tmp2[i] = lev * lev;
+            y[i] = y[i] * lev;
+            tmp[i] = lev * lev;
             w |= (vu)c << (cb * j);
         }
         for (int l = 0; l < m; l++) {
@@ -236,9 +254,9 @@ AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, co
                 p[k] = (uint8_t)(w[l] >> (8 * k));
         }
     }
+    tree_sum_l(y, d);
     tree_sum_l(tmp, d);
-    tree_sum_l(tmp2, d);
-    vf scale = tmp[0] / tmp2[0];
+    vf scale = y[0] / tmp[0];
     for (int l = 0; l < m; l++)
         memcpy(half + (size_t)l * stride, &scale[l], 4);
 }
@@ -298,10 +316,14 @@ AI void store_l(vf *x, int d, int m, float *out)
 
 /* ---- bodies ------------------------------------------------------------ */
 
+/* One half record's lanes and one temporary: K and V go through in turn,
+ * so the working set (32 KB at 16 lanes, head_dim 256: 64 KB) stays in L1
+ * at head_dim 128 (two halves at once at 16 lanes did not fit, and ran
+ * slower than 8 lanes). */
 typedef struct scratch {
-    vf x[2][KVARC_HEAD_DIM_MAX];
+    vf x[KVARC_HEAD_DIM_MAX];
     union {
-        vf     t[2][KVARC_HEAD_DIM_MAX];
+        vf     t[KVARC_HEAD_DIM_MAX];
         double cs[LN][KVARC_HEAD_DIM_MAX];      /* stage 2: each lane's angles */
     } u;
 } scratch;
@@ -312,22 +334,21 @@ AI int encode_body(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype 
                    size_t t0, int m, uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, scratch *s)
 {
     int d = c->rot->head_dim, half = kvarc_record_half_bytes(fi->id, d);
-    vi bad = { 0 };
-    vf ss[2];
-    load_l(dt, k, t0, m, d, c->mu_k, s->x[0], &bad);
-    load_l(dt, v, t0, m, d, c->mu_v, s->x[1], &bad);
-    if (any_l(&bad))
-        return 1;
     for (int p = 0; p < 2; p++) {
-        rotate_norm_l(c->rot, s->x[p], s->u.t[0], &ss[p]);
-        nonfinite_l(&ss[p], &bad);
+        vi bad = { 0 };
+        vf ss;
+        load_l(dt, p ? v : k, t0, m, d, p ? c->mu_v : c->mu_k, s->x, &bad);
+        if (any_l(&bad))
+            return 1;
+        rotate_norm_l(c->rot, s->x, s->u.t, &ss);
+        nonfinite_l(&ss, &bad);
+        if (any_l(&bad))
+            return 1;
+        if (p == 0)
+            signature_l(s->x, &ss, d, m, s->u.t, sig_bits + t0 * (size_t)(d / 8), sig_scale + t0);
+        encode_half_l(fi, c->rot, s->x, &ss, m, s->u.t, records + t0 * (size_t)(2 * half) + (size_t)(p * half),
+                      (size_t)(2 * half));
     }
-    if (any_l(&bad))
-        return 1;
-    signature_l(s->x[0], &ss[0], d, m, s->u.t[0], sig_bits + t0 * (size_t)(d / 8), sig_scale + t0);
-    for (int p = 0; p < 2; p++)
-        encode_half_l(fi, c->rot, s->x[p], &ss[p], m, s->u.t[0], s->u.t[1],
-                      records + t0 * (size_t)(2 * half) + (size_t)(p * half), (size_t)(2 * half));
     return 0;
 }
 
@@ -340,8 +361,8 @@ AI void decode_body(const kvg_codec *c, const kvarc_format_info *fi, const uint8
         float *out = p ? v_out : k_out;
         if (!out)
             continue;
-        decode_half_l(fi, c->rot, rec + p * half, (size_t)(2 * half), m, p ? c->mu_v : c->mu_k, s->x[p]);
-        store_l(s->x[p], d, m, out + t0 * (size_t)d);
+        decode_half_l(fi, c->rot, rec + p * half, (size_t)(2 * half), m, p ? c->mu_v : c->mu_k, s->x);
+        store_l(s->x, d, m, out + t0 * (size_t)d);
     }
 }
 
@@ -352,7 +373,7 @@ AI void scores_pos_body(const kvg_codec *c, const kvarc_format_info *fi, const k
 {
     int d = r->d, half = kvarc_record_half_bytes(fi->id, d);
     int np = r->rotary_dims / 2;
-    vf *k = s->x[0];
+    vf *k = s->x;
     decode_half_l(fi, c->rot, records + j0 * (size_t)(2 * half), (size_t)(2 * half), m, c->mu_k, k);
     /* the angles, lane by lane, by the reference's own functions */
     for (int l = 0; l < LN; l++) {
