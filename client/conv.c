@@ -644,9 +644,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
                             &bad);
         if (!rc && cv->o.pos_mode == 0) {   /* true positions: kind-2 signatures replace the encoder's */
             kl_sig_keys(cv, y, h, codec.mu_k, y->archived, n, k);   /* from the ring's turned keys, not again */
-            for (uint32_t t = 0; !rc && t < n; t++)
-                if ((rc = kvg_signature_ref(&cv->rot, k + t * d, bits + (h * n + t) * sb, &sc[h * n + t])))
-                    bad = t;
+            rc = kvg_signatures(&cv->rot, k, n, bits + h * n * sb, sc + h * n, &bad);
         }
         if (rc)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,

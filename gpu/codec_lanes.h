@@ -426,6 +426,31 @@ int LANES_FN(encode)(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtyp
     return 0;
 }
 
+/* kvg_signature_ref of n keys x[n][d] (already centered); 0, or 1 with
+ * *bad_t0 = the first batch the reference must redo. */
+int LANES_FN(signatures)(const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits, uint16_t *scales,
+                         size_t *bad_t0)
+{
+    scratch s;
+    int d = rot->head_dim;
+    for (size_t t0 = 0; t0 < n; t0 += LN) {
+        int m = n - t0 < LN ? (int)(n - t0) : LN;
+        vi bad = { 0 };
+        vf ss;
+        load_l(KVARC_DTYPE_F32, x, t0, m, d, NULL, s.x, &bad);
+        if (!any_l(&bad)) {
+            rotate_norm_l(rot, s.x, s.u.t, &ss);
+            nonfinite_l(&ss, &bad);
+        }
+        if (any_l(&bad)) {
+            *bad_t0 = t0;
+            return 1;
+        }
+        signature_l(s.x, &ss, d, m, s.u.t, bits + t0 * (size_t)(d / 8), scales + t0);
+    }
+    return 0;
+}
+
 void LANES_FN(decode)(const kvg_codec *c, const kvarc_format_info *fi, const uint8_t *records, size_t n,
                       float *k_out, float *v_out)
 {

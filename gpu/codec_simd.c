@@ -38,6 +38,8 @@
     int kvg_lanes_encode_##sfx(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype dt, const void *k,  \
                                const void *v, size_t n, uint8_t *records, uint8_t *sig_bits,                   \
                                uint16_t *sig_scale, size_t *bad_t0);                                           \
+    int kvg_lanes_signatures_##sfx(const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits,           \
+                                   uint16_t *scales, size_t *bad_t0);                                         \
     void kvg_lanes_decode_##sfx(const kvg_codec *c, const kvarc_format_info *fi, const uint8_t *records,       \
                                 size_t n, float *k_out, float *v_out);                                        \
     void kvg_lanes_scores_pos_##sfx(const kvg_codec *c, const kvarc_format_info *fi, const kvg_rope *r,       \
@@ -51,19 +53,20 @@ typedef struct variant {
     const char *name;
     int (*encode)(const kvg_codec *, const kvarc_format_info *, kvarc_dtype, const void *, const void *, size_t,
                   uint8_t *, uint8_t *, uint16_t *, size_t *);
+    int (*signatures)(const kvarc_rotation *, const float *, size_t, uint8_t *, uint16_t *, size_t *);
     void (*decode)(const kvg_codec *, const kvarc_format_info *, const uint8_t *, size_t, float *, float *);
     void (*scores_pos)(const kvg_codec *, const kvarc_format_info *, const kvg_rope *, const kvg_rope_table *,
                        const float *, int, const uint8_t *, const uint64_t *, size_t, float *);
 } variant;
 
 static const variant variants[] = {
-    [KVG_ISA_REF]  = { "scalar reference", NULL, NULL, NULL },
-    [KVG_ISA_BASE] = { "lanes x4, baseline (SSE)", kvg_lanes_encode_base, kvg_lanes_decode_base,
-                       kvg_lanes_scores_pos_base },
-    [KVG_ISA_V3]   = { "lanes x8, x86-64-v3 (AVX2)", kvg_lanes_encode_v3, kvg_lanes_decode_v3,
-                       kvg_lanes_scores_pos_v3 },
-    [KVG_ISA_V4]   = { "lanes x16, x86-64-v4 (AVX-512)", kvg_lanes_encode_v4, kvg_lanes_decode_v4,
-                       kvg_lanes_scores_pos_v4 },
+    [KVG_ISA_REF]  = { "scalar reference", NULL, NULL, NULL, NULL },
+    [KVG_ISA_BASE] = { "lanes x4, baseline (SSE)", kvg_lanes_encode_base, kvg_lanes_signatures_base,
+                       kvg_lanes_decode_base, kvg_lanes_scores_pos_base },
+    [KVG_ISA_V3]   = { "lanes x8, x86-64-v3 (AVX2)", kvg_lanes_encode_v3, kvg_lanes_signatures_v3,
+                       kvg_lanes_decode_v3, kvg_lanes_scores_pos_v3 },
+    [KVG_ISA_V4]   = { "lanes x16, x86-64-v4 (AVX-512)", kvg_lanes_encode_v4, kvg_lanes_signatures_v4,
+                       kvg_lanes_decode_v4, kvg_lanes_scores_pos_v4 },
 };
 
 int kvg_codec_isa_supported(kvg_isa isa)
@@ -141,6 +144,34 @@ int kvg_encode(const kvg_codec *c, kvarc_dtype dt, const void *k, const void *v,
                uint8_t *sig_bits, uint16_t *sig_scale, size_t *bad_token)
 {
     return kvg_encode_isa(isa_for(n), c, dt, k, v, n, records, sig_bits, sig_scale, bad_token);
+}
+
+int kvg_signatures_isa(kvg_isa isa, const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits,
+                       uint16_t *scales, size_t *bad)
+{
+    if (!kvg_codec_isa_supported(isa))
+        return -ENOTSUP;
+    if (!rot || kvarc_head_dim_check(rot->head_dim) || (n && (!x || !bits || !scales)))
+        return -EINVAL;
+    int d = rot->head_dim;
+    size_t t = 0;
+    if (isa != KVG_ISA_REF && !variants[isa].signatures(rot, x, n, bits, scales, &t))
+        return 0;
+    /* the reference, token by token, from the batch holding the first fault */
+    for (; t < n; t++) {
+        int rc = kvg_signature_ref(rot, x + t * (size_t)d, bits + t * (size_t)(d / 8), &scales[t]);
+        if (rc) {
+            if (bad)
+                *bad = t;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int kvg_signatures(const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad)
+{
+    return kvg_signatures_isa(isa_for(n), rot, x, n, bits, scales, bad);
 }
 
 int kvg_decode_isa(kvg_isa isa, const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out)

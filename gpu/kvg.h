@@ -78,6 +78,11 @@ int kvg_encode(const kvg_codec *c, kvarc_dtype dt, const void *k, const void *v,
                uint8_t *sig_bits, uint16_t *sig_scale, size_t *bad_token);
 int kvg_encode_isa(kvg_isa isa, const kvg_codec *c, kvarc_dtype dt, const void *k, const void *v, size_t n,
                    uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, size_t *bad_token);
+/* kvg_signature_ref of n centered keys x[n][d] in order: 0, or the first
+ * failing token's code with *bad (may be NULL) = that token. */
+int kvg_signatures(const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits, uint16_t *scales, size_t *bad);
+int kvg_signatures_isa(kvg_isa isa, const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits,
+                       uint16_t *scales, size_t *bad);
 int kvg_decode(const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out);
 int kvg_decode_isa(kvg_isa isa, const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out);
 

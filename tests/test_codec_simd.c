@@ -1,9 +1,9 @@
 /* test_codec_simd - the codec's lanes (codec_simd.c) give the reference's
- * bits: encode (records, signature bits and scales), decode, and stage-2
- * scores at true positions, for every build this CPU runs, every format,
- * head dim and input dtype, batch tails, zero vectors, and the error paths
- * (a NaN or Inf anywhere, a squared norm that overflows: the same code and
- * bad token as the reference). */
+ * bits: encode (records, signature bits and scales), decode, stage-2
+ * scores at true positions and signatures of centered keys, for every
+ * build this CPU runs, every format, head dim and input dtype, batch tails,
+ * zero vectors, and the error paths (a NaN or Inf anywhere, a squared norm
+ * that overflows: the same code and bad token as the reference). */
 #include <errno.h>
 #include <string.h>
 
@@ -134,6 +134,40 @@ static void check_faults(kvg_isa isa, tu_rng *r)
     CHECK_RC(kvg_decode_isa(isa, &c, NULL, 4, dk_s, NULL), -EINVAL);
 }
 
+/* kvg_signatures against kvg_signature_ref token by token. */
+static void check_signatures(kvg_isa isa, tu_rng *r)
+{
+    const char *nm = kvg_codec_isa_name(isa);
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++) {
+        int d = dims[di];
+        kvarc_rotation rot;
+        CHECK_RC(kvarc_rotation_init(&rot, d, 4242), 0);
+        for (size_t ci = 0; ci < sizeof counts / sizeof counts[0]; ci++) {
+            size_t n = counts[ci];
+            make_inputs(r, n, d, 1e15f);
+            for (size_t t = 0; t < n; t++)
+                CHECK_RC(kvg_signature_ref(&rot, kf + t * (size_t)d, bits_r + t * (size_t)d / 8, &sc_r[t]), 0);
+            memset(bits_s, 0x5a, n * (size_t)d / 8);
+            CHECK_RC(kvg_signatures_isa(isa, &rot, kf, n, bits_s, sc_s, NULL), 0);
+            CHECK(!memcmp(bits_r, bits_s, n * (size_t)d / 8) && !memcmp(sc_r, sc_s, n * 2),
+                  "%s: signatures d %d n %zu differ from the reference", nm, d, n);
+        }
+        /* a NaN, an Inf, an overflowing norm at token bad: its code and index */
+        const float poison[] = { NAN, INFINITY, 3e38f };
+        for (size_t pi = 0; pi < 3; pi++) {
+            size_t n = 100, bad = 17 + 23 * pi, got = 999;
+            make_inputs(r, n, d, 1.0f);
+            kf[bad * (size_t)d + 5] = poison[pi];
+            kf[99 * (size_t)d] = NAN;
+            CHECK_RC(kvg_signatures_isa(isa, &rot, kf, n, bits_s, sc_s, &got), KVARC_ENONFINITE);
+            CHECK(got == bad, "%s: signatures: poison %g at %zu reported at %zu", nm, poison[pi], bad, got);
+        }
+        CHECK_RC(kvg_signatures_isa(isa, NULL, kf, 4, bits_s, sc_s, NULL), -EINVAL);
+        CHECK_RC(kvg_signatures_isa(isa, &rot, NULL, 4, bits_s, sc_s, NULL), -EINVAL);
+        CHECK_RC(kvg_signatures_isa(isa, &rot, NULL, 0, NULL, NULL, NULL), 0);
+    }
+}
+
 static void check_scores(kvg_isa isa, tu_rng *r)
 {
     const char *nm = kvg_codec_isa_name(isa);
@@ -198,6 +232,7 @@ int main(void)
         check_codec((kvg_isa)isa, &r);
         check_faults((kvg_isa)isa, &r);
         check_scores((kvg_isa)isa, &r);
+        check_signatures((kvg_isa)isa, &r);
         printf("test_codec_simd: %s checked\n", kvg_codec_isa_name((kvg_isa)isa));
         ran++;
     }

@@ -230,10 +230,8 @@ int main(int argc, char **argv)
                                    bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL) ||
                     kvg_sig_pos_keys(&rope, NULL, kb, p, CHUNK, kb))   /* the keys kind 2 signs, as libkvarc */
                     die("encode", "failed");
-                for (int t = 0; t < CHUNK; t++)
-                    if (kvg_signature_ref(&rot, kb + (size_t)t * D, bits + ((size_t)h * CHUNK + (size_t)t) * D / 8,
-                                          sc + (size_t)h * CHUNK + t))
-                        die("encode", "failed");
+                if (kvg_signatures(&rot, kb, CHUNK, bits + (size_t)h * CHUNK * D / 8, sc + (size_t)h * CHUNK, NULL))
+                    die("encode", "failed");
                 for (size_t b = 0; b < nsb; b++) {
                     size_t t0 = b * KVG_SIG_BLOCK, o = (size_t)h * nsb + b;
                     if (kvg_summary_ref(&rot, kb + t0 * D, bits + ((size_t)h * CHUNK + t0) * D / 8,
