@@ -213,7 +213,7 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
             x->chosen[n_ch++] = fb + b;
         }
     }
-    long nc = kvg_topk_ref(x->bs, (size_t)nsum, (size_t)M, x->bidx, NULL, x->tk);
+    long nc = kvg_topk(x->bs, (size_t)nsum, (size_t)M, x->bidx, NULL, x->tk);
     if (nc < 0)
         return nc;
     /* 2. their tokens, and those of the blocks not summarized, in position order */
@@ -244,7 +244,7 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
                         y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, ns, x->runs, nr, bb, nblk, x->ts);
     if (rc)
         return rc;
-    long got = kvg_topk_ref(x->ts, nt, r, x->tidx, NULL, x->tk2);
+    long got = kvg_topk(x->ts, nt, r, x->tidx, NULL, x->tk2);
     if (got < 0)
         return got;
     for (long j = 0; j < got; j++)

@@ -124,7 +124,7 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     int rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
                            w->y->sig_bits[h] + a->ns * sb, w->y->sig_scale[h] + a->ns, (size_t)cold, a->ns, bb,
                            a->nblk, ln->scores);
-    return rc ? rc : kvg_topk_ref(ln->scores, (size_t)cold, a->r, idx, NULL, ln->tk);
+    return rc ? rc : kvg_topk(ln->scores, (size_t)cold, a->r, idx, NULL, ln->tk);
 }
 
 /* Lane t's block biases (true mode): every query of its heads t, t + T, ...

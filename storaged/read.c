@@ -583,7 +583,7 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
             goto done;
         }
         size_t k = x->top_k < x->n ? x->top_k : x->n;
-        long got = kvg_topk_ref(sc, x->n, k, sel, NULL, tks);
+        long got = kvg_topk(sc, x->n, k, sel, NULL, tks);
         if (got < 0) {
             rc = kvd_fail(err, (int)got, "selecting the top %zu of a shortlist of %zu: %s", k, x->n,
                           kvarc_strerror((int)got));

@@ -67,7 +67,7 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
             rc = kvd_fail(err, (int)rc, "scoring failed: %s", kvarc_strerror((int)rc));
             goto out;
         }
-        long got = kvg_topk_ref(scores, n, k, idx, NULL, NULL);
+        long got = kvg_topk(scores, n, k, idx, NULL, NULL);
         if (got < 0) {
             rc = kvd_fail(err, (int)got, "top-k failed: %s", kvarc_strerror((int)got));
             goto out;
@@ -82,7 +82,7 @@ long kvd_search(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uin
         size_t m = kept + (size_t)got;
         for (size_t i = 0; i < m; i++)
             cscore[i] = merged[i].score;
-        long sel = kvg_topk_ref(cscore, m, k, idx, NULL, NULL);
+        long sel = kvg_topk(cscore, m, k, idx, NULL, NULL);
         if (sel < 0) {
             rc = kvd_fail(err, (int)sel, "top-k failed: %s", kvarc_strerror((int)sel));
             goto out;

@@ -1,6 +1,7 @@
-/* test_topk: the radix select equals a full sort's first k (score desc,
- * index asc) on random, tied, signed, NaN and tiny inputs, for k from 0 to
- * past n, with and without caller scratch. kvg_sort_u64 equals qsort on
+/* test_topk: the radix select, and kvg_topk's filters (every build this
+ * CPU runs), equal a full sort's first k (score desc, index asc) on random,
+ * tied, signed, NaN and tiny inputs, inputs that mislead the filter's
+ * sample, for k from 0 to past n, with and without caller scratch. kvg_sort_u64 equals qsort on
  * random values, shared high bytes, duplicates, one distinct byte, n 0..2. */
 #include <errno.h>
 #include <string.h>
@@ -27,13 +28,20 @@ static void check_case(const char *what, const float *s, size_t n, size_t k, int
     for (size_t j = 0; j < n; j++)
         all[j] = (item){ s[j], (uint32_t)j };
     qsort(all, n, sizeof *all, cmp);
-    long got = kvg_topk_ref(s, n, k, idx, val, use_scratch ? scratch : NULL);
-    size_t want = k < n ? k : n;
-    CHECK(got == (long)want, "%s n=%zu k=%zu: returned %ld, want %zu", what, n, k, got, want);
-    size_t bad = 0;
-    for (size_t j = 0; got > 0 && j < want; j++)
-        bad += idx[j] != all[j].i || memcmp(&val[j], &s[idx[j]], 4) != 0;
-    CHECK(bad == 0, "%s n=%zu k=%zu: %zu positions differ from the sort", what, n, k, bad);
+    /* the reference, then every filter this CPU runs (topk_simd.c) */
+    for (int isa = -1; isa <= KVG_ISA_V4; isa++) {
+        if (isa >= 0 && !kvg_topk_isa_supported((kvg_isa)isa))
+            continue;
+        memset(idx, 0xee, (k ? k : 1) * 4);
+        long got = isa < 0 ? kvg_topk_ref(s, n, k, idx, val, use_scratch ? scratch : NULL)
+                           : kvg_topk_isa((kvg_isa)isa, s, n, k, idx, val, use_scratch ? scratch : NULL);
+        size_t want = k < n ? k : n;
+        CHECK(got == (long)want, "%s n=%zu k=%zu isa %d: returned %ld, want %zu", what, n, k, isa, got, want);
+        size_t bad = 0;
+        for (size_t j = 0; got > 0 && j < want; j++)
+            bad += idx[j] != all[j].i || memcmp(&val[j], &s[idx[j]], 4) != 0;
+        CHECK(bad == 0, "%s n=%zu k=%zu isa %d: %zu positions differ from the sort", what, n, k, isa, bad);
+    }
     free(all); free(idx); free(scratch); free(val);
 }
 
@@ -116,10 +124,31 @@ int main(void)
         s[j] = 1.0f + (float)(j % 200) * 0x1p-23f;
     check_case("close", s, n, 777, 1);
 
+    /* the filter's threshold comes from a strided sample (every n/1024-th
+     * score, from the middle of each stride): samples that see nothing
+     * of the winners, and samples that see only winners */
+    size_t stride = n / 1024;
+    for (size_t j = 0; j < n; j++)
+        s[j] = j % stride == stride / 2 ? 0.0f : 100.0f + tu_gauss(&r);
+    check_case("sample-blind", s, n, 512, 1);
+    for (size_t j = 0; j < n; j++)
+        s[j] = j % stride == stride / 2 ? 100.0f : tu_gauss(&r);
+    check_case("sample-only", s, n, 512, 0);
+    check_case("sample-only", s, n, 64, 1);
+    for (size_t j = 0; j < n; j++)          /* ascending: the winners at the end */
+        s[j] = (float)j * 1e-3f;
+    check_case("ascending", s, n, 512, 1);
+    for (size_t j = 0; j < n; j++)          /* a tail past the last full vector */
+        s[j] = tu_gauss(&r);
+    check_case("tail", s, n - 13, 100, 1);
+    check_case("tail", s, 4099, 500, 0);
+
     check_case("empty", s, 0, 10, 0);
     check_case("one", s, 1, 10, 1);
     CHECK(kvg_topk_ref(NULL, 10, 3, (uint32_t[3]){ 0 }, NULL, NULL) == -EINVAL, "NULL scores");
     CHECK(kvg_topk_ref(s, 10, 3, NULL, NULL, NULL) == -EINVAL, "NULL output");
+    CHECK(kvg_topk(NULL, 10, 3, (uint32_t[3]){ 0 }, NULL, NULL) == -EINVAL, "NULL scores (kvg_topk)");
+    CHECK(kvg_topk_isa((kvg_isa)9, s, 10, 3, (uint32_t[3]){ 0 }, NULL, NULL) == -ENOTSUP, "unknown build");
     sort_cases(&r);
     free(s);
     return tu_finish("test_topk");
