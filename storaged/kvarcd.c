@@ -1,6 +1,6 @@
 /* kvarcd - the kvarc storage daemon.
  *
- *   kvarcd [--data DIR] [--threads N] [--grace-ms MS]
+ *   kvarcd [--data DIR] [--threads N] [--rerank-threads N] [--grace-ms MS]
  *          [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]
  *
  * Serves the engine of DIR on the unix socket DIR/kvarcd.sock (mode 0600),
@@ -75,11 +75,13 @@ static char *read_small_file(const char *path, const char *what, char *msg, size
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--grace-ms MS]\n"
+    fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--rerank-threads N] [--grace-ms MS]\n"
                "              [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]\n"
                "              [--version] [--help]\n"
                "  --data DIR         data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
                "  --threads N        completion-queue worker threads (default: number of cores)\n"
+               "  --rerank-threads N threads one RerankLayer call may use, its kv heads split over\n"
+               "                     them, when they are free (1..64; default: number of cores)\n"
                "  --grace-ms MS      on SIGTERM, how long calls in flight may finish (default 5000)\n"
                "  --listen HOST:PORT also serve TCP (port 0 picks one; the log says which)\n"
                "  --token-file FILE  bearer tokens for TCP callers, one 'TOKEN NS[,NS...]' or\n"
@@ -93,7 +95,7 @@ int main(int argc, char **argv)
 {
     const char *dir = getenv("KVARC_DATA");
     char defdir[1024];
-    long threads = sysconf(_SC_NPROCESSORS_ONLN);
+    long threads = sysconf(_SC_NPROCESSORS_ONLN), rerank_threads = threads;
     int grace = 5000;
     const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL;
     for (int i = 1; i < argc; i++) {
@@ -101,6 +103,11 @@ int main(int argc, char **argv)
             dir = argv[++i];
         } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             threads = strtol(argv[++i], NULL, 10);
+        } else if (!strcmp(argv[i], "--rerank-threads") && i + 1 < argc) {
+            char *end;
+            rerank_threads = strtol(argv[++i], &end, 10);
+            if (*end || end == argv[i])
+                rerank_threads = -1;
         } else if (!strcmp(argv[i], "--grace-ms") && i + 1 < argc) {
             grace = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--listen") && i + 1 < argc) {
@@ -125,6 +132,10 @@ int main(int argc, char **argv)
     }
     if (threads < 1 || threads > 64 || grace < 0) {
         fprintf(stderr, "kvarcd: --threads must be 1..64 and --grace-ms >= 0\n");
+        return 2;
+    }
+    if (rerank_threads < 1 || rerank_threads > 64) {
+        fprintf(stderr, "kvarcd: --rerank-threads must be a number in 1..64\n");
         return 2;
     }
     if (listen && !token_file) {
@@ -202,7 +213,8 @@ int main(int argc, char **argv)
     mode_t old = umask(077);
     rpc_server *srv;
     rpc_config cfg = { .unix_addr = addr, .tcp_addr = listen, .tokens = tokens, .tls_cert_pem = cert_pem,
-                       .tls_key_pem = key_pem, .threads = (int)threads, .log = log_call };
+                       .tls_key_pem = key_pem, .threads = (int)threads,
+                       .rerank_threads = (int)rerank_threads, .log = log_call };
     int src = rpc_server_start(e, &cfg, &srv, &tcp_port, msg, sizeof msg);
     umask(old);
     if (src) {
@@ -212,8 +224,8 @@ int main(int argc, char **argv)
         goto out;
     }
     chmod(sock, 0600);
-    log_line("info", "msg=\"serving\" data=%s socket=%s threads=%ld version=%s", dir, sock, threads,
-             KVARCD_VERSION);
+    log_line("info", "msg=\"serving\" data=%s socket=%s threads=%ld rerank_threads=%ld version=%s", dir, sock,
+             threads, rerank_threads, KVARCD_VERSION);
     if (listen) {
         char host[300];
         snprintf(host, sizeof host, "%s", listen);

@@ -246,6 +246,13 @@ typedef struct kvd_rerank_item {
 } kvd_rerank_item;
 int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_item *items, size_t n_items,
                      kvd_err *err);
+/* The same over nr readers (1..KVD_RERANK_READERS, each used by this call
+ * alone): the kv heads split h mod nr, every reader but the first on a
+ * thread of its own for the call. The answers are kvd_rerank_batch's
+ * whatever nr is; on errors, the lowest failing head's. */
+#define KVD_RERANK_READERS 64
+int kvd_rerank_batch_par(kvd_reader *const *rs, int nr, uint64_t conv, uint32_t layer, kvd_rerank_item *items,
+                         size_t n_items, kvd_err *err);
 
 /* ---- maintenance ------------------------------------------------------ */
 

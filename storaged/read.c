@@ -19,6 +19,7 @@
  * refused (kvd_retrieval_check). */
 #include <errno.h>
 #include <liburing.h>
+#include <pthread.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -609,11 +610,79 @@ done:
     return rc;
 }
 
+/* What one reader does for a batch: heads h0, h0 + step, ... in order,
+ * stopping at the first error (fail_head = that head). */
+typedef struct rerank_share {
+    kvd_reader       *r;
+    uint64_t          conv;
+    uint32_t          layer, h0, step;
+    const conv_rec   *info;
+    const kvg_rope   *rp;
+    kvd_rerank_item  *items;
+    size_t            n_items;
+    int               rc;
+    uint32_t          fail_head;
+    kvd_err           err;
+} rerank_share;
+
+static void *rerank_heads(void *arg)
+{
+    rerank_share *w = arg;
+    const conv_rec *info = w->info;
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, (int)info->shape.head_dim, info->shape.seed);
+    kvd_rerank_item **pass = malloc(w->n_items * sizeof *pass);
+    if (!pass) {
+        w->rc = kvd_fail(&w->err, -ENOMEM, "out of memory");
+        w->fail_head = w->h0;
+        return NULL;
+    }
+    for (uint32_t h = w->h0; h < info->shape.n_kv_heads && !w->rc; h += w->step) {
+        float mu_k[KVARC_HEAD_DIM_MAX];
+        int have_mu = 0, rc = 0;
+        size_t np = 0, total = 0;
+        for (size_t i = 0; i <= w->n_items && !rc; i++) {
+            kvd_rerank_item *x = i < w->n_items ? &w->items[i] : NULL;
+            int mine = x && x->head == h && x->n && x->top_k;
+            if (np && (!x || (mine && total + x->n > KVD_RERANK_PASS))) {
+                if (!have_mu && !(rc = kvd_conv_means(w->r->e, w->conv, w->layer, h, mu_k, NULL, &w->err)))
+                    have_mu = 1;
+                kvg_codec c = { info->shape.format, &rot, mu_k, NULL };
+                if (!rc)
+                    rc = rerank_pass(w->r, w->conv, w->layer, info, &c, w->rp, pass, np, total, &w->err);
+                np = total = 0;
+            }
+            if (mine) {
+                pass[np++] = x;
+                total += x->n;
+            }
+        }
+        if (rc) {
+            w->rc = rc;
+            w->fail_head = h;
+        }
+    }
+    free(pass);
+    return NULL;
+}
+
 int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_item *items, size_t n_items,
                      kvd_err *err)
 {
+    return kvd_rerank_batch_par(&r, 1, conv, layer, items, n_items, err);
+}
+
+int kvd_rerank_batch_par(kvd_reader *const *rs, int nr, uint64_t conv, uint32_t layer, kvd_rerank_item *items,
+                         size_t n_items, kvd_err *err)
+{
     conv_rec info;
     int rc = 0;
+    if (!rs || nr < 1 || nr > KVD_RERANK_READERS)
+        return kvd_fail(err, -EINVAL, "rerank needs 1..%d readers", KVD_RERANK_READERS);
+    for (int t = 0; t < nr; t++)
+        if (!rs[t])
+            return kvd_fail(err, -EINVAL, "rerank reader %d is missing", t);
+    kvd_reader *r = rs[0];
     for (size_t i = 0; i < n_items; i++)
         items[i].got = 0;
     if (n_items && (rc = check_target(r->e, conv, layer, items[0].head, &info, err)))
@@ -637,35 +706,36 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
     }
     if (n_items == 0)
         return 0;
-    const int d = (int)info.shape.head_dim;
-    kvarc_rotation rot;
-    kvarc_rotation_init(&rot, d, info.shape.seed);
-    kvd_rerank_item **pass = malloc(n_items * sizeof *pass);
-    if (!pass)
-        return kvd_fail(err, -ENOMEM, "out of memory");
-    for (uint32_t h = 0; h < info.shape.n_kv_heads && !rc; h++) {
-        float mu_k[KVARC_HEAD_DIM_MAX];
-        int have_mu = 0;
-        size_t np = 0, total = 0;
-        for (size_t i = 0; i <= n_items && !rc; i++) {
-            kvd_rerank_item *x = i < n_items ? &items[i] : NULL;
-            int mine = x && x->head == h && x->n && x->top_k;
-            if (np && (!x || (mine && total + x->n > KVD_RERANK_PASS))) {
-                if (!have_mu && !(rc = kvd_conv_means(r->e, conv, layer, h, mu_k, NULL, err)))
-                    have_mu = 1;
-                kvg_codec c = { info.shape.format, &rot, mu_k, NULL };
-                if (!rc)
-                    rc = rerank_pass(r, conv, layer, &info, &c, rp, pass, np, total, err);
-                np = total = 0;
-            }
-            if (mine) {
-                pass[np++] = x;
-                total += x->n;
-            }
-        }
+    /* the heads over the readers (h mod nr), each reader on a thread of its
+     * own but the first, which runs here; items are independent, so the
+     * answers do not depend on nr, and the error reported is the one of the
+     * lowest failing head, as one reader would meet first */
+    if ((uint32_t)nr > info.shape.n_kv_heads)
+        nr = (int)info.shape.n_kv_heads;
+    rerank_share sh[KVD_RERANK_READERS];
+    pthread_t th[KVD_RERANK_READERS];
+    int started[KVD_RERANK_READERS] = { 0 };
+    for (int t = 0; t < nr; t++)
+        sh[t] = (rerank_share){ rs[t], conv, layer, (uint32_t)t, (uint32_t)nr, &info, rp, items, n_items, 0, 0,
+                                { 0, "" } };
+    for (int t = 1; t < nr; t++)
+        started[t] = pthread_create(&th[t], NULL, rerank_heads, &sh[t]) == 0;
+    rerank_heads(&sh[0]);
+    for (int t = 1; t < nr; t++) {
+        if (started[t])
+            pthread_join(th[t], NULL);
+        else
+            rerank_heads(&sh[t]);           /* no thread: this one does it */
     }
-    free(pass);
-    return rc;
+    int worst = -1;
+    for (int t = 0; t < nr; t++)
+        if (sh[t].rc && (worst < 0 || sh[t].fail_head < sh[worst].fail_head))
+            worst = t;
+    if (worst < 0)
+        return 0;
+    if (err)
+        *err = sh[worst].err;
+    return sh[worst].rc;
 }
 
 long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const float *q,

@@ -78,6 +78,9 @@ struct rpc_server {
     rpc_log_fn    log;
     const auth_tokens *tokens;  /* NULL: no TCP listener, no tokens */
     atomic_int    in_flight;    /* calls past REQUESTED, not yet freed */
+    kvd_reader  **helpers;      /* [nhelpers] extra readers a RerankLayer may borrow */
+    atomic_int   *help_busy;    /* [nhelpers] 1 while borrowed */
+    int           nhelpers;
     atomic_int    jobs;         /* job threads running (Verify, Compact) */
     atomic_int    stopping;     /* the grace period is over: jobs stop at their next progress */
 };
@@ -775,8 +778,20 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
                                    pos + off, sc + off, recs + off * rb, 0 };
         off += k;
     }
-    if (!rc)
-        rc = kvd_rerank_batch(c->w->reader, req->conv, req->layer, ri, n, err);
+    if (!rc) {   /* the heads over this worker's reader and the helpers free now (none: it alone) */
+        rpc_server *s = c->w->s;
+        kvd_reader *rs[KVD_RERANK_READERS];
+        int hid[KVD_RERANK_READERS], nr = 1;
+        rs[0] = c->w->reader;
+        for (int i = 0; i < s->nhelpers && (uint32_t)nr < info.shape.n_kv_heads && nr < KVD_RERANK_READERS; i++)
+            if (!atomic_exchange(&s->help_busy[i], 1)) {
+                hid[nr] = i;
+                rs[nr++] = s->helpers[i];
+            }
+        rc = kvd_rerank_batch_par(rs, nr, req->conv, req->layer, ri, n, err);
+        for (int t = 1; t < nr; t++)
+            atomic_store(&s->help_busy[hid[t]], 0);
+    }
     size_t off = 0, rec_off = 0;
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__RerankItem *it = req->items[i];
@@ -1397,6 +1412,14 @@ static void *io_main(void *p)
     return NULL;
 }
 
+static void helpers_close(rpc_server *s)
+{
+    for (int i = 0; i < s->nhelpers; i++)
+        kvd_reader_close(s->helpers[i]);
+    free(s->helpers);
+    free(s->help_busy);
+}
+
 /* Undo a partial start: the server (never started), the I/O queue and the
  * workers' queues and readers. */
 static void start_unwind(rpc_server *s, int nready)
@@ -1413,6 +1436,7 @@ static void start_unwind(rpc_server *s, int nready)
         grpc_completion_queue_destroy(s->workers[i].cq);
         kvd_reader_close(s->workers[i].reader);
     }
+    helpers_close(s);
     free(s->workers);
     free(s);
 }
@@ -1444,6 +1468,23 @@ int rpc_server_start(kvd_engine *e, const rpc_config *cfg, rpc_server **out, int
     s->server = grpc_server_create(&ca, NULL);
     s->io_cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->io_cq, NULL);
+    /* the helper readers RerankLayer calls borrow (cfg->rerank_threads - 1) */
+    int nh = cfg->rerank_threads < 1 ? 0 : cfg->rerank_threads > KVD_RERANK_READERS ? KVD_RERANK_READERS - 1 :
+                                                                                     cfg->rerank_threads - 1;
+    if (nh && (!(s->helpers = calloc((size_t)nh, sizeof *s->helpers)) ||
+               !(s->help_busy = calloc((size_t)nh, sizeof *s->help_busy)))) {
+        snprintf(msg, msglen, "out of memory");
+        start_unwind(s, 0);
+        return -ENOMEM;
+    }
+    for (; s->nhelpers < nh; s->nhelpers++) {
+        kvd_err rerr;
+        if (kvd_reader_open(e, &s->helpers[s->nhelpers], &rerr)) {
+            snprintf(msg, msglen, "%s", rerr.msg);
+            start_unwind(s, 0);
+            return rerr.code;
+        }
+    }
     for (int i = 0; i < s->nworkers; i++) {
         kvd_err rerr;
         s->workers[i].s = s;
@@ -1539,6 +1580,7 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
         grpc_completion_queue_destroy(s->workers[i].cq);
         kvd_reader_close(s->workers[i].reader);
     }
+    helpers_close(s);
     free(s->workers);
     free(s);
     return cancelled;

@@ -30,6 +30,7 @@ typedef struct rpc_config {
     const char        *tls_cert_pem;  /* with tls_key_pem: TLS on tcp_addr */
     const char        *tls_key_pem;
     int                threads;       /* completion-queue workers */
+    int                rerank_threads; /* readers one RerankLayer may use at once (<= 1: one) */
     rpc_log_fn         log;
 } rpc_config;
 

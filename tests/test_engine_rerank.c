@@ -125,6 +125,18 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
     CHECK(per_head[0] > KVD_RERANK_PASS && per_head[1] > KVD_RERANK_PASS, "the case spans read passes");
     CHECK_RC(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err), 0);
     CHECK(same_as_ref(c, rec, it, ITEMS), "every item of the batch equals its reference");
+    /* the heads over two and three readers (threads; three is capped at the
+     * two heads): the same answers */
+    kvd_reader *rs[3] = { r, NULL, NULL };
+    CHECK_RC(kvd_reader_open(e, &rs[1], &err), 0);
+    CHECK_RC(kvd_reader_open(e, &rs[2], &err), 0);
+    for (int nr = 2; nr <= 3; nr++) {
+        for (int i = 0; i < ITEMS; i++)
+            memset(pos[i], 0, it[i].top_k * 8);
+        CHECK_RC(kvd_rerank_batch_par(rs, nr, ci.id, 0, it, ITEMS, &err), 0);
+        CHECK(same_as_ref(c, rec, it, ITEMS), "%d readers: every item equals its reference", nr);
+    }
+    CHECK(kvd_rerank_batch_par(rs, 0, ci.id, 0, it, ITEMS, &err) == -EINVAL, "no readers refused");
     /* a sparse batch: positions far apart, so the union is sorted rather
      * than mapped by a bitmap */
     kvd_rerank_item sp[2];
@@ -143,7 +155,20 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
     sl[3][1] = N + 5;
     CHECK(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err) == -ERANGE && strstr(err.msg, "past the end"),
           "a position past the end is refused: %s", err.msg);
+    /* a fault met while reading (a position past the end) in head 1's items
+     * and in head 0's: with readers in parallel, the lowest head's is told,
+     * as one reader would meet it first */
+    char one[sizeof err.msg];
+    sl[3][1] = N + 5;                         /* item 3: head 1 */
+    sl[4][2] = N + 9;                         /* item 4: head 0 */
+    CHECK(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err) == -ERANGE, "two faults: %s", err.msg);
+    snprintf(one, sizeof one, "%s", err.msg);
+    CHECK(kvd_rerank_batch_par(rs, 2, ci.id, 0, it, ITEMS, &err) == -ERANGE && !strcmp(err.msg, one),
+          "two readers report the fault one reader meets first: '%s' vs '%s'", err.msg, one);
+    sl[4][2] = 0;
     sl[3][1] = 0;
+    kvd_reader_close(rs[1]);
+    kvd_reader_close(rs[2]);
     it[5].head = 2;
     CHECK(kvd_rerank_batch(r, ci.id, 0, it, ITEMS, &err) == -EINVAL && strstr(err.msg, "kv head 2"),
           "a head out of range is refused: %s", err.msg);

@@ -111,6 +111,9 @@ int main(void)
     CHECK(refused(bad_args, last, sizeof last) == 1 && strstr(last, ".bad:2"), "bad line named: %s", last);
     const char *half_tls[] = { "--listen", "127.0.0.1:0", "--token-file", tokens, "--tls-cert", tokens, NULL };
     CHECK(refused(half_tls, last, sizeof last) == 2, "--tls-cert without --tls-key exits 2");
+    const char *rt0[] = { "--rerank-threads", "0", NULL }, *rtx[] = { "--rerank-threads", "2x", NULL };
+    CHECK(refused(rt0, last, sizeof last) == 2 && strstr(last, "--rerank-threads"), "--rerank-threads 0: %s", last);
+    CHECK(refused(rtx, last, sizeof last) == 2 && strstr(last, "--rerank-threads"), "--rerank-threads 2x: %s", last);
 
     /* plaintext TCP with tokens */
     char log[300];
