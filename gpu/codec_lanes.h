@@ -261,13 +261,12 @@ AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf
         memcpy(half + (size_t)l * stride, &scale[l], 4);
 }
 
-/* decode_rotated_half on lanes: half records of lanes < m at half +
- * lane * stride into x (lanes past m are zero). */
-AI void decode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, const uint8_t *half, size_t stride,
-                      int m, const float *mu, vf *x)
+/* unpack_levels on lanes: the level values of the half records of lanes
+ * < m at half + lane * stride into x (lanes past m are zero), their
+ * scales into *scale. */
+AI void levels_l(const kvarc_format_info *fi, int d, const uint8_t *half, size_t stride, int m, vf *x, vf *scale)
 {
-    int d = rot->head_dim;
-    vf scale = { 0 };
+    *scale = (vf){ 0 };
     for (int l = 0; l < LN; l++) {
         if (l >= m) {
             for (int i = 0; i < d; i++)
@@ -275,7 +274,7 @@ AI void decode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, co
             continue;
         }
         const uint8_t *h = half + (size_t)l * stride, *codes = h + 4;
-        memcpy(&scale[l], h, 4);
+        memcpy(&(*scale)[l], h, 4);
         if (fi->id == KVARC_FMT_I8) {
             for (int i = 0; i < d; i++)
                 x[i][l] = (float)(int8_t)codes[i];
@@ -293,6 +292,16 @@ AI void decode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, co
             }
         }
     }
+}
+
+/* decode_rotated_half on lanes: half records of lanes < m at half +
+ * lane * stride into x (lanes past m are zero). */
+AI void decode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, const uint8_t *half, size_t stride,
+                      int m, const float *mu, vf *x)
+{
+    int d = rot->head_dim;
+    vf scale;
+    levels_l(fi, d, half, stride, m, x, &scale);
     for (int i = 0; i < d; i++)
         x[i] = scale * x[i];
     fwht_l(x, d);
@@ -408,6 +417,28 @@ AI void scores_pos_body(const kvg_codec *c, const kvarc_format_info *fi, const k
         scores[j0 + (size_t)l] = best[l];
 }
 
+/* kvg_key_scores_ref's rotated-format scores for records [j0, j0 + m):
+ * r[n_q][d] the rotated queries, bias[n_q] their q . mu_k (both as the
+ * reference prepares them). */
+AI void key_scores_body(const kvarc_format_info *fi, int d, const float *r, const float *bias, int n_q,
+                        const uint8_t *records, size_t j0, int m, float *scores, scratch *s)
+{
+    int rb = kvarc_record_bytes(fi->id, d);
+    vf scale, best = { 0 };
+    levels_l(fi, d, records + j0 * (size_t)rb, (size_t)rb, m, s->x, &scale);
+    for (int h = 0; h < n_q; h++) {
+        const float *rh = r + (size_t)h * (size_t)d;
+        vf acc = { 0 };
+        for (int i = 0; i < d; i++)
+            acc += rh[i] * s->x[i];
+        acc = scale * acc + bias[h];
+        vi gt = h == 0 ? (vi){ 0 } - 1 : acc > best;        /* h == 0 || s > best */
+        best = (vf)(((vi)acc & gt) | ((vi)best & ~gt));
+    }
+    for (int l = 0; l < m; l++)
+        scores[j0 + (size_t)l] = best[l];
+}
+
 /* ---- the build's entry points (codec_simd.c calls them) ---------------- */
 
 /* Encode n tokens; 0, or 1 with *bad_t0 = the first batch the reference
@@ -466,4 +497,12 @@ void LANES_FN(scores_pos)(const kvg_codec *c, const kvarc_format_info *fi, const
     scratch s;
     for (size_t j0 = 0; j0 < n; j0 += LN)
         scores_pos_body(c, fi, r, tb, q_r, n_q, records, pos, j0, n - j0 < LN ? (int)(n - j0) : LN, scores, &s);
+}
+
+void LANES_FN(key_scores)(const kvarc_format_info *fi, int d, const float *r, const float *bias, int n_q,
+                          const uint8_t *records, size_t n, float *scores)
+{
+    scratch s;
+    for (size_t j0 = 0; j0 < n; j0 += LN)
+        key_scores_body(fi, d, r, bias, n_q, records, j0, n - j0 < LN ? (int)(n - j0) : LN, scores, &s);
 }

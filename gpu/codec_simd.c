@@ -42,6 +42,8 @@
                                    uint16_t *scales, size_t *bad_t0);                                         \
     void kvg_lanes_decode_##sfx(const kvg_codec *c, const kvarc_format_info *fi, const uint8_t *records,       \
                                 size_t n, float *k_out, float *v_out);                                        \
+    void kvg_lanes_key_scores_##sfx(const kvarc_format_info *fi, int d, const float *r, const float *bias,      \
+                                    int n_q, const uint8_t *records, size_t n, float *scores);                \
     void kvg_lanes_scores_pos_##sfx(const kvg_codec *c, const kvarc_format_info *fi, const kvg_rope *r,       \
                                     const kvg_rope_table *tb, const float *q_r, int n_q,                      \
                                     const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
@@ -55,18 +57,20 @@ typedef struct variant {
                   uint8_t *, uint8_t *, uint16_t *, size_t *);
     int (*signatures)(const kvarc_rotation *, const float *, size_t, uint8_t *, uint16_t *, size_t *);
     void (*decode)(const kvg_codec *, const kvarc_format_info *, const uint8_t *, size_t, float *, float *);
+    void (*key_scores)(const kvarc_format_info *, int, const float *, const float *, int, const uint8_t *, size_t,
+                       float *);
     void (*scores_pos)(const kvg_codec *, const kvarc_format_info *, const kvg_rope *, const kvg_rope_table *,
                        const float *, int, const uint8_t *, const uint64_t *, size_t, float *);
 } variant;
 
 static const variant variants[] = {
-    [KVG_ISA_REF]  = { "scalar reference", NULL, NULL, NULL, NULL },
+    [KVG_ISA_REF]  = { "scalar reference", NULL, NULL, NULL, NULL, NULL },
     [KVG_ISA_BASE] = { "lanes x4, baseline (SSE)", kvg_lanes_encode_base, kvg_lanes_signatures_base,
-                       kvg_lanes_decode_base, kvg_lanes_scores_pos_base },
+                       kvg_lanes_decode_base, kvg_lanes_key_scores_base, kvg_lanes_scores_pos_base },
     [KVG_ISA_V3]   = { "lanes x8, x86-64-v3 (AVX2)", kvg_lanes_encode_v3, kvg_lanes_signatures_v3,
-                       kvg_lanes_decode_v3, kvg_lanes_scores_pos_v3 },
+                       kvg_lanes_decode_v3, kvg_lanes_key_scores_v3, kvg_lanes_scores_pos_v3 },
     [KVG_ISA_V4]   = { "lanes x16, x86-64-v4 (AVX-512)", kvg_lanes_encode_v4, kvg_lanes_signatures_v4,
-                       kvg_lanes_decode_v4, kvg_lanes_scores_pos_v4 },
+                       kvg_lanes_decode_v4, kvg_lanes_key_scores_v4, kvg_lanes_scores_pos_v4 },
 };
 
 int kvg_codec_isa_supported(kvg_isa isa)
@@ -188,6 +192,36 @@ int kvg_decode_isa(kvg_isa isa, const kvg_codec *c, const uint8_t *records, size
 int kvg_decode(const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out)
 {
     return kvg_decode_isa(isa_for(n), c, records, n, k_out, v_out);
+}
+
+int kvg_key_scores_isa(kvg_isa isa, const kvg_codec *c, const float *q, int n_q, const uint8_t *records, size_t n,
+                       float *scores)
+{
+    if (!kvg_codec_isa_supported(isa))
+        return -ENOTSUP;
+    const kvarc_format_info *fi = lanes_format(c);
+    if (isa == KVG_ISA_REF || !fi || !q || n_q < 1 || n_q > 64 || n == 0 || !records || !scores)
+        return kvg_key_scores_ref(c, q, n_q, records, n, scores);
+    /* the queries prepared as the reference prepares them */
+    int d = c->rot->head_dim;
+    float r[64 * KVARC_HEAD_DIM_MAX], bias[64], prod[KVARC_HEAD_DIM_MAX];
+    for (int h = 0; h < n_q; h++) {
+        const float *qh = q + (size_t)h * (size_t)d;
+        for (int i = 0; i < d; i++) {
+            if (!isfinite(qh[i]))
+                return KVARC_ENONFINITE;
+            prod[i] = c->mu_k ? qh[i] * c->mu_k[i] : 0.0f;
+        }
+        bias[h] = kvarc_tree_sum(prod, d);
+        kvg_rotate_ref(c->rot, qh, r + (size_t)h * (size_t)d);
+    }
+    variants[isa].key_scores(fi, d, r, bias, n_q, records, n, scores);
+    return 0;
+}
+
+int kvg_key_scores(const kvg_codec *c, const float *q, int n_q, const uint8_t *records, size_t n, float *scores)
+{
+    return kvg_key_scores_isa(isa_for(n), c, q, n_q, records, n, scores);
 }
 
 int kvg_key_scores_pos_isa(kvg_isa isa, const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb,

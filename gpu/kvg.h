@@ -348,6 +348,12 @@ void kvg_rope_table_angles(const kvg_rope_table *tb, const kvg_rope *r, uint64_t
 int kvg_key_scores_pos_ref(const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb, const float *q_r,
                            int n_q, const uint8_t *records, const uint64_t *pos, size_t n, float *scores);
 
+/* kvg_key_scores_ref's bits, many records at a time (codec_simd.c; isa as
+ * for kvg_encode_isa). */
+int kvg_key_scores(const kvg_codec *c, const float *q, int n_q, const uint8_t *records, size_t n, float *scores);
+int kvg_key_scores_isa(kvg_isa isa, const kvg_codec *c, const float *q, int n_q, const uint8_t *records, size_t n,
+                       float *scores);
+
 /* kvg_key_scores_pos_ref's bits, sixteen records at a time (codec_simd.c;
  * isa as for kvg_encode_isa). */
 int kvg_key_scores_pos(const kvg_codec *c, const kvg_rope *r, const kvg_rope_table *tb, const float *q_r, int n_q,

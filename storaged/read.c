@@ -578,7 +578,7 @@ static int rerank_pass(kvd_reader *r, uint64_t conv, uint32_t layer, const conv_
         for (size_t j = 0; j < x->n; j++)
             memcpy(recs + j * (size_t)rb, urec + u64_find(u, nu, x->shortlist[j]) * (size_t)rb, (size_t)rb);
         rc = rp ? kvg_key_scores_pos(c, rp, rope_table(r, rp), x->q, x->n_q, recs, x->shortlist, x->n, sc) :
-                  kvg_key_scores_ref(c, x->q, x->n_q, recs, x->n, sc);
+                  kvg_key_scores(c, x->q, x->n_q, recs, x->n, sc);
         if (rc) {
             kvd_fail(err, rc, "scoring the shortlist: %s", kvarc_strerror(rc));
             goto done;

@@ -1,6 +1,7 @@
 /* test_codec_simd - the codec's lanes (codec_simd.c) give the reference's
  * bits: encode (records, signature bits and scales), decode, stage-2
- * scores at true positions and signatures of centered keys, for every
+ * scores (remapped and at true positions) and signatures of centered
+ * keys, for every
  * build this CPU runs, every format, head dim and input dtype, batch tails,
  * zero vectors, and the error paths (a NaN or Inf anywhere, a squared norm
  * that overflows: the same code and bad token as the reference). */
@@ -134,6 +135,39 @@ static void check_faults(kvg_isa isa, tu_rng *r)
     CHECK_RC(kvg_decode_isa(isa, &c, NULL, 4, dk_s, NULL), -EINVAL);
 }
 
+/* kvg_key_scores (remapped positions: no RoPE) against the reference. */
+static void check_key_scores(kvg_isa isa, tu_rng *r)
+{
+    const char *nm = kvg_codec_isa_name(isa);
+    float q[5 * KVARC_HEAD_DIM_MAX], s_r[NMAX], s_s[NMAX];
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++) {
+        int d = dims[di];
+        kvarc_rotation rot;
+        CHECK_RC(kvarc_rotation_init(&rot, d, 31337), 0);
+        float mu_k[KVARC_HEAD_DIM_MAX];
+        for (int i = 0; i < d; i++)
+            mu_k[i] = 0.5f * tu_gauss(r);
+        for (size_t fi = 0; fi < sizeof fmts / sizeof fmts[0]; fi++)
+            for (size_t ci = 0; ci < sizeof counts / sizeof counts[0]; ci++) {
+                size_t n = counts[ci];
+                kvg_codec c = { fmts[fi], &rot, ci % 2 ? NULL : mu_k, NULL };
+                make_inputs(r, n, d, 1e15f);
+                CHECK_RC(kvg_encode_ref(&c, KVARC_DTYPE_F32, kf, vf_, n, rec_r, bits_r, sc_r, NULL), 0);
+                int nq = 1 + (int)((ci + fi) % 5);
+                for (int i = 0; i < nq * d; i++)
+                    q[i] = tu_gauss(r);
+                CHECK_RC(kvg_key_scores_ref(&c, q, nq, rec_r, n, s_r), 0);
+                memset(s_s, 0x44, sizeof s_s);
+                CHECK_RC(kvg_key_scores_isa(isa, &c, q, nq, rec_r, n, s_s), 0);
+                CHECK(!memcmp(s_r, s_s, n * 4), "%s: key scores d %d fmt %d n %zu nq %d differ", nm, d, fmts[fi],
+                      n, nq);
+                q[0] = INFINITY;
+                CHECK_RC(kvg_key_scores_isa(isa, &c, q, nq, rec_r, n, s_s), KVARC_ENONFINITE);
+                CHECK_RC(kvg_key_scores_isa(isa, &c, q, 65, rec_r, n, s_s), -EINVAL);
+            }
+    }
+}
+
 /* kvg_signatures against kvg_signature_ref token by token. */
 static void check_signatures(kvg_isa isa, tu_rng *r)
 {
@@ -233,6 +267,7 @@ int main(void)
         check_faults((kvg_isa)isa, &r);
         check_scores((kvg_isa)isa, &r);
         check_signatures((kvg_isa)isa, &r);
+        check_key_scores((kvg_isa)isa, &r);
         printf("test_codec_simd: %s checked\n", kvg_codec_isa_name((kvg_isa)isa));
         ran++;
     }

@@ -10,6 +10,8 @@
  *   stage2     : scores of the records at true positions for a GQA group
  *                of 4 query heads, as kvarcd's RerankLayer runs it
  *                (kvg_key_scores_pos_isa, angles from the byte table)
+ *   stage2-rm  : the same in remapped position mode (no RoPE:
+ *                kvg_key_scores_isa)
  * as ns per record and the ratio to the reference; then the chosen build's
  * encode on T threads (default: every CPU) as tokens per second of an
  * 8B-shaped model (32 layers x 8 KV heads = 256 records a token), the
@@ -137,9 +139,9 @@ int main(int argc, char **argv)
     uint8_t *bits = malloc(n * (size_t)d / 8), *bits2 = malloc(n * (size_t)d / 8);
     uint16_t *ss = malloc(n * 2), *ss2 = malloc(n * 2);
     uint64_t *pos = malloc(n * 8);
-    float *sc = malloc(n * 4), *sc2 = malloc(n * 4), q[4 * KVARC_HEAD_DIM_MAX];
+    float *sc = malloc(n * 4), *sc2 = malloc(n * 4), *sr = malloc(n * 4), q[4 * KVARC_HEAD_DIM_MAX];
     if (!k || !v || !dk || !dv || !dk2 || !dv2 || !rec || !rec2 || !bits || !bits2 || !ss || !ss2 || !pos || !sc ||
-        !sc2) {
+        !sc2 || !sr) {
         fprintf(stderr, "bench-codec: out of memory for %zu tokens\n", n);
         return 1;
     }
@@ -166,22 +168,24 @@ int main(int argc, char **argv)
     }
     printf("bench-codec: head_dim %d, %s (%d B records), %zu tokens; best build here: %s\n", d,
            kvarc_format_get(fmt)->name, rb, n, kvg_codec_isa_name(kvg_codec_isa_best()));
-    printf("  %-8s %-40s %12s %10s\n", "op", "build", "ns/record", "vs ref");
-    double ref[3] = { 0, 0, 0 };
+    printf("  %-9s %-40s %12s %10s\n", "op", "build", "ns/record", "vs ref");
+    double ref[4] = { 0, 0, 0, 0 };
     int bad = 0;
     kvg_encode_ref(&c, KVARC_DTYPE_F32, k, v, n, rec, bits, ss, NULL);
     kvg_decode_ref(&c, rec, n, dk, dv);
     kvg_key_scores_pos_ref(&c, &rp, &tb, q, 4, rec, pos, n, sc);
+    kvg_key_scores_ref(&c, q, 4, rec, n, sr);
     for (int isa = KVG_ISA_REF; isa <= KVG_ISA_V4; isa++) {
         if (!kvg_codec_isa_supported((kvg_isa)isa))
             continue;
-        double t[3];
+        double t[4];
         /* the bits first: a build that differs from the reference is not timed */
         kvg_encode_isa((kvg_isa)isa, &c, KVARC_DTYPE_F32, k, v, n, rec2, bits2, ss2, NULL);
         kvg_decode_isa((kvg_isa)isa, &c, rec, n, dk2, dv2);
         kvg_key_scores_pos_isa((kvg_isa)isa, &c, &rp, &tb, q, 4, rec, pos, n, sc2);
         if (memcmp(rec, rec2, n * (size_t)rb) || memcmp(bits, bits2, n * (size_t)d / 8) || memcmp(ss, ss2, n * 2) ||
-            memcmp(dk, dk2, n * (size_t)d * 4) || memcmp(dv, dv2, n * (size_t)d * 4) || memcmp(sc, sc2, n * 4)) {
+            memcmp(dk, dk2, n * (size_t)d * 4) || memcmp(dv, dv2, n * (size_t)d * 4) || memcmp(sc, sc2, n * 4) ||
+            (kvg_key_scores_isa((kvg_isa)isa, &c, q, 4, rec, n, sc2), memcmp(sr, sc2, n * 4))) {
             fprintf(stderr, "bench-codec: %s differs from the reference\n", kvg_codec_isa_name((kvg_isa)isa));
             bad = 1;
             continue;
@@ -189,11 +193,12 @@ int main(int argc, char **argv)
         BEST3(t[0], kvg_encode_isa((kvg_isa)isa, &c, KVARC_DTYPE_F32, k, v, n, rec2, bits2, ss2, NULL));
         BEST3(t[1], kvg_decode_isa((kvg_isa)isa, &c, rec, n, dk2, dv2));
         BEST3(t[2], kvg_key_scores_pos_isa((kvg_isa)isa, &c, &rp, &tb, q, 4, rec, pos, n, sc2));
-        static const char *ops[3] = { "encode", "decode", "stage2" };
-        for (int o = 0; o < 3; o++) {
+        BEST3(t[3], kvg_key_scores_isa((kvg_isa)isa, &c, q, 4, rec, n, sc2));
+        static const char *ops[4] = { "encode", "decode", "stage2", "stage2-rm" };
+        for (int o = 0; o < 4; o++) {
             if (isa == KVG_ISA_REF)
                 ref[o] = t[o];
-            printf("  %-8s %-40s %12.1f %9.2fx\n", ops[o], kvg_codec_isa_name((kvg_isa)isa), 1e9 * t[o] / (double)n,
+            printf("  %-9s %-40s %12.1f %9.2fx\n", ops[o], kvg_codec_isa_name((kvg_isa)isa), 1e9 * t[o] / (double)n,
                    ref[o] / t[o]);
         }
     }
@@ -207,6 +212,6 @@ int main(int argc, char **argv)
            threads, threads == 1 ? "" : "s", kvg_codec_isa_name(kvg_codec_isa_best()), rps, rps / 256.0);
     kvg_rope_table_free(&tb);
     free(k); free(v); free(dk); free(dv); free(dk2); free(dv2); free(rec); free(rec2);
-    free(bits); free(bits2); free(ss); free(ss2); free(pos); free(sc); free(sc2);
+    free(bits); free(bits2); free(ss); free(ss2); free(pos); free(sc); free(sc2); free(sr);
     return bad;
 }
