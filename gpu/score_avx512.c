@@ -2,12 +2,14 @@
  * time (kvg_score_pos); kvg_score_pos_ref (score_ref.c) stays the
  * definition and this gives its bits.
  *
- * Head_dim 128: a signature is two 64-bit words. The integer dot of the
+ * A signature is W = head_dim / 64 words of 64 bits (1, 2 or 4: head_dim
+ * 64, 128, 256; each width its own specialized loop). The integer dot of the
  * int8 query with the +-1 signs comes from the query's bit planes, as the
  * CUDA kernel does: with q8 in two's complement, sum_{bit set} q8_i =
  * sum_b w_b popcount(plane_b & bits), w_b = 2^b (b < 7), -128 (b = 7), and
  * dot = 2 * that - sum_i q8_i: an exact integer. Eight tokens per step
- * (their words de-interleaved into two registers), VPOPCNTQ per plane,
+ * (word k of each in register k: loaded as is at W = 1, de-interleaved by
+ * two permutes at W = 2, gathered at W = 4), VPOPCNTQ per plane and word,
  * then the reference's three float operations per query head, each one
  * IEEE operation ((float)dot * qscale, * scale, + bias), and the GQA
  * combination in head order: max_ps(v, acc) is the reference's
@@ -25,7 +27,7 @@
 #define AVX512_SCAN __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx512vpopcntdq,f16c")))
 
 typedef struct planes {
-    uint64_t p[8][2];               /* bit b of q8_i, word i / 64 */
+    uint64_t p[8][4];               /* bit b of q8_i, word i / 64 */
     int64_t  qsum;
     float    qscale;
 } planes;
@@ -34,39 +36,56 @@ typedef struct planes {
  * bytes whose bit b is set (one VPTESTMB). */
 AVX512_SCAN static void make_planes(const kvg_query *q, planes *pl)
 {
-    __m512i lo = _mm512_loadu_si512(q->q8), hi = _mm512_loadu_si512(q->q8 + 64);
-    for (int b = 0; b < 8; b++) {
-        __m512i m = _mm512_set1_epi8((char)(1u << b));
-        pl->p[b][0] = _mm512_test_epi8_mask(lo, m);
-        pl->p[b][1] = _mm512_test_epi8_mask(hi, m);
+    int W = q->head_dim / 64;
+    for (int w = 0; w < W; w++) {
+        __m512i v = _mm512_loadu_si512(q->q8 + 64 * w);
+        for (int b = 0; b < 8; b++)
+            pl->p[b][w] = _mm512_test_epi8_mask(v, _mm512_set1_epi8((char)(1u << b)));
     }
     int64_t sum = 0;
-    for (int i = 0; i < 128; i++)
+    for (int i = 0; i < q->head_dim; i++)
         sum += q->q8[i];
     pl->qsum = sum;
     pl->qscale = q->qscale;
 }
 
-/* Eight tokens at bits/scales (those under the masks; the others read as
- * zero and are not stored: lanes are independent, so a short group's
- * values are the full group's). Query h's bias: bias[h] for all eight, or
- * with item biases (ib) the eight at ib + h * ibs. */
+/* Eight tokens at bits/scales (those under the mask kt; the others read
+ * as zero and are not stored: lanes are independent, so a short group's
+ * values are the full group's), W words each. Query h's bias: bias[h] for
+ * all eight, or with item biases (ib) the eight at ib + h * ibs. */
 AVX512_SCAN static inline __attribute__((always_inline)) void group8(const planes *pl, int n_q, const float *bias,
                                                                      const float *ib, size_t ibs, kvg_combine comb,
                                                                      const uint8_t *bits, const uint16_t *scales,
-                                                                     float *out, __mmask8 ka, __mmask8 kb, __mmask8 kt)
+                                                                     float *out, __mmask8 kt, int W)
 {
-    const __m512i i0 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), i1 = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
-    __m512i a = _mm512_maskz_loadu_epi64(ka, bits), b = _mm512_maskz_loadu_epi64(kb, bits + 64);
-    __m512i w0 = _mm512_permutex2var_epi64(a, i0, b), w1 = _mm512_permutex2var_epi64(a, i1, b);
+    __m512i wv[4];
+    if (W == 1) {
+        wv[0] = _mm512_maskz_loadu_epi64(kt, bits);
+    } else if (W == 2) {
+        unsigned m = (unsigned)__builtin_popcount(kt);               /* kt is the low m bits */
+        __mmask8 ka = (__mmask8)(m >= 4 ? 0xff : (1u << (2 * m)) - 1);   /* the 64-bit words of tokens 0..3 */
+        __mmask8 kb = (__mmask8)(m <= 4 ? 0 : (1u << (2 * (m - 4))) - 1);
+        const __m512i i0 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+        const __m512i i1 = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+        __m512i a = _mm512_maskz_loadu_epi64(ka, bits), b = _mm512_maskz_loadu_epi64(kb, bits + 64);
+        wv[0] = _mm512_permutex2var_epi64(a, i0, b);
+        wv[1] = _mm512_permutex2var_epi64(a, i1, b);
+    } else {
+        const __m512i idx = _mm512_setr_epi64(0, 4, 8, 12, 16, 20, 24, 28);
+        for (int k = 0; k < 4; k++)
+            wv[k] = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), kt,
+                                                _mm512_add_epi64(idx, _mm512_set1_epi64(k)), (const void *)bits, 8);
+    }
     __m256 sc = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(kt, scales));
     __m256 acc = _mm256_setzero_ps();
     for (int h = 0; h < n_q; h++) {
         __m512i s = _mm512_setzero_si512();
         for (int p = 0; p < 8; p++) {
-            __m512i c = _mm512_add_epi64(
-                _mm512_popcnt_epi64(_mm512_and_si512(w0, _mm512_set1_epi64((long long)pl[h].p[p][0]))),
-                _mm512_popcnt_epi64(_mm512_and_si512(w1, _mm512_set1_epi64((long long)pl[h].p[p][1]))));
+            __m512i c = _mm512_popcnt_epi64(_mm512_and_si512(wv[0], _mm512_set1_epi64((long long)pl[h].p[p][0])));
+            for (int k = 1; k < W; k++) {
+                __m512i pk = _mm512_set1_epi64((long long)pl[h].p[p][k]);
+                c = _mm512_add_epi64(c, _mm512_popcnt_epi64(_mm512_and_si512(wv[k], pk)));
+            }
             s = p == 7 ? _mm512_sub_epi64(s, _mm512_slli_epi64(c, 7))
                        : _mm512_add_epi64(s, _mm512_slli_epi64(c, (unsigned)p));
         }
@@ -89,18 +108,30 @@ AVX512_SCAN static inline __attribute__((always_inline)) void group8(const plane
 /* The n tokens of a run that share their biases (or carry their own:
  * ib, ibs as in group8): whole groups of eight, then the last group
  * under masks. */
-AVX512_SCAN static void run8(const planes *pl, int n_q, const float *bias, const float *ib, size_t ibs,
-                             kvg_combine comb, const uint8_t *bits, const uint16_t *scales, size_t n, float *out)
+AVX512_SCAN static inline __attribute__((always_inline)) void run8_w(const planes *pl, int n_q, const float *bias,
+                                                                      const float *ib, size_t ibs, kvg_combine comb,
+                                                                      const uint8_t *bits, const uint16_t *scales,
+                                                                      size_t n, float *out, int W)
 {
     size_t j = 0;
     for (; j + 8 <= n; j += 8)
-        group8(pl, n_q, bias, ib ? ib + j : NULL, ibs, comb, bits + 16 * j, scales + j, out + j, 0xff, 0xff, 0xff);
-    if (j < n) {
-        unsigned m = (unsigned)(n - j);                                   /* 1..7 tokens */
-        group8(pl, n_q, bias, ib ? ib + j : NULL, ibs, comb, bits + 16 * j, scales + j, out + j,
-               (__mmask8)(m >= 4 ? 0xff : (1u << (2 * m)) - 1),          /* 64-bit words of tokens 0..3 */
-               (__mmask8)(m <= 4 ? 0 : (1u << (2 * (m - 4))) - 1), (__mmask8)((1u << m) - 1));
-    }
+        group8(pl, n_q, bias, ib ? ib + j : NULL, ibs, comb, bits + 8 * (size_t)W * j, scales + j, out + j, 0xff, W);
+    if (j < n)                                                            /* 1..7 tokens */
+        group8(pl, n_q, bias, ib ? ib + j : NULL, ibs, comb, bits + 8 * (size_t)W * j, scales + j, out + j,
+               (__mmask8)((1u << (n - j)) - 1), W);
+}
+
+/* run8_w for head_dim 64, 128 or 256 (W = 1, 2, 4), each specialized. */
+AVX512_SCAN static void run8(const planes *pl, int n_q, const float *bias, const float *ib, size_t ibs,
+                             kvg_combine comb, const uint8_t *bits, const uint16_t *scales, size_t n, float *out,
+                             int W)
+{
+    if (W == 1)
+        run8_w(pl, n_q, bias, ib, ibs, comb, bits, scales, n, out, 1);
+    else if (W == 2)
+        run8_w(pl, n_q, bias, ib, ibs, comb, bits, scales, n, out, 2);
+    else
+        run8_w(pl, n_q, bias, ib, ibs, comb, bits, scales, n, out, 4);
 }
 
 /* Tokens [j0, j0 + n) of an array whose index 0 is at first_pos, scores
@@ -122,7 +153,8 @@ AVX512_SCAN static void scan(const planes *pl, int n_q, const kvg_query *qs, kvg
             if (e - a > KVG_SIG_BLOCK - p % KVG_SIG_BLOCK)
                 b = a + (KVG_SIG_BLOCK - p % KVG_SIG_BLOCK);
         }
-        run8(pl, n_q, bias, NULL, 0, comb, bits + 16 * a, scales + a, b - a, out + (a - j0));
+        run8(pl, n_q, bias, NULL, 0, comb, bits + (size_t)qs[0].head_dim / 8 * a, scales + a, b - a, out + (a - j0),
+             qs[0].head_dim / 64);
     }
 }
 
@@ -139,14 +171,16 @@ static int have_avx512(void) { return 0; }
 
 const char *kvg_score_kernel(int head_dim)
 {
-    return head_dim == 128 && have_avx512() ? "avx512" : "scalar";
+    return (head_dim == 64 || head_dim == 128 || head_dim == 256) && have_avx512() ? "avx512" : "scalar";
 }
 
 /* Whether the AVX-512 scan serves these arguments (else the reference). */
 static int fast(kvg_score_mode mode, const kvg_query *qs, const uint8_t *sig_bits, const uint16_t *sig_scale,
                 const float *scores)
 {
-    return mode == KVG_SCORE_ASYM && qs[0].head_dim == 128 && sig_bits && sig_scale && scores && have_avx512();
+    int d = qs[0].head_dim;
+    return mode == KVG_SCORE_ASYM && (d == 64 || d == 128 || d == 256) && sig_bits && sig_scale && scores &&
+           have_avx512();
 }
 
 int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
@@ -223,7 +257,7 @@ int kvg_score_items(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
         make_planes(&qs[h], &pl[h]);
         bias[h] = qs[h].bias;
     }
-    run8(pl, n_q, bias, item_bias, n, comb, sig_bits, sig_scale, n, scores);
+    run8(pl, n_q, bias, item_bias, n, comb, sig_bits, sig_scale, n, scores, qs[0].head_dim / 64);
 #endif
     return 0;
 }

@@ -6,7 +6,7 @@
  * kvg_score_items_ref, which is kvg_score_pos_ref item by item with the
  * item's own bias; kvg_score_runs equals kvg_score_pos_ref run by run
  * (ragged runs across block boundaries, block biases sliced per run), at
- * head_dim 128 (the AVX-512 scan where the CPU has it) and 64, 256. */
+ * head_dim 64, 128 and 256 (the AVX-512 scan where the CPU has it). */
 #include <errno.h>
 #include <string.h>
 
@@ -33,25 +33,26 @@ static float naive_hamming(const kvg_query *q, const uint8_t *bits)
 }
 
 /* kvg_score_pos (the run-time choice: AVX-512 where the CPU has it) gives
- * the reference's bits: head_dim 128, GQA groups 1..8, both combines, with
- * and without block biases, ranges not a multiple of 8 nor block-aligned,
- * scales 0, subnormal and large. */
-static void dispatch_case(void)
+ * the reference's bits: head_dim 64, 128 and 256 (signatures of 1, 2, 4
+ * words), GQA groups 1..8, both combines, with and without block biases,
+ * ranges not a multiple of 8 nor block-aligned, scales 0, subnormal and
+ * large. */
+static void dispatch_case(int d)
 {
     tu_rng g = { 31 };
     enum { NS = 1000 };
-    static uint8_t bits[NS * 16];
+    static uint8_t bits[NS * 32];
     uint16_t sc[NS];
     for (size_t i = 0; i < sizeof bits; i++)
         bits[i] = (uint8_t)(kvarc_splitmix64(&g.s) >> 56);
     for (int j = 0; j < NS; j++)
         sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(&g) * 4);
     kvarc_rotation rot;
-    kvarc_rotation_init(&rot, 128, 9);
+    kvarc_rotation_init(&rot, d, 9);
     kvg_query qs[8];
-    float q[128], bb[8 * 20], want[NS], got[NS];
+    float q[256], bb[8 * 20], want[NS], got[NS];
     for (int h = 0; h < 8; h++) {
-        for (int i = 0; i < 128; i++)
+        for (int i = 0; i < d; i++)
             q[i] = tu_gauss(&g) * (float)(h + 1);
         CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q, &qs[h]), 0);
         qs[h].bias = tu_gauss(&g);
@@ -70,8 +71,8 @@ static void dispatch_case(void)
                              0);
                     bad += memcmp(want, got, n * 4) != 0;
                 }
-    CHECK(bad == 0, "the %s scan differs from the reference in %d cases", kvg_score_kernel(128), bad);
-    printf("stage-1 kernel at head_dim 128: %s\n", kvg_score_kernel(128));
+    CHECK(bad == 0, "head_dim %d: the %s scan differs from the reference in %d cases", d, kvg_score_kernel(d), bad);
+    printf("stage-1 kernel at head_dim %d: %s\n", d, kvg_score_kernel(d));
 }
 
 /* Random signatures of d/8 bytes; scales 0, subnormal, the largest
@@ -125,8 +126,8 @@ static size_t runs_want(kvg_score_mode mode, kvg_combine comb, const kvg_query *
 /* kvg_score_runs against runs_want, bit for bit: runs of 0..100 tokens
  * in any order (overlapping too), many starting a few tokens before a
  * 64-position boundary, first_pos not a multiple of 64, GQA groups of
- * 1..8 at head_dim 128 (1, 3, 8 at 64 and 256, where both sides are the
- * reference), both combines and modes, with and without block biases.
+ * 1..8 at head_dim 128 (1, 3, 8 at 64 and 256), both combines and modes,
+ * with and without block biases.
  * The output past the runs' total is never written. */
 static void runs_case(int d)
 {
@@ -263,7 +264,9 @@ static void items_case(int d)
 
 int main(void)
 {
-    dispatch_case();
+    dispatch_case(64);
+    dispatch_case(128);
+    dispatch_case(256);
     for (int d = 64; d <= 256; d *= 2) {
         runs_case(d);
         items_case(d);
