@@ -22,7 +22,8 @@
  * long enough, coarse.c; the kv heads over threads, stage1.c) and keeps
  * shortlist x top_k; stage 2 is one RerankLayer; then
  * per query one exact softmax over [sinks][retrieved][hot up to itself]
- * (kvg_attend_ref's log-sum-exp merge), RoPE applied by position mode.
+ * (kvg_attend: kvg_attend_ref's bits, log-sum-exp merge), RoPE applied by
+ * position mode.
  * A record is decoded once per query group (the `decoded` map): the queries of a
  * prefill chunk retrieve mostly the same tokens, and a record always
  * decodes to the same K and V; in true-position mode its key is turned to
@@ -525,7 +526,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 gather_hot(cv, y, &x, hot_lo, nh);
                 hot_gathered = 1;
             }
-            if (!on_gpu && (rc = kvg_attend_ref(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
+            if (!on_gpu && (rc = kvg_attend(x.qi, (int)QH, (int)H, (int)d, scale, parts, 3, x.oi))) {
                 kl_fail(cv, rc, "attention on layer %u query %u: %s", layer, g0 + i, kvarc_strerror(rc));
                 break;
             }

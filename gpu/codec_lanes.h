@@ -1,5 +1,6 @@
 /* codec_lanes.h - the body of the codec's lanes (codec_simd.c), a
- * template included once by each build: codec_lanes_v4.c, _v3.c, _base.c.
+ * template included once by each build: lanes_v4.c, lanes_v3.c,
+ * lanes_base.c (after lanes.h, which holds the types and transposes).
  * Each defines LN (tokens per batch: the vector width of its ISA in fp32
  * lanes, so every vector is one native register and no comparison is
  * lowered lane by lane) and LANES_FN(name) (the build's exported name),
@@ -14,22 +15,7 @@
  * square root, an fp16 conversion, the RoPE angles) are computed lane by
  * lane by the reference's own functions. Helpers take pointers only, so no
  * vector crosses a call. */
-#include <math.h>
-#include <string.h>
-
-#include "kvg.h"
-
-#if !defined(LN) || !defined(LANES_FN)
-#error "codec_lanes.h is included by a build file that defines LN and LANES_FN"
-#endif
-
-typedef float   vf __attribute__((vector_size(4 * LN)));
-typedef int32_t vi __attribute__((vector_size(4 * LN)));
-typedef uint32_t vu __attribute__((vector_size(4 * LN)));
-typedef double  vd __attribute__((vector_size(8 * LN)));
-typedef int64_t vl __attribute__((vector_size(8 * LN)));
-
-#define AI static inline __attribute__((always_inline))
+#include "lanes.h"
 
 /* ---- lane helpers (pointers only) ------------------------------------ */
 
@@ -67,66 +53,12 @@ AI int any_l(const vi *m)
 
 /* Tokens t0..t0+m of [n][d] dt into lanes (zeros past m), minus mu as
  * load_centered does; *bad gets the lanes with a non-finite value or
- * difference. */
-/* In-register transpose of an LN x LN block: b[r][p] becomes b[p][r].
- * Stage s swaps bit s of the row index with bit s of the position (two
- * two-source shuffles with constant masks a row pair); all stages together
- * swap every bit, which is the transpose. Exact: only moves. */
-#define TP_MK(p, s, hi) ((((p) & (s)) ? LN : 0) + (((p) & ~(s)) | ((hi) ? (s) : 0)))
-#define TP_L4(s, hi) TP_MK(0, s, hi), TP_MK(1, s, hi), TP_MK(2, s, hi), TP_MK(3, s, hi)
-#define TP_L8(s, hi) TP_L4(s, hi), TP_MK(4, s, hi), TP_MK(5, s, hi), TP_MK(6, s, hi), TP_MK(7, s, hi)
-#define TP_L16(s, hi) TP_L8(s, hi), TP_MK(8, s, hi), TP_MK(9, s, hi), TP_MK(10, s, hi), TP_MK(11, s, hi), \
-                      TP_MK(12, s, hi), TP_MK(13, s, hi), TP_MK(14, s, hi), TP_MK(15, s, hi)
-#if LN == 16
-#define TP_LIST TP_L16
-#elif LN == 8
-#define TP_LIST TP_L8
-#elif LN == 4
-#define TP_LIST TP_L4
-#else
-#error "LN must be 4, 8 or 16"
-#endif
-#define TP_STAGE(b, s)                                                                         \
-    do {                                                                                       \
-        for (int r0 = 0; r0 < LN; r0++) {                                                      \
-            if (r0 & (s))                                                                      \
-                continue;                                                                      \
-            vf lo_ = (b)[r0], hi_ = (b)[r0 | (s)];                                             \
-            (b)[r0] = __builtin_shuffle(lo_, hi_, (vi){ TP_LIST(s, 0) });                      \
-            (b)[r0 | (s)] = __builtin_shuffle(lo_, hi_, (vi){ TP_LIST(s, 1) });                \
-        }                                                                                      \
-    } while (0)
-
-AI void transpose_l(vf *b)
-{
-    TP_STAGE(b, 1);
-    TP_STAGE(b, 2);
-#if LN >= 8
-    TP_STAGE(b, 4);
-#endif
-#if LN >= 16
-    TP_STAGE(b, 8);
-#endif
-}
-
-/* Tokens t0..t0+m of [n][d] dt into lanes (zeros past m), minus mu as
- * load_centered does; *bad gets the lanes with a non-finite value or
  * difference. fp32 rows come in as vectors, LN dims of LN tokens a block,
  * transposed in registers. */
 AI void load_l(kvarc_dtype dt, const void *base, size_t t0, int m, int d, const float *mu, vf *x, vi *bad)
 {
     if (dt == KVARC_DTYPE_F32) {
-        const float *src = (const float *)base + t0 * (size_t)d;
-        for (int i0 = 0; i0 < d; i0 += LN) {
-            vf *b = x + i0;
-            for (int l = 0; l < LN; l++) {
-                if (l < m)
-                    memcpy(&b[l], src + (size_t)l * (size_t)d + (size_t)i0, sizeof(vf));
-                else
-                    b[l] = (vf){ 0 };
-            }
-            transpose_l(b);
-        }
+        load_rows_l((const float *)base + t0 * (size_t)d, d, m, x);
     } else {
         for (int l = 0; l < LN; l++) {
             size_t o = (t0 + (size_t)l) * (size_t)d;

@@ -7,9 +7,9 @@
  * - Lanes are tokens (codec_lanes.h): each vector lane runs the
  *   reference's exact operations for one token, so the bits are the
  *   reference's by construction.
- * - One body, three builds: codec_lanes_v4.c (x86-64-v4, AVX-512, 16
- *   tokens a batch), codec_lanes_v3.c (x86-64-v3, AVX2, 8) and
- *   codec_lanes_base.c (the build's baseline, 4). Each batch is one native
+ * - One body, three builds: lanes_v4.c (x86-64-v4, AVX-512, 16 tokens a
+ *   batch), lanes_v3.c (x86-64-v3, AVX2, 8) and lanes_base.c (the build's
+ *   baseline, 4). Each batch is one native
  *   register wide: wider generic vectors made GCC lower every comparison
  *   lane by lane (AVX2 ran 6x slower than AVX-512 that way).
  *   kvg_codec_isa_best() picks the widest build the CPU supports, once

@@ -395,6 +395,14 @@ void kvg_attn_merge_ref(kvg_attn_state *a, const kvg_attn_state *b, int d);
 int kvg_attend_ref(const float *q, int n_q_heads, int n_kv_heads, int d, float scale,
                    const kvg_attn_part *parts, int n_parts, float *out);
 
+/* kvg_attend_ref's bits through the lanes (attention_simd.c): each GQA
+ * group's heads share the transposed keys; the build as kvg_encode's
+ * (kvg_attend_isa runs one: -ENOTSUP where the CPU lacks it). */
+int kvg_attend(const float *q, int n_q_heads, int n_kv_heads, int d, float scale, const kvg_attn_part *parts,
+               int n_parts, float *out);
+int kvg_attend_isa(kvg_isa isa, const float *q, int n_q_heads, int n_kv_heads, int d, float scale,
+                   const kvg_attn_part *parts, int n_parts, float *out);
+
 #ifdef __cplusplus
 }
 #endif

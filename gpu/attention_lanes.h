@@ -1,0 +1,72 @@
+/* attention_lanes.h - one partition's softmax states for the query heads
+ * of a GQA group, many keys at a time: the body of kvg_attend's fast path
+ * (attention_simd.c), a template included by each build file (lanes_v4.c,
+ * lanes_v3.c, lanes_base.c) after lanes.h.
+ *
+ * It gives kvg_attn_partial_ref's bits for every head. The logits: lane l
+ * of a vector is key t0 + l, each lane summing q_i k_i in index order from
+ * 0 and then multiplying by scale, as the reference's dot does (the keys
+ * come in as rows and are transposed in registers). The max is taken over
+ * the logits in key order with fmaxf, the exponentials with expf, one key
+ * at a time in key order, as the reference does; the output accumulates
+ * p v_t over the keys in order with lanes over the dimensions (each
+ * element its own sum in the reference's order). The reference computes
+ * each logit twice (for the max, then for the sum); both give the same
+ * value, which is computed once here. */
+#include "lanes.h"
+
+/* States st[0..G) of the G queries q[G][d] over keys k[n][d], v[n][d]. */
+void LANES_FN(attn_partial)(const float *q, int G, float scale, const float *k, const float *v, size_t n, int d,
+                            kvg_attn_state *st)
+{
+    vf kt[KVARC_HEAD_DIM_MAX];
+    float lg[64][LN];
+    for (int h = 0; h < G; h++) {
+        st[h].m = -INFINITY;
+        st[h].l = 0.0f;
+        memset(st[h].o, 0, (size_t)d * sizeof(float));
+    }
+    if (n == 0)
+        return;
+    /* pass 1: the max logit of each head (fmaxf in key order) */
+    for (size_t t0 = 0; t0 < n; t0 += LN) {
+        int m = n - t0 < LN ? (int)(n - t0) : LN;
+        load_rows_l(k + t0 * (size_t)d, d, m, kt);
+        for (int h = 0; h < G; h++) {
+            const float *qh = q + (size_t)h * (size_t)d;
+            vf acc = { 0 };
+            for (int i = 0; i < d; i++)
+                acc += qh[i] * kt[i];
+            acc = scale * acc;
+            for (int l = 0; l < m; l++)
+                st[h].m = fmaxf(st[h].m, acc[l]);
+        }
+    }
+    /* pass 2: exponentials, their sum and the weighted values, key order */
+    for (size_t t0 = 0; t0 < n; t0 += LN) {
+        int m = n - t0 < LN ? (int)(n - t0) : LN;
+        load_rows_l(k + t0 * (size_t)d, d, m, kt);
+        for (int h = 0; h < G; h++) {
+            const float *qh = q + (size_t)h * (size_t)d;
+            vf acc = { 0 };
+            for (int i = 0; i < d; i++)
+                acc += qh[i] * kt[i];
+            acc = scale * acc;
+            for (int l = 0; l < m; l++)
+                lg[h][l] = expf(acc[l] - st[h].m);
+        }
+        for (int h = 0; h < G; h++)
+            for (int l = 0; l < m; l++) {
+                float p = lg[h][l];
+                st[h].l += p;
+                const float *vt = v + (t0 + (size_t)l) * (size_t)d;
+                for (int i0 = 0; i0 < d; i0 += LN) {   /* d is a multiple of LN */
+                    vf x, o;
+                    memcpy(&x, vt + i0, sizeof x);
+                    memcpy(&o, st[h].o + i0, sizeof o);
+                    o += p * x;
+                    memcpy(st[h].o + i0, &o, sizeof o);
+                }
+            }
+    }
+}

@@ -1,8 +1,0 @@
-/* codec_lanes_v3.c - the codec's lanes built for x86-64-v3 (AVX2): one ymm a vector, 8 tokens a batch
- * (codec_lanes.h; chosen by codec_simd.c only where the CPU has it). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC target("arch=x86-64-v3")
-#endif
-#define LN 8
-#define LANES_FN(name) kvg_lanes_##name##_v3
-#include "codec_lanes.h"

@@ -1,8 +1,0 @@
-/* codec_lanes_v4.c - the codec's lanes built for x86-64-v4 (AVX-512): one zmm a vector, 16 tokens a batch
- * (codec_lanes.h; chosen by codec_simd.c only where the CPU has it). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC target("arch=x86-64-v4")
-#endif
-#define LN 16
-#define LANES_FN(name) kvg_lanes_##name##_v4
-#include "codec_lanes.h"

@@ -1,0 +1,11 @@
+/* lanes_v4.c - the lane templates built for x86-64-v4 (AVX-512): one zmm a
+ * vector, 16 lanes (codec_lanes.h,
+ * attention_lanes.h; codec_simd.c and attention_simd.c choose this build
+ * only where the CPU has it). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("arch=x86-64-v4")
+#endif
+#define LN 16
+#define LANES_FN(name) kvg_lanes_##name##_v4
+#include "codec_lanes.h"
+#include "attention_lanes.h"
