@@ -440,8 +440,11 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 }
             }
             /* every head's shortlist, the heads over threads (stage1.c) */
+            /* a prefill chunk's queries but its last may take the coarse tier of their own */
+            uint32_t cb = n_q > 1 && g0 + i != n_q - 1 && cv->o.prefill_coarse_blocks ? cv->o.prefill_coarse_blocks
+                                                                                     : cv->o.coarse_blocks;
             kl_s1_args a = { H, G, R_n, nblk, ns, hot_lo, qs, remap ? NULL : x.bb, x.idx,
-                             x.qsc + (size_t)i * H * G * d, mus, remap ? NULL : bcs + b0, cv->bcs_n, b0 };
+                             x.qsc + (size_t)i * H * G * d, mus, remap ? NULL : bcs + b0, cv->bcs_n, b0, cb };
             if (!rc)
                 rc = kl_stage1(cv, layer, &a, &cv->lanes, x.got);
             for (size_t h = 0; h < H && !rc; h++) {

@@ -171,10 +171,10 @@ static int reserve(kl_coarse_scratch *x, size_t n_items, size_t n_blocks, size_t
 }
 
 long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
-                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, kl_coarse_scratch *x,
-                      uint32_t *idx_out)
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks,
+                      kl_coarse_scratch *x, uint32_t *idx_out)
 {
-    const uint64_t M = cv->o.coarse_blocks, B = KVG_SIG_BLOCK;
+    const uint64_t M = blocks, B = KVG_SIG_BLOCK;
     if (!M || hot_lo <= ns || !r)
         return -ENOTSUP;
     const uint64_t fb = ns / B, lb = (hot_lo - 1) / B;          /* blocks the cold range spans */

@@ -54,6 +54,7 @@ void kvarc_options_default(kvarc_options *o)
     o->scale = 0.0f;
     o->use_gpu = 1;
     o->coarse_blocks = 0;
+    o->prefill_coarse_blocks = 0;
 }
 
 int64_t kl_now_ns(void)
@@ -199,13 +200,16 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
                  KVARC_THREADS_MAX);
         return -EINVAL;
     }
-    if (o->coarse_blocks && ((uint64_t)o->coarse_blocks * KVG_SIG_BLOCK < (uint64_t)o->shortlist * o->top_k ||
-                             o->coarse_blocks > (1u << 24))) {
-        snprintf(c->err, sizeof c->err, "bad options: coarse_blocks %u scans %llu tokens, fewer than the "
-                 "shortlist (%u x top_k %u); 0 (off) or %llu..16777216", o->coarse_blocks,
-                 (unsigned long long)o->coarse_blocks * KVG_SIG_BLOCK, o->shortlist, o->top_k,
-                 ((unsigned long long)o->shortlist * o->top_k + KVG_SIG_BLOCK - 1) / KVG_SIG_BLOCK);
-        return -EINVAL;
+    for (int pf = 0; pf < 2; pf++) {
+        uint32_t cb = pf ? o->prefill_coarse_blocks : o->coarse_blocks;
+        if (cb && ((uint64_t)cb * KVG_SIG_BLOCK < (uint64_t)o->shortlist * o->top_k || cb > (1u << 24))) {
+            snprintf(c->err, sizeof c->err, "bad options: %s %u scans %llu tokens, fewer than the "
+                     "shortlist (%u x top_k %u); 0 (off) or %llu..16777216",
+                     pf ? "prefill_coarse_blocks" : "coarse_blocks", cb, (unsigned long long)cb * KVG_SIG_BLOCK,
+                     o->shortlist, o->top_k,
+                     ((unsigned long long)o->shortlist * o->top_k + KVG_SIG_BLOCK - 1) / KVG_SIG_BLOCK);
+            return -EINVAL;
+        }
     }
     if (m->fingerprint && strlen(m->fingerprint) > 63) {
         snprintf(c->err, sizeof c->err, "fingerprint longer than 63 bytes");

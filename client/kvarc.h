@@ -112,6 +112,10 @@ typedef struct kvarc_options {
                                    cold token; 64 kept every synthetic needle but lost 2 of 10
                                    passkeys at 16K (README). 0 or shortlist x top_k / 64 .. 2^24,
                                    else create/attach fail with -EINVAL */
+    uint32_t prefill_coarse_blocks; /* the same for the queries of a prefill chunk (an attend of
+                                   several queries) but its last, whose output picks the next
+                                   token: that one, and every decode step, scan as coarse_blocks
+                                   says. 0 (default): as coarse_blocks; same range */
     uint32_t threads;           /* threads a decode step's stage 1 may use from 32K cold tokens on
                                    (kv heads spread over them; the same answer whatever the count):
                                    0 (default) every online CPU, 1 only the caller's; at most 256 */

@@ -83,6 +83,7 @@ typedef struct kl_s1_args {
     const double    *bcs;        /* block b0's entry of the pair-major angle table, rows bcs_stride */
     size_t           bcs_stride;
     uint64_t         b0;         /* ns / 64 */
+    uint32_t         coarse;     /* the coarse tier's blocks for this query (0: every cold token) */
 } kl_s1_args;
 
 /* ---- conversation ------------------------------------------------------ */
@@ -201,15 +202,15 @@ int  kl_coarse_keep(kvarc_conv *cv, kl_layer *y, uint64_t b0, uint64_t nsb, cons
 /* Stage 1 of one kv head's query group qs[G] through the coarse tier over
  * the cold range [ns, hot_lo): the summaries of its blocks scored
  * (bb: kind-2 block biases [G][nblk] from block ns / 64, or NULL), the
- * tokens of the best o.coarse_blocks blocks (and of blocks not yet
+ * tokens of the best `blocks` blocks (and of blocks not yet
  * summarized) scanned, their best r into idx_out as indices from ns, as
  * kvg_topk_ref orders them. -ENOTSUP when the coarse tier would scan about
  * as much as the full scan (or is off): scan it all. Other errors are
  * returned, not reported (cv is only read: threads call it for different
  * heads with their own scratch). */
 long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
-                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, kl_coarse_scratch *x,
-                      uint32_t *idx_out);
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks,
+                      kl_coarse_scratch *x, uint32_t *idx_out);
 void kl_coarse_scratch_free(kl_coarse_scratch *x);
 
 /* The threads a call may use: o.threads, or every online CPU for 0. */

@@ -117,7 +117,8 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     const kvg_query *qs = a->qs + h * G;
     const float *bb = a->bb ? a->bb + h * G * a->nblk : NULL;
     uint32_t *idx = a->idx_out + h * a->r;
-    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->r, &ln->co, idx);
+    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->r, a->coarse, &ln->co,
+                                idx);
     if (got != -ENOTSUP)
         return got;
     const uint64_t cold = a->hot_lo - a->ns;

@@ -52,6 +52,7 @@ void pk_setup_options(const pk_setup *s, pk_mode mode, kvarc_options *o)
     o->hot_window = s->hot;
     o->sinks = s->sinks;
     o->coarse_blocks = s->coarse;
+    o->prefill_coarse_blocks = s->prefill_coarse;
     if (o->batch > s->hot)
         o->batch = s->hot;
     if (o->max_chunk < s->chunk)
