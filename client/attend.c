@@ -105,6 +105,7 @@ typedef struct scratch {
     uint32_t *dat;           /* [dslots] where that entry's K and V are */
     float    *dk, *dv;       /* [dcap][d] decoded (true positions: turned) */
     uint8_t  *stage;         /* [kret] records to decode together */
+    uint32_t *nsl;           /* [items] each item's shortlist length (prefill_shortlist) */
     uint64_t *spos;          /* [kret] their positions */
     size_t    dcap, dslots, dn;   /* dcap: a group's items x kret + 1; dslots: a power of two >= 2 dcap */
 } scratch;
@@ -154,7 +155,7 @@ static void scratch_free(scratch *x)
     free(x->nhave); free(x->ret_pos); free(x->ret_rec); free(x->ret_n); free(x->hot_k); free(x->sink_k);
     free(x->rk); free(x->rv); free(x->qi); free(x->oi); free(x->hot_v); free(x->sink_v); free(x->pr);
     free(x->sort_tmp); free(x->cs_rank);
-    free(x->dkey); free(x->dat); free(x->dk); free(x->dv); free(x->stage); free(x->spos);
+    free(x->dkey); free(x->dat); free(x->dk); free(x->dv); free(x->stage); free(x->spos); free(x->nsl);
 }
 
 /* The exact hot window [hot_lo, hot_lo + nh) of every head from the ring
@@ -189,13 +190,13 @@ static int stage2(kvarc_conv *cv, uint32_t layer, scratch *x, const uint32_t *it
         items[i].n_queries = (uint32_t)G;
         items[i].n_query = G * d;
         items[i].query = x->qsc + i * G * d;
-        items[i].n_shortlist = R_n;
+        items[i].n_shortlist = x->nsl[i];
         items[i].shortlist = x->shortlist + i * R_n;
         items[i].top_k = (uint32_t)kret;
         items[i].n_have = x->nhave[i];
         items[i].have = x->have + i * R_n;
         ip[i] = &items[i];
-        sent_bytes += G * d * 4 + R_n * 8 + x->nhave[i] * 8 + 16;
+        sent_bytes += G * d * 4 + x->nsl[i] * 8 + x->nhave[i] * 8 + 16;
     }
     Kvarc__V1__RerankLayerRequest r = KVARC__V1__RERANK_LAYER_REQUEST__INIT;
     r.conv = cv->id;
@@ -368,6 +369,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     x.dv = malloc(x.dcap * d * 4);
     x.stage = malloc((kret + 1) * cv->rb);
     x.spos = malloc((kret + 1) * sizeof *x.spos);
+    x.nsl = calloc(ni + 1, sizeof *x.nsl);
     uint32_t *item_head = malloc(ni * sizeof *item_head);
     kvg_query *qs = malloc(QH * sizeof *qs);
     const float **mus = malloc(QH * sizeof *mus);     /* each query head's centering (its kv head's mu_k) */
@@ -376,7 +378,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     if (!x.idx || !x.got || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
         !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
-        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !x.stage || !x.spos ||
+        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !x.stage || !x.spos || !x.nsl ||
         !item_head || !qs || !mus) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
                      (unsigned long long)cold);
@@ -440,15 +442,19 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                 }
             }
             /* every head's shortlist, the heads over threads (stage1.c) */
-            /* a prefill chunk's queries but its last may take the coarse tier of their own */
-            uint32_t cb = n_q > 1 && g0 + i != n_q - 1 && cv->o.prefill_coarse_blocks ? cv->o.prefill_coarse_blocks
-                                                                                     : cv->o.coarse_blocks;
+            /* a prefill chunk's queries but its last may take a coarse tier and a shortlist of their own */
+            int pre = n_q > 1 && g0 + i != n_q - 1;
+            uint32_t cb = pre && cv->o.prefill_coarse_blocks ? cv->o.prefill_coarse_blocks : cv->o.coarse_blocks;
+            size_t take = R_n;
+            if (pre && cv->o.prefill_shortlist && (size_t)cv->o.prefill_shortlist * cv->o.top_k < take)
+                take = (size_t)cv->o.prefill_shortlist * cv->o.top_k;
             kl_s1_args a = { H, G, R_n, nblk, ns, hot_lo, qs, remap ? NULL : x.bb, x.idx,
-                             x.qsc + (size_t)i * H * G * d, mus, remap ? NULL : bcs + b0, cv->bcs_n, b0, cb };
+                             x.qsc + (size_t)i * H * G * d, mus, remap ? NULL : bcs + b0, cv->bcs_n, b0, cb, take };
             if (!rc)
                 rc = kl_stage1(cv, layer, &a, &cv->lanes, x.got);
             for (size_t h = 0; h < H && !rc; h++) {
                 size_t it = (size_t)i * H + h;
+                x.nsl[it] = (uint32_t)x.got[h];
                 uint64_t *sl = x.shortlist + it * R_n, *hv = x.have + it * R_n;
                 const uint32_t *idx = x.idx + h * R_n;
                 size_t nhv = 0;

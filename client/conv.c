@@ -55,6 +55,7 @@ void kvarc_options_default(kvarc_options *o)
     o->use_gpu = 1;
     o->coarse_blocks = 0;
     o->prefill_coarse_blocks = 0;
+    o->prefill_shortlist = 0;
 }
 
 int64_t kl_now_ns(void)
@@ -198,6 +199,11 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     if (o->threads > KVARC_THREADS_MAX) {
         snprintf(c->err, sizeof c->err, "bad options: threads %u; 0 (every CPU) .. %d", o->threads,
                  KVARC_THREADS_MAX);
+        return -EINVAL;
+    }
+    if (o->prefill_shortlist > o->shortlist) {
+        snprintf(c->err, sizeof c->err, "bad options: prefill_shortlist %u; 0 (as shortlist) or 1..shortlist (%u)",
+                 o->prefill_shortlist, o->shortlist);
         return -EINVAL;
     }
     for (int pf = 0; pf < 2; pf++) {

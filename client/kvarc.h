@@ -116,6 +116,9 @@ typedef struct kvarc_options {
                                    several queries) but its last, whose output picks the next
                                    token: that one, and every decode step, scan as coarse_blocks
                                    says. 0 (default): as coarse_blocks; same range */
+    uint32_t prefill_shortlist; /* the same queries' shortlist, in top_k (stage 2 reranks
+                                   prefill_shortlist x top_k of them). 0 (default): shortlist;
+                                   else 1..shortlist */
     uint32_t threads;           /* threads a decode step's stage 1 may use from 32K cold tokens on
                                    (kv heads spread over them; the same answer whatever the count):
                                    0 (default) every online CPU, 1 only the caller's; at most 256 */

@@ -84,6 +84,7 @@ typedef struct kl_s1_args {
     size_t           bcs_stride;
     uint64_t         b0;         /* ns / 64 */
     uint32_t         coarse;     /* the coarse tier's blocks for this query (0: every cold token) */
+    size_t           take;       /* this query's shortlist length (<= r, the stride of idx_out) */
 } kl_s1_args;
 
 /* ---- conversation ------------------------------------------------------ */

@@ -117,15 +117,15 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     const kvg_query *qs = a->qs + h * G;
     const float *bb = a->bb ? a->bb + h * G * a->nblk : NULL;
     uint32_t *idx = a->idx_out + h * a->r;
-    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->r, a->coarse, &ln->co,
-                                idx);
+    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->take, a->coarse,
+                                &ln->co, idx);
     if (got != -ENOTSUP)
         return got;
     const uint64_t cold = a->hot_lo - a->ns;
     int rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
                            w->y->sig_bits[h] + a->ns * sb, w->y->sig_scale[h] + a->ns, (size_t)cold, a->ns, bb,
                            a->nblk, ln->scores);
-    return rc ? rc : kvg_topk(ln->scores, (size_t)cold, a->r, idx, NULL, ln->tk);
+    return rc ? rc : kvg_topk(ln->scores, (size_t)cold, a->take, idx, NULL, ln->tk);
 }
 
 /* Lane t's block biases (true mode): every query of its heads t, t + T, ...
@@ -178,7 +178,7 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
             return kl_fail(cv, rc, "stage 1 on layer %u: %s", layer, kvarc_strerror(rc));
         for (size_t h = 0; h < a->H; h++) {
             got[h] = kl_gpu_stage1(cv, layer, (uint32_t)h, a->qs + h * a->G, (int)a->G, a->ns, a->hot_lo - a->ns,
-                                   a->bb ? a->bb + h * a->G * a->nblk : NULL, a->nblk, a->r,
+                                   a->bb ? a->bb + h * a->G * a->nblk : NULL, a->nblk, a->take,
                                    a->idx_out + h * a->r);
             if (got[h] < 0) {          /* -ENOTSUP: the device cannot; else it failed: the CPU from now on */
                 if (got[h] != -ENOTSUP)

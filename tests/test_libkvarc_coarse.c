@@ -18,8 +18,9 @@
  *    them) are always scanned, and the needles are still found;
  *  - stage 1 on 1 and on 2 threads (40K tokens): the same retrieval and
  *    output bits, coarse tier on and off;
- *  - prefill_coarse_blocks: a 3-query chunk's first two queries give the
- *    bits of a reader with the coarse tier, its last those of the full scan;
+ *  - prefill_coarse_blocks (prefill_shortlist): a 3-query chunk's first
+ *    two queries give the bits of a reader with the coarse tier (with a
+ *    shortlist of 1 x top_k), its last those of the full scan (shortlist);
  *  - coarse_blocks and prefill_coarse_blocks below shortlist x top_k / 64,
  *    and threads past 256, are refused, naming them; so are an Append with summaries of the wrong
  *    size or of no block, and LoadSummaries past the last complete block
@@ -406,30 +407,42 @@ int main(void)
         CHECK_RC(kvarc_conv_attach(cl, "lib", "threads", &m, &bad, &x), -EINVAL);
         CHECK(strstr(kvarc_client_errmsg(cl), "prefill_coarse_blocks") != NULL,
               "the refusal names prefill_coarse_blocks: %s", kvarc_client_errmsg(cl));
+        bad = o;
+        bad.prefill_shortlist = o.shortlist + 1;
+        CHECK_RC(kvarc_conv_attach(cl, "lib", "threads", &m, &bad, &x), -EINVAL);
+        CHECK(strstr(kvarc_client_errmsg(cl), "prefill_shortlist") != NULL, "the refusal names prefill_shortlist: %s",
+              kvarc_client_errmsg(cl));
     }
 
     /* prefill_coarse_blocks: in a chunk of 3 queries, the first two go through the coarse tier (the
      * bits of a reader with coarse_blocks set), the last scans every cold token (the bits of a reader
      * without): three forks of the 40960-token conversation, each given the same 3 tokens */
     {
-        kvarc_options oa = o, ob = o, oc = o;
+        kvarc_options oa = o, ob = o, oc = o, od = o, oe = o;
         oa.coarse_blocks = 0;                   /* full scan */
         ob.coarse_blocks = o.coarse_blocks;     /* coarse everywhere */
         oc.coarse_blocks = 0;                   /* coarse in the chunk but its last query */
         oc.prefill_coarse_blocks = o.coarse_blocks;
-        kvarc_conv *src = NULL, *ca = NULL, *cb = NULL, *cc = NULL;
+        od.coarse_blocks = oe.coarse_blocks = 0;  /* prefill_shortlist 1 against shortlist 1 everywhere */
+        od.prefill_shortlist = 1;
+        oe.shortlist = 1;
+        kvarc_conv *src = NULL, *ca = NULL, *cb = NULL, *cc = NULL, *cd = NULL, *ce = NULL;
         CHECK_RC(kvarc_conv_attach(cl, "lib", "threads", &m, &oa, &src), 0);
         if (src) {
             CHECK_RC(kvarc_fork(src, "lib", "pc-a", 0), 0);
             CHECK_RC(kvarc_fork(src, "lib", "pc-b", 0), 0);
             CHECK_RC(kvarc_fork(src, "lib", "pc-c", 0), 0);
+            CHECK_RC(kvarc_fork(src, "lib", "pc-d", 0), 0);
+            CHECK_RC(kvarc_fork(src, "lib", "pc-e", 0), 0);
             kvarc_conv_close(src);
         }
         CHECK_RC(kvarc_conv_attach(cl, "lib", "pc-a", &m, &oa, &ca), 0);
         CHECK_RC(kvarc_conv_attach(cl, "lib", "pc-b", &m, &ob, &cb), 0);
         CHECK_RC(kvarc_conv_attach(cl2, "lib", "pc-c", &m, &oc, &cc), 0);
-        static float qc[QH * 3 * D], outs[3][QH * 3 * D];
-        kvarc_conv *cs[3] = { ca, cb, cc };
+        CHECK_RC(kvarc_conv_attach(cl2, "lib", "pc-d", &m, &od, &cd), 0);
+        CHECK_RC(kvarc_conv_attach(cl2, "lib", "pc-e", &m, &oe, &ce), 0);
+        static float qc[QH * 3 * D], outs[5][QH * 3 * D];
+        kvarc_conv *cs[5] = { ca, cb, cc, cd, ce };
         uint64_t len = ca ? kvarc_length(ca, 0) : 0;
         for (int j = 0; j < 3; j++) {           /* query j of the chunk aims at needle j */
             float one_q[QH * D];
@@ -437,28 +450,37 @@ int main(void)
             for (int hq = 0; hq < QH; hq++)
                 memcpy(qc + ((size_t)hq * 3 + (size_t)j) * D, one_q + (size_t)hq * D, D * 4);
         }
-        for (int c = 0; c < 3 && !tu_failures; c++) {
+        for (int c = 0; c < 5 && !tu_failures; c++) {
             if (!cs[c])
                 continue;
             CHECK_RC(append_range(cs[c], (int)(len % (N - 3)), 3), 0);
             CHECK_RC(kvarc_attend(cs[c], 0, qc, 3, outs[c]), 0);
         }
-        int first_coarse = 1, last_full = 1, differs = 0;
+        int first_coarse = 1, last_full = 1, differs = 0, first_short = 1, last_long = 1, differs_s = 0;
         for (int hq = 0; hq < QH; hq++)
             for (int j = 0; j < 3; j++) {
                 size_t o3 = ((size_t)hq * 3 + (size_t)j) * D;
-                if (j < 2)
+                if (j < 2) {
                     first_coarse &= !memcmp(outs[2] + o3, outs[1] + o3, D * 4);
-                else
+                    first_short &= !memcmp(outs[3] + o3, outs[4] + o3, D * 4);
+                } else {
                     last_full &= !memcmp(outs[2] + o3, outs[0] + o3, D * 4);
+                    last_long &= !memcmp(outs[3] + o3, outs[0] + o3, D * 4);
+                }
                 differs |= j < 2 && memcmp(outs[0] + o3, outs[1] + o3, D * 4) != 0;
+                differs_s |= memcmp(outs[0] + o3, outs[4] + o3, D * 4) != 0;
             }
+        CHECK(first_short, "prefill_shortlist: the chunk's first queries give the bits of a shortlist of 1");
+        CHECK(last_long, "prefill_shortlist: the chunk's last query gives the full shortlist's bits");
+        CHECK(differs_s, "the case tells the shortlists apart");
         CHECK(first_coarse, "prefill_coarse_blocks: the chunk's first queries give the coarse reader's bits");
         CHECK(last_full, "prefill_coarse_blocks: the chunk's last query gives the full scan's bits");
         CHECK(differs, "the case tells the two apart (the coarse tier changed some output of the first queries)");
         kvarc_conv_close(ca);
         kvarc_conv_close(cb);
         kvarc_conv_close(cc);
+        kvarc_conv_close(cd);
+        kvarc_conv_close(ce);
     }
 
     /* the same needles through the full scan (coarse off), as a check of the setup */

@@ -56,6 +56,7 @@ static void usage(FILE *f)
             "                     (default 0: every cold token)\n"
             "  --prefill-coarse B the same for a prefill chunk's queries but its last\n"
             "                     (default 0: as --coarse)\n"
+            "  --prefill-shortlist F  those queries' shortlist, in top_k (default 0: 8)\n"
             "  --no-means         do not center keys with means calibrated on one prompt\n"
             "  --gate N           equivalence gate: N greedy tokens (default 16; 0 skips)\n"
             "  --gate-length L    its prompt length (default 1024)\n"
@@ -185,7 +186,7 @@ typedef struct run_opts {
     const char *model_dir, *receipt, *data, *kvarcd;
     uint32_t    lengths[MAX_LENGTHS];
     int         nl, modes[PK_MODES], means, format;
-    uint32_t    trials, full_max, top_k, hot, sinks, chunk, gate, gate_len, agree, coarse, prefill_coarse;
+    uint32_t    trials, full_max, top_k, hot, sinks, chunk, gate, gate_len, agree, coarse, prefill_coarse, prefill_shortlist;
     uint32_t    agree_hots[MAX_AGREE];      /* the agreement table's hot windows */
     int         n_agree_hots, agree_formats[MAX_AGREE], n_agree_formats;   /* 0 formats: --format's */
     uint64_t    seed;
@@ -228,6 +229,7 @@ static int parse_run(int argc, char **argv, run_opts *o)
         U32("--trials", trials); U32("--full-max", full_max); U32("--top-k", top_k); U32("--hot", hot);
         U32("--sinks", sinks); U32("--chunk", chunk); U32("--gate", gate); U32("--gate-length", gate_len);
         U32("--agree", agree); U32("--coarse", coarse); U32("--prefill-coarse", prefill_coarse);
+        U32("--prefill-shortlist", prefill_shortlist);
         else if ((!strcmp(a, "--agree-hot") || !strcmp(a, "--agree-hots")) && v) {
             if ((o->n_agree_hots = parse_list(v, o->agree_hots, MAX_AGREE, 1)) < 1 ||
                 (!strcmp(a, "--agree-hot") && o->n_agree_hots != 1)) {
@@ -317,6 +319,7 @@ static cJSON *settings_json(const run_opts *o, const pk_setup *s)
     cJSON_AddNumberToObject(j, "prefill_chunk", o->chunk);
     cJSON_AddNumberToObject(j, "coarse_blocks", o->coarse);
     cJSON_AddNumberToObject(j, "prefill_coarse_blocks", o->prefill_coarse);
+    cJSON_AddNumberToObject(j, "prefill_shortlist", o->prefill_shortlist);
     cJSON_AddNumberToObject(j, "window_budget", o->sinks + o->hot + o->top_k);
     cJSON_AddBoolToObject(j, "means_calibrated", o->means);
     return j;
@@ -440,7 +443,7 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
     printf("kvarcd: %s (%s)\n", data, started ? "started for this run" : "already running");
 
     pk_setup s = { .m = &m, .cl = cl, .ns = "passkey", .format = o.format, .top_k = o.top_k, .coarse = o.coarse,
-                   .prefill_coarse = o.prefill_coarse, .hot = o.hot,
+                   .prefill_coarse = o.prefill_coarse, .prefill_shortlist = o.prefill_shortlist, .hot = o.hot,
                    .sinks = o.sinks, .chunk = o.chunk };
     if (o.means) {
         means = malloc((size_t)m.n_layers * m.n_kv_heads * 2 * m.head_dim * sizeof *means);

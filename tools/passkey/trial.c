@@ -53,6 +53,7 @@ void pk_setup_options(const pk_setup *s, pk_mode mode, kvarc_options *o)
     o->sinks = s->sinks;
     o->coarse_blocks = s->coarse;
     o->prefill_coarse_blocks = s->prefill_coarse;
+    o->prefill_shortlist = s->prefill_shortlist;
     if (o->batch > s->hot)
         o->batch = s->hot;
     if (o->max_chunk < s->chunk)

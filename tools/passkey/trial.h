@@ -33,6 +33,7 @@ typedef struct pk_setup {
     uint32_t        top_k, hot, sinks, chunk;   /* chunk: prefill tokens per forward call */
     uint32_t        coarse;                     /* kvarc_options.coarse_blocks (0: the full scan) */
     uint32_t        prefill_coarse;             /* kvarc_options.prefill_coarse_blocks */
+    uint32_t        prefill_shortlist;          /* kvarc_options.prefill_shortlist */
 } pk_setup;
 
 /* libkvarc options for a kvarc mode of s (pos_mode, top_k, ...). */
