@@ -250,6 +250,8 @@ int pk_gate(const pk_setup *s, uint32_t length, uint32_t n_gen, uint64_t seed, i
     kvarc_options o;
     pk_setup_options(&g, PK_KVARC_TRUE, &o);
     o.shortlist = 1;
+    o.prefill_coarse_blocks = 0;         /* the gate retrieves every token: no prefill shortcuts */
+    o.prefill_shortlist = 0;
     pair p;
     pk_attn f32;                         /* full attention over the fp32 K/V, as the model computed them */
     float *l32 = malloc(V * 4);
