@@ -15,6 +15,16 @@
  * value, which is computed once here. */
 #include "lanes.h"
 
+/* Lane l: scale * (sum_i q_i kt[i][l] in index order from 0), the
+ * reference's logit of key l. */
+AI void logits_l(const float *q, float scale, const vf *kt, int d, vf *out)
+{
+    vf acc = { 0 };
+    for (int i = 0; i < d; i++)
+        acc += q[i] * kt[i];
+    *out = scale * acc;
+}
+
 /* States st[0..G) of the G queries q[G][d] over keys k[n][d], v[n][d]. */
 void LANES_FN(attn_partial)(const float *q, int G, float scale, const float *k, const float *v, size_t n, int d,
                             kvg_attn_state *st)
@@ -33,11 +43,8 @@ void LANES_FN(attn_partial)(const float *q, int G, float scale, const float *k, 
         int m = n - t0 < LN ? (int)(n - t0) : LN;
         load_rows_l(k + t0 * (size_t)d, d, m, kt);
         for (int h = 0; h < G; h++) {
-            const float *qh = q + (size_t)h * (size_t)d;
-            vf acc = { 0 };
-            for (int i = 0; i < d; i++)
-                acc += qh[i] * kt[i];
-            acc = scale * acc;
+            vf acc;
+            logits_l(q + (size_t)h * (size_t)d, scale, kt, d, &acc);
             for (int l = 0; l < m; l++)
                 st[h].m = fmaxf(st[h].m, acc[l]);
         }
@@ -47,11 +54,8 @@ void LANES_FN(attn_partial)(const float *q, int G, float scale, const float *k, 
         int m = n - t0 < LN ? (int)(n - t0) : LN;
         load_rows_l(k + t0 * (size_t)d, d, m, kt);
         for (int h = 0; h < G; h++) {
-            const float *qh = q + (size_t)h * (size_t)d;
-            vf acc = { 0 };
-            for (int i = 0; i < d; i++)
-                acc += qh[i] * kt[i];
-            acc = scale * acc;
+            vf acc;
+            logits_l(q + (size_t)h * (size_t)d, scale, kt, d, &acc);
             for (int l = 0; l < m; l++)
                 lg[h][l] = expf(acc[l] - st[h].m);
         }

@@ -292,6 +292,24 @@ int kvg_decode_ref(const kvg_codec *c, const uint8_t *records, size_t n,
     return 0;
 }
 
+int kvg_key_query_prep(const kvg_codec *c, const float *q, int n_q, float *r, float *bias)
+{
+    int d = c->rot->head_dim;
+    float prod[KVARC_HEAD_DIM_MAX];
+    for (int h = 0; h < n_q; h++) {
+        const float *qh = q + (size_t)h * (size_t)d;
+        for (int i = 0; i < d; i++) {
+            if (!isfinite(qh[i]))
+                return KVARC_ENONFINITE;
+            prod[i] = c->mu_k ? qh[i] * c->mu_k[i] : 0.0f;
+        }
+        bias[h] = kvarc_tree_sum(prod, d);
+        if (r)
+            kvg_rotate_ref(c->rot, qh, r + (size_t)h * (size_t)d);
+    }
+    return 0;
+}
+
 int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_t *records,
                        size_t n, float *scores)
 {
@@ -305,18 +323,10 @@ int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_
     if (n && (!records || !scores))
         return -EINVAL;
     int rb = kvarc_record_bytes(fi->id, d);
-    float r[64][KVARC_HEAD_DIM_MAX], bias[64], lv[KVARC_HEAD_DIM_MAX], prod[KVARC_HEAD_DIM_MAX];
-    for (int h = 0; h < n_q; h++) {
-        const float *qh = q + (size_t)h * (size_t)d;
-        for (int i = 0; i < d; i++) {
-            if (!isfinite(qh[i]))
-                return KVARC_ENONFINITE;
-            prod[i] = c->mu_k ? qh[i] * c->mu_k[i] : 0.0f;
-        }
-        bias[h] = kvarc_tree_sum(prod, d);
-        if (fi->rotated)
-            kvg_rotate_ref(c->rot, qh, r[h]);
-    }
+    float r[64 * KVARC_HEAD_DIM_MAX], bias[64], lv[KVARC_HEAD_DIM_MAX];   /* r: [n_q][d] */
+    int prc = kvg_key_query_prep(c, q, n_q, fi->rotated ? r : NULL, bias);
+    if (prc)
+        return prc;
     for (size_t j = 0; j < n; j++) {
         const uint8_t *rec = records + j * (size_t)rb;
         float scale = 0.0f, best = 0.0f;
@@ -330,7 +340,7 @@ int kvg_key_scores_ref(const kvg_codec *c, const float *q, int n_q, const uint8_
             float s = 0.0f;
             if (fi->rotated) {
                 for (int i = 0; i < d; i++)
-                    s += r[h][i] * lv[i];
+                    s += r[(size_t)h * (size_t)d + (size_t)i] * lv[i];
                 s = scale * s + bias[h];
             } else {
                 const float *qh = q + (size_t)h * (size_t)d;

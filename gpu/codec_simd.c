@@ -204,17 +204,10 @@ int kvg_key_scores_isa(kvg_isa isa, const kvg_codec *c, const float *q, int n_q,
         return kvg_key_scores_ref(c, q, n_q, records, n, scores);
     /* the queries prepared as the reference prepares them */
     int d = c->rot->head_dim;
-    float r[64 * KVARC_HEAD_DIM_MAX], bias[64], prod[KVARC_HEAD_DIM_MAX];
-    for (int h = 0; h < n_q; h++) {
-        const float *qh = q + (size_t)h * (size_t)d;
-        for (int i = 0; i < d; i++) {
-            if (!isfinite(qh[i]))
-                return KVARC_ENONFINITE;
-            prod[i] = c->mu_k ? qh[i] * c->mu_k[i] : 0.0f;
-        }
-        bias[h] = kvarc_tree_sum(prod, d);
-        kvg_rotate_ref(c->rot, qh, r + (size_t)h * (size_t)d);
-    }
+    float r[64 * KVARC_HEAD_DIM_MAX], bias[64];
+    int rc = kvg_key_query_prep(c, q, n_q, r, bias);
+    if (rc)
+        return rc;
     variants[isa].key_scores(fi, d, r, bias, n_q, records, n, scores);
     return 0;
 }

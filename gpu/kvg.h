@@ -86,6 +86,11 @@ int kvg_signatures_isa(kvg_isa isa, const kvarc_rotation *rot, const float *x, s
 int kvg_decode(const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out);
 int kvg_decode_isa(kvg_isa isa, const kvg_codec *c, const uint8_t *records, size_t n, float *k_out, float *v_out);
 
+/* The queries of kvg_key_scores_ref as it prepares them: bias[h] = q_h .
+ * mu_k (tree sum; 0 without mu_k) and, r not NULL, r[h][d] = R q_h.
+ * 0 or KVARC_ENONFINITE (a query element). */
+int kvg_key_query_prep(const kvg_codec *c, const float *q, int n_q, float *r, float *bias);
+
 /* The signature (SCHEMA.md section 6) of an already centered key x[d]:
  * bits and scale of y = R x. 0, -EINVAL, KVARC_ENONFINITE (x, or a squared
  * norm that overflows). kvg_encode_ref makes the same from k - mu_k. */

@@ -28,6 +28,19 @@
 
 #include "kvg.h"
 
+/* The scalar filter from index j on, c candidates already kept: the
+ * count, or n + 1 past cap. */
+static size_t filter_from(const float *scores, size_t j, size_t n, uint32_t t, uint32_t *cand, size_t c, size_t cap)
+{
+    for (; j < n; j++)
+        if (kvg_score_key(scores[j]) >= t) {
+            if (c == cap)
+                return n + 1;
+            cand[c++] = (uint32_t)j;
+        }
+    return c;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -58,13 +71,7 @@ AVX512_TK static size_t filter_avx512(const float *scores, size_t n, uint32_t t,
         }
         iota = _mm512_add_epi32(iota, step);
     }
-    for (; j < n; j++)
-        if (kvg_score_key(scores[j]) >= t) {
-            if (c == cap)
-                return n + 1;
-            cand[c++] = (uint32_t)j;
-        }
-    return c;
+    return filter_from(scores, j, n, t, cand, c, cap);
 }
 
 AVX2_TK static size_t filter_avx2(const float *scores, size_t n, uint32_t t, uint32_t *cand, size_t cap)
@@ -89,26 +96,13 @@ AVX2_TK static size_t filter_avx2(const float *scores, size_t n, uint32_t t, uin
             m &= m - 1;
         }
     }
-    for (; j < n; j++)
-        if (kvg_score_key(scores[j]) >= t) {
-            if (c == cap)
-                return n + 1;
-            cand[c++] = (uint32_t)j;
-        }
-    return c;
+    return filter_from(scores, j, n, t, cand, c, cap);
 }
 #endif
 
 static size_t filter_scalar(const float *scores, size_t n, uint32_t t, uint32_t *cand, size_t cap)
 {
-    size_t c = 0;
-    for (size_t j = 0; j < n; j++)
-        if (kvg_score_key(scores[j]) >= t) {
-            if (c == cap)
-                return n + 1;
-            cand[c++] = (uint32_t)j;
-        }
-    return c;
+    return filter_from(scores, 0, n, t, cand, 0, cap);
 }
 
 int kvg_topk_isa_supported(kvg_isa isa)
