@@ -12,7 +12,7 @@
  * p v_t over the keys in order with lanes over the dimensions (each
  * element its own sum in the reference's order). The reference computes
  * each logit twice (for the max, then for the sum); both give the same
- * value, which is computed once here. */
+ * value, which is computed once here and kept for the second pass. */
 #include "lanes.h"
 
 /* Lane l: scale * (sum_i q_i kt[i][l] in index order from 0), the
@@ -25,52 +25,45 @@ AI void logits_l(const float *q, float scale, const vf *kt, int d, vf *out)
     *out = scale * acc;
 }
 
-/* States st[0..G) of the G queries q[G][d] over keys k[n][d], v[n][d]. */
+/* States st[0..G) of the G queries q[G][d] over keys k[n][d], v[n][d];
+ * lg: G x n floats of work space (the logits, kept between the passes). */
 void LANES_FN(attn_partial)(const float *q, int G, float scale, const float *k, const float *v, size_t n, int d,
-                            kvg_attn_state *st)
+                            kvg_attn_state *st, float *lg)
 {
     vf kt[KVARC_HEAD_DIM_MAX];
-    float lg[64][LN];
     for (int h = 0; h < G; h++) {
         st[h].m = -INFINITY;
         st[h].l = 0.0f;
         memset(st[h].o, 0, (size_t)d * sizeof(float));
     }
-    if (n == 0)
-        return;
-    /* pass 1: the max logit of each head (fmaxf in key order) */
+    /* pass 1: the logits, and the max of each head (fmaxf in key order) */
     for (size_t t0 = 0; t0 < n; t0 += LN) {
         int m = n - t0 < LN ? (int)(n - t0) : LN;
         load_rows_l(k + t0 * (size_t)d, d, m, kt);
         for (int h = 0; h < G; h++) {
             vf acc;
             logits_l(q + (size_t)h * (size_t)d, scale, kt, d, &acc);
-            for (int l = 0; l < m; l++)
+            float *lh = lg + (size_t)h * n + t0;
+            for (int l = 0; l < m; l++) {
+                lh[l] = acc[l];
                 st[h].m = fmaxf(st[h].m, acc[l]);
+            }
         }
     }
     /* pass 2: exponentials, their sum and the weighted values, key order */
-    for (size_t t0 = 0; t0 < n; t0 += LN) {
-        int m = n - t0 < LN ? (int)(n - t0) : LN;
-        load_rows_l(k + t0 * (size_t)d, d, m, kt);
-        for (int h = 0; h < G; h++) {
-            vf acc;
-            logits_l(q + (size_t)h * (size_t)d, scale, kt, d, &acc);
-            for (int l = 0; l < m; l++)
-                lg[h][l] = expf(acc[l] - st[h].m);
-        }
-        for (int h = 0; h < G; h++)
-            for (int l = 0; l < m; l++) {
-                float p = lg[h][l];
-                st[h].l += p;
-                const float *vt = v + (t0 + (size_t)l) * (size_t)d;
-                for (int i0 = 0; i0 < d; i0 += LN) {   /* d is a multiple of LN */
-                    vf x, o;
-                    memcpy(&x, vt + i0, sizeof x);
-                    memcpy(&o, st[h].o + i0, sizeof o);
-                    o += p * x;
-                    memcpy(st[h].o + i0, &o, sizeof o);
-                }
+    for (int h = 0; h < G; h++) {
+        const float *lh = lg + (size_t)h * n;
+        for (size_t t = 0; t < n; t++) {
+            float p = expf(lh[t] - st[h].m);
+            st[h].l += p;
+            const float *vt = v + t * (size_t)d;
+            for (int i0 = 0; i0 < d; i0 += LN) {       /* d is a multiple of LN */
+                vf x, o;
+                memcpy(&x, vt + i0, sizeof x);
+                memcpy(&o, st[h].o + i0, sizeof o);
+                o += p * x;
+                memcpy(st[h].o + i0, &o, sizeof o);
             }
+        }
     }
 }

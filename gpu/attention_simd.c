@@ -18,12 +18,13 @@
 
 #define DECLARE(sfx)                                                                                          \
     void kvg_lanes_attn_partial_##sfx(const float *q, int G, float scale, const float *k, const float *v,      \
-                                      size_t n, int d, kvg_attn_state *st);
+                                      size_t n, int d, kvg_attn_state *st, float *lg);
 DECLARE(v4)
 DECLARE(v3)
 DECLARE(base)
 
-typedef void (*partial_fn)(const float *, int, float, const float *, const float *, size_t, int, kvg_attn_state *);
+typedef void (*partial_fn)(const float *, int, float, const float *, const float *, size_t, int, kvg_attn_state *,
+                           float *);
 
 static partial_fn partial_of(kvg_isa isa)
 {
@@ -44,17 +45,24 @@ int kvg_attend_isa(kvg_isa isa, const float *q, int n_q_heads, int n_kv_heads, i
     for (size_t i = 0; i < (size_t)n_q_heads * (size_t)d; i++)
         if (!isfinite(q[i]))
             return KVARC_ENONFINITE;
+    size_t most = 1;                                  /* the longest partition of any head */
     for (int p = 0; p < n_parts; p++)
         for (int h = 0; h < n_kv_heads; h++) {
             size_t cnt = parts[p].n_per_head ? parts[p].n_per_head[h] : parts[p].n;
             if (cnt && (!parts[p].k || !parts[p].v || cnt > parts[p].stride))
                 return -EINVAL;
+            if (cnt > most)
+                most = cnt;
         }
     partial_fn partial = partial_of(isa);
     int G = n_q_heads / n_kv_heads;
     kvg_attn_state *st = malloc((size_t)(n_parts ? n_parts : 1) * (size_t)G * sizeof *st);  /* [part][head] */
-    if (!st)
+    float *lg = malloc((size_t)G * most * sizeof *lg);                                      /* [head][key] */
+    if (!st || !lg) {
+        free(st);
+        free(lg);
         return kvg_attend_ref(q, n_q_heads, n_kv_heads, d, scale, parts, n_parts, out);
+    }
     int rc = 0;
     for (int hk = 0; hk < n_kv_heads && !rc; hk++) {
         const float *qg = q + (size_t)hk * (size_t)G * (size_t)d;
@@ -62,7 +70,8 @@ int kvg_attend_isa(kvg_isa isa, const float *q, int n_q_heads, int n_kv_heads, i
             const kvg_attn_part *pt = &parts[p];
             size_t cnt = pt->n_per_head ? pt->n_per_head[hk] : pt->n;
             size_t off = (size_t)hk * pt->stride * (size_t)d;
-            partial(qg, G, scale, cnt ? pt->k + off : NULL, cnt ? pt->v + off : NULL, cnt, d, st + (size_t)p * G);
+            partial(qg, G, scale, cnt ? pt->k + off : NULL, cnt ? pt->v + off : NULL, cnt, d, st + (size_t)p * G,
+                    lg);
         }
         for (int g = 0; g < G; g++) {
             kvg_attn_state acc;
@@ -81,6 +90,7 @@ int kvg_attend_isa(kvg_isa isa, const float *q, int n_q_heads, int n_kv_heads, i
         }
     }
     free(st);
+    free(lg);
     return rc;
 }
 
