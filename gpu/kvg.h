@@ -216,13 +216,12 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
 /* kvg_topk_ref's output bytes through a SIMD filter (topk_simd.c): a
  * threshold from a sample, one pass keeping the indices at or above it,
  * the reference over those. kvg_topk picks AVX-512, AVX2 or the scalar
- * filter by cpuid; kvg_topk_isa runs one (-ENOTSUP where the CPU lacks it;
- * KVG_ISA_REF is the reference). Same arguments and returns as
- * kvg_topk_ref. */
+ * filter as kvg_codec_isa_best says; kvg_topk_isa runs one (-ENOTSUP
+ * where kvg_codec_isa_supported says no; KVG_ISA_REF is the reference).
+ * Same arguments and returns as kvg_topk_ref. */
 long kvg_topk(const float *scores, size_t n, size_t k, uint32_t *idx_out, float *val_out, uint32_t *scratch);
 long kvg_topk_isa(kvg_isa isa, const float *scores, size_t n, size_t k, uint32_t *idx_out, float *val_out,
                   uint32_t *scratch);
-int  kvg_topk_isa_supported(kvg_isa isa);
 
 /* Sort v[n] ascending: an LSD radix sort by bytes that skips a byte every
  * value shares (positions and packed keys share their high bytes), so a

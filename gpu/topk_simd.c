@@ -105,23 +105,12 @@ static size_t filter_scalar(const float *scores, size_t n, uint32_t t, uint32_t 
     return filter_from(scores, 0, n, t, cand, 0, cap);
 }
 
-int kvg_topk_isa_supported(kvg_isa isa)
-{
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (isa == KVG_ISA_V4)
-        return __builtin_cpu_supports("avx512f");
-    if (isa == KVG_ISA_V3)
-        return __builtin_cpu_supports("avx2");
-#endif
-    return isa == KVG_ISA_REF || isa == KVG_ISA_BASE;
-}
-
 #define SAMPLE 1024
 
 long kvg_topk_isa(kvg_isa isa, const float *scores, size_t n, size_t k, uint32_t *idx_out, float *val_out,
                   uint32_t *scratch)
 {
-    if (!kvg_topk_isa_supported(isa))
+    if (!kvg_codec_isa_supported(isa))   /* the same builds as the codec's (x86-64-v4 has AVX-512F, v3 AVX2) */
         return -ENOTSUP;
     if (k > n)
         k = n;
@@ -179,12 +168,5 @@ out:
 
 long kvg_topk(const float *scores, size_t n, size_t k, uint32_t *idx_out, float *val_out, uint32_t *scratch)
 {
-    static int best = -1;           /* a benign race: every thread computes the same */
-    int b = __atomic_load_n(&best, __ATOMIC_RELAXED);
-    if (b < 0) {
-        b = kvg_topk_isa_supported(KVG_ISA_V4) ? KVG_ISA_V4 :
-            kvg_topk_isa_supported(KVG_ISA_V3) ? KVG_ISA_V3 : KVG_ISA_BASE;
-        __atomic_store_n(&best, b, __ATOMIC_RELAXED);
-    }
-    return kvg_topk_isa((kvg_isa)b, scores, n, k, idx_out, val_out, scratch);
+    return kvg_topk_isa(kvg_codec_isa_best(), scores, n, k, idx_out, val_out, scratch);
 }

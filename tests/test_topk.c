@@ -30,7 +30,7 @@ static void check_case(const char *what, const float *s, size_t n, size_t k, int
     qsort(all, n, sizeof *all, cmp);
     /* the reference, then every filter this CPU runs (topk_simd.c) */
     for (int isa = -1; isa <= KVG_ISA_V4; isa++) {
-        if (isa >= 0 && !kvg_topk_isa_supported((kvg_isa)isa))
+        if (isa >= 0 && !kvg_codec_isa_supported((kvg_isa)isa))
             continue;
         memset(idx, 0xee, (k ? k : 1) * 4);
         long got = isa < 0 ? kvg_topk_ref(s, n, k, idx, val, use_scratch ? scratch : NULL)
