@@ -378,8 +378,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
     if (!x.idx || !x.got || !x.qsc || !x.bb || (nblk && !bcs) || !x.shortlist ||
         !x.have || !x.nhave || !x.ret_pos ||
         !x.ret_rec || !x.ret_n || !x.hot_k || !x.hot_v || !x.sink_k || !x.sink_v || !x.rk || !x.rv || !x.qi ||
-        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !x.stage || !x.spos || !x.nsl ||
-        !item_head || !qs || !mus) {
+        !x.oi || !x.pr || !x.sort_tmp || !x.cs_rank || !x.dkey || !x.dat || !x.dk || !x.dv || !x.stage ||
+        !x.spos || !x.nsl || !item_head || !qs || !mus) {
         rc = kl_fail(cv, -ENOMEM, "out of memory for an attend of %u queries over %llu cold tokens", n_q,
                      (unsigned long long)cold);
         goto out;
@@ -441,8 +441,8 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
                     mus[h * G + g] = codec.mu_k;
                 }
             }
-            /* every head's shortlist, the heads over threads (stage1.c) */
-            /* a prefill chunk's queries but its last may take a coarse tier and a shortlist of their own */
+            /* every head's shortlist, the heads over threads (stage1.c); a prefill chunk's queries but
+             * its last may take a coarse tier and a shortlist of their own */
             int pre = n_q > 1 && g0 + i != n_q - 1;
             uint32_t cb = pre && cv->o.prefill_coarse_blocks ? cv->o.prefill_coarse_blocks : cv->o.coarse_blocks;
             size_t take = R_n;

@@ -186,7 +186,8 @@ typedef struct run_opts {
     const char *model_dir, *receipt, *data, *kvarcd;
     uint32_t    lengths[MAX_LENGTHS];
     int         nl, modes[PK_MODES], means, format;
-    uint32_t    trials, full_max, top_k, hot, sinks, chunk, gate, gate_len, agree, coarse, prefill_coarse, prefill_shortlist;
+    uint32_t    trials, full_max, top_k, hot, sinks, chunk, gate, gate_len, agree, coarse;
+    uint32_t    prefill_coarse, prefill_shortlist;
     uint32_t    agree_hots[MAX_AGREE];      /* the agreement table's hot windows */
     int         n_agree_hots, agree_formats[MAX_AGREE], n_agree_formats;   /* 0 formats: --format's */
     uint64_t    seed;
