@@ -137,6 +137,9 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
         CHECK(same_as_ref(c, rec, it, ITEMS), "%d readers: every item equals its reference", nr);
     }
     CHECK(kvd_rerank_batch_par(rs, 0, ci.id, 0, it, ITEMS, &err) == -EINVAL, "no readers refused");
+    kvd_reader *holey[2] = { r, NULL };
+    CHECK(kvd_rerank_batch_par(holey, 2, ci.id, 0, it, ITEMS, &err) == -EINVAL && strstr(err.msg, "reader 1"),
+          "a missing reader is refused, named: %s", err.msg);
     /* a sparse batch: positions far apart, so the union is sorted rather
      * than mapped by a bitmap */
     kvd_rerank_item sp[2];
