@@ -168,6 +168,49 @@ int kvg_score_items_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *
 int kvg_score_items(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
                     const uint16_t *sig_scale, size_t n, const float *item_bias, float *scores);
 
+/* ---- signature planes: the client's stage-1 layout (plane.c) ---------- */
+
+/* One KV head's signatures of positions [0, cap) in the block-interleaved
+ * layout the stage-1 scan reads fastest: blocks of KVG_PLANE_BLOCK
+ * positions, block b holding head_dim / 16 runs of 32 16-bit words, run w
+ * being word w (signature bits 16w..16w+15) of the block's tokens; scales
+ * in position order. The same bytes as token-major signatures; a
+ * zero-filled kvg_plane is empty. */
+#define KVG_PLANE_BLOCK 32
+typedef struct kvg_plane {
+    int       head_dim;
+    uint64_t  cap;       /* positions with room (a multiple of KVG_PLANE_BLOCK; zero-filled past what was put) */
+    uint16_t *words;     /* [cap / 32][head_dim / 16][32], 64-byte aligned */
+    uint16_t *scale;     /* [cap] fp16 */
+} kvg_plane;
+/* Room for positions [0, n) (grows by doubling; what was put stays).
+ * 0, -EINVAL (head_dim, or not the plane's), -ENOMEM (the plane is kept). */
+int  kvg_plane_reserve(kvg_plane *p, int head_dim, uint64_t n);
+void kvg_plane_free(kvg_plane *p);
+/* Token-major signatures bits[n][head_dim / 8] and scale[n] of positions
+ * [pos, pos + n) in / out (get: either output may be NULL).
+ * 0, or -EINVAL beyond the capacity. */
+int  kvg_plane_put(kvg_plane *p, uint64_t pos, size_t n, const uint8_t *bits, const uint16_t *scale);
+int  kvg_plane_get(const kvg_plane *p, uint64_t pos, size_t n, uint8_t *bits, uint16_t *scale);
+/* Positions [first_pos, first_pos + n) scored as kvg_score_pos_ref does
+ * their token-major signatures (same first_pos, blk_bias, nblk), bit for
+ * bit: AVX-512 (VPERMW table lookups, every query head of the group in
+ * one pass) where the CPU has x86-64-v4, else the reference.
+ * kvg_plane_score_isa runs KVG_ISA_V4 (-ENOTSUP without it) or
+ * KVG_ISA_REF. 0, -EINVAL (as kvg_score_pos_ref, a range beyond the
+ * capacity, another head_dim). */
+int kvg_plane_score(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores);
+int kvg_plane_score_isa(kvg_isa isa, kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                        const kvg_plane *p, uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk,
+                        float *scores);
+/* kvg_score_runs over a plane: runs[2r] is run r's first position less
+ * base, runs[2r + 1] its length; blk_bias covers blocks from base / 64. */
+int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                         uint64_t base, const uint64_t *runs, size_t nr, const float *blk_bias, size_t nblk,
+                         float *scores);
+const char *kvg_plane_kernel(void);
+
 /* ---- coarse tier ---------------------------------------------------------- */
 
 /* The coarse tier summarizes each KVG_SIG_BLOCK-position block of one

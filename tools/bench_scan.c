@@ -6,12 +6,16 @@
  * times, in the same run and on the same buffers:
  *   read     : a plain sequential read of the signature planes (the bits
  *              and the fp16 scales), summing 64-bit words: the baseline
- *   asym     : kvg_score_pos (the kernel chosen at run time, e.g. AVX-512),
- *              asymmetric estimator, one query
- *   hamming  : kvg_score_ref, plain Hamming, one query
+ *   asym     : kvg_plane_score over the block-interleaved plane libkvarc
+ *              scans (the kernel chosen at run time: AVX-512 VPERMW table
+ *              lookups), asymmetric estimator, one query
+ *   hamming  : the same, plain Hamming
  *   asym+topk: asym then kvg_topk of the 512 best (the SIMD filter, then
  *              the reference over what it keeps)
  *   gqa4     : asym for a GQA group of 4 query heads (max), one pass
+ *   asym-tok, gqa4-tok: kvg_score_pos over token-major signatures (as
+ *              kvarcd's Search scans its segment files; AVX-512 VPOPCNTQ
+ *              over the query's bit planes)
  *   asym-ref, gqa4-ref: the same with the scalar reference (kvg_score_ref)
  *   asym+topk-ref: asym then the reference top-k (kvg_topk_ref) alone
  * and prints signatures per second, the bytes that implies, and the ratio
@@ -38,6 +42,7 @@ typedef struct ctx {
     size_t n;
     int d;
     kvg_query q[4];
+    kvg_plane plane;
     float *scores;
     uint32_t *idx, *scratch;
 } ctx;
@@ -58,10 +63,17 @@ static void run_read(ctx *c)
 }
 static void run_asym(ctx *c)
 {
+    kvg_plane_score(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, &c->plane, 0, c->n, NULL, 0, c->scores);
+}
+static void run_asym_tok(ctx *c)
+{
     kvg_score_pos(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, 0, NULL, 0, c->scores);
 }
 static void run_asym_ref(ctx *c) { kvg_score_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
-static void run_ham(ctx *c) { kvg_score_ref(KVG_SCORE_HAMMING, KVG_COMBINE_MAX, c->q, 1, c->bits, c->ss, c->n, c->scores); }
+static void run_ham(ctx *c)
+{
+    kvg_plane_score(KVG_SCORE_HAMMING, KVG_COMBINE_MAX, c->q, 1, &c->plane, 0, c->n, NULL, 0, c->scores);
+}
 static void run_topk(ctx *c)
 {
     run_asym(c);
@@ -73,6 +85,10 @@ static void run_topk_ref(ctx *c)
     sink += (uint64_t)kvg_topk_ref(c->scores, c->n, 512, c->idx, NULL, c->scratch);
 }
 static void run_gqa(ctx *c)
+{
+    kvg_plane_score(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, &c->plane, 0, c->n, NULL, 0, c->scores);
+}
+static void run_gqa_tok(ctx *c)
 {
     kvg_score_pos(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, c->bits, c->ss, c->n, 0, NULL, 0, c->scores);
 }
@@ -120,7 +136,8 @@ int main(int argc, char **argv)
     }
     printf("bench-scan: CPU stage-1 scan, head_dim %d, 1 thread, signature = %d B bits + 2 B scale\n",
            d, d / 8);
-    printf("bench-scan: the run-time choice of the asymmetric scan here: %s\n", kvg_score_kernel(d));
+    printf("bench-scan: the run-time choice of the scan here: %s (plane), %s (token-major)\n", kvg_plane_kernel(),
+           kvg_score_kernel(d));
     printf("%-10s %-14s %14s %10s %12s\n", "tokens", "kernel", "sigs/s", "GB/s", "vs read");
     for (int in = 0; in < nn; in++) {
         size_t n = ns[in];
@@ -150,12 +167,17 @@ int main(int argc, char **argv)
         }
         c.bits = bits;
         c.ss = ss;
+        if (kvg_plane_reserve(&c.plane, d, n) || kvg_plane_put(&c.plane, 0, n, bits, ss)) {
+            fprintf(stderr, "bench-scan: out of memory for the plane of %zu tokens\n", n);
+            return 1;
+        }
         for (int h = 0; h < 4; h++)
             kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, k + (size_t)h * d, &c.q[h]);
         double bytes = (double)n * (d / 8 + 2);
         struct { const char *name; void (*fn)(ctx *); } ks[] = {
             { "read", run_read }, { "asym", run_asym }, { "hamming", run_ham },
-            { "asym+topk", run_topk }, { "gqa4", run_gqa }, { "asym-ref", run_asym_ref }, { "gqa4-ref", run_gqa_ref },
+            { "asym+topk", run_topk }, { "gqa4", run_gqa }, { "asym-tok", run_asym_tok }, { "gqa4-tok", run_gqa_tok },
+            { "asym-ref", run_asym_ref }, { "gqa4-ref", run_gqa_ref },
             { "asym+topk-ref", run_topk_ref },
         };
         double base = 0;
@@ -166,6 +188,7 @@ int main(int argc, char **argv)
             printf("%-10zu %-14s %14.4g %10.2f %11.3fx\n", n, ks[i].name, (double)n / t,
                    bytes / t / 1e9, base / t);
         }
+        kvg_plane_free(&c.plane);
         free(bits); free(ss); free(c.scores); free(c.idx); free(c.scratch); free(rec); free(k); free(v);
     }
     return 0;

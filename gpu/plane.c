@@ -1,0 +1,383 @@
+/* plane.c - one KV head's signatures as the client holds them for stage 1:
+ * the block-interleaved ("fast scan") layout and its scan.
+ *
+ * Design notes.
+ * 1. Layout. Positions go in blocks of KVG_PLANE_BLOCK = 32. Block b holds
+ *    W = head_dim / 16 runs of 32 16-bit words; run w is word w (signature
+ *    bits 16w..16w+15, little-endian as in the token-major planes) of the
+ *    block's 32 tokens in position order. Scales stay in position order.
+ *    One 64-byte load thus holds the same 16 signature bits of 32 tokens,
+ *    and one table lookup scores one 4-bit group of all 32. The layout
+ *    holds the same bytes as the token-major plane, so memory use is the
+ *    same; signatures on disk and on the wire keep the token-major layout
+ *    (kvg_plane_put / _get convert).
+ * 2. The score. The asymmetric dot of a token is the reference's exact
+ *    integer sum_i q8_i * (bit_i ? +1 : -1); split into 4-bit groups, group
+ *    g contributes T_g[v] for its 4 bits v, a 16-entry table of int16 built
+ *    per query head. VPERMW (AVX-512BW) looks up 32 words at once from a
+ *    32-entry table; it reads the low 5 bits of each index word, so entries
+ *    16..31 repeat 0..15 and the group of bits 4s..4s+3 is the word shifted
+ *    right by 4s. Sums stay within int16: |dot| <= head_dim * 127 = 32512
+ *    at head_dim 256 (a query holding -128, which the preparation never
+ *    makes, goes to the reference). Hamming is the same lookup with
+ *    T_g[v] = 4 - 2 * popcount(v ^ qbits_g). After the integer, each query
+ *    head's score is the reference's float operations in its order
+ *    (((float)dot * qscale) * scale + bias; (float)dot for Hamming) and
+ *    the GQA combination in head order (max_ps(v, acc) is "v > acc ? v :
+ *    acc"), so every bit is kvg_score_pos_ref's.
+ * 3. Heads in chunks of up to 8 (each with two int16 accumulators, in
+ *    registers): the block's words are loaded once per chunk; a group of
+ *    more than 8 query heads re-reads the plane and combines into the
+ *    scores already written, still in head order.
+ * 4. Blocks cut by the range's ends are computed whole into a scratch of
+ *    32 scores and copied out in part; capacity is a multiple of 32 and
+ *    zero-filled, so whole blocks are always readable.
+ * 5. No software prefetch: 8, 16 or 32 blocks ahead each ran slower at 2M
+ *    tokens than the hardware's stride prefetcher alone (bench-scan).
+ * 6. Dispatch: the AVX-512 kernel where the CPU has x86-64-v4 (F, BW, DQ,
+ *    VL), else the reference over the token-major copy of each stretch
+ *    (kvg_plane_score_isa runs one for tests). A block signature block of
+ *    KVG_SIG_BLOCK = 64 positions holds two plane blocks, so one bias per
+ *    query head serves a whole plane block.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvg.h"
+
+#define PB KVG_PLANE_BLOCK
+
+/* ---- the layout ------------------------------------------------------------ */
+
+int kvg_plane_reserve(kvg_plane *p, int head_dim, uint64_t n)
+{
+    if (!p || kvarc_head_dim_check(head_dim) || (p->cap && p->head_dim != head_dim))
+        return -EINVAL;
+    if (n <= p->cap)
+        return 0;
+    uint64_t cap = p->cap ? p->cap : 1024;
+    while (cap < n)
+        cap *= 2;
+    size_t W = (size_t)head_dim / 16;
+    void *w = NULL;
+    uint16_t *s = calloc(cap, 2);
+    if (!s || posix_memalign(&w, 64, cap * W * 2)) {
+        free(s);
+        return -ENOMEM;
+    }
+    memset(w, 0, cap * W * 2);
+    if (p->cap) {
+        memcpy(w, p->words, p->cap * W * 2);
+        memcpy(s, p->scale, p->cap * 2);
+    }
+    free(p->words);
+    free(p->scale);
+    p->words = w;
+    p->scale = s;
+    p->cap = cap;
+    p->head_dim = head_dim;
+    return 0;
+}
+
+void kvg_plane_free(kvg_plane *p)
+{
+    if (!p)
+        return;
+    free(p->words);
+    free(p->scale);
+    memset(p, 0, sizeof *p);
+}
+
+/* Word w of position t. */
+static inline uint16_t *word_at(const kvg_plane *p, uint64_t t, size_t w)
+{
+    size_t W = (size_t)p->head_dim / 16;
+    return p->words + (t / PB) * W * PB + w * PB + t % PB;
+}
+
+int kvg_plane_put(kvg_plane *p, uint64_t pos, size_t n, const uint8_t *bits, const uint16_t *scale)
+{
+    if (!p || !bits || !scale || pos > p->cap || n > p->cap - pos)
+        return -EINVAL;
+    size_t W = (size_t)p->head_dim / 16;
+    for (size_t j = 0; j < n; j++)
+        for (size_t w = 0; w < W; w++)
+            memcpy(word_at(p, pos + j, w), bits + (j * W + w) * 2, 2);
+    memcpy(p->scale + pos, scale, n * 2);
+    return 0;
+}
+
+int kvg_plane_get(const kvg_plane *p, uint64_t pos, size_t n, uint8_t *bits, uint16_t *scale)
+{
+    if (!p || (!bits && !scale) || pos > p->cap || n > p->cap - pos)
+        return -EINVAL;
+    size_t W = (size_t)p->head_dim / 16;
+    for (size_t j = 0; bits && j < n; j++)
+        for (size_t w = 0; w < W; w++)
+            memcpy(bits + (j * W + w) * 2, word_at(p, pos + j, w), 2);
+    if (scale)
+        memcpy(scale, p->scale + pos, n * 2);
+    return 0;
+}
+
+/* ---- the reference over the layout --------------------------------------- */
+
+/* kvg_score_pos_ref over a token-major copy, a stretch at a time. */
+static int score_ref(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                     uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores)
+{
+    enum { STRETCH = 1024 };
+    uint8_t bits[STRETCH * KVARC_HEAD_DIM_MAX / 8];
+    uint16_t sc[STRETCH];
+    for (size_t o = 0; o < n; o += STRETCH) {
+        size_t m = n - o < STRETCH ? n - o : STRETCH;
+        uint64_t at = first_pos + o;
+        kvg_plane_get(p, at, m, bits, sc);
+        size_t db = at / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK;
+        int rc = kvg_score_pos_ref(mode, comb, qs, n_q, bits, sc, m, at, blk_bias ? blk_bias + db : NULL, nblk,
+                                   scores + o);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* ---- the AVX-512 kernel ---------------------------------------------------- */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define V4 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c")))
+#define CHUNK 8
+
+typedef struct ptab {
+    int16_t t[KVARC_HEAD_DIM_MAX / 4][32];   /* group g: bits 4g..4g+3; entries 16..31 repeat 0..15 */
+} __attribute__((aligned(64))) ptab;
+
+/* Query q's tables; 0, or -1 where int16 could overflow (q8 = -128). */
+static int make_tables(kvg_score_mode mode, const kvg_query *q, ptab *t)
+{
+    int d = q->head_dim;
+    for (int g = 0; g < d / 4; g++)
+        for (int v = 0; v < 16; v++) {
+            int s = 0;
+            for (int j = 0; j < 4; j++) {
+                int i = 4 * g + j, bit = (v >> j) & 1;
+                if (mode == KVG_SCORE_ASYM) {
+                    if (q->q8[i] == -128)
+                        return -1;
+                    s += bit ? q->q8[i] : -q->q8[i];
+                } else {
+                    s += bit == ((q->bits[i / 8] >> (i % 8)) & 1) ? 1 : -1;
+                }
+            }
+            t->t[g][v] = t->t[g][v + 16] = (int16_t)s;
+        }
+    return 0;
+}
+
+/* One block's scores for the NQ query heads at tab/qs (chunk c0 of the
+ * group; first: this chunk holds head 0), combined into out[32] (read
+ * first unless first). NQ and W are constants in each instance. */
+V4 static inline __attribute__((always_inline)) void block(kvg_score_mode mode, kvg_combine comb, const ptab *tab,
+                                                           const kvg_query *qs, const float *bias, int NQ, int W,
+                                                           const uint16_t *words, const uint16_t *scale,
+                                                           float *out, int first, int last_chunk, int n_q)
+{
+    __m512i a0[CHUNK], a1[CHUNK];
+    for (int h = 0; h < NQ; h++)
+        a0[h] = a1[h] = _mm512_setzero_si512();
+    for (int w = 0; w < W; w++) {
+        __m512i x0 = _mm512_loadu_si512(words + w * PB);
+        __m512i x1 = _mm512_srli_epi16(x0, 4), x2 = _mm512_srli_epi16(x0, 8), x3 = _mm512_srli_epi16(x0, 12);
+        for (int h = 0; h < NQ; h++) {
+            const int16_t (*t)[32] = tab[h].t + 4 * w;
+            a0[h] = _mm512_add_epi16(a0[h], _mm512_permutexvar_epi16(x0, _mm512_load_si512(t[0])));
+            a1[h] = _mm512_add_epi16(a1[h], _mm512_permutexvar_epi16(x1, _mm512_load_si512(t[1])));
+            a0[h] = _mm512_add_epi16(a0[h], _mm512_permutexvar_epi16(x2, _mm512_load_si512(t[2])));
+            a1[h] = _mm512_add_epi16(a1[h], _mm512_permutexvar_epi16(x3, _mm512_load_si512(t[3])));
+        }
+    }
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, c0 = s0, c1 = s0;
+    if (mode == KVG_SCORE_ASYM) {
+        s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)scale));
+        s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(scale + 16)));
+    }
+    if (!first) {
+        c0 = _mm512_loadu_ps(out);
+        c1 = _mm512_loadu_ps(out + 16);
+    }
+    for (int h = 0; h < NQ; h++) {
+        __m512i dot = _mm512_add_epi16(a0[h], a1[h]);
+        __m512 v0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(dot)));
+        __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(dot, 1)));
+        if (mode == KVG_SCORE_ASYM) {
+            __m512 qsc = _mm512_set1_ps(qs[h].qscale), b = _mm512_set1_ps(bias[h]);
+            v0 = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(v0, qsc), s0), b);
+            v1 = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(v1, qsc), s1), b);
+        }
+        if (first && h == 0) {
+            c0 = v0;
+            c1 = v1;
+        } else if (comb == KVG_COMBINE_MAX) {
+            c0 = _mm512_max_ps(v0, c0);
+            c1 = _mm512_max_ps(v1, c1);
+        } else {
+            c0 = _mm512_add_ps(c0, v0);
+            c1 = _mm512_add_ps(c1, v1);
+        }
+    }
+    if (last_chunk && comb == KVG_COMBINE_MEAN && n_q > 1) {
+        c0 = _mm512_div_ps(c0, _mm512_set1_ps((float)n_q));
+        c1 = _mm512_div_ps(c1, _mm512_set1_ps((float)n_q));
+    }
+    _mm512_storeu_ps(out, c0);
+    _mm512_storeu_ps(out + 16, c1);
+}
+
+/* Positions [first_pos, first_pos + n) for one chunk of NQ heads. */
+V4 static inline __attribute__((always_inline)) void chunk_scan(kvg_score_mode mode, kvg_combine comb,
+                                                                const ptab *tab, const kvg_query *qs, int NQ,
+                                                                int W, const kvg_plane *p, uint64_t first_pos,
+                                                                size_t n, const float *blk_bias, size_t nblk,
+                                                                int c0, int n_q, float *scores)
+{
+    float bias[CHUNK];
+    const int first = c0 == 0, last = c0 + NQ == n_q;
+    for (int h = 0; h < NQ; h++)
+        bias[h] = qs[h].bias;
+    uint64_t end = first_pos + n;
+    for (uint64_t b0 = first_pos / PB * PB; b0 < end; b0 += PB) {
+        if (blk_bias)
+            for (int h = 0; h < NQ; h++)
+                bias[h] = blk_bias[(size_t)h * nblk + (b0 / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK)];
+        const uint16_t *words = p->words + (b0 / PB) * (size_t)W * PB, *sc = p->scale + b0;
+        if (b0 >= first_pos && b0 + PB <= end) {
+            block(mode, comb, tab, qs, bias, NQ, W, words, sc, scores + (b0 - first_pos), first, last, n_q);
+        } else {                                          /* cut by the range: through a scratch */
+            float tmp[PB] = { 0 };
+            uint64_t lo = b0 > first_pos ? b0 : first_pos, hi = b0 + PB < end ? b0 + PB : end;
+            if (!first)
+                memcpy(tmp + (lo - b0), scores + (lo - first_pos), (hi - lo) * 4);
+            block(mode, comb, tab, qs, bias, NQ, W, words, sc, tmp, first, last, n_q);
+            memcpy(scores + (lo - first_pos), tmp + (lo - b0), (hi - lo) * 4);
+        }
+    }
+}
+
+/* chunk_scan with NQ and W as constants. */
+#define CHUNK_W(NQ)                                                                                          \
+    V4 static void chunk_##NQ(kvg_score_mode mode, kvg_combine comb, const ptab *tab, const kvg_query *qs,      \
+                              int W, const kvg_plane *p, uint64_t first_pos, size_t n, const float *blk_bias, \
+                              size_t nblk, int c0, int n_q, float *scores)                                    \
+    {                                                                                                         \
+        if (W == 4)                                                                                           \
+            chunk_scan(mode, comb, tab, qs, NQ, 4, p, first_pos, n, blk_bias, nblk, c0, n_q, scores);          \
+        else if (W == 8)                                                                                      \
+            chunk_scan(mode, comb, tab, qs, NQ, 8, p, first_pos, n, blk_bias, nblk, c0, n_q, scores);          \
+        else                                                                                                  \
+            chunk_scan(mode, comb, tab, qs, NQ, 16, p, first_pos, n, blk_bias, nblk, c0, n_q, scores);         \
+    }
+CHUNK_W(1) CHUNK_W(2) CHUNK_W(3) CHUNK_W(4) CHUNK_W(5) CHUNK_W(6) CHUNK_W(7) CHUNK_W(8)
+
+typedef void chunk_fn(kvg_score_mode, kvg_combine, const ptab *, const kvg_query *, int, const kvg_plane *,
+                      uint64_t, size_t, const float *, size_t, int, int, float *);
+static chunk_fn *const chunks[CHUNK + 1] = { NULL, chunk_1, chunk_2, chunk_3, chunk_4,
+                                             chunk_5, chunk_6, chunk_7, chunk_8 };
+
+/* 0, or -1: a query the kernel cannot serve (the reference does). */
+static int score_v4(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores)
+{
+    ptab tab[CHUNK];
+    for (int c0 = 0; c0 < n_q; c0 += CHUNK) {
+        int nq = n_q - c0 < CHUNK ? n_q - c0 : CHUNK;
+        for (int h = 0; h < nq; h++)
+            if (make_tables(mode, &qs[c0 + h], &tab[h]))
+                return -1;      /* the reference then writes every score afresh */
+        chunks[nq](mode, comb, tab, qs + c0, p->head_dim / 16, p, first_pos, n,
+                   blk_bias ? blk_bias + (size_t)c0 * nblk : NULL, nblk, c0, n_q, scores);
+    }
+    return 0;
+}
+
+static int have_v4(void)
+{
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+#else
+static int have_v4(void) { return 0; }
+static int score_v4(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores)
+{
+    (void)mode, (void)comb, (void)qs, (void)n_q, (void)p, (void)first_pos, (void)n, (void)blk_bias, (void)nblk;
+    (void)scores;
+    return -1;
+}
+#endif
+
+/* ---- dispatch ----------------------------------------------------------------- */
+
+const char *kvg_plane_kernel(void)
+{
+    return have_v4() ? "avx512-vpermw" : "scalar";
+}
+
+int kvg_plane_score_isa(kvg_isa isa, kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                        const kvg_plane *p, uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk,
+                        float *scores)
+{
+    if (isa != KVG_ISA_REF && isa != KVG_ISA_V4)
+        return -EINVAL;
+    if (isa == KVG_ISA_V4 && !have_v4())
+        return -ENOTSUP;
+    int rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
+    if (n == 0)
+        return 0;
+    if (!p || !p->words || !scores || qs[0].head_dim != p->head_dim || first_pos > p->cap ||
+        n > p->cap - first_pos)
+        return -EINVAL;
+    if (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+        return -EINVAL;
+    if (isa == KVG_ISA_V4 && !score_v4(mode, comb, qs, n_q, p, first_pos, n, blk_bias, nblk, scores))
+        return 0;
+    return score_ref(mode, comb, qs, n_q, p, first_pos, n, blk_bias, nblk, scores);
+}
+
+int kvg_plane_score(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores)
+{
+    return kvg_plane_score_isa(have_v4() ? KVG_ISA_V4 : KVG_ISA_REF, mode, comb, qs, n_q, p, first_pos, n,
+                               blk_bias, nblk, scores);
+}
+
+int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                         uint64_t base, const uint64_t *runs, size_t nr, const float *blk_bias, size_t nblk,
+                         float *scores)
+{
+    int rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
+    if (nr && !runs)
+        return -EINVAL;
+    uint64_t end = 0;
+    for (size_t r = 0; r < nr; r++)
+        if (runs[2 * r + 1] && runs[2 * r] + runs[2 * r + 1] > end)
+            end = runs[2 * r] + runs[2 * r + 1];
+    if (blk_bias && end && nblk < (base + end - 1) / KVG_SIG_BLOCK - base / KVG_SIG_BLOCK + 1)
+        return -EINVAL;
+    size_t o = 0;
+    for (size_t r = 0; r < nr; r++) {
+        uint64_t at = base + runs[2 * r], len = runs[2 * r + 1];
+        size_t db = at / KVG_SIG_BLOCK - base / KVG_SIG_BLOCK;
+        if (len && (rc = kvg_plane_score(mode, comb, qs, n_q, p, at, len, blk_bias ? blk_bias + db : NULL, nblk,
+                                         scores + o)))
+            return rc;
+        o += len;
+    }
+    return 0;
+}

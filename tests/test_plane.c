@@ -1,0 +1,175 @@
+/* test_plane: the client's block-interleaved signature planes (plane.c).
+ * Signatures put in return bytewise from get at any offset; a plane's
+ * scores equal kvg_score_pos_ref over the token-major signatures bit for
+ * bit: head_dim 64, 128 and 256, GQA groups 1..12 (chunks of 8 heads and a
+ * second pass), max and mean, asymmetric and Hamming, with and without
+ * block biases, ranges that start and end inside blocks, extreme queries
+ * (every q8 at +-127: the largest dot the int16 sums must hold), scales 0,
+ * subnormal and the largest finite. Both the AVX-512 kernel (skipped part
+ * where the CPU lacks it) and the reference path. Runs as
+ * kvg_score_runs. Bad input gets -EINVAL. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvg.h"
+#include "testutil.h"
+
+#define NS 700
+
+static void make_sigs(tu_rng *g, int d, size_t n, uint8_t *bits, uint16_t *sc)
+{
+    for (size_t i = 0; i < n * (size_t)d / 8; i++)
+        bits[i] = (uint8_t)(kvarc_splitmix64(&g->s) >> 56);
+    for (size_t j = 0; j < n; j++)
+        sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(g) * 4);
+}
+
+/* nq queries; query 0 is extreme: every rotated coordinate of equal
+ * magnitude, so every q8 is +-127 (|dot| reaches head_dim * 127 on the
+ * signature that agrees with it, which the test plants). */
+static void make_queries(tu_rng *g, int d, kvg_query *qs, int nq)
+{
+    kvarc_rotation rot;
+    CHECK_RC(kvarc_rotation_init(&rot, d, 5 + (uint64_t)d), 0);
+    float q[KVARC_HEAD_DIM_MAX], y[KVARC_HEAD_DIM_MAX];
+    for (int h = 0; h < nq; h++) {
+        for (int i = 0; i < d; i++)
+            q[i] = tu_gauss(g) * (float)(h + 1);
+        CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q, &qs[h]), 0);
+        qs[h].bias = tu_gauss(g);
+    }
+    for (int i = 0; i < d; i++)
+        y[i] = (i * 7) % 3 ? 1.0f : -1.0f;
+    kvg_unrotate_ref(&rot, y, q);
+    CHECK_RC(kvg_query_prep_ref(&rot, NULL, KVARC_DTYPE_F32, q, &qs[0]), 0);
+    int extreme = 1;
+    for (int i = 0; i < d; i++)
+        extreme &= qs[0].q8[i] == 127 || qs[0].q8[i] == -127;
+    CHECK(extreme, "head_dim %d: the extreme query's q8 are not all +-127", d);
+}
+
+static void roundtrip(int d)
+{
+    tu_rng g = { 11 };
+    size_t sb = (size_t)d / 8;
+    uint8_t *bits = malloc(NS * sb), *back = malloc(NS * sb);
+    uint16_t sc[NS], sback[NS];
+    make_sigs(&g, d, NS, bits, sc);
+    kvg_plane p = { 0 };
+    CHECK_RC(kvg_plane_reserve(&p, d, 5), 0);
+    CHECK(p.cap % KVG_PLANE_BLOCK == 0 && p.cap >= 5, "capacity %llu", (unsigned long long)p.cap);
+    CHECK_RC(kvg_plane_put(&p, 0, 5, bits, sc), 0);
+    CHECK_RC(kvg_plane_reserve(&p, d, 3 + NS), 0);     /* growth keeps what was put */
+    CHECK_RC(kvg_plane_put(&p, 5, NS - 5, bits + 5 * sb, sc + 5), 0);
+    for (size_t a = 0; a < NS; a += 37) {
+        size_t n = (NS - a) < 45 ? NS - a : 45;
+        memset(back, 0, n * sb);
+        CHECK_RC(kvg_plane_get(&p, a, n, back, sback), 0);
+        CHECK(!memcmp(back, bits + a * sb, n * sb) && !memcmp(sback, sc + a, n * 2),
+              "head_dim %d: positions %zu..%zu do not come back as put", d, a, a + n);
+    }
+    CHECK_RC(kvg_plane_put(&p, p.cap - 1, 2, bits, sc), -EINVAL);
+    CHECK_RC(kvg_plane_get(&p, p.cap + 1, 0, back, NULL), -EINVAL);
+    CHECK_RC(kvg_plane_reserve(&p, d == 128 ? 64 : 128, 10), -EINVAL);
+    CHECK_RC(kvg_plane_reserve(&p, 96, 10), -EINVAL);
+    kvg_plane_free(&p);
+    free(bits);
+    free(back);
+}
+
+static void scores(int d, kvg_isa isa)
+{
+    tu_rng g = { 77 + (uint64_t)d };
+    enum { NQ = 12, NBLK = 16 };
+    size_t sb = (size_t)d / 8;
+    uint64_t base = 64 * 3 + 9;        /* the plane's first signature: position base */
+    uint8_t *bits = malloc((base + NS) * sb);
+    uint16_t sc[64 * 3 + 9 + NS];
+    make_sigs(&g, d, base + NS, bits, sc);
+    kvg_query qs[NQ];
+    make_queries(&g, d, qs, NQ);
+    for (int i = 0; i < d; i++) {     /* position base + 100 agrees with the extreme query everywhere */
+        uint8_t *b = bits + (base + 100) * sb;
+        b[i / 8] = (uint8_t)((b[i / 8] & ~(1u << (i % 8))) | (qs[0].q8[i] > 0 ? 1u << (i % 8) : 0));
+    }
+    kvg_plane p = { 0 };
+    CHECK_RC(kvg_plane_reserve(&p, d, base + NS), 0);
+    CHECK_RC(kvg_plane_put(&p, 0, base + NS, bits, sc), 0);
+    float bb[NQ * NBLK], want[NS], got[NS];
+    for (int i = 0; i < NQ * NBLK; i++)
+        bb[i] = 30.0f * tu_gauss(&g);
+    int bad = 0, cases = 0, top = 0;
+    const int nqs[] = { 1, 2, 3, 4, 5, 8, 9, 12 };
+    for (int mode = 0; mode < 2; mode++)
+        for (size_t k = 0; k < sizeof nqs / sizeof nqs[0]; k++)
+            for (int comb = 0; comb < 2; comb++)
+                for (int withb = 0; withb < 2 && !(mode && withb); withb++)
+                    for (size_t a = base; a < base + NS; a += 61)
+                        for (size_t n = 1; a + n <= base + NS; n += n < 40 ? 13 : 211) {
+                            int nq = nqs[k];
+                            CHECK_RC(kvg_score_pos_ref(mode, comb, qs, nq, bits + a * sb, sc + a, n, a,
+                                                       withb ? bb : NULL, NBLK, want), 0);
+                            memset(got, 0xff, sizeof got);
+                            CHECK_RC(kvg_plane_score_isa(isa, mode, comb, qs, nq, &p, a, n, withb ? bb : NULL,
+                                                         NBLK, got), 0);
+                            bad += memcmp(want, got, n * 4) != 0;
+                            cases++;
+                            if (!mode && nq == 1 && a <= base + 100 && base + 100 < a + n) {
+                                float s = got[base + 100 - a], e = ((float)(d * 127) * qs[0].qscale) *
+                                                                     kvarc_f16_to_f32(sc[base + 100]) + qs[0].bias;
+                                top += s == e;
+                            }
+                        }
+    CHECK(bad == 0, "head_dim %d %s: the plane's scores differ from the reference in %d of %d cases", d,
+          isa == KVG_ISA_V4 ? "avx512" : "reference path", bad, cases);
+    CHECK(top > 0, "head_dim %d: the largest dot (%d) was never scored exactly", d, d * 127);
+
+    /* runs: ragged, across block boundaries, an empty one */
+    uint64_t runs[] = { 0, 3, 40, 0, 41, 70, 200, 64, 333, 1, 500, 150 };
+    size_t nr = sizeof runs / sizeof runs[0] / 2, tot = 0;
+    for (size_t r = 0; r < nr; r++) {
+        uint64_t at = base + runs[2 * r], n = runs[2 * r + 1];
+        size_t db = at / 64 - base / 64;
+        if (n)
+            CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 4, bits + at * sb, sc + at, n, at,
+                                       bb + db, NBLK, want + tot), 0);
+        tot += n;
+    }
+    memset(got, 0, sizeof got);
+    CHECK_RC(kvg_plane_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 4, &p, base, runs, nr, bb, NBLK, got), 0);
+    CHECK(!memcmp(want, got, tot * 4), "head_dim %d: runs differ from the reference", d);
+
+    /* bad input */
+    CHECK_RC(kvg_plane_score_isa(isa, KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 1, &p, p.cap - 3, 4, NULL, 0, got),
+             -EINVAL);
+    CHECK_RC(kvg_plane_score_isa(isa, KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 1, &p, base, 200, bb, 2, got), -EINVAL);
+    CHECK_RC(kvg_plane_score_isa(isa, KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 0, &p, base, 10, NULL, 0, got), -EINVAL);
+    CHECK_RC(kvg_plane_score_isa(isa, KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 1, NULL, base, 10, NULL, 0, got),
+             -EINVAL);
+    CHECK_RC(kvg_plane_score_runs(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 1, &p, base, runs, nr, bb, 2, got),
+             -EINVAL);
+    kvg_query other = qs[0];
+    other.head_dim = d == 128 ? 64 : 128;
+    CHECK_RC(kvg_plane_score_isa(isa, KVG_SCORE_ASYM, KVG_COMBINE_MAX, &other, 1, &p, base, 10, NULL, 0, got),
+             -EINVAL);
+    kvg_plane_free(&p);
+    free(bits);
+}
+
+int main(void)
+{
+    int dims[] = { 64, 128, 256 };
+    int v4 = kvg_plane_score_isa(KVG_ISA_V4, KVG_SCORE_ASYM, KVG_COMBINE_MAX, NULL, 1, NULL, 0, 0, NULL, 0,
+                                 NULL) != -ENOTSUP;
+    for (int i = 0; i < 3; i++) {
+        roundtrip(dims[i]);
+        scores(dims[i], KVG_ISA_REF);
+        if (v4)
+            scores(dims[i], KVG_ISA_V4);
+    }
+    CHECK_RC(kvg_plane_score_isa(KVG_ISA_V3, KVG_SCORE_ASYM, KVG_COMBINE_MAX, NULL, 1, NULL, 0, 0, NULL, 0, NULL),
+             -EINVAL);
+    printf("plane kernel: %s%s\n", kvg_plane_kernel(), v4 ? "" : " (the AVX-512 kernel is untested here)");
+    return tu_finish("test_plane");
+}
