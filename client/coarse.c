@@ -55,8 +55,7 @@ long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, cons
             for (uint64_t t = 0; t < B; t++) {
                 uint64_t p = b * B + t;
                 if (p < a) {
-                    memcpy(bb + t * sb, y->sig_bits[h] + p * sb, sb);
-                    bs[t] = y->sig_scale[h][p];
+                    kvg_plane_get(&y->sig[h], p, 1, bb + t * sb, bs + t);
                 } else {
                     memcpy(bb + t * sb, tok_bits + (h * n + (p - a)) * sb, sb);
                     bs[t] = tok_sc[h * n + (p - a)];
@@ -240,8 +239,8 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
     }
     if (nt < r)
         return -ENOTSUP;
-    rc = kvg_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
-                        y->sig_bits[h] + ns * sb, y->sig_scale[h] + ns, ns, x->runs, nr, bb, nblk, x->ts);
+    rc = kvg_plane_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G, &y->sig[h], ns,
+                              x->runs, nr, bb, nblk, x->ts);
     if (rc)
         return rc;
     long got = kvg_topk(x->ts, nt, r, x->tidx, NULL, x->tk2);

@@ -150,12 +150,9 @@ static void conv_free(kvarc_conv *cv)
         free(y->ring_k);
         free(y->ring_v);
         free(y->ring_kr);
-        for (uint32_t h = 0; y->sig_bits && h < cv->m.n_kv_heads; h++) {
-            free(y->sig_bits[h]);
-            free(y->sig_scale[h]);
-        }
-        free(y->sig_bits);
-        free(y->sig_scale);
+        for (uint32_t h = 0; y->sig && h < cv->m.n_kv_heads; h++)
+            kvg_plane_free(&y->sig[h]);
+        free(y->sig);
         for (uint32_t h = 0; y->sum_bits && h < cv->m.n_kv_heads; h++) {
             free(y->sum_bits[h]);
             free(y->sum_scale[h]);
@@ -263,11 +260,10 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         y->ring_k = malloc(rg * 4);
         y->ring_v = malloc(rg * 4);
         y->ring_kr = malloc(rg * 4);
-        y->sig_bits = calloc(H, sizeof *y->sig_bits);
-        y->sig_scale = calloc(H, sizeof *y->sig_scale);
+        y->sig = calloc(H, sizeof *y->sig);
         y->sum_bits = calloc(H, sizeof *y->sum_bits);
         y->sum_scale = calloc(H, sizeof *y->sum_scale);
-        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->ring_kr || !y->sig_bits || !y->sig_scale ||
+        if (!y->sink_k || !y->sink_v || !y->ring_k || !y->ring_v || !y->ring_kr || !y->sig ||
             !y->sum_bits || !y->sum_scale)
             goto oom;
     }
@@ -334,23 +330,9 @@ static int load_summaries(kvarc_conv *cv, uint32_t layer, uint64_t nb)
 /* Room for signatures of positions [0, n) in every head's mirror. */
 static int sig_reserve(kvarc_conv *cv, kl_layer *y, uint64_t n)
 {
-    if (n <= y->sig_cap)
-        return 0;
-    uint64_t cap = y->sig_cap ? y->sig_cap : 1024;
-    while (cap < n)
-        cap *= 2;
-    size_t sb = cv->m.head_dim / 8;
-    for (uint32_t h = 0; h < cv->m.n_kv_heads; h++) {
-        uint8_t *b = realloc(y->sig_bits[h], cap * sb);
-        if (b)
-            y->sig_bits[h] = b;
-        uint16_t *s = realloc(y->sig_scale[h], cap * 2);
-        if (s)
-            y->sig_scale[h] = s;
-        if (!b || !s)
-            return kl_fail(cv, -ENOMEM, "out of memory for %llu signatures", (unsigned long long)cap);
-    }
-    y->sig_cap = cap;
+    for (uint32_t h = 0; h < cv->m.n_kv_heads; h++)
+        if (kvg_plane_reserve(&y->sig[h], (int)cv->m.head_dim, n))
+            return kl_fail(cv, -ENOMEM, "out of memory for %llu signatures of head %u", (unsigned long long)n, h);
     return 0;
 }
 
@@ -529,12 +511,10 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
                 Kvarc__V1__SigChunk *ch = (Kvarc__V1__SigChunk *)mm;
                 if (ch->head < H && ch->first_pos + ch->count <= held && ch->bits.len == ch->count * sb &&
                     ch->scales.len == ch->count * 2) {
-                    memcpy(y->sig_bits[ch->head] + ch->first_pos * sb, ch->bits.data, ch->bits.len);
-                    memcpy(y->sig_scale[ch->head] + ch->first_pos, ch->scales.data, ch->scales.len);
+                    kvg_plane_put(&y->sig[ch->head], ch->first_pos, ch->count, ch->bits.data, ch->scales.data);
 #ifdef KVARC_HAVE_CUDA
-                    if (cv->gpu && kl_gpu_put_sigs(cv, l, ch->head, ch->first_pos, y->sig_bits[ch->head] +
-                                                   ch->first_pos * sb, y->sig_scale[ch->head] + ch->first_pos,
-                                                   ch->count))
+                    if (cv->gpu && kl_gpu_put_sigs(cv, l, ch->head, ch->first_pos, ch->bits.data,
+                                                   y->sig[ch->head].scale + ch->first_pos, ch->count))
                         kl_gpu_free(cv);          /* the host mirror is whole: the CPU path serves */
 #endif
                     got += ch->count;
@@ -597,7 +577,9 @@ static int check_refed(kvarc_conv *cv, uint32_t layer, const uint8_t *bits, uint
     size_t H = cv->m.n_kv_heads, d = cv->m.head_dim, sb = d / 8;
     for (uint32_t t = 0; t < n; t++)
         for (size_t h = 0; h < H; h++) {
-            const uint8_t *a = bits + (h * n + t) * sb, *b = y->sig_bits[h] + (y->archived + t) * sb;
+            const uint8_t *a = bits + (h * n + t) * sb;
+            uint8_t b[KVARC_HEAD_DIM_MAX / 8];
+            kvg_plane_get(&y->sig[h], y->archived + t, 1, b, NULL);
             unsigned flips = 0;
             for (size_t i = 0; i < sb; i++)
                 flips += (unsigned)__builtin_popcount((unsigned)(a[i] ^ b[i]));
@@ -697,8 +679,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             protobuf_c_message_free_unpacked(rep, NULL);
             cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len + r.sum_bits.len + r.sum_scale.len;
             for (size_t h = 0; h < H; h++) {
-                memcpy(y->sig_bits[h] + y->archived * sb, bits + h * n * sb, n * sb);
-                memcpy(y->sig_scale[h] + y->archived, sc + h * n, n * 2);
+                kvg_plane_put(&y->sig[h], y->archived, n, bits + h * n * sb, sc + h * n);
 #ifdef KVARC_HAVE_CUDA
                 if (cv->gpu && kl_gpu_put_sigs(cv, layer, (uint32_t)h, y->archived, bits + h * n * sb, sc + h * n, n))
                     kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */

@@ -104,9 +104,8 @@ typedef struct kl_layer {
     float    *sink_k, *sink_v;   /* [H][sinks][d], pre-RoPE */
     float    *ring_k, *ring_v;   /* [H][ring][d], token p at slot p % ring, pre-RoPE */
     float    *ring_kr;           /* [H][ring][d] the same keys turned by RoPE to their position */
-    uint8_t **sig_bits;          /* [H] -> [sig_cap][d/8], positions [0, archived) */
-    uint16_t **sig_scale;        /* [H] -> [sig_cap] */
-    uint64_t  sig_cap;
+    kvg_plane *sig;              /* [H]: the signatures of positions [0, archived), in the layout
+                                    stage 1 scans (kvg_plane: blocks of 32, word-major) */
     uint8_t **sum_bits;          /* [H] -> [sum_cap][KVG_SUM_ITEMS][d/8]: the coarse tier's summaries
                                     of blocks [0, sum_n) (coarse.c) */
     uint16_t **sum_scale;        /* [H] -> [sum_cap][KVG_SUM_ITEMS] */

@@ -113,7 +113,7 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
 {
     kvarc_conv *cv = w->cv;
     const kl_s1_args *a = w->a;
-    const size_t G = a->G, sb = cv->m.head_dim / 8;
+    const size_t G = a->G;
     const kvg_query *qs = a->qs + h * G;
     const float *bb = a->bb ? a->bb + h * G * a->nblk : NULL;
     uint32_t *idx = a->idx_out + h * a->r;
@@ -122,9 +122,8 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     if (got != -ENOTSUP)
         return got;
     const uint64_t cold = a->hot_lo - a->ns;
-    int rc = kvg_score_pos((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
-                           w->y->sig_bits[h] + a->ns * sb, w->y->sig_scale[h] + a->ns, (size_t)cold, a->ns, bb,
-                           a->nblk, ln->scores);
+    int rc = kvg_plane_score((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
+                             &w->y->sig[h], a->ns, (size_t)cold, bb, a->nblk, ln->scores);
     return rc ? rc : kvg_topk(ln->scores, (size_t)cold, a->take, idx, NULL, ln->tk);
 }
 

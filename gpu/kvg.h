@@ -188,9 +188,10 @@ typedef struct kvg_plane {
 int  kvg_plane_reserve(kvg_plane *p, int head_dim, uint64_t n);
 void kvg_plane_free(kvg_plane *p);
 /* Token-major signatures bits[n][head_dim / 8] and scale[n] of positions
- * [pos, pos + n) in / out (get: either output may be NULL).
+ * [pos, pos + n) in / out (put's scales: fp16 at any alignment, as a
+ * protobuf bytes field holds them; get: either output may be NULL).
  * 0, or -EINVAL beyond the capacity. */
-int  kvg_plane_put(kvg_plane *p, uint64_t pos, size_t n, const uint8_t *bits, const uint16_t *scale);
+int  kvg_plane_put(kvg_plane *p, uint64_t pos, size_t n, const uint8_t *bits, const void *scale);
 int  kvg_plane_get(const kvg_plane *p, uint64_t pos, size_t n, uint8_t *bits, uint16_t *scale);
 /* Positions [first_pos, first_pos + n) scored as kvg_score_pos_ref does
  * their token-major signatures (same first_pos, blk_bias, nblk), bit for

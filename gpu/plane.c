@@ -96,7 +96,7 @@ static inline uint16_t *word_at(const kvg_plane *p, uint64_t t, size_t w)
     return p->words + (t / PB) * W * PB + w * PB + t % PB;
 }
 
-int kvg_plane_put(kvg_plane *p, uint64_t pos, size_t n, const uint8_t *bits, const uint16_t *scale)
+int kvg_plane_put(kvg_plane *p, uint64_t pos, size_t n, const uint8_t *bits, const void *scale)
 {
     if (!p || !bits || !scale || pos > p->cap || n > p->cap - pos)
         return -EINVAL;

@@ -168,8 +168,10 @@ int main(void)
         for (uint32_t h = 0; h < H; h++) {
             kvg_codec codec = kl_codec(w, 0, h);
             CHECK_RC(kvg_sig_pos_ref(&w->rope, &w->rot, codec.mu_k, K[h][0], 0, (size_t)t_end, bits, sc, NULL), 0);
-            sig_same &= !memcmp(bits, w->layers[0].sig_bits[h], (size_t)t_end * D / 8) &&
-                        !memcmp(sc, w->layers[0].sig_scale[h], (size_t)t_end * 2);
+            static uint8_t held[N * D / 8];
+            static uint16_t hsc[N];
+            CHECK_RC(kvg_plane_get(&w->layers[0].sig[h], 0, (size_t)t_end, held, hsc), 0);
+            sig_same &= !memcmp(bits, held, (size_t)t_end * D / 8) && !memcmp(sc, hsc, (size_t)t_end * 2);
             for (uint64_t b = 0; b < (uint64_t)t_end / KVG_SIG_BLOCK; b++) {
                 uint8_t sb[KVG_SUM_ITEMS * D / 8];
                 uint16_t ss[KVG_SUM_ITEMS];
