@@ -122,9 +122,8 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     if (got != -ENOTSUP)
         return got;
     const uint64_t cold = a->hot_lo - a->ns;
-    int rc = kvg_plane_score((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G,
-                             &w->y->sig[h], a->ns, (size_t)cold, bb, a->nblk, ln->scores);
-    return rc ? rc : kvg_topk(ln->scores, (size_t)cold, a->take, idx, NULL, ln->tk);
+    return kvg_plane_topk((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, (int)G, &w->y->sig[h],
+                          a->ns, (size_t)cold, bb, a->nblk, a->take, idx, NULL, ln->scores, ln->tk);
 }
 
 /* Lane t's block biases (true mode): every query of its heads t, t + T, ...

@@ -211,6 +211,17 @@ int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query 
                          uint64_t base, const uint64_t *runs, size_t nr, const float *blk_bias, size_t nblk,
                          float *scores);
 const char *kvg_plane_kernel(void);
+/* Stage 1's shortlist: the min(k, n) best of the scores kvg_plane_score
+ * gives positions [first_pos, first_pos + n) (indices from first_pos),
+ * exactly kvg_topk_ref's output of them, without writing every score out:
+ * a threshold from a sample of 32 blocks, then a stretch at a time the
+ * scan and kvg_topk's filter while the stretch is in cache, the reference
+ * over the candidates (when the sample misleads: every score into scores
+ * and kvg_topk). scores: [n] floats, scratch: [n] uint32 of work space.
+ * The count, or what kvg_plane_score and kvg_topk return on bad input. */
+long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, size_t k, uint32_t *idx_out,
+                    float *val_out, float *scores, uint32_t *scratch);
 
 /* ---- coarse tier ---------------------------------------------------------- */
 
@@ -264,6 +275,18 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
  * where kvg_codec_isa_supported says no; KVG_ISA_REF is the reference).
  * Same arguments and returns as kvg_topk_ref. */
 long kvg_topk(const float *scores, size_t n, size_t k, uint32_t *idx_out, float *val_out, uint32_t *scratch);
+/* kvg_topk's parts, for top-k fused into a scan (kvg_plane_topk).
+ * kvg_topk_threshold: from a sample of ns (<= KVG_TOPK_SAMPLE_MAX) of n scores,
+ * the key about 2k of the n are expected to reach (the sample's rank
+ * 2k * ns / n + 8); 0, or -1 where the sample gives none (too few, a NaN).
+ * work: ns uint32. kvg_topk_filter: the indices j < n with
+ * kvg_score_key(scores[j]) >= t appended as base + j at cand[c..] in
+ * order, their scores at cs[c..]: the new count, or cap + 1 if more than
+ * cap (AVX-512, AVX2 or scalar as isa says and the CPU has). */
+#define KVG_TOPK_SAMPLE_MAX 8192
+int    kvg_topk_threshold(const float *sample, size_t ns, size_t n, size_t k, uint32_t *work, uint32_t *t);
+size_t kvg_topk_filter(kvg_isa isa, const float *scores, size_t n, uint32_t t, uint32_t base, uint32_t *cand,
+                       float *cs, size_t c, size_t cap);
 long kvg_topk_isa(kvg_isa isa, const float *scores, size_t n, size_t k, uint32_t *idx_out, float *val_out,
                   uint32_t *scratch);
 

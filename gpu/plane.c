@@ -286,20 +286,37 @@ typedef void chunk_fn(kvg_score_mode, kvg_combine, const ptab *, const kvg_query
 static chunk_fn *const chunks[CHUNK + 1] = { NULL, chunk_1, chunk_2, chunk_3, chunk_4,
                                              chunk_5, chunk_6, chunk_7, chunk_8 };
 
-/* 0, or -1: a query the kernel cannot serve (the reference does). */
-static int score_v4(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
-                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores)
+/* The tables of the group's n_q queries: in stack (room for CHUNK) or
+ * allocated; NULL when out of memory or a query the kernel cannot serve
+ * (the reference serves them). Free with tables_free. */
+static ptab *tables_make(kvg_score_mode mode, const kvg_query *qs, int n_q, ptab *stack)
 {
-    ptab tab[CHUNK];
+    ptab *t = n_q <= CHUNK ? stack : aligned_alloc(64, (size_t)n_q * sizeof *t);
+    for (int h = 0; t && h < n_q; h++)
+        if (make_tables(mode, &qs[h], &t[h])) {
+            if (t != stack)
+                free(t);
+            return NULL;
+        }
+    return t;
+}
+
+static void tables_free(ptab *t, ptab *stack)
+{
+    if (t != stack)
+        free(t);
+}
+
+/* The scores through the kernel, a chunk of heads at a time. */
+static void score_tabs(kvg_score_mode mode, kvg_combine comb, const ptab *tab, const kvg_query *qs, int n_q,
+                       const kvg_plane *p, uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk,
+                       float *scores)
+{
     for (int c0 = 0; c0 < n_q; c0 += CHUNK) {
         int nq = n_q - c0 < CHUNK ? n_q - c0 : CHUNK;
-        for (int h = 0; h < nq; h++)
-            if (make_tables(mode, &qs[c0 + h], &tab[h]))
-                return -1;      /* the reference then writes every score afresh */
-        chunks[nq](mode, comb, tab, qs + c0, p->head_dim / 16, p, first_pos, n,
+        chunks[nq](mode, comb, tab + c0, qs + c0, p->head_dim / 16, p, first_pos, n,
                    blk_bias ? blk_bias + (size_t)c0 * nblk : NULL, nblk, c0, n_q, scores);
     }
-    return 0;
 }
 
 static int have_v4(void)
@@ -308,13 +325,21 @@ static int have_v4(void)
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 #else
+typedef struct ptab { int unused; } ptab;
+#define CHUNK 1
 static int have_v4(void) { return 0; }
-static int score_v4(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
-                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores)
+static ptab *tables_make(kvg_score_mode mode, const kvg_query *qs, int n_q, ptab *stack)
 {
-    (void)mode, (void)comb, (void)qs, (void)n_q, (void)p, (void)first_pos, (void)n, (void)blk_bias, (void)nblk;
-    (void)scores;
-    return -1;
+    (void)mode, (void)qs, (void)n_q, (void)stack;
+    return NULL;
+}
+static void tables_free(ptab *t, ptab *stack) { (void)t, (void)stack; }
+static void score_tabs(kvg_score_mode mode, kvg_combine comb, const ptab *tab, const kvg_query *qs, int n_q,
+                       const kvg_plane *p, uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk,
+                       float *scores)
+{
+    (void)mode, (void)comb, (void)tab, (void)qs, (void)n_q, (void)p, (void)first_pos, (void)n, (void)blk_bias;
+    (void)nblk, (void)scores;
 }
 #endif
 
@@ -343,8 +368,12 @@ int kvg_plane_score_isa(kvg_isa isa, kvg_score_mode mode, kvg_combine comb, cons
         return -EINVAL;
     if (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
         return -EINVAL;
-    if (isa == KVG_ISA_V4 && !score_v4(mode, comb, qs, n_q, p, first_pos, n, blk_bias, nblk, scores))
+    ptab stack[CHUNK], *tab;
+    if (isa == KVG_ISA_V4 && (tab = tables_make(mode, qs, n_q, stack))) {
+        score_tabs(mode, comb, tab, qs, n_q, p, first_pos, n, blk_bias, nblk, scores);
+        tables_free(tab, stack);
         return 0;
+    }
     return score_ref(mode, comb, qs, n_q, p, first_pos, n, blk_bias, nblk, scores);
 }
 
@@ -380,4 +409,65 @@ int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query 
         o += len;
     }
     return 0;
+}
+
+/* ---- stage 1's shortlist: the scan with the top-k fused -------------------- */
+
+long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
+                    uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, size_t k, uint32_t *idx_out,
+                    float *val_out, float *scores, uint32_t *scratch)
+{
+    enum { STRETCH = 4096 };
+    long rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
+    if (!scores || !scratch || (k && !idx_out) ||           /* the stretches below check their own part */
+        (blk_bias && n && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1))
+        return -EINVAL;
+    if (k > n)
+        k = n;
+    kvg_isa isa = kvg_codec_isa_best();
+    float samp[KVG_TOPK_SAMPLE_MAX], part[STRETCH];
+    /* the sample: SB blocks spread over the range, a 256th of it (from 32 to 256 blocks): the larger
+     * the sample, the closer the threshold keeps to 2k candidates (the reference then selects from
+     * fewer) */
+    size_t SB = n / 256 / PB;
+    SB = SB < 32 ? 32 : SB > KVG_TOPK_SAMPLE_MAX / PB ? KVG_TOPK_SAMPLE_MAX / PB : SB;
+    uint32_t t;
+    ptab stack[CHUNK], *tab = NULL;
+    /* as kvg_topk: the filter pays when the answer is a small part of a long list; the kernel's
+     * tables are made once for every stretch */
+    if (k == 0 || n > UINT32_MAX || n < 4 * SB * PB || 8 * k > n || !have_v4() || !p || !p->words ||
+        qs[0].head_dim != p->head_dim || first_pos > p->cap || n > p->cap - first_pos ||
+        !(tab = tables_make(mode, qs, n_q, stack)))
+        goto whole;
+    for (size_t i = 0; i < SB; i++) {
+        uint64_t at = first_pos + i * (n - PB) / (SB - 1);
+        size_t db = at / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK;
+        score_tabs(mode, comb, tab, qs, n_q, p, at, PB, blk_bias ? blk_bias + db : NULL, nblk, samp + i * PB);
+    }
+    if (kvg_topk_threshold(samp, SB * PB, n, k, scratch, &t))
+        goto whole;
+    /* scratch: [cap] candidate indices, [cap] the reference's work space; scores: [cap] theirs */
+    size_t cap = n / 3, c = 0;
+    for (size_t o = 0; o < n && c <= cap; o += STRETCH) {   /* each stretch's scores stay in cache */
+        size_t m = n - o < STRETCH ? n - o : STRETCH;
+        uint64_t at = first_pos + o;
+        size_t db = at / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK;
+        score_tabs(mode, comb, tab, qs, n_q, p, at, m, blk_bias ? blk_bias + db : NULL, nblk, part);
+        c = kvg_topk_filter(isa, part, m, t, (uint32_t)o, scratch, scores, c, cap);
+    }
+    if (c < k || c > cap)
+        goto whole;
+    tables_free(tab, stack);
+    rc = kvg_topk_ref(scores, c, k, idx_out, val_out, scratch + cap);
+    for (long i = 0; i < rc; i++)
+        idx_out[i] = scratch[idx_out[i]];
+    return rc;
+whole:
+    if (tab)
+        tables_free(tab, stack);
+    if ((rc = kvg_plane_score(mode, comb, qs, n_q, p, first_pos, n, blk_bias, nblk, scores)))
+        return rc;
+    return kvg_topk(scores, n, k, idx_out, val_out, scratch);
 }

@@ -28,15 +28,18 @@
 
 #include "kvg.h"
 
-/* The scalar filter from index j on, c candidates already kept: the
- * count, or n + 1 past cap. */
-static size_t filter_from(const float *scores, size_t j, size_t n, uint32_t t, uint32_t *cand, size_t c, size_t cap)
+/* The scalar filter from index j on, c candidates already kept: each
+ * kept index plus base into cand, its score into cs; the count, or
+ * cap + 1 past cap. */
+static size_t filter_from(const float *scores, size_t j, size_t n, uint32_t t, uint32_t base, uint32_t *cand,
+                          float *cs, size_t c, size_t cap)
 {
     for (; j < n; j++)
         if (kvg_score_key(scores[j]) >= t) {
             if (c == cap)
-                return n + 1;
-            cand[c++] = (uint32_t)j;
+                return cap + 1;
+            cs[c] = scores[j];
+            cand[c++] = base + (uint32_t)j;
         }
     return c;
 }
@@ -47,15 +50,16 @@ static size_t filter_from(const float *scores, size_t j, size_t n, uint32_t t, u
 #define AVX512_TK __attribute__((target("avx512f")))
 #define AVX2_TK __attribute__((target("avx2")))
 
-/* Indices j < n with key(scores[j]) >= t into cand (at most cap; n+1 if
- * more): the count. */
-AVX512_TK static size_t filter_avx512(const float *scores, size_t n, uint32_t t, uint32_t *cand, size_t cap)
+/* filter_from from 0 with c kept, 16 keys a step. */
+AVX512_TK static size_t filter_avx512(const float *scores, size_t n, uint32_t t, uint32_t base, uint32_t *cand,
+                                      float *cs, size_t c, size_t cap)
 {
     const __m512i sign = _mm512_set1_epi32((int)0x80000000u), abs = _mm512_set1_epi32(0x7fffffff),
                   inf = _mm512_set1_epi32(0x7f800000), tv = _mm512_set1_epi32((int)t),
                   step = _mm512_set1_epi32(16);
-    __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    size_t c = 0, j = 0;
+    __m512i iota = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    _mm512_set1_epi32((int)base));
+    size_t j = 0;
     for (; j + 16 <= n; j += 16) {
         __m512i u = _mm512_loadu_si512(scores + j);
         __mmask16 neg = _mm512_test_epi32_mask(u, sign);
@@ -65,22 +69,24 @@ AVX512_TK static size_t filter_avx512(const float *scores, size_t n, uint32_t t,
         if (m) {
             unsigned k = (unsigned)__builtin_popcount(m);
             if (c + k > cap)
-                return n + 1;
+                return cap + 1;
             _mm512_mask_compressstoreu_epi32(cand + c, m, iota);
+            _mm512_mask_compressstoreu_ps(cs + c, m, _mm512_castsi512_ps(u));
             c += k;
         }
         iota = _mm512_add_epi32(iota, step);
     }
-    return filter_from(scores, j, n, t, cand, c, cap);
+    return filter_from(scores, j, n, t, base, cand, cs, c, cap);
 }
 
-AVX2_TK static size_t filter_avx2(const float *scores, size_t n, uint32_t t, uint32_t *cand, size_t cap)
+AVX2_TK static size_t filter_avx2(const float *scores, size_t n, uint32_t t, uint32_t base, uint32_t *cand,
+                                  float *cs, size_t c, size_t cap)
 {
     const __m256i sign = _mm256_set1_epi32((int)0x80000000u), abs = _mm256_set1_epi32(0x7fffffff),
                   inf = _mm256_set1_epi32(0x7f800000), ones = _mm256_set1_epi32(-1);
     /* unsigned a >= t  <=>  signed (a ^ sign) > (t ^ sign) - 1, t > 0 */
     const __m256i tb = _mm256_set1_epi32((int)((t ^ 0x80000000u) - 1u));
-    size_t c = 0, j = 0;
+    size_t j = 0;
     for (; j + 8 <= n; j += 8) {
         __m256i u = _mm256_loadu_si256((const __m256i *)(const void *)(scores + j));
         __m256i neg = _mm256_srai_epi32(u, 31);                       /* -1 where the sign is set */
@@ -91,18 +97,37 @@ AVX2_TK static size_t filter_avx2(const float *scores, size_t n, uint32_t t, uin
         unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(ge));
         while (m) {
             if (c == cap)
-                return n + 1;
-            cand[c++] = (uint32_t)(j + (size_t)__builtin_ctz(m));
+                return cap + 1;
+            size_t i = j + (size_t)__builtin_ctz(m);
+            cs[c] = scores[i];
+            cand[c++] = base + (uint32_t)i;
             m &= m - 1;
         }
     }
-    return filter_from(scores, j, n, t, cand, c, cap);
+    return filter_from(scores, j, n, t, base, cand, cs, c, cap);
 }
 #endif
 
-static size_t filter_scalar(const float *scores, size_t n, uint32_t t, uint32_t *cand, size_t cap)
+size_t kvg_topk_filter(kvg_isa isa, const float *scores, size_t n, uint32_t t, uint32_t base, uint32_t *cand,
+                       float *cs, size_t c, size_t cap)
 {
-    return filter_from(scores, 0, n, t, cand, 0, cap);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (isa == KVG_ISA_V4 && kvg_codec_isa_supported(isa))
+        return filter_avx512(scores, n, t, base, cand, cs, c, cap);
+    if (isa == KVG_ISA_V3 && kvg_codec_isa_supported(isa))
+        return filter_avx2(scores, n, t, base, cand, cs, c, cap);
+#endif
+    return filter_from(scores, 0, n, t, base, cand, cs, c, cap);
+}
+
+int kvg_topk_threshold(const float *sample, size_t ns, size_t n, size_t k, uint32_t *work, uint32_t *t)
+{
+    size_t j = (2 * k * ns + n - 1) / n + 8;
+    uint32_t sidx[KVG_TOPK_SAMPLE_MAX / 2];
+    if (ns > KVG_TOPK_SAMPLE_MAX || !work || j > ns / 2 || kvg_topk_ref(sample, ns, j, sidx, NULL, work) != (long)j)
+        return -1;
+    *t = kvg_score_key(sample[sidx[j - 1]]);
+    return *t ? 0 : -1;                 /* a NaN threshold would keep everything */
 }
 
 #define SAMPLE 1024
@@ -122,39 +147,24 @@ long kvg_topk_isa(kvg_isa isa, const float *scores, size_t n, size_t k, uint32_t
         return -ENOMEM;
     /* the threshold: the key of sample rank j, about 2k of n expected above it */
     float samp[SAMPLE];
-    uint32_t sidx[SAMPLE];
     size_t stride = n / SAMPLE;
     for (size_t i = 0; i < SAMPLE; i++)
         samp[i] = scores[i * stride + stride / 2];
-    size_t j = (2 * k * SAMPLE + n - 1) / n + 8;
+    uint32_t t;
     long rc;
-    if (j > SAMPLE / 2 || kvg_topk_ref(samp, SAMPLE, j, sidx, NULL, scratch) != (long)j) {
-        rc = kvg_topk_ref(scores, n, k, idx_out, val_out, scratch);
-        goto out;
-    }
-    uint32_t t = kvg_score_key(samp[sidx[j - 1]]);
-    if (t == 0) {                        /* a NaN threshold keeps everything */
+    if (kvg_topk_threshold(samp, SAMPLE, n, k, scratch, &t)) {
         rc = kvg_topk_ref(scores, n, k, idx_out, val_out, scratch);
         goto out;
     }
     /* scratch: [cap] candidate indices, [cap] their scores, [cap] the reference's work space */
-    size_t cap = n / 3, c;
+    size_t cap = n / 3;
     uint32_t *cand = scratch;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (isa == KVG_ISA_V4)
-        c = filter_avx512(scores, n, t, cand, cap);
-    else if (isa == KVG_ISA_V3)
-        c = filter_avx2(scores, n, t, cand, cap);
-    else
-#endif
-        c = filter_scalar(scores, n, t, cand, cap);
+    float *cs = (float *)(void *)(scratch + cap);
+    size_t c = kvg_topk_filter(isa, scores, n, t, 0, cand, cs, 0, cap);
     if (c < k || c > cap) {
         rc = kvg_topk_ref(scores, n, k, idx_out, val_out, scratch);
         goto out;
     }
-    float *cs = (float *)(void *)(scratch + cap);
-    for (size_t i = 0; i < c; i++)
-        cs[i] = scores[cand[i]];
     rc = kvg_topk_ref(cs, c, k, idx_out, NULL, scratch + 2 * cap);
     for (long i = 0; i < rc; i++) {
         idx_out[i] = cand[idx_out[i]];

@@ -7,7 +7,8 @@
  * (every q8 at +-127: the largest dot the int16 sums must hold), scales 0,
  * subnormal and the largest finite. Both the AVX-512 kernel (skipped part
  * where the CPU lacks it) and the reference path. Runs as
- * kvg_score_runs. Bad input gets -EINVAL. */
+ * kvg_score_runs. kvg_plane_topk is the reference top-k of those scores.
+ * Bad input gets -EINVAL. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,6 +158,69 @@ static void scores(int d, kvg_isa isa)
     free(bits);
 }
 
+/* kvg_plane_topk is kvg_topk_ref over kvg_score_pos_ref's scores, byte
+ * for byte: k from 1 to past n / 8 (where it scores everything), GQA 4
+ * with block biases; signatures whose best keys sit in one stretch the
+ * sample never sees, and whose best keys are exactly the sampled blocks
+ * (the filter keeps fewer than k: the whole path), ties
+ * (zero scales give every such token the bias alone), NaN scores (NaN
+ * scales) ranked last. */
+static void topk_case(int d)
+{
+    tu_rng g = { 5 + (uint64_t)d };
+    enum { NT = 40000, NBLK = NT / 64 + 2 };
+    const size_t sb = (size_t)d / 8;
+    const uint64_t first = 777;
+    uint8_t *bits = malloc((first + NT) * sb);
+    uint16_t *sc = malloc((first + NT) * 2);
+    float *want_s = malloc(NT * 4), *scores = malloc(NT * 4), *wv = malloc(NT * 4), *gv = malloc(NT * 4);
+    uint32_t *wi = malloc(NT * 4), *gi = malloc(NT * 4), *scratch = malloc(NT * 4);
+    float *bb = malloc(4 * NBLK * 4);
+    kvg_query qs[4];
+    make_queries(&g, d, qs, 4);
+    for (size_t i = 0; i < 4 * NBLK; i++)
+        bb[i] = tu_gauss(&g);
+    kvg_plane p = { 0 };
+    CHECK_RC(kvg_plane_reserve(&p, d, first + NT), 0);
+    int bad = 0, cases = 0;
+    for (int shape = 0; shape < 4; shape++) {
+        make_sigs(&g, d, first + NT, bits, sc);
+        for (size_t j = first; j < first + NT; j++) {
+            if (shape == 1)                   /* a 300-token hot stretch between the sample's blocks */
+                sc[j] = j - first >= 20100 && j - first < 20400 ? sc[j] : (uint16_t)(sc[j] >> 4);
+            if (shape == 2)                   /* ties and NaN */
+                sc[j] = j % 7 == 0 ? 0 : j % 101 == 0 ? 0x7e00 : sc[j];
+            if (shape == 3)                   /* hot exactly where the sample looks: it overestimates */
+                sc[j] = (uint16_t)(sc[j] >> 4);
+        }
+        for (size_t i = 0; shape == 3 && i < 32; i++)
+            for (size_t j = 0; j < 32; j++) {
+                size_t at = first + i * (NT - 32) / 31 + j;
+                sc[at] = kvarc_f32_to_f16(8.0f + (float)tu_uniform(&g));
+            }
+        CHECK_RC(kvg_plane_put(&p, 0, first + NT, bits, sc), 0);
+        const size_t ks[] = { 1, 64, 256, 512, 4999, 6000 };
+        for (size_t kk = 0; kk < sizeof ks / sizeof ks[0]; kk++)
+            for (int withb = 0; withb < 2; withb++) {
+                size_t k = ks[kk];
+                CHECK_RC(kvg_score_pos_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 4, bits + first * sb, sc + first, NT,
+                                           first, withb ? bb : NULL, NBLK, want_s), 0);
+                long w = kvg_topk_ref(want_s, NT, k, wi, wv, scratch);
+                long r = kvg_plane_topk(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 4, &p, first, NT, withb ? bb : NULL,
+                                        NBLK, k, gi, gv, scores, scratch);
+                bad += r != w || memcmp(wi, gi, (size_t)w * 4) || memcmp(wv, gv, (size_t)w * 4);
+                cases++;
+            }
+    }
+    CHECK(bad == 0, "head_dim %d: kvg_plane_topk differs from the reference top-k in %d of %d cases", d, bad, cases);
+    CHECK_RC(kvg_plane_topk(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 4, &p, first, NT, bb, 3, 10, gi, NULL, scores,
+                            scratch), -EINVAL);
+    CHECK_RC(kvg_plane_topk(KVG_SCORE_ASYM, KVG_COMBINE_MAX, qs, 4, &p, first, NT, NULL, 0, 10, gi, NULL, NULL,
+                            scratch), -EINVAL);
+    kvg_plane_free(&p);
+    free(bits); free(sc); free(want_s); free(scores); free(wv); free(gv); free(wi); free(gi); free(scratch); free(bb);
+}
+
 int main(void)
 {
     int dims[] = { 64, 128, 256 };
@@ -164,6 +228,7 @@ int main(void)
                                  NULL) != -ENOTSUP;
     for (int i = 0; i < 3; i++) {
         roundtrip(dims[i]);
+        topk_case(dims[i]);
         scores(dims[i], KVG_ISA_REF);
         if (v4)
             scores(dims[i], KVG_ISA_V4);

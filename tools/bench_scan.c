@@ -10,14 +10,15 @@
  *              scans (the kernel chosen at run time: AVX-512 VPERMW table
  *              lookups), asymmetric estimator, one query
  *   hamming  : the same, plain Hamming
- *   asym+topk: asym then kvg_topk of the 512 best (the SIMD filter, then
- *              the reference over what it keeps)
+ *   asym+topk: the 512 best of asym's scores by kvg_plane_topk (stage 1's
+ *              shortlist: the scan a cache-sized stretch at a time with
+ *              kvg_topk's filter fused in, the reference over what it keeps)
  *   gqa4     : asym for a GQA group of 4 query heads (max), one pass
  *   asym-tok, gqa4-tok: kvg_score_pos over token-major signatures (as
  *              kvarcd's Search scans its segment files; AVX-512 VPOPCNTQ
  *              over the query's bit planes)
  *   asym-ref, gqa4-ref: the same with the scalar reference (kvg_score_ref)
- *   asym+topk-ref: asym then the reference top-k (kvg_topk_ref) alone
+ *   asym+topk-ref: asym, then the reference top-k (kvg_topk_ref) over all
  * and prints signatures per second, the bytes that implies, and the ratio
  * to the plain read. Napkin math: a signature is D/8 + 2 bytes. */
 #include <stdio.h>
@@ -76,8 +77,8 @@ static void run_ham(ctx *c)
 }
 static void run_topk(ctx *c)
 {
-    run_asym(c);
-    sink += (uint64_t)kvg_topk(c->scores, c->n, 512, c->idx, NULL, c->scratch);
+    sink += (uint64_t)kvg_plane_topk(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, &c->plane, 0, c->n, NULL, 0, 512,
+                                     c->idx, NULL, c->scores, c->scratch);
 }
 static void run_topk_ref(ctx *c)
 {
