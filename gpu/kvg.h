@@ -196,9 +196,9 @@ int  kvg_plane_get(const kvg_plane *p, uint64_t pos, size_t n, uint8_t *bits, ui
 /* Positions [first_pos, first_pos + n) scored as kvg_score_pos_ref does
  * their token-major signatures (same first_pos, blk_bias, nblk), bit for
  * bit: AVX-512 (VPERMW table lookups, every query head of the group in
- * one pass) where the CPU has x86-64-v4, else the reference.
- * kvg_plane_score_isa runs KVG_ISA_V4 (-ENOTSUP without it) or
- * KVG_ISA_REF. 0, -EINVAL (as kvg_score_pos_ref, a range beyond the
+ * one pass) where the CPU has x86-64-v4, AVX2 (VPSHUFB) where it has v3,
+ * else the reference. kvg_plane_score_isa runs KVG_ISA_V4 or KVG_ISA_V3
+ * (-ENOTSUP where the CPU lacks it) or KVG_ISA_REF. 0, -EINVAL (as kvg_score_pos_ref, a range beyond the
  * capacity, another head_dim). */
 int kvg_plane_score(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const kvg_plane *p,
                     uint64_t first_pos, size_t n, const float *blk_bias, size_t nblk, float *scores);

@@ -5,8 +5,8 @@
  * second pass), max and mean, asymmetric and Hamming, with and without
  * block biases, ranges that start and end inside blocks, extreme queries
  * (every q8 at +-127: the largest dot the int16 sums must hold), scales 0,
- * subnormal and the largest finite. Both the AVX-512 kernel (skipped part
- * where the CPU lacks it) and the reference path. Runs as
+ * subnormal and the largest finite. The AVX-512 and AVX2 kernels (each
+ * skipped where the CPU lacks it) and the reference path. Runs as
  * kvg_score_runs. kvg_plane_topk is the reference top-k of those scores.
  * Bad input gets -EINVAL. */
 #include <errno.h>
@@ -123,7 +123,7 @@ static void scores(int d, kvg_isa isa)
                             }
                         }
     CHECK(bad == 0, "head_dim %d %s: the plane's scores differ from the reference in %d of %d cases", d,
-          isa == KVG_ISA_V4 ? "avx512" : "reference path", bad, cases);
+          isa == KVG_ISA_V4 ? "avx512" : isa == KVG_ISA_V3 ? "avx2" : "reference path", bad, cases);
     CHECK(top > 0, "head_dim %d: the largest dot (%d) was never scored exactly", d, d * 127);
 
     /* runs: ragged, across block boundaries, an empty one */
@@ -226,15 +226,20 @@ int main(void)
     int dims[] = { 64, 128, 256 };
     int v4 = kvg_plane_score_isa(KVG_ISA_V4, KVG_SCORE_ASYM, KVG_COMBINE_MAX, NULL, 1, NULL, 0, 0, NULL, 0,
                                  NULL) != -ENOTSUP;
+    int v3 = kvg_plane_score_isa(KVG_ISA_V3, KVG_SCORE_ASYM, KVG_COMBINE_MAX, NULL, 1, NULL, 0, 0, NULL, 0,
+                                 NULL) != -ENOTSUP;
     for (int i = 0; i < 3; i++) {
         roundtrip(dims[i]);
         topk_case(dims[i]);
         scores(dims[i], KVG_ISA_REF);
         if (v4)
             scores(dims[i], KVG_ISA_V4);
+        if (v3)
+            scores(dims[i], KVG_ISA_V3);
     }
-    CHECK_RC(kvg_plane_score_isa(KVG_ISA_V3, KVG_SCORE_ASYM, KVG_COMBINE_MAX, NULL, 1, NULL, 0, 0, NULL, 0, NULL),
+    CHECK_RC(kvg_plane_score_isa(KVG_ISA_BASE, KVG_SCORE_ASYM, KVG_COMBINE_MAX, NULL, 1, NULL, 0, 0, NULL, 0, NULL),
              -EINVAL);
-    printf("plane kernel: %s%s\n", kvg_plane_kernel(), v4 ? "" : " (the AVX-512 kernel is untested here)");
+    printf("plane kernel: %s%s%s\n", kvg_plane_kernel(), v4 ? "" : " (the AVX-512 kernel is untested here)",
+           v3 ? "" : " (the AVX2 kernel is untested here)");
     return tu_finish("test_plane");
 }

@@ -14,6 +14,9 @@
  *              shortlist: the scan a cache-sized stretch at a time with
  *              kvg_topk's filter fused in, the reference over what it keeps)
  *   gqa4     : asym for a GQA group of 4 query heads (max), one pass
+ *   asym-avx2, gqa4-avx2: asym and gqa4 through the plane's AVX2 kernel
+ *              (VPSHUFB), as a CPU without AVX-512 runs them (skipped
+ *              where the CPU lacks AVX2: the reference's time)
  *   asym-tok, gqa4-tok: kvg_score_pos over token-major signatures (as
  *              kvarcd's Search scans its segment files; AVX-512 VPOPCNTQ
  *              over the query's bit planes)
@@ -65,6 +68,14 @@ static void run_read(ctx *c)
 static void run_asym(ctx *c)
 {
     kvg_plane_score(KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, &c->plane, 0, c->n, NULL, 0, c->scores);
+}
+static void run_asym_v3(ctx *c)
+{
+    kvg_plane_score_isa(KVG_ISA_V3, KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 1, &c->plane, 0, c->n, NULL, 0, c->scores);
+}
+static void run_gqa_v3(ctx *c)
+{
+    kvg_plane_score_isa(KVG_ISA_V3, KVG_SCORE_ASYM, KVG_COMBINE_MAX, c->q, 4, &c->plane, 0, c->n, NULL, 0, c->scores);
 }
 static void run_asym_tok(ctx *c)
 {
@@ -177,7 +188,8 @@ int main(int argc, char **argv)
         double bytes = (double)n * (d / 8 + 2);
         struct { const char *name; void (*fn)(ctx *); } ks[] = {
             { "read", run_read }, { "asym", run_asym }, { "hamming", run_ham },
-            { "asym+topk", run_topk }, { "gqa4", run_gqa }, { "asym-tok", run_asym_tok }, { "gqa4-tok", run_gqa_tok },
+            { "asym+topk", run_topk }, { "gqa4", run_gqa }, { "asym-avx2", run_asym_v3 }, { "gqa4-avx2", run_gqa_v3 },
+            { "asym-tok", run_asym_tok }, { "gqa4-tok", run_gqa_tok },
             { "asym-ref", run_asym_ref }, { "gqa4-ref", run_gqa_ref },
             { "asym+topk-ref", run_topk_ref },
         };
