@@ -43,7 +43,7 @@
  * 6. Dispatch: the AVX-512 kernel where the CPU has x86-64-v4 (F, BW, DQ,
  *    VL), the AVX2 one where it has x86-64-v3, else the reference over the
  *    token-major copy of each stretch (kvg_plane_score_isa runs one for
- *    tests and benchmarks). A block signature block of
+ *    tests and benchmarks). A signature block of
  *    KVG_SIG_BLOCK = 64 positions holds two plane blocks, so one bias per
  *    query head serves a whole plane block.
  */

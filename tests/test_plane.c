@@ -18,14 +18,6 @@
 
 #define NS 700
 
-static void make_sigs(tu_rng *g, int d, size_t n, uint8_t *bits, uint16_t *sc)
-{
-    for (size_t i = 0; i < n * (size_t)d / 8; i++)
-        bits[i] = (uint8_t)(kvarc_splitmix64(&g->s) >> 56);
-    for (size_t j = 0; j < n; j++)
-        sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(g) * 4);
-}
-
 /* nq queries; query 0 is extreme: every rotated coordinate of equal
  * magnitude, so every q8 is +-127 (|dot| reaches head_dim * 127 on the
  * signature that agrees with it, which the test plants). */
@@ -56,7 +48,7 @@ static void roundtrip(int d)
     size_t sb = (size_t)d / 8;
     uint8_t *bits = malloc(NS * sb), *back = malloc(NS * sb);
     uint16_t sc[NS], sback[NS];
-    make_sigs(&g, d, NS, bits, sc);
+    tu_random_sigs(&g, d, NS, bits, sc);
     kvg_plane p = { 0 };
     CHECK_RC(kvg_plane_reserve(&p, d, 5), 0);
     CHECK(p.cap % KVG_PLANE_BLOCK == 0 && p.cap >= 5, "capacity %llu", (unsigned long long)p.cap);
@@ -87,7 +79,7 @@ static void scores(int d, kvg_isa isa)
     uint64_t base = 64 * 3 + 9;        /* the plane's first signature: position base */
     uint8_t *bits = malloc((base + NS) * sb);
     uint16_t sc[64 * 3 + 9 + NS];
-    make_sigs(&g, d, base + NS, bits, sc);
+    tu_random_sigs(&g, d, base + NS, bits, sc);
     kvg_query qs[NQ];
     make_queries(&g, d, qs, NQ);
     for (int i = 0; i < d; i++) {     /* position base + 100 agrees with the extreme query everywhere */
@@ -184,7 +176,7 @@ static void topk_case(int d)
     CHECK_RC(kvg_plane_reserve(&p, d, first + NT), 0);
     int bad = 0, cases = 0;
     for (int shape = 0; shape < 4; shape++) {
-        make_sigs(&g, d, first + NT, bits, sc);
+        tu_random_sigs(&g, d, first + NT, bits, sc);
         for (size_t j = first; j < first + NT; j++) {
             if (shape == 1)                   /* a 300-token hot stretch between the sample's blocks */
                 sc[j] = j - first >= 20100 && j - first < 20400 ? sc[j] : (uint16_t)(sc[j] >> 4);

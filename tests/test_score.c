@@ -75,16 +75,6 @@ static void dispatch_case(int d)
     printf("stage-1 kernel at head_dim %d: %s\n", d, kvg_score_kernel(d));
 }
 
-/* Random signatures of d/8 bytes; scales 0, subnormal, the largest
- * finite fp16 and ordinary ones among them. */
-static void make_sigs(tu_rng *g, int d, size_t n, uint8_t *bits, uint16_t *sc)
-{
-    for (size_t i = 0; i < n * (size_t)d / 8; i++)
-        bits[i] = (uint8_t)(kvarc_splitmix64(&g->s) >> 56);
-    for (size_t j = 0; j < n; j++)
-        sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(g) * 4);
-}
-
 /* nq prepared queries of head_dim d (each with a bias of its own). */
 static void make_queries(tu_rng *g, int d, kvg_query *qs, int nq)
 {
@@ -136,7 +126,7 @@ static void runs_case(int d)
     const size_t sb = (size_t)d / 8;
     uint8_t *bits = malloc(NS * sb);
     uint16_t sc[NS];
-    make_sigs(&g, d, NS, bits, sc);
+    tu_random_sigs(&g, d, NS, bits, sc);
     kvg_query qs[8];
     make_queries(&g, d, qs, 8);
     const uint64_t first = 64 * 1000 + 37;
@@ -213,7 +203,7 @@ static void items_case(int d)
     const size_t sb = (size_t)d / 8;
     uint8_t *bits = malloc(NI * sb);
     uint16_t sc[NI];
-    make_sigs(&g, d, NI, bits, sc);
+    tu_random_sigs(&g, d, NI, bits, sc);
     kvg_query qs[8], q1[8];
     make_queries(&g, d, qs, 8);
     float *ib = malloc(8 * NI * sizeof *ib), want[NI], got[NI + 8], one;

@@ -57,6 +57,16 @@ static inline float tu_gauss(tu_rng *r)
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
+/* Random stage-1 signatures: n of d/8 bytes, and their fp16 scales with
+ * 0, subnormal, the largest finite fp16 and ordinary ones among them. */
+static inline void tu_random_sigs(tu_rng *g, int d, size_t n, uint8_t *bits, uint16_t *sc)
+{
+    for (size_t i = 0; i < n * (size_t)d / 8; i++)
+        bits[i] = (uint8_t)(kvarc_splitmix64(&g->s) >> 56);
+    for (size_t j = 0; j < n; j++)
+        sc[j] = j % 97 == 0 ? 0 : j % 89 == 0 ? 1 : j % 83 == 0 ? 0x7bff : kvarc_f32_to_f16((float)tu_uniform(g) * 4);
+}
+
 /* n vectors [n][d] shaped like real pre-RoPE keys: a shared mean
  * direction, a few outlier channels 10x the rest, Gaussian bulk. */
 static inline void tu_keys_outliers(tu_rng *r, float *x, size_t n, int d)
