@@ -174,19 +174,28 @@ typedef union ptab {
 static int make_tables(kvg_isa isa, kvg_score_mode mode, const kvg_query *q, ptab *t)
 {
     int d = q->head_dim;
-    for (int g = 0; g < d / 4; g++)
-        for (int v = 0; v < 16; v++) {
-            int s = 0;
-            for (int j = 0; j < 4; j++) {
-                int i = 4 * g + j, bit = (v >> j) & 1;
-                if (mode == KVG_SCORE_ASYM) {
-                    if (q->q8[i] == -128)
-                        return -1;
-                    s += bit ? q->q8[i] : -q->q8[i];
-                } else {
-                    s += bit == ((q->bits[i / 8] >> (i % 8)) & 1) ? 1 : -1;
-                }
+    for (int g = 0; g < d / 4; g++) {
+        /* w[j]: what bit j set adds against it clear (T[v] = T[0] + the w of v's bits): 2 q8 (asym),
+         * +-2 (Hamming: agreeing with the query's sign bit or not) */
+        int w[4], e[16];
+        e[0] = 0;
+        for (int j = 0; j < 4; j++) {
+            int i = 4 * g + j;
+            if (mode == KVG_SCORE_ASYM) {
+                if (q->q8[i] == -128)
+                    return -1;
+                w[j] = 2 * q->q8[i];
+                e[0] -= q->q8[i];
+            } else {
+                int qb = (q->bits[i / 8] >> (i % 8)) & 1;
+                w[j] = qb ? 2 : -2;
+                e[0] += qb ? -1 : 1;
             }
+        }
+        for (int v = 1; v < 16; v++)
+            e[v] = e[v & (v - 1)] + w[__builtin_ctz((unsigned)v)];
+        for (int v = 0; v < 16; v++) {
+            int s = e[v];
             if (isa == KVG_ISA_V4) {
                 t->t[g][v] = t->t[g][v + 16] = (int16_t)s;
             } else {
@@ -194,6 +203,7 @@ static int make_tables(kvg_isa isa, kvg_score_mode mode, const kvg_query *q, pta
                 t->b.hi[g][v] = t->b.hi[g][v + 16] = (uint8_t)((s + 512) >> 8);
             }
         }
+    }
     return 0;
 }
 
@@ -502,15 +512,28 @@ int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query 
             end = runs[2 * r] + runs[2 * r + 1];
     if (blk_bias && end && nblk < (base + end - 1) / KVG_SIG_BLOCK - base / KVG_SIG_BLOCK + 1)
         return -EINVAL;
+    if (!end)
+        return 0;
+    /* the kernel's tables once for every run (a prefill query scans a few short runs: making them per
+     * run cost more than the scan) */
+    kvg_isa kisa = plane_best();
+    ptab stack[CHUNK], *tab = NULL;
+    if (kisa != KVG_ISA_REF && p && p->words && qs[0].head_dim == p->head_dim && base <= p->cap &&
+        end <= p->cap - base && scores)
+        tab = tables_make(kisa, mode, qs, n_q, stack);
     size_t o = 0;
     for (size_t r = 0; r < nr; r++) {
         uint64_t at = base + runs[2 * r], len = runs[2 * r + 1];
         size_t db = at / KVG_SIG_BLOCK - base / KVG_SIG_BLOCK;
-        if (len && (rc = kvg_plane_score(mode, comb, qs, n_q, p, at, len, blk_bias ? blk_bias + db : NULL, nblk,
-                                         scores + o)))
+        if (len && tab)
+            score_tabs(kisa, mode, comb, tab, qs, n_q, p, at, len, blk_bias ? blk_bias + db : NULL, nblk, scores + o);
+        else if (len && (rc = kvg_plane_score(mode, comb, qs, n_q, p, at, len, blk_bias ? blk_bias + db : NULL,
+                                              nblk, scores + o)))
             return rc;
         o += len;
     }
+    if (tab)
+        tables_free(tab, stack);
     return 0;
 }
 
