@@ -153,6 +153,10 @@ const char *kvg_score_kernel(int head_dim);
  * kvg_score_pos_ref gives for it alone (blk_bias, when given, covers the
  * whole array from first_pos: nblk blocks from block first_pos / 64); the
  * query is prepared once for all runs. Same return codes. */
+/* The argument checks of kvg_score_runs and kvg_plane_score_runs, and the
+ * extent the runs reach (*end: 0 when every run is empty). 0 or -EINVAL. */
+int kvg_score_runs_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, uint64_t first_pos,
+                         const uint64_t *runs, size_t nr, const float *blk_bias, size_t nblk, uint64_t *end);
 int kvg_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
                    const uint16_t *sig_scale, uint64_t first_pos, const uint64_t *runs, size_t nr,
                    const float *blk_bias, size_t nblk, float *scores);

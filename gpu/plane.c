@@ -501,19 +501,10 @@ int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query 
                          uint64_t base, const uint64_t *runs, size_t nr, const float *blk_bias, size_t nblk,
                          float *scores)
 {
-    int rc = kvg_score_check(mode, comb, qs, n_q);
-    if (rc)
+    uint64_t end;
+    int rc = kvg_score_runs_check(mode, comb, qs, n_q, base, runs, nr, blk_bias, nblk, &end);
+    if (rc || !end)
         return rc;
-    if (nr && !runs)
-        return -EINVAL;
-    uint64_t end = 0;
-    for (size_t r = 0; r < nr; r++)
-        if (runs[2 * r + 1] && runs[2 * r] + runs[2 * r + 1] > end)
-            end = runs[2 * r] + runs[2 * r + 1];
-    if (blk_bias && end && nblk < (base + end - 1) / KVG_SIG_BLOCK - base / KVG_SIG_BLOCK + 1)
-        return -EINVAL;
-    if (!end)
-        return 0;
     /* the kernel's tables once for every run (a prefill query scans a few short runs: making them per
      * run cost more than the scan) */
     kvg_isa kisa = plane_best();

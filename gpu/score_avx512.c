@@ -200,23 +200,31 @@ int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
     return 0;
 }
 
-int kvg_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
-                   const uint16_t *sig_scale, uint64_t first_pos, const uint64_t *runs, size_t nr,
-                   const float *blk_bias, size_t nblk, float *scores)
+int kvg_score_runs_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, uint64_t first_pos,
+                         const uint64_t *runs, size_t nr, const float *blk_bias, size_t nblk, uint64_t *end)
 {
+    *end = 0;
     int rc = kvg_score_check(mode, comb, qs, n_q);
     if (rc)
         return rc;
     if (nr && !runs)
         return -EINVAL;
-    uint64_t end = 0;                                 /* the array's extent the runs reach */
     for (size_t r = 0; r < nr; r++)
-        if (runs[2 * r + 1] && runs[2 * r] + runs[2 * r + 1] > end)
-            end = runs[2 * r] + runs[2 * r + 1];
-    if (blk_bias && end && nblk < (first_pos + end - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+        if (runs[2 * r + 1] && runs[2 * r] + runs[2 * r + 1] > *end)
+            *end = runs[2 * r] + runs[2 * r + 1];
+    if (blk_bias && *end && nblk < (first_pos + *end - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
         return -EINVAL;
-    if (!end)
-        return 0;
+    return 0;
+}
+
+int kvg_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *sig_bits,
+                   const uint16_t *sig_scale, uint64_t first_pos, const uint64_t *runs, size_t nr,
+                   const float *blk_bias, size_t nblk, float *scores)
+{
+    uint64_t end;
+    int rc = kvg_score_runs_check(mode, comb, qs, n_q, first_pos, runs, nr, blk_bias, nblk, &end);
+    if (rc || !end)
+        return rc;
     if (!fast(mode, qs, sig_bits, sig_scale, scores)) {
         size_t o = 0;
         for (size_t r = 0; r < nr; r++) {
