@@ -128,6 +128,13 @@ int kvg_plane_get(const kvg_plane *p, uint64_t pos, size_t n, uint8_t *bits, uin
     return 0;
 }
 
+/* Whether positions [first_pos, first_pos + n) of p hold signatures of
+ * head_dim (the range checks every scan makes). */
+static int range_ok(const kvg_plane *p, int head_dim, uint64_t first_pos, uint64_t n)
+{
+    return p && p->words && head_dim == p->head_dim && first_pos <= p->cap && n <= p->cap - first_pos;
+}
+
 /* ---- the reference over the layout --------------------------------------- */
 
 /* kvg_score_pos_ref over a token-major copy, a stretch at a time. */
@@ -406,6 +413,7 @@ static ptab *tables_make(kvg_isa isa, kvg_score_mode mode, const kvg_query *qs, 
     return t;
 }
 
+/* (NULL: nothing to free) */
 static void tables_free(ptab *t, ptab *stack)
 {
     if (t != stack)
@@ -477,8 +485,7 @@ int kvg_plane_score_isa(kvg_isa isa, kvg_score_mode mode, kvg_combine comb, cons
         return rc;
     if (n == 0)
         return 0;
-    if (!p || !p->words || !scores || qs[0].head_dim != p->head_dim || first_pos > p->cap ||
-        n > p->cap - first_pos)
+    if (!scores || !range_ok(p, qs[0].head_dim, first_pos, n))
         return -EINVAL;
     if (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
         return -EINVAL;
@@ -509,8 +516,7 @@ int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query 
      * run cost more than the scan) */
     kvg_isa kisa = plane_best();
     ptab stack[CHUNK], *tab = NULL;
-    if (kisa != KVG_ISA_REF && p && p->words && qs[0].head_dim == p->head_dim && base <= p->cap &&
-        end <= p->cap - base && scores)
+    if (kisa != KVG_ISA_REF && scores && range_ok(p, qs[0].head_dim, base, end))
         tab = tables_make(kisa, mode, qs, n_q, stack);
     size_t o = 0;
     for (size_t r = 0; r < nr; r++) {
@@ -523,8 +529,7 @@ int kvg_plane_score_runs(kvg_score_mode mode, kvg_combine comb, const kvg_query 
             return rc;
         o += len;
     }
-    if (tab)
-        tables_free(tab, stack);
+    tables_free(tab, stack);
     return 0;
 }
 
@@ -554,9 +559,8 @@ long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
     ptab stack[CHUNK], *tab = NULL;
     /* as kvg_topk: the filter pays when the answer is a small part of a long list; the kernel's
      * tables are made once for every stretch */
-    if (k == 0 || n > UINT32_MAX || n < 4 * SB * PB || 8 * k > n || kisa == KVG_ISA_REF || !p || !p->words ||
-        qs[0].head_dim != p->head_dim || first_pos > p->cap || n > p->cap - first_pos ||
-        !(tab = tables_make(kisa, mode, qs, n_q, stack)))
+    if (k == 0 || n > UINT32_MAX || n < 4 * SB * PB || 8 * k > n || kisa == KVG_ISA_REF ||
+        !range_ok(p, qs[0].head_dim, first_pos, n) || !(tab = tables_make(kisa, mode, qs, n_q, stack)))
         goto whole;
     for (size_t i = 0; i < SB; i++) {
         uint64_t at = first_pos + i * (n - PB) / (SB - 1);
@@ -582,8 +586,7 @@ long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
         idx_out[i] = scratch[idx_out[i]];
     return rc;
 whole:
-    if (tab)
-        tables_free(tab, stack);
+    tables_free(tab, stack);
     if ((rc = kvg_plane_score(mode, comb, qs, n_q, p, first_pos, n, blk_bias, nblk, scores)))
         return rc;
     return kvg_topk(scores, n, k, idx_out, val_out, scratch);
