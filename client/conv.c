@@ -33,7 +33,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "kvarc_internal.h"
+#include "gpu.h"
 
 void kvarc_options_default(kvarc_options *o)
 {
@@ -56,47 +56,6 @@ void kvarc_options_default(kvarc_options *o)
     o->coarse_blocks = 0;
     o->prefill_coarse_blocks = 0;
     o->prefill_shortlist = 0;
-}
-
-int64_t kl_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-int kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cv->err, sizeof cv->err, fmt, ap);
-    va_end(ap);
-    return rc;
-}
-
-int kl_rc_of_status(int status)
-{
-    switch (status) {
-    case GRPC_STATUS_OK:                  return 0;
-    case GRPC_STATUS_NOT_FOUND:           return -ENOENT;
-    case GRPC_STATUS_ALREADY_EXISTS:      return -EEXIST;
-    case GRPC_STATUS_FAILED_PRECONDITION: return KVARC_ESHAPE;
-    case GRPC_STATUS_INVALID_ARGUMENT:    return -EINVAL;
-    case GRPC_STATUS_RESOURCE_EXHAUSTED:  return -ENOSPC;
-    case GRPC_STATUS_DATA_LOSS:           return KVARC_ECORRUPT;
-    case GRPC_STATUS_PERMISSION_DENIED:
-    case GRPC_STATUS_UNAUTHENTICATED:     return -EACCES;
-    case GRPC_STATUS_UNAVAILABLE:
-    case GRPC_STATUS_DEADLINE_EXCEEDED:   return -ECONNREFUSED;
-    default:                              return -EIO;
-    }
-}
-
-kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head)
-{
-    const float *mu = cv->means + ((size_t)layer * cv->m.n_kv_heads + head) * 2 * cv->m.head_dim;
-    kvg_codec c = { cv->o.format, &cv->rot, mu, mu + cv->m.head_dim };
-    return c;
 }
 
 /* ---- client ---------------------------------------------------------------- */
@@ -140,9 +99,7 @@ static void conv_free(kvarc_conv *cv)
 {
     if (!cv)
         return;
-#ifdef KVARC_HAVE_CUDA
     kl_gpu_free(cv);              /* first: it unregisters the host rings */
-#endif
     for (uint32_t l = 0; cv->layers && l < cv->m.n_layers; l++) {
         kl_layer *y = &cv->layers[l];
         free(y->sink_k);
@@ -163,6 +120,7 @@ static void conv_free(kvarc_conv *cv)
     }
     free(cv->layers);
     kl_s1_lanes_free(&cv->lanes);
+    kl_ax_free(&cv->ax);
     free(cv->bcs);
     free(cv->means);
     free(cv->last_ret);
@@ -267,13 +225,11 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
             !y->sum_bits || !y->sum_scale)
             goto oom;
     }
-#ifdef KVARC_HAVE_CUDA
     if (kl_gpu_init(cv)) {
         snprintf(c->err, sizeof c->err, "%s", cv->err);
         conv_free(cv);
         return -ENOMEM;
     }
-#endif
     *out = cv;
     return 0;
 oom:
@@ -512,11 +468,9 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
                 if (ch->head < H && ch->first_pos + ch->count <= held && ch->bits.len == ch->count * sb &&
                     ch->scales.len == ch->count * 2) {
                     kvg_plane_put(&y->sig[ch->head], ch->first_pos, ch->count, ch->bits.data, ch->scales.data);
-#ifdef KVARC_HAVE_CUDA
                     if (cv->gpu && kl_gpu_put_sigs(cv, l, ch->head, ch->first_pos, ch->bits.data,
                                                    y->sig[ch->head].scale + ch->first_pos, ch->count))
                         kl_gpu_free(cv);          /* the host mirror is whole: the CPU path serves */
-#endif
                     got += ch->count;
                     cv->st.bytes_received += ch->bits.len + ch->scales.len;
                 }
@@ -680,10 +634,8 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len + r.sum_bits.len + r.sum_scale.len;
             for (size_t h = 0; h < H; h++) {
                 kvg_plane_put(&y->sig[h], y->archived, n, bits + h * n * sb, sc + h * n);
-#ifdef KVARC_HAVE_CUDA
                 if (cv->gpu && kl_gpu_put_sigs(cv, layer, (uint32_t)h, y->archived, bits + h * n * sb, sc + h * n, n))
                     kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */
-#endif
             }
             rc = kl_coarse_keep(cv, y, sb0, snb, nsb > 0 ? sbits : NULL, sscale);
             y->archived += n;
@@ -827,20 +779,6 @@ int kvarc_uses_gpu(const kvarc_conv *cv)
 {
     return cv && cv->gpu != NULL;
 }
-
-#ifndef KVARC_HAVE_CUDA
-int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n)
-{
-    (void)layer, (void)dtype, (void)d_k, (void)d_v, (void)n;
-    return kl_fail(cv, -ENOTSUP, "libkvarc was built without CUDA: no device pointers");
-}
-
-int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out)
-{
-    (void)layer, (void)d_q, (void)n_q, (void)d_out;
-    return kl_fail(cv, -ENOTSUP, "libkvarc was built without CUDA: no device pointers");
-}
-#endif
 
 size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, size_t max)
 {

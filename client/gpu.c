@@ -40,7 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kvarc_internal.h"
+#include "gpu.h"
 #include "kvg_cuda.h"
 
 #define KL_GPU_CHUNK 65536
@@ -310,42 +310,16 @@ int kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float *
     return 0;
 }
 
-int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n)
+int kl_gpu_to_host(void *dst, const void *d_src, size_t bytes)
 {
-    size_t es = kvarc_dtype_size((kvarc_dtype)dtype), bytes = (size_t)cv->m.n_kv_heads * n * cv->m.head_dim * es;
-    if (!es || !d_k || !d_v)
-        return kl_fail(cv, !es ? KVARC_EDTYPE : -EINVAL, "append_device: dtype %d, k and v device pointers", dtype);
-    void *k = malloc(bytes + 1), *v = malloc(bytes + 1);
-    int rc;
-    if (!k || !v)
-        rc = kl_fail(cv, -ENOMEM, "out of memory");
-    else if (cudaMemcpy(k, d_k, bytes, cudaMemcpyDeviceToHost) != cudaSuccess ||
-             cudaMemcpy(v, d_v, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
-        rc = kl_fail(cv, -EINVAL, "append_device: k or v is not %zu bytes of device memory", bytes);
-    else
-        rc = kvarc_append(cv, layer, dtype, k, v, n);
+    int ok = cudaMemcpy(dst, d_src, bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
     cudaGetLastError();
-    free(k);
-    free(v);
-    return rc;
+    return ok ? 0 : -EINVAL;
 }
 
-int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out)
+int kl_gpu_to_device(void *d_dst, const void *src, size_t bytes)
 {
-    size_t bytes = (size_t)cv->m.n_q_heads * n_q * cv->m.head_dim * 4;
-    if (!d_q || !d_out)
-        return kl_fail(cv, -EINVAL, "attend_device: q and out device pointers must be given");
-    float *q = malloc(bytes + 1), *out = malloc(bytes + 1);
-    int rc;
-    if (!q || !out)
-        rc = kl_fail(cv, -ENOMEM, "out of memory");
-    else if (cudaMemcpy(q, d_q, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
-        rc = kl_fail(cv, -EINVAL, "attend_device: q is not %zu bytes of device memory", bytes);
-    else if (!(rc = kvarc_attend(cv, layer, q, n_q, out)) &&
-             cudaMemcpy(d_out, out, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
-        rc = kl_fail(cv, -EINVAL, "attend_device: out is not %zu bytes of device memory", bytes);
+    int ok = cudaMemcpy(d_dst, src, bytes, cudaMemcpyHostToDevice) == cudaSuccess;
     cudaGetLastError();
-    free(q);
-    free(out);
-    return rc;
+    return ok ? 0 : -EINVAL;
 }

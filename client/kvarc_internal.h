@@ -87,9 +87,92 @@ typedef struct kl_s1_args {
     size_t           take;       /* this query's shortlist length (<= r, the stride of idx_out) */
 } kl_s1_args;
 
+/* ---- one kvarc_attend call: attend.c, its stages stage1.c, stage2.c ---- */
+
+/* The geometry of one kvarc_attend call (attend.c's design notes), worked
+ * out once by attend.c and read by the stages. */
+typedef struct kl_step {
+    uint32_t      layer, n_q;
+    size_t        H, QH, G, d;
+    uint64_t      len, cs;       /* the layer's length; the chunk's first position */
+    uint64_t      ns, hot_lo;    /* sinks; the hot window's first position */
+    uint64_t      cold, nh;      /* cold tokens [ns, hot_lo); hot tokens [hot_lo, len) */
+    size_t        kret, R_n;     /* records per item from stage 2; stage 1's shortlist length */
+    int           rot, lay, remap;
+    float         scale;
+    uint64_t      b0;            /* true positions: the cold range's first signature block */
+    size_t        nblk;          /* and its blocks (0 remapped) */
+    const double *bcs;           /* the conversation's block angle table (true positions) */
+    size_t        qb, ni;        /* queries per group (one RerankLayer); items per group (qb x H) */
+} kl_step;
+
+typedef struct kl_posrec {
+    uint64_t pos;
+    uint32_t j;                  /* index in the result (best first) */
+} kl_posrec;
+
+/* kvarc_attend's work space: one allocation kept on the conversation,
+ * carved for each call's geometry and grown (never shrunk) when a call
+ * needs more, so that a decode step allocates nothing but the
+ * RerankLayer reply. Freed with the conversation (kl_ax_free). */
+typedef struct kl_ax {
+    uint8_t      *mem;
+    size_t        mem_cap;
+    /* stage 1 (stage1.c) */
+    uint32_t     *idx;           /* [H][R] one query's shortlists, indices from ns */
+    long         *got;           /* [H] their lengths */
+    float        *qsc;           /* [items][G][d] scoring queries */
+    float        *bb;            /* [QH][nblk] true positions: a query's kind-2 block biases, every head */
+    kvg_query    *qs;            /* [QH] one query's heads, prepared */
+    const float **mus;           /* [QH] each query head's centering (its kv head's mu_k) */
+    uint32_t     *item_head;     /* [items] */
+    uint64_t     *shortlist;     /* [items][R] */
+    uint32_t     *nsl;           /* [items] each item's shortlist length (prefill_shortlist) */
+    uint64_t     *have;          /* [items][R] shortlisted and in the record cache, sorted */
+    size_t       *nhave;         /* [items] */
+    uint64_t     *sort_tmp;      /* [R] kvg_sort_u64's work space */
+    /* stage 2 (stage2.c) */
+    Kvarc__V1__RerankItem  *items;   /* [items] the RerankLayer request */
+    Kvarc__V1__RerankItem **ip;
+    uint64_t     *lkey;          /* [lcap] records landed in ret_rec: (head << 48 | pos) + 1, 0 = empty */
+    uint8_t     **lrec;          /* [lcap] where */
+    size_t        lcap;          /* a power of two >= 2 x items x kret */
+    uint64_t     *ret_pos;       /* [items][kret] */
+    uint8_t      *ret_rec;       /* [items][kret][rb] */
+    uint32_t     *ret_n;         /* [items] */
+    /* attention (attend.c) */
+    float        *hot_k, *hot_v; /* [H][nh][d] the hot window, keys at true positions */
+    float        *sink_k, *sink_v;   /* [H][ns][d] keys turned */
+    float        *rk, *rv;       /* [H][kret][d] one query's retrieved, keys turned */
+    float        *qi, *oi;       /* [QH][d] */
+    kl_posrec    *pr;            /* [kret] */
+    double       *cs_rank;       /* [kret][d] remapped: RoPE angles of rank r when all kret came back */
+    double        cs_score[KVARC_HEAD_DIM_MAX];   /* RoPE angles of the scoring distance */
+    uint64_t     *dkey;          /* [dslots] decoded map: (head << 48 | pos) + 1, 0 = empty */
+    uint32_t     *dat;           /* [dslots] where that entry's K and V are */
+    float        *dk, *dv;       /* [dcap][d] decoded (true positions: turned) */
+    uint8_t      *stage;         /* [kret][rb] records to decode together */
+    uint64_t     *spos;          /* [kret] their positions */
+    size_t        dcap, dslots, dn;   /* dcap: items x kret + 1; dslots: a power of two >= 2 dcap */
+} kl_ax;
+
+void kl_ax_free(kl_ax *x);
+/* The slot of (head, pos) in an open-addressing table keys[n] (n a power
+ * of two; key (head << 48 | pos) + 1, 0 = empty): where it is or would go. */
+size_t kl_slot_of(const uint64_t *keys, size_t n, size_t head, uint64_t pos);
+/* Stage 1 of the group's query i (query g0 + i of the chunk q): every
+ * query head turned and prepared, every kv head's shortlist (kl_stage1),
+ * into items [i H, i H + H) of x: shortlist, nsl, the cached ones in
+ * have / nhave, item_head. 0 or an error (message set). */
+int  kl_stage1_query(kvarc_conv *cv, const kl_step *s, kl_ax *x, const float *q, uint32_t g0, uint32_t i);
+/* Stage 2 of the group's items [0, n): one RerankLayer; every item's
+ * records, from the reply or the record cache, into ret_rec / ret_pos /
+ * ret_n. 0 or an error (message set). */
+int  kl_stage2(kvarc_conv *cv, const kl_step *s, kl_ax *x, size_t n);
+
 /* ---- conversation ------------------------------------------------------ */
 
-typedef struct kl_gpu kl_gpu;    /* gpu.c, built with CUDA */
+typedef struct kl_gpu kl_gpu;    /* the device backend (gpu.h): gpu.c, or gpu_none.c without CUDA */
 
 struct kvarc_client {
     kvc_conn *conn;
@@ -134,6 +217,7 @@ struct kvarc_conv {
     uint32_t       last_n;       /* per head */
     kl_gpu        *gpu;          /* stage 1 and attention on the device, or NULL */
     kl_s1_lanes    lanes;        /* stage 1's per-thread scratch (stage1.c) */
+    kl_ax          ax;           /* kvarc_attend's work space (attend.c) */
     char           err[512];
 };
 
@@ -158,29 +242,6 @@ int  kl_flush(kvarc_conv *cv, uint32_t layer);
  * cv->bcs_n long (kvg_block_angles_pm), grown as needed; NULL when out of
  * memory. */
 const double *kl_block_angles(kvarc_conv *cv, uint64_t nb);
-#ifdef KVARC_HAVE_CUDA
-/* gpu.c: set cv->gpu when a device is there and the options allow it. */
-int  kl_gpu_init(kvarc_conv *cv);
-void kl_gpu_free(kvarc_conv *cv);
-/* Signatures of positions [first, first + n) of (layer, head) into VRAM. */
-int  kl_gpu_put_sigs(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t first, const uint8_t *bits,
-                     const uint16_t *scales, uint64_t n);
-/* Stage 1 over positions [first, first + n): the best r indices (relative
- * to first) into idx_out, as kvg_topk_ref would (blk_bias: kind-2 block
- * biases [n_q][nblk] as kvg_score_pos_ref takes them, or NULL); -ENOTSUP when the device
- * cannot (r above its top-k limit): run the CPU path. */
-long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
-                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t *idx_out);
-/* Bring the layer's VRAM hot window up to its length (once per attend). */
-int  kl_gpu_ring_sync(kvarc_conv *cv, uint32_t layer);
-/* One query's attention on the GPU: qi [n_q_heads][d] turned; sinks
- * [H][ns][d], retrieved [H][kstride][d] (kn per head), all turned, host
- * memory; the hot window is positions [hot_lo, hot_lo + n_hot) from VRAM.
- * out [n_q_heads][d] host. Equal to kvg_attend_ref to 1e-5 relative. */
-int  kl_gpu_attend(kvarc_conv *cv, uint32_t layer, const float *qi, const float *sink_k, const float *sink_v,
-                   size_t ns, const float *rk, const float *rv, size_t kstride, size_t kn, uint64_t hot_lo,
-                   size_t n_hot, float scale, float *out);
-#endif
 
 /* ---- coarse tier (coarse.c) ------------------------------------------- */
 

@@ -21,6 +21,10 @@
  * errors come back as codes and the caller reports the first head's. The
  * GPU path (one device stream) and single-head models run on the caller's
  * thread.
+ * Around it, kl_stage1_query takes one query of kvarc_attend's group:
+ * its heads turned and prepared as the position mode scores (attend.c),
+ * and after kl_stage1 the shortlists as positions, with the ones the
+ * record cache holds listed for stage 2 (`have`).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -28,7 +32,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "kvarc_internal.h"
+#include "gpu.h"
 
 #define KL_S1_THREADED_MIN 32768   /* cold tokens from which stage 1 uses threads */
 
@@ -168,7 +172,6 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
     if (a->hot_lo - a->ns < KL_S1_THREADED_MIN)   /* too little to scan to pay for starting threads */
         T = 1;
     int rc = 0;
-#ifdef KVARC_HAVE_CUDA
     if (cv->gpu) {                     /* one device stream: the caller's thread, head by head */
         int all = 1;
         if ((rc = lanes_reserve(lanes, 1, 0, a->H * a->G)) ||
@@ -188,7 +191,6 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
         if (all)
             return 0;
     }
-#endif
     if ((rc = lanes_reserve(lanes, T, a->hot_lo - a->ns, a->H * a->G)))
         return kl_fail(cv, rc, "out of memory for stage 1 over %llu cold tokens",
                        (unsigned long long)(a->hot_lo - a->ns));
@@ -213,5 +215,61 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
             return kl_fail(cv, (int)got[h], got[h] == KVARC_ENONFINITE
                            ? "stage 1 on layer %u head %zu: a query's bias against the centering overflows fp32 (%s)"
                            : "stage 1 on layer %u head %zu failed: %s", layer, h, kvarc_strerror((int)got[h]));
+    return 0;
+}
+
+int kl_stage1_query(kvarc_conv *cv, const kl_step *s, kl_ax *x, const float *q, uint32_t g0, uint32_t i)
+{
+    const size_t H = s->H, G = s->G, d = s->d;
+    const uint32_t qn = g0 + i;                  /* the query's index in the chunk */
+    int rc = 0;
+    /* every query head turned and prepared (their block biases, true mode,
+     * are made by kl_stage1's threads): remapped, turned by the scoring
+     * distance against kind-1 signatures; true, turned to its own position
+     * against kind-2 ones, the centering's bias per block */
+    for (size_t h = 0; h < H; h++) {
+        size_t it = (size_t)i * H + h;
+        x->item_head[it] = (uint32_t)h;
+        kvg_codec codec = kl_codec(cv, s->layer, (uint32_t)h);
+        for (size_t g = 0; g < G; g++) {
+            float *qv = x->qsc + (it * G + g) * d;
+            memcpy(qv, q + ((h * G + g) * s->n_q + qn) * d, d * 4);
+            if (s->remap)
+                kvg_rope_turn(qv, (int)d, s->rot, s->lay, x->cs_score);
+            else
+                kvg_rope_apply(qv, (int)d, s->rot, s->lay, cv->rope.inv_freq, (double)(s->cs + qn));
+            if ((rc = kvg_query_prep_ref(&cv->rot, s->remap ? codec.mu_k : NULL, KVARC_DTYPE_F32, qv,
+                                         &x->qs[h * G + g])))
+                return kl_fail(cv, rc, "query %u head %zu: %s", qn, h * G + g, kvarc_strerror(rc));
+            x->mus[h * G + g] = codec.mu_k;
+        }
+    }
+    /* every head's shortlist; a prefill chunk's queries but its last may
+     * take a coarse tier and a shortlist of their own */
+    int pre = s->n_q > 1 && qn != s->n_q - 1;
+    uint32_t cb = pre && cv->o.prefill_coarse_blocks ? cv->o.prefill_coarse_blocks : cv->o.coarse_blocks;
+    size_t take = s->R_n;
+    if (pre && cv->o.prefill_shortlist && (size_t)cv->o.prefill_shortlist * cv->o.top_k < take)
+        take = (size_t)cv->o.prefill_shortlist * cv->o.top_k;
+    kl_s1_args a = { H, G, s->R_n, s->nblk, s->ns, s->hot_lo, x->qs, s->remap ? NULL : x->bb, x->idx,
+                     x->qsc + (size_t)i * H * G * d, x->mus, s->remap ? NULL : s->bcs + s->b0, cv->bcs_n, s->b0,
+                     cb, take };
+    if ((rc = kl_stage1(cv, s->layer, &a, &cv->lanes, x->got)))
+        return rc;
+    /* the shortlists as positions, and which of them the cache holds */
+    for (size_t h = 0; h < H; h++) {
+        size_t it = (size_t)i * H + h;
+        x->nsl[it] = (uint32_t)x->got[h];
+        uint64_t *sl = x->shortlist + it * s->R_n, *hv = x->have + it * s->R_n;
+        const uint32_t *idx = x->idx + h * s->R_n;
+        size_t nhv = 0;
+        for (long j = 0; j < x->got[h]; j++) {
+            sl[j] = s->ns + idx[j];
+            if (kl_cache_has(&cv->cache, kl_cache_key(s->layer, (uint32_t)h, sl[j])))
+                hv[nhv++] = sl[j];
+        }
+        kvg_sort_u64(hv, nhv, x->sort_tmp);
+        x->nhave[it] = nhv;
+    }
     return 0;
 }

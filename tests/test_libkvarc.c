@@ -309,6 +309,27 @@ int main(void)
             CHECK(pw < 2e-5f, "prefill chunk layer %d: worst relative error %.3g", l, pw);
         }
     }
+    {   /* the work space a conversation keeps across calls: after the chunk of
+         * 100 (the largest geometry), a decode step gives the bits of a fresh
+         * conversation's first call */
+        kvarc_conv *fr;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "prefill-fresh", &m, &o, NULL, &fr), 0);
+        for (int t0 = 0; t0 < 300; t0 += 100)
+            CHECK_RC(append_tokens(fr, t0, 100), 0);
+        CHECK_RC(append_tokens(fr, 300, 2), 0);
+        CHECK_RC(append_tokens(fr, 302, 100), 0);
+        CHECK_RC(append_tokens(fr, 402, 1), 0);
+        CHECK_RC(append_tokens(pf, 402, 1), 0);
+        float of[QH * D];
+        int same = 1;
+        for (int l = 0; l < L; l++) {
+            CHECK_RC(attend_step(pf, l, 402, out), 0);
+            CHECK_RC(attend_step(fr, l, 402, of), 0);
+            same &= !memcmp(out, of, sizeof of);
+        }
+        CHECK(same, "a decode step after a prefill chunk gives the bits of a conversation's first call");
+        CHECK_RC(kvarc_conv_close(fr), 0);
+    }
     {   /* one query group per query (a record cache of 64) = one group for the chunk */
         kvarc_options og = o;
         og.format = KVARC_FMT_Q3;
@@ -348,7 +369,7 @@ int main(void)
         CHECK_RC(kvarc_append(pf, 0, KVARC_DTYPE_F32, kn, vn, 2), KVARC_ENONFINITE);
         CHECK(kvarc_length(pf, 0) == before + 1 && strstr(kvarc_errmsg(pf), "position"),
               "the token before the NaN was appended, the NaN's refused: %s", kvarc_errmsg(pf));
-        CHECK_RC(append_tokens(pf, 403, 1), 0);       /* layer 1 catches up; layer 0 goes on */
+        CHECK_RC(append_tokens(pf, 404, 1), 0);       /* layer 1 catches up; layer 0 goes on */
     }
     CHECK_RC(kvarc_conv_close(pf), 0);
 
