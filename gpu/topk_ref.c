@@ -21,10 +21,56 @@ static inline uint64_t win_pack(uint32_t key, uint32_t idx)
     return (uint64_t)~key << 32 | idx;
 }
 
+/* v[0..n) by insertion (a run of at most SORT_RUN). */
+static void sort_insert(uint64_t *v, size_t n)
+{
+    for (size_t i = 1; i < n; i++) {
+        uint64_t t = v[i];
+        size_t j = i;
+        for (; j > 0 && v[j - 1] > t; j--)
+            v[j] = v[j - 1];
+        v[j] = t;
+    }
+}
+
+#define SORT_RUN 16       /* insertion-sorted runs the merge starts from */
+#define SORT_MERGE_MAX 512    /* up to this many values the merge sort beats the radix passes (measured) */
+
+/* Bottom-up merge sort of v[n] through tmp[n]. */
+static void sort_merge(uint64_t *v, size_t n, uint64_t *tmp)
+{
+    for (size_t i = 0; i < n; i += SORT_RUN)
+        sort_insert(v + i, n - i < SORT_RUN ? n - i : SORT_RUN);
+    uint64_t *src = v, *dst = tmp;
+    for (size_t w = SORT_RUN; w < n; w *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * w) {
+            size_t mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            size_t a = lo, b = mid, o = lo;
+            while (a < mid && b < hi)
+                dst[o++] = src[b] < src[a] ? src[b++] : src[a++];
+            while (a < mid)
+                dst[o++] = src[a++];
+            while (b < hi)
+                dst[o++] = src[b++];
+        }
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != v)
+        memcpy(v, src, n * sizeof *v);
+}
+
 void kvg_sort_u64(uint64_t *v, size_t n, uint64_t *tmp)
 {
-    if (n < 2)
+    if (n <= SORT_RUN) {
+        sort_insert(v, n);
         return;
+    }
+    if (n <= SORT_MERGE_MAX) {            /* a radix pass costs its 256 buckets whatever n */
+        sort_merge(v, n, tmp);
+        return;
+    }
     uint64_t *src = v, *dst = tmp;
     for (int shift = 0; shift < 64; shift += 8) {
         size_t count[256] = { 0 };

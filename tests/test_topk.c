@@ -62,25 +62,34 @@ static void check_sort(const char *what, const uint64_t *in, size_t n)
     free(a); free(b); free(tmp);
 }
 
+/* what at n and at sizes around the insertion runs and the merge's limit */
+static void check_sorts(const char *what, const uint64_t *in, size_t n)
+{
+    static const size_t sizes[] = { 3, 15, 16, 17, 31, 32, 33, 100, 128, 255, 511, 512, 513, 1000 };
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0] && sizes[i] < n; i++)
+        check_sort(what, in, sizes[i]);
+    check_sort(what, in, n);
+}
+
 static void sort_cases(tu_rng *r)
 {
     size_t n = 5000;
     uint64_t *v = malloc(n * 8);
     for (size_t j = 0; j < n; j++)
         v[j] = kvarc_splitmix64(&r->s);
-    check_sort("random", v, n);
+    check_sorts("random", v, n);
     for (size_t j = 0; j < n; j++)          /* positions: high bytes shared */
         v[j] = 70000 + kvarc_splitmix64(&r->s) % 9000;
-    check_sort("positions", v, n);
+    check_sorts("positions", v, n);
     for (size_t j = 0; j < n; j++)          /* packed top-k winners, many equal keys */
         v[j] = (uint64_t)~(uint32_t)(0x3f800000u + kvarc_splitmix64(&r->s) % 3) << 32 | (uint32_t)(n - j);
-    check_sort("packed", v, n);
+    check_sorts("packed", v, n);
     for (size_t j = 0; j < n; j++)          /* only one byte differs, duplicates */
         v[j] = 0x0123456789ab0000ull | (kvarc_splitmix64(&r->s) % 5) << 8;
-    check_sort("one byte", v, n);
+    check_sorts("one byte", v, n);
     for (size_t j = 0; j < n; j++)
         v[j] = 42;
-    check_sort("equal", v, n);
+    check_sorts("equal", v, n);
     check_sort("two", (uint64_t[]){ 9, 3 }, 2);
     check_sort("one", v, 1);
     check_sort("empty", v, 0);
