@@ -65,6 +65,11 @@ static void sort_by_pos(kl_posrec *pr, size_t n)
 void kl_ax_free(kl_ax *x)
 {
     free(x->mem);
+    for (size_t h = 0; h < x->hcap; h++)
+        free(x->hruns[h].v);
+    free(x->hruns);
+    free(x->iruns);
+    free(x->ibias);
     memset(x, 0, sizeof *x);
 }
 
@@ -95,6 +100,10 @@ static size_t ax_carve(kl_ax *x, const kl_step *s, size_t rb, uint8_t *base)
     CARVE(nsl, ni);
     CARVE(have, ni * R);
     CARVE(nhave, ni);
+    CARVE(roff, ni);
+    CARVE(rn, ni);
+    CARVE(boff, ni);
+    CARVE(bn, ni);
     CARVE(sort_tmp, R);
     CARVE(items, ni);
     CARVE(ip, ni);
@@ -323,6 +332,7 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
             memset(x->dkey, 0, x->dslots * sizeof *x->dkey);
             x->dn = 0;
         }
+        x->iruns_n = x->ibias_n = 0;      /* fast tier: the group's runs */
         int64_t t1 = kl_now_ns();
         for (uint32_t i = 0; i < gn && kret && !rc; i++)
             rc = kl_stage1_query(cv, &s, x, q, g0, i);

@@ -24,6 +24,11 @@
  * When the chosen blocks would hold fewer than r tokens or about as many
  * as the whole cold range, the full scan runs instead (-ENOTSUP), the
  * same for every head so that heads shortlist equally many.
+ * The fast tier (o.fast_tier) stops before the scan: the runs go to
+ * kvarcd in the RerankLayer call, which scans their stored signatures
+ * (storaged/stage1b.c) the same way, and a full scan is one run of the
+ * whole cold range. The client then keeps no per-token signatures but
+ * those of each layer's unfinished block (conv.c, sig_base).
  */
 #include <errno.h>
 #include <math.h>
@@ -55,7 +60,7 @@ long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, cons
             for (uint64_t t = 0; t < B; t++) {
                 uint64_t p = b * B + t;
                 if (p < a) {
-                    kvg_plane_get(&y->sig[h], p, 1, bb + t * sb, bs + t);
+                    kvg_plane_get(&y->sig[h], p - y->sig_base, 1, bb + t * sb, bs + t);
                 } else {
                     memcpy(bb + t * sb, tok_bits + (h * n + (p - a)) * sb, sb);
                     bs[t] = tok_sc[h * n + (p - a)];
@@ -170,7 +175,7 @@ static int reserve(kl_coarse_scratch *x, size_t n_items, size_t n_blocks, size_t
 }
 
 long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
-                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks,
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks, int runs_only,
                       kl_coarse_scratch *x, uint32_t *idx_out)
 {
     const uint64_t M = blocks, B = KVG_SIG_BLOCK;
@@ -239,6 +244,8 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
     }
     if (nt < r)
         return -ENOTSUP;
+    if (runs_only)                         /* the fast tier: kvarcd scans them (stage 1b) */
+        return (long)nr;
     rc = kvg_plane_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G, &y->sig[h], ns,
                               x->runs, nr, bb, nblk, x->ts);
     if (rc)

@@ -156,6 +156,11 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
                  KVARC_THREADS_MAX);
         return -EINVAL;
     }
+    if (o->fast_tier != 0 && o->fast_tier != 1) {
+        snprintf(c->err, sizeof c->err, "bad options: fast_tier %d; 0 (signatures in the client) or 1 (block "
+                 "summaries only, stage 1b in kvarcd)", o->fast_tier);
+        return -EINVAL;
+    }
     if (o->prefill_shortlist > o->shortlist) {
         snprintf(c->err, sizeof c->err, "bad options: prefill_shortlist %u; 0 (as shortlist) or 1..shortlist (%u)",
                  o->prefill_shortlist, o->shortlist);
@@ -225,7 +230,7 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
             !y->sum_bits || !y->sum_scale)
             goto oom;
     }
-    if (kl_gpu_init(cv)) {
+    if (!cv->o.fast_tier && kl_gpu_init(cv)) {      /* the fast tier scans in kvarcd, not on a device */
         snprintf(c->err, sizeof c->err, "%s", cv->err);
         conv_free(cv);
         return -ENOMEM;
@@ -283,11 +288,11 @@ static int load_summaries(kvarc_conv *cv, uint32_t layer, uint64_t nb)
     return rc;
 }
 
-/* Room for signatures of positions [0, n) in every head's mirror. */
+/* Room for signatures of positions [sig_base, n) in every head's mirror. */
 static int sig_reserve(kvarc_conv *cv, kl_layer *y, uint64_t n)
 {
     for (uint32_t h = 0; h < cv->m.n_kv_heads; h++)
-        if (kvg_plane_reserve(&y->sig[h], (int)cv->m.head_dim, n))
+        if (kvg_plane_reserve(&y->sig[h], (int)cv->m.head_dim, n - y->sig_base))
             return kl_fail(cv, -ENOMEM, "out of memory for %llu signatures of head %u", (unsigned long long)n, h);
     return 0;
 }
@@ -451,23 +456,27 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
         kl_layer *y = &cv->layers[l];
         y->len = y->archived = len;
         /* signatures: one server stream per layer, every head, past len up
-         * to what the layer holds (kl_flush checks re-fed tokens with them) */
+         * to what the layer holds (kl_flush checks re-fed tokens with them);
+         * the fast tier's from the unfinished block on only */
         uint64_t held = y->inherited;
+        y->sig_base = cv->o.fast_tier ? len / KVG_SIG_BLOCK * KVG_SIG_BLOCK : 0;
         if ((rc = sig_reserve(cv, y, held)))
             break;
         Kvarc__V1__LoadSignaturesRequest lr = KVARC__V1__LOAD_SIGNATURES_REQUEST__INIT;
         lr.conv = cv->id;
         lr.layer = l;
-        lr.count = held;
+        lr.first = y->sig_base;
+        lr.count = held - y->sig_base;
         kvc_stream *s;
         uint64_t got = 0;
         if (held && !kvc_sstream_open(c->conn, "LoadSignatures", &lr.base, 0, &s)) {
             ProtobufCMessage *mm;
             while (kvc_sstream_next(s, &kvarc__v1__sig_chunk__descriptor, &mm) == 1) {
                 Kvarc__V1__SigChunk *ch = (Kvarc__V1__SigChunk *)mm;
-                if (ch->head < H && ch->first_pos + ch->count <= held && ch->bits.len == ch->count * sb &&
-                    ch->scales.len == ch->count * 2) {
-                    kvg_plane_put(&y->sig[ch->head], ch->first_pos, ch->count, ch->bits.data, ch->scales.data);
+                if (ch->head < H && ch->first_pos >= y->sig_base && ch->first_pos + ch->count <= held &&
+                    ch->bits.len == ch->count * sb && ch->scales.len == ch->count * 2) {
+                    kvg_plane_put(&y->sig[ch->head], ch->first_pos - y->sig_base, ch->count, ch->bits.data,
+                                  ch->scales.data);
                     if (cv->gpu && kl_gpu_put_sigs(cv, l, ch->head, ch->first_pos, ch->bits.data,
                                                    y->sig[ch->head].scale + ch->first_pos, ch->count))
                         kl_gpu_free(cv);          /* the host mirror is whole: the CPU path serves */
@@ -480,9 +489,9 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
             if (st)
                 rc = kl_rc_of_status(st);
         }
-        if (!rc && got != held * H)
+        if (!rc && got != (held - y->sig_base) * H)
             rc = kl_fail(cv, -EIO, "LoadSignatures of layer %u gave %llu of %llu signatures", l,
-                         (unsigned long long)got, (unsigned long long)(held * H));
+                         (unsigned long long)got, (unsigned long long)((held - y->sig_base) * H));
         if (!rc)
             rc = load_summaries(cv, l, held / KVG_SIG_BLOCK);
         /* sinks and the ring, decoded from their records: the whole ring
@@ -533,7 +542,7 @@ static int check_refed(kvarc_conv *cv, uint32_t layer, const uint8_t *bits, uint
         for (size_t h = 0; h < H; h++) {
             const uint8_t *a = bits + (h * n + t) * sb;
             uint8_t b[KVARC_HEAD_DIM_MAX / 8];
-            kvg_plane_get(&y->sig[h], y->archived + t, 1, b, NULL);
+            kvg_plane_get(&y->sig[h], y->archived + t - y->sig_base, 1, b, NULL);
             unsigned flips = 0;
             for (size_t i = 0; i < sb; i++)
                 flips += (unsigned)__builtin_popcount((unsigned)(a[i] ^ b[i]));
@@ -560,6 +569,23 @@ void kl_sig_keys(const kvarc_conv *cv, const kl_layer *y, size_t h, const float 
     }
     if (!remap)
         kvg_sig_pos_center(&cv->rope, mu_k, first, n, x);
+}
+
+/* The fast tier keeps the signatures of the unfinished block only (and,
+ * after an attach, those of the re-fed range until it is checked): once
+ * archiving finishes a block, the mirror starts at the next. */
+static void sig_rebase(kvarc_conv *cv, kl_layer *y)
+{
+    const uint64_t nb = y->archived / KVG_SIG_BLOCK * KVG_SIG_BLOCK, m = y->archived - nb;
+    if (!cv->o.fast_tier || nb <= y->sig_base || y->archived < y->inherited)
+        return;
+    uint8_t tb[KVG_SIG_BLOCK * KVARC_HEAD_DIM_MAX / 8];
+    uint16_t ts[KVG_SIG_BLOCK];
+    for (uint32_t h = 0; h < cv->m.n_kv_heads; h++) {
+        kvg_plane_get(&y->sig[h], nb - y->sig_base, (size_t)m, tb, ts);
+        kvg_plane_put(&y->sig[h], 0, (size_t)m, tb, ts);
+    }
+    y->sig_base = nb;
 }
 
 /* Encode tokens [archived, archived + n) of a layer from the ring; send
@@ -633,7 +659,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             protobuf_c_message_free_unpacked(rep, NULL);
             cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len + r.sum_bits.len + r.sum_scale.len;
             for (size_t h = 0; h < H; h++) {
-                kvg_plane_put(&y->sig[h], y->archived, n, bits + h * n * sb, sc + h * n);
+                kvg_plane_put(&y->sig[h], y->archived - y->sig_base, n, bits + h * n * sb, sc + h * n);
                 if (cv->gpu && kl_gpu_put_sigs(cv, layer, (uint32_t)h, y->archived, bits + h * n * sb, sc + h * n, n))
                     kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */
             }
@@ -642,6 +668,8 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             cv->st.archived += n;
         }
     }
+    if (!rc)
+        sig_rebase(cv, y);
     free(sbits);
     free(sscale);
     free(bits);

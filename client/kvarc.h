@@ -122,6 +122,15 @@ typedef struct kvarc_options {
     uint32_t threads;           /* threads a decode step's stage 1 may use from 32K cold tokens on
                                    (kv heads spread over them; the same answer whatever the count):
                                    0 (default) every online CPU, 1 only the caller's; at most 256 */
+    int      fast_tier;         /* 0 (default): the client holds every cold token's signature (18 B
+                                   per token, layer and kv head at head_dim 128) and runs stage 1;
+                                   1: it holds only the coarse tier's block summaries (and the
+                                   signatures of each layer's unfinished block): it scores them, picks
+                                   coarse_blocks blocks (all of them when that is 0 or does not pay)
+                                   and kvarcd scans their tokens in the same RerankLayer call (stage
+                                   1b) - the shortlists of 0 with the same options, bit for bit, with
+                                   ~1/32 of the memory and attach traffic. No GPU stage 1 then.
+                                   0 or 1, else -EINVAL */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same

@@ -67,6 +67,13 @@ typedef struct kl_s1_lanes {
     int         n;
 } kl_s1_lanes;
 
+/* Runs of positions a fast-tier stage 1 hands to kvarcd: v[2i] the first
+ * position (less the cold range's first, ns), v[2i + 1] the count. */
+typedef struct kl_runs {
+    uint64_t *v;
+    size_t    n, cap;            /* runs; room for cap of them */
+} kl_runs;
+
 /* One query's stage 1: H kv heads, each with G prepared queries qs[H][G]
  * over the cold range [ns, hot_lo); true mode: each thread first makes its
  * heads' kind-2 block biases into bb (kvg_block_bias_n, one pass over the
@@ -85,6 +92,8 @@ typedef struct kl_s1_args {
     uint64_t         b0;         /* ns / 64 */
     uint32_t         coarse;     /* the coarse tier's blocks for this query (0: every cold token) */
     size_t           take;       /* this query's shortlist length (<= r, the stride of idx_out) */
+    kl_runs         *runs_out;   /* [H] fast tier: each head's runs instead of a shortlist (got[h]: how
+                                    many), for kvarcd's stage 1b; NULL: the shortlists here */
 } kl_s1_args;
 
 /* ---- one kvarc_attend call: attend.c, its stages stage1.c, stage2.c ---- */
@@ -154,6 +163,15 @@ typedef struct kl_ax {
     uint8_t      *stage;         /* [kret][rb] records to decode together */
     uint64_t     *spos;          /* [kret] their positions */
     size_t        dcap, dslots, dn;   /* dcap: items x kret + 1; dslots: a power of two >= 2 dcap */
+    /* fast tier: each head's runs from stage 1, then every item's runs and
+     * block biases for stage 1b in kvarcd (grown as needed, not carved) */
+    kl_runs      *hruns;         /* [hcap] */
+    size_t        hcap;
+    uint64_t     *iruns;         /* the group's items' runs, absolute (first, count) pairs */
+    float        *ibias;         /* true positions: their block biases, [G][blocks] per item */
+    size_t        iruns_n, iruns_cap, ibias_n, ibias_cap;
+    size_t       *roff, *rn, *boff, *bn;   /* [items] (carved) where each item's runs / biases are, how
+                                              many values */
 } kl_ax;
 
 void kl_ax_free(kl_ax *x);
@@ -187,8 +205,11 @@ typedef struct kl_layer {
     float    *sink_k, *sink_v;   /* [H][sinks][d], pre-RoPE */
     float    *ring_k, *ring_v;   /* [H][ring][d], token p at slot p % ring, pre-RoPE */
     float    *ring_kr;           /* [H][ring][d] the same keys turned by RoPE to their position */
-    kvg_plane *sig;              /* [H]: the signatures of positions [0, archived), in the layout
-                                    stage 1 scans (kvg_plane: blocks of 32, word-major) */
+    kvg_plane *sig;              /* [H]: the signatures of positions [sig_base, archived), in the
+                                    layout stage 1 scans (kvg_plane: blocks of 32, word-major); plane
+                                    index = position - sig_base */
+    uint64_t  sig_base;          /* 0; fast tier: the first position of the unfinished block (the
+                                    summaries stand for the finished ones, kvarcd holds the rest) */
     uint8_t **sum_bits;          /* [H] -> [sum_cap][KVG_SUM_ITEMS][d/8]: the coarse tier's summaries
                                     of blocks [0, sum_n) (coarse.c) */
     uint16_t **sum_scale;        /* [H] -> [sum_cap][KVG_SUM_ITEMS] */
@@ -266,11 +287,13 @@ int  kl_coarse_keep(kvarc_conv *cv, kl_layer *y, uint64_t b0, uint64_t nsb, cons
  * tokens of the best `blocks` blocks (and of blocks not yet
  * summarized) scanned, their best r into idx_out as indices from ns, as
  * kvg_topk_ref orders them. -ENOTSUP when the coarse tier would scan about
- * as much as the full scan (or is off): scan it all. Other errors are
+ * as much as the full scan (or is off): scan it all. runs_only (the fast
+ * tier): no scan; the number of runs, x->runs[2i] their first position
+ * less ns, x->runs[2i + 1] their length. Other errors are
  * returned, not reported (cv is only read: threads call it for different
  * heads with their own scratch). */
 long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
-                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks,
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks, int runs_only,
                       kl_coarse_scratch *x, uint32_t *idx_out);
 void kl_coarse_scratch_free(kl_coarse_scratch *x);
 

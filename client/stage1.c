@@ -121,7 +121,28 @@ static long one_head(s1_work *w, kl_s1_lane *ln, size_t h)
     const kvg_query *qs = a->qs + h * G;
     const float *bb = a->bb ? a->bb + h * G * a->nblk : NULL;
     uint32_t *idx = a->idx_out + h * a->r;
-    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->take, a->coarse,
+    if (a->runs_out) {                 /* fast tier: the blocks' runs (or the whole range) for kvarcd */
+        kl_runs *ro = &a->runs_out[h];
+        uint64_t whole[2] = { 0, a->hot_lo - a->ns };
+        long nr = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->take, a->coarse, 1,
+                                   &ln->co, NULL);
+        const uint64_t *src = nr == -ENOTSUP ? whole : ln->co.runs;
+        if (nr == -ENOTSUP)
+            nr = 1;
+        if (nr < 0)
+            return nr;
+        if ((size_t)nr > ro->cap) {
+            uint64_t *v = realloc(ro->v, (size_t)nr * 2 * sizeof *v);
+            if (!v)
+                return -ENOMEM;
+            ro->v = v;
+            ro->cap = (size_t)nr;
+        }
+        memcpy(ro->v, src, (size_t)nr * 2 * sizeof *src);
+        ro->n = (size_t)nr;
+        return nr;
+    }
+    long got = kl_stage1_coarse(cv, w->y, h, qs, (int)G, a->ns, a->hot_lo, bb, a->nblk, a->take, a->coarse, 0,
                                 &ln->co, idx);
     if (got != -ENOTSUP)
         return got;
@@ -191,7 +212,7 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
         if (all)
             return 0;
     }
-    if ((rc = lanes_reserve(lanes, T, a->hot_lo - a->ns, a->H * a->G)))
+    if ((rc = lanes_reserve(lanes, T, a->runs_out ? 0 : a->hot_lo - a->ns, a->H * a->G)))
         return kl_fail(cv, rc, "out of memory for stage 1 over %llu cold tokens",
                        (unsigned long long)(a->hot_lo - a->ns));
     s1_work w = { cv, y, a, lanes, T, got };
@@ -215,6 +236,60 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
             return kl_fail(cv, (int)got[h], got[h] == KVARC_ENONFINITE
                            ? "stage 1 on layer %u head %zu: a query's bias against the centering overflows fp32 (%s)"
                            : "stage 1 on layer %u head %zu failed: %s", layer, h, kvarc_strerror((int)got[h]));
+    return 0;
+}
+
+/* Room for n more values at the end of *v (a growable array). */
+static int grow_to(void **v, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap)
+        return 0;
+    size_t c = *cap ? *cap : 1024;
+    while (c < need)
+        c *= 2;
+    void *nv = realloc(*v, c * elem);
+    if (!nv)
+        return -ENOMEM;
+    *v = nv;
+    *cap = c;
+    return 0;
+}
+
+/* Fast tier: the group's query i's items carry each head's runs (absolute
+ * positions) and, at true positions, the block biases of the runs' blocks
+ * ([G][blocks], run order) for kvarcd's stage 1b; their shortlists are
+ * made there (nsl: how long; no `have`: the client cannot know them). */
+static int item_runs(kvarc_conv *cv, const kl_step *s, kl_ax *x, uint32_t i, size_t take)
+{
+    const size_t H = s->H, G = s->G, B = KVG_SIG_BLOCK;
+    for (size_t h = 0; h < H; h++) {
+        size_t it = (size_t)i * H + h, nb = 0;
+        const kl_runs *hr = &x->hruns[h];
+        if (grow_to((void **)&x->iruns, &x->iruns_cap, x->iruns_n + 2 * hr->n, sizeof *x->iruns))
+            return kl_fail(cv, -ENOMEM, "out of memory for stage 1b's runs");
+        x->roff[it] = x->iruns_n;
+        x->rn[it] = 2 * hr->n;
+        for (size_t j = 0; j < hr->n; j++) {
+            uint64_t first = s->ns + hr->v[2 * j], cnt = hr->v[2 * j + 1];
+            x->iruns[x->iruns_n++] = first;
+            x->iruns[x->iruns_n++] = cnt;
+            nb += (size_t)((first + cnt - 1) / B - first / B + 1);
+        }
+        x->boff[it] = x->ibias_n;
+        x->bn[it] = s->remap ? 0 : G * nb;
+        if (!s->remap && grow_to((void **)&x->ibias, &x->ibias_cap, x->ibias_n + G * nb, sizeof *x->ibias))
+            return kl_fail(cv, -ENOMEM, "out of memory for stage 1b's block biases");
+        for (size_t g = 0; g < G && !s->remap; g++) {
+            const float *row = x->bb + (h * G + g) * s->nblk;      /* blocks from b0 = ns / 64 */
+            for (size_t j = 0; j < hr->n; j++) {
+                uint64_t first = s->ns + hr->v[2 * j], last = first + hr->v[2 * j + 1] - 1;
+                for (uint64_t b = first / B; b <= last / B; b++)
+                    x->ibias[x->ibias_n++] = row[b - s->b0];
+            }
+        }
+        x->nsl[it] = (uint32_t)take;
+        x->nhave[it] = 0;
+    }
     return 0;
 }
 
@@ -251,11 +326,21 @@ int kl_stage1_query(kvarc_conv *cv, const kl_step *s, kl_ax *x, const float *q, 
     size_t take = s->R_n;
     if (pre && cv->o.prefill_shortlist && (size_t)cv->o.prefill_shortlist * cv->o.top_k < take)
         take = (size_t)cv->o.prefill_shortlist * cv->o.top_k;
+    if (cv->o.fast_tier && x->hcap < H) {
+        kl_runs *hr = realloc(x->hruns, H * sizeof *hr);
+        if (!hr)
+            return kl_fail(cv, -ENOMEM, "out of memory");
+        memset(hr + x->hcap, 0, (H - x->hcap) * sizeof *hr);
+        x->hruns = hr;
+        x->hcap = H;
+    }
     kl_s1_args a = { H, G, s->R_n, s->nblk, s->ns, s->hot_lo, x->qs, s->remap ? NULL : x->bb, x->idx,
                      x->qsc + (size_t)i * H * G * d, x->mus, s->remap ? NULL : s->bcs + s->b0, cv->bcs_n, s->b0,
-                     cb, take };
+                     cb, take, cv->o.fast_tier ? x->hruns : NULL };
     if ((rc = kl_stage1(cv, s->layer, &a, &cv->lanes, x->got)))
         return rc;
+    if (cv->o.fast_tier)
+        return item_runs(cv, s, x, i, take);
     /* the shortlists as positions, and which of them the cache holds */
     for (size_t h = 0; h < H; h++) {
         size_t it = (size_t)i * H + h;

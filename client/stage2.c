@@ -89,19 +89,29 @@ int kl_stage2(kvarc_conv *cv, const kl_step *s, kl_ax *x, size_t n)
         it->n_queries = (uint32_t)G;
         it->n_query = G * d;
         it->query = x->qsc + i * G * d;
-        it->n_shortlist = x->nsl[i];
-        it->shortlist = x->shortlist + i * s->R_n;
         it->top_k = (uint32_t)kret;
-        it->n_have = x->nhave[i];
-        it->have = x->have + i * s->R_n;
+        if (cv->o.fast_tier) {          /* stage 1b in kvarcd over the runs stage 1 picked */
+            it->n_runs = x->rn[i];
+            it->runs = x->iruns + x->roff[i];
+            it->shortlist_len = x->nsl[i];
+            it->n_run_bias = x->bn[i];
+            it->run_bias = x->bn[i] ? x->ibias + x->boff[i] : NULL;
+        } else {
+            it->n_shortlist = x->nsl[i];
+            it->shortlist = x->shortlist + i * s->R_n;
+            it->n_have = x->nhave[i];
+            it->have = x->have + i * s->R_n;
+        }
         x->ip[i] = it;
-        sent_bytes += G * d * 4 + x->nsl[i] * 8 + x->nhave[i] * 8 + 16;
+        sent_bytes += G * d * 4 + (it->n_shortlist + it->n_have + it->n_runs) * 8 + it->n_run_bias * 4 + 16;
     }
     Kvarc__V1__RerankLayerRequest r = KVARC__V1__RERANK_LAYER_REQUEST__INIT;
     r.conv = cv->id;
     r.layer = s->layer;
     r.n_items = n;
     r.items = x->ip;
+    r.stage1_mode = (uint32_t)cv->o.score_mode;
+    r.stage1_combine = (uint32_t)cv->o.combine;
     ProtobufCMessage *rep = NULL;
     int st = kvc_call(cv->cl->conn, "RerankLayer", &r.base, &kvarc__v1__rerank_layer_reply__descriptor, &rep, 0,
                       cv->err, sizeof cv->err);

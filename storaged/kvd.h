@@ -177,6 +177,11 @@ int kvd_read_records(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head
  * and scales[count], verified. */
 int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
                   uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err);
+/* The same for runs of positions (runs[2i] first, runs[2i + 1] count),
+ * one after another into bits and scales; runs within one stored extent
+ * read its section once. */
+int kvd_read_sig_runs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const uint64_t *runs,
+                      size_t n_runs, uint8_t *bits, uint16_t *scales, kvd_err *err);
 
 /* Summaries of the 64-position blocks [b0, b0 + nb) of (conv, layer,
  * head), each block's last position below the layer's length (-ERANGE):
@@ -243,6 +248,17 @@ typedef struct kvd_rerank_item {
     float          *score_out;   /* [top_k], may be NULL */
     uint8_t        *rec_out;     /* [top_k][record_bytes], may be NULL */
     long            got;         /* out: how many of top_k */
+    /* Stage 1b here (n_runs > 0; shortlist NULL, n the shortlist's length):
+     * the runs' tokens scored by their stored signatures (s1_mode, s1_combine;
+     * the queries prepared as libkvarc prepares them: remapped centered by
+     * mu_k, true uncentered with run_bias), their best n in kvg_topk_ref's
+     * order the shortlist, written to sl_buf[n] (then shortlist = sl_buf,
+     * n = how many). */
+    const uint64_t *runs;        /* [n_runs][2] first position, count; ascending, disjoint */
+    size_t          n_runs;
+    const float    *run_bias;    /* true positions: [n_q][the runs' 64-blocks in run order]; else NULL */
+    int             s1_mode, s1_combine;
+    uint64_t       *sl_buf;
 } kvd_rerank_item;
 int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_item *items, size_t n_items,
                      kvd_err *err);

@@ -143,6 +143,15 @@ int  layer_len_get(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, u
 int  extent_resolve(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t pos,
                     uint64_t *owner, uint64_t *first, extent_val *ev);
 
+/* ---- stage 1b (stage1b.c) ---------------------------------------------- */
+
+/* Item x's shortlist from its runs' stored signatures (kvd_rerank_item's
+ * stage-1b fields): x->shortlist = x->sl_buf, x->n = its length. rot,
+ * mu_k: the conversation's rotation and this head's key mean; remap: the
+ * remapped position mode (else true positions, x->run_bias required). */
+int kvd_stage1b(kvd_reader *r, uint64_t conv, uint32_t layer, int head_dim, const kvarc_rotation *rot,
+                const float *mu_k, int remap, kvd_rerank_item *x, kvd_err *err);
+
 /* ---- blocks read back (replay.c) --------------------------------------- */
 
 /* Check a whole block's payload (header h already decoded): 0 or

@@ -16,7 +16,9 @@
  * distance) against the decoded keys as stored; true, the query (turned to
  * its own position) against each key turned to its own
  * (kvg_key_scores_pos_ref). A conversation of the retired kind 0 is
- * refused (kvd_retrieval_check). */
+ * refused (kvd_retrieval_check). An item may come with runs of positions
+ * instead of a shortlist: stage 1b (stage1b.c) makes its shortlist first,
+ * on the reader that serves its head. */
 #include <errno.h>
 #include <liburing.h>
 #include <pthread.h>
@@ -450,40 +452,64 @@ static int read_ops(kvd_reader *r, rd_op *ops, size_t n, uint32_t layer, const c
     return rc ? kvd_fail(err, rc, "reading %s of layer %u: %s", what, layer, kvarc_strerror(rc)) : 0;
 }
 
-int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
-                  uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err)
+int kvd_read_sig_runs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const uint64_t *runs,
+                      size_t n_runs, uint8_t *bits, uint16_t *scales, kvd_err *err)
 {
     kvd_engine *e = r->e;
     conv_rec info;
     int rc = check_target(e, conv, layer, head, &info, err);
-    if (rc || count == 0)
+    if (rc || n_runs == 0)
         return rc;
-    if (!bits || !scales)
-        return kvd_fail(err, -EINVAL, "read_sigs needs output buffers");
+    if (!runs || !bits || !scales)
+        return kvd_fail(err, -EINVAL, "read_sigs needs runs and output buffers");
     const int d = (int)info.shape.head_dim;
     const size_t sb = (size_t)d / 8;
     piece *pcs = NULL;
-    size_t np = 0;
+    size_t np = 0, nops = 0;
     rd_op *ops = NULL;
+    size_t *op_of = NULL;                          /* [np] the read that holds piece i's section */
     pinset ps = { .n = 0 };
-    rc = extent_pieces(e, conv, layer, first, first + count, &ps, &pcs, &np, "signatures", err);
-    if (!rc && !(ops = malloc((np + 1) * sizeof *ops)))
+    for (size_t q = 0; !rc && q < n_runs; q++) {   /* every run's pieces, one after another */
+        piece *rp = NULL;
+        size_t rn = 0;
+        if (runs[2 * q + 1] == 0)
+            continue;
+        if (runs[2 * q] + runs[2 * q + 1] < runs[2 * q])
+            return kvd_fail(err, -EINVAL, "signature run %zu overflows", q);
+        rc = extent_pieces(e, conv, layer, runs[2 * q], runs[2 * q] + runs[2 * q + 1], &ps, &rp, &rn, "signatures",
+                           err);
+        piece *grown = rc ? NULL : realloc(pcs, (np + rn + 1) * sizeof *pcs);
+        if (!rc && !grown)
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+        if (!rc) {
+            pcs = grown;
+            memcpy(pcs + np, rp, rn * sizeof *pcs);
+            np += rn;
+        }
+        free(rp);
+    }
+    if (!rc && !((ops = malloc((np + 1) * sizeof *ops)) && (op_of = malloc((np + 1) * sizeof *op_of))))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
-    for (size_t i = 0; !rc && i < np; i++) {        /* each extent's whole signature section */
+    for (size_t i = 0; !rc && i < np; i++) {        /* each extent's whole signature section, read once */
         kvarc_block_header h = { .head_dim = (uint16_t)d, .n_heads = (uint16_t)info.shape.n_kv_heads,
                                  .count = pcs[i].ev.count };
-        ops[i] = (rd_op){ pcs[i].fd, pcs[i].ev.off + kvarc_block_sig_offset(&h, (int)head),
-                          (uint32_t)kvarc_block_sig_section(pcs[i].ev.count, d), NULL };
+        rd_op op = { pcs[i].fd, pcs[i].ev.off + kvarc_block_sig_offset(&h, (int)head),
+                     (uint32_t)kvarc_block_sig_section(pcs[i].ev.count, d), NULL };
+        if (!nops || ops[nops - 1].fd != op.fd || ops[nops - 1].off != op.off)
+            ops[nops++] = op;                       /* runs in one extent share its read */
+        op_of[i] = nops - 1;
     }
     if (!rc)
-        rc = read_ops(r, ops, np, layer, "signatures", err);
+        rc = read_ops(r, ops, nops, layer, "signatures", err);
     size_t outi = 0;
     for (size_t i = 0; i < np && !rc; i++) {
-        const uint8_t *sec = ops[i].dst;
-        size_t len = ops[i].len, n = pcs[i].stop - pcs[i].from, from = pcs[i].from - pcs[i].first;
+        const rd_op *op = &ops[op_of[i]];
+        const uint8_t *sec = op->dst;
+        size_t len = op->len, n = pcs[i].stop - pcs[i].from, from = pcs[i].from - pcs[i].first;
         uint32_t crc;
         memcpy(&crc, sec + len - 4, 4);
-        if (crc != kvarc_sig_section_crc(pcs[i].owner, layer, pcs[i].first, head, sec, len - 4)) {
+        if ((i == 0 || op_of[i] != op_of[i - 1]) &&
+            crc != kvarc_sig_section_crc(pcs[i].owner, layer, pcs[i].first, head, sec, len - 4)) {
             rc = kvd_fail(err, KVARC_ECORRUPT, "signatures of positions [%llu, %llu) layer %u head %u "
                           "fail their checksum: data loss, run `kvarc verify`",
                           (unsigned long long)pcs[i].first,
@@ -497,7 +523,15 @@ int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
     pin_release(e, &ps);
     free(pcs);
     free(ops);
+    free(op_of);
     return rc;
+}
+
+int kvd_read_sigs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, uint64_t first,
+                  uint64_t count, uint8_t *bits, uint16_t *scales, kvd_err *err)
+{
+    uint64_t run[2] = { first, count };
+    return kvd_read_sig_runs(r, conv, layer, head, run, 1, bits, scales, err);
 }
 
 /* Index of p in the ascending u[n] (p is there). */
@@ -641,6 +675,16 @@ static void *rerank_heads(void *arg)
         float mu_k[KVARC_HEAD_DIM_MAX];
         int have_mu = 0, rc = 0;
         size_t np = 0, total = 0;
+        for (size_t i = 0; i < w->n_items && !rc; i++) {   /* stage 1b first: the items' shortlists */
+            kvd_rerank_item *x = &w->items[i];
+            if (x->head != h || !x->n_runs)
+                continue;
+            if (!have_mu && !(rc = kvd_conv_means(w->r->e, w->conv, w->layer, h, mu_k, NULL, &w->err)))
+                have_mu = 1;
+            if (!rc)
+                rc = kvd_stage1b(w->r, w->conv, w->layer, (int)info->shape.head_dim, &rot, mu_k, w->rp == NULL, x,
+                                 &w->err);
+        }
         for (size_t i = 0; i <= w->n_items && !rc; i++) {
             kvd_rerank_item *x = i < w->n_items ? &w->items[i] : NULL;
             int mine = x && x->head == h && x->n && x->top_k;
@@ -701,8 +745,12 @@ int kvd_rerank_batch_par(kvd_reader *const *rs, int nr, uint64_t conv, uint32_t 
         for (size_t j = 0; j < (size_t)x->n_q * (size_t)d; j++)
             if (!isfinite(x->q[j]))
                 return kvd_fail(err, KVARC_ENONFINITE, "query element %zu is NaN or Inf", j);
-        if (x->n && x->top_k && (!x->shortlist || !x->pos_out))
-            return kvd_fail(err, -EINVAL, "rerank needs a shortlist and room for the positions");
+        if (x->n && x->top_k && ((!x->shortlist && !x->n_runs) || !x->pos_out))
+            return kvd_fail(err, -EINVAL, "rerank needs a shortlist (or runs) and room for the positions");
+        if (x->n_runs && (x->shortlist || !x->runs || x->s1_mode < 0 || x->s1_mode > 1 || x->s1_combine < 0 ||
+                          x->s1_combine > 1))
+            return kvd_fail(err, -EINVAL, "stage 1b needs runs instead of a shortlist, score mode 0|1 and "
+                            "combination 0|1");
     }
     if (n_items == 0)
         return 0;
@@ -743,7 +791,8 @@ long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, con
                 float *score_out, uint8_t *rec_out, kvd_err *err)
 {
     uint64_t scratch[1];
-    kvd_rerank_item x = { head, q, n_q, shortlist, n, top_k, pos_out ? pos_out : scratch, score_out, rec_out, 0 };
+    kvd_rerank_item x = { .head = head, .q = q, .n_q = n_q, .shortlist = shortlist, .n = n, .top_k = top_k,
+                          .pos_out = pos_out ? pos_out : scratch, .score_out = score_out, .rec_out = rec_out };
     if (!pos_out && top_k > 1 && n > 1) {      /* positions are needed to pick the records */
         x.pos_out = malloc((top_k < n ? top_k : n) * 8);
         if (!x.pos_out)

@@ -724,28 +724,45 @@ static int u64_in(const uint64_t *v, size_t n, uint64_t x)
 
 #define RERANK_LAYER_ITEMS 8192
 
-/* RerankLayer: every item's exact top_k (kvd_rerank_batch), then
- * the records not held by the client nor already sent for that head. The
+/* RerankLayer: every item's exact top_k (kvd_rerank_batch; an item with
+ * runs gets its shortlist from stage 1b first, stage1b.c), then the
+ * records not held by the client nor already sent for that head. The
  * reply's records stay under MAX_REPLY_RECORD_BYTES. */
 static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__RerankLayerRequest, kvarc__v1__rerank_layer_request__unpack, req);
     conv_rec info;
     int rc = visible_conv(c, req->conv, &info, err);
-    size_t d = info.shape.head_dim, rb = 0, n = req->n_items, total_k = 0;
+    size_t d = info.shape.head_dim, rb = 0, n = req->n_items, total_k = 0, total_sl = 0;
     if (!rc && n > RERANK_LAYER_ITEMS)
         rc = kvd_fail(err, -E2BIG, "RerankLayer of %zu items over the limit of %d", n, RERANK_LAYER_ITEMS);
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__RerankItem *it = req->items[i];
+        size_t nsl = it->n_runs ? it->shortlist_len : it->n_shortlist;
         if (it->head >= info.shape.n_kv_heads || it->n_queries < 1 || it->n_queries > 64 ||
-            (size_t)it->n_queries * d != it->n_query || it->n_shortlist > 65536)
+            (size_t)it->n_queries * d != it->n_query || nsl > 65536)
             rc = kvd_fail(err, -EINVAL, "item %zu: head %u of %u, %u queries with %zu values (head_dim %zu), "
                           "shortlist %zu (at most 65536)", i, it->head, info.shape.n_kv_heads, it->n_queries,
-                          it->n_query, d, it->n_shortlist);
+                          it->n_query, d, nsl);
         for (size_t j = 1; !rc && j < it->n_have; j++)
             if (it->have[j] <= it->have[j - 1])
                 rc = kvd_fail(err, -EINVAL, "item %zu: `have` must ascend", i);
-        total_k += it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
+        if (!rc && it->n_runs) {           /* stage 1b here: runs instead of a shortlist */
+            size_t nb = 0;
+            for (size_t q = 0; q + 1 < it->n_runs; q += 2)
+                if (it->runs[q + 1] && it->runs[q] + it->runs[q + 1] > it->runs[q])
+                    nb += (size_t)((it->runs[q] + it->runs[q + 1] - 1) / 64 - it->runs[q] / 64 + 1);
+            if (it->n_runs % 2 || it->n_runs > 2 * 16777216 || it->n_shortlist || it->n_have ||
+                req->stage1_mode > 1 || req->stage1_combine > 1 ||
+                (it->n_run_bias && it->n_run_bias != (size_t)it->n_queries * nb))
+                rc = kvd_fail(err, -EINVAL, "item %zu: stage 1b takes (first, count) pairs of runs (%zu values), no "
+                              "shortlist or `have` (%zu, %zu), stage1_mode 0|1 and stage1_combine 0|1 (%u, %u), "
+                              "and no block biases or n_queries x the runs' blocks (%zu, %u x %zu)", i, it->n_runs,
+                              it->n_shortlist, it->n_have, req->stage1_mode, req->stage1_combine, it->n_run_bias,
+                              it->n_queries, nb);
+        }
+        total_k += it->top_k < nsl ? it->top_k : nsl;
+        total_sl += it->n_runs ? nsl : 0;
     }
     if (!rc) {
         rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
@@ -756,6 +773,7 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
     Kvarc__V1__RerankResult *res = NULL, **resp = NULL;
     kvd_rerank_item *ri = NULL;
     uint64_t *pos = NULL, *seen = NULL;   /* seen: open-addressing set of (head, pos) + 1 */
+    uint64_t *sl = NULL;                  /* stage 1b's shortlists */
     float *sc = NULL;
     protobuf_c_boolean *sent = NULL;
     uint8_t *recs = NULL;
@@ -765,17 +783,28 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
     if (!rc && !((res = calloc(n + 1, sizeof *res)) && (resp = calloc(n + 1, sizeof *resp)) &&
                  (ri = calloc(n + 1, sizeof *ri)) && (pos = malloc((total_k + 1) * 8)) &&
                  (seen = calloc(nseen, 8)) && (sc = malloc((total_k + 1) * 4)) &&
-                 (sent = malloc((total_k + 1) * sizeof *sent)) && (recs = malloc(total_k * rb + 1))))
+                 (sent = malloc((total_k + 1) * sizeof *sent)) && (recs = malloc(total_k * rb + 1)) &&
+                 (sl = malloc((total_sl + 1) * 8))))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     /* every item's top_k with its records (kvd_rerank_batch reads a record
      * that several items list once), then only the records not held by the
      * client nor sent earlier in this reply for the same head, compacted in
      * place (an item's kept records never move past its own slice) */
-    for (size_t i = 0, off = 0; !rc && i < n; i++) {
+    for (size_t i = 0, off = 0, sl_off = 0; !rc && i < n; i++) {
         Kvarc__V1__RerankItem *it = req->items[i];
-        size_t k = it->top_k < it->n_shortlist ? it->top_k : it->n_shortlist;
-        ri[i] = (kvd_rerank_item){ it->head, it->query, (int)it->n_queries, it->shortlist, it->n_shortlist, k,
-                                   pos + off, sc + off, recs + off * rb, 0 };
+        size_t nsl = it->n_runs ? it->shortlist_len : it->n_shortlist, k = it->top_k < nsl ? it->top_k : nsl;
+        ri[i] = (kvd_rerank_item){ .head = it->head, .q = it->query, .n_q = (int)it->n_queries,
+                                   .shortlist = it->n_runs ? NULL : it->shortlist, .n = nsl, .top_k = k,
+                                   .pos_out = pos + off, .score_out = sc + off, .rec_out = recs + off * rb };
+        if (it->n_runs) {
+            ri[i].runs = it->runs;
+            ri[i].n_runs = it->n_runs / 2;
+            ri[i].run_bias = it->n_run_bias ? it->run_bias : NULL;
+            ri[i].s1_mode = (int)req->stage1_mode;
+            ri[i].s1_combine = (int)req->stage1_combine;
+            ri[i].sl_buf = sl + sl_off;
+            sl_off += nsl;
+        }
         off += k;
     }
     if (!rc) {   /* the heads over this worker's reader and the helpers free now (none: it alone) */
@@ -831,7 +860,7 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
         *out = pack(&r.base);
     }
     kvarc__v1__rerank_layer_request__free_unpacked(req, NULL);
-    free(res); free(resp); free(ri); free(pos); free(seen); free(sc); free(sent); free(recs);
+    free(res); free(resp); free(ri); free(pos); free(seen); free(sc); free(sent); free(recs); free(sl);
     return rc;
 }
 

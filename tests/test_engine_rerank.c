@@ -117,7 +117,8 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
             sl[i][n - 1] = sl[i][0];            /* a position listed twice */
         for (int j = 0; j < nq * D; j++)
             q[i][j] = tu_gauss(&rng);
-        it[i] = (kvd_rerank_item){ (uint32_t)(i % 3 == 0), q[i], nq, sl[i], n, kk, pos[i], sc[i], out[i], -1 };
+        it[i] = (kvd_rerank_item){ .head = (uint32_t)(i % 3 == 0), .q = q[i], .n_q = nq, .shortlist = sl[i], .n = n,
+                                   .top_k = kk, .pos_out = pos[i], .score_out = sc[i], .rec_out = out[i], .got = -1 };
     }
     size_t per_head[2] = { 0, 0 };
     for (int i = 0; i < ITEMS; i++)
@@ -150,7 +151,8 @@ static void batch_case(kvd_engine *e, kvd_reader *r)
         for (int j = 0; j < 16; j++)
             ssl[i][j] = (uint64_t)(j * 127 + i * 5) % N;
         ssl[i][15] = ssl[i][2];                  /* a repeat, deduplicated by the sort */
-        sp[i] = (kvd_rerank_item){ (uint32_t)i, q[i], 1, ssl[i], 16, 5, spos[i], ssc[i], sout[i], -1 };
+        sp[i] = (kvd_rerank_item){ .head = (uint32_t)i, .q = q[i], .n_q = 1, .shortlist = ssl[i], .n = 16, .top_k = 5,
+                                   .pos_out = spos[i], .score_out = ssc[i], .rec_out = sout[i], .got = -1 };
     }
     CHECK_RC(kvd_rerank_batch(r, ci.id, 0, sp, 2, &err), 0);
     CHECK(same_as_ref(c, rec, sp, 2), "a sparse batch equals its reference");

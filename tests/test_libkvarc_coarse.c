@@ -21,6 +21,13 @@
  *  - prefill_coarse_blocks (prefill_shortlist): a 3-query chunk's first
  *    two queries give the bits of a reader with the coarse tier (with a
  *    shortlist of 1 x top_k), its last those of the full scan (shortlist);
+ *  - the fast tier (block summaries only in the client, stage 1b in
+ *    kvarcd over the runs of chosen blocks): the retrieval and output bits
+ *    of a client scanning its own signatures, true positions and remapped,
+ *    coarse tier on and off (one run of the whole cold range), decode steps
+ *    and a prefill chunk; the client keeps one block's signatures; bad
+ *    runs (overlapping, odd, past the end, with a shortlist, wrong bias
+ *    count or none, unknown mode) are refused and the good request served;
  *  - coarse_blocks and prefill_coarse_blocks below shortlist x top_k / 64,
  *    and threads past 256, are refused, naming them; so are an Append with summaries of the wrong
  *    size or of no block, and LoadSummaries past the last complete block
@@ -86,6 +93,160 @@ static int all_summarized(const kvarc_conv *cv)
         if (!y->sum_ok[b])
             return 0;
     return 1;
+}
+
+/* Fast tier (stage 1b in kvarcd) against the client's own scan: two forks
+ * of src, read by a worker holding every signature and by a fast-tier one
+ * (block summaries only), given the same tokens and queries: the same
+ * retrieval and output bits for decode steps (before and after a block
+ * completes, which moves the fast tier's small signature window) and for
+ * a 3-query prefill chunk whose first two queries take prefill_coarse and
+ * a shortlist of 1 x top_k. o: coarse_blocks on (runs) or 0 (one run of
+ * the whole cold range). */
+static void fast_vs_full(kvarc_client *cl, const kvarc_model *m, const kvarc_options *o, const char *src,
+                         const char *tag, tu_rng *g)
+{
+    char na[64], nb[64];
+    snprintf(na, sizeof na, "%s-full", tag);
+    snprintf(nb, sizeof nb, "%s-fast", tag);
+    kvarc_options of = *o, oq = *o;
+    of.prefill_coarse_blocks = oq.prefill_coarse_blocks = 4;
+    of.prefill_shortlist = oq.prefill_shortlist = 1;
+    oq.fast_tier = 1;
+    kvarc_conv *sc = NULL, *a = NULL, *b = NULL;
+    CHECK_RC(kvarc_conv_attach(cl, "lib", src, m, o, &sc), 0);
+    if (!sc)
+        return;
+    CHECK_RC(kvarc_fork(sc, "lib", na, 0), 0);
+    CHECK_RC(kvarc_fork(sc, "lib", nb, 0), 0);
+    kvarc_conv_close(sc);
+    CHECK_RC(kvarc_conv_attach(cl, "lib", na, m, &of, &a), 0);
+    CHECK_RC(kvarc_conv_attach(cl, "lib", nb, m, &oq, &b), 0);
+    if (!a || !b) {
+        kvarc_conv_close(a);
+        kvarc_conv_close(b);
+        return;
+    }
+    CHECK(b->layers[0].sig[0].cap <= 1024 && b->layers[0].sig_base + KVG_SIG_BLOCK > b->layers[0].archived &&
+          a->layers[0].sig[0].cap >= kvarc_length(a, 0), "%s: the fast tier holds the unfinished block's "
+          "signatures (from %llu, room for %llu), the full one the layer's (%llu)", tag,
+          (unsigned long long)b->layers[0].sig_base, (unsigned long long)b->layers[0].sig[0].cap,
+          (unsigned long long)a->layers[0].sig[0].cap);
+    uint64_t len = kvarc_length(a, 0);
+    int same = 1, same_ret = 1, steps = 0;
+    float q[QH * D], oa[QH * D], ob[QH * D];
+    for (int j = 0; j < 6 && !tu_failures; j++) {        /* steps, 100 tokens in between after the third */
+        if (j == 3) {
+            CHECK_RC(append_range(a, (int)(len % (N - 200)), 100), 0);
+            CHECK_RC(append_range(b, (int)(len % (N - 200)), 100), 0);
+            len += 100;
+        }
+        CHECK_RC(append_range(a, (int)(len % (N - 200)), 1), 0);
+        CHECK_RC(append_range(b, (int)(len % (N - 200)), 1), 0);
+        needle_query(g, j % 3, len, q);
+        len++;
+        CHECK_RC(kvarc_attend(a, 0, q, 1, oa), 0);
+        CHECK_RC(kvarc_attend(b, 0, q, 1, ob), 0);
+        same &= !memcmp(oa, ob, sizeof oa);
+        for (uint32_t h = 0; h < H; h++) {
+            uint64_t pa[64], pb[64];
+            size_t n1 = kvarc_last_retrieved(a, h, pa, 64), n2 = kvarc_last_retrieved(b, h, pb, 64);
+            same_ret &= n1 == n2 && n1 > 0 && !memcmp(pa, pb, n1 * 8);
+        }
+        steps++;
+    }
+    CHECK(same && same_ret && steps == 6, "%s: 6 decode steps, the fast tier's retrieval and output bits are the "
+          "full tier's", tag);
+    CHECK(b->layers[0].sig[0].cap <= 1024 && b->layers[0].sig_base + KVG_SIG_BLOCK > b->layers[0].archived,
+          "%s: after a block completed the fast tier still holds the unfinished block's signatures only (base "
+          "%llu, archived %llu)", tag, (unsigned long long)b->layers[0].sig_base,
+          (unsigned long long)b->layers[0].archived);
+    static float qc[QH * 3 * D], pa[QH * 3 * D], pb[QH * 3 * D];
+    for (int j = 0; j < 3; j++) {
+        float one_q[QH * D];
+        needle_query(g, j, len + (uint64_t)j, one_q);
+        for (int hq = 0; hq < QH; hq++)
+            memcpy(qc + ((size_t)hq * 3 + (size_t)j) * D, one_q + (size_t)hq * D, D * 4);
+    }
+    CHECK_RC(append_range(a, (int)(len % (N - 200)), 3), 0);
+    CHECK_RC(append_range(b, (int)(len % (N - 200)), 3), 0);
+    CHECK_RC(kvarc_attend(a, 0, qc, 3, pa), 0);
+    CHECK_RC(kvarc_attend(b, 0, qc, 3, pb), 0);
+    CHECK(!memcmp(pa, pb, sizeof pa), "%s: a prefill chunk of 3, the fast tier's output bits are the full tier's",
+          tag);
+    if (!o->pos_mode && o->coarse_blocks) {   /* stage 1b's bad input, over the raw transport */
+        kvc_conn *k;
+        char msg[512];
+        CHECK_RC(kvc_connect(dir, &k), 0);
+        float qq[(QH / H) * D];
+        for (int i = 0; i < (QH / H) * D; i++)
+            qq[i] = tu_gauss(g);
+        uint64_t runs[6] = { 4, 100, 200, 64, 500, 40 }, len0 = kvarc_length(b, 0);
+        float bias[(QH / H) * 6];                  /* the runs span 2 + 2 + 2 blocks */
+        memset(bias, 0, sizeof bias);
+        static const char *what[] = { "descending", "odd", "bias count", "mode", "shortlist too", "past the end",
+                                      "no bias" };
+        for (int c = 0; c < 8; c++) {             /* each case one change from the last, which is accepted */
+            Kvarc__V1__RerankItem it = KVARC__V1__RERANK_ITEM__INIT, *ip = &it;
+            it.head = 1;
+            it.n_queries = QH / H;
+            it.n_query = (QH / H) * D;
+            it.query = qq;
+            it.top_k = 4;
+            it.shortlist_len = 16;
+            it.runs = runs;
+            it.n_runs = 6;
+            it.run_bias = bias;
+            it.n_run_bias = (QH / H) * 6;
+            uint64_t bad[6], sl[1] = { 7 };
+            memcpy(bad, runs, sizeof bad);
+            Kvarc__V1__RerankLayerRequest rq = KVARC__V1__RERANK_LAYER_REQUEST__INIT;
+            rq.conv = b->id;
+            rq.layer = 0;
+            rq.n_items = 1;
+            rq.items = &ip;
+            if (c == 0) {
+                bad[2] = 50;                       /* overlaps the first run */
+                it.runs = bad;
+            } else if (c == 1) {
+                it.n_runs = 5;
+            } else if (c == 2) {
+                it.n_run_bias = 3;
+            } else if (c == 3) {
+                rq.stage1_mode = 2;
+            } else if (c == 4) {
+                it.shortlist = sl;
+                it.n_shortlist = 1;
+            } else if (c == 5) {
+                bad[4] = len0 + 100;
+                it.runs = bad;
+            } else if (c == 6) {
+                it.run_bias = NULL;
+                it.n_run_bias = 0;
+            }
+            ProtobufCMessage *rep = NULL;
+            int st = kvc_call(k, "RerankLayer", &rq.base, &kvarc__v1__rerank_layer_reply__descriptor, &rep, 0, msg,
+                              sizeof msg);
+            if (c < 7) {
+                CHECK(st == GRPC_STATUS_INVALID_ARGUMENT || (c == 5 && st == GRPC_STATUS_OUT_OF_RANGE),
+                      "stage 1b with %s runs is refused: status %d, '%s'", what[c], st, msg);
+            } else {
+                Kvarc__V1__RerankLayerReply *rl = (Kvarc__V1__RerankLayerReply *)rep;
+                CHECK(st == GRPC_STATUS_OK && rl && rl->n_results == 1 && rl->results[0]->n_positions == 4,
+                      "the same request with good runs is answered: status %d, '%s'", st, msg);
+            }
+            if (rep)
+                protobuf_c_message_free_unpacked(rep, NULL);
+        }
+        kvc_close(k);
+    }
+    kvarc_stats sa, sb;
+    kvarc_conv_stats(a, &sa);
+    kvarc_conv_stats(b, &sb);
+    CHECK(len < 8192 || sb.bytes_received * 4 < sa.bytes_received, "%s: the fast tier received %llu bytes against "
+          "the full tier's %llu", tag, (unsigned long long)sb.bytes_received, (unsigned long long)sa.bytes_received);
+    kvarc_conv_close(a);
+    kvarc_conv_close(b);
 }
 
 int main(void)
@@ -414,6 +575,18 @@ int main(void)
         CHECK_RC(kvarc_conv_attach(cl, "lib", "threads", &m, &bad, &x), -EINVAL);
         CHECK(strstr(kvarc_client_errmsg(cl), "prefill_shortlist") != NULL, "the refusal names prefill_shortlist: %s",
               kvarc_client_errmsg(cl));
+    }
+
+    /* the fast tier: stage 1b in kvarcd gives the client's own scan's bits, true positions and
+     * remapped, through the coarse tier's runs and through one run of the whole cold range */
+    {
+        kvarc_options o0 = o, om = o, om0 = o;
+        o0.coarse_blocks = om0.coarse_blocks = 0;
+        om.pos_mode = om0.pos_mode = 1;
+        fast_vs_full(cl, &m, &o, "threads", "fast-true", &g);
+        fast_vs_full(cl2, &m, &o0, "threads", "fast-true-all", &g);
+        fast_vs_full(cl, &m, &om, "remapped", "fast-rm", &g);
+        fast_vs_full(cl2, &m, &om0, "remapped", "fast-rm-all", &g);
     }
 
     /* prefill_coarse_blocks: in a chunk of 3 queries, the first two go through the coarse tier (the
