@@ -2,7 +2,7 @@
  * full attention over the same tokens, in one run.
  *
  *   bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format q3]
- *                [--coarse 0,256] [--threads T]
+ *                [--coarse 0,256] [--fast 0[,1]] [--block T] [--threads T]
  *
  * Model: L layers x 8 KV heads x 32 query heads (GQA 4) x head_dim 128,
  * RoPE on all 128 dims (theta 500000): a Llama-3-8B-shaped attention.
@@ -13,7 +13,11 @@
  * step and layer, append one token and attend with one query (32 heads),
  * top_k 64, shortlist 8 x 64, kvarcd on a unix socket; once per --coarse
  * setting (the coarse tier's blocks per kv head, 0 = off; the archive
- * carries the block summaries libkvarc would have made).
+ * carries the block summaries libkvarc would have made) and --fast setting
+ * (kvarc_options.fast_tier: 1 = the client holds block summaries only and
+ * kvarcd runs stage 1b). --block: tokens per Append, i.e. per stored
+ * extent (default 4096; libkvarc appends batches of 64, and stage 1b reads
+ * a chosen block's signatures through its extent's checksummed section).
  * Baseline, same run: exact attention of the same 32 query heads over the
  * same N tokens held as fp32 in RAM (one layer; x L for the model), its
  * loops laid out to vectorize (built -O3), each GQA group reading its KV
@@ -123,8 +127,9 @@ static void exact(const float *q, const float *kt, const float *v, size_t n, flo
 int main(int argc, char **argv)
 {
     const char *kvarcd = NULL;
-    int layers = 1, steps = 20, fmt = KVARC_FMT_Q3, n_coarse = 2;
+    int layers = 1, steps = 20, fmt = KVARC_FMT_Q3, n_coarse = 2, n_fast = 1, fast[2] = { 0, 1 };
     uint32_t coarse[8] = { 0, 256 };
+    int blk = CHUNK;
     int threads = 0;
     uint64_t N = 131072;
     for (int i = 1; i < argc; i++) {
@@ -148,6 +153,21 @@ int main(int argc, char **argv)
                 coarse[n_coarse++] = (uint32_t)v;
             } while (*e == ',' && *++e);
         }
+        else if (!strcmp(argv[i], "--fast") && i + 1 < argc) {
+            const char *f = argv[++i];
+            if (!strcmp(f, "0") || !strcmp(f, "1")) {
+                n_fast = 1;
+                fast[0] = f[0] - '0';
+            } else if (!strcmp(f, "0,1")) {
+                n_fast = 2;
+            } else {
+                die("usage", "--fast 0 | 1 | 0,1");
+            }
+        } else if (!strcmp(argv[i], "--block") && i + 1 < argc) {
+            blk = atoi(argv[++i]);
+            if (blk < KVG_SIG_BLOCK || blk > CHUNK || CHUNK % blk || blk % KVG_SIG_BLOCK)
+                die("usage", "--block T: 64..4096 tokens per Append, a multiple of 64 dividing 4096");
+        }
         else if (!strcmp(argv[i], "--format") && i + 1 < argc) {
             const char *f = argv[++i];
             fmt = !strcmp(f, "q3") ? KVARC_FMT_Q3 : !strcmp(f, "q4") ? KVARC_FMT_Q4 : !strcmp(f, "i8") ? KVARC_FMT_I8
@@ -156,7 +176,7 @@ int main(int argc, char **argv)
                 die("usage", "--format q3|q4|i8|f16");
         } else {
             fprintf(stderr, "usage: bench-decode [--kvarcd PATH] [--layers L] [--tokens N] [--steps S] [--format F] "
-                            "[--coarse BLOCKS,...] [--threads T]\n");
+                            "[--coarse BLOCKS,...] [--fast 0[,1]] [--block T] [--threads T]\n");
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
     }
@@ -206,7 +226,11 @@ int main(int argc, char **argv)
         const size_t nsb = CHUNK / KVG_SIG_BLOCK, S = KVG_SUM_ITEMS;
         uint8_t *sbits = malloc((size_t)H * nsb * S * D / 8);
         uint16_t *sscale = malloc((size_t)H * nsb * S * 2);
-        if (!K || !V || !kb || !vb || !recs || !bits || !sc || !sbits || !sscale)
+        uint8_t *sub_recs = malloc((size_t)H * CHUNK * rb), *sub_bits = malloc((size_t)H * CHUNK * D / 8);
+        uint16_t *sub_sc = malloc((size_t)H * CHUNK * 2), *sub_ss = malloc((size_t)H * nsb * S * 2);
+        uint8_t *sub_sb = malloc((size_t)H * nsb * S * D / 8);
+        if (!K || !V || !kb || !vb || !recs || !bits || !sc || !sbits || !sscale || !sub_recs || !sub_bits ||
+            !sub_sc || !sub_ss || !sub_sb)
             die("memory", "out of memory");
         for (size_t i = 0; i < N * H * D; i++) {
             K[i] = rnd();
@@ -241,24 +265,38 @@ int main(int argc, char **argv)
                 }
             }
             t_enc += tu_now_s() - te;
-            for (int l = 0; l < layers; l++) {
-                Kvarc__V1__AppendRequest r2 = KVARC__V1__APPEND_REQUEST__INIT;
-                r2.conv = conv_id;
-                r2.layer = (uint32_t)l;
-                r2.first_pos = p;
-                r2.count = CHUNK;
-                r2.sig_bits.data = bits;
-                r2.sig_bits.len = (size_t)H * CHUNK * D / 8;
-                r2.sig_scale.data = (uint8_t *)sc;
-                r2.sig_scale.len = (size_t)H * CHUNK * 2;
-                r2.records.data = recs;
-                r2.records.len = (size_t)H * CHUNK * rb;
-                r2.sum_bits.data = sbits;
-                r2.sum_bits.len = (size_t)H * nsb * S * D / 8;
-                r2.sum_scale.data = (uint8_t *)sscale;
-                r2.sum_scale.len = (size_t)H * nsb * S * 2;
-                if (kvc_call(k, "Append", &r2.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg, sizeof msg))
-                    die("append", msg);
+            for (int b0 = 0; b0 < CHUNK; b0 += blk) {       /* Appends of blk tokens: [H][blk] slices */
+                const size_t bn = (size_t)blk / KVG_SIG_BLOCK, sbb = S * D / 8;
+                for (int h = 0; h < H; h++) {
+                    memcpy(sub_recs + (size_t)h * blk * rb, recs + ((size_t)h * CHUNK + b0) * rb, (size_t)blk * rb);
+                    memcpy(sub_bits + (size_t)h * blk * D / 8, bits + ((size_t)h * CHUNK + b0) * D / 8,
+                           (size_t)blk * D / 8);
+                    memcpy(sub_sc + (size_t)h * blk, sc + (size_t)h * CHUNK + b0, (size_t)blk * 2);
+                    memcpy(sub_sb + (size_t)h * bn * sbb, sbits + ((size_t)h * nsb + b0 / KVG_SIG_BLOCK) * sbb,
+                           bn * sbb);
+                    memcpy(sub_ss + (size_t)h * bn * S, sscale + ((size_t)h * nsb + b0 / KVG_SIG_BLOCK) * S,
+                           bn * S * 2);
+                }
+                for (int l = 0; l < layers; l++) {
+                    Kvarc__V1__AppendRequest r2 = KVARC__V1__APPEND_REQUEST__INIT;
+                    r2.conv = conv_id;
+                    r2.layer = (uint32_t)l;
+                    r2.first_pos = p + (uint64_t)b0;
+                    r2.count = (uint32_t)blk;
+                    r2.sig_bits.data = sub_bits;
+                    r2.sig_bits.len = (size_t)H * blk * D / 8;
+                    r2.sig_scale.data = (uint8_t *)sub_sc;
+                    r2.sig_scale.len = (size_t)H * blk * 2;
+                    r2.records.data = sub_recs;
+                    r2.records.len = (size_t)H * blk * rb;
+                    r2.sum_bits.data = sub_sb;
+                    r2.sum_bits.len = (size_t)H * bn * sbb;
+                    r2.sum_scale.data = (uint8_t *)sub_ss;
+                    r2.sum_scale.len = (size_t)H * bn * S * 2;
+                    if (kvc_call(k, "Append", &r2.base, &kvarc__v1__append_reply__descriptor, NULL, 0, msg,
+                                 sizeof msg))
+                        die("append", msg);
+                }
             }
             fprintf(stderr, "\rarchived %llu/%llu tokens x %d layers", (unsigned long long)(p + CHUNK),
                     (unsigned long long)N, layers);
@@ -303,8 +341,11 @@ int main(int argc, char **argv)
         printf("  archive: %.1f s (encode %.1f s, once for all layers)\n", tarch, t_enc);
         printf("  exact full attention, one layer, fp32 in RAM (baseline): %.2f ms; x %d layers = %.2f ms\n", best * 1e3,
                layers, best * 1e3 * layers);
-        for (int ci = 0; ci < n_coarse; ci++) {
+        printf("  appends of %d tokens (one stored extent each)\n", blk);
+        for (int run = 0; run < n_coarse * n_fast; run++) {
+            int ci = run / n_fast;
             o.coarse_blocks = coarse[ci];
+            o.fast_tier = fast[run % n_fast];
             double tl = tu_now_s();
             if (kvarc_conv_attach(cl, "bench", "decode", &m, &o, &cv))
                 die("attach", kvarc_client_errmsg(cl));
@@ -333,7 +374,11 @@ int main(int argc, char **argv)
                 printf("coarse tier on: stage 1 scans the %u best 64-token blocks of each kv head\n", coarse[ci]);
             else
                 printf("coarse tier off: stage 1 scans every cold token\n");
-            printf("  attach (signatures and summaries of every layer): %.1f s; stage 1 on the %s\n", tattach,
+            if (o.fast_tier)
+                printf("  fast tier: the client holds block summaries only; stage 1b in kvarcd\n");
+            printf("  attach (%s of every layer): %.1f s, %.1f MB received (%.1f B per cold token of the model); "
+                   "stage 1 on the %s\n", o.fast_tier ? "summaries" : "signatures and summaries", tattach,
+                   (double)s0.bytes_received / 1e6, (double)s0.bytes_received / (double)N,
                    kvarc_uses_gpu(cv) ? "GPU" : "CPU");
             printf("  decode step, all %d layer(s):  p50 %8.2f ms   p90 %8.2f ms\n", layers, p50 * 1e3, p90 * 1e3);
             printf("    by stage (mean per step):    stage 1 %.2f ms, stage 2 (RerankLayer) %.2f ms, decode %.2f ms, "
@@ -364,6 +409,11 @@ int main(int argc, char **argv)
         free(sc);
         free(sbits);
         free(sscale);
+        free(sub_recs);
+        free(sub_bits);
+        free(sub_sc);
+        free(sub_ss);
+        free(sub_sb);
     }
     kvarc_client_close(cl);
     cleanup();
