@@ -395,6 +395,7 @@ void seg_mark_dead(kvd_engine *e, uint64_t id);
 void seg_mark_dead(kvd_engine *e, uint64_t id)
 {
     pthread_rwlock_wrlock(&e->resolve);
+    e->index_gen++;                     /* extents cached by readers may point into it */
     pthread_mutex_lock(&e->seg_mu);
     kvd_seg *s = segtab_find(e, id);
     if (s) {

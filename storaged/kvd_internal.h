@@ -92,6 +92,8 @@ struct kvd_engine {
 
     pthread_rwlock_t resolve;   /* readers: shared from index lookup to pin;
                                    compaction: exclusive to retire segments */
+    uint64_t index_gen;         /* bumped (resolve held exclusive) when a segment dies: readers'
+                                   extent caches made before it are dropped (read.c) */
     pthread_mutex_t gc_mu;      /* group commit queue */
     pthread_cond_t  gc_cv;
     kvd_item *q_head, *q_tail;

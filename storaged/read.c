@@ -31,11 +31,35 @@
 
 #define RING_DEPTH 256
 
+/* The reader's extent cache: which stored extent serves a conversation's
+ * position, remembered across calls so that a read resolves each extent
+ * in LMDB once, not once per call. Sets of EXT_WAYS entries chosen by
+ * (conv, layer, position / 64), so that the extents of short appends
+ * sharing a 64-position granule do not evict each other (a miss replaces
+ * the set's entries in turn); an entry holds the positions [lo, hi) of conv it
+ * answers (an ancestor's extent clipped at the nearest fork point on the
+ * way, as extent_pieces clips it). Extents never change under a live
+ * conversation but when compaction moves them: it kills the old segments
+ * with the resolve lock held exclusive and bumps e->index_gen, and a
+ * reader whose cache is older drops it (checked under the shared lock). */
+#define EXT_CACHE 65536            /* entries, 64 B each */
+#define EXT_WAYS 4                 /* entries a granule may take */
+
+typedef struct ext_ent {
+    uint64_t   conv, lo, hi;       /* hi == 0: empty */
+    uint64_t   owner, first;       /* the conversation whose extent it is, and its first position */
+    extent_val ev;
+    uint32_t   layer;
+} ext_ent;
+
 struct kvd_reader {
     kvd_engine     *e;
     struct io_uring ring;
     uint8_t        *buf;           /* slot staging */
     size_t          cap;
+    ext_ent        *ext;           /* [EXT_CACHE], NULL until first used (or when out of memory) */
+    uint64_t        ext_gen;       /* the e->index_gen it was made under */
+    unsigned        ext_next;      /* the way the next miss replaces */
     kvg_rope        rt_rope;       /* the RoPE rt was made for */
     kvg_rope_table  rt;            /* true-position stage 2's angles (1 MB at head_dim 128) */
 };
@@ -77,6 +101,7 @@ void kvd_reader_close(kvd_reader *r)
         return;
     io_uring_queue_exit(&r->ring);
     kvg_rope_table_free(&r->rt);
+    free(r->ext);
     free(r->buf);
     free(r);
 }
@@ -228,6 +253,49 @@ static int check_target(kvd_engine *e, uint64_t conv, uint32_t layer, uint32_t h
 }
 
 
+/* The extent serving conv's position pos of a layer (resolve lock held
+ * shared, txn open): from the cache, else resolved and its fork clip
+ * computed, then remembered. 0, -ERANGE past the end, or an error. */
+static int ext_get(kvd_reader *r, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t pos, ext_ent *out)
+{
+    kvd_engine *e = r->e;
+    if (!r->ext) {
+        r->ext = calloc(EXT_CACHE, sizeof *r->ext);   /* NULL: resolve every time */
+        r->ext_gen = e->index_gen;
+    }
+    if (r->ext && r->ext_gen != e->index_gen) {
+        memset(r->ext, 0, EXT_CACHE * sizeof *r->ext);
+        r->ext_gen = e->index_gen;
+    }
+    uint64_t key = conv * 0x9e3779b97f4a7c15ull ^ ((uint64_t)layer << 40) ^ (pos >> 6);
+    ext_ent *set = r->ext ? &r->ext[kvarc_splitmix64(&key) & (EXT_CACHE - EXT_WAYS)] : NULL, *x = NULL;
+    for (int w = 0; set && w < EXT_WAYS; w++)
+        if (set[w].hi && set[w].conv == conv && set[w].layer == layer && set[w].lo <= pos && pos < set[w].hi) {
+            *out = set[w];
+            return 0;
+        }
+    if (set)
+        x = &set[r->ext_next++ % EXT_WAYS];
+    ext_ent n = { .conv = conv, .layer = layer };
+    int rc = extent_resolve(e, txn, conv, layer, pos, &n.owner, &n.first, &n.ev);
+    if (rc)
+        return rc;
+    n.lo = n.first;
+    n.hi = n.first + n.ev.count;
+    for (uint64_t c = conv; c != n.owner;) {      /* an ancestor's: up to the nearest fork point */
+        conv_rec cr;
+        if ((rc = conv_get(e, txn, c, &cr)))
+            return rc;
+        if (n.hi > cr.fork_len)
+            n.hi = cr.fork_len;
+        c = cr.parent;
+    }
+    if (x)
+        *x = n;
+    *out = n;
+    return 0;
+}
+
 /* Where each position's slot lives: ops[i] and owner[i]. */
 static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head,
                          const kvd_shape *s, const uint64_t *pos, size_t n, rd_op *ops,
@@ -242,11 +310,10 @@ static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t 
         pthread_rwlock_unlock(&e->resolve);
         return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
     }
-    uint64_t c_owner = 0, c_first = 0, c_lo = 1, c_hi = 0;   /* last extent, in conv's positions */
-    extent_val ev = { 0 };
+    ext_ent x = { .lo = 1 };          /* the last extent, in conv's positions */
     for (size_t i = 0; i < n && !rc; i++) {
-        if (!(pos[i] >= c_lo && pos[i] < c_hi)) {
-            rc = extent_resolve(e, txn, conv, layer, pos[i], &c_owner, &c_first, &ev);
+        if (!(pos[i] >= x.lo && pos[i] < x.hi)) {
+            rc = ext_get(r, txn, conv, layer, pos[i], &x);
             if (rc == -ERANGE) {
                 uint64_t len = 0;
                 layer_len_get(e, txn, conv, layer, &len);
@@ -262,28 +329,19 @@ static int resolve_slots(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t 
                          (unsigned long long)pos[i], layer, kvarc_strerror(rc));
                 break;
             }
-            /* the extent serves conv's positions in [first, first+count) only if
-             * it is conv's own; an ancestor's may be cut by a fork point: cache
-             * just this position then */
-            c_lo = c_first;
-            c_hi = c_owner == conv ? c_first + ev.count : c_first;
         }
-        int fd = pin_get(e, ps, ev.seg);
+        int fd = pin_get(e, ps, x.ev.seg);
         if (fd < 0) {
             rc = kvd_fail(err, fd, "segment %016llx of position %llu is not available",
-                          (unsigned long long)ev.seg, (unsigned long long)pos[i]);
+                          (unsigned long long)x.ev.seg, (unsigned long long)pos[i]);
             break;
         }
         kvarc_block_header h = { .head_dim = (uint16_t)s->head_dim, .n_heads = (uint16_t)s->n_kv_heads,
-                                 .count = ev.count, .rec_bytes = rb };
+                                 .count = x.ev.count, .rec_bytes = rb };
         ops[i].fd = fd;
-        ops[i].off = ev.off + kvarc_block_slot_offset(&h, (int)head, (uint32_t)(pos[i] - c_first));
+        ops[i].off = x.ev.off + kvarc_block_slot_offset(&h, (int)head, (uint32_t)(pos[i] - x.first));
         ops[i].len = rb + 4;
-        owner[i] = c_owner;
-        if (c_owner != conv) {
-            c_lo = 1;
-            c_hi = 0;
-        }
+        owner[i] = x.owner;
     }
     mdb_txn_abort(txn);
     pthread_rwlock_unlock(&e->resolve);
@@ -364,9 +422,10 @@ typedef struct piece {
  * pieces (*out, malloc'ed, *np of them), their segments pinned in ps: an
  * ancestor's block serves only up to the nearest fork point on the way
  * from conv to it. what names the positions in errors. */
-static int extent_pieces(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t p0, uint64_t end, pinset *ps,
+static int extent_pieces(kvd_reader *r, uint64_t conv, uint32_t layer, uint64_t p0, uint64_t end, pinset *ps,
                          piece **out, size_t *np, const char *what, kvd_err *err)
 {
+    kvd_engine *e = r->e;
     size_t cap = 64, n = 0;
     piece *pcs = malloc(cap * sizeof *pcs);
     *out = NULL;
@@ -383,28 +442,19 @@ static int extent_pieces(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t 
     }
     for (uint64_t p = p0; p < end && !rc;) {
         piece pc = { 0 };
-        rc = extent_resolve(e, txn, conv, layer, p, &pc.owner, &pc.first, &pc.ev);
+        ext_ent x;
+        rc = ext_get(r, txn, conv, layer, p, &x);
         if (rc) {
             kvd_fail(err, rc, rc == -ERANGE ? "%s [%llu, %llu) reach past the end of layer %u"
-                                            : "resolving %s [%llu, %llu) of layer %u failed",
-                     what, (unsigned long long)p0, (unsigned long long)end, layer);
+                                            : "resolving %s [%llu, %llu) of layer %u failed: %s",
+                     what, (unsigned long long)p0, (unsigned long long)end, layer, kvarc_strerror(rc));
             break;
         }
+        pc.owner = x.owner;
+        pc.first = x.first;
+        pc.ev = x.ev;
         pc.from = p;
-        pc.stop = pc.first + pc.ev.count;
-        for (uint64_t x = conv; x != pc.owner && !rc;) {
-            conv_rec c;
-            if ((rc = conv_get(e, txn, x, &c)))
-                break;
-            if (pc.stop > c.fork_len)
-                pc.stop = c.fork_len;
-            x = c.parent;
-        }
-        if (rc) {
-            kvd_fail(err, rc, "resolving the fork chain of conversation %llu: %s", (unsigned long long)conv,
-                     kvarc_strerror(rc));
-            break;
-        }
+        pc.stop = x.hi;                     /* an ancestor's extent: clipped at the fork point */
         if (pc.stop > end)
             pc.stop = end;
         if ((pc.fd = pin_get(e, ps, pc.ev.seg)) < 0) {
@@ -476,7 +526,7 @@ int kvd_read_sig_runs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t hea
             continue;
         if (runs[2 * q] + runs[2 * q + 1] < runs[2 * q])
             return kvd_fail(err, -EINVAL, "signature run %zu overflows", q);
-        rc = extent_pieces(e, conv, layer, runs[2 * q], runs[2 * q] + runs[2 * q + 1], &ps, &rp, &rn, "signatures",
+        rc = extent_pieces(r, conv, layer, runs[2 * q], runs[2 * q] + runs[2 * q + 1], &ps, &rp, &rn, "signatures",
                            err);
         piece *grown = rc ? NULL : realloc(pcs, (np + rn + 1) * sizeof *pcs);
         if (!rc && !grown)
@@ -824,7 +874,7 @@ int kvd_read_sums(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
     size_t np = 0, nr = 0;
     rd_op *ops = NULL;
     pinset ps = { .n = 0 };
-    rc = extent_pieces(e, conv, layer, b0 * B, (b0 + nb) * B, &ps, &pcs, &np, "summaries of positions", err);
+    rc = extent_pieces(r, conv, layer, b0 * B, (b0 + nb) * B, &ps, &pcs, &np, "summaries of positions", err);
     if (!rc && !(ops = malloc((np + 1) * sizeof *ops)))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     /* the pieces whose data block carries summaries (the index keeps each
