@@ -110,6 +110,16 @@ static int attend_step(kvarc_conv *cv, int l, int t, float *out)
     return kvarc_attend(cv, (uint32_t)l, qb, 1, out);
 }
 
+/* The prefill cases' tokens: 0..300 in calls of 100, then 2, then a chunk of 100. */
+static int append_402(kvarc_conv *cv)
+{
+    int rc = 0;
+    for (int t0 = 0; t0 < 300 && !rc; t0 += 100)
+        rc = append_tokens(cv, t0, 100);
+    rc = rc ? rc : append_tokens(cv, 300, 2);
+    return rc ? rc : append_tokens(cv, 302, 100);
+}
+
 /* The internal id of lib/name (an Open over the raw connection), 0 if it fails. */
 static uint64_t conv_id(kvc_conn *k, const char *name)
 {
@@ -287,10 +297,7 @@ int main(void)
     /* prefill: a chunk of 100 after 302 tokens; every query equals full attention */
     kvarc_conv *pf;
     CHECK_RC(kvarc_conv_create(cl, "lib", "prefill", &m, &o, NULL, &pf), 0);
-    for (int t0 = 0; t0 < 300; t0 += 100)
-        CHECK_RC(append_tokens(pf, t0, 100), 0);
-    CHECK_RC(append_tokens(pf, 300, 2), 0);
-    CHECK_RC(append_tokens(pf, 302, 100), 0);
+    CHECK_RC(append_402(pf), 0);
     {
         static float qb[QH * 100 * D], ob[QH * 100 * D];
         for (int l = 0; l < L; l++) {
@@ -314,10 +321,7 @@ int main(void)
          * conversation's first call */
         kvarc_conv *fr;
         CHECK_RC(kvarc_conv_create(cl, "lib", "prefill-fresh", &m, &o, NULL, &fr), 0);
-        for (int t0 = 0; t0 < 300; t0 += 100)
-            CHECK_RC(append_tokens(fr, t0, 100), 0);
-        CHECK_RC(append_tokens(fr, 300, 2), 0);
-        CHECK_RC(append_tokens(fr, 302, 100), 0);
+        CHECK_RC(append_402(fr), 0);
         CHECK_RC(append_tokens(fr, 402, 1), 0);
         CHECK_RC(append_tokens(pf, 402, 1), 0);
         float of[QH * D];

@@ -36,27 +36,12 @@
 #define BATCH 64
 #define WRITERS_MAX 16
 
-static char run_dir[64];
-static pid_t run_pid;
-
-static void cleanup(void)
-{
-    if (run_pid > 0)
-        kd_stop(run_pid);
-    run_pid = 0;
-    if (run_dir[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", run_dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "bench-archive: could not remove %s\n", run_dir);
-        run_dir[0] = 0;
-    }
-}
+static kd_run run;            /* the daemon and its directory, removed on the way out */
 
 static void die(const char *what, const char *msg)
 {
     fprintf(stderr, "bench-archive: %s: %s\n", what, msg);
-    cleanup();
+    kd_run_end(&run, "bench-archive");
     exit(1);
 }
 
@@ -79,8 +64,8 @@ static void *write_main(void *arg)
     kvarc_options_default(&o);
     char name[32];
     snprintf(name, sizeof name, "w%d", w->id);
-    if (kvarc_client_open(run_dir, NULL, NULL, &cl)) {
-        snprintf(w->err, sizeof w->err, "connect to %s", run_dir);
+    if (kvarc_client_open(run.dir, NULL, NULL, &cl)) {
+        snprintf(w->err, sizeof w->err, "connect to %s", run.dir);
         return NULL;
     }
     if (kvarc_conv_create(cl, "bench", name, &m, &o, NULL, &cv)) {
@@ -128,7 +113,7 @@ int main(int argc, char **argv)
     char dir[] = "/var/tmp/kvarc-archive-XXXXXX", kbuf[1024], msg[512];
     if (!mkdtemp(dir))
         die("mkdtemp", strerror(errno));
-    snprintf(run_dir, sizeof run_dir, "%s", dir);
+    snprintf(run.dir, sizeof run.dir, "%s", dir);
 
     /* the baseline first, in the same directory: what one Append stores, per block */
     const size_t rb = (size_t)kvarc_record_bytes(KVARC_FMT_Q3, D), sb = D / 8 + 2;
@@ -156,7 +141,7 @@ int main(int argc, char **argv)
     pid_t pid;
     if (kd_spawn(kd_find_kvarcd(kvarcd, kbuf, sizeof kbuf), dir, NULL, &pid, msg, sizeof msg))
         die("kvarcd", msg);
-    run_pid = pid;
+    run.pid = pid;
     /* one batch of K and V, [H][BATCH][D], roughly N(0, 1): what each call appends (the encode does
      * not get cheaper for repeated input) */
     float *k = malloc(sizeof(float) * H * BATCH * D), *v = malloc(sizeof(float) * H * BATCH * D);
@@ -200,6 +185,6 @@ int main(int argc, char **argv)
            ns_archive * 1e-9, t_all, ns_archive * 1e-3 / (toks * layers * H));
     free(k);
     free(v);
-    cleanup();
+    kd_run_end(&run, "bench-archive");
     return 0;
 }

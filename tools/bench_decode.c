@@ -55,27 +55,12 @@ static float rnd(void)            /* roughly N(0, 0.33): the sum of two uniforms
 }
 
 
-static char run_dir[64];      /* the daemon's directory, removed on the way out */
-static pid_t run_pid;
-
-static void cleanup(void)
-{
-    if (run_pid > 0)
-        kd_stop(run_pid);
-    run_pid = 0;
-    if (run_dir[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", run_dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "bench-decode: could not remove %s\n", run_dir);
-        run_dir[0] = 0;
-    }
-}
+static kd_run run;            /* the daemon and its directory, removed on the way out */
 
 static void die(const char *what, const char *msg)
 {
     fprintf(stderr, "bench-decode: %s: %s\n", what, msg);
-    cleanup();
+    kd_run_end(&run, "bench-decode");
     exit(1);
 }
 
@@ -185,11 +170,11 @@ int main(int argc, char **argv)
     char dir[] = "/var/tmp/kvarc-decode-XXXXXX", kbuf[1024], msg[512];
     if (!mkdtemp(dir))
         die("mkdtemp", strerror(errno));
-    snprintf(run_dir, sizeof run_dir, "%s", dir);
+    snprintf(run.dir, sizeof run.dir, "%s", dir);
     pid_t pid;
     if (kd_spawn(kd_find_kvarcd(kvarcd, kbuf, sizeof kbuf), dir, NULL, &pid, msg, sizeof msg))
         die("kvarcd", msg);
-    run_pid = pid;
+    run.pid = pid;
     kvarc_client *cl;
     if (kvarc_client_open(dir, NULL, NULL, &cl))
         die("connect", dir);
@@ -416,6 +401,6 @@ int main(int argc, char **argv)
         free(sub_sb);
     }
     kvarc_client_close(cl);
-    cleanup();
+    kd_run_end(&run, "bench-decode");
     return 0;
 }

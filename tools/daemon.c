@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -100,4 +101,18 @@ int kd_stop(pid_t pid)
     if (waitpid(pid, &st, 0) != pid)
         return -1;
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+void kd_run_end(kd_run *r, const char *tool)
+{
+    if (r->pid > 0)
+        kd_stop(r->pid);
+    r->pid = 0;
+    if (r->dir[0]) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "rm -rf %s", r->dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "%s: could not remove %s\n", tool, r->dir);
+        r->dir[0] = 0;
+    }
 }

@@ -20,4 +20,14 @@ int kd_spawn(const char *kvarcd, const char *dir, const char *log, pid_t *pid, c
 /* SIGTERM and wait; its exit code (-1 if it died by a signal). */
 int kd_stop(pid_t pid);
 
+/* A benchmark's own kvarcd: its data directory (made by the tool) and
+ * process (0: none yet). kd_run_end stops it and removes the directory;
+ * it may run twice (an error path, then the normal end). tool names the
+ * caller in its messages. */
+typedef struct kd_run {
+    char  dir[64];
+    pid_t pid;
+} kd_run;
+void kd_run_end(kd_run *r, const char *tool);
+
 #endif
