@@ -524,8 +524,10 @@ int kvd_read_sig_runs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t hea
         size_t rn = 0;
         if (runs[2 * q + 1] == 0)
             continue;
-        if (runs[2 * q] + runs[2 * q + 1] < runs[2 * q])
-            return kvd_fail(err, -EINVAL, "signature run %zu overflows", q);
+        if (runs[2 * q] + runs[2 * q + 1] < runs[2 * q]) {
+            rc = kvd_fail(err, -EINVAL, "signature run %zu overflows", q);
+            break;
+        }
         rc = extent_pieces(r, conv, layer, runs[2 * q], runs[2 * q] + runs[2 * q + 1], &ps, &rp, &rn, "signatures",
                            err);
         piece *grown = rc ? NULL : realloc(pcs, (np + rn + 1) * sizeof *pcs);
