@@ -10,6 +10,9 @@
  *  - a taker attaches (not -EAGAIN): every layer at the common length;
  *    a fork taken right after attach is at that length; re-fed tokens that
  *    differ from the stored ones are refused (-EILSEQ) and nothing changes;
+ *  - fast-tier takers (block summaries only in the client) do the same:
+ *    the right tokens pass unsent and attend equal to full attention, a
+ *    wrong one is refused, nothing changes;
  *  - a second taker re-feeds the same tokens from the common length on,
  *    attends (equal to full attention: f16 records, top_k >= the cold
  *    tokens) and syncs: every layer at the same length, the positions held
@@ -281,6 +284,46 @@ static int test_takeover(kvc_conn *probe)
     CHECK(kvarc_conv_close(bad) == -EILSEQ, "closing the refused taker fails the same way");
     CHECK_RC(layer_lengths(probe, "talk", len, NULL), 0);
     CHECK(!memcmp(len, want, sizeof len), "the refused taker changed nothing");
+
+    /* fast-tier takers (kvarc_options.fast_tier: block summaries only; the signatures loaded are
+     * the unfinished block's and the re-fed range's): the right tokens pass the check without an
+     * Append and attend equal to full attention (stage 1b in kvarcd over the whole cold range), a
+     * wrong one is refused */
+    {
+        kvarc_options of = o;
+        of.fast_tier = 1;
+        kvarc_conv *ft = NULL, *fb = NULL;
+        CHECK_RC(kvarc_conv_attach(cl, "t", "talk", &model, &of, &ft), 0);
+        int frc = ft ? 0 : -1;
+        for (int t = COMMON; t < KILL_AT && !frc; t++)
+            for (int l = 0; l < 2 && !frc; l++)
+                frc = append_token(ft, l, t, 0);
+        CHECK(frc == 0, "fast-tier taker: re-fed tokens of layers 0 and 1 pass: %d %s", frc,
+              ft ? kvarc_errmsg(ft) : "");
+        if (ft && !frc) {
+            CHECK_RC(kvarc_conv_sync(ft), 0);
+            kvarc_stats fs;
+            kvarc_conv_stats(ft, &fs);
+            CHECK(fs.archived == 0, "fast-tier taker: what layers held was checked, not sent (%llu sent)",
+                  (unsigned long long)fs.archived);
+            for (int l = 0; l < 2; l++) {
+                float e = attend_err(ft, l, KILL_AT - 1);
+                CHECK(e < 2e-5f, "fast-tier taker: layer %d relative error %.3g vs full attention", l, e);
+            }
+        }
+        if (ft)
+            kvarc_conv_close(ft);
+        CHECK_RC(kvarc_conv_attach(cl, "t", "talk", &model, &of, &fb), 0);
+        frc = fb ? 0 : -1;
+        for (int t = COMMON; t < KILL_AT && !frc; t++)
+            frc = append_token(fb, 0, t, 1);
+        CHECK(frc == -EILSEQ, "fast-tier taker: a different token where layer 0 holds one is refused: %d %s", frc,
+              fb ? kvarc_errmsg(fb) : "");
+        if (fb)
+            kvarc_conv_close(fb);
+        CHECK_RC(layer_lengths(probe, "talk", len, NULL), 0);
+        CHECK(!memcmp(len, want, sizeof len), "the fast-tier takers changed nothing");
+    }
 
     /* the real taker: the same tokens from the common length on */
     kvarc_conv *tk = NULL;
