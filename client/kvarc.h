@@ -129,7 +129,8 @@ typedef struct kvarc_options {
                                    coarse_blocks blocks (all of them when that is 0 or does not pay)
                                    and kvarcd scans their tokens in the same RerankLayer call (stage
                                    1b) - the shortlists of 0 with the same options, bit for bit, with
-                                   ~1/32 of the memory and attach traffic. No GPU stage 1 then.
+                                   1/28 of the memory and attach traffic (measured at 1M). No GPU
+                                   stage 1 then.
                                    0 or 1, else -EINVAL */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
