@@ -156,6 +156,11 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
                  KVARC_THREADS_MAX);
         return -EINVAL;
     }
+    if (o->append_together != 0 && o->append_together != 1) {
+        snprintf(c->err, sizeof c->err, "bad options: append_together %d; 0 (an Append per layer) or 1 (every "
+                 "layer's batch in one AppendMany)", o->append_together);
+        return -EINVAL;
+    }
     if (o->fast_tier != 0 && o->fast_tier != 1) {
         snprintf(c->err, sizeof c->err, "bad options: fast_tier %d; 0 (signatures in the client) or 1 (block "
                  "summaries only, stage 1b in kvarcd)", o->fast_tier);
@@ -588,21 +593,44 @@ static void sig_rebase(kvarc_conv *cv, kl_layer *y)
     y->sig_base = nb;
 }
 
-/* Encode tokens [archived, archived + n) of a layer from the ring; send
- * them (an Append), or, with `held` (kvarcd already holds them), check them
- * against the stored signatures and keep those. */
-static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
+/* One layer's tokens [archived, archived + n) encoded on their way to
+ * kvarcd: flush_encode makes them, an Append (or AppendMany, or the
+ * re-fed check) takes them, flush_keep keeps them once acknowledged. */
+typedef struct kl_pend {
+    uint32_t  layer, n;
+    uint8_t  *bits, *recs, *sbits;   /* [H][n][d/8], [H][n][rb], the summaries [H][nsb][S][d/8] */
+    uint16_t *sc, *sscale;           /* [H][n], [H][nsb][S] */
+    long      nsb;                   /* blocks summarized (0: none, -1: not possible) */
+} kl_pend;
+
+static void pend_free(kl_pend *p)
+{
+    free(p->bits);
+    free(p->recs);
+    free(p->sc);
+    free(p->sbits);
+    free(p->sscale);
+    memset(p, 0, sizeof *p);
+}
+
+/* Encode tokens [archived, archived + n) of a layer from the ring, and
+ * (unless held: kvarcd has them already) the summaries of the blocks
+ * they complete. */
+static int flush_encode(kvarc_conv *cv, uint32_t layer, uint32_t n, int held, kl_pend *p)
 {
     kl_layer *y = &cv->layers[layer];
-    int64_t t0 = kl_now_ns();
     size_t H = cv->m.n_kv_heads, d = cv->m.head_dim, sb = d / 8;
+    memset(p, 0, sizeof *p);
+    p->layer = layer;
+    p->n = n;
     int rc = sig_reserve(cv, y, y->archived + n);
     if (rc)
         return rc;
-    uint8_t *bits = malloc(H * n * sb), *recs = malloc(H * n * cv->rb);
-    uint16_t *sc = malloc(H * n * 2);
+    p->bits = malloc(H * n * sb);
+    p->recs = malloc(H * n * cv->rb);
+    p->sc = malloc(H * n * 2);
     float *k = malloc((size_t)n * d * 4), *v = malloc((size_t)n * d * 4);
-    if (!bits || !recs || !sc || !k || !v)
+    if (!p->bits || !p->recs || !p->sc || !k || !v)
         rc = kl_fail(cv, -ENOMEM, "out of memory");
     for (size_t h = 0; !rc && h < H; h++) {
         for (uint32_t t = 0; t < n; t++) {
@@ -612,44 +640,88 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         }
         kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
         size_t bad = 0;
-        rc = kvg_encode(&codec, KVARC_DTYPE_F32, k, v, n, recs + h * n * cv->rb, bits + h * n * sb, sc + h * n,
-                            &bad);
+        rc = kvg_encode(&codec, KVARC_DTYPE_F32, k, v, n, p->recs + h * n * cv->rb, p->bits + h * n * sb,
+                        p->sc + h * n, &bad);
         if (!rc && cv->o.pos_mode == 0) {   /* true positions: kind-2 signatures replace the encoder's */
             kl_sig_keys(cv, y, h, codec.mu_k, y->archived, n, k);   /* from the ring's turned keys, not again */
-            rc = kvg_signatures(&cv->rot, k, n, bits + h * n * sb, sc + h * n, &bad);
+            rc = kvg_signatures(&cv->rot, k, n, p->bits + h * n * sb, p->sc + h * n, &bad);
         }
         if (rc)
             kl_fail(cv, rc, "layer %u head %zu position %llu: %s", layer, h,
                     (unsigned long long)(y->archived + bad), kvarc_strerror(rc));
     }
+    free(k);
+    free(v);
     /* the summaries of the blocks these tokens complete (sent with them) */
-    uint8_t *sbits = NULL;
-    uint16_t *sscale = NULL;
-    long nsb = rc || held ? 0 : kl_coarse_make(cv, layer, y->archived, n, bits, sc, &sbits, &sscale);
-    if (nsb < -1)
-        rc = (int)nsb;
+    p->nsb = rc || held ? 0 : kl_coarse_make(cv, layer, y->archived, n, p->bits, p->sc, &p->sbits, &p->sscale);
+    if (p->nsb < -1)
+        rc = (int)p->nsb;
+    return rc;
+}
+
+/* The Append of p (pointing into p). */
+static void pend_request(const kvarc_conv *cv, const kl_pend *p, Kvarc__V1__AppendRequest *r)
+{
+    const size_t H = cv->m.n_kv_heads, sb = cv->m.head_dim / 8;
+    kvarc__v1__append_request__init(r);
+    r->conv = cv->id;
+    r->layer = p->layer;
+    r->first_pos = cv->layers[p->layer].archived;
+    r->count = p->n;
+    r->sig_bits.data = p->bits;
+    r->sig_bits.len = H * p->n * sb;
+    r->sig_scale.data = (uint8_t *)p->sc;
+    r->sig_scale.len = H * p->n * 2;
+    r->records.data = p->recs;
+    r->records.len = H * p->n * cv->rb;
+    if (p->nsb > 0) {
+        r->sum_bits.data = p->sbits;
+        r->sum_bits.len = H * (size_t)p->nsb * KVG_SUM_ITEMS * sb;
+        r->sum_scale.data = (uint8_t *)p->sscale;
+        r->sum_scale.len = H * (size_t)p->nsb * KVG_SUM_ITEMS * 2;
+    }
+}
+
+/* p acknowledged by kvarcd: its signatures into the mirror (and VRAM),
+ * its summaries kept, the layer's `archived` past it. */
+static int flush_keep(kvarc_conv *cv, const kl_pend *p)
+{
+    kl_layer *y = &cv->layers[p->layer];
+    const size_t H = cv->m.n_kv_heads, sb = cv->m.head_dim / 8, n = p->n;
     const uint64_t sb0 = y->archived / KVG_SIG_BLOCK, snb = (y->archived + n) / KVG_SIG_BLOCK - sb0;
+    cv->st.bytes_sent += H * n * (sb + 2 + cv->rb) + (p->nsb > 0 ? H * (size_t)p->nsb * KVG_SUM_ITEMS * (sb + 2) : 0);
+    for (size_t h = 0; h < H; h++) {
+        kvg_plane_put(&y->sig[h], y->archived - y->sig_base, n, p->bits + h * n * sb, p->sc + h * n);
+        if (cv->gpu && kl_gpu_put_sigs(cv, p->layer, (uint32_t)h, y->archived, p->bits + h * n * sb, p->sc + h * n,
+                                       n))
+            kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */
+    }
+    int rc = kl_coarse_keep(cv, y, sb0, snb, p->nsb > 0 ? p->sbits : NULL, p->sscale);
+    y->archived += n;
+    cv->st.archived += n;
+    if (!rc)
+        sig_rebase(cv, y);
+    return rc;
+}
+
+/* Encode tokens [archived, archived + n) of a layer from the ring; send
+ * them (an Append), or, with `held` (kvarcd already holds them), check them
+ * against the stored signatures and keep those. */
+static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
+{
+    kl_layer *y = &cv->layers[layer];
+    int64_t t0 = kl_now_ns();
+    kl_pend p;
+    int rc = flush_encode(cv, layer, n, held, &p);
     if (!rc && held) {
-        if (!(rc = check_refed(cv, layer, bits, n)) && !(rc = kl_coarse_keep(cv, y, sb0, snb, NULL, NULL)))
+        const uint64_t sb0 = y->archived / KVG_SIG_BLOCK, snb = (y->archived + n) / KVG_SIG_BLOCK - sb0;
+        if (!(rc = check_refed(cv, layer, p.bits, n)) && !(rc = kl_coarse_keep(cv, y, sb0, snb, NULL, NULL))) {
             y->archived += n;
-    } else if (!rc) {
-        Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
-        r.conv = cv->id;
-        r.layer = layer;
-        r.first_pos = y->archived;
-        r.count = n;
-        r.sig_bits.data = bits;
-        r.sig_bits.len = H * n * sb;
-        r.sig_scale.data = (uint8_t *)sc;
-        r.sig_scale.len = H * n * 2;
-        r.records.data = recs;
-        r.records.len = H * n * cv->rb;
-        if (nsb > 0) {
-            r.sum_bits.data = sbits;
-            r.sum_bits.len = H * (size_t)nsb * KVG_SUM_ITEMS * sb;
-            r.sum_scale.data = (uint8_t *)sscale;
-            r.sum_scale.len = H * (size_t)nsb * KVG_SUM_ITEMS * 2;
+            sig_rebase(cv, y);
         }
+    } else if (!rc) {
+        Kvarc__V1__AppendRequest r;
+        pend_request(cv, &p, &r);
         ProtobufCMessage *rep = NULL;
         int st = kvc_call(cv->cl->conn, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, cv->err,
                           sizeof cv->err);
@@ -657,26 +729,69 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
             rc = kl_rc_of_status(st);
         } else {
             protobuf_c_message_free_unpacked(rep, NULL);
-            cv->st.bytes_sent += r.sig_bits.len + r.sig_scale.len + r.records.len + r.sum_bits.len + r.sum_scale.len;
-            for (size_t h = 0; h < H; h++) {
-                kvg_plane_put(&y->sig[h], y->archived - y->sig_base, n, bits + h * n * sb, sc + h * n);
-                if (cv->gpu && kl_gpu_put_sigs(cv, layer, (uint32_t)h, y->archived, bits + h * n * sb, sc + h * n, n))
-                    kl_gpu_free(cv);              /* the host mirror is whole: the CPU path serves */
-            }
-            rc = kl_coarse_keep(cv, y, sb0, snb, nsb > 0 ? sbits : NULL, sscale);
-            y->archived += n;
-            cv->st.archived += n;
+            rc = flush_keep(cv, &p);
         }
     }
-    if (!rc)
-        sig_rebase(cv, y);
-    free(sbits);
-    free(sscale);
-    free(bits);
-    free(recs);
-    free(sc);
-    free(k);
-    free(v);
+    pend_free(&p);
+    cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
+    return rc;
+}
+
+/* append_together: every layer's unarchived tokens in one AppendMany, so
+ * that kvarcd makes them durable in one group commit. Layers with a re-fed
+ * range to check (after an attach) go one by one, as kl_flush does. The
+ * blocks kvarcd stored are kept even when another was refused; the first
+ * refusal is the error. */
+int kl_flush_all(kvarc_conv *cv)
+{
+    const uint32_t L = cv->m.n_layers;
+    int64_t t0 = kl_now_ns();
+    kl_pend *p = calloc(L, sizeof *p);
+    Kvarc__V1__AppendRequest *rq = calloc(L, sizeof *rq), **rp = calloc(L, sizeof *rp);
+    int rc = p && rq && rp ? 0 : kl_fail(cv, -ENOMEM, "out of memory");
+    size_t np = 0;
+    for (uint32_t l = 0; !rc && l < L; l++) {
+        kl_layer *y = &cv->layers[l];
+        if (y->archived < y->inherited)
+            rc = kl_flush(cv, l);
+        else if (y->archived < y->len && !(rc = flush_encode(cv, l, (uint32_t)(y->len - y->archived), 0, &p[np]))) {
+            pend_request(cv, &p[np], &rq[np]);
+            rp[np] = &rq[np];
+            np++;
+        }
+    }
+    if (!rc && np) {
+        Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
+        r.conv = cv->id;
+        r.n_blocks = np;
+        r.blocks = rp;
+        ProtobufCMessage *rep = NULL;
+        int st = kvc_call(cv->cl->conn, "AppendMany", &r.base, &kvarc__v1__append_many_reply__descriptor, &rep, 0,
+                          cv->err, sizeof cv->err);
+        if (st) {
+            rc = kl_rc_of_status(st);
+        } else {
+            Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
+            if (am->n_results != np)
+                rc = kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks", am->n_results, np);
+            for (size_t i = 0; !rc && i < np; i++) {
+                if (am->results[i]->status) {
+                    if (!rc)
+                        rc = kl_fail(cv, kl_rc_of_status((int)am->results[i]->status), "append to layer %u: %s",
+                                     p[i].layer, am->results[i]->message);
+                    continue;
+                }
+                int krc = flush_keep(cv, &p[i]);
+                rc = rc ? rc : krc;
+            }
+            protobuf_c_message_free_unpacked(rep, NULL);
+        }
+    }
+    for (size_t i = 0; p && i < np; i++)
+        pend_free(&p[i]);
+    free(p);
+    free(rq);
+    free(rp);
     cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
     return rc;
 }
@@ -738,9 +853,12 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
     float *tok_k = malloc(2 * H * d * sizeof *tok_k), *tok_v = tok_k + H * d;
     if (!tok_k)
         return kl_fail(cv, -ENOMEM, "out of memory");
+    const int together = cv->o.append_together && cv->m.n_layers > 1;
     for (uint32_t t = 0; t < n; t++) {
         uint64_t p = y->len;
-        if (p - y->archived >= cv->ring || p - y->archived >= cv->o.batch) {
+        /* a full ring must archive first (invariant 2); a full batch too, unless the layers' batches go
+         * together (then the last layer sends them, below) */
+        if (p - y->archived >= cv->ring || (!together && p - y->archived >= cv->o.batch)) {
             int rc = kl_flush(cv, layer);
             if (rc) {
                 free(tok_k);
@@ -767,13 +885,17 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
         y->len = p + 1;
     }
     free(tok_k);
-    if (y->len - y->archived >= cv->o.batch)
-        return kl_flush(cv, layer);
-    return 0;
+    if (y->len - y->archived < cv->o.batch)
+        return 0;
+    if (together)                         /* the last layer's batch sends every layer's */
+        return layer + 1 == cv->m.n_layers ? kl_flush_all(cv) : 0;
+    return kl_flush(cv, layer);
 }
 
 int kvarc_conv_sync(kvarc_conv *cv)
 {
+    if (cv->o.append_together && cv->m.n_layers > 1)
+        return kl_flush_all(cv);
     for (uint32_t l = 0; l < cv->m.n_layers; l++) {
         int rc = kl_flush(cv, l);
         if (rc)

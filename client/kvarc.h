@@ -132,6 +132,11 @@ typedef struct kvarc_options {
                                    1/28 of the memory and attach traffic (measured at 1M). No GPU
                                    stage 1 then.
                                    0 or 1, else -EINVAL */
+    int      append_together;   /* 0 (default): each layer's batch is one Append as it fills; 1:
+                                   the layers' batches wait for the last layer's and go together
+                                   in one AppendMany, one durable commit in kvarcd for all (kvarc_
+                                   conv_sync too); a layer whose ring fills first, or whose cold
+                                   tokens attend needs, is sent alone. 0 or 1, else -EINVAL */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same

@@ -259,6 +259,10 @@ void kl_sig_keys(const kvarc_conv *cv, const kl_layer *y, size_t h, const float 
  * those below `inherited` are checked against kvarcd's signatures instead
  * of being sent. */
 int  kl_flush(kvarc_conv *cv, uint32_t layer);
+/* o.append_together: every layer's unarchived tokens in one AppendMany
+ * (one durable commit in kvarcd); the first refusal is the error, what
+ * was stored is kept. */
+int  kl_flush_all(kvarc_conv *cv);
 /* The block angles of blocks [0, nb), nb >= 1, pair-major with rows
  * cv->bcs_n long (kvg_block_angles_pm), grown as needed; NULL when out of
  * memory. */

@@ -564,42 +564,55 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
         it->done = 1;
 }
 
+/* Queue its[0..n) together (so that one batch can take them all) and
+ * wait until every one is done, leading batches while no one else does. */
+static void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        kvd_item *it = its[i];
+        it->rc = 0;
+        it->done = 0;
+        it->err.code = 0;
+        it->err.msg[0] = 0;
+        it->next = NULL;
+    }
+    pthread_mutex_lock(&e->gc_mu);
+    for (size_t i = 0; i < n; i++) {
+        if (e->q_tail)
+            e->q_tail->next = its[i];
+        else
+            e->q_head = its[i];
+        e->q_tail = its[i];
+    }
+    for (size_t i = 0; i < n; i++)
+        while (!its[i]->done) {
+            if (e->leader) {
+                pthread_cond_wait(&e->gc_cv, &e->gc_mu);
+                continue;
+            }
+            /* lead one batch: at most GC_BATCH items from the head of the queue */
+            kvd_item *batch = e->q_head, *last = batch;
+            for (int k = 1; k < GC_BATCH && last->next; k++)
+                last = last->next;
+            e->q_head = last->next;
+            if (!e->q_head)
+                e->q_tail = NULL;
+            last->next = NULL;
+            e->leader = 1;
+            pthread_mutex_unlock(&e->gc_mu);
+            gc_run_batch(e, batch);
+            pthread_mutex_lock(&e->gc_mu);
+            e->leader = 0;
+            pthread_cond_broadcast(&e->gc_cv);
+        }
+    pthread_mutex_unlock(&e->gc_mu);
+}
+
 int gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err)
 {
     if (e->check_only)
         return kvd_fail(err, -EROFS, "%s is open to be checked only: nothing can be written", e->dir);
-    it->rc = 0;
-    it->done = 0;
-    it->err.code = 0;
-    it->err.msg[0] = 0;
-    it->next = NULL;
-    pthread_mutex_lock(&e->gc_mu);
-    if (e->q_tail)
-        e->q_tail->next = it;
-    else
-        e->q_head = it;
-    e->q_tail = it;
-    while (!it->done) {
-        if (e->leader) {
-            pthread_cond_wait(&e->gc_cv, &e->gc_mu);
-            continue;
-        }
-        /* lead one batch: at most GC_BATCH items from the head of the queue */
-        kvd_item *batch = e->q_head, *last = batch;
-        for (int n = 1; n < GC_BATCH && last->next; n++)
-            last = last->next;
-        e->q_head = last->next;
-        if (!e->q_head)
-            e->q_tail = NULL;
-        last->next = NULL;
-        e->leader = 1;
-        pthread_mutex_unlock(&e->gc_mu);
-        gc_run_batch(e, batch);
-        pthread_mutex_lock(&e->gc_mu);
-        e->leader = 0;
-        pthread_cond_broadcast(&e->gc_cv);
-    }
-    pthread_mutex_unlock(&e->gc_mu);
+    gc_submit_n(e, &it, 1);
     if (it->rc && err)
         *err = it->err;
     return it->rc;
@@ -1507,77 +1520,133 @@ int kvd_append(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos,
     return kvd_append_sums(e, conv, layer, first_pos, count, sig_bits, sig_scale, records, NULL, NULL, err);
 }
 
-int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t count,
-                    const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
-                    const uint8_t *sum_bits, const uint16_t *sum_scale, kvd_err *err)
+/* The data block of b for conversation info (its shape checked) in *it
+ * (it->block malloc'ed): 0 or an error in err. */
+static int block_make(const conv_rec *info, uint64_t conv, const kvd_block_in *b, kvd_item *it, kvd_err *err)
 {
-    conv_rec info;      /* one lookup: the commit re-validates under its txn */
-    int rc = conv_lookup(e, conv, &info, err);
-    if (rc)
-        return rc;
-    const kvd_shape *s = &info.shape;
+    const kvd_shape *s = &info->shape;
+    const uint32_t layer = b->layer, count = b->count;
+    const uint64_t first_pos = b->first_pos;
+    memset(it, 0, sizeof *it);
     if (layer >= s->n_layers)
         return kvd_fail(err, -EINVAL, "layer %u out of range: '%s/%s' has %u layers", layer,
-                        info.ns, info.name, s->n_layers);
-    if (count == 0 || !sig_bits || !sig_scale || !records)
+                        info->ns, info->name, s->n_layers);
+    if (count == 0 || !b->sig_bits || !b->sig_scale || !b->records)
         return kvd_fail(err, -EINVAL, "append needs count > 0 and signature and record buffers");
     int d = (int)s->head_dim, H = (int)s->n_kv_heads;
     uint32_t rb = (uint32_t)kvarc_record_bytes(s->format, d);
-    uint32_t n_sum = sum_bits && sum_scale ? kvarc_block_n_sum(first_pos, count) : 0;
+    uint32_t n_sum = b->sum_bits && b->sum_scale ? kvarc_block_n_sum(first_pos, count) : 0;
     size_t payload = kvarc_block_payload_bytes_sum(count, d, H, rb, n_sum);
     if (payload > (1u << 30))
         return kvd_fail(err, -E2BIG, "append of %u tokens x %d heads is %zu bytes; split it into "
                         "blocks under 1 GiB", count, H, payload);
-    kvd_item it;
-    memset(&it, 0, sizeof it);
-    it.bytes = KVARC_BLOCK_HEADER + payload;
-    it.block = calloc(1, it.bytes);
-    if (!it.block)
-        return kvd_fail(err, -ENOMEM, "out of memory for a %zu-byte block", it.bytes);
-    it.h.kind = KVARC_BLOCK_DATA;
-    it.h.version = KVARC_BLOCK_VERSION_PLAIN;
-    it.h.format = s->format;
-    it.h.format_version = kvarc_format_get(s->format)->version;
-    it.h.head_dim = (uint16_t)d;
-    it.h.n_heads = (uint16_t)H;
-    it.h.layer = layer;
-    it.h.conv = conv;
-    it.h.first_pos = first_pos;
-    it.h.count = count;
-    it.h.rec_bytes = rb;
-    it.h.payload_bytes = (uint32_t)payload;
-    it.h.n_sum = n_sum;
+    it->bytes = KVARC_BLOCK_HEADER + payload;
+    it->block = calloc(1, it->bytes);
+    if (!it->block)
+        return kvd_fail(err, -ENOMEM, "out of memory for a %zu-byte block", it->bytes);
+    it->h.kind = KVARC_BLOCK_DATA;
+    it->h.version = KVARC_BLOCK_VERSION_PLAIN;
+    it->h.format = s->format;
+    it->h.format_version = kvarc_format_get(s->format)->version;
+    it->h.head_dim = (uint16_t)d;
+    it->h.n_heads = (uint16_t)H;
+    it->h.layer = layer;
+    it->h.conv = conv;
+    it->h.first_pos = first_pos;
+    it->h.count = count;
+    it->h.rec_bytes = rb;
+    it->h.payload_bytes = (uint32_t)payload;
+    it->h.n_sum = n_sum;
     if (n_sum)
-        it.h.version = KVARC_BLOCK_VERSION;     /* summaries: the one kind of block an older reader cannot take */
+        it->h.version = KVARC_BLOCK_VERSION;     /* summaries: the one kind of block an older reader cannot take */
     size_t sb = (size_t)d / 8, sec = kvarc_block_sig_section(count, d), ssec = kvarc_block_sum_section(n_sum, d);
     for (int h = 0; h < H && n_sum; h++) {
-        uint8_t *p = it.block + kvarc_block_sum_offset(&it.h, h);
+        uint8_t *p = it->block + kvarc_block_sum_offset(&it->h, h);
         size_t nb = (size_t)n_sum * KVARC_SUM_ITEMS;
-        memcpy(p, sum_bits + (size_t)h * nb * sb, nb * sb);
-        memcpy(p + nb * sb, sum_scale + (size_t)h * nb, nb * 2);
+        memcpy(p, b->sum_bits + (size_t)h * nb * sb, nb * sb);
+        memcpy(p + nb * sb, b->sum_scale + (size_t)h * nb, nb * 2);
         uint32_t crc = kvarc_sum_section_crc(conv, layer, first_pos, (uint32_t)h, p, ssec - 4);
         memcpy(p + ssec - 4, &crc, 4);
     }
     for (int h = 0; h < H; h++) {
-        uint8_t *p = it.block + kvarc_block_sig_offset(&it.h, h);
-        memcpy(p, sig_bits + (size_t)h * count * sb, count * sb);
-        memcpy(p + count * sb, sig_scale + (size_t)h * count, count * 2);
+        uint8_t *p = it->block + kvarc_block_sig_offset(&it->h, h);
+        memcpy(p, b->sig_bits + (size_t)h * count * sb, count * sb);
+        memcpy(p + count * sb, b->sig_scale + (size_t)h * count, count * 2);
         uint32_t crc = kvarc_sig_section_crc(conv, layer, first_pos, (uint32_t)h, p, sec - 4);
         memcpy(p + sec - 4, &crc, 4);
         for (uint32_t t = 0; t < count; t++) {
-            uint8_t *slot = it.block + kvarc_block_slot_offset(&it.h, h, t);
-            const uint8_t *rec = records + ((size_t)h * count + t) * rb;
+            uint8_t *slot = it->block + kvarc_block_slot_offset(&it->h, h, t);
+            const uint8_t *rec = b->records + ((size_t)h * count + t) * rb;
             memcpy(slot, rec, rb);
             uint32_t rcrc = kvarc_record_crc(conv, layer, (uint32_t)h, first_pos + t, rec, rb);
             memcpy(slot + rb, &rcrc, 4);
         }
     }
-    it.prepare = prepare_data;
-    rc = gc_submit(e, &it, err);
-    if (!rc)
-        atomic_fetch_add(&e->n_appends, 1);
-    free(it.block);
+    it->prepare = prepare_data;
+    return 0;
+}
+
+int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first_pos, uint32_t count,
+                    const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
+                    const uint8_t *sum_bits, const uint16_t *sum_scale, kvd_err *err)
+{
+    kvd_block_in b = { layer, first_pos, count, sig_bits, sig_scale, records, sum_bits, sum_scale };
+    int rc = 0;
+    kvd_append_n(e, conv, &b, 1, &rc, err);
     return rc;
+}
+
+int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, int *rcs, kvd_err *err)
+{
+    conv_rec info;      /* one lookup: the commit re-validates under its txn */
+    int rc = conv_lookup(e, conv, &info, err), first = 0;
+    for (size_t i = 0; i < n; i++)
+        rcs[i] = rc;
+    if (rc || n == 0)
+        return rc;
+    if (e->check_only) {
+        rc = kvd_fail(err, -EROFS, "%s is open to be checked only: nothing can be written", e->dir);
+        for (size_t i = 0; i < n; i++)
+            rcs[i] = rc;
+        return rc;
+    }
+    kvd_item *items = calloc(n, sizeof *items), **q = calloc(n, sizeof *q);
+    if (!items || !q) {
+        free(items);
+        free(q);
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+        for (size_t i = 0; i < n; i++)
+            rcs[i] = rc;
+        return rc;
+    }
+    size_t nq = 0;
+    for (size_t i = 0; i < n; i++) {       /* a block that cannot be made is refused alone */
+        kvd_err be = { 0, "" };
+        if ((rcs[i] = block_make(&info, conv, &b[i], &items[i], &be))) {
+            if (!first && err)
+                *err = be;
+            first = first ? first : rcs[i];
+        } else {
+            q[nq++] = &items[i];
+        }
+    }
+    gc_submit_n(e, q, nq);
+    for (size_t i = 0; i < n; i++) {
+        if (!items[i].block)
+            continue;
+        rcs[i] = items[i].rc;
+        if (!items[i].rc)
+            atomic_fetch_add(&e->n_appends, 1);
+        else if (!first) {
+            first = items[i].rc;
+            if (err)
+                *err = items[i].err;
+        }
+        free(items[i].block);
+    }
+    free(items);
+    free(q);
+    return first;
 }
 
 int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err)

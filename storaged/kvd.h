@@ -161,6 +161,26 @@ int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first
                     const uint8_t *sig_bits, const uint16_t *sig_scale, const uint8_t *records,
                     const uint8_t *sum_bits, const uint16_t *sum_scale, kvd_err *err);
 
+/* One block of kvd_append_n, as kvd_append_sums takes it. */
+typedef struct kvd_block_in {
+    uint32_t        layer;
+    uint64_t        first_pos;
+    uint32_t        count;
+    const uint8_t  *sig_bits;
+    const uint16_t *sig_scale;
+    const uint8_t  *records;
+    const uint8_t  *sum_bits;    /* NULL: no summaries */
+    const uint16_t *sum_scale;
+} kvd_block_in;
+
+/* Blocks of one conversation (any layers; a layer's in position order)
+ * made durable together: queued at once, so that one group commit (one
+ * segment fdatasync and one LMDB commit) takes up to 64 of them. Each
+ * block is stored or refused on its own, as kvd_append_sums would:
+ * rcs[i] its result. Returns the first nonzero rcs[i] (its message in
+ * err), 0 when every block is stored. */
+int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, int *rcs, kvd_err *err);
+
 /* ---- reads (one reader per thread) -------------------------------- */
 
 int  kvd_reader_open(kvd_engine *e, kvd_reader **out, kvd_err *err);

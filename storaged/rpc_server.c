@@ -578,6 +578,105 @@ static int h_append(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer
     return rc;
 }
 
+#define APPEND_MANY_BLOCKS 1024
+
+/* AppendMany: every block checked as Append checks it, the good ones
+ * stored together (kvd_append_n); a result per block. The call fails as
+ * a whole only when the conversation is not there or the request is bad
+ * as a whole. */
+static int h_append_many(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    DECODE(Kvarc__V1__AppendManyRequest, kvarc__v1__append_many_request__unpack, req);
+    conv_rec info;
+    const size_t n = req->n_blocks;
+    int rc = visible_conv(c, req->conv, &info, err);
+    if (!rc && n > APPEND_MANY_BLOCKS)
+        rc = kvd_fail(err, -E2BIG, "AppendMany of %zu blocks over the limit of %d", n, APPEND_MANY_BLOCKS);
+    kvd_block_in *b = NULL;
+    int *rcs = NULL, *idx = NULL;
+    kvd_err *errs = NULL;
+    uint16_t **copies = NULL;          /* aligned copies of the fp16 fields: [2n] */
+    Kvarc__V1__AppendResult *res = NULL, **resp = NULL;
+    if (!rc && !((b = calloc(n + 1, sizeof *b)) && (rcs = calloc(n + 1, sizeof *rcs)) &&
+                 (idx = calloc(n + 1, sizeof *idx)) && (errs = calloc(n + 1, sizeof *errs)) &&
+                 (copies = calloc(2 * n + 1, sizeof *copies)) && (res = calloc(n + 1, sizeof *res)) &&
+                 (resp = calloc(n + 1, sizeof *resp))))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    size_t nb = 0;                     /* blocks that pass the checks, b[0..nb), idx: their request index */
+    for (size_t i = 0; !rc && i < n; i++) {
+        Kvarc__V1__AppendRequest *r = req->blocks[i];
+        size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, cnt = r->count;
+        size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
+        size_t ns = (size_t)kvarc_block_n_sum(r->first_pos, r->count) * KVARC_SUM_ITEMS;
+        if (r->conv && r->conv != req->conv)
+            rcs[i] = kvd_fail(&errs[i], -EINVAL, "block %zu names conversation %llu in an AppendMany to %llu", i,
+                              (unsigned long long)r->conv, (unsigned long long)req->conv);
+        else if (r->sig_bits.len != H * cnt * d / 8 || r->sig_scale.len != H * cnt * 2 ||
+                 r->records.len != H * cnt * rb)
+            rcs[i] = kvd_fail(&errs[i], -EINVAL, "block %zu of %u tokens needs %zu signature bytes, %zu scale "
+                              "bytes and %zu record bytes; got %zu, %zu, %zu", i, r->count, H * cnt * d / 8,
+                              H * cnt * 2, H * cnt * rb, r->sig_bits.len, r->sig_scale.len, r->records.len);
+        else if ((r->sum_bits.len || r->sum_scale.len) &&
+                 (!ns || r->sum_bits.len != H * ns * d / 8 || r->sum_scale.len != H * ns * 2))
+            rcs[i] = kvd_fail(&errs[i], -EINVAL, "block %zu completes %zu 64-position blocks: their summaries are "
+                              "%zu bits and %zu scale bytes (or none); got %zu, %zu", i, ns / KVARC_SUM_ITEMS,
+                              H * ns * d / 8, H * ns * 2, r->sum_bits.len, r->sum_scale.len);
+        if (rcs[i])
+            continue;
+        copies[2 * i] = malloc(r->sig_scale.len + 1);
+        copies[2 * i + 1] = malloc(r->sum_scale.len + 1);
+        if (!copies[2 * i] || !copies[2 * i + 1]) {
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+            break;
+        }
+        memcpy(copies[2 * i], r->sig_scale.data, r->sig_scale.len);
+        if (r->sum_scale.len)
+            memcpy(copies[2 * i + 1], r->sum_scale.data, r->sum_scale.len);
+        b[nb] = (kvd_block_in){ r->layer, r->first_pos, r->count, r->sig_bits.data, copies[2 * i], r->records.data,
+                                r->sum_bits.len ? r->sum_bits.data : NULL, r->sum_bits.len ? copies[2 * i + 1] : NULL };
+        idx[nb++] = (int)i;
+    }
+    int *got = rc ? NULL : calloc(nb + 1, sizeof *got);
+    if (!rc && !got)
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    if (!rc) {
+        kvd_err e1 = { 0, "" };
+        kvd_append_n(c->w->s->e, req->conv, b, nb, got, &e1);
+        for (size_t j = 0; j < nb; j++)     /* each refused block's own message: Append's, alone */
+            if ((rcs[idx[j]] = got[j]) && !errs[idx[j]].msg[0])
+                errs[idx[j]] = e1.code == got[j] ? e1 : (kvd_err){ got[j], "" };
+    }
+    for (size_t i = 0; !rc && i < n; i++) {
+        Kvarc__V1__AppendRequest *r = req->blocks[i];
+        kvarc__v1__append_result__init(&res[i]);
+        res[i].status = rcs[i] ? (uint32_t)rpc_status_of(rcs[i]) : 0;
+        res[i].message = rcs[i] ? (errs[i].msg[0] ? errs[i].msg : (char *)kvarc_strerror(rcs[i])) : "";
+        kvd_err le;
+        uint64_t length = 0;
+        if (!kvd_layer_length(c->w->s->e, req->conv, r->layer, &length, &le))
+            res[i].length = length;
+        resp[i] = &res[i];
+    }
+    if (!rc) {
+        Kvarc__V1__AppendManyReply r = KVARC__V1__APPEND_MANY_REPLY__INIT;
+        r.n_results = n;
+        r.results = resp;
+        *out = pack(&r.base);
+    }
+    for (size_t i = 0; copies && i < 2 * n; i++)
+        free(copies[i]);
+    free(copies);
+    free(b);
+    free(rcs);
+    free(idx);
+    free(errs);
+    free(got);
+    free(res);
+    free(resp);
+    kvarc__v1__append_many_request__free_unpacked(req, NULL);
+    return rc;
+}
+
 static int h_fetch(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__FetchRequest, kvarc__v1__fetch_request__unpack, req);
@@ -1047,6 +1146,7 @@ static const struct { const char *path; handler_fn fn; } routes[] = {
     { "/kvarc.v1.Kvarc/List", h_list },         { "/kvarc.v1.Kvarc/Delete", h_delete },
     { "/kvarc.v1.Kvarc/Fork", h_fork },         { "/kvarc.v1.Kvarc/Snapshot", h_snapshot },
     { "/kvarc.v1.Kvarc/Restore", h_restore },   { "/kvarc.v1.Kvarc/Append", h_append },
+    { "/kvarc.v1.Kvarc/AppendMany", h_append_many },
     { "/kvarc.v1.Kvarc/Fetch", h_fetch },       { "/kvarc.v1.Kvarc/Rerank", h_rerank },
     { "/kvarc.v1.Kvarc/RerankLayer", h_rerank_layer },
     { "/kvarc.v1.Kvarc/Stats", h_stats },       { "/kvarc.v1.Kvarc/Search", h_search },

@@ -487,6 +487,150 @@ int main(void)
         full_attention(0, 302, ref);
         CHECK(max_rel(o1, ref, QH * D) < 2e-5f, "after the refused calls the gate still holds");
     }
+    {   /* append_together: the layers' batches go in one AppendMany when the last layer fills its
+         * batch (and at sync): the same records stored and the same attention bits as an Append per
+         * layer, token by token and in a chunk; AppendMany refuses a bad block alone */
+        kvarc_options ot = o, obad = o;
+        ot.append_together = 1;
+        obad.append_together = 2;
+        kvarc_conv *ta = NULL, *tb = NULL, *tx = NULL;
+        CHECK_RC(kvarc_conv_create(cl, "lib", "bad-together", &m, &obad, NULL, &tx), -EINVAL);
+        CHECK(strstr(kvarc_client_errmsg(cl), "append_together") != NULL, "the refusal names append_together: %s",
+              kvarc_client_errmsg(cl));
+        CHECK_RC(kvarc_conv_create(cl, "lib", "together", &m, &ot, NULL, &ta), 0);
+        CHECK_RC(kvarc_conv_create(cl, "lib", "apart", &m, &o, NULL, &tb), 0);
+        int same = ta && tb, t = 0;
+        float oa[QH * D], ob[QH * D];
+        for (; same && t < 150; t++) {          /* decode-shaped: every layer, token by token */
+            CHECK_RC(append_tokens(ta, t, 1), 0);
+            CHECK_RC(append_tokens(tb, t, 1), 0);
+            if (t % 37 == 36)
+                for (int l = 0; l < L; l++) {
+                    CHECK_RC(attend_step(ta, l, t, oa), 0);
+                    CHECK_RC(attend_step(tb, l, t, ob), 0);
+                    same &= !memcmp(oa, ob, sizeof oa);
+                }
+        }
+        kvarc_stats sa;
+        if (ta)
+            kvarc_conv_stats(ta, &sa);
+        CHECK(ta && sa.archived == (uint64_t)L * (150 / 16 * 16), "together: the full batches of every layer "
+              "archived as the last layer filled them (%llu)", ta ? (unsigned long long)sa.archived : 0ull);
+        if (same) {                              /* a chunk of 40 (prefill-shaped), then sync */
+            CHECK_RC(append_tokens(ta, 150, 40), 0);
+            CHECK_RC(append_tokens(tb, 150, 40), 0);
+            for (int l = 0; l < L; l++) {
+                CHECK_RC(attend_step(ta, l, 189, oa), 0);
+                CHECK_RC(attend_step(tb, l, 189, ob), 0);
+                same &= !memcmp(oa, ob, sizeof oa);
+            }
+            CHECK_RC(kvarc_conv_sync(ta), 0);
+            CHECK_RC(kvarc_conv_sync(tb), 0);
+        }
+        CHECK(same, "together: the attention bits of an Append per layer");
+        kvc_conn *k;
+        char msg[256];
+        CHECK_RC(kvc_connect(dir, &k), 0);
+        uint64_t ida = conv_id(k, "together"), idb = conv_id(k, "apart");
+        static uint64_t pos[190];
+        for (int i = 0; i < 190; i++)
+            pos[i] = (uint64_t)i;
+        int stored_same = 1;
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++) {
+                ProtobufCMessage *ra = NULL, *rbp = NULL;
+                Kvarc__V1__FetchRequest fr = KVARC__V1__FETCH_REQUEST__INIT;
+                fr.layer = (uint32_t)l;
+                fr.head = (uint32_t)h;
+                fr.n_positions = 190;
+                fr.positions = pos;
+                fr.conv = ida;
+                int s1 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg, sizeof msg);
+                fr.conv = idb;
+                int s2 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &rbp, 0, msg, sizeof msg);
+                Kvarc__V1__FetchReply *fa = (Kvarc__V1__FetchReply *)ra, *fb = (Kvarc__V1__FetchReply *)rbp;
+                stored_same &= !s1 && !s2 && fa->records.len == fb->records.len && fa->records.len > 0 &&
+                               !memcmp(fa->records.data, fb->records.data, fa->records.len);
+                if (ra)
+                    protobuf_c_message_free_unpacked(ra, NULL);
+                if (rbp)
+                    protobuf_c_message_free_unpacked(rbp, NULL);
+            }
+        CHECK(stored_same, "together: kvarcd holds the same 190 records of every layer and head");
+        /* the grouping itself: 64 tokens of both layers, token by token, batches of 16: 8 blocks in 4
+         * durable commits (kvarcd's counters; nothing else writes meanwhile) */
+        {
+            kvarc_conv *tc = NULL;
+            CHECK_RC(kvarc_conv_create(cl, "lib", "together-2", &m, &ot, NULL, &tc), 0);
+            uint64_t ap[2] = { 0, 0 }, gc[2] = { 0, 0 };
+            for (int phase = 0; phase < 2 && tc; phase++) {
+                Kvarc__V1__Empty e0 = KVARC__V1__EMPTY__INIT;
+                ProtobufCMessage *srep = NULL;
+                CHECK_RC(kvc_call(k, "Stats", &e0.base, &kvarc__v1__stats_reply__descriptor, &srep, 0, msg,
+                                  sizeof msg), 0);
+                if (srep) {
+                    ap[phase] = ((Kvarc__V1__StatsReply *)srep)->appends;
+                    gc[phase] = ((Kvarc__V1__StatsReply *)srep)->group_commits;
+                    protobuf_c_message_free_unpacked(srep, NULL);
+                }
+                for (int tt = 0; phase == 0 && tt < 64; tt++)
+                    CHECK_RC(append_tokens(tc, tt, 1), 0);
+            }
+            CHECK(ap[1] - ap[0] == 8 && gc[1] - gc[0] == 4, "together: 8 blocks in %llu appends and %llu durable "
+                  "commits (want 8 and 4)", (unsigned long long)(ap[1] - ap[0]), (unsigned long long)(gc[1] - gc[0]));
+            if (tc)
+                kvarc_conv_close(tc);
+        }
+        /* AppendMany over the raw transport: a good block, one of the wrong size, one out of place */
+        enum { NT = 4 };
+        const size_t rbs = (size_t)kvarc_record_bytes(KVARC_FMT_F16, D);
+        static uint8_t bits[H * NT * D / 8], recs[H * NT * 128 * 4];
+        static uint16_t scs[H * NT];
+        Kvarc__V1__AppendRequest b3[3], *bp[3] = { &b3[0], &b3[1], &b3[2] };
+        for (int i = 0; i < 3; i++) {
+            kvarc__v1__append_request__init(&b3[i]);
+            b3[i].layer = (uint32_t)(i == 1);
+            b3[i].first_pos = 190;
+            b3[i].count = NT;
+            b3[i].sig_bits.data = bits;
+            b3[i].sig_bits.len = sizeof bits;
+            b3[i].sig_scale.data = (uint8_t *)scs;
+            b3[i].sig_scale.len = sizeof scs;
+            b3[i].records.data = recs;
+            b3[i].records.len = H * NT * rbs;
+        }
+        b3[1].records.len -= 1;                 /* layer 1: one byte short */
+        b3[2].first_pos = 500;                  /* layer 0 again, not at its end */
+        Kvarc__V1__AppendManyRequest am = KVARC__V1__APPEND_MANY_REQUEST__INIT;
+        am.conv = ida;
+        am.n_blocks = 3;
+        am.blocks = bp;
+        ProtobufCMessage *rep = NULL;
+        int st = kvc_call(k, "AppendMany", &am.base, &kvarc__v1__append_many_reply__descriptor, &rep, 0, msg,
+                          sizeof msg);
+        Kvarc__V1__AppendManyReply *ar = (Kvarc__V1__AppendManyReply *)rep;
+        CHECK(st == GRPC_STATUS_OK && ar && ar->n_results == 3, "AppendMany answers a result per block: %d %s", st,
+              msg);
+        if (!st && ar && ar->n_results == 3) {
+            CHECK(ar->results[0]->status == 0 && ar->results[0]->length == 190 + NT, "the good block is stored "
+                  "(layer 0 at %llu)", (unsigned long long)ar->results[0]->length);
+            CHECK(ar->results[1]->status == GRPC_STATUS_INVALID_ARGUMENT && strstr(ar->results[1]->message, "record"),
+                  "the short block is refused alone: %u %s", ar->results[1]->status, ar->results[1]->message);
+            CHECK(ar->results[2]->status != 0 && ar->results[1]->length == 190 && strstr(ar->results[2]->message,
+                  "end"), "the misplaced block is refused, layer 1 unchanged: %u %s", ar->results[2]->status,
+                  ar->results[2]->message);
+        }
+        if (rep)
+            protobuf_c_message_free_unpacked(rep, NULL);
+        am.conv = 987654;
+        CHECK_RC(kvc_call(k, "AppendMany", &am.base, &kvarc__v1__append_many_reply__descriptor, NULL, 0, msg,
+                          sizeof msg), GRPC_STATUS_NOT_FOUND);
+        kvc_close(k);
+        if (ta)
+            kvarc_conv_close(ta);
+        if (tb)
+            kvarc_conv_close(tb);
+    }
     {   /* a conversation archived before kind-2 signatures (true positions, position-free
          * signatures: kind 0, written above as an older kvarcd stored it) is refused by attach
          * and by stage 1 and 2, naming why; an older client's Create of kind 0 is refused */

@@ -1,7 +1,7 @@
 /* bench-archive - archiving through libkvarc and kvarcd (encode + durable
  * Append) against the raw disk, one run.
  *
- *   bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W]
+ *   bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W] [--together 0,1]
  *
  * Model: L layers (default 8) x 8 KV heads x 32 query heads x head_dim 128,
  * RoPE on every dimension (theta 500000), true positions, q3, batch 64:
@@ -9,8 +9,11 @@
  * 2: the VM's cores), each a thread with its own libkvarc client and
  * conversation, append N tokens (default 16384) to every layer, 64 a call
  * (kvarc_append: the ring, then an encode and one durable Append per layer
- * and batch), then kvarc_conv_sync. kvarcd runs on a unix socket on the
- * same cores, its data directory on the benchmark's disk.
+ * and batch, or with --together 1 (kvarc_options.append_together) one
+ * AppendMany of every layer's batch when the last layer fills it), then
+ * kvarc_conv_sync. kvarcd runs on a unix socket on the same cores, its
+ * data directory on the benchmark's disk. Default: both settings, one
+ * after the other, each with fresh conversations.
  * Baseline, same run, same directory: one pwrite + fdatasync per block of
  * the bytes one Append stores (64 tokens x 8 heads x (a 104-byte record +
  * an 18-byte signature) + the block summaries), as many blocks as the
@@ -46,7 +49,7 @@ static void die(const char *what, const char *msg)
 }
 
 typedef struct writer {
-    int            id, layers;
+    int            id, layers, together;
     uint64_t       tokens;
     const float   *k, *v;        /* [BATCH][H][D] token-major per call: [H][BATCH][D] as kvarc_append takes */
     double         seconds;
@@ -62,8 +65,9 @@ static void *write_main(void *arg)
     kvarc_model m = { (uint32_t)w->layers, H, QH, D, KVARC_DTYPE_F32, 500000.0f, D, 0, "bench-archive" };
     kvarc_options o;
     kvarc_options_default(&o);
+    o.append_together = w->together;
     char name[32];
-    snprintf(name, sizeof name, "w%d", w->id);
+    snprintf(name, sizeof name, "w%d-%d", w->id, w->together);
     if (kvarc_client_open(run.dir, NULL, NULL, &cl)) {
         snprintf(w->err, sizeof w->err, "connect to %s", run.dir);
         return NULL;
@@ -92,7 +96,7 @@ static void *write_main(void *arg)
 int main(int argc, char **argv)
 {
     const char *kvarcd = NULL;
-    int layers = 8, writers = 2;
+    int layers = 8, writers = 2, tg[2] = { 0, 1 }, ntg = 2;
     uint64_t tokens = 16384;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--kvarcd") && i + 1 < argc)
@@ -103,8 +107,18 @@ int main(int argc, char **argv)
             tokens = strtoull(argv[++i], NULL, 10) / BATCH * BATCH;
         else if (!strcmp(argv[i], "--writers") && i + 1 < argc)
             writers = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--together") && i + 1 < argc) {
+            const char *f = argv[++i];
+            if (!strcmp(f, "0") || !strcmp(f, "1")) {
+                ntg = 1;
+                tg[0] = f[0] - '0';
+            } else if (strcmp(f, "0,1")) {
+                die("usage", "--together 0 | 1 | 0,1");
+            }
+        }
         else {
-            fprintf(stderr, "usage: bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W]\n");
+            fprintf(stderr, "usage: bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W] "
+                            "[--together 0,1]\n");
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
     }
@@ -154,35 +168,35 @@ int main(int argc, char **argv)
         k[i] = (float)((a + c - 1.0) * 2.4);
         v[i] = (float)((c - a) * 2.4);
     }
-    writer w[WRITERS_MAX];
-    pthread_t th[WRITERS_MAX];
-    for (int i = 0; i < writers; i++) {
-        memset(&w[i], 0, sizeof w[i]);
-        w[i] = (writer){ .id = i, .layers = layers, .tokens = tokens, .k = k, .v = v };
-    }
-    t0 = tu_now_s();
-    for (int i = 0; i < writers; i++)
-        if (pthread_create(&th[i], NULL, write_main, &w[i]))
-            die("thread", strerror(errno));
-    for (int i = 0; i < writers; i++)
-        pthread_join(th[i], NULL);
-    double t_all = tu_now_s() - t0;
-    double ns_archive = 0;
-    for (int i = 0; i < writers; i++) {
-        if (w[i].err[0])
-            die("writer", w[i].err);
-        ns_archive += (double)w[i].st.ns_archive;
-    }
     double toks = (double)writers * (double)tokens, mb = (double)blocks * (double)block / 1e6;
     printf("bench-archive: %d writer(s) x %llu tokens x %d layers x %d kv heads x head_dim %d, q3, batch %d; "
            "kvarcd on a unix socket, data in %s\n", writers, (unsigned long long)tokens, layers, H, D, BATCH, dir);
     printf("  what                                        tokens/s (8B shape)      MB/s   vs raw\n");
     printf("  raw pwrite + fdatasync per Append's bytes    %20s %9.1f   1.000x   (%llu blocks of %zu B)\n", "-",
            mb / t_raw, (unsigned long long)blocks, block);
-    printf("  libkvarc -> kvarcd (encode + Append, synced) %20.0f %9.1f   %.3fx\n", toks / t_all * layers / 32.0,
-           mb / t_all, t_raw / t_all);
-    printf("  (archiving time inside libkvarc, all writers: %.2f s of %.2f s wall; %.2f us per record)\n",
-           ns_archive * 1e-9, t_all, ns_archive * 1e-3 / (toks * layers * H));
+    for (int run = 0; run < ntg; run++) {
+        writer w[WRITERS_MAX];
+        pthread_t th[WRITERS_MAX];
+        for (int i = 0; i < writers; i++)
+            w[i] = (writer){ .id = i, .layers = layers, .together = tg[run], .tokens = tokens, .k = k, .v = v };
+        t0 = tu_now_s();
+        for (int i = 0; i < writers; i++)
+            if (pthread_create(&th[i], NULL, write_main, &w[i]))
+                die("thread", strerror(errno));
+        for (int i = 0; i < writers; i++)
+            pthread_join(th[i], NULL);
+        double t_all = tu_now_s() - t0, ns_archive = 0;
+        for (int i = 0; i < writers; i++) {
+            if (w[i].err[0])
+                die("writer", w[i].err);
+            ns_archive += (double)w[i].st.ns_archive;
+        }
+        printf("  libkvarc -> kvarcd, %-24s %14.0f %9.1f   %.3fx\n", tg[run] ? "layers together (1)" :
+               "an Append per layer (0)", toks / t_all * layers / 32.0, mb / t_all, t_raw / t_all);
+        printf("    (archiving time inside libkvarc, all writers: %.2f s of %.2f s wall; %.2f us per record)\n",
+               ns_archive * 1e-9, t_all, ns_archive * 1e-3 / (toks * layers * H));
+        fflush(stdout);
+    }
     free(k);
     free(v);
     kd_run_end(&run, "bench-archive");
