@@ -53,6 +53,7 @@ void kvarc_options_default(kvarc_options *o)
     o->cache_records = 1 << 18;
     o->scale = 0.0f;
     o->use_gpu = 1;
+    o->append_together = 1;
     o->coarse_blocks = 0;
     o->prefill_coarse_blocks = 0;
     o->prefill_shortlist = 0;
@@ -853,7 +854,9 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
     float *tok_k = malloc(2 * H * d * sizeof *tok_k), *tok_v = tok_k + H * d;
     if (!tok_k)
         return kl_fail(cv, -ENOMEM, "out of memory");
-    const int together = cv->o.append_together && cv->m.n_layers > 1;
+    /* append_together, but not while the layer has re-fed tokens to check (after an attach): those
+     * send nothing, and a wrong transcript is refused at once */
+    const int together = cv->o.append_together && cv->m.n_layers > 1 && y->len >= y->inherited;
     for (uint32_t t = 0; t < n; t++) {
         uint64_t p = y->len;
         /* a full ring must archive first (invariant 2); a full batch too, unless the layers' batches go

@@ -132,11 +132,14 @@ typedef struct kvarc_options {
                                    1/28 of the memory and attach traffic (measured at 1M). No GPU
                                    stage 1 then.
                                    0 or 1, else -EINVAL */
-    int      append_together;   /* 0 (default): each layer's batch is one Append as it fills; 1:
-                                   the layers' batches wait for the last layer's and go together
-                                   in one AppendMany, one durable commit in kvarcd for all (kvarc_
-                                   conv_sync too); a layer whose ring fills first, or whose cold
-                                   tokens attend needs, is sent alone. 0 or 1, else -EINVAL */
+    int      append_together;   /* 1 (default): the layers' batches wait for the last layer's and
+                                   go together in one AppendMany, one durable commit in kvarcd for
+                                   all (kvarc_conv_sync too; 2x the archiving rate, README); a layer
+                                   whose ring fills first, whose cold tokens attend needs, or that
+                                   has re-fed tokens to check after an attach is sent alone. 0: each
+                                   layer's batch is one Append as it fills (a writer that dies then
+                                   leaves layers of different lengths more often; attach handles
+                                   both). 0 or 1, else -EINVAL */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same

@@ -145,6 +145,7 @@ static int writer(const char *data_dir, int fd)
     kvarc_client *cl;
     kvarc_conv *cv;
     kvarc_options o = options();
+    o.append_together = 0;     /* an Append per layer: the writer can die between them */
     if (kvarc_client_open(data_dir, NULL, NULL, &cl))
         return 2;
     if (kvarc_conv_create(cl, "t", "talk", &model, &o, NULL, &cv)) {
