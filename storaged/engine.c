@@ -1592,11 +1592,12 @@ int kvd_append_sums(kvd_engine *e, uint64_t conv, uint32_t layer, uint64_t first
 {
     kvd_block_in b = { layer, first_pos, count, sig_bits, sig_scale, records, sum_bits, sum_scale };
     int rc = 0;
-    kvd_append_n(e, conv, &b, 1, &rc, err);
+    kvd_append_n(e, conv, &b, 1, &rc, NULL, err);
     return rc;
 }
 
-int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, int *rcs, kvd_err *err)
+int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, int *rcs, kvd_err *errs,
+                 kvd_err *err)
 {
     conv_rec info;      /* one lookup: the commit re-validates under its txn */
     int rc = conv_lookup(e, conv, &info, err), first = 0;
@@ -1625,6 +1626,8 @@ int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, 
         if ((rcs[i] = block_make(&info, conv, &b[i], &items[i], &be))) {
             if (!first && err)
                 *err = be;
+            if (errs)
+                errs[i] = be;
             first = first ? first : rcs[i];
         } else {
             q[nq++] = &items[i];
@@ -1635,6 +1638,8 @@ int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, 
         if (!items[i].block)
             continue;
         rcs[i] = items[i].rc;
+        if (items[i].rc && errs)
+            errs[i] = items[i].err;
         if (!items[i].rc)
             atomic_fetch_add(&e->n_appends, 1);
         else if (!first) {

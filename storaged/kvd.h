@@ -177,9 +177,11 @@ typedef struct kvd_block_in {
  * made durable together: queued at once, so that one group commit (one
  * segment fdatasync and one LMDB commit) takes up to 64 of them. Each
  * block is stored or refused on its own, as kvd_append_sums would:
- * rcs[i] its result. Returns the first nonzero rcs[i] (its message in
- * err), 0 when every block is stored. */
-int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, int *rcs, kvd_err *err);
+ * rcs[i] its result, errs[i] (errs may be NULL) a refused block's
+ * message. Returns the first nonzero rcs[i] (its message in err), 0 when
+ * every block is stored. */
+int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, int *rcs, kvd_err *errs,
+                 kvd_err *err);
 
 /* ---- reads (one reader per thread) -------------------------------- */
 

@@ -637,14 +637,15 @@ static int h_append_many(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_b
         idx[nb++] = (int)i;
     }
     int *got = rc ? NULL : calloc(nb + 1, sizeof *got);
-    if (!rc && !got)
+    kvd_err *gerr = rc ? NULL : calloc(nb + 1, sizeof *gerr);
+    if (!rc && (!got || !gerr))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     if (!rc) {
         kvd_err e1 = { 0, "" };
-        kvd_append_n(c->w->s->e, req->conv, b, nb, got, &e1);
-        for (size_t j = 0; j < nb; j++)     /* each refused block's own message: Append's, alone */
-            if ((rcs[idx[j]] = got[j]) && !errs[idx[j]].msg[0])
-                errs[idx[j]] = e1.code == got[j] ? e1 : (kvd_err){ got[j], "" };
+        kvd_append_n(c->w->s->e, req->conv, b, nb, got, gerr, &e1);
+        for (size_t j = 0; j < nb; j++)     /* each refused block's own message, as Append gives it */
+            if ((rcs[idx[j]] = got[j]))
+                errs[idx[j]] = gerr[j];
     }
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__AppendRequest *r = req->blocks[i];
@@ -671,6 +672,7 @@ static int h_append_many(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_b
     free(idx);
     free(errs);
     free(got);
+    free(gerr);
     free(res);
     free(resp);
     kvarc__v1__append_many_request__free_unpacked(req, NULL);

@@ -617,8 +617,8 @@ int main(void)
             CHECK(ar->results[1]->status == GRPC_STATUS_INVALID_ARGUMENT && strstr(ar->results[1]->message, "record"),
                   "the short block is refused alone: %u %s", ar->results[1]->status, ar->results[1]->message);
             CHECK(ar->results[2]->status != 0 && ar->results[1]->length == 190 && strstr(ar->results[2]->message,
-                  "end"), "the misplaced block is refused, layer 1 unchanged: %u %s", ar->results[2]->status,
-                  ar->results[2]->message);
+                  "at position 500"), "the misplaced block is refused with its own message, layer 1 unchanged: "
+                  "%u %s", ar->results[2]->status, ar->results[2]->message);
         }
         if (rep)
             protobuf_c_message_free_unpacked(rep, NULL);
