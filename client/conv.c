@@ -13,9 +13,18 @@
  * exact outside the ring; 5. no position below `inherited` is ever sent
  * (kvarcd holds it already; kvarcd refuses an Append not at a layer's end).
  *
- * Taking over from a dead writer (kvarc_conv_attach). kvarc_conv_sync and
- * the batches of kvarc_append send one Append per layer, so a writer that
- * dies between them leaves layers of different lengths in kvarcd. Attach
+ * Archiving (kl_flush, kl_flush_all). With o.append_together (the
+ * default) a layer's full batch waits for the last layer's, and then one
+ * AppendMany carries every layer's pending tokens: kvarcd makes them
+ * durable in one group commit. A layer goes alone (an Append) when its
+ * ring would overwrite an unarchived token (invariant 2), when attend
+ * needs its cold tokens (invariant 3), or while it has re-fed tokens to
+ * check; with append_together = 0 every layer's batch is its own Append.
+ *
+ * Taking over from a dead writer (kvarc_conv_attach). Layers are archived
+ * by separate Appends (or AppendMany blocks that kvarcd stores or refuses
+ * one by one), so a writer that dies between them leaves layers of
+ * different lengths in kvarcd. Attach
  * continues every layer at the common (shortest) length L: its sinks, hot
  * window and signatures are rebuilt from [0, L) as after any crash, and
  * each layer also loads the signatures of what it holds past L
