@@ -878,18 +878,27 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
             }
         }
         /* the whole token first (every head), so a NaN refuses it before any of it is kept */
-        for (size_t h = 0; h < H; h++)
-            for (size_t i = 0; i < d; i++) {
-                size_t src = (h * n + t) * d + i;
-                tok_k[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, k, src);
-                tok_v[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, v, src);
-                if (!isfinite(tok_k[h * d + i]) || !isfinite(tok_v[h * d + i])) {
-                    free(tok_k);
-                    return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu "
-                                   "has a NaN or Inf: it was refused, the %u before it were appended", layer, t,
-                                   (unsigned long long)p, h, t);
+        for (size_t h = 0; h < H; h++) {
+            size_t src = (h * n + t) * d;
+            int finite = 1;
+            if (dtype == KVARC_DTYPE_F32) {      /* as given: copied, then checked in one pass */
+                memcpy(tok_k + h * d, (const float *)k + src, d * sizeof *tok_k);
+                memcpy(tok_v + h * d, (const float *)v + src, d * sizeof *tok_v);
+            } else {
+                for (size_t i = 0; i < d; i++) {
+                    tok_k[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, k, src + i);
+                    tok_v[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
                 }
             }
+            for (size_t i = 0; i < d; i++)
+                finite &= isfinite(tok_k[h * d + i]) && isfinite(tok_v[h * d + i]);
+            if (!finite) {
+                free(tok_k);
+                return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu "
+                               "has a NaN or Inf: it was refused, the %u before it were appended", layer, t,
+                               (unsigned long long)p, h, t);
+            }
+        }
         double cs[KVARC_HEAD_DIM_MAX];            /* position p's RoPE angles, once for every head */
         kvg_rope_angles(cs, (int)d, cv->rope.rotary_dims, cv->rope.inv_freq, (double)p);
         for (size_t h = 0; h < H; h++)
