@@ -38,7 +38,9 @@
  * for good, mid-call included.
  * Work space: every array a call uses is carved from one allocation kept
  * on the conversation (kl_ax, kvarc_internal.h), grown when a call needs
- * more; a decode step allocates nothing but the RerankLayer reply.
+ * more, so that a decode step allocates no work space of its own (the
+ * RerankLayer reply, and the kernels' own buffers - kvg_attend's,
+ * kvg_topk_ref's winners - still come and go per call).
  */
 #include <errno.h>
 #include <math.h>

@@ -122,8 +122,9 @@ typedef struct kl_posrec {
 
 /* kvarc_attend's work space: one allocation kept on the conversation,
  * carved for each call's geometry and grown (never shrunk) when a call
- * needs more, so that a decode step allocates nothing but the
- * RerankLayer reply. Freed with the conversation (kl_ax_free). */
+ * needs more, so that a decode step allocates no work space of its own
+ * (the RerankLayer reply and some kernels' buffers still come and go).
+ * Freed with the conversation (kl_ax_free). */
 typedef struct kl_ax {
     uint8_t      *mem;
     size_t        mem_cap;
