@@ -270,14 +270,18 @@ int conv_info_fill(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c, 
 }
 
 int extent_resolve(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t pos,
-                   uint64_t *owner, uint64_t *first, extent_val *ev)
+                   uint64_t *owner, uint64_t *first, extent_val *ev, uint64_t *limit)
 {
+    if (limit)
+        *limit = UINT64_MAX;
     for (int depth = 0; depth < 4096; depth++) {
         conv_rec c;
         int rc = conv_get(e, txn, conv, &c);
         if (rc)
             return rc == -ENOENT ? KVARC_ECORRUPT : rc;
         if (pos < c.fork_len && c.parent) {
+            if (limit && c.fork_len < *limit)
+                *limit = c.fork_len;        /* the nearest fork point on the way */
             conv = c.parent;
             continue;
         }

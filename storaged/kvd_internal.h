@@ -141,9 +141,11 @@ int  conv_info_fill(kvd_engine *e, MDB_txn *txn, uint64_t id, const conv_rec *c,
 int  layer_len_get(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t *len);
 
 /* Locate position pos of (conv, layer): the conversation that owns it
- * (following forks) and its extent. 0, -ERANGE past the end, or an error. */
+ * (following forks) and its extent; *limit (may be NULL) the nearest fork
+ * point on the way, where an ancestor's extent stops serving conv
+ * (UINT64_MAX when conv owns it). 0, -ERANGE past the end, or an error. */
 int  extent_resolve(kvd_engine *e, MDB_txn *txn, uint64_t conv, uint32_t layer, uint64_t pos,
-                    uint64_t *owner, uint64_t *first, extent_val *ev);
+                    uint64_t *owner, uint64_t *first, extent_val *ev, uint64_t *limit);
 
 /* ---- stage 1b (stage1b.c) ---------------------------------------------- */
 

@@ -277,19 +277,12 @@ static int ext_get(kvd_reader *r, MDB_txn *txn, uint64_t conv, uint32_t layer, u
     if (set)
         x = &set[r->ext_next++ % EXT_WAYS];
     ext_ent n = { .conv = conv, .layer = layer };
-    int rc = extent_resolve(e, txn, conv, layer, pos, &n.owner, &n.first, &n.ev);
+    uint64_t limit;                                /* an ancestor's extent: up to the nearest fork point */
+    int rc = extent_resolve(e, txn, conv, layer, pos, &n.owner, &n.first, &n.ev, &limit);
     if (rc)
         return rc;
     n.lo = n.first;
-    n.hi = n.first + n.ev.count;
-    for (uint64_t c = conv; c != n.owner;) {      /* an ancestor's: up to the nearest fork point */
-        conv_rec cr;
-        if ((rc = conv_get(e, txn, c, &cr)))
-            return rc;
-        if (n.hi > cr.fork_len)
-            n.hi = cr.fork_len;
-        c = cr.parent;
-    }
+    n.hi = n.first + n.ev.count < limit ? n.first + n.ev.count : limit;
     if (x)
         *x = n;
     *out = n;

@@ -206,7 +206,7 @@ static void verify_convs(kvd_engine *e, MDB_txn *txn, const blklist *bl, kvd_ver
              * the extents table cannot see a layer that has none at all) */
             uint64_t owner, f;
             extent_val ev;
-            if (len > c.fork_len && (extent_resolve(e, txn, id, l, len - 1, &owner, &f, &ev) || owner != id)) {
+            if (len > c.fork_len && (extent_resolve(e, txn, id, l, len - 1, &owner, &f, &ev, NULL) || owner != id)) {
                 logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u: position %llu, inside its "
                       "length, has no extent in the index", c.ns, c.name, l, (unsigned long long)(len - 1));
                 break;
@@ -477,7 +477,7 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
             extent_val rv;
             for (int end = 0; end < 2 && ev.count; end++) {
                 uint64_t pos = end ? first + ev.count - 1 : first;
-                int rrc = extent_resolve(e, txn, conv, layer, pos, &owner, &f, &rv);
+                int rrc = extent_resolve(e, txn, conv, layer, pos, &owner, &f, &rv, NULL);
                 if (rrc || owner != conv || f != first || rv.seg != ev.seg || rv.off != ev.off) {
                     logf_(log, arg, &rep->problems, "conversation '%s/%s' layer %u position %llu: a read "
                           "does not find the extent that holds it (%s)", c.ns, c.name, layer,

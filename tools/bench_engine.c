@@ -209,7 +209,7 @@ int main(int argc, char **argv)
     for (uint64_t i = 0; i < nreads; i++) {
         uint64_t owner, first;
         extent_val ev;
-        if (extent_resolve(e, txn, c1.id, 0, pos[i], &owner, &first, &ev))
+        if (extent_resolve(e, txn, c1.id, 0, pos[i], &owner, &first, &ev, NULL))
             die("resolve", NULL);
         kvarc_block_header h = { .head_dim = D, .n_heads = HEADS, .count = ev.count, .rec_bytes = (uint32_t)rb };
         fds[i] = seg_pin(e, ev.seg);
