@@ -411,12 +411,14 @@ typedef struct piece {
     int         fd;
 } piece;
 
-/* The extents serving conv's positions [p0, end) of a layer, in order, as
- * pieces (*out, malloc'ed, *np of them), their segments pinned in ps: an
+/* The extents serving conv's positions in runs[n_runs] ((first, count)
+ * pairs) of a layer, run after run and in order within each, as pieces
+ * (*out, malloc'ed, *np of them), their segments pinned in ps: an
  * ancestor's block serves only up to the nearest fork point on the way
- * from conv to it. what names the positions in errors. */
-static int extent_pieces(kvd_reader *r, uint64_t conv, uint32_t layer, uint64_t p0, uint64_t end, pinset *ps,
-                         piece **out, size_t *np, const char *what, kvd_err *err)
+ * from conv to it. One index transaction for all the runs. what names the
+ * positions in errors. */
+static int extent_pieces(kvd_reader *r, uint64_t conv, uint32_t layer, const uint64_t *runs, size_t n_runs,
+                         pinset *ps, piece **out, size_t *np, const char *what, kvd_err *err)
 {
     kvd_engine *e = r->e;
     size_t cap = 64, n = 0;
@@ -433,38 +435,46 @@ static int extent_pieces(kvd_reader *r, uint64_t conv, uint32_t layer, uint64_t 
         free(pcs);
         return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
     }
-    for (uint64_t p = p0; p < end && !rc;) {
-        piece pc = { 0 };
-        ext_ent x;
-        rc = ext_get(r, txn, conv, layer, p, &x);
-        if (rc) {
-            kvd_fail(err, rc, rc == -ERANGE ? "%s [%llu, %llu) reach past the end of layer %u"
-                                            : "resolving %s [%llu, %llu) of layer %u failed: %s",
-                     what, (unsigned long long)p0, (unsigned long long)end, layer, kvarc_strerror(rc));
+    for (size_t q = 0; q < n_runs && !rc; q++) {
+        const uint64_t p0 = runs[2 * q], end = p0 + runs[2 * q + 1];
+        if (end < p0) {
+            rc = kvd_fail(err, -EINVAL, "%s [%llu, +%llu): the run overflows", what, (unsigned long long)p0,
+                          (unsigned long long)runs[2 * q + 1]);
             break;
         }
-        pc.owner = x.owner;
-        pc.first = x.first;
-        pc.ev = x.ev;
-        pc.from = p;
-        pc.stop = x.hi;                     /* an ancestor's extent: clipped at the fork point */
-        if (pc.stop > end)
-            pc.stop = end;
-        if ((pc.fd = pin_get(e, ps, pc.ev.seg)) < 0) {
-            rc = kvd_fail(err, pc.fd, "segment %016llx is not available", (unsigned long long)pc.ev.seg);
-            break;
-        }
-        if (n == cap) {
-            piece *n2 = realloc(pcs, 2 * cap * sizeof *pcs);
-            if (!n2) {
-                rc = kvd_fail(err, -ENOMEM, "out of memory");
+        for (uint64_t p = p0; p < end && !rc;) {
+            piece pc = { 0 };
+            ext_ent x;
+            rc = ext_get(r, txn, conv, layer, p, &x);
+            if (rc) {
+                kvd_fail(err, rc, rc == -ERANGE ? "%s [%llu, %llu) reach past the end of layer %u"
+                                                : "resolving %s [%llu, %llu) of layer %u failed: %s",
+                         what, (unsigned long long)p0, (unsigned long long)end, layer, kvarc_strerror(rc));
                 break;
             }
-            pcs = n2;
-            cap *= 2;
+            pc.owner = x.owner;
+            pc.first = x.first;
+            pc.ev = x.ev;
+            pc.from = p;
+            pc.stop = x.hi;                     /* an ancestor's extent: clipped at the fork point */
+            if (pc.stop > end)
+                pc.stop = end;
+            if ((pc.fd = pin_get(e, ps, pc.ev.seg)) < 0) {
+                rc = kvd_fail(err, pc.fd, "segment %016llx is not available", (unsigned long long)pc.ev.seg);
+                break;
+            }
+            if (n == cap) {
+                piece *n2 = realloc(pcs, 2 * cap * sizeof *pcs);
+                if (!n2) {
+                    rc = kvd_fail(err, -ENOMEM, "out of memory");
+                    break;
+                }
+                pcs = n2;
+                cap *= 2;
+            }
+            pcs[n++] = pc;
+            p = pc.stop;
         }
-        pcs[n++] = pc;
-        p = pc.stop;
     }
     mdb_txn_abort(txn);
     pthread_rwlock_unlock(&e->resolve);
@@ -512,27 +522,7 @@ int kvd_read_sig_runs(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t hea
     rd_op *ops = NULL;
     size_t *op_of = NULL;                          /* [np] the read that holds piece i's section */
     pinset ps = { .n = 0 };
-    for (size_t q = 0; !rc && q < n_runs; q++) {   /* every run's pieces, one after another */
-        piece *rp = NULL;
-        size_t rn = 0;
-        if (runs[2 * q + 1] == 0)
-            continue;
-        if (runs[2 * q] + runs[2 * q + 1] < runs[2 * q]) {
-            rc = kvd_fail(err, -EINVAL, "signature run %zu overflows", q);
-            break;
-        }
-        rc = extent_pieces(r, conv, layer, runs[2 * q], runs[2 * q] + runs[2 * q + 1], &ps, &rp, &rn, "signatures",
-                           err);
-        piece *grown = rc ? NULL : realloc(pcs, (np + rn + 1) * sizeof *pcs);
-        if (!rc && !grown)
-            rc = kvd_fail(err, -ENOMEM, "out of memory");
-        if (!rc) {
-            pcs = grown;
-            memcpy(pcs + np, rp, rn * sizeof *pcs);
-            np += rn;
-        }
-        free(rp);
-    }
+    rc = extent_pieces(r, conv, layer, runs, n_runs, &ps, &pcs, &np, "signatures", err);
     if (!rc && !((ops = malloc((np + 1) * sizeof *ops)) && (op_of = malloc((np + 1) * sizeof *op_of))))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     for (size_t i = 0; !rc && i < np; i++) {        /* each extent's whole signature section, read once */
@@ -869,7 +859,8 @@ int kvd_read_sums(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, u
     size_t np = 0, nr = 0;
     rd_op *ops = NULL;
     pinset ps = { .n = 0 };
-    rc = extent_pieces(r, conv, layer, b0 * B, (b0 + nb) * B, &ps, &pcs, &np, "summaries of positions", err);
+    uint64_t run[2] = { b0 * B, nb * B };
+    rc = extent_pieces(r, conv, layer, run, 1, &ps, &pcs, &np, "summaries of positions", err);
     if (!rc && !(ops = malloc((np + 1) * sizeof *ops)))
         rc = kvd_fail(err, -ENOMEM, "out of memory");
     /* the pieces whose data block carries summaries (the index keeps each
