@@ -518,47 +518,55 @@ static int h_restore(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_buffe
 
 #define MAX_REPLY_RECORD_BYTES (8u << 20)
 
+/* Block r (an Append's, or one of an AppendMany's) checked against the
+ * conversation's shape and made a kvd_block_in: the fp16 fields copied
+ * aligned into copies[0..1] (malloc'ed, the caller frees them). what
+ * names the block in errors. 0 or -EINVAL / -ENOMEM in err. */
+static int append_block(const conv_rec *info, const Kvarc__V1__AppendRequest *r, const char *what, uint16_t **copies,
+                        kvd_block_in *b, kvd_err *err)
+{
+    size_t H = info->shape.n_kv_heads, d = info->shape.head_dim, n = r->count;
+    size_t rb = (size_t)kvarc_record_bytes(info->shape.format, (int)d);
+    size_t ns = (size_t)kvarc_block_n_sum(r->first_pos, r->count) * KVARC_SUM_ITEMS;
+    if (r->sig_bits.len != H * n * d / 8 || r->sig_scale.len != H * n * 2 || r->records.len != H * n * rb)
+        return kvd_fail(err, -EINVAL, "%s of %u tokens to '%s/%s' needs %zu signature bytes, %zu scale bytes and "
+                        "%zu record bytes; got %zu, %zu, %zu", what, r->count, info->ns, info->name, H * n * d / 8,
+                        H * n * 2, H * n * rb, r->sig_bits.len, r->sig_scale.len, r->records.len);
+    if ((r->sum_bits.len || r->sum_scale.len) &&
+        (!ns || r->sum_bits.len != H * ns * d / 8 || r->sum_scale.len != H * ns * 2))
+        return kvd_fail(err, -EINVAL, "%s of positions [%llu, +%u) to '%s/%s' completes %zu blocks: their "
+                        "summaries are %zu bits and %zu scale bytes (or none); got %zu, %zu", what,
+                        (unsigned long long)r->first_pos, r->count, info->ns, info->name, ns / KVARC_SUM_ITEMS,
+                        H * ns * d / 8, H * ns * 2, r->sum_bits.len, r->sum_scale.len);
+    copies[0] = malloc(r->sig_scale.len + 1);
+    copies[1] = malloc(r->sum_scale.len + 1);
+    if (!copies[0] || !copies[1])
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    memcpy(copies[0], r->sig_scale.data, r->sig_scale.len);
+    if (r->sum_scale.len)
+        memcpy(copies[1], r->sum_scale.data, r->sum_scale.len);
+    *b = (kvd_block_in){ r->layer, r->first_pos, r->count, r->sig_bits.data, copies[0], r->records.data,
+                         r->sum_bits.len ? r->sum_bits.data : NULL, r->sum_bits.len ? copies[1] : NULL };
+    return 0;
+}
+
 /* Decode one AppendRequest and append it durably; *length is the layer's
  * length afterwards. Shared by Append and AppendStream. */
 static int append_one(rpc_call *c, const uint8_t *in, size_t len, uint64_t *length, kvd_err *err)
 {
     DECODE(Kvarc__V1__AppendRequest, kvarc__v1__append_request__unpack, req);
     conv_rec info;
+    kvd_block_in b;
+    uint16_t *copies[2] = { NULL, NULL };
     int rc = visible_conv(c, req->conv, &info, err);
+    if (!rc)
+        rc = append_block(&info, req, "append", copies, &b, err);
     if (!rc) {
-        size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, n = req->count;
-        size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
-        size_t ns = (size_t)kvarc_block_n_sum(req->first_pos, req->count) * KVARC_SUM_ITEMS;
-        if (req->sig_bits.len != H * n * d / 8 || req->sig_scale.len != H * n * 2 ||
-            req->records.len != H * n * rb)
-            rc = kvd_fail(err, -EINVAL, "append of %u tokens to '%s/%s' needs %zu signature bytes, %zu "
-                          "scale bytes and %zu record bytes; got %zu, %zu, %zu", req->count, info.ns,
-                          info.name, H * n * d / 8, H * n * 2, H * n * rb, req->sig_bits.len,
-                          req->sig_scale.len, req->records.len);
-        else if ((req->sum_bits.len || req->sum_scale.len) &&
-                 (!ns || req->sum_bits.len != H * ns * d / 8 || req->sum_scale.len != H * ns * 2))
-            rc = kvd_fail(err, -EINVAL, "append of positions [%llu, +%u) to '%s/%s' completes %zu blocks: their "
-                          "summaries are %zu bits and %zu scale bytes (or none); got %zu, %zu",
-                          (unsigned long long)req->first_pos, req->count, info.ns, info.name, ns / KVARC_SUM_ITEMS,
-                          H * ns * d / 8, H * ns * 2, req->sum_bits.len, req->sum_scale.len);
+        int brc = 0;
+        rc = kvd_append_n(c->w->s->e, req->conv, &b, 1, &brc, NULL, err);
     }
-    if (!rc) {
-        uint16_t *scales = malloc(req->sig_scale.len ? req->sig_scale.len : 1);
-        uint16_t *sums = malloc(req->sum_scale.len ? req->sum_scale.len : 1);   /* aligned copies */
-        if (!scales || !sums)
-            rc = kvd_fail(err, -ENOMEM, "out of memory");
-        else {
-            if (req->sig_scale.len)
-                memcpy(scales, req->sig_scale.data, req->sig_scale.len);
-            if (req->sum_scale.len)
-                memcpy(sums, req->sum_scale.data, req->sum_scale.len);
-            rc = kvd_append_sums(c->w->s->e, req->conv, req->layer, req->first_pos, req->count, req->sig_bits.data,
-                                 scales, req->records.data, req->sum_bits.len ? req->sum_bits.data : NULL,
-                                 req->sum_bits.len ? sums : NULL, err);
-        }
-        free(scales);
-        free(sums);
-    }
+    free(copies[0]);
+    free(copies[1]);
     if (!rc)
         rc = kvd_layer_length(c->w->s->e, req->conv, req->layer, length, err);
     kvarc__v1__append_request__free_unpacked(req, NULL);
@@ -605,36 +613,15 @@ static int h_append_many(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_b
     size_t nb = 0;                     /* blocks that pass the checks, b[0..nb), idx: their request index */
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__AppendRequest *r = req->blocks[i];
-        size_t H = info.shape.n_kv_heads, d = info.shape.head_dim, cnt = r->count;
-        size_t rb = (size_t)kvarc_record_bytes(info.shape.format, (int)d);
-        size_t ns = (size_t)kvarc_block_n_sum(r->first_pos, r->count) * KVARC_SUM_ITEMS;
+        char what[32];
+        snprintf(what, sizeof what, "block %zu", i);
         if (r->conv && r->conv != req->conv)
             rcs[i] = kvd_fail(&errs[i], -EINVAL, "block %zu names conversation %llu in an AppendMany to %llu", i,
                               (unsigned long long)r->conv, (unsigned long long)req->conv);
-        else if (r->sig_bits.len != H * cnt * d / 8 || r->sig_scale.len != H * cnt * 2 ||
-                 r->records.len != H * cnt * rb)
-            rcs[i] = kvd_fail(&errs[i], -EINVAL, "block %zu of %u tokens needs %zu signature bytes, %zu scale "
-                              "bytes and %zu record bytes; got %zu, %zu, %zu", i, r->count, H * cnt * d / 8,
-                              H * cnt * 2, H * cnt * rb, r->sig_bits.len, r->sig_scale.len, r->records.len);
-        else if ((r->sum_bits.len || r->sum_scale.len) &&
-                 (!ns || r->sum_bits.len != H * ns * d / 8 || r->sum_scale.len != H * ns * 2))
-            rcs[i] = kvd_fail(&errs[i], -EINVAL, "block %zu completes %zu 64-position blocks: their summaries are "
-                              "%zu bits and %zu scale bytes (or none); got %zu, %zu", i, ns / KVARC_SUM_ITEMS,
-                              H * ns * d / 8, H * ns * 2, r->sum_bits.len, r->sum_scale.len);
-        if (rcs[i])
-            continue;
-        copies[2 * i] = malloc(r->sig_scale.len + 1);
-        copies[2 * i + 1] = malloc(r->sum_scale.len + 1);
-        if (!copies[2 * i] || !copies[2 * i + 1]) {
+        else if ((rcs[i] = append_block(&info, r, what, copies + 2 * i, &b[nb], &errs[i])) == -ENOMEM)
             rc = kvd_fail(err, -ENOMEM, "out of memory");
-            break;
-        }
-        memcpy(copies[2 * i], r->sig_scale.data, r->sig_scale.len);
-        if (r->sum_scale.len)
-            memcpy(copies[2 * i + 1], r->sum_scale.data, r->sum_scale.len);
-        b[nb] = (kvd_block_in){ r->layer, r->first_pos, r->count, r->sig_bits.data, copies[2 * i], r->records.data,
-                                r->sum_bits.len ? r->sum_bits.data : NULL, r->sum_bits.len ? copies[2 * i + 1] : NULL };
-        idx[nb++] = (int)i;
+        if (!rcs[i])
+            idx[nb++] = (int)i;
     }
     int *got = rc ? NULL : calloc(nb + 1, sizeof *got);
     kvd_err *gerr = rc ? NULL : calloc(nb + 1, sizeof *gerr);
