@@ -569,7 +569,8 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
 }
 
 /* Queue its[0..n) together (so that one batch can take them all) and
- * wait until every one is done, leading batches while no one else does. */
+ * wait until every one is done, leading batches while no one else does.
+ * An engine open to be checked only refuses each (-EROFS). */
 static void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -579,7 +580,11 @@ static void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n)
         it->err.code = 0;
         it->err.msg[0] = 0;
         it->next = NULL;
+        if (e->check_only)
+            it->rc = kvd_fail(&it->err, -EROFS, "%s is open to be checked only: nothing can be written", e->dir);
     }
+    if (e->check_only)
+        return;
     pthread_mutex_lock(&e->gc_mu);
     for (size_t i = 0; i < n; i++) {
         if (e->q_tail)
@@ -614,8 +619,6 @@ static void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n)
 
 int gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err)
 {
-    if (e->check_only)
-        return kvd_fail(err, -EROFS, "%s is open to be checked only: nothing can be written", e->dir);
     gc_submit_n(e, &it, 1);
     if (it->rc && err)
         *err = it->err;
@@ -1609,12 +1612,6 @@ int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, 
         rcs[i] = rc;
     if (rc || n == 0)
         return rc;
-    if (e->check_only) {
-        rc = kvd_fail(err, -EROFS, "%s is open to be checked only: nothing can be written", e->dir);
-        for (size_t i = 0; i < n; i++)
-            rcs[i] = rc;
-        return rc;
-    }
     kvd_item *items = calloc(n, sizeof *items), **q = calloc(n, sizeof *q);
     if (!items || !q) {
         free(items);

@@ -176,6 +176,28 @@ int main(void)
     CHECK_RC(eu_append(e, &d, 13, 0, 960, 8, &err), 0);
     kvd_close(e);
 
+    /* opened to be checked only: an append, and each block of kvd_append_n, is refused; nothing changes */
+    {
+        kvd_engine *ce;
+        CHECK_RC(kvd_open_check(dir, &ce, &err), 0);
+        uint64_t fd_before = fingerprint(ce, "ns", "d");
+        CHECK_RC(eu_append(ce, &d, 13, 0, 968, 8, &err), -EROFS);
+        CHECK(strstr(err.msg, "checked only") != NULL, "the refusal says why: %s", err.msg);
+        size_t nn = (size_t)d.shape.n_kv_heads * 8;
+        int rb = kvarc_record_bytes(d.shape.format, (int)d.shape.head_dim);
+        uint8_t *bits = calloc(nn, d.shape.head_dim / 8), *recs = calloc(nn, (size_t)rb);
+        uint16_t *sc = calloc(nn, 2);
+        kvd_block_in two[2] = { { 0, 968, 8, bits, sc, recs, NULL, NULL }, { 1, 960, 8, bits, sc, recs, NULL, NULL } };
+        int rcs[2] = { 0, 0 };
+        CHECK_RC(kvd_append_n(ce, d.id, two, 2, rcs, NULL, &err), -EROFS);
+        CHECK(rcs[0] == -EROFS && rcs[1] == -EROFS, "each block refused: %d %d", rcs[0], rcs[1]);
+        CHECK(fingerprint(ce, "ns", "d") == fd_before, "the refused appends changed nothing");
+        free(bits);
+        free(recs);
+        free(sc);
+        kvd_close(ce);
+    }
+
     /* a flipped byte: verify reports it, reads refuse it */
     uint64_t seg = 0;
     off_t off = first_record_offset(dir, d.id, &seg);
