@@ -273,7 +273,7 @@ static int item_runs(kvarc_conv *cv, const kl_step *s, kl_ax *x, uint32_t i, siz
             uint64_t first = s->ns + hr->v[2 * j], cnt = hr->v[2 * j + 1];
             x->iruns[x->iruns_n++] = first;
             x->iruns[x->iruns_n++] = cnt;
-            nb += (size_t)((first + cnt - 1) / B - first / B + 1);
+            nb += (size_t)kvg_blocks_of(first, cnt);
         }
         x->boff[it] = x->ibias_n;
         x->bn[it] = s->remap ? 0 : G * nb;

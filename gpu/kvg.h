@@ -333,6 +333,11 @@ void kvg_rope_turn(float *x, int d, int rotary_dims, int layout, const double *c
 /* A conversation's RoPE, prepared once: frequencies and which dimensions
  * a true-position signature centers (SCHEMA.md section 6.2). */
 #define KVG_SIG_BLOCK 64           /* positions per signature block */
+/* The signature blocks positions [first, first + n) touch (n >= 1). */
+static inline uint64_t kvg_blocks_of(uint64_t first, uint64_t n)
+{
+    return (first + n - 1) / KVG_SIG_BLOCK - first / KVG_SIG_BLOCK + 1;
+}
 #define KVG_SLOW_FREQ (1.0 / 320)  /* a pair turning at most this (rad/token) is "slow" */
 typedef struct kvg_rope {
     int    d, rotary_dims, layout; /* rotary_dims as used: min(rotary_dims, d), even */

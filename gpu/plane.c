@@ -487,7 +487,7 @@ int kvg_plane_score_isa(kvg_isa isa, kvg_score_mode mode, kvg_combine comb, cons
         return 0;
     if (!scores || !range_ok(p, qs[0].head_dim, first_pos, n))
         return -EINVAL;
-    if (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+    if (blk_bias && nblk < kvg_blocks_of(first_pos, n))
         return -EINVAL;
     ptab stack[CHUNK], *tab;
     if (isa != KVG_ISA_REF && (tab = tables_make(isa, mode, qs, n_q, stack))) {
@@ -544,7 +544,7 @@ long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
     if (rc)
         return rc;
     if (!scores || !scratch || (k && !idx_out) ||           /* the stretches below check their own part */
-        (blk_bias && n && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1))
+        (blk_bias && n && nblk < kvg_blocks_of(first_pos, n)))
         return -EINVAL;
     if (k > n)
         k = n;

@@ -189,7 +189,7 @@ int kvg_score_pos(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, in
 {
     int rc = kvg_score_check(mode, comb, qs, n_q);
     if (rc || n == 0 || !fast(mode, qs, sig_bits, sig_scale, scores) ||
-        (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1))
+        (blk_bias && nblk < kvg_blocks_of(first_pos, n)))
         return kvg_score_pos_ref(mode, comb, qs, n_q, sig_bits, sig_scale, n, first_pos, blk_bias, nblk, scores);
 #if defined(__x86_64__) && defined(__GNUC__)
     planes pl[64];
@@ -212,7 +212,7 @@ int kvg_score_runs_check(kvg_score_mode mode, kvg_combine comb, const kvg_query 
     for (size_t r = 0; r < nr; r++)
         if (runs[2 * r + 1] && runs[2 * r] + runs[2 * r + 1] > *end)
             *end = runs[2 * r] + runs[2 * r + 1];
-    if (blk_bias && *end && nblk < (first_pos + *end - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+    if (blk_bias && *end && nblk < kvg_blocks_of(first_pos, *end))
         return -EINVAL;
     return 0;
 }

@@ -185,7 +185,7 @@ static int score_any(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs,
         return 0;
     if (!sig_bits || !scores || (mode == KVG_SCORE_ASYM && !sig_scale))
         return -EINVAL;
-    if (blk_bias && nblk < (first_pos + n - 1) / KVG_SIG_BLOCK - first_pos / KVG_SIG_BLOCK + 1)
+    if (blk_bias && nblk < kvg_blocks_of(first_pos, n))
         return -EINVAL;
     for (int h = 0; h < n_q; h++) {
         if (mode == KVG_SCORE_ASYM)

@@ -839,7 +839,7 @@ static int h_rerank_layer(rpc_call *c, const uint8_t *in, size_t len, grpc_byte_
             size_t nb = 0;
             for (size_t q = 0; q + 1 < it->n_runs; q += 2)
                 if (it->runs[q + 1] && it->runs[q] + it->runs[q + 1] > it->runs[q])
-                    nb += (size_t)((it->runs[q] + it->runs[q + 1] - 1) / 64 - it->runs[q] / 64 + 1);
+                    nb += (size_t)kvg_blocks_of(it->runs[q], it->runs[q + 1]);
             if (it->n_runs % 2 || it->n_runs > 2 * 16777216 || it->n_shortlist || it->n_have ||
                 req->stage1_mode > 1 || req->stage1_combine > 1 ||
                 (it->n_run_bias && it->n_run_bias != (size_t)it->n_queries * nb))

@@ -26,7 +26,7 @@
 int kvd_stage1b(kvd_reader *r, uint64_t conv, uint32_t layer, int head_dim, const kvarc_rotation *rot,
                 const float *mu_k, int remap, kvd_rerank_item *x, kvd_err *err)
 {
-    const size_t sb = (size_t)head_dim / 8, B = KVG_SIG_BLOCK;
+    const size_t sb = (size_t)head_dim / 8;
     size_t nt = 0, nbt = 0;
     for (size_t q = 0; q < x->n_runs; q++) {
         uint64_t first = x->runs[2 * q], cnt = x->runs[2 * q + 1];
@@ -34,7 +34,7 @@ int kvd_stage1b(kvd_reader *r, uint64_t conv, uint32_t layer, int head_dim, cons
             return kvd_fail(err, -EINVAL, "run %zu [%llu, +%llu): runs must be non-empty, ascending and "
                             "disjoint", q, (unsigned long long)first, (unsigned long long)cnt);
         nt += (size_t)cnt;
-        nbt += (size_t)((first + cnt - 1) / B - first / B + 1);
+        nbt += (size_t)kvg_blocks_of(first, cnt);
     }
     if (!remap != !!x->run_bias)
         return kvd_fail(err, -EINVAL, "stage 1b takes the runs' block biases in the true-position mode, and only "
@@ -63,7 +63,7 @@ int kvd_stage1b(kvd_reader *r, uint64_t conv, uint32_t layer, int head_dim, cons
         if (rc)
             kvd_fail(err, rc, "stage 1b scoring: %s", kvarc_strerror(rc));
         off += (size_t)cnt;
-        boff += (size_t)((first + cnt - 1) / B - first / B + 1);
+        boff += (size_t)kvg_blocks_of(first, cnt);
     }
     long got = 0;
     if (!rc && (got = kvg_topk(scores, nt, x->n < nt ? x->n : nt, idx, NULL, tk)) < 0)

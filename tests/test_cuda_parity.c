@@ -136,7 +136,7 @@ static void score_case(int d, size_t n, int n_q, tu_rng *r)
     /* kind-2 signatures: a bias per 64-position block, from a first
      * position off a block boundary */
     const uint64_t first = 1000003;
-    size_t nblk = (size_t)((first + n - 1) / KVG_SIG_BLOCK - first / KVG_SIG_BLOCK + 1);
+    size_t nblk = (size_t)kvg_blocks_of(first, n);
     float *bb = malloc((size_t)n_q * nblk * 4);
     for (size_t i = 0; i < (size_t)n_q * nblk; i++)
         bb[i] = tu_gauss(r) * 20.0f;

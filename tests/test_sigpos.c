@@ -82,7 +82,7 @@ static void block_scores(void)
     tu_rng g = { 12 };
     enum { N = 300, Q = 4 };
     const uint64_t first = 37;                         /* not on a block boundary */
-    const size_t nblk = (first + N - 1) / KVG_SIG_BLOCK - first / KVG_SIG_BLOCK + 1;
+    const size_t nblk = kvg_blocks_of(first, N);
     static uint8_t bits[N * D / 8];
     uint16_t sc[N];
     for (size_t i = 0; i < sizeof bits; i++)
