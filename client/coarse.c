@@ -174,9 +174,8 @@ static int reserve(kl_coarse_scratch *x, size_t n_items, size_t n_blocks, size_t
     return 0;
 }
 
-long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
-                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks, int runs_only,
-                      kl_coarse_scratch *x, uint32_t *idx_out)
+int kl_coarse_plan_of(const kl_layer *y, uint64_t ns, uint64_t hot_lo, size_t r, uint32_t blocks,
+                      kl_coarse_plan *pl)
 {
     const uint64_t M = blocks, B = KVG_SIG_BLOCK;
     if (!M || hot_lo <= ns || !r)
@@ -193,39 +192,28 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
         missing += !y->sum_ok[b];
     if (2 * (M + missing + tail) >= nsum + tail)
         return -ENOTSUP;
-    const size_t S = KVG_SUM_ITEMS, sb = cv->m.head_dim / 8, ni = (size_t)nsum * S;
-    const size_t ntok_max = (size_t)(M + missing + tail) * B;
-    if (reserve(x, ni, (size_t)(nsum + tail), ntok_max))
-        return -ENOMEM;
-    /* 1. the summaries, each item with its block's bias */
-    for (int g = 0; g < G; g++)
-        for (uint64_t b = 0; b < nsum; b++)
-            for (size_t s = 0; s < S; s++)
-                x->ib[(size_t)g * ni + b * S + s] = bb ? bb[(size_t)g * nblk + b] : qs[g].bias;
-    int rc = kvg_score_items((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
-                             y->sum_bits[h] + fb * S * sb, y->sum_scale[h] + fb * S, ni, x->ib, x->is);
-    if (rc)
-        return rc;
+    *pl = (kl_coarse_plan){ ns, hot_lo, fb, lb, se, nsum, blocks, (size_t)(M + missing + tail) * B };
+    return 0;
+}
+
+int kl_coarse_reserve(kl_coarse_scratch *x, const kl_coarse_plan *pl)
+{
+    const uint64_t tail = pl->lb + 1 - pl->se;
+    return reserve(x, (size_t)pl->nsum * KVG_SUM_ITEMS, (size_t)(pl->nsum + tail), pl->ntok_max);
+}
+
+long kl_coarse_runs(const kl_layer *y, const kl_coarse_plan *pl, size_t r, long nc, kl_coarse_scratch *x)
+{
+    const uint64_t B = KVG_SIG_BLOCK, fb = pl->fb, ns = pl->ns, hot_lo = pl->hot_lo;
     size_t n_ch = 0;
-    for (uint64_t b = 0; b < nsum; b++) {
-        float best = x->is[b * S];
-        for (size_t s = 1; s < S; s++)
-            best = x->is[b * S + s] > best ? x->is[b * S + s] : best;
-        x->bs[b] = best;
-        if (!y->sum_ok[fb + b]) {                          /* no summary: always scanned */
-            x->bs[b] = -INFINITY;
+    for (uint64_t b = 0; b < pl->nsum; b++)                     /* no summary: always scanned */
+        if (!y->sum_ok[fb + b])
             x->chosen[n_ch++] = fb + b;
-        }
-    }
-    long nc = kvg_topk(x->bs, (size_t)nsum, (size_t)M, x->bidx, NULL, x->tk);
-    if (nc < 0)
-        return nc;
-    /* 2. their tokens, and those of the blocks not summarized, in position order */
     for (long j = 0; j < nc; j++)
         if (y->sum_ok[fb + x->bidx[j]])
             x->chosen[n_ch++] = fb + x->bidx[j];
     kvg_sort_u64(x->chosen, n_ch, x->tmp);
-    for (uint64_t b = (se > fb ? se : fb); b <= lb; b++)
+    for (uint64_t b = pl->se; b <= pl->lb; b++)
         x->chosen[n_ch++] = b;
     size_t nr = 0, nt = 0;
     for (size_t c = 0; c < n_ch; c++) {
@@ -242,15 +230,44 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
         for (uint64_t p = lo; p < hi; p++)
             x->rel[nt++] = (uint32_t)(p - ns);
     }
-    if (nt < r)
-        return -ENOTSUP;
-    if (runs_only)                         /* the fast tier: kvarcd scans them (stage 1b) */
-        return (long)nr;
-    rc = kvg_plane_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G, &y->sig[h], ns,
-                              x->runs, nr, bb, nblk, x->ts);
+    x->nt = nt;
+    return nt < r ? -ENOTSUP : (long)nr;
+}
+
+long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const kvg_query *qs, int G, uint64_t ns,
+                      uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks, int runs_only,
+                      kl_coarse_scratch *x, uint32_t *idx_out)
+{
+    kl_coarse_plan pl;
+    int rc = kl_coarse_plan_of(y, ns, hot_lo, r, blocks, &pl);
     if (rc)
         return rc;
-    long got = kvg_topk(x->ts, nt, r, x->tidx, NULL, x->tk2);
+    if (kl_coarse_reserve(x, &pl))
+        return -ENOMEM;
+    const size_t S = KVG_SUM_ITEMS, sb = cv->m.head_dim / 8, ni = (size_t)pl.nsum * S;
+    const uint64_t fb = pl.fb;
+    /* 1. the summaries, each item with its block's bias; a block's best */
+    for (int g = 0; g < G; g++)
+        for (uint64_t b = 0; b < pl.nsum; b++)
+            for (size_t s = 0; s < S; s++)
+                x->ib[(size_t)g * ni + b * S + s] = bb ? bb[(size_t)g * nblk + b] : qs[g].bias;
+    rc = kvg_score_items((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G,
+                         y->sum_bits[h] + fb * S * sb, y->sum_scale[h] + fb * S, ni, x->ib, x->is);
+    if (rc)
+        return rc;
+    kvg_block_best_ref(x->is, (size_t)pl.nsum, (int)S, y->sum_ok + fb, x->bs);
+    long nc = kvg_topk(x->bs, (size_t)pl.nsum, blocks, x->bidx, NULL, x->tk);
+    if (nc < 0)
+        return nc;
+    /* 2. their tokens, and those of the blocks not summarized, in position order */
+    long nr = kl_coarse_runs(y, &pl, r, nc, x);
+    if (nr < 0 || runs_only)               /* the fast tier: kvarcd scans them (stage 1b) */
+        return nr;
+    rc = kvg_plane_score_runs((kvg_score_mode)cv->o.score_mode, (kvg_combine)cv->o.combine, qs, G, &y->sig[h], ns,
+                              x->runs, (size_t)nr, bb, nblk, x->ts);
+    if (rc)
+        return rc;
+    long got = kvg_topk(x->ts, x->nt, r, x->tidx, NULL, x->tk2);
     if (got < 0)
         return got;
     for (long j = 0; j < got; j++)

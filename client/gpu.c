@@ -15,6 +15,18 @@
  * 3. any device failure frees all of this (cv->gpu = NULL) and the
  * conversation goes on on the CPU path, whose host mirror is always whole.
  *
+ * The coarse tier. When a query takes coarse_blocks, stage 1 runs
+ * kl_stage1_coarse's steps on the device (coarse()): each layer's block
+ * summaries and sum_ok are mirrored into VRAM (doubling arrays, brought up
+ * to y->sum_n before the scan: invariant 5, device entries [0, sum_synced)
+ * equal the host's, which never change below sum_n once kvarc_attach has
+ * returned); the items are scored with their block's bias, each block's
+ * best item and the best blocks are picked there, and only the chosen
+ * block indices come back. The host makes the runs (kl_coarse_runs, the
+ * CPU path's own code), cut into pieces of the VRAM chunks, and the
+ * pieces' tokens are scored and the shortlist taken on the device. Where
+ * the plan says the tier does not pay, the full scan runs as before.
+ *
  * Attention. Each layer's hot window has a VRAM mirror of the host ring
  * (turned K and V, [H][ring][d], token p at slot p % ring), brought up to
  * date once per kvarc_attend by copying only the tokens appended since
@@ -56,6 +68,15 @@ struct kl_gpu {
     void      *d_scratch;
     float     *d_bias;          /* kind-2 block biases of one stage-1 call */
     size_t     score_cap, scratch_cap, idx_cap, bias_cap;
+    /* the coarse tier */
+    uint8_t  **d_sum_bits;             /* [L * H] -> [sum_cap][KVG_SUM_ITEMS][sb] device */
+    uint16_t **d_sum_scale;            /* [L * H] -> [sum_cap][KVG_SUM_ITEMS] */
+    uint8_t  **d_sum_ok;               /* [L] -> [sum_cap] */
+    uint64_t  *sum_cap, *sum_synced;   /* [L] blocks with room; mirrored (invariant 5) */
+    float     *d_bs;                   /* block scores of one head */
+    size_t     bs_cap;
+    kvg_cuda_piece *pieces;            /* host: stage 1b's pieces of one head */
+    size_t     piece_cap;
     /* attention */
     cudaStream_t stream;
     int        has_stream;
@@ -84,9 +105,14 @@ int kl_gpu_init(kvarc_conv *cv)
     g->d_ring_v = calloc(g->nl, sizeof *g->d_ring_v);
     g->ring_synced = calloc(g->nl, sizeof *g->ring_synced);
     g->host_registered = calloc(g->nl, sizeof *g->host_registered);
+    g->d_sum_bits = calloc(g->nl * g->nh, sizeof *g->d_sum_bits);
+    g->d_sum_scale = calloc(g->nl * g->nh, sizeof *g->d_sum_scale);
+    g->d_sum_ok = calloc(g->nl, sizeof *g->d_sum_ok);
+    g->sum_cap = calloc(g->nl, sizeof *g->sum_cap);
+    g->sum_synced = calloc(g->nl, sizeof *g->sum_synced);
     cv->gpu = g;
     if (!g->bits || !g->scales || !g->cap || !g->d_ring_kr || !g->d_ring_v || !g->ring_synced ||
-        !g->host_registered || cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess) {
+        !g->host_registered || !g->d_sum_bits || !g->d_sum_scale || !g->d_sum_ok || !g->sum_cap || !g->sum_synced || cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess) {
         kl_gpu_free(cv);                   /* frees what a partial kl_gpu holds */
         return kl_fail(cv, -ENOMEM, "out of memory (or no CUDA stream)");
     }
@@ -114,6 +140,19 @@ void kl_gpu_free(kvarc_conv *cv)
     cudaFree(g->d_idx);
     cudaFree(g->d_scratch);
     cudaFree(g->d_bias);
+    for (size_t i = 0; g->d_sum_bits && g->d_sum_scale && i < g->nl * g->nh; i++) {
+        cudaFree(g->d_sum_bits[i]);
+        cudaFree(g->d_sum_scale[i]);
+    }
+    for (size_t l = 0; g->d_sum_ok && l < g->nl; l++)
+        cudaFree(g->d_sum_ok[l]);
+    free(g->d_sum_bits);
+    free(g->d_sum_scale);
+    free(g->d_sum_ok);
+    free(g->sum_cap);
+    free(g->sum_synced);
+    cudaFree(g->d_bs);
+    free(g->pieces);
     if (g->has_stream)
         cudaStreamSynchronize(g->stream);
     for (size_t l = 0; g->d_ring_kr && g->d_ring_v && g->host_registered && l < g->nl; l++) {
@@ -195,20 +234,158 @@ static int grow(void **p, size_t *cap, size_t bytes)
     return 0;
 }
 
+/* The layer's summaries of blocks [sum_synced, sum_n) into VRAM
+ * (invariant 5: device entries [0, sum_synced) equal the host's, which
+ * never change once below sum_n). */
+static int sum_sync(kvarc_conv *cv, kl_gpu *g, uint32_t layer)
+{
+    const kl_layer *y = &cv->layers[layer];
+    const size_t S = KVG_SUM_ITEMS, sb = g->sb;
+    const uint64_t lo = g->sum_synced[layer], hi = y->sum_n;
+    if (hi <= lo)
+        return 0;
+    if (hi > g->sum_cap[layer]) {         /* regrow: new arrays, the mirrored part copied over */
+        uint64_t cap = g->sum_cap[layer] ? 2 * g->sum_cap[layer] : 1024;
+        while (cap < hi)
+            cap *= 2;
+        uint8_t *ok = NULL;
+        if (cudaMalloc((void **)&ok, cap) != cudaSuccess ||
+            (lo && cudaMemcpy(ok, g->d_sum_ok[layer], lo, cudaMemcpyDeviceToDevice) != cudaSuccess)) {
+            cudaFree(ok);
+            return kl_fail(cv, -ENOMEM, "out of GPU memory for %llu block summaries", (unsigned long long)cap);
+        }
+        cudaFree(g->d_sum_ok[layer]);
+        g->d_sum_ok[layer] = ok;
+        for (size_t h = 0; h < g->nh; h++) {
+            size_t i = (size_t)layer * g->nh + h;
+            uint8_t *b = NULL;
+            uint16_t *sc = NULL;
+            if (cudaMalloc((void **)&b, cap * S * sb) != cudaSuccess ||
+                cudaMalloc((void **)&sc, cap * S * 2) != cudaSuccess ||
+                (lo && (cudaMemcpy(b, g->d_sum_bits[i], lo * S * sb, cudaMemcpyDeviceToDevice) != cudaSuccess ||
+                        cudaMemcpy(sc, g->d_sum_scale[i], lo * S * 2, cudaMemcpyDeviceToDevice) != cudaSuccess))) {
+                cudaFree(b);
+                cudaFree(sc);
+                return kl_fail(cv, -ENOMEM, "out of GPU memory for %llu block summaries", (unsigned long long)cap);
+            }
+            cudaFree(g->d_sum_bits[i]);
+            cudaFree(g->d_sum_scale[i]);
+            g->d_sum_bits[i] = b;
+            g->d_sum_scale[i] = sc;
+        }
+        g->sum_cap[layer] = cap;
+    }
+    if (cudaMemcpy(g->d_sum_ok[layer] + lo, y->sum_ok + lo, hi - lo, cudaMemcpyHostToDevice) != cudaSuccess)
+        return kl_fail(cv, -EIO, "copying block summaries of layer %u to the GPU failed", layer);
+    for (size_t h = 0; h < g->nh; h++) {
+        size_t i = (size_t)layer * g->nh + h;
+        if (cudaMemcpy(g->d_sum_bits[i] + lo * S * sb, y->sum_bits[h] + lo * S * sb, (hi - lo) * S * sb,
+                       cudaMemcpyHostToDevice) != cudaSuccess ||
+            cudaMemcpy(g->d_sum_scale[i] + lo * S, y->sum_scale[h] + lo * S, (hi - lo) * S * 2,
+                       cudaMemcpyHostToDevice) != cudaSuccess)
+            return kl_fail(cv, -EIO, "copying block summaries of layer %u to the GPU failed", layer);
+    }
+    g->sum_synced[layer] = hi;
+    return 0;
+}
+
+/* Longest piece of stage 1b's scan (a CUDA block scores one). */
+#define KL_GPU_PIECE 4096
+
+/* Stage 1 of (layer, head) through the coarse tier, on the device:
+ * kl_stage1_coarse's steps with the summaries' and the chosen tokens'
+ * scores and both top-ks in VRAM (the block biases are in g->d_bias);
+ * the same shortlist. -ENOTSUP: the full scan instead. */
+static long coarse(kvarc_conv *cv, kl_gpu *g, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q,
+                   uint64_t ns, uint64_t hot_lo, int biased, size_t nblk, size_t r, uint32_t blocks,
+                   kl_coarse_scratch *x, uint32_t *idx_out)
+{
+    const kl_layer *y = &cv->layers[layer];
+    const size_t i = (size_t)layer * g->nh + head, S = KVG_SUM_ITEMS, sb = g->sb;
+    const kvg_score_mode mode = (kvg_score_mode)cv->o.score_mode;
+    const kvg_combine comb = (kvg_combine)cv->o.combine;
+    kl_coarse_plan pl;
+    long rc = kl_coarse_plan_of(y, ns, hot_lo, r, blocks, &pl);
+    if (rc || blocks > KVG_CUDA_TOPK_MAX)
+        return -ENOTSUP;
+    const size_t ni = (size_t)pl.nsum * S, most = ni > pl.ntok_max ? ni : pl.ntok_max;
+    if (kl_coarse_reserve(x, &pl) || grow((void **)&g->d_scores, &g->score_cap, most * 4) ||
+        grow((void **)&g->d_bs, &g->bs_cap, (size_t)pl.nsum * 4) ||
+        grow(&g->d_scratch, &g->scratch_cap, kvg_topk_cuda_scratch_bytes(most)) ||
+        grow((void **)&g->d_idx, &g->idx_cap, ((r > blocks ? r : blocks) + 1) * 4))
+        return kl_fail(cv, -ENOMEM, "out of memory for stage 1 through the coarse tier");
+    if ((rc = sum_sync(cv, g, layer)))
+        return rc;
+    /* 1. the summaries (one bias per block), each block's best, the best blocks */
+    if ((rc = kvg_score_items_cuda(mode, comb, qs, n_q, g->d_sum_bits[i] + pl.fb * S * sb,
+                                   g->d_sum_scale[i] + pl.fb * S, ni, biased ? g->d_bias : NULL, S, nblk,
+                                   g->d_scores, NULL)) ||
+        (rc = kvg_block_best_cuda(g->d_scores, (size_t)pl.nsum, (int)S, g->d_sum_ok[layer] + pl.fb, g->d_bs, NULL)))
+        return kl_fail(cv, (int)rc, "scoring block summaries on the GPU (layer %u head %u): %s", layer, head,
+                       kvarc_strerror((int)rc));
+    long nc = kvg_topk_cuda(g->d_bs, (size_t)pl.nsum, blocks, g->d_idx, NULL, g->d_scratch, NULL);
+    if (nc < 0)
+        return kl_fail(cv, (int)nc, "top-k of blocks on the GPU: %s", kvarc_strerror((int)nc));
+    if (nc && cudaMemcpy(x->bidx, g->d_idx, (size_t)nc * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
+        return kl_fail(cv, -EIO, "copying the chosen blocks from the GPU failed");
+    /* 2. the chosen blocks' tokens, as pieces of the VRAM chunks */
+    long nr = kl_coarse_runs(y, &pl, r, nc, x);
+    if (nr < 0)
+        return nr;
+    size_t np = 0;
+    uint64_t out = 0;
+    for (long k = 0; k < nr; k++) {
+        const uint64_t a = ns + x->runs[2 * k], e = a + x->runs[2 * k + 1];
+        for (uint64_t p = a; p < e;) {
+            uint64_t c = p / KL_GPU_CHUNK, off = p % KL_GPU_CHUNK, cnt = KL_GPU_CHUNK - off;
+            cnt = cnt < e - p ? cnt : e - p;
+            cnt = cnt < KL_GPU_PIECE ? cnt : KL_GPU_PIECE;
+            if (np == g->piece_cap) {
+                size_t cap = g->piece_cap ? 2 * g->piece_cap : 256;
+                kvg_cuda_piece *v = realloc(g->pieces, cap * sizeof *v);
+                if (!v)
+                    return kl_fail(cv, -ENOMEM, "out of memory");
+                g->pieces = v;
+                g->piece_cap = cap;
+            }
+            g->pieces[np++] = (kvg_cuda_piece){ g->bits[i][c] + off * sb, g->scales[i][c] + off, p, cnt, out };
+            out += cnt;
+            p += cnt;
+        }
+    }
+    if ((rc = kvg_score_pieces_cuda(mode, comb, qs, n_q, g->pieces, np, pl.fb, biased ? g->d_bias : NULL, nblk,
+                                    g->d_scores, NULL)))
+        return kl_fail(cv, (int)rc, "scoring the chosen blocks on the GPU (layer %u head %u): %s", layer, head,
+                       kvarc_strerror((int)rc));
+    long got = kvg_topk_cuda(g->d_scores, x->nt, r, g->d_idx, NULL, g->d_scratch, NULL);
+    if (got < 0)
+        return kl_fail(cv, (int)got, "top-k on the GPU: %s", kvarc_strerror((int)got));
+    if (got && cudaMemcpy(x->tidx, g->d_idx, (size_t)got * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
+        return kl_fail(cv, -EIO, "copying the shortlist from the GPU failed");
+    for (long j = 0; j < got; j++)
+        idx_out[j] = x->rel[x->tidx[j]];
+    return got;
+}
+
 long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
-                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t *idx_out)
+                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t blocks, kl_coarse_scratch *x,
+                   uint32_t *idx_out)
 {
     kl_gpu *g = cv->gpu;
     size_t i = (size_t)layer * g->nh + head;
     if (r > KVG_CUDA_TOPK_MAX || n >= (1ull << 31))
         return -ENOTSUP;                   /* the caller runs the CPU path instead */
-    if (grow((void **)&g->d_scores, &g->score_cap, (size_t)n * 4) ||
-        grow(&g->d_scratch, &g->scratch_cap, kvg_topk_cuda_scratch_bytes((size_t)n)) ||
-        grow((void **)&g->d_idx, &g->idx_cap, (r + 1) * 4) ||
-        (blk_bias && grow((void **)&g->d_bias, &g->bias_cap, (size_t)n_q * nblk * 4)))
-        return kl_fail(cv, -ENOMEM, "out of GPU memory for stage 1 over %llu tokens", (unsigned long long)n);
+    if (blk_bias && grow((void **)&g->d_bias, &g->bias_cap, (size_t)n_q * nblk * 4))
+        return kl_fail(cv, -ENOMEM, "out of GPU memory for stage 1's block biases");
     if (blk_bias && cudaMemcpy(g->d_bias, blk_bias, (size_t)n_q * nblk * 4, cudaMemcpyHostToDevice) != cudaSuccess)
         return kl_fail(cv, -EIO, "copying stage 1's block biases to the GPU failed");
+    long got = coarse(cv, g, layer, head, qs, n_q, first, first + n, blk_bias != NULL, nblk, r, blocks, x, idx_out);
+    if (got != -ENOTSUP)
+        return got;
+    if (grow((void **)&g->d_scores, &g->score_cap, (size_t)n * 4) ||
+        grow(&g->d_scratch, &g->scratch_cap, kvg_topk_cuda_scratch_bytes((size_t)n)) ||
+        grow((void **)&g->d_idx, &g->idx_cap, (r + 1) * 4))
+        return kl_fail(cv, -ENOMEM, "out of GPU memory for stage 1 over %llu tokens", (unsigned long long)n);
     for (uint64_t p = first; p < first + n;) {
         size_t c = (size_t)(p / KL_GPU_CHUNK), off = (size_t)(p % KL_GPU_CHUNK);
         size_t cnt = KL_GPU_CHUNK - off < first + n - p ? KL_GPU_CHUNK - off : (size_t)(first + n - p);
@@ -220,7 +397,7 @@ long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_quer
             return kl_fail(cv, rc, "stage 1 on the GPU (layer %u head %u): %s", layer, head, kvarc_strerror(rc));
         p += cnt;
     }
-    long got = kvg_topk_cuda(g->d_scores, (size_t)n, r, g->d_idx, NULL, g->d_scratch, NULL);
+    got = kvg_topk_cuda(g->d_scores, (size_t)n, r, g->d_idx, NULL, g->d_scratch, NULL);
     if (got < 0)
         return kl_fail(cv, (int)got, "top-k on the GPU: %s", kvarc_strerror((int)got));
     if (got && cudaMemcpy(idx_out, g->d_idx, (size_t)got * 4, cudaMemcpyDeviceToHost) != cudaSuccess)

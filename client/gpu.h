@@ -5,8 +5,9 @@
  * backend is picked once, when the conversation is made (kl_gpu_init);
  * callers test cv->gpu and need no #ifdef. Any device failure frees it
  * (kl_gpu_free) and the conversation goes on on the CPU path for good.
- * The backend calls only util.c's helpers (and kvg's kernels): never
- * conv.c or attend.c. */
+ * The backend calls only util.c's helpers, coarse.c's plan and runs
+ * (kl_coarse_plan_of, kl_coarse_runs) and kvg's kernels: never conv.c or
+ * attend.c. */
 #ifndef KVARC_GPU_H
 #define KVARC_GPU_H
 
@@ -21,10 +22,13 @@ int  kl_gpu_put_sigs(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t fir
                      const uint16_t *scales, uint64_t n);
 /* Stage 1 over positions [first, first + n): the best r indices (relative
  * to first) into idx_out, as kvg_topk_ref would (blk_bias: kind-2 block
- * biases [n_q][nblk] as kvg_score_pos_ref takes them, or NULL); -ENOTSUP when the device
+ * biases [n_q][nblk] as kvg_score_pos_ref takes them, or NULL); through
+ * the coarse tier when `blocks` is set and it pays (kl_stage1_coarse's
+ * answer, x its work space), else the full scan; -ENOTSUP when the device
  * cannot (r above its top-k limit): run the CPU path. */
 long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
-                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t *idx_out);
+                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t blocks, kl_coarse_scratch *x,
+                   uint32_t *idx_out);
 /* Bring the layer's VRAM hot window up to its length (once per attend). */
 int  kl_gpu_ring_sync(kvarc_conv *cv, uint32_t layer);
 /* One query's attention on the GPU: qi [n_q_heads][d] turned; sinks

@@ -25,10 +25,11 @@ int kl_gpu_put_sigs(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t firs
 }
 
 long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q, uint64_t first,
-                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t *idx_out)
+                   uint64_t n, const float *blk_bias, size_t nblk, size_t r, uint32_t blocks, kl_coarse_scratch *x,
+                   uint32_t *idx_out)
 {
     (void)cv, (void)layer, (void)head, (void)qs, (void)n_q, (void)first, (void)n, (void)blk_bias, (void)nblk;
-    (void)r, (void)idx_out;
+    (void)r, (void)blocks, (void)x, (void)idx_out;
     return -ENOTSUP;
 }
 

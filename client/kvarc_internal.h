@@ -45,7 +45,18 @@ typedef struct kl_coarse_scratch {
     uint32_t *rel;               /* [n_tok] a scanned token's index from ns */
     float    *ts;                /* [n_tok] its score */
     uint32_t *tidx, *tk2;        /* [n_tok] top-k output and work space */
+    size_t    nt;                /* tokens the last kl_coarse_runs chose */
 } kl_coarse_scratch;
+
+/* What stage 1 through the coarse tier covers (kl_coarse_plan_of). */
+typedef struct kl_coarse_plan {
+    uint64_t ns, hot_lo;         /* the cold range */
+    uint64_t fb, lb;             /* the first and last block it touches */
+    uint64_t se;                 /* summarized blocks: [fb, se) */
+    uint64_t nsum;               /* se - fb */
+    uint32_t blocks;             /* how many to choose */
+    size_t   ntok_max;           /* tokens the chosen blocks hold at most */
+} kl_coarse_plan;
 
 /* ---- stage 1 over threads (stage1.c) ---------------------------------- */
 
@@ -301,6 +312,15 @@ long kl_stage1_coarse(const kvarc_conv *cv, const kl_layer *y, size_t h, const k
                       uint64_t hot_lo, const float *bb, size_t nblk, size_t r, uint32_t blocks, int runs_only,
                       kl_coarse_scratch *x, uint32_t *idx_out);
 void kl_coarse_scratch_free(kl_coarse_scratch *x);
+/* kl_stage1_coarse's steps, shared with the GPU's (gpu.c): the plan, 0 or
+ * -ENOTSUP (the full scan instead); room in x for it (0, -ENOMEM); and
+ * once the summaries chose nc blocks (x->bidx, from pl->fb): the runs to
+ * scan (their count; x->runs, from ns), x->rel[x->nt] each scanned
+ * token's index from ns in position order, or -ENOTSUP (fewer than r). */
+int  kl_coarse_plan_of(const kl_layer *y, uint64_t ns, uint64_t hot_lo, size_t r, uint32_t blocks,
+                       kl_coarse_plan *pl);
+int  kl_coarse_reserve(kl_coarse_scratch *x, const kl_coarse_plan *pl);
+long kl_coarse_runs(const kl_layer *y, const kl_coarse_plan *pl, size_t r, long nc, kl_coarse_scratch *x);
 
 /* The threads a call may use: o.threads, or every online CPU for 0. */
 int  kl_threads(const kvarc_conv *cv);

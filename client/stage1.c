@@ -200,8 +200,8 @@ int kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *
             return kl_fail(cv, rc, "stage 1 on layer %u: %s", layer, kvarc_strerror(rc));
         for (size_t h = 0; h < a->H; h++) {
             got[h] = kl_gpu_stage1(cv, layer, (uint32_t)h, a->qs + h * a->G, (int)a->G, a->ns, a->hot_lo - a->ns,
-                                   a->bb ? a->bb + h * a->G * a->nblk : NULL, a->nblk, a->take,
-                                   a->idx_out + h * a->r);
+                                   a->bb ? a->bb + h * a->G * a->nblk : NULL, a->nblk, a->take, a->coarse,
+                                   &lanes->lane[0].co, a->idx_out + h * a->r);
             if (got[h] < 0) {          /* -ENOTSUP: the device cannot; else it failed: the CPU from now on */
                 if (got[h] != -ENOTSUP)
                     kl_gpu_free(cv);

@@ -58,3 +58,14 @@ int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bi
     }
     return 0;
 }
+
+void kvg_block_best_ref(const float *item_scores, size_t nb, int n_items, const uint8_t *ok, float *out)
+{
+    for (size_t b = 0; b < nb; b++) {
+        const float *is = item_scores + b * (size_t)n_items;
+        float best = is[0];
+        for (int s = 1; s < n_items; s++)
+            best = is[s] > best ? is[s] : best;
+        out[b] = ok && !ok[b] ? -INFINITY : best;
+    }
+}

@@ -255,6 +255,12 @@ long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
 int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
                     size_t n, uint8_t *sum_bits, uint16_t *sum_scales);
 
+/* Each block's score from its n_items summary items' scores
+ * item_scores[nb][n_items]: the best item (compared in item order, so a
+ * NaN first item stays), or -INFINITY where ok (may be NULL: all) says the
+ * block has no summaries (such blocks are always scanned). out[nb]. */
+void kvg_block_best_ref(const float *item_scores, size_t nb, int n_items, const uint8_t *ok, float *out);
+
 /* The argument checks of kvg_score_ref, shared with the GPU version:
  * 0 or -EINVAL. */
 int kvg_score_check(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q);

@@ -59,6 +59,41 @@ int kvg_score_pos_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *q
                        const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n, uint64_t first_pos,
                        const float *d_blk_bias, size_t nblk, float *d_scores, void *stream);
 
+/* kvg_score_items_ref on the device, the item biases given compactly:
+ * item j of query h takes d_item_bias[h * bias_stride + j / per_bias]
+ * (per_bias 1, bias_stride n: the reference's layout; per_bias
+ * KVG_SUM_ITEMS: one bias per summarized block), or NULL: the query's. */
+int kvg_score_items_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                         const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n,
+                         const float *d_item_bias, size_t per_bias, size_t bias_stride, float *d_scores,
+                         void *stream);
+
+/* Stage 1b's scan on the device, over signatures scattered in VRAM: piece
+ * p's n signatures (positions pos..pos + n - 1, at d_bits / d_scale) score
+ * into d_scores[out..out + n), each as kvg_score_pos_ref scores it (its
+ * block's bias d_blk_bias[h * nblk + position / 64 - bias_b0], or the
+ * query's bias for NULL): what kvg_score_runs gives the same runs. The
+ * piece table is host memory. */
+typedef struct kvg_cuda_piece {
+    const uint8_t  *d_bits;
+    const uint16_t *d_scale;
+    uint64_t        pos, n, out;
+} kvg_cuda_piece;
+int kvg_score_pieces_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
+                          const kvg_cuda_piece *pieces, size_t np, uint64_t bias_b0, const float *d_blk_bias,
+                          size_t nblk, float *d_scores, void *stream);
+
+/* kvg_summary_ref on the device for nb blocks of n tokens each: d_x
+ * [nb * n][d], d_bits [nb * n][d / 8], d_scales [nb * n] in,
+ * d_sum_bits [nb][KVG_SUM_ITEMS][d / 8], d_sum_scales [nb][KVG_SUM_ITEMS]
+ * out. KVARC_ENONFINITE when any block fails (the reference's cases). */
+int kvg_summary_cuda(const kvarc_rotation *rot, const float *d_x, const uint8_t *d_bits, const uint16_t *d_scales,
+                     size_t nb, size_t n, uint8_t *d_sum_bits, uint16_t *d_sum_scales, void *stream);
+
+/* kvg_block_best_ref on the device (d_ok may be NULL). */
+int kvg_block_best_cuda(const float *d_item_scores, size_t nb, int items, const uint8_t *d_ok, float *d_out,
+                        void *stream);
+
 /* kvg_topk_ref on the device: d_idx_out[min(k, n)] and optionally
  * d_val_out. Needs device scratch of kvg_topk_cuda_scratch_bytes(n).
  * Returns the count selected or a negative code (-EINVAL for k above

@@ -9,7 +9,11 @@
  * - a one-token block repeats item 0;
  * - bad sizes and pointers are -EINVAL, a NaN or Inf key
  *   KVARC_ENONFINITE; the same inputs give the same bytes, every output
- *   byte written. */
+ *   byte written;
+ * - kvg_block_best_ref: a block's best item, -INFINITY where it has no
+ *   summaries, a NaN first item kept (so top-k ranks it last), a NaN
+ *   later item ignored. */
+#include <math.h>
 #include <errno.h>
 #include <string.h>
 
@@ -233,8 +237,23 @@ static void input_case(void)
     }
 }
 
+static void block_best_case(void)
+{
+    const float is[] = { 1.0f, 2.0f,   5.0f, -3.0f,   NAN, 9.0f,   4.0f, NAN,   -1.0f, -2.0f };
+    const uint8_t ok[] = { 1, 1, 1, 1, 0 };
+    float out[5];
+    kvg_block_best_ref(is, 5, 2, NULL, out);
+    CHECK(out[0] == 2.0f && out[1] == 5.0f && isnan(out[2]) && out[3] == 4.0f && out[4] == -1.0f,
+          "block best: %g %g %g %g %g", out[0], out[1], out[2], out[3], out[4]);
+    kvg_block_best_ref(is, 5, 2, ok, out);
+    CHECK(out[0] == 2.0f && out[4] == -INFINITY, "block best: a block without summaries scores %g", out[4]);
+    kvg_block_best_ref(is, 2, 1, NULL, out);           /* one item per block: the items themselves */
+    CHECK(out[0] == 1.0f && out[1] == 2.0f, "block best of one item: %g %g", out[0], out[1]);
+}
+
 int main(void)
 {
+    block_best_case();
     for (int d = 64; d <= 256; d *= 2)
         definition_case(d);
     outlier_case();

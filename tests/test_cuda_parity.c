@@ -158,6 +158,150 @@ static void score_case(int d, size_t n, int n_q, tu_rng *r)
     free(bits); free(ss); free(cs);
 }
 
+/* The coarse tier (SCHEMA.md 6.3): summaries made on the device equal
+ * kvg_summary_ref's bytes (blocks of 64 tokens and a short one, keys with
+ * outlier channels and a planted needle); summary items scored with one
+ * bias per block equal kvg_score_items_ref with the biases spelled out;
+ * block best equals kvg_block_best_ref; and stage 1b's scattered pieces
+ * equal kvg_score_runs of the same runs. */
+static void coarse_case(int d, size_t nb, size_t n, int n_q, tu_rng *r)
+{
+    const size_t sb = (size_t)d / 8, S = KVG_SUM_ITEMS, nt = nb * n;
+    kvarc_rotation rot;
+    kvarc_rotation_init(&rot, d, 77);
+    float *x = malloc(nt * d * 4);
+    tu_keys_outliers(r, x, nt, d);
+    for (size_t b = 0; b < nb; b += 3)                 /* a needle in every third block */
+        for (int i = 0; i < d; i++)
+            x[(b * n + (b * 7) % n) * d + i] += 4.0f * tu_gauss(r);
+    uint8_t *bits = malloc(nt * sb), *cb = malloc(nb * S * sb);
+    uint16_t *ss = malloc(nt * 2), *cs = malloc(nb * S * 2);
+    for (size_t t = 0; t < nt; t++)
+        CHECK_RC(kvg_signature_ref(&rot, x + t * d, bits + t * sb, &ss[t]), 0);
+    for (size_t b = 0; b < nb; b++)
+        CHECK_RC(kvg_summary_ref(&rot, x + b * n * d, bits + b * n * sb, ss + b * n, n, cb + b * S * sb, cs + b * S),
+                 0);
+    float *dx = dev_copy(x, nt * d * 4);
+    uint8_t *dbits = dev_copy(bits, nt * sb), *dcb = dev_copy(NULL, nb * S * sb);
+    uint16_t *dss = dev_copy(ss, nt * 2), *dcs = dev_copy(NULL, nb * S * 2);
+    CHECK_RC(kvg_summary_cuda(&rot, dx, dbits, dss, nb, n, dcb, dcs, NULL), 0);
+    uint8_t *gb = dev_back(dcb, nb * S * sb);
+    uint16_t *gs = dev_back(dcs, nb * S * 2);
+    CHECK(!memcmp(gb, cb, nb * S * sb) && !memcmp(gs, cs, nb * S * 2), "summaries d%d nb%zu n%zu differ", d, nb, n);
+    free(gb);
+    free(gs);
+    /* a non-finite key: refused as the reference refuses it */
+    {
+        uint8_t tb[KVG_SUM_ITEMS * KVARC_HEAD_DIM_MAX / 8], *dtb = dev_copy(NULL, nb * S * sb);
+        uint16_t ts[KVG_SUM_ITEMS], *dts = dev_copy(NULL, nb * S * 2);
+        float keep = x[(n - 1) * d + 1];
+        x[(n - 1) * d + 1] = NAN;
+        float *dbad = dev_copy(x, nt * d * 4);
+        CHECK_RC(kvg_summary_ref(&rot, x, bits, ss, n, tb, ts), KVARC_ENONFINITE);
+        CHECK_RC(kvg_summary_cuda(&rot, dbad, dbits, dss, nb, n, dtb, dts, NULL), KVARC_ENONFINITE);
+        x[(n - 1) * d + 1] = keep;
+        cudaFree(dbad); cudaFree(dtb); cudaFree(dts);
+    }
+
+    /* the items, one bias per block (and the reference's layout) */
+    kvg_query q[8];
+    float mu[KVARC_HEAD_DIM_MAX], qv[KVARC_HEAD_DIM_MAX];
+    for (int i = 0; i < d; i++)
+        mu[i] = 0.1f * tu_gauss(r);
+    for (int h = 0; h < n_q; h++) {
+        for (int i = 0; i < d; i++)
+            qv[i] = tu_gauss(r);
+        kvg_query_prep_ref(&rot, mu, KVARC_DTYPE_F32, qv, &q[h]);
+    }
+    const size_t ni = nb * S, stride = nb + 5;
+    float *bb = malloc((size_t)n_q * stride * 4), *ib = malloc((size_t)n_q * ni * 4);
+    for (size_t i = 0; i < (size_t)n_q * stride; i++)
+        bb[i] = 10.0f * tu_gauss(r);
+    for (int h = 0; h < n_q; h++)
+        for (size_t j = 0; j < ni; j++)
+            ib[h * ni + j] = bb[h * stride + j / S];
+    float *dbb = dev_copy(bb, (size_t)n_q * stride * 4), *dib = dev_copy(ib, (size_t)n_q * ni * 4);
+    float *cis = malloc(ni * 4), *dis = dev_copy(NULL, ni * 4);
+    for (int comb = 0; comb < 2; comb++) {
+        CHECK_RC(kvg_score_items_ref(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, cb, cs, ni, ib, cis), 0);
+        for (int lay = 0; lay < 2; lay++) {
+            CHECK_RC(kvg_score_items_cuda(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, dcb, dcs, ni, lay ? dbb : dib,
+                                          lay ? S : 1, lay ? stride : ni, dis, NULL), 0);
+            float *g = dev_back(dis, ni * 4);
+            CHECK(!memcmp(g, cis, ni * 4), "summary items d%d q%d comb %d layout %d differ", d, n_q, comb, lay);
+            free(g);
+        }
+    }
+    /* block best, with blocks that have no summaries */
+    uint8_t *ok = malloc(nb);
+    for (size_t b = 0; b < nb; b++)
+        ok[b] = b % 5 != 2;
+    cis[0] = NAN;                                      /* a NaN first item ranks as the reference ranks it */
+    cudaMemcpy(dis, cis, ni * 4, cudaMemcpyHostToDevice);
+    uint8_t *dok = dev_copy(ok, nb);
+    float *cbs = malloc(nb * 4), *dbs = dev_copy(NULL, nb * 4);
+    for (int withok = 0; withok < 2; withok++) {
+        kvg_block_best_ref(cis, nb, (int)S, withok ? ok : NULL, cbs);
+        CHECK_RC(kvg_block_best_cuda(dis, nb, (int)S, withok ? dok : NULL, dbs, NULL), 0);
+        float *g = dev_back(dbs, nb * 4);
+        CHECK(!memcmp(g, cbs, nb * 4), "block best nb%zu ok %d differs", nb, withok);
+        free(g);
+    }
+
+    /* stage 1b's pieces: runs over the token signatures from a first
+     * position off a block boundary, split where a run would cross a
+     * (simulated) chunk, against kvg_score_runs */
+    const uint64_t first = 1000003, chunk = 1000;
+    uint64_t runs[16];
+    size_t nr = 0, tot = 0;
+    for (uint64_t at = 5; at + 1 < nt && nr < 8; at += 130 + 37 * nr) {
+        uint64_t len = 1 + (at * 13) % 120;
+        if (at + len > nt)
+            len = nt - at;
+        runs[2 * nr] = at;
+        runs[2 * nr + 1] = len;
+        tot += len;
+        nr++;
+    }
+    size_t nblk = (size_t)kvg_blocks_of(first, nt);
+    float *rb = malloc((size_t)n_q * nblk * 4);
+    for (size_t i = 0; i < (size_t)n_q * nblk; i++)
+        rb[i] = 10.0f * tu_gauss(r);
+    float *drb = dev_copy(rb, (size_t)n_q * nblk * 4);
+    float *crs = malloc((tot ? tot : 1) * 4), *drs = dev_copy(NULL, (tot ? tot : 1) * 4);
+    kvg_cuda_piece pc[64];
+    size_t np = 0, out = 0;
+    for (size_t i = 0; i < nr; i++)
+        for (uint64_t p = runs[2 * i]; p < runs[2 * i] + runs[2 * i + 1];) {
+            uint64_t pos = first + p, lim = (pos / chunk + 1) * chunk - first, e = runs[2 * i] + runs[2 * i + 1];
+            uint64_t cnt = (e < lim ? e : lim) - p;
+            pc[np++] = (kvg_cuda_piece){ dbits + p * sb, dss + p, pos, cnt, out };
+            out += cnt;
+            p += cnt;
+        }
+    for (int comb = 0; comb < 2; comb++)
+        for (int wb = 0; wb < 2; wb++) {
+            CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, bits, ss, first, runs, nr,
+                                    wb ? rb : NULL, nblk, crs), 0);
+            CHECK_RC(kvg_score_pieces_cuda(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, pc, np, first / KVG_SIG_BLOCK,
+                                           wb ? drb : NULL, nblk, drs, NULL), 0);
+            float *g = dev_back(drs, tot * 4);
+            CHECK(!memcmp(g, crs, tot * 4), "pieces d%d q%d comb %d bias %d (%zu pieces) differ", d, n_q, comb, wb,
+                  np);
+            free(g);
+        }
+    if (np) {                                           /* a piece past the biases is refused */
+        kvg_cuda_piece far = pc[0];
+        far.pos = (first / KVG_SIG_BLOCK + nblk) * KVG_SIG_BLOCK;
+        CHECK_RC(kvg_score_pieces_cuda(KVG_SCORE_ASYM, KVG_COMBINE_MAX, q, n_q, &far, 1, first / KVG_SIG_BLOCK, drb,
+                                       nblk, drs, NULL), -EINVAL);
+    }
+    cudaFree(dx); cudaFree(dbits); cudaFree(dcb); cudaFree(dss); cudaFree(dcs); cudaFree(dbb); cudaFree(dib);
+    cudaFree(dis); cudaFree(dok); cudaFree(dbs); cudaFree(drb); cudaFree(drs);
+    free(x); free(bits); free(cb); free(ss); free(cs); free(bb); free(ib); free(cis); free(ok); free(cbs);
+    free(rb); free(crs);
+}
+
 static void topk_case(const char *what, const float *s, size_t n, size_t k)
 {
     uint32_t *ci = malloc((k ? k : 1) * 4), *gi;
@@ -293,6 +437,10 @@ int main(void)
         score_case(dims[di], 4097, 4, &r);
     }
     score_case(128, 1 << 20, 8, &r);
+    for (int di = 0; di < 3; di++) {
+        coarse_case(dims[di], 300, KVG_SIG_BLOCK, 4, &r);
+        coarse_case(dims[di], 7, 17, 1, &r);           /* short blocks */
+    }
     for (int di = 0; di < 3; di++)
         for (int t = 0; t < 3; t++)
             query_case(dims[di], dts[t], 33, &r);
