@@ -295,7 +295,8 @@ static int sum_sync(kvarc_conv *cv, kl_gpu *g, uint32_t layer)
 /* Stage 1 of (layer, head) through the coarse tier, on the device:
  * kl_stage1_coarse's steps with the summaries' and the chosen tokens'
  * scores and both top-ks in VRAM (the block biases are in g->d_bias);
- * the same shortlist. -ENOTSUP: the full scan instead. */
+ * the same shortlist. -ENOTSUP: the full scan instead; -E2BIG: more
+ * blocks than the device's top-k takes (the CPU path must serve). */
 static long coarse(kvarc_conv *cv, kl_gpu *g, uint32_t layer, uint32_t head, const kvg_query *qs, int n_q,
                    uint64_t ns, uint64_t hot_lo, int biased, size_t nblk, size_t r, uint32_t blocks,
                    kl_coarse_scratch *x, uint32_t *idx_out)
@@ -306,8 +307,10 @@ static long coarse(kvarc_conv *cv, kl_gpu *g, uint32_t layer, uint32_t head, con
     const kvg_combine comb = (kvg_combine)cv->o.combine;
     kl_coarse_plan pl;
     long rc = kl_coarse_plan_of(y, ns, hot_lo, r, blocks, &pl);
-    if (rc || blocks > KVG_CUDA_TOPK_MAX)
-        return -ENOTSUP;
+    if (rc)
+        return -ENOTSUP;                   /* the plan declines: the full scan */
+    if (blocks > KVG_CUDA_TOPK_MAX)
+        return -E2BIG;                     /* the device cannot pick that many: the CPU path */
     const size_t ni = (size_t)pl.nsum * S, most = ni > pl.ntok_max ? ni : pl.ntok_max;
     if (kl_coarse_reserve(x, &pl) || grow((void **)&g->d_scores, &g->score_cap, most * 4) ||
         grow((void **)&g->d_bs, &g->bs_cap, (size_t)pl.nsum * 4) ||
@@ -380,6 +383,8 @@ long kl_gpu_stage1(kvarc_conv *cv, uint32_t layer, uint32_t head, const kvg_quer
     if (blk_bias && cudaMemcpy(g->d_bias, blk_bias, (size_t)n_q * nblk * 4, cudaMemcpyHostToDevice) != cudaSuccess)
         return kl_fail(cv, -EIO, "copying stage 1's block biases to the GPU failed");
     long got = coarse(cv, g, layer, head, qs, n_q, first, first + n, blk_bias != NULL, nblk, r, blocks, x, idx_out);
+    if (got == -E2BIG)
+        return -ENOTSUP;
     if (got != -ENOTSUP)
         return got;
     if (grow((void **)&g->d_scores, &g->score_cap, (size_t)n * 4) ||

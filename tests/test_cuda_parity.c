@@ -222,16 +222,20 @@ static void coarse_case(int d, size_t nb, size_t n, int n_q, tu_rng *r)
             ib[h * ni + j] = bb[h * stride + j / S];
     float *dbb = dev_copy(bb, (size_t)n_q * stride * 4), *dib = dev_copy(ib, (size_t)n_q * ni * 4);
     float *cis = malloc(ni * 4), *dis = dev_copy(NULL, ni * 4);
-    for (int comb = 0; comb < 2; comb++) {
-        CHECK_RC(kvg_score_items_ref(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, cb, cs, ni, ib, cis), 0);
-        for (int lay = 0; lay < 2; lay++) {
-            CHECK_RC(kvg_score_items_cuda(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, dcb, dcs, ni, lay ? dbb : dib,
-                                          lay ? S : 1, lay ? stride : ni, dis, NULL), 0);
-            float *g = dev_back(dis, ni * 4);
-            CHECK(!memcmp(g, cis, ni * 4), "summary items d%d q%d comb %d layout %d differ", d, n_q, comb, lay);
-            free(g);
-        }
-    }
+    for (int mode = 0; mode < 2; mode++)
+        for (int comb = 0; comb < 2; comb++)
+            for (int lay = 0; lay < 3; lay++) {    /* per item, one per block, none (the queries' biases) */
+                CHECK_RC(kvg_score_items_ref((kvg_score_mode)mode, (kvg_combine)comb, q, n_q, cb, cs, ni,
+                                             lay == 2 ? NULL : ib, cis), 0);
+                CHECK_RC(kvg_score_items_cuda((kvg_score_mode)mode, (kvg_combine)comb, q, n_q, dcb, dcs, ni,
+                                              lay == 0 ? dib : lay == 1 ? dbb : NULL, lay == 1 ? S : 1,
+                                              lay == 1 ? stride : ni, dis, NULL), 0);
+                float *g = dev_back(dis, ni * 4);
+                CHECK(!memcmp(g, cis, ni * 4), "summary items d%d q%d mode %d comb %d layout %d differ", d, n_q, mode,
+                      comb, lay);
+                free(g);
+            }
+    CHECK_RC(kvg_score_items_ref(KVG_SCORE_ASYM, KVG_COMBINE_MAX, q, n_q, cb, cs, ni, ib, cis), 0);
     /* block best, with blocks that have no summaries */
     uint8_t *ok = malloc(nb);
     for (size_t b = 0; b < nb; b++)
@@ -279,20 +283,24 @@ static void coarse_case(int d, size_t nb, size_t n, int n_q, tu_rng *r)
             out += cnt;
             p += cnt;
         }
-    for (int comb = 0; comb < 2; comb++)
-        for (int wb = 0; wb < 2; wb++) {
-            CHECK_RC(kvg_score_runs(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, bits, ss, first, runs, nr,
-                                    wb ? rb : NULL, nblk, crs), 0);
-            CHECK_RC(kvg_score_pieces_cuda(KVG_SCORE_ASYM, (kvg_combine)comb, q, n_q, pc, np, first / KVG_SIG_BLOCK,
-                                           wb ? drb : NULL, nblk, drs, NULL), 0);
-            float *g = dev_back(drs, tot * 4);
-            CHECK(!memcmp(g, crs, tot * 4), "pieces d%d q%d comb %d bias %d (%zu pieces) differ", d, n_q, comb, wb,
-                  np);
-            free(g);
-        }
-    if (np) {                                           /* a piece past the biases is refused */
+    for (int mode = 0; mode < 2; mode++)
+        for (int comb = 0; comb < 2; comb++)
+            for (int wb = 0; wb < 2; wb++) {
+                CHECK_RC(kvg_score_runs((kvg_score_mode)mode, (kvg_combine)comb, q, n_q, bits, ss, first, runs, nr,
+                                        wb ? rb : NULL, nblk, crs), 0);
+                CHECK_RC(kvg_score_pieces_cuda((kvg_score_mode)mode, (kvg_combine)comb, q, n_q, pc, np,
+                                               first / KVG_SIG_BLOCK, wb ? drb : NULL, nblk, drs, NULL), 0);
+                float *g = dev_back(drs, tot * 4);
+                CHECK(!memcmp(g, crs, tot * 4), "pieces d%d q%d mode %d comb %d bias %d (%zu pieces) differ", d, n_q,
+                      mode, comb, wb, np);
+                free(g);
+            }
+    if (np) {                                           /* a piece outside the biases is refused, either side */
         kvg_cuda_piece far = pc[0];
         far.pos = (first / KVG_SIG_BLOCK + nblk) * KVG_SIG_BLOCK;
+        CHECK_RC(kvg_score_pieces_cuda(KVG_SCORE_ASYM, KVG_COMBINE_MAX, q, n_q, &far, 1, first / KVG_SIG_BLOCK, drb,
+                                       nblk, drs, NULL), -EINVAL);
+        far.pos = first / KVG_SIG_BLOCK * KVG_SIG_BLOCK - 1;
         CHECK_RC(kvg_score_pieces_cuda(KVG_SCORE_ASYM, KVG_COMBINE_MAX, q, n_q, &far, 1, first / KVG_SIG_BLOCK, drb,
                                        nblk, drs, NULL), -EINVAL);
     }
@@ -441,6 +449,7 @@ int main(void)
         coarse_case(dims[di], 300, KVG_SIG_BLOCK, 4, &r);
         coarse_case(dims[di], 7, 17, 1, &r);           /* short blocks */
     }
+    coarse_case(64, 70000, 2, 2, &r);                  /* more blocks than the summary kernel's grid */
     for (int di = 0; di < 3; di++)
         for (int t = 0; t < 3; t++)
             query_case(dims[di], dts[t], 33, &r);
