@@ -67,7 +67,7 @@ long kl_coarse_make(kvarc_conv *cv, uint32_t layer, uint64_t a, uint32_t n, cons
                 }
             }
             size_t o = h * nsb + (b - b0);
-            if ((rc = kvg_summary_ref(&cv->rot, x, bb, bs, B, ob + o * S * sb, os + o * S)))
+            if ((rc = kvg_summary(&cv->rot, x, bb, bs, B, ob + o * S * sb, os + o * S)))
                 kl_fail(cv, rc, "summarizing block %llu of layer %u head %zu: %s", (unsigned long long)b, layer, h,
                         kvarc_strerror(rc));
         }

@@ -134,6 +134,8 @@ static void conv_free(kvarc_conv *cv)
     free(cv->bcs);
     free(cv->means);
     free(cv->last_ret);
+    free(cv->ang);
+    free(cv->ang_pos);
     kl_cache_free(&cv->cache);
     free(cv);
 }
@@ -225,8 +227,11 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     }
     cv->means = calloc(L * H * 2 * d, sizeof *cv->means);
     cv->last_ret = calloc(H * (size_t)o->top_k + 1, sizeof *cv->last_ret);
-    if (!cv->last_ret)
+    cv->ang = malloc(KL_ANG_SLOTS * d * sizeof *cv->ang);
+    cv->ang_pos = malloc(KL_ANG_SLOTS * sizeof *cv->ang_pos);
+    if (!cv->last_ret || !cv->ang || !cv->ang_pos)
         goto oom;
+    memset(cv->ang_pos, 0xff, KL_ANG_SLOTS * sizeof *cv->ang_pos);   /* UINT64_MAX: no position */
     cv->layers = calloc(L, sizeof *cv->layers);
     if (!cv->means || !cv->layers || kl_cache_init(&cv->cache, o->cache_records, cv->rb))
         goto oom;
@@ -579,8 +584,11 @@ void kl_sig_keys(const kvarc_conv *cv, const kl_layer *y, size_t h, const float 
     for (uint64_t t = 0; t < n; t++) {
         uint64_t p = first + t;
         const float *k = (remap ? y->ring_k : y->ring_kr) + (h * cv->ring + p % cv->ring) * d;
-        for (size_t i = 0; i < d; i++)           /* kind 1: k - mu_k (kind 2 centers per block below) */
-            x[t * d + i] = remap ? k[i] - mu_k[i] : k[i];
+        if (!remap)                               /* kind 2: centered per block below */
+            memcpy(x + t * d, k, d * sizeof *x);
+        else
+            for (size_t i = 0; i < d; i++)       /* kind 1: k - mu_k */
+                x[t * d + i] = k[i] - mu_k[i];
     }
     if (!remap)
         kvg_sig_pos_center(&cv->rope, mu_k, first, n, x);
@@ -642,15 +650,21 @@ static int flush_encode(kvarc_conv *cv, uint32_t layer, uint32_t n, int held, kl
     float *k = malloc((size_t)n * d * 4), *v = malloc((size_t)n * d * 4);
     if (!p->bits || !p->recs || !p->sc || !k || !v)
         rc = kl_fail(cv, -ENOMEM, "out of memory");
+    const size_t s0 = (size_t)(y->archived % cv->ring);
     for (size_t h = 0; !rc && h < H; h++) {
-        for (uint32_t t = 0; t < n; t++) {
-            size_t slot = (h * cv->ring + (y->archived + t) % cv->ring) * d;
-            memcpy(k + t * d, y->ring_k + slot, d * 4);
-            memcpy(v + t * d, y->ring_v + slot, d * 4);
+        const float *ek = y->ring_k + (h * cv->ring + s0) * d, *ev = y->ring_v + (h * cv->ring + s0) * d;
+        if (s0 + n > cv->ring) {              /* the range wraps: its rows in order, copied */
+            for (uint32_t t = 0; t < n; t++) {
+                size_t slot = (h * cv->ring + (s0 + t) % cv->ring) * d;
+                memcpy(k + t * d, y->ring_k + slot, d * 4);
+                memcpy(v + t * d, y->ring_v + slot, d * 4);
+            }
+            ek = k;
+            ev = v;
         }
         kvg_codec codec = kl_codec(cv, layer, (uint32_t)h);
         size_t bad = 0;
-        rc = kvg_encode(&codec, KVARC_DTYPE_F32, k, v, n, p->recs + h * n * cv->rb, p->bits + h * n * sb,
+        rc = kvg_encode(&codec, KVARC_DTYPE_F32, ek, ev, n, p->recs + h * n * cv->rb, p->bits + h * n * sb,
                         p->sc + h * n, &bad);
         if (!rc && cv->o.pos_mode == 0) {   /* true positions: kind-2 signatures replace the encoder's */
             kl_sig_keys(cv, y, h, codec.mu_k, y->archived, n, k);   /* from the ring's turned keys, not again */
@@ -852,6 +866,20 @@ void kl_ring_put(kvarc_conv *cv, kl_layer *y, size_t h, uint64_t p, const float 
     }
 }
 
+/* Position p's kvg_rope_angles, from the conversation's slots of recent
+ * positions (computed there when p is not in its slot; the same bits
+ * either way). */
+static const double *angles_of(kvarc_conv *cv, uint64_t p)
+{
+    const size_t d = cv->m.head_dim, slot = (size_t)(p % KL_ANG_SLOTS);
+    double *cs = cv->ang + slot * d;
+    if (cv->ang_pos[slot] != p) {
+        kvg_rope_angles(cs, (int)d, cv->rope.rotary_dims, cv->rope.inv_freq, (double)p);
+        cv->ang_pos[slot] = p;
+    }
+    return cs;
+}
+
 int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n)
 {
     if (layer >= cv->m.n_layers || !k || !v)
@@ -899,8 +927,7 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
                                (unsigned long long)p, h, t);
             }
         }
-        double cs[KVARC_HEAD_DIM_MAX];            /* position p's RoPE angles, once for every head */
-        kvg_rope_angles(cs, (int)d, cv->rope.rotary_dims, cv->rope.inv_freq, (double)p);
+        const double *cs = angles_of(cv, p);     /* position p's RoPE angles, once for every head and layer */
         for (size_t h = 0; h < H; h++)
             kl_ring_put(cv, y, h, p, tok_k + h * d, tok_v + h * d, cs);
         y->len = p + 1;

@@ -251,8 +251,15 @@ struct kvarc_conv {
     kl_gpu        *gpu;          /* stage 1 and attention on the device, or NULL */
     kl_s1_lanes    lanes;        /* stage 1's per-thread scratch (stage1.c) */
     kl_ax          ax;           /* kvarc_attend's work space (attend.c) */
+    double        *ang;          /* [KL_ANG_SLOTS][d] RoPE angles of recent positions (conv.c), or NULL */
+    uint64_t      *ang_pos;      /* [KL_ANG_SLOTS] the position each slot holds (UINT64_MAX: none) */
     char           err[512];
 };
+
+/* Positions whose RoPE angles kvarc_append keeps: every layer appends the
+ * same positions, so a batch's angles are computed by the first layer
+ * and read by the rest. */
+#define KL_ANG_SLOTS 128
 
 int  kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int64_t kl_now_ns(void);

@@ -109,40 +109,14 @@ AI void signature_l(const vf *y, const vf *ss, int d, int m, vf *tmp, uint8_t *b
     }
 }
 
-/* encode_rotated_half on lanes: half records of lanes < m at half +
- * lane * stride. y is consumed (the products y_i L[c_i] replace it). */
-AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf *y, const vf *ss, int m,
-                      vf *tmp, uint8_t *half, size_t stride)
+/* The codebook formats' half record (q3, q4) on lanes: cb is a constant
+ * at each call, so the bisection below unrolls. */
+AI void codebook_half_l(const int cb, const float *levels, const float *bounds, const kvarc_rotation *rot, vf *y,
+                        const vf *ss, int m, vf *tmp, uint8_t *half, size_t stride)
 {
-    int d = rot->head_dim, cb = fi->code_bits;
-    if (fi->id == KVARC_FMT_I8) {
-        vf mx = { 0 };
-        for (int i = 0; i < d; i++) {
-            vf a = (vf)((vi)y[i] & 0x7fffffff);
-            vi gt = a > mx;                                /* fmaxf of finite values */
-            mx = (vf)(((vi)a & gt) | ((vi)mx & ~gt));
-        }
-        vf scale = mx / 127.0f;
-        vi pos = scale > 0.0f;
-        for (int i = 0; i < d; i++) {
-            vf u = y[i] / scale;
-            u = (u + 12582912.0f) - 12582912.0f;           /* rintf: |u| <= 127 < 2^22 */
-            u = (vf)((vi)u & pos);
-            vi lo = u < -127.0f, hi = u > 127.0f;
-            u = (vf)(((vi)u & ~lo) | ((vi)((vf){ 0 } - 127.0f) & lo));
-            u = (vf)(((vi)u & ~hi) | ((vi)((vf){ 0 } + 127.0f) & hi));
-            vi q = __builtin_convertvector(u, vi);
-            for (int l = 0; l < m; l++)
-                half[(size_t)l * stride + 4 + (size_t)i] = (uint8_t)(int8_t)q[l];
-        }
-        for (int l = 0; l < m; l++)
-            memcpy(half + (size_t)l * stride, &scale[l], 4);
-        return;
-    }
-    const float *levels = fi->id == KVARC_FMT_Q3 ? kvarc_q3_levels : kvarc_q4_levels;
-    const float *bounds = fi->id == KVARC_FMT_Q3 ? kvarc_q3_bounds : kvarc_q4_bounds;
+    int d = rot->head_dim;
     int nb = (1 << cb) - 1;
-    vf sigma;
+    vf sigma = { 0 };
     for (int l = 0; l < LN; l++)
         sigma[l] = sqrtf((*ss)[l]) * rot->inv_sqrt_d;
     vi pos = sigma > 0.0f;
@@ -191,6 +165,43 @@ AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf
     vf scale = y[0] / tmp[0];
     for (int l = 0; l < m; l++)
         memcpy(half + (size_t)l * stride, &scale[l], 4);
+}
+
+
+/* encode_rotated_half on lanes: half records of lanes < m at half +
+ * lane * stride. y is consumed (the products y_i L[c_i] replace it). */
+AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf *y, const vf *ss, int m,
+                      vf *tmp, uint8_t *half, size_t stride)
+{
+    int d = rot->head_dim;
+    if (fi->id == KVARC_FMT_I8) {
+        vf mx = { 0 };
+        for (int i = 0; i < d; i++) {
+            vf a = (vf)((vi)y[i] & 0x7fffffff);
+            vi gt = a > mx;                                /* fmaxf of finite values */
+            mx = (vf)(((vi)a & gt) | ((vi)mx & ~gt));
+        }
+        vf scale = mx / 127.0f;
+        vi pos = scale > 0.0f;
+        for (int i = 0; i < d; i++) {
+            vf u = y[i] / scale;
+            u = (u + 12582912.0f) - 12582912.0f;           /* rintf: |u| <= 127 < 2^22 */
+            u = (vf)((vi)u & pos);
+            vi lo = u < -127.0f, hi = u > 127.0f;
+            u = (vf)(((vi)u & ~lo) | ((vi)((vf){ 0 } - 127.0f) & lo));
+            u = (vf)(((vi)u & ~hi) | ((vi)((vf){ 0 } + 127.0f) & hi));
+            vi q = __builtin_convertvector(u, vi);
+            for (int l = 0; l < m; l++)
+                half[(size_t)l * stride + 4 + (size_t)i] = (uint8_t)(int8_t)q[l];
+        }
+        for (int l = 0; l < m; l++)
+            memcpy(half + (size_t)l * stride, &scale[l], 4);
+        return;
+    }
+    if (fi->id == KVARC_FMT_Q3)
+        codebook_half_l(3, kvarc_q3_levels, kvarc_q3_bounds, rot, y, ss, m, tmp, half, stride);
+    else
+        codebook_half_l(4, kvarc_q4_levels, kvarc_q4_bounds, rot, y, ss, m, tmp, half, stride);
 }
 
 /* unpack_levels on lanes: the level values of the half records of lanes
@@ -278,6 +289,13 @@ AI int encode_body(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype 
     for (int p = 0; p < 2; p++) {
         vi bad = { 0 };
         vf ss;
+        /* the next batch's rows of this half, while this one computes (a
+         * batch is 16 tokens x 512 B of each at head_dim 128: the
+         * hardware's prefetcher alone left encode waiting on memory) */
+        const size_t es = kvarc_dtype_size(dt), row = (size_t)d * es;
+        const char *nx = (const char *)(p ? v : k) + (t0 + LN) * row;
+        for (size_t o = 0; o < (size_t)LN * row; o += 64)
+            __builtin_prefetch(nx + o);
         load_l(dt, p ? v : k, t0, m, d, p ? c->mu_v : c->mu_k, s->x, &bad);
         if (any_l(&bad))
             return 1;
@@ -410,6 +428,79 @@ int LANES_FN(signatures)(const kvarc_rotation *rot, const float *x, size_t n, ui
             return 1;
         }
         signature_l(s.x, &ss, d, m, s.u.t, bits + t0 * (size_t)(d / 8), scales + t0);
+    }
+    return 0;
+}
+
+/* kvg_summary_ref of one block (n <= KVG_SIG_BLOCK tokens x[n][d]): the
+ * means and variances LN dimensions a vector (each dimension's sum over
+ * the tokens in order, as the reference's loop), the whitened distances
+ * LN tokens a vector (the same quotients, the same tree sum). 0, or 1
+ * where the reference must run (a non-finite mean, norm or distance: it
+ * returns the code). */
+int LANES_FN(summary)(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
+                      size_t n, uint8_t *sum_bits, uint16_t *sum_scales)
+{
+    const int d = rot->head_dim;
+    const size_t sb = (size_t)d / 8;
+    float m[KVARC_HEAD_DIM_MAX] __attribute__((aligned(64))) = { 0 };
+    float v[KVARC_HEAD_DIM_MAX] __attribute__((aligned(64))) = { 0 };
+    float r[KVG_SIG_BLOCK];
+    scratch s;
+    for (int i0 = 0; i0 < d; i0 += LN) {
+        vf acc = { 0 };
+        for (size_t j = 0; j < n; j++) {
+            vf row;
+            memcpy(&row, x + j * (size_t)d + (size_t)i0, sizeof row);
+            acc = acc + row;
+        }
+        vf mm = acc / (float)n;
+        memcpy(m + i0, &mm, sizeof mm);
+    }
+    if (kvg_signature_ref(rot, m, sum_bits, &sum_scales[0]))
+        return 1;
+    for (int i0 = 0; i0 < d; i0 += LN) {
+        vf acc = { 0 }, mm;
+        memcpy(&mm, m + i0, sizeof mm);
+        for (size_t j = 0; j < n; j++) {
+            vf row;
+            memcpy(&row, x + j * (size_t)d + (size_t)i0, sizeof row);
+            vf e = row - mm;
+            acc = acc + e * e;
+        }
+        vf vv = acc / (float)n;
+        memcpy(v + i0, &vv, sizeof vv);
+    }
+    for (size_t t0 = 0; t0 < n; t0 += LN) {
+        const int mt = n - t0 < LN ? (int)(n - t0) : LN;
+        load_rows_l(x + t0 * (size_t)d, d, mt, s.x);
+        for (int i = 0; i < d; i++) {
+            vf e = s.x[i] - m[i];
+            s.u.t[i] = v[i] > 0.0f ? e * e / v[i] : (vf){ 0 };
+        }
+        tree_sum_l(s.u.t, d);
+        vi bad = { 0 };
+        nonfinite_l(&s.u.t[0], &bad);
+        for (int l = 0; l < mt; l++) {
+            if (bad[l])
+                return 1;
+            r[t0 + (size_t)l] = s.u.t[0][l];
+        }
+    }
+    uint64_t taken = 0;
+    for (int it = 1; it < KVG_SUM_ITEMS; it++) {
+        size_t best = n;
+        for (size_t j = 0; j < n; j++)
+            if (!(taken >> j & 1) && (best == n || r[j] > r[best]))
+                best = j;
+        if (best == n) {                      /* fewer tokens than items: the mean again */
+            memcpy(sum_bits + (size_t)it * sb, sum_bits, sb);
+            sum_scales[it] = sum_scales[0];
+            continue;
+        }
+        taken |= 1ull << best;
+        memcpy(sum_bits + (size_t)it * sb, bits + best * sb, sb);
+        sum_scales[it] = scales[best];
     }
     return 0;
 }

@@ -40,6 +40,8 @@
                                uint16_t *sig_scale, size_t *bad_t0);                                           \
     int kvg_lanes_signatures_##sfx(const kvarc_rotation *rot, const float *x, size_t n, uint8_t *bits,           \
                                    uint16_t *scales, size_t *bad_t0);                                         \
+    int kvg_lanes_summary_##sfx(const kvarc_rotation *rot, const float *x, const uint8_t *bits,                 \
+                                const uint16_t *scales, size_t n, uint8_t *sum_bits, uint16_t *sum_scales);    \
     void kvg_lanes_decode_##sfx(const kvg_codec *c, const kvarc_format_info *fi, const uint8_t *records,       \
                                 size_t n, float *k_out, float *v_out);                                        \
     void kvg_lanes_key_scores_##sfx(const kvarc_format_info *fi, int d, const float *r, const float *bias,      \
@@ -61,16 +63,21 @@ typedef struct variant {
                        float *);
     void (*scores_pos)(const kvg_codec *, const kvarc_format_info *, const kvg_rope *, const kvg_rope_table *,
                        const float *, int, const uint8_t *, const uint64_t *, size_t, float *);
+    int (*summary)(const kvarc_rotation *, const float *, const uint8_t *, const uint16_t *, size_t, uint8_t *,
+                   uint16_t *);
 } variant;
 
 static const variant variants[] = {
-    [KVG_ISA_REF]  = { "scalar reference", NULL, NULL, NULL, NULL, NULL },
+    [KVG_ISA_REF]  = { "scalar reference", NULL, NULL, NULL, NULL, NULL, NULL },
     [KVG_ISA_BASE] = { "lanes x4, baseline (SSE)", kvg_lanes_encode_base, kvg_lanes_signatures_base,
-                       kvg_lanes_decode_base, kvg_lanes_key_scores_base, kvg_lanes_scores_pos_base },
+                       kvg_lanes_decode_base, kvg_lanes_key_scores_base, kvg_lanes_scores_pos_base,
+                       kvg_lanes_summary_base },
     [KVG_ISA_V3]   = { "lanes x8, x86-64-v3 (AVX2)", kvg_lanes_encode_v3, kvg_lanes_signatures_v3,
-                       kvg_lanes_decode_v3, kvg_lanes_key_scores_v3, kvg_lanes_scores_pos_v3 },
+                       kvg_lanes_decode_v3, kvg_lanes_key_scores_v3, kvg_lanes_scores_pos_v3,
+                       kvg_lanes_summary_v3 },
     [KVG_ISA_V4]   = { "lanes x16, x86-64-v4 (AVX-512)", kvg_lanes_encode_v4, kvg_lanes_signatures_v4,
-                       kvg_lanes_decode_v4, kvg_lanes_key_scores_v4, kvg_lanes_scores_pos_v4 },
+                       kvg_lanes_decode_v4, kvg_lanes_key_scores_v4, kvg_lanes_scores_pos_v4,
+                       kvg_lanes_summary_v4 },
 };
 
 int kvg_codec_isa_supported(kvg_isa isa)
@@ -238,4 +245,22 @@ int kvg_key_scores_pos(const kvg_codec *c, const kvg_rope *r, const kvg_rope_tab
                        const uint8_t *records, const uint64_t *pos, size_t n, float *scores)
 {
     return kvg_key_scores_pos_isa(isa_for(n), c, r, tb, q_r, n_q, records, pos, n, scores);
+}
+
+int kvg_summary_isa(kvg_isa isa, const kvarc_rotation *rot, const float *x, const uint8_t *bits,
+                    const uint16_t *scales, size_t n, uint8_t *sum_bits, uint16_t *sum_scales)
+{
+    if (!kvg_codec_isa_supported(isa))
+        return -ENOTSUP;
+    if (isa == KVG_ISA_REF || !rot || kvarc_head_dim_check(rot->head_dim) || !x || !bits || !scales || !sum_bits ||
+        !sum_scales || n < 1 || n > KVG_SIG_BLOCK ||
+        variants[isa].summary(rot, x, bits, scales, n, sum_bits, sum_scales))
+        return kvg_summary_ref(rot, x, bits, scales, n, sum_bits, sum_scales);
+    return 0;
+}
+
+int kvg_summary(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales, size_t n,
+                uint8_t *sum_bits, uint16_t *sum_scales)
+{
+    return kvg_summary_isa(kvg_codec_isa_best(), rot, x, bits, scales, n, sum_bits, sum_scales);
 }

@@ -254,6 +254,15 @@ long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
  * KVARC_ENONFINITE (x, or a distance that overflows fp32). */
 int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
                     size_t n, uint8_t *sum_bits, uint16_t *sum_scales);
+/* The same bits through the codec's lanes (codec_simd.c: the means and
+ * variances many dimensions a vector, the distances many tokens a vector;
+ * the build chosen as kvg_encode's), or through isa (-ENOTSUP where the
+ * CPU lacks it). Errors are the reference's (it runs where the lanes meet
+ * a non-finite value). */
+int kvg_summary(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales, size_t n,
+                uint8_t *sum_bits, uint16_t *sum_scales);
+int kvg_summary_isa(kvg_isa isa, const kvarc_rotation *rot, const float *x, const uint8_t *bits,
+                    const uint16_t *scales, size_t n, uint8_t *sum_bits, uint16_t *sum_scales);
 
 /* Each block's score from its n_items summary items' scores
  * item_scores[nb][n_items]: the best item (compared in item order, so a

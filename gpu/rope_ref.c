@@ -27,6 +27,11 @@ void kvg_rope_angles(double *cs, int d, int rotary_dims, const double *inv_freq,
     }
 }
 
+/* Built for AVX-512 and AVX2 as well (the same IEEE double operations in
+ * the same order, -ffp-contract=off: the same bits), picked at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 void kvg_rope_turn(float *x, int d, int rotary_dims, int layout, const double *cs)
 {
     int half = (rotary_dims < d ? rotary_dims : d) / 2;

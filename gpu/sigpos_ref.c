@@ -103,6 +103,9 @@ static void block_center_mu(const kvg_rope *r, const float *mu, uint64_t b, floa
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 void kvg_sig_pos_center(const kvg_rope *r, const float *mu_k, uint64_t first_pos, size_t n, float *x)
 {
     const int d = r->d;

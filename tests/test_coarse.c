@@ -10,6 +10,10 @@
  * - bad sizes and pointers are -EINVAL, a NaN or Inf key
  *   KVARC_ENONFINITE; the same inputs give the same bytes, every output
  *   byte written;
+ * - kvg_summary (the codec's lanes, every build this CPU runs) gives the
+ *   reference's bytes and codes: every n 1..64 at head_dim 64/128/256, a
+ *   channel constant over the block (variance 0), keys large enough that a
+ *   distance overflows, a NaN and an Inf key;
  * - kvg_block_best_ref: a block's best item, -INFINITY where it has no
  *   summaries, a NaN first item kept (so top-k ranks it last), a NaN
  *   later item ignored. */
@@ -237,6 +241,62 @@ static void input_case(void)
     }
 }
 
+/* (f) the lanes: kvg_summary_isa against the reference, byte for byte. */
+static void isa_case(void)
+{
+    tu_rng g = { 77 };
+    static float x[64 * KVARC_HEAD_DIM_MAX];
+    uint8_t bits[64 * KVARC_HEAD_DIM_MAX / 8], b1[S * KVARC_HEAD_DIM_MAX / 8], b2[S * KVARC_HEAD_DIM_MAX / 8];
+    uint16_t sc[64], c1[S], c2[S];
+    int runs = 0;
+    for (int isa = KVG_ISA_BASE; isa <= KVG_ISA_V4; isa++) {
+        if (!kvg_codec_isa_supported((kvg_isa)isa)) {
+            CHECK_RC(kvg_summary_isa((kvg_isa)isa, NULL, x, bits, sc, 1, b1, c1), -ENOTSUP);
+            continue;
+        }
+        for (int d = 64; d <= 256; d *= 2) {
+            kvarc_rotation rot;
+            CHECK_RC(kvarc_rotation_init(&rot, d, 3), 0);
+            const size_t sb = (size_t)d / 8;
+            int diff = 0;
+            for (size_t n = 1; n <= 64; n++) {
+                loud_keys(&g, x, n, d);
+                if (n % 5 == 0)                       /* a channel constant over the block: variance 0 */
+                    for (size_t j = 0; j < n; j++)
+                        x[j * (size_t)d + 3] = 1.25f;
+                sign_all(&rot, x, n, bits, sc);
+                memset(b1, 0x11, sizeof b1);
+                memset(b2, 0xee, sizeof b2);
+                int r1 = kvg_summary_ref(&rot, x, bits, sc, n, b1, c1);
+                int r2 = kvg_summary_isa((kvg_isa)isa, &rot, x, bits, sc, n, b2, c2);
+                diff += r1 != 0 || r2 != 0 || memcmp(b1, b2, S * sb) != 0 || memcmp(c1, c2, sizeof c1) != 0;
+                runs++;
+            }
+            CHECK(diff == 0, "%s, head_dim %d: %d of 64 blocks differ from the reference",
+                  kvg_codec_isa_name((kvg_isa)isa), d, diff);
+            /* a distance that overflows fp32, a NaN, an Inf: the reference's code */
+            loud_keys(&g, x, 64, d);
+            sign_all(&rot, x, 64, bits, sc);
+            x[5 * (size_t)d + 7] = 3e38f;
+            x[6 * (size_t)d + 7] = -3e38f;
+            CHECK_RC(kvg_summary_isa((kvg_isa)isa, &rot, x, bits, sc, 64, b2, c2),
+                     kvg_summary_ref(&rot, x, bits, sc, 64, b1, c1));
+            x[6 * (size_t)d + 7] = 1.0f;
+            x[5 * (size_t)d + 7] = 1e19f;                 /* finite mean and variance, a distance past fp32 */
+            int want = kvg_summary_ref(&rot, x, bits, sc, 64, b1, c1);
+            CHECK_RC(kvg_summary_isa((kvg_isa)isa, &rot, x, bits, sc, 64, b2, c2), want);
+            if (!want)
+                CHECK(!memcmp(b1, b2, S * sb) && !memcmp(c1, c2, sizeof c1), "%s: a loud token's block differs",
+                      kvg_codec_isa_name((kvg_isa)isa));
+            x[5 * (size_t)d + 7] = NAN;
+            CHECK_RC(kvg_summary_isa((kvg_isa)isa, &rot, x, bits, sc, 64, b2, c2), KVARC_ENONFINITE);
+            x[5 * (size_t)d + 7] = -INFINITY;
+            CHECK_RC(kvg_summary_isa((kvg_isa)isa, &rot, x, bits, sc, 64, b2, c2), KVARC_ENONFINITE);
+        }
+    }
+    CHECK(runs > 0, "no lanes build ran");
+}
+
 static void block_best_case(void)
 {
     const float is[] = { 1.0f, 2.0f,   5.0f, -3.0f,   NAN, 9.0f,   4.0f, NAN,   -1.0f, -2.0f };
@@ -254,6 +314,7 @@ static void block_best_case(void)
 int main(void)
 {
     block_best_case();
+    isa_case();
     for (int d = 64; d <= 256; d *= 2)
         definition_case(d);
     outlier_case();
