@@ -834,15 +834,14 @@ int kl_flush(kvarc_conv *cv, uint32_t layer)
 
 const double *kl_block_angles(kvarc_conv *cv, uint64_t nb)
 {
-    if (nb > cv->bcs_n) {                 /* pair-major: rows are the capacity long, so grow and refill */
+    if (nb > cv->bcs_n) {                 /* tiled: grown by tiles, those there kept */
         uint64_t cap = cv->bcs_n ? cv->bcs_n : 256;
         while (cap < nb)
             cap *= 2;
-        double *t = malloc(2 * (size_t)cv->rope.n_slow * cap * sizeof *t + 1);
+        double *t = realloc(cv->bcs, kvg_block_angles_tm_len(&cv->rope, cap) * sizeof *t + 1);
         if (!t)
             return NULL;
-        kvg_block_angles_pm(&cv->rope, 0, cap, t, cap);
-        free(cv->bcs);
+        kvg_block_angles_tm(&cv->rope, cv->bcs_n / KVG_BIAS_TILE, (cap - cv->bcs_n) / KVG_BIAS_TILE, t);
         cv->bcs = t;
         cv->bcs_n = cap;
     }

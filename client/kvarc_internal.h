@@ -98,8 +98,7 @@ typedef struct kl_s1_args {
     uint32_t        *idx_out;
     const float     *q_r;        /* [H][G][d] the queries turned to their position (for bb) */
     const float *const *mu;      /* [H * G] each query's centering (its kv head's mu_k) */
-    const double    *bcs;        /* block b0's entry of the pair-major angle table, rows bcs_stride */
-    size_t           bcs_stride;
+    const double    *bcs;        /* the conversation's tiled block angle table (kvg_block_angles_tm) */
     uint64_t         b0;         /* ns / 64 */
     uint32_t         coarse;     /* the coarse tier's blocks for this query (0: every cold token) */
     size_t           take;       /* this query's shortlist length (<= r, the stride of idx_out) */
@@ -240,8 +239,8 @@ struct kvarc_conv {
     size_t         rb;           /* record bytes */
     kvarc_rotation rot;
     kvg_rope       rope;         /* RoPE: frequencies, and the slow pairs kind-2 signatures center */
-    double        *bcs;          /* true positions: block angles, pair-major [2 n_slow][bcs_n] */
-    uint64_t       bcs_n;        /* blocks in bcs (its row length) */
+    double        *bcs;          /* true positions: block angles, tiled (kvg_block_angles_tm) */
+    uint64_t       bcs_n;        /* blocks in bcs (a multiple of KVG_BIAS_TILE) */
     float         *means;        /* [L][H][2][d] */
     kl_layer      *layers;
     kl_cache       cache;
@@ -282,9 +281,9 @@ int  kl_flush(kvarc_conv *cv, uint32_t layer);
  * (one durable commit in kvarcd); the first refusal is the error, what
  * was stored is kept. */
 int  kl_flush_all(kvarc_conv *cv);
-/* The block angles of blocks [0, nb), nb >= 1, pair-major with rows
- * cv->bcs_n long (kvg_block_angles_pm), grown as needed; NULL when out of
- * memory. */
+/* The block angles of blocks [0, nb), nb >= 1, tiled
+ * (kvg_block_angles_tm: cv->bcs_n blocks, grown by tiles as needed); NULL
+ * when out of memory. */
 const double *kl_block_angles(kvarc_conv *cv, uint64_t nb);
 
 /* ---- coarse tier (coarse.c) ------------------------------------------- */

@@ -165,7 +165,7 @@ static int lane_biases(s1_work *w, kl_s1_lane *ln, size_t h0, size_t step)
             ln->mp[n] = a->mu[h * a->G + g];
             ln->op[n] = a->bb + (h * a->G + g) * a->nblk;
         }
-    return kvg_block_bias_n(&w->cv->rope, (int)n, ln->mp, ln->qp, a->b0, a->nblk, a->bcs, a->bcs_stride, ln->op);
+    return kvg_block_bias_nt(&w->cv->rope, (int)n, ln->mp, ln->qp, a->b0, a->nblk, a->bcs, ln->op);
 }
 
 /* Lane t: its heads' biases, then their shortlists (a bias that overflows
@@ -335,7 +335,7 @@ int kl_stage1_query(kvarc_conv *cv, const kl_step *s, kl_ax *x, const float *q, 
         x->hcap = H;
     }
     kl_s1_args a = { H, G, s->R_n, s->nblk, s->ns, s->hot_lo, x->qs, s->remap ? NULL : x->bb, x->idx,
-                     x->qsc + (size_t)i * H * G * d, x->mus, s->remap ? NULL : s->bcs + s->b0, cv->bcs_n, s->b0,
+                     x->qsc + (size_t)i * H * G * d, x->mus, s->remap ? NULL : s->bcs, s->b0,
                      cb, take, cv->o.fast_tier ? x->hruns : NULL };
     if ((rc = kl_stage1(cv, s->layer, &a, &cv->lanes, x->got)))
         return rc;

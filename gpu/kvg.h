@@ -413,6 +413,20 @@ int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint6
                    const double *cs, size_t cs_stride, float *out);
 int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
                      size_t nb, const double *cs, size_t cs_stride, float *const *out);
+/* The angle table tiled for the fast pass: tiles of KVG_BIAS_TILE blocks
+ * from block 0, tile t holding blocks [32t, 32t + 32) pair-major,
+ * [2 n_slow][32] (the values kvg_block_angles_pm gives), so that a tile is
+ * one contiguous stretch. kvg_block_angles_tm_len: the doubles the tiles
+ * of blocks [0, nb) take; kvg_block_angles_tm fills tiles [t0, t0 + nt)
+ * (a table grows by tiles: the tiles before stay as they are).
+ * kvg_block_bias_nt: kvg_block_bias_n over such a table (from block 0,
+ * any b0): the same bits, the table read once per tile for all queries.
+ * -EINVAL without a table. */
+#define KVG_BIAS_TILE 32
+size_t kvg_block_angles_tm_len(const kvg_rope *r, uint64_t nb);
+void   kvg_block_angles_tm(const kvg_rope *r, uint64_t t0, uint64_t nt, double *tiles);
+int    kvg_block_bias_nt(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
+                         size_t nb, const double *tiles, float *const *out);
 
 /* Stage-1 scores against kind-2 signatures: as kvg_score_ref, with each
  * query's constant bias replaced by a bias per block: token j (position

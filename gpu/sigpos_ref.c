@@ -161,25 +161,30 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
     return 0;
 }
 
-#define BIAS_TILE 64   /* blocks per tile with a table */
-#define OWN_TILE  16   /* without: the angles of 16 blocks on the stack (32 KB at most) */
+#define TILE KVG_BIAS_TILE   /* blocks per tile (without a table: their angles on the stack, 64 KB at most) */
 
 
 #define MULTI_Q 16   /* queries whose coefficients sit on the stack at a time */
 
+typedef double v8d __attribute__((vector_size(64)));   /* 8 blocks' sums: one register in the v4 build */
+
 /* The same sums for n_q queries at once, a tile of blocks' angles read
  * once for all of them (the table is the memory traffic: 72 doubles a
- * block); each query's every block keeps the reference's order, nothing
- * is fused (-ffp-contract=off), so the bits are kvg_block_bias_ref's. The
- * C is compiled for the widest vectors this CPU has, chosen at load time
- * (an ifunc: cpuid). */
+ * block); each query's blocks are summed 32 at a time in registers (4
+ * chains), every block keeping the reference's order, nothing fused
+ * (-ffp-contract=off), so the bits are kvg_block_bias_ref's. The C is
+ * compiled for the widest vectors this CPU has, chosen at load time (an
+ * ifunc: cpuid). The table: tiled (kvg_block_angles_tm: a tile's rows one
+ * contiguous stretch, read as one stream), or pair-major rows cs_stride
+ * long from block b0 (a tile's 70 rows then lie a whole row apart: at 1M
+ * tokens that read cost 4x the arithmetic), or none (computed per tile). */
 static inline __attribute__((always_inline)) int bias_n(const kvg_rope *r, int n_q, const float *const *mu_k,
                                                         const float *const *q_r, uint64_t b0, size_t nb,
-                                                        const double *cs, size_t cs_stride, float *const *out)
+                                                        const double *cs, size_t cs_stride, int tiled,
+                                                        int vec, float *const *out)
 {
-    double c0[MULTI_Q], A[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], B[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], acc[BIAS_TILE];
-    double own[KVARC_HEAD_DIM_MAX * OWN_TILE];         /* [2 n_slow][OWN_TILE] when cs is NULL */
-    const size_t tile = cs ? BIAS_TILE : OWN_TILE;
+    double c0[MULTI_Q], A[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], B[MULTI_Q][KVARC_HEAD_DIM_MAX / 2], acc[TILE];
+    double own[KVARC_HEAD_DIM_MAX * TILE] __attribute__((aligned(64)));   /* [2 n_slow][TILE] */
     int finite = 1;
     for (int q0 = 0; q0 < n_q; q0 += MULTI_Q) {
         const int nq = n_q - q0 < MULTI_Q ? n_q - q0 : MULTI_Q;
@@ -195,27 +200,60 @@ static inline __attribute__((always_inline)) int bias_n(const kvg_rope *r, int n
                 B[q][s] = mu ? (double)qr[bb] * mu[a] - (double)qr[a] * mu[bb] : 0.0;
             }
         }
-        for (size_t t0 = 0; t0 < nb; t0 += tile) {
-            size_t tn = nb - t0 < tile ? nb - t0 : tile, st = cs_stride;
-            const double *tc = cs ? cs + t0 : own;
-            if (!cs) {
-                kvg_block_angles_pm(r, b0 + t0, tn, own, OWN_TILE);
-                st = OWN_TILE;
+        for (size_t t0 = 0, tn; t0 < nb; t0 += tn) {
+            const double *tc;
+            size_t st = TILE;
+            if (tiled) {                               /* up to the end of the table's tile */
+                const uint64_t b = b0 + t0, off = b % TILE;
+                tn = nb - t0 < TILE - off ? nb - t0 : (size_t)(TILE - off);
+                tc = cs + (size_t)(b / TILE) * (size_t)(2 * r->n_slow) * TILE + off;
+            } else if (cs) {
+                tn = nb - t0 < TILE ? nb - t0 : TILE;
+                tc = cs + t0;
+                st = cs_stride;
+            } else {
+                tn = nb - t0 < TILE ? nb - t0 : TILE;
+                kvg_block_angles_pm(r, b0 + t0, tn, own, TILE);
+                tc = own;
             }
+            /* tiled: the next tile's lines, a share per query, while this tile computes (the hardware's
+             * prefetcher alone left the pass waiting on memory: 1.44 against 1.21 ms, 16 queries x 16K
+             * blocks from a cold table) */
+            const size_t tile_len = (size_t)(2 * r->n_slow) * TILE, lines = tile_len * sizeof(double) / 64;
+            const char *nx = tiled && t0 + tn < nb ? (const char *)(tc - (b0 + t0) % TILE + tile_len) : NULL;
             for (int q = 0; q < nq; q++) {
+                const size_t l0 = lines * (size_t)q / (size_t)nq, l1 = lines * (size_t)(q + 1) / (size_t)nq;
+                for (size_t l = l0; nx && l < l1; l++)
+                    __builtin_prefetch(nx + 64 * l);
                 float *o = out[q0 + q] + t0;
                 if (!mu_k[q0 + q]) {                   /* no centering: no bias */
                     for (size_t j = 0; j < tn; j++)
                         o[j] = 0.0f;
                     continue;
                 }
-                for (size_t j = 0; j < tn; j++)
-                    acc[j] = c0[q];
-                for (int s = 0; s < r->n_slow; s++) {
-                    const double *co = tc + (size_t)(2 * s) * st, *si = tc + (size_t)(2 * s + 1) * st;
-                    const double as = A[q][s], bs = B[q][s];
+                if (vec && tn == TILE) {               /* 32 blocks' sums in 4 registers over every pair */
+                    v8d a8[TILE / 8];
+                    for (int k = 0; k < TILE / 8; k++)
+                        a8[k] = (v8d){ 0 } + c0[q];
+                    for (int s = 0; s < r->n_slow; s++) {
+                        const double *co = tc + (size_t)(2 * s) * st, *si = tc + (size_t)(2 * s + 1) * st;
+                        for (int k = 0; k < TILE / 8; k++) {
+                            v8d c, n;
+                            memcpy(&c, co + 8 * k, sizeof c);
+                            memcpy(&n, si + 8 * k, sizeof n);
+                            a8[k] += A[q][s] * c + B[q][s] * n;
+                        }
+                    }
+                    memcpy(acc, a8, sizeof a8);
+                } else {
                     for (size_t j = 0; j < tn; j++)
-                        acc[j] += as * co[j] + bs * si[j];
+                        acc[j] = c0[q];
+                    for (int s = 0; s < r->n_slow; s++) {
+                        const double *co = tc + (size_t)(2 * s) * st, *si = tc + (size_t)(2 * s + 1) * st;
+                        const double as = A[q][s], bs = B[q][s];
+                        for (size_t j = 0; j < tn; j++)
+                            acc[j] += as * co[j] + bs * si[j];
+                    }
                 }
                 for (size_t j = 0; j < tn; j++) {
                     o[j] = (float)acc[j];
@@ -227,11 +265,12 @@ static inline __attribute__((always_inline)) int bias_n(const kvg_rope *r, int n
     return finite ? 0 : KVARC_ENONFINITE;
 }
 
-/* The definition: one query, the plain C (x86-64-v2, two doubles a vector). */
+/* The definition: one query, the plain C (x86-64-v2, two doubles a vector),
+ * each block's sum in the loop over pairs as written. */
 int kvg_block_bias_ref(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,
                        const double *cs, size_t cs_stride, float *out)
 {
-    return bias_n(r, 1, &mu_k, &q_r, b0, nb, cs, cs_stride, &out);
+    return bias_n(r, 1, &mu_k, &q_r, b0, nb, cs, cs_stride, 0, 0, &out);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -240,7 +279,29 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 int kvg_block_bias_n(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
                      size_t nb, const double *cs, size_t cs_stride, float *const *out)
 {
-    return bias_n(r, n_q, mu_k, q_r, b0, nb, cs, cs_stride, out);
+    return bias_n(r, n_q, mu_k, q_r, b0, nb, cs, cs_stride, 0, 1, out);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+int kvg_block_bias_nt(const kvg_rope *r, int n_q, const float *const *mu_k, const float *const *q_r, uint64_t b0,
+                      size_t nb, const double *tiles, float *const *out)
+{
+    if (!tiles)
+        return -EINVAL;
+    return bias_n(r, n_q, mu_k, q_r, b0, nb, tiles, 0, 1, 1, out);
+}
+
+size_t kvg_block_angles_tm_len(const kvg_rope *r, uint64_t nb)
+{
+    return (size_t)((nb + TILE - 1) / TILE) * (size_t)(2 * r->n_slow) * TILE;
+}
+
+void kvg_block_angles_tm(const kvg_rope *r, uint64_t t0, uint64_t nt, double *tiles)
+{
+    for (uint64_t t = t0; t < t0 + nt; t++)
+        kvg_block_angles_pm(r, t * TILE, TILE, tiles + (size_t)t * (size_t)(2 * r->n_slow) * TILE, TILE);
 }
 
 int kvg_block_bias(const kvg_rope *r, const float *mu_k, const float *q_r, uint64_t b0, size_t nb,

@@ -180,6 +180,31 @@ static void bias_cases(void)
             }
             free(cs);
             CHECK(same_n, "rotary %d layout %d: kvg_block_bias_n gives each query the reference's bits", rd, lay);
+            /* the tiled table (tiles of 32 blocks from block 0, only those b0.. needs filled): every query
+             * the reference's bits, ranges starting inside a tile, on its edge, and a whole tile long */
+            double *tl = malloc(kvg_block_angles_tm_len(&r, b0 + NB) * sizeof *tl);
+            const uint64_t t0 = b0 / KVG_BIAS_TILE, nt = (b0 + NB - 1) / KVG_BIAS_TILE - t0 + 1;
+            kvg_block_angles_tm(&r, t0, nt, tl);
+            int same_t = 1;
+            static const uint64_t offs[] = { 0, 3, 16, 17, 38 };    /* b0 + 16 is a tile's first block */
+            static const size_t nbs[] = { 1, 5, 16, 31, 32, 33, 54 };
+            for (int oi = 0; oi < 5; oi++)
+                for (int ni = 0; ni < 7; ni++) {
+                    const uint64_t off = offs[oi];
+                    const size_t nb = nbs[ni];
+                    if (off + nb > NB)
+                        continue;
+                    CHECK_RC(kvg_block_bias_nt(&r, NQ, mup, qp, b0 + off, nb, tl, op), 0);
+                    for (int k = 0; k < NQ; k++) {
+                        float one[NB];
+                        kvg_block_bias_ref(&r, mup[k], qp[k], b0 + off, nb, NULL, 0, one);
+                        same_t &= !memcmp(one, op[k], nb * sizeof *one);
+                    }
+                }
+            CHECK_RC(kvg_block_bias_nt(&r, NQ, mup, qp, b0, NB, NULL, op), -EINVAL);
+            free(tl);
+            CHECK(same_t, "rotary %d layout %d: kvg_block_bias_nt over the tiled table gives the reference's bits", rd,
+                  lay);
             /* independently: mu masked to the unturned dims and the slow pairs, turned to the center */
             int worst = 0;
             for (int b = 0; b < NB; b++) {
