@@ -111,11 +111,7 @@ extern "C" int kvg_summary_cuda(const kvarc_rotation *rot, const float *d_x, con
     summary_kernel<<<grid, (unsigned)rot->head_dim, 0, s>>>(*rot, d_x, d_bits, d_scales, nb, (int)n, d_sum_bits,
                                                             d_sum_scales, d_bad);
     KVG_CUDA_TRY(cudaGetLastError());
-    KVG_CUDA_TRY(cudaMemcpyAsync(bad, d_bad, nb * sizeof(int), cudaMemcpyDeviceToHost, s));
-    KVG_CUDA_TRY(cudaStreamSynchronize(s));
-    for (size_t b = 0; b < nb; b++)
-        if (bad[b])
-            rc = KVARC_ENONFINITE;
+    rc = kvg_flags_back(d_bad, bad, nb, s);
 fail:
     if (d_bad)
         cudaFreeAsync(d_bad, s);

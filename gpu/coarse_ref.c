@@ -6,6 +6,26 @@
 
 #include "kvg.h"
 
+void kvg_summary_pick(const float *r, size_t n, const uint8_t *bits, const uint16_t *scales, size_t sb,
+                      uint8_t *sum_bits, uint16_t *sum_scales)
+{
+    uint64_t taken = 0;
+    for (int it = 1; it < KVG_SUM_ITEMS; it++) {
+        size_t best = n;
+        for (size_t j = 0; j < n; j++)
+            if (!(taken >> j & 1) && (best == n || r[j] > r[best]))
+                best = j;
+        if (best == n) {                      /* fewer tokens than items: the mean again */
+            memcpy(sum_bits + (size_t)it * sb, sum_bits, sb);
+            sum_scales[it] = sum_scales[0];
+            continue;
+        }
+        taken |= 1ull << best;
+        memcpy(sum_bits + (size_t)it * sb, bits + best * sb, sb);
+        sum_scales[it] = scales[best];
+    }
+}
+
 int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
                     size_t n, uint8_t *sum_bits, uint16_t *sum_scales)
 {
@@ -41,21 +61,7 @@ int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bi
         if (!isfinite(r[j]))
             return KVARC_ENONFINITE;
     }
-    uint64_t taken = 0;
-    for (int it = 1; it < KVG_SUM_ITEMS; it++) {
-        size_t best = n;
-        for (size_t j = 0; j < n; j++)
-            if (!(taken >> j & 1) && (best == n || r[j] > r[best]))
-                best = j;
-        if (best == n) {                      /* fewer tokens than items: the mean again */
-            memcpy(sum_bits + it * sb, sum_bits, sb);
-            sum_scales[it] = sum_scales[0];
-            continue;
-        }
-        taken |= 1ull << best;
-        memcpy(sum_bits + it * sb, bits + best * sb, sb);
-        sum_scales[it] = scales[best];
-    }
+    kvg_summary_pick(r, n, bits, scales, sb, sum_bits, sum_scales);
     return 0;
 }
 

@@ -487,21 +487,7 @@ int LANES_FN(summary)(const kvarc_rotation *rot, const float *x, const uint8_t *
             r[t0 + (size_t)l] = s.u.t[0][l];
         }
     }
-    uint64_t taken = 0;
-    for (int it = 1; it < KVG_SUM_ITEMS; it++) {
-        size_t best = n;
-        for (size_t j = 0; j < n; j++)
-            if (!(taken >> j & 1) && (best == n || r[j] > r[best]))
-                best = j;
-        if (best == n) {                      /* fewer tokens than items: the mean again */
-            memcpy(sum_bits + (size_t)it * sb, sum_bits, sb);
-            sum_scales[it] = sum_scales[0];
-            continue;
-        }
-        taken |= 1ull << best;
-        memcpy(sum_bits + (size_t)it * sb, bits + best * sb, sb);
-        sum_scales[it] = scales[best];
-    }
+    kvg_summary_pick(r, n, bits, scales, sb, sum_bits, sum_scales);
     return 0;
 }
 

@@ -67,4 +67,19 @@ __device__ __forceinline__ void kvg_fwht(float *t, int d)
 
 static inline cudaStream_t kvg_stream(void *s) { return (cudaStream_t)s; }
 
+/* The per-item failure flags a kernel set, d_bad[n] (device), back into
+ * bad[n] after the stream's work: KVARC_ENONFINITE if any is set, 0 if
+ * none, -EIO (said on stderr) if the copy failed. */
+static inline int kvg_flags_back(const int *d_bad, int *bad, size_t n, cudaStream_t s)
+{
+    int rc = 0;
+    KVG_CUDA_TRY(cudaMemcpyAsync(bad, d_bad, n * sizeof(int), cudaMemcpyDeviceToHost, s));
+    KVG_CUDA_TRY(cudaStreamSynchronize(s));
+    for (size_t j = 0; j < n; j++)
+        if (bad[j])
+            rc = KVARC_ENONFINITE;
+fail:
+    return rc;
+}
+
 #endif

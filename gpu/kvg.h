@@ -254,6 +254,10 @@ long kvg_plane_topk(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, 
  * KVARC_ENONFINITE (x, or a distance that overflows fp32). */
 int kvg_summary_ref(const kvarc_rotation *rot, const float *x, const uint8_t *bits, const uint16_t *scales,
                     size_t n, uint8_t *sum_bits, uint16_t *sum_scales);
+/* Items 1.. from the tokens' whitened distances r[n] (item 0 already in
+ * sum_bits / sum_scales): the rule above, shared by every build. */
+void kvg_summary_pick(const float *r, size_t n, const uint8_t *bits, const uint16_t *scales, size_t sb,
+                      uint8_t *sum_bits, uint16_t *sum_scales);
 /* The same bits through the codec's lanes (codec_simd.c: the means and
  * variances many dimensions a vector, the distances many tokens a vector;
  * the build chosen as kvg_encode's), or through isa (-ENOTSUP where the

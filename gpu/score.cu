@@ -188,6 +188,19 @@ fail:
     return rc;
 }
 
+/* The checks kvg_score_pos_cuda and kvg_score_items_cuda share: a
+ * negative code, 1 (nothing to score) or 0. */
+static int score_args(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q, const uint8_t *d_bits,
+                      const uint16_t *d_scale, size_t n, const float *d_scores)
+{
+    int rc = kvg_score_check(mode, comb, qs, n_q);
+    if (rc)
+        return rc;
+    if (n == 0)
+        return 1;
+    return !d_bits || !d_scores || (mode == KVG_SCORE_ASYM && !d_scale) ? -EINVAL : 0;
+}
+
 extern "C" int kvg_score_cuda(kvg_score_mode mode, kvg_combine comb, const kvg_query *qs, int n_q,
                               const uint8_t *d_sig_bits, const uint16_t *d_sig_scale, size_t n,
                               float *d_scores, void *stream)
@@ -200,13 +213,9 @@ extern "C" int kvg_score_pos_cuda(kvg_score_mode mode, kvg_combine comb, const k
                                   uint64_t first_pos, const float *d_blk_bias, size_t nblk, float *d_scores,
                                   void *stream)
 {
-    int rc = kvg_score_check(mode, comb, qs, n_q);
+    int rc = score_args(mode, comb, qs, n_q, d_sig_bits, d_sig_scale, n, d_scores);
     if (rc)
-        return rc;
-    if (n == 0)
-        return 0;
-    if (!d_sig_bits || !d_scores || (mode == KVG_SCORE_ASYM && !d_sig_scale))
-        return -EINVAL;
+        return rc > 0 ? 0 : rc;
     if (d_blk_bias && nblk < kvg_blocks_of(first_pos, n))
         return -EINVAL;
     return launch(mode, comb, qs, n_q, d_sig_bits, d_sig_scale, n, (unsigned)(first_pos % KVG_SIG_BLOCK),
@@ -218,13 +227,9 @@ extern "C" int kvg_score_items_cuda(kvg_score_mode mode, kvg_combine comb, const
                                     const float *d_item_bias, size_t per_bias, size_t bias_stride,
                                     float *d_scores, void *stream)
 {
-    int rc = kvg_score_check(mode, comb, qs, n_q);
+    int rc = score_args(mode, comb, qs, n_q, d_sig_bits, d_sig_scale, n, d_scores);
     if (rc)
-        return rc;
-    if (n == 0)
-        return 0;
-    if (!d_sig_bits || !d_scores || (mode == KVG_SCORE_ASYM && !d_sig_scale))
-        return -EINVAL;
+        return rc > 0 ? 0 : rc;
     if (d_item_bias && (per_bias < 1 || bias_stride < (n + per_bias - 1) / per_bias))
         return -EINVAL;
     return launch(mode, comb, qs, n_q, d_sig_bits, d_sig_scale, n, 0, d_item_bias ? per_bias : 1, NULL, 0, 0,
@@ -319,11 +324,7 @@ extern "C" int kvg_query_prep_cuda(const kvarc_rotation *rot, const float *d_mu_
     KVG_CUDA_TRY(cudaMemsetAsync(d_out, 0, n * sizeof(kvg_query), s));
     query_prep_kernel<<<(unsigned)n, (unsigned)rot->head_dim, 0, s>>>(*rot, d_mu_k, (int)dt, d_q, d_out, d_bad);
     KVG_CUDA_TRY(cudaGetLastError());
-    KVG_CUDA_TRY(cudaMemcpyAsync(bad, d_bad, n * sizeof(int), cudaMemcpyDeviceToHost, s));
-    KVG_CUDA_TRY(cudaStreamSynchronize(s));
-    for (size_t j = 0; j < n; j++)
-        if (bad[j])
-            rc = KVARC_ENONFINITE;
+    rc = kvg_flags_back(d_bad, bad, n, s);
 fail:
     if (d_bad)
         cudaFreeAsync(d_bad, s);
