@@ -308,8 +308,11 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         return kl_fail(cv, -EINVAL, "attend of %u queries on layer %u: 1..max_chunk (%u) queries, and the chunk's "
                        "tokens appended first (the layer has %llu)", n_q, layer, cv->o.max_chunk,
                        (unsigned long long)y->len);
+    int rc = kl_drain(cv);                /* kvarcd holds every block this conversation counts as archived */
+    if (rc)
+        return rc;
     kl_step s;
-    int rc = step_of(cv, layer, n_q, &s);
+    rc = step_of(cv, layer, n_q, &s);
     const size_t H = s.H, QH = s.QH, d = s.d, kret = s.kret;
     if (!rc && s.cold && y->archived < s.hot_lo && (rc = kl_flush(cv, layer)))   /* invariant 3 makes this rare */
         return rc;

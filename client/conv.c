@@ -20,6 +20,16 @@
  * ring would overwrite an unarchived token (invariant 2), when attend
  * needs its cold tokens (invariant 3), or while it has re-fed tokens to
  * check; with append_together = 0 every layer's batch is its own Append.
+ * append_together = 2 pipelines the AppendMany: kl_flush_all encodes the
+ * new batch while the last one's commit is in flight, waits for that
+ * answer (kl_drain), then keeps the new blocks as archived at once
+ * (flush_keep: `archived` moves, the mirror and summaries take them) and
+ * starts their AppendMany (kvc_call_start) without waiting. Every call
+ * that sends to or reads from kvarcd for this conversation (kl_flush,
+ * kvarc_attend, sync, so fork and close) drains first, so kvarcd always
+ * holds what a later call relies on, and calls on a conversation stay in
+ * order. A refused AppendMany leaves the handle ahead of kvarcd: it is
+ * marked broken and every later drain fails, naming the cause.
  *
  * Taking over from a dead writer (kvarc_conv_attach). Layers are archived
  * by separate Appends (or AppendMany blocks that kvarcd stores or refuses
@@ -134,6 +144,9 @@ static void conv_free(kvarc_conv *cv)
     free(cv->bcs);
     free(cv->means);
     free(cv->last_ret);
+    if (cv->inflight)                      /* a close that failed before waiting: wait, drop the answer */
+        kvc_call_finish(cv->inflight, &kvarc__v1__append_many_reply__descriptor, NULL, NULL, 0);
+    free(cv->inflight_layer);
     free(cv->ang);
     free(cv->ang_pos);
     kl_cache_free(&cv->cache);
@@ -168,9 +181,10 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
                  KVARC_THREADS_MAX);
         return -EINVAL;
     }
-    if (o->append_together != 0 && o->append_together != 1) {
-        snprintf(c->err, sizeof c->err, "bad options: append_together %d; 0 (an Append per layer) or 1 (every "
-                 "layer's batch in one AppendMany)", o->append_together);
+    if (o->append_together < 0 || o->append_together > 2) {
+        snprintf(c->err, sizeof c->err, "bad options: append_together %d; 0 (an Append per layer), 1 (every "
+                 "layer's batch in one AppendMany) or 2 (the same, one AppendMany in flight while the writer goes "
+                 "on)", o->append_together);
         return -EINVAL;
     }
     if (o->fast_tier != 0 && o->fast_tier != 1) {
@@ -227,9 +241,10 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     }
     cv->means = calloc(L * H * 2 * d, sizeof *cv->means);
     cv->last_ret = calloc(H * (size_t)o->top_k + 1, sizeof *cv->last_ret);
+    cv->inflight_layer = malloc(L * sizeof *cv->inflight_layer);
     cv->ang = malloc(KL_ANG_SLOTS * d * sizeof *cv->ang);
     cv->ang_pos = malloc(KL_ANG_SLOTS * sizeof *cv->ang_pos);
-    if (!cv->last_ret || !cv->ang || !cv->ang_pos)
+    if (!cv->last_ret || !cv->inflight_layer || !cv->ang || !cv->ang_pos)
         goto oom;
     memset(cv->ang_pos, 0xff, KL_ANG_SLOTS * sizeof *cv->ang_pos);   /* UINT64_MAX: no position */
     cv->layers = calloc(L, sizeof *cv->layers);
@@ -784,7 +799,24 @@ int kl_flush_all(kvarc_conv *cv)
             np++;
         }
     }
-    if (!rc && np) {
+    if (!rc && np && cv->o.append_together == 2) {
+        /* pipelined: the last batch's answer (its commit overlapped this batch's encoding), then this
+         * batch kept as archived and sent, its answer waited for by the next call that needs it */
+        Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
+        r.conv = cv->id;
+        r.n_blocks = np;
+        r.blocks = rp;
+        if (!(rc = kl_drain(cv))) {
+            int st = kvc_call_start(cv->cl->conn, "AppendMany", &r.base, 0, &cv->inflight);
+            if (st)
+                rc = kl_fail(cv, kl_rc_of_status(st), "sending AppendMany: %s", kvc_status_name(st));
+            for (size_t i = 0; !rc && i < np; i++) {
+                cv->inflight_layer[i] = p[i].layer;
+                rc = flush_keep(cv, &p[i]);
+            }
+            cv->inflight_n = np;
+        }
+    } else if (!rc && np) {
         Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
         r.conv = cv->id;
         r.n_blocks = np;
@@ -820,10 +852,41 @@ int kl_flush_all(kvarc_conv *cv)
     return rc;
 }
 
+int kl_drain(kvarc_conv *cv)
+{
+    if (cv->broken)
+        return kl_fail(cv, cv->broken, "an earlier AppendMany (sent while the writer went on) failed: %s; this "
+                       "conversation no longer matches kvarcd: attach it again", cv->broken_msg);
+    if (!cv->inflight)
+        return 0;
+    int64_t t0 = kl_now_ns();
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call_finish(cv->inflight, &kvarc__v1__append_many_reply__descriptor, &rep, cv->err,
+                             sizeof cv->err);
+    cv->inflight = NULL;
+    int rc = st ? kl_rc_of_status(st) : 0;
+    if (!st) {
+        Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
+        if (am->n_results != cv->inflight_n)
+            rc = kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks", am->n_results, cv->inflight_n);
+        for (size_t i = 0; !rc && i < cv->inflight_n; i++)
+            if (am->results[i]->status)
+                rc = kl_fail(cv, kl_rc_of_status((int)am->results[i]->status), "append to layer %u: %s",
+                             cv->inflight_layer[i], am->results[i]->message);
+        protobuf_c_message_free_unpacked(rep, NULL);
+    }
+    cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
+    if (rc) {
+        cv->broken = rc;
+        snprintf(cv->broken_msg, sizeof cv->broken_msg, "%s", cv->err);
+    }
+    return rc;
+}
+
 int kl_flush(kvarc_conv *cv, uint32_t layer)
 {
     kl_layer *y = &cv->layers[layer];
-    int rc = 0;
+    int rc = kl_drain(cv);                /* one call at a time on the conversation's layers */
     while (!rc && y->archived < y->len) {
         int held = y->archived < y->inherited;
         uint64_t end = held && y->inherited < y->len ? y->inherited : y->len;
@@ -941,8 +1004,10 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
 
 int kvarc_conv_sync(kvarc_conv *cv)
 {
-    if (cv->o.append_together && cv->m.n_layers > 1)
-        return kl_flush_all(cv);
+    if (cv->o.append_together && cv->m.n_layers > 1) {
+        int rc = kl_flush_all(cv);
+        return rc ? rc : kl_drain(cv);
+    }
     for (uint32_t l = 0; l < cv->m.n_layers; l++) {
         int rc = kl_flush(cv, l);
         if (rc)

@@ -139,7 +139,15 @@ typedef struct kvarc_options {
                                    has re-fed tokens to check after an attach is sent alone. 0: each
                                    layer's batch is one Append as it fills (a writer that dies then
                                    leaves layers of different lengths more often; attach handles
-                                   both). 0 or 1, else -EINVAL */
+                                   both). 2: as 1, and the AppendMany stays in flight while the
+                                   writer goes on (encoding the next batch as kvarcd commits this
+                                   one: ~1.2x the archiving rate, README); a batch is then durable
+                                   when the call that sends the next one returns, or at
+                                   kvarc_conv_sync, kvarc_attend, kvarc_fork or close (each waits
+                                   for it first), not when the call that filled it returns. If
+                                   kvarcd refuses it, that waiting call fails, and so does every
+                                   later one (the handle counted the batch as archived): attach
+                                   again. 0, 1 or 2, else -EINVAL */
     float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same
@@ -196,7 +204,8 @@ const char *kvarc_errmsg(const kvarc_conv *cv);
  * dtype (KVARC_DTYPE_F16/BF16/F32), pre-RoPE. Every layer must be given the
  * same tokens; positions continue from the layer's length. Tokens are
  * encoded and archived in batches of o.batch (each batch durable when the
- * call that completes it returns). */
+ * call that completes it returns; with append_together 2, when the next
+ * call that waits for kvarcd returns). */
 int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n);
 
 /* Attention of the layer's last n_q appended tokens (a decode step: 1; a

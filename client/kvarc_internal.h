@@ -250,6 +250,11 @@ struct kvarc_conv {
     kl_gpu        *gpu;          /* stage 1 and attention on the device, or NULL */
     kl_s1_lanes    lanes;        /* stage 1's per-thread scratch (stage1.c) */
     kl_ax          ax;           /* kvarc_attend's work space (attend.c) */
+    kvc_pending   *inflight;     /* append_together 2: the AppendMany in flight, or NULL (conv.c) */
+    uint32_t      *inflight_layer; /* [n_layers] the layer of each of its blocks */
+    size_t         inflight_n;   /* its blocks */
+    int            broken;       /* a pipelined AppendMany failed: its code, returned from then on */
+    char           broken_msg[512];
     double        *ang;          /* [KL_ANG_SLOTS][d] RoPE angles of recent positions (conv.c), or NULL */
     uint64_t      *ang_pos;      /* [KL_ANG_SLOTS] the position each slot holds (UINT64_MAX: none) */
     char           err[512];
@@ -281,6 +286,11 @@ int  kl_flush(kvarc_conv *cv, uint32_t layer);
  * (one durable commit in kvarcd); the first refusal is the error, what
  * was stored is kept. */
 int  kl_flush_all(kvarc_conv *cv);
+/* append_together 2: wait for the AppendMany in flight (if any) and check
+ * its answer; every call that sends to or reads from kvarcd comes after
+ * it. 0, or its error (and the same error from then on: the conversation
+ * kept its blocks as archived when it sent them). */
+int  kl_drain(kvarc_conv *cv);
 /* The block angles of blocks [0, nb), nb >= 1, tiled
  * (kvg_block_angles_tm: cv->bcs_n blocks, grown by tiles as needed); NULL
  * when out of memory. */

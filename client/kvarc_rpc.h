@@ -1,4 +1,5 @@
-/* kvarc_rpc.h - the C client transport to kvarcd (blocking unary calls).
+/* kvarc_rpc.h - the C client transport to kvarcd (unary calls, blocking or
+ * in two halves; streams).
  *
  * Used by libkvarc, the kvarc CLI and the tests. One kvc_conn holds one
  * gRPC channel; calls on it are thread-safe (each call has its own
@@ -46,6 +47,17 @@ int  kvc_connect_opts(const char *target, const kvc_options *o, kvc_conn **out, 
 int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
              const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
              int timeout_ms, char *msg, size_t msglen);
+
+/* kvc_call in two halves, so that the caller can work while it is in
+ * flight: start packs and sends the request (0, or a status with *out
+ * NULL); finish waits for the reply and status (decoded as kvc_call
+ * decodes them) and frees the pending call; every started call must be
+ * finished. */
+typedef struct kvc_pending kvc_pending;
+int kvc_call_start(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
+                   kvc_pending **out);
+int kvc_call_finish(kvc_pending *pc, const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+                    char *msg, size_t msglen);
 
 /* The same with raw request bytes and the raw reply bytes (malloc'ed into
  * *out, *out_len), for tests of malformed input. */

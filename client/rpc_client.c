@@ -152,50 +152,72 @@ const char *kvc_status_name(int code)
     return code >= 0 && code <= 16 ? names[code] : "?";
 }
 
-int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, uint8_t **out,
-                 size_t *out_len, int timeout_ms, char *msg, size_t msglen)
+/* A unary call in flight: its queue, call, buffers and status fields. */
+struct kvc_pending {
+    grpc_completion_queue *cq;
+    grpc_call             *call;
+    grpc_byte_buffer      *send, *recv;
+    grpc_metadata_array    init_md, trail_md;
+    grpc_status_code       status;
+    grpc_slice             details;
+    const char            *error_string;
+    int                    tag;
+};
+
+/* Start a unary call with the request bytes (copied): its whole batch is
+ * queued, nothing waited for. NULL only when out of memory. */
+static kvc_pending *call_start(kvc_conn *c, const char *method, const void *req, size_t len, int timeout_ms)
 {
+    kvc_pending *pc = calloc(1, sizeof *pc);
+    if (!pc)
+        return NULL;
     char path[128];
     snprintf(path, sizeof path, "/kvarc.v1.Kvarc/%s", method);
-    grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+    pc->cq = grpc_completion_queue_create_for_pluck(NULL);
     gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(timeout_ms > 0 ? timeout_ms : 30000, GPR_TIMESPAN));
     grpc_slice mslice = grpc_slice_from_copied_string(path);
-    grpc_call *call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, mslice, NULL,
-                                               deadline, NULL);
+    pc->call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, pc->cq, mslice, NULL, deadline, NULL);
     grpc_slice_unref(mslice);
     grpc_slice body = grpc_slice_from_copied_buffer(req, len);
-    grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&body, 1), *recv = NULL;
+    pc->send = grpc_raw_byte_buffer_create(&body, 1);
     grpc_slice_unref(body);
-    grpc_metadata_array init_md, trail_md;
-    grpc_metadata_array_init(&init_md);
-    grpc_metadata_array_init(&trail_md);
-    grpc_status_code status = GRPC_STATUS_UNKNOWN;
-    grpc_slice details = grpc_empty_slice();
-    const char *error_string = NULL;
+    grpc_metadata_array_init(&pc->init_md);
+    grpc_metadata_array_init(&pc->trail_md);
+    pc->status = GRPC_STATUS_UNKNOWN;
+    pc->details = grpc_empty_slice();
     grpc_op ops[6];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
     set_auth(c, &ops[0]);
     ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send;
+    ops[1].data.send_message.send_message = pc->send;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
     ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &init_md;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &pc->init_md;
     ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv;
+    ops[4].data.recv_message.recv_message = &pc->recv;
     ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &trail_md;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &details;
-    ops[5].data.recv_status_on_client.error_string = &error_string;
-    int tag;
-    if (grpc_call_start_batch(call, ops, 6, &tag, NULL) == GRPC_CALL_OK)
-        grpc_completion_queue_pluck(cq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    else
-        status = GRPC_STATUS_INTERNAL;
+    ops[5].data.recv_status_on_client.trailing_metadata = &pc->trail_md;
+    ops[5].data.recv_status_on_client.status = &pc->status;
+    ops[5].data.recv_status_on_client.status_details = &pc->details;
+    ops[5].data.recv_status_on_client.error_string = &pc->error_string;
+    if (grpc_call_start_batch(pc->call, ops, 6, &pc->tag, NULL) != GRPC_CALL_OK) {
+        pc->status = GRPC_STATUS_INTERNAL;
+        pc->tag = -1;                     /* nothing to wait for */
+    }
+    return pc;
+}
+
+/* Wait for pc, take its reply bytes (malloc'ed into *out, *out_len, when
+ * out is given) and free it. The status. */
+static int call_wait(kvc_pending *pc, uint8_t **out, size_t *out_len, char *msg, size_t msglen)
+{
+    if (pc->tag != -1)
+        grpc_completion_queue_pluck(pc->cq, &pc->tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    grpc_status_code status = pc->status;
     if (msg && msglen) {
-        char *d = grpc_slice_to_c_string(details);
+        char *d = grpc_slice_to_c_string(pc->details);
         snprintf(msg, msglen, "%s", d && *d ? d : status ? kvc_status_name(status) : "");
         gpr_free(d);
     }
@@ -203,9 +225,9 @@ int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, u
         *out = NULL;
         *out_len = 0;
     }
-    if (status == GRPC_STATUS_OK && recv && out) {
+    if (status == GRPC_STATUS_OK && pc->recv && out) {
         grpc_byte_buffer_reader rd;
-        if (grpc_byte_buffer_reader_init(&rd, recv)) {
+        if (grpc_byte_buffer_reader_init(&rd, pc->recv)) {
             grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
             grpc_byte_buffer_reader_destroy(&rd);
             *out_len = GRPC_SLICE_LENGTH(all);
@@ -217,21 +239,63 @@ int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, u
             grpc_slice_unref(all);
         }
     }
-    if (error_string)
-        gpr_free((void *)error_string);
-    grpc_slice_unref(details);
-    grpc_metadata_array_destroy(&init_md);
-    grpc_metadata_array_destroy(&trail_md);
-    grpc_byte_buffer_destroy(send);
-    if (recv)
-        grpc_byte_buffer_destroy(recv);
-    grpc_call_unref(call);
-    grpc_completion_queue_shutdown(cq);
-    while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+    if (pc->error_string)
+        gpr_free((void *)pc->error_string);
+    grpc_slice_unref(pc->details);
+    grpc_metadata_array_destroy(&pc->init_md);
+    grpc_metadata_array_destroy(&pc->trail_md);
+    grpc_byte_buffer_destroy(pc->send);
+    if (pc->recv)
+        grpc_byte_buffer_destroy(pc->recv);
+    grpc_call_unref(pc->call);
+    grpc_completion_queue_shutdown(pc->cq);
+    while (grpc_completion_queue_pluck(pc->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
            GRPC_QUEUE_SHUTDOWN)
         ;
-    grpc_completion_queue_destroy(cq);
+    grpc_completion_queue_destroy(pc->cq);
+    free(pc);
     return (int)status;
+}
+
+int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, uint8_t **out,
+                 size_t *out_len, int timeout_ms, char *msg, size_t msglen)
+{
+    kvc_pending *pc = call_start(c, method, req, len, timeout_ms);
+    if (!pc)
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    return call_wait(pc, out, out_len, msg, msglen);
+}
+
+int kvc_call_start(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
+                   kvc_pending **out)
+{
+    size_t n = protobuf_c_message_get_packed_size(req);
+    uint8_t *buf = malloc(n ? n : 1);
+    *out = NULL;
+    if (!buf)
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    protobuf_c_message_pack(req, buf);
+    *out = call_start(c, method, buf, n, timeout_ms);
+    free(buf);
+    return *out ? 0 : GRPC_STATUS_RESOURCE_EXHAUSTED;
+}
+
+int kvc_call_finish(kvc_pending *pc, const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+                    char *msg, size_t msglen)
+{
+    uint8_t *out = NULL;
+    size_t out_len = 0;
+    int st = call_wait(pc, reply ? &out : NULL, &out_len, msg, msglen);
+    if (st == 0 && reply) {
+        *reply = protobuf_c_message_unpack(reply_desc, NULL, out_len, out);
+        if (!*reply) {
+            st = GRPC_STATUS_INTERNAL;
+            if (msg)
+                snprintf(msg, msglen, "reply to a pending call did not decode");
+        }
+    }
+    free(out);
+    return st;
 }
 
 int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,

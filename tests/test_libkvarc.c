@@ -490,27 +490,36 @@ int main(void)
     {   /* append_together: the layers' batches go in one AppendMany when the last layer fills its
          * batch (and at sync): the same records stored and the same attention bits as an Append per
          * layer, token by token and in a chunk; AppendMany refuses a bad block alone */
-        kvarc_options ot = o, obad = o;
+        kvarc_options ot = o, obad = o, op = o;
         ot.append_together = 1;
-        obad.append_together = 2;
-        kvarc_conv *ta = NULL, *tb = NULL, *tx = NULL;
+        op.append_together = 2;                 /* pipelined: one AppendMany in flight */
+        obad.append_together = 3;
+        kvarc_conv *ta = NULL, *tb = NULL, *tx = NULL, *tp = NULL;
         CHECK_RC(kvarc_conv_create(cl, "lib", "bad-together", &m, &obad, NULL, &tx), -EINVAL);
         CHECK(strstr(kvarc_client_errmsg(cl), "append_together") != NULL, "the refusal names append_together: %s",
               kvarc_client_errmsg(cl));
         CHECK_RC(kvarc_conv_create(cl, "lib", "together", &m, &ot, NULL, &ta), 0);
         CHECK_RC(kvarc_conv_create(cl, "lib", "apart", &m, &o, NULL, &tb), 0);
-        int same = ta && tb, t = 0;
-        float oa[QH * D], ob[QH * D];
+        CHECK_RC(kvarc_conv_create(cl, "lib", "pipelined", &m, &op, NULL, &tp), 0);
+        int same = ta && tb && tp, t = 0;
+        float oa[QH * D], ob[QH * D], opp[QH * D];
         for (; same && t < 150; t++) {          /* decode-shaped: every layer, token by token */
             CHECK_RC(append_tokens(ta, t, 1), 0);
             CHECK_RC(append_tokens(tb, t, 1), 0);
+            CHECK_RC(append_tokens(tp, t, 1), 0);
             if (t % 37 == 36)
                 for (int l = 0; l < L; l++) {
                     CHECK_RC(attend_step(ta, l, t, oa), 0);
                     CHECK_RC(attend_step(tb, l, t, ob), 0);
-                    same &= !memcmp(oa, ob, sizeof oa);
+                    CHECK_RC(attend_step(tp, l, t, opp), 0);
+                    same &= !memcmp(oa, ob, sizeof oa) && !memcmp(opp, ob, sizeof opp);
                 }
         }
+        kvarc_stats sp;
+        if (tp)
+            kvarc_conv_stats(tp, &sp);
+        CHECK(tp && sp.archived == (uint64_t)L * (150 / 16 * 16), "pipelined: every full batch counted as archived "
+              "when sent (%llu)", tp ? (unsigned long long)sp.archived : 0ull);
         kvarc_stats sa;
         if (ta)
             kvarc_conv_stats(ta, &sa);
@@ -519,19 +528,22 @@ int main(void)
         if (same) {                              /* a chunk of 40 (prefill-shaped), then sync */
             CHECK_RC(append_tokens(ta, 150, 40), 0);
             CHECK_RC(append_tokens(tb, 150, 40), 0);
+            CHECK_RC(append_tokens(tp, 150, 40), 0);
             for (int l = 0; l < L; l++) {
                 CHECK_RC(attend_step(ta, l, 189, oa), 0);
                 CHECK_RC(attend_step(tb, l, 189, ob), 0);
-                same &= !memcmp(oa, ob, sizeof oa);
+                CHECK_RC(attend_step(tp, l, 189, opp), 0);
+                same &= !memcmp(oa, ob, sizeof oa) && !memcmp(opp, ob, sizeof opp);
             }
             CHECK_RC(kvarc_conv_sync(ta), 0);
             CHECK_RC(kvarc_conv_sync(tb), 0);
+            CHECK_RC(kvarc_conv_sync(tp), 0);
         }
-        CHECK(same, "together: the attention bits of an Append per layer");
+        CHECK(same, "together and pipelined: the attention bits of an Append per layer");
         kvc_conn *k;
         char msg[256];
         CHECK_RC(kvc_connect(dir, &k), 0);
-        uint64_t ida = conv_id(k, "together"), idb = conv_id(k, "apart");
+        uint64_t ida = conv_id(k, "together"), idb = conv_id(k, "apart"), idp = conv_id(k, "pipelined");
         static uint64_t pos[190];
         for (int i = 0; i < 190; i++)
             pos[i] = (uint64_t)i;
@@ -553,10 +565,36 @@ int main(void)
                                !memcmp(fa->records.data, fb->records.data, fa->records.len);
                 if (ra)
                     protobuf_c_message_free_unpacked(ra, NULL);
+                ra = NULL;
+                fr.conv = idp;
+                int s3 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg, sizeof msg);
+                fa = (Kvarc__V1__FetchReply *)ra;
+                stored_same &= !s2 && !s3 && fa->records.len == fb->records.len &&
+                               !memcmp(fa->records.data, fb->records.data, fa->records.len);
+                if (ra)
+                    protobuf_c_message_free_unpacked(ra, NULL);
                 if (rbp)
                     protobuf_c_message_free_unpacked(rbp, NULL);
             }
-        CHECK(stored_same, "together: kvarcd holds the same 190 records of every layer and head");
+        CHECK(stored_same, "together and pipelined: kvarcd holds the same 190 records of every layer and head");
+        /* pipelined, refused: a second handle on the same conversation appends first, so the pipelined
+         * writer's AppendMany in flight is refused; the writer learns it at its next call that waits
+         * (sync), and every later call says so, naming the cause */
+        if (tp) {
+            kvarc_conv *tq = NULL;
+            CHECK_RC(kvarc_conv_attach(cl, "lib", "pipelined", &m, &o, &tq), 0);
+            if (tq) {
+                CHECK_RC(append_tokens(tq, 190, 16), 0);      /* an Append per layer, stored at once */
+                kvarc_conv_close(tq);
+            }
+            int rc1 = append_tokens(tp, 190, 16);             /* sent in flight: refused by kvarcd */
+            int rc2 = rc1 ? rc1 : kvarc_conv_sync(tp);
+            CHECK(rc2 != 0, "the pipelined writer's refused AppendMany fails its next waiting call");
+            float ox[QH * D];
+            int rc3 = attend_step(tp, 0, 205, ox);
+            CHECK(rc3 != 0 && strstr(kvarc_errmsg(tp), "attach it again") != NULL, "and every later call: %d %s",
+                  rc3, kvarc_errmsg(tp));
+        }
         /* the grouping itself: 64 tokens of both layers, token by token, batches of 16: 8 blocks in 4
          * durable commits (kvarcd's counters; nothing else writes meanwhile) */
         {
@@ -630,6 +668,8 @@ int main(void)
             kvarc_conv_close(ta);
         if (tb)
             kvarc_conv_close(tb);
+        if (tp)
+            kvarc_conv_close(tp);
     }
     {   /* a conversation archived before kind-2 signatures (true positions, position-free
          * signatures: kind 0, written above as an older kvarcd stored it) is refused by attach

@@ -1,7 +1,7 @@
 /* bench-archive - archiving through libkvarc and kvarcd (encode + durable
  * Append) against the raw disk, one run.
  *
- *   bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W] [--together 0,1]
+ *   bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W] [--together 0,1,2]
  *
  * Model: L layers (default 8) x 8 KV heads x 32 query heads x head_dim 128,
  * RoPE on every dimension (theta 500000), true positions, q3, batch 64:
@@ -12,8 +12,10 @@
  * and batch, or with --together 1 (kvarc_options.append_together) one
  * AppendMany of every layer's batch when the last layer fills it), then
  * kvarc_conv_sync. kvarcd runs on a unix socket on the same cores, its
- * data directory on the benchmark's disk. Default: both settings, one
- * after the other, each with fresh conversations.
+ * data directory on the benchmark's disk. --together 2: the same
+ * AppendMany, in flight while the writer encodes its next batch
+ * (append_together = 2). Default: 0, 1 and 2, one after the other, each
+ * with fresh conversations.
  * Baseline, same run, same directory: one pwrite + fdatasync per block of
  * the bytes one Append stores (64 tokens x 8 heads x (a 104-byte record +
  * an 18-byte signature) + the block summaries), as many blocks as the
@@ -96,7 +98,7 @@ static void *write_main(void *arg)
 int main(int argc, char **argv)
 {
     const char *kvarcd = NULL;
-    int layers = 8, writers = 2, tg[2] = { 0, 1 }, ntg = 2;
+    int layers = 8, writers = 2, tg[3] = { 0, 1, 2 }, ntg = 3;
     uint64_t tokens = 16384;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--kvarcd") && i + 1 < argc)
@@ -108,17 +110,19 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--writers") && i + 1 < argc)
             writers = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--together") && i + 1 < argc) {
-            const char *f = argv[++i];
-            if (!strcmp(f, "0") || !strcmp(f, "1")) {
-                ntg = 1;
-                tg[0] = f[0] - '0';
-            } else if (strcmp(f, "0,1")) {
-                die("usage", "--together 0 | 1 | 0,1");
+            const char *f = argv[++i];             /* a list of 0, 1, 2 */
+            ntg = 0;
+            for (const char *c = f; *c; c += c[1] == ',' ? 2 : 1) {
+                if (*c < '0' || *c > '2' || ntg == 3 || (c[1] && c[1] != ','))
+                    die("usage", "--together takes a list of 0, 1 and 2 (e.g. 0,1,2)");
+                tg[ntg++] = *c - '0';
             }
+            if (!ntg)
+                die("usage", "--together takes a list of 0, 1 and 2 (e.g. 0,1,2)");
         }
         else {
             fprintf(stderr, "usage: bench-archive [--kvarcd PATH] [--layers L] [--tokens N] [--writers W] "
-                            "[--together 0,1]\n");
+                            "[--together 0,1,2]\n");
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
     }
@@ -191,8 +195,9 @@ int main(int argc, char **argv)
                 die("writer", w[i].err);
             ns_archive += (double)w[i].st.ns_archive;
         }
-        printf("  libkvarc -> kvarcd, %-24s %14.0f %9.1f   %.3fx\n", tg[run] ? "layers together (1)" :
-               "an Append per layer (0)", toks / t_all * layers / 32.0, mb / t_all, t_raw / t_all);
+        static const char *what[] = { "an Append per layer (0)", "layers together (1)", "together, pipelined (2)" };
+        printf("  libkvarc -> kvarcd, %-24s %14.0f %9.1f   %.3fx\n", what[tg[run]], toks / t_all * layers / 32.0,
+               mb / t_all, t_raw / t_all);
         printf("    (archiving time inside libkvarc, all writers: %.2f s of %.2f s wall; %.2f us per record)\n",
                ns_archive * 1e-9, t_all, ns_archive * 1e-3 / (toks * layers * H));
         fflush(stdout);
