@@ -799,13 +799,13 @@ int kl_flush_all(kvarc_conv *cv)
             np++;
         }
     }
+    Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
+    r.conv = cv->id;
+    r.n_blocks = np;
+    r.blocks = rp;
     if (!rc && np && cv->o.append_together == 2) {
         /* pipelined: the last batch's answer (its commit overlapped this batch's encoding), then this
          * batch kept as archived and sent, its answer waited for by the next call that needs it */
-        Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
-        r.conv = cv->id;
-        r.n_blocks = np;
-        r.blocks = rp;
         if (!(rc = kl_drain(cv))) {
             int st = kvc_call_start(cv->cl->conn, "AppendMany", &r.base, 0, &cv->inflight);
             if (st)
@@ -817,10 +817,6 @@ int kl_flush_all(kvarc_conv *cv)
             cv->inflight_n = np;
         }
     } else if (!rc && np) {
-        Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
-        r.conv = cv->id;
-        r.n_blocks = np;
-        r.blocks = rp;
         ProtobufCMessage *rep = NULL;
         int st = kvc_call(cv->cl->conn, "AppendMany", &r.base, &kvarc__v1__append_many_reply__descriptor, &rep, 0,
                           cv->err, sizeof cv->err);
