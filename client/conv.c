@@ -242,6 +242,7 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
     cv->means = calloc(L * H * 2 * d, sizeof *cv->means);
     cv->last_ret = calloc(H * (size_t)o->top_k + 1, sizeof *cv->last_ret);
     cv->inflight_layer = malloc(L * sizeof *cv->inflight_layer);
+    cv->append_many_max = KL_APPEND_MANY_MAX;
     cv->ang = malloc(KL_ANG_SLOTS * d * sizeof *cv->ang);
     cv->ang_pos = malloc(KL_ANG_SLOTS * sizeof *cv->ang_pos);
     if (!cv->last_ret || !cv->inflight_layer || !cv->ang || !cv->ang_pos)
@@ -781,6 +782,61 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
  * range to check (after an attach) go one by one, as kl_flush does. The
  * blocks kvarcd stored are kept even when another was refused; the first
  * refusal is the error. */
+static int drain(kvarc_conv *cv, int count_time);
+
+/* One AppendMany of n blocks (p[i] as request rp[i]): waited for and kept
+ * block by block (what kvarcd stored is kept, the first refusal is the
+ * error), or with `async` (append_together 2) started after the last one
+ * in flight is answered, every block kept as archived at once, its answer
+ * left for kl_drain. */
+static int send_many(kvarc_conv *cv, kl_pend *p, Kvarc__V1__AppendRequest **rp, size_t n, int async)
+{
+    Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
+    r.conv = cv->id;
+    r.n_blocks = n;
+    r.blocks = rp;
+    int rc = drain(cv, 0);                /* kl_flush_all's own clock counts the wait */
+    if (rc)
+        return rc;
+    if (async) {
+        int st = kvc_call_start(cv->cl->conn, "AppendMany", &r.base, 0, &cv->inflight);
+        if (st)
+            return kl_fail(cv, kl_rc_of_status(st), "sending AppendMany: %s", kvc_status_name(st));
+        cv->inflight_n = n;
+        for (size_t i = 0; i < n; i++)
+            cv->inflight_layer[i] = p[i].layer;
+        for (size_t i = 0; i < n; i++) {  /* every block sent is kept: the handle must match what was sent */
+            int krc = flush_keep(cv, &p[i]);
+            rc = rc ? rc : krc;
+        }
+        if (rc) {
+            cv->broken = rc;
+            snprintf(cv->broken_msg, sizeof cv->broken_msg, "%s", cv->err);
+        }
+        return rc;
+    }
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(cv->cl->conn, "AppendMany", &r.base, &kvarc__v1__append_many_reply__descriptor, &rep, 0,
+                      cv->err, sizeof cv->err);
+    if (st)
+        return kl_rc_of_status(st);
+    Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
+    if (am->n_results != n)
+        rc = kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks", am->n_results, n);
+    for (size_t i = 0; !rc && i < n; i++) {
+        if (am->results[i]->status) {
+            if (!rc)
+                rc = kl_fail(cv, kl_rc_of_status((int)am->results[i]->status), "append to layer %u: %s",
+                             p[i].layer, am->results[i]->message);
+            continue;
+        }
+        int krc = flush_keep(cv, &p[i]);
+        rc = rc ? rc : krc;
+    }
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return rc;
+}
+
 int kl_flush_all(kvarc_conv *cv)
 {
     const uint32_t L = cv->m.n_layers;
@@ -799,45 +855,18 @@ int kl_flush_all(kvarc_conv *cv)
             np++;
         }
     }
-    Kvarc__V1__AppendManyRequest r = KVARC__V1__APPEND_MANY_REQUEST__INIT;
-    r.conv = cv->id;
-    r.n_blocks = np;
-    r.blocks = rp;
-    if (!rc && np && cv->o.append_together == 2) {
-        /* pipelined: the last batch's answer (its commit overlapped this batch's encoding), then this
-         * batch kept as archived and sent, its answer waited for by the next call that needs it */
-        if (!(rc = kl_drain(cv))) {
-            int st = kvc_call_start(cv->cl->conn, "AppendMany", &r.base, 0, &cv->inflight);
-            if (st)
-                rc = kl_fail(cv, kl_rc_of_status(st), "sending AppendMany: %s", kvc_status_name(st));
-            for (size_t i = 0; !rc && i < np; i++) {
-                cv->inflight_layer[i] = p[i].layer;
-                rc = flush_keep(cv, &p[i]);
-            }
-            cv->inflight_n = np;
+    /* in AppendMany requests of at most cv->append_many_max bytes (gRPC refuses messages over 16 MiB: a
+     * chunk of 512 tokens on 80 layers of 8 heads is 40 MB), each layer's block whole; with
+     * append_together 2 the last request stays in flight */
+    for (size_t g0 = 0, g1; !rc && g0 < np; g0 = g1) {
+        size_t bytes = protobuf_c_message_get_packed_size(&rq[g0].base);
+        for (g1 = g0 + 1; g1 < np; g1++) {
+            size_t bb = protobuf_c_message_get_packed_size(&rq[g1].base);
+            if (bytes + bb > cv->append_many_max)
+                break;
+            bytes += bb;
         }
-    } else if (!rc && np) {
-        ProtobufCMessage *rep = NULL;
-        int st = kvc_call(cv->cl->conn, "AppendMany", &r.base, &kvarc__v1__append_many_reply__descriptor, &rep, 0,
-                          cv->err, sizeof cv->err);
-        if (st) {
-            rc = kl_rc_of_status(st);
-        } else {
-            Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
-            if (am->n_results != np)
-                rc = kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks", am->n_results, np);
-            for (size_t i = 0; !rc && i < np; i++) {
-                if (am->results[i]->status) {
-                    if (!rc)
-                        rc = kl_fail(cv, kl_rc_of_status((int)am->results[i]->status), "append to layer %u: %s",
-                                     p[i].layer, am->results[i]->message);
-                    continue;
-                }
-                int krc = flush_keep(cv, &p[i]);
-                rc = rc ? rc : krc;
-            }
-            protobuf_c_message_free_unpacked(rep, NULL);
-        }
+        rc = send_many(cv, p + g0, rp + g0, g1 - g0, cv->o.append_together == 2 && g1 == np);
     }
     for (size_t i = 0; p && i < np; i++)
         pend_free(&p[i]);
@@ -848,7 +877,7 @@ int kl_flush_all(kvarc_conv *cv)
     return rc;
 }
 
-int kl_drain(kvarc_conv *cv)
+static int drain(kvarc_conv *cv, int count_time)
 {
     if (cv->broken)
         return kl_fail(cv, cv->broken, "an earlier AppendMany (sent while the writer went on) failed: %s; this "
@@ -860,7 +889,13 @@ int kl_drain(kvarc_conv *cv)
     int st = kvc_call_finish(cv->inflight, &kvarc__v1__append_many_reply__descriptor, &rep, cv->err,
                              sizeof cv->err);
     cv->inflight = NULL;
-    int rc = st ? kl_rc_of_status(st) : 0;
+    int rc = 0;
+    if (st) {
+        char why[sizeof cv->err];
+        snprintf(why, sizeof why, "%s", cv->err);
+        rc = kl_fail(cv, kl_rc_of_status(st), "an AppendMany sent while the writer went on failed (%s): %.300s; "
+                     "this conversation no longer matches kvarcd: attach it again", kvc_status_name(st), why);
+    }
     if (!st) {
         Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
         if (am->n_results != cv->inflight_n)
@@ -871,12 +906,18 @@ int kl_drain(kvarc_conv *cv)
                              cv->inflight_layer[i], am->results[i]->message);
         protobuf_c_message_free_unpacked(rep, NULL);
     }
-    cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
+    if (count_time)
+        cv->st.ns_archive += (uint64_t)(kl_now_ns() - t0);
     if (rc) {
         cv->broken = rc;
         snprintf(cv->broken_msg, sizeof cv->broken_msg, "%s", cv->err);
     }
     return rc;
+}
+
+int kl_drain(kvarc_conv *cv)
+{
+    return drain(cv, 1);
 }
 
 int kl_flush(kvarc_conv *cv, uint32_t layer)

@@ -250,6 +250,7 @@ struct kvarc_conv {
     kl_gpu        *gpu;          /* stage 1 and attention on the device, or NULL */
     kl_s1_lanes    lanes;        /* stage 1's per-thread scratch (stage1.c) */
     kl_ax          ax;           /* kvarc_attend's work space (attend.c) */
+    size_t         append_many_max; /* bytes of blocks one AppendMany carries at most (KL_APPEND_MANY_MAX) */
     kvc_pending   *inflight;     /* append_together 2: the AppendMany in flight, or NULL (conv.c) */
     uint32_t      *inflight_layer; /* [n_layers] the layer of each of its blocks */
     size_t         inflight_n;   /* its blocks */
@@ -264,6 +265,10 @@ struct kvarc_conv {
  * same positions, so a batch's angles are computed by the first layer
  * and read by the rest. */
 #define KL_ANG_SLOTS 128
+
+/* An AppendMany carries blocks of at most this many bytes (gRPC's message
+ * limit is 16 MiB); kl_flush_all sends more in several. */
+#define KL_APPEND_MANY_MAX ((size_t)12 << 20)
 
 int  kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int64_t kl_now_ns(void);

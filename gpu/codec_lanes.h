@@ -283,7 +283,7 @@ typedef struct scratch {
 /* Encode tokens [t0, t0 + m), m <= LN; 0, or 1 if the batch must go to
  * the reference. */
 AI int encode_body(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype dt, const void *k, const void *v,
-                   size_t t0, int m, uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, scratch *s)
+                   size_t t0, int m, size_t n, uint8_t *records, uint8_t *sig_bits, uint16_t *sig_scale, scratch *s)
 {
     int d = c->rot->head_dim, half = kvarc_record_half_bytes(fi->id, d);
     for (int p = 0; p < 2; p++) {
@@ -293,9 +293,12 @@ AI int encode_body(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtype 
          * batch is 16 tokens x 512 B of each at head_dim 128: the
          * hardware's prefetcher alone left encode waiting on memory) */
         const size_t es = kvarc_dtype_size(dt), row = (size_t)d * es;
-        const char *nx = (const char *)(p ? v : k) + (t0 + LN) * row;
-        for (size_t o = 0; o < (size_t)LN * row; o += 64)
-            __builtin_prefetch(nx + o);
+        if (t0 + LN < n) {                    /* only rows that are there: no pointer past the input */
+            const char *nx = (const char *)(p ? v : k) + (t0 + LN) * row;
+            const size_t nrow = n - (t0 + LN) < (size_t)LN ? n - (t0 + LN) : (size_t)LN;
+            for (size_t o = 0; o < nrow * row; o += 64)
+                __builtin_prefetch(nx + o);
+        }
         load_l(dt, p ? v : k, t0, m, d, p ? c->mu_v : c->mu_k, s->x, &bad);
         if (any_l(&bad))
             return 1;
@@ -399,7 +402,7 @@ int LANES_FN(encode)(const kvg_codec *c, const kvarc_format_info *fi, kvarc_dtyp
     scratch s;
     for (size_t t0 = 0; t0 < n; t0 += LN) {
         int m = n - t0 < LN ? (int)(n - t0) : LN;
-        if (encode_body(c, fi, dt, k, v, t0, m, records, sig_bits, sig_scale, &s)) {
+        if (encode_body(c, fi, dt, k, v, t0, m, n, records, sig_bits, sig_scale, &s)) {
             *bad_t0 = t0;
             return 1;
         }

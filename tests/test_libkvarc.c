@@ -15,6 +15,7 @@
 
 #include "kvarcd_util.h"
 #include "kvarc.h"
+#include "../client/kvarc_internal.h"
 #ifdef KVARC_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -596,10 +597,14 @@ int main(void)
                   rc3, kvarc_errmsg(tp));
         }
         /* the grouping itself: 64 tokens of both layers, token by token, batches of 16: 8 blocks in 4
-         * durable commits (kvarcd's counters; nothing else writes meanwhile) */
-        {
+         * durable commits (kvarcd's counters; nothing else writes meanwhile); then the same with
+         * AppendMany requests capped below one block's bytes (as a 12 MiB cap splits a large chunk
+         * of many layers): 8 blocks in 8 requests and 8 commits, the records an Append per layer's */
+        for (int split = 0; split < 2; split++) {
             kvarc_conv *tc = NULL;
-            CHECK_RC(kvarc_conv_create(cl, "lib", "together-2", &m, &ot, NULL, &tc), 0);
+            CHECK_RC(kvarc_conv_create(cl, "lib", split ? "together-split" : "together-2", &m, &ot, NULL, &tc), 0);
+            if (tc && split)
+                tc->append_many_max = 1;
             uint64_t ap[2] = { 0, 0 }, gc[2] = { 0, 0 };
             for (int phase = 0; phase < 2 && tc; phase++) {
                 Kvarc__V1__Empty e0 = KVARC__V1__EMPTY__INIT;
@@ -614,8 +619,36 @@ int main(void)
                 for (int tt = 0; phase == 0 && tt < 64; tt++)
                     CHECK_RC(append_tokens(tc, tt, 1), 0);
             }
-            CHECK(ap[1] - ap[0] == 8 && gc[1] - gc[0] == 4, "together: 8 blocks in %llu appends and %llu durable "
-                  "commits (want 8 and 4)", (unsigned long long)(ap[1] - ap[0]), (unsigned long long)(gc[1] - gc[0]));
+            CHECK(ap[1] - ap[0] == 8 && gc[1] - gc[0] == (split ? 8u : 4u), "together%s: 8 blocks in %llu appends "
+                  "and %llu durable commits (want 8 and %d)", split ? ", split" : "", (unsigned long long)(ap[1] - ap[0]),
+                  (unsigned long long)(gc[1] - gc[0]), split ? 8 : 4);
+            if (tc && split) {
+                uint64_t ids = conv_id(k, "together-split");
+                int eq = 1;
+                for (int l = 0; l < L; l++)
+                    for (int h = 0; h < H; h++) {
+                        ProtobufCMessage *ra = NULL, *rbp = NULL;
+                        Kvarc__V1__FetchRequest fr = KVARC__V1__FETCH_REQUEST__INIT;
+                        fr.layer = (uint32_t)l;
+                        fr.head = (uint32_t)h;
+                        fr.n_positions = 64;
+                        fr.positions = pos;
+                        fr.conv = ids;
+                        int s1 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg,
+                                          sizeof msg);
+                        fr.conv = idb;
+                        int s2 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &rbp, 0, msg,
+                                          sizeof msg);
+                        Kvarc__V1__FetchReply *fa = (Kvarc__V1__FetchReply *)ra, *fb = (Kvarc__V1__FetchReply *)rbp;
+                        eq &= !s1 && !s2 && fa->records.len == fb->records.len && fa->records.len > 0 &&
+                              !memcmp(fa->records.data, fb->records.data, fa->records.len);
+                        if (ra)
+                            protobuf_c_message_free_unpacked(ra, NULL);
+                        if (rbp)
+                            protobuf_c_message_free_unpacked(rbp, NULL);
+                    }
+                CHECK(eq, "together, split: the 64 tokens' records of every layer and head are an Append per layer's");
+            }
             if (tc)
                 kvarc_conv_close(tc);
         }
