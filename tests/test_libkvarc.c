@@ -102,6 +102,38 @@ static int append_tokens(kvarc_conv *cv, int t, int n)
     return 0;
 }
 
+/* 1 if conversations a and b store the same records of positions [0, n)
+ * of every layer and head (Fetch over the raw transport). */
+static int same_records(kvc_conn *k, uint64_t a, uint64_t b, size_t n)
+{
+    static uint64_t pos[1024];
+    char msg[256];
+    int same = n <= 1024;
+    for (size_t i = 0; same && i < n; i++)
+        pos[i] = i;
+    for (int l = 0; same && l < L; l++)
+        for (int h = 0; same && h < H; h++) {
+            ProtobufCMessage *ra = NULL, *rb = NULL;
+            Kvarc__V1__FetchRequest fr = KVARC__V1__FETCH_REQUEST__INIT;
+            fr.layer = (uint32_t)l;
+            fr.head = (uint32_t)h;
+            fr.n_positions = n;
+            fr.positions = pos;
+            fr.conv = a;
+            int s1 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg, sizeof msg);
+            fr.conv = b;
+            int s2 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &rb, 0, msg, sizeof msg);
+            Kvarc__V1__FetchReply *fa = (Kvarc__V1__FetchReply *)ra, *fb = (Kvarc__V1__FetchReply *)rb;
+            same = !s1 && !s2 && fa->records.len == fb->records.len && fa->records.len > 0 &&
+                   !memcmp(fa->records.data, fb->records.data, fa->records.len);
+            if (ra)
+                protobuf_c_message_free_unpacked(ra, NULL);
+            if (rb)
+                protobuf_c_message_free_unpacked(rb, NULL);
+        }
+    return same;
+}
+
 /* Decode-step attention of token t on layer l (t must be the last appended). */
 static int attend_step(kvarc_conv *cv, int l, int t, float *out)
 {
@@ -545,38 +577,7 @@ int main(void)
         char msg[256];
         CHECK_RC(kvc_connect(dir, &k), 0);
         uint64_t ida = conv_id(k, "together"), idb = conv_id(k, "apart"), idp = conv_id(k, "pipelined");
-        static uint64_t pos[190];
-        for (int i = 0; i < 190; i++)
-            pos[i] = (uint64_t)i;
-        int stored_same = 1;
-        for (int l = 0; l < L; l++)
-            for (int h = 0; h < H; h++) {
-                ProtobufCMessage *ra = NULL, *rbp = NULL;
-                Kvarc__V1__FetchRequest fr = KVARC__V1__FETCH_REQUEST__INIT;
-                fr.layer = (uint32_t)l;
-                fr.head = (uint32_t)h;
-                fr.n_positions = 190;
-                fr.positions = pos;
-                fr.conv = ida;
-                int s1 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg, sizeof msg);
-                fr.conv = idb;
-                int s2 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &rbp, 0, msg, sizeof msg);
-                Kvarc__V1__FetchReply *fa = (Kvarc__V1__FetchReply *)ra, *fb = (Kvarc__V1__FetchReply *)rbp;
-                stored_same &= !s1 && !s2 && fa->records.len == fb->records.len && fa->records.len > 0 &&
-                               !memcmp(fa->records.data, fb->records.data, fa->records.len);
-                if (ra)
-                    protobuf_c_message_free_unpacked(ra, NULL);
-                ra = NULL;
-                fr.conv = idp;
-                int s3 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg, sizeof msg);
-                fa = (Kvarc__V1__FetchReply *)ra;
-                stored_same &= !s2 && !s3 && fa->records.len == fb->records.len &&
-                               !memcmp(fa->records.data, fb->records.data, fa->records.len);
-                if (ra)
-                    protobuf_c_message_free_unpacked(ra, NULL);
-                if (rbp)
-                    protobuf_c_message_free_unpacked(rbp, NULL);
-            }
+        int stored_same = same_records(k, ida, idb, 190) && same_records(k, idp, idb, 190);
         CHECK(stored_same, "together and pipelined: kvarcd holds the same 190 records of every layer and head");
         /* pipelined, refused: a second handle on the same conversation appends first, so the pipelined
          * writer's AppendMany in flight is refused; the writer learns it at its next call that waits
@@ -623,30 +624,7 @@ int main(void)
                   "and %llu durable commits (want 8 and %d)", split ? ", split" : "", (unsigned long long)(ap[1] - ap[0]),
                   (unsigned long long)(gc[1] - gc[0]), split ? 8 : 4);
             if (tc && split) {
-                uint64_t ids = conv_id(k, "together-split");
-                int eq = 1;
-                for (int l = 0; l < L; l++)
-                    for (int h = 0; h < H; h++) {
-                        ProtobufCMessage *ra = NULL, *rbp = NULL;
-                        Kvarc__V1__FetchRequest fr = KVARC__V1__FETCH_REQUEST__INIT;
-                        fr.layer = (uint32_t)l;
-                        fr.head = (uint32_t)h;
-                        fr.n_positions = 64;
-                        fr.positions = pos;
-                        fr.conv = ids;
-                        int s1 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &ra, 0, msg,
-                                          sizeof msg);
-                        fr.conv = idb;
-                        int s2 = kvc_call(k, "Fetch", &fr.base, &kvarc__v1__fetch_reply__descriptor, &rbp, 0, msg,
-                                          sizeof msg);
-                        Kvarc__V1__FetchReply *fa = (Kvarc__V1__FetchReply *)ra, *fb = (Kvarc__V1__FetchReply *)rbp;
-                        eq &= !s1 && !s2 && fa->records.len == fb->records.len && fa->records.len > 0 &&
-                              !memcmp(fa->records.data, fb->records.data, fa->records.len);
-                        if (ra)
-                            protobuf_c_message_free_unpacked(ra, NULL);
-                        if (rbp)
-                            protobuf_c_message_free_unpacked(rbp, NULL);
-                    }
+                int eq = same_records(k, conv_id(k, "together-split"), idb, 64);
                 CHECK(eq, "together, split: the 64 tokens' records of every layer and head are an Append per layer's");
             }
             if (tc)
