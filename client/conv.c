@@ -784,6 +784,22 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
  * refusal is the error. */
 static int drain(kvarc_conv *cv, int count_time);
 
+/* An AppendMany reply against the n blocks sent: -EIO (message set) when
+ * it does not answer each of them, else 0. */
+static int many_answers(kvarc_conv *cv, const Kvarc__V1__AppendManyReply *am, size_t n)
+{
+    return am->n_results == n ? 0 : kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks",
+                                            am->n_results, n);
+}
+
+/* Its block i (of layer): 0 if kvarcd stored it, else its refusal as the
+ * error (message set). */
+static int many_refused(kvarc_conv *cv, const Kvarc__V1__AppendManyReply *am, size_t i, uint32_t layer)
+{
+    const Kvarc__V1__AppendResult *r = am->results[i];
+    return r->status ? kl_fail(cv, kl_rc_of_status((int)r->status), "append to layer %u: %s", layer, r->message) : 0;
+}
+
 /* One AppendMany of n blocks (p[i] as request rp[i]): waited for and kept
  * block by block (what kvarcd stored is kept, the first refusal is the
  * error), or with `async` (append_together 2) started after the last one
@@ -821,18 +837,10 @@ static int send_many(kvarc_conv *cv, kl_pend *p, Kvarc__V1__AppendRequest **rp, 
     if (st)
         return kl_rc_of_status(st);
     Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
-    if (am->n_results != n)
-        rc = kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks", am->n_results, n);
-    for (size_t i = 0; !rc && i < n; i++) {
-        if (am->results[i]->status) {
-            if (!rc)
-                rc = kl_fail(cv, kl_rc_of_status((int)am->results[i]->status), "append to layer %u: %s",
-                             p[i].layer, am->results[i]->message);
-            continue;
-        }
-        int krc = flush_keep(cv, &p[i]);
-        rc = rc ? rc : krc;
-    }
+    rc = many_answers(cv, am, n);
+    for (size_t i = 0; !rc && i < n; i++)
+        if (!(rc = many_refused(cv, am, i, p[i].layer)))
+            rc = flush_keep(cv, &p[i]);
     protobuf_c_message_free_unpacked(rep, NULL);
     return rc;
 }
@@ -895,15 +903,11 @@ static int drain(kvarc_conv *cv, int count_time)
         snprintf(why, sizeof why, "%s", cv->err);
         rc = kl_fail(cv, kl_rc_of_status(st), "an AppendMany sent while the writer went on failed (%s): %.300s; "
                      "this conversation no longer matches kvarcd: attach it again", kvc_status_name(st), why);
-    }
-    if (!st) {
+    } else {
         Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
-        if (am->n_results != cv->inflight_n)
-            rc = kl_fail(cv, -EIO, "AppendMany answered %zu results for %zu blocks", am->n_results, cv->inflight_n);
+        rc = many_answers(cv, am, cv->inflight_n);
         for (size_t i = 0; !rc && i < cv->inflight_n; i++)
-            if (am->results[i]->status)
-                rc = kl_fail(cv, kl_rc_of_status((int)am->results[i]->status), "append to layer %u: %s",
-                             cv->inflight_layer[i], am->results[i]->message);
+            rc = many_refused(cv, am, i, cv->inflight_layer[i]);
         protobuf_c_message_free_unpacked(rep, NULL);
     }
     if (count_time)

@@ -112,7 +112,8 @@ int kl_gpu_init(kvarc_conv *cv)
     g->sum_synced = calloc(g->nl, sizeof *g->sum_synced);
     cv->gpu = g;
     if (!g->bits || !g->scales || !g->cap || !g->d_ring_kr || !g->d_ring_v || !g->ring_synced ||
-        !g->host_registered || !g->d_sum_bits || !g->d_sum_scale || !g->d_sum_ok || !g->sum_cap || !g->sum_synced || cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess) {
+        !g->host_registered || !g->d_sum_bits || !g->d_sum_scale || !g->d_sum_ok || !g->sum_cap || !g->sum_synced ||
+        cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking) != cudaSuccess) {
         kl_gpu_free(cv);                   /* frees what a partial kl_gpu holds */
         return kl_fail(cv, -ENOMEM, "out of memory (or no CUDA stream)");
     }

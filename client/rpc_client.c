@@ -162,6 +162,7 @@ struct kvc_pending {
     grpc_slice             details;
     const char            *error_string;
     int                    tag;
+    char                   method[64];     /* for messages */
 };
 
 /* Start a unary call with the request bytes (copied): its whole batch is
@@ -173,6 +174,7 @@ static kvc_pending *call_start(kvc_conn *c, const char *method, const void *req,
         return NULL;
     char path[128];
     snprintf(path, sizeof path, "/kvarc.v1.Kvarc/%s", method);
+    snprintf(pc->method, sizeof pc->method, "%s", method);
     pc->cq = grpc_completion_queue_create_for_pluck(NULL);
     gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(timeout_ms > 0 ? timeout_ms : 30000, GPR_TIMESPAN));
@@ -285,31 +287,9 @@ int kvc_call_finish(kvc_pending *pc, const ProtobufCMessageDescriptor *reply_des
 {
     uint8_t *out = NULL;
     size_t out_len = 0;
+    char method[sizeof pc->method];
+    snprintf(method, sizeof method, "%s", pc->method);
     int st = call_wait(pc, reply ? &out : NULL, &out_len, msg, msglen);
-    if (st == 0 && reply) {
-        *reply = protobuf_c_message_unpack(reply_desc, NULL, out_len, out);
-        if (!*reply) {
-            st = GRPC_STATUS_INTERNAL;
-            if (msg)
-                snprintf(msg, msglen, "reply to a pending call did not decode");
-        }
-    }
-    free(out);
-    return st;
-}
-
-int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
-             const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
-             int timeout_ms, char *msg, size_t msglen)
-{
-    size_t n = protobuf_c_message_get_packed_size(req);
-    uint8_t *buf = malloc(n ? n : 1), *out = NULL;
-    size_t out_len = 0;
-    if (!buf)
-        return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    protobuf_c_message_pack(req, buf);
-    int st = kvc_call_raw(c, method, buf, n, &out, &out_len, timeout_ms, msg, msglen);
-    free(buf);
     if (st == 0 && reply) {
         *reply = protobuf_c_message_unpack(reply_desc, NULL, out_len, out);
         if (!*reply) {
@@ -320,6 +300,15 @@ int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
     }
     free(out);
     return st;
+}
+
+int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
+             const ProtobufCMessageDescriptor *reply_desc, ProtobufCMessage **reply,
+             int timeout_ms, char *msg, size_t msglen)
+{
+    kvc_pending *pc;
+    int st = kvc_call_start(c, method, req, timeout_ms, &pc);
+    return st ? st : kvc_call_finish(pc, reply_desc, reply, msg, msglen);
 }
 
 /* A message packed into a byte buffer (NULL on out of memory). */

@@ -167,7 +167,6 @@ AI void codebook_half_l(const int cb, const float *levels, const float *bounds, 
         memcpy(half + (size_t)l * stride, &scale[l], 4);
 }
 
-
 /* encode_rotated_half on lanes: half records of lanes < m at half +
  * lane * stride. y is consumed (the products y_i L[c_i] replace it). */
 AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf *y, const vf *ss, int m,

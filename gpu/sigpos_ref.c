@@ -163,7 +163,6 @@ int kvg_sig_pos_ref(const kvg_rope *r, const kvarc_rotation *rot, const float *m
 
 #define TILE KVG_BIAS_TILE   /* blocks per tile (without a table: their angles on the stack, 64 KB at most) */
 
-
 #define MULTI_Q 16   /* queries whose coefficients sit on the stack at a time */
 
 typedef double v8d __attribute__((vector_size(64)));   /* 8 blocks' sums: one register in the v4 build */
@@ -200,13 +199,14 @@ static inline __attribute__((always_inline)) int bias_n(const kvg_rope *r, int n
                 B[q][s] = mu ? (double)qr[bb] * mu[a] - (double)qr[a] * mu[bb] : 0.0;
             }
         }
+        const size_t tile_len = (size_t)(2 * r->n_slow) * TILE, lines = tile_len * sizeof(double) / 64;
         for (size_t t0 = 0, tn; t0 < nb; t0 += tn) {
             const double *tc;
             size_t st = TILE;
             if (tiled) {                               /* up to the end of the table's tile */
                 const uint64_t b = b0 + t0, off = b % TILE;
                 tn = nb - t0 < TILE - off ? nb - t0 : (size_t)(TILE - off);
-                tc = cs + (size_t)(b / TILE) * (size_t)(2 * r->n_slow) * TILE + off;
+                tc = cs + (size_t)(b / TILE) * tile_len + off;
             } else if (cs) {
                 tn = nb - t0 < TILE ? nb - t0 : TILE;
                 tc = cs + t0;
@@ -219,7 +219,6 @@ static inline __attribute__((always_inline)) int bias_n(const kvg_rope *r, int n
             /* tiled: the next tile's lines, a share per query, while this tile computes (the hardware's
              * prefetcher alone left the pass waiting on memory: 1.44 against 1.21 ms, 16 queries x 16K
              * blocks from a cold table) */
-            const size_t tile_len = (size_t)(2 * r->n_slow) * TILE, lines = tile_len * sizeof(double) / 64;
             const char *nx = tiled && t0 + tn < nb ? (const char *)(tc - (b0 + t0) % TILE + tile_len) : NULL;
             for (int q = 0; q < nq; q++) {
                 const size_t l0 = lines * (size_t)q / (size_t)nq, l1 = lines * (size_t)(q + 1) / (size_t)nq;
