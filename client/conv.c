@@ -837,10 +837,15 @@ static int send_many(kvarc_conv *cv, kl_pend *p, Kvarc__V1__AppendRequest **rp, 
     if (st)
         return kl_rc_of_status(st);
     Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
-    rc = many_answers(cv, am, n);
-    for (size_t i = 0; !rc && i < n; i++)
-        if (!(rc = many_refused(cv, am, i, p[i].layer)))
-            rc = flush_keep(cv, &p[i]);
+    if (!(rc = many_answers(cv, am, n)))
+        for (size_t i = 0; i < n; i++) {  /* what kvarcd stored is kept, past a refusal too */
+            if (am->results[i]->status) {
+                rc = rc ? rc : many_refused(cv, am, i, p[i].layer);
+                continue;
+            }
+            int krc = flush_keep(cv, &p[i]);
+            rc = rc ? rc : krc;
+        }
     protobuf_c_message_free_unpacked(rep, NULL);
     return rc;
 }

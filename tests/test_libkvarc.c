@@ -523,8 +523,9 @@ int main(void)
     {   /* append_together: the layers' batches go in one AppendMany when the last layer fills its
          * batch (and at sync): the same records stored and the same attention bits as an Append per
          * layer, token by token and in a chunk; AppendMany refuses a bad block alone */
-        kvarc_options ot = o, obad = o, op = o;
+        kvarc_options ot = o, obad = o, op = o, oap = o;
         ot.append_together = 1;
+        oap.append_together = 0;                /* an Append per layer (o holds the default, 1) */
         op.append_together = 2;                 /* pipelined: one AppendMany in flight */
         obad.append_together = 3;
         kvarc_conv *ta = NULL, *tb = NULL, *tx = NULL, *tp = NULL;
@@ -532,7 +533,7 @@ int main(void)
         CHECK(strstr(kvarc_client_errmsg(cl), "append_together") != NULL, "the refusal names append_together: %s",
               kvarc_client_errmsg(cl));
         CHECK_RC(kvarc_conv_create(cl, "lib", "together", &m, &ot, NULL, &ta), 0);
-        CHECK_RC(kvarc_conv_create(cl, "lib", "apart", &m, &o, NULL, &tb), 0);
+        CHECK_RC(kvarc_conv_create(cl, "lib", "apart", &m, &oap, NULL, &tb), 0);
         CHECK_RC(kvarc_conv_create(cl, "lib", "pipelined", &m, &op, NULL, &tp), 0);
         int same = ta && tb && tp, t = 0;
         float oa[QH * D], ob[QH * D], opp[QH * D];
@@ -584,7 +585,7 @@ int main(void)
          * (sync), and every later call says so, naming the cause */
         if (tp) {
             kvarc_conv *tq = NULL;
-            CHECK_RC(kvarc_conv_attach(cl, "lib", "pipelined", &m, &o, &tq), 0);
+            CHECK_RC(kvarc_conv_attach(cl, "lib", "pipelined", &m, &oap, &tq), 0);
             if (tq) {
                 CHECK_RC(append_tokens(tq, 190, 16), 0);      /* an Append per layer, stored at once */
                 kvarc_conv_close(tq);
@@ -596,6 +597,33 @@ int main(void)
             int rc3 = attend_step(tp, 0, 205, ox);
             CHECK(rc3 != 0 && strstr(kvarc_errmsg(tp), "attach it again") != NULL, "and every later call: %d %s",
                   rc3, kvarc_errmsg(tp));
+        }
+        /* together, one block refused: a second handle appends layer 0 first, so the AppendMany of both
+         * layers' batch is refused for layer 0 and stored for layer 1; the writer keeps what kvarcd
+         * stored (layer 1 counts as archived) and reports layer 0's refusal */
+        {
+            kvarc_conv *tw = NULL, *tq = NULL;
+            CHECK_RC(kvarc_conv_create(cl, "lib", "partial", &m, &ot, NULL, &tw), 0);
+            CHECK_RC(kvarc_conv_attach(cl, "lib", "partial", &m, &oap, &tq), 0);
+            if (tw && tq) {
+                static float kb[H * 16 * D], vb[H * 16 * D];
+                for (int h = 0; h < H; h++)
+                    for (int i = 0; i < 16; i++) {
+                        memcpy(kb + ((size_t)h * 16 + i) * D, K[0][h][i], D * 4);
+                        memcpy(vb + ((size_t)h * 16 + i) * D, V[0][h][i], D * 4);
+                    }
+                CHECK_RC(kvarc_append(tq, 0, KVARC_DTYPE_F32, kb, vb, 16), 0);   /* layer 0's batch, stored */
+                int rc1 = append_tokens(tw, 0, 16);
+                CHECK(rc1 != 0 && strstr(kvarc_errmsg(tw), "layer 0") != NULL, "the refused block is the error, "
+                      "naming its layer: %d %s", rc1, kvarc_errmsg(tw));
+                CHECK(tw->layers[1].archived == 16 && tw->layers[0].archived == 0, "the block kvarcd stored is kept "
+                      "(layer 1 archived %llu, layer 0 %llu)", (unsigned long long)tw->layers[1].archived,
+                      (unsigned long long)tw->layers[0].archived);
+            }
+            if (tq)
+                kvarc_conv_close(tq);
+            if (tw)
+                kvarc_conv_close(tw);
         }
         /* the grouping itself: 64 tokens of both layers, token by token, batches of 16: 8 blocks in 4
          * durable commits (kvarcd's counters; nothing else writes meanwhile); then the same with
