@@ -493,18 +493,27 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
             }
             uint32_t ok = 0, found = 0;
             int has_found = 0;
-            double secs = 0, stage[5] = { 0 };
+            double secs = 0, stage[5] = { 0 }, decode = 0;
+            cJSON *answers = cJSON_CreateArray();   /* each trial's 5 greedy tokens, as digits ('?' else) */
             for (uint32_t t = 0; t < o.trials; t++) {
                 pk_result r;
                 fprintf(stderr, "\r%-12s length %-6u trial %u/%u ...", pk_mode_name(md), L, t + 1, o.trials);
                 if (pk_trial(&s, (pk_mode)md, L, o.seed + t, &r, err, sizeof err)) {
                     fprintf(stderr, "\nkvarc-passkey: %s length %u trial %u: %s\n", pk_mode_name(md), L, t, err);
+                    cJSON_Delete(answers);
                     goto out;
                 }
                 ok += (uint32_t)r.correct;
+                char ans[PK_KEY_DIGITS + 1];
+                for (int i = 0; i < PK_KEY_DIGITS; i++)
+                    ans[i] = r.answer[i] >= PK_DIGIT0 && r.answer[i] < PK_DIGIT0 + 10 ? (char)('0' + r.answer[i] - PK_DIGIT0)
+                                                                                      : '?';
+                ans[PK_KEY_DIGITS] = 0;
+                cJSON_AddItemToArray(answers, cJSON_CreateString(ans));
                 if (r.retrieved >= 0)
                     has_found = 1, found += (uint32_t)r.retrieved;
                 secs += r.seconds;
+                decode += r.decode_s;
                 for (int i = 0; i < 5; i++)
                     stage[i] += r.stage_s[i];
             }
@@ -519,6 +528,9 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
             if (has_found)
                 cJSON_AddNumberToObject(e, "needle_retrieved", found);
             cJSON_AddNumberToObject(e, "seconds_per_trial", round(secs / o.trials * 1000) / 1000);
+            cJSON_AddNumberToObject(e, "decode_ms_per_step",
+                                    round(decode / ((double)o.trials * (PK_KEY_DIGITS - 1)) * 1e6) / 1e3);
+            cJSON_AddItemToObject(e, "answers", answers);   /* trial t: seed + t */
             if (md >= PK_KVARC) {         /* libkvarc's own time by stage, per trial */
                 static const char *const sn[5] = { "stage1", "stage2", "decode", "attention", "archive" };
                 cJSON *st = cJSON_AddObjectToObject(e, "libkvarc_seconds_per_trial");

@@ -95,6 +95,19 @@ class Block(nn.Module):
         self.w3 = nn.Linear(c.d_model, c.ffn, bias=False)
         self.w2 = nn.Linear(c.ffn, c.d_model, bias=False)
 
+    def attention(self, q, k, v, pos, mask):
+        """Causal attention of pre-RoPE q [B, n_heads, T, hd] over k, v [B, n_kv_heads, T, hd] at
+        positions pos; [B, n_heads, T, hd]. The one function an engine replaces to put its own
+        attention in (kvarc.torch: tools/passkey/passkey.py)."""
+        c = self.c
+        q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
+        g = c.n_heads // c.n_kv_heads
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(c.head_dim)
+        att = att.masked_fill(mask, float("-inf")).softmax(-1)
+        return att @ v
+
     def forward(self, x, pos, mask):
         c = self.c
         B, T, _ = x.shape
@@ -102,13 +115,7 @@ class Block(nn.Module):
         q = self.wq(h).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
         k = self.wk(h).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = self.wv(h).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
-        g = c.n_heads // c.n_kv_heads
-        k = k.repeat_interleave(g, dim=1)
-        v = v.repeat_interleave(g, dim=1)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(c.head_dim)
-        att = att.masked_fill(mask, float("-inf")).softmax(-1)
-        o = (att @ v).transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
+        o = self.attention(q, k, v, pos, mask).transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim)
         x = x + self.wo(o)
         h = self.ffn_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))

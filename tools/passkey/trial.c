@@ -142,11 +142,13 @@ int pk_trial(const pk_setup *s, pk_mode mode, uint32_t length, uint64_t seed, pk
                 r->retrieved |= pos[i] + 1 >= r->needle && pos[i] < r->needle + PK_KEY_DIGITS;
         }
     }
+    const double td = tu_now_s();
     for (int i = 0; i < PK_KEY_DIGITS; i++) {
         r->answer[i] = pk_argmax(logits, s->m->vocab);
         if (i + 1 < PK_KEY_DIGITS && pk_forward(s->m, &a, &r->answer[i], 1, logits, 1, err, len))
             goto out;
     }
+    r->decode_s = tu_now_s() - td;
     r->correct = !memcmp(r->answer, r->key, sizeof r->key);
     if (a.kind == PK_ATTN_KVARC) {
         kvarc_stats st;

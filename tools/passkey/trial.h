@@ -47,6 +47,7 @@ typedef struct pk_result {
                                     token held a needle token ("key:" or a digit) for some kv head
                                     (1/0); -1 otherwise */
     double   seconds;
+    double   decode_s;           /* the decode steps after the prompt (PK_KEY_DIGITS - 1 of them) */
     double   stage_s[5];         /* kvarc modes: stage 1, stage 2, decode, attention, archiving (s) */
 } pk_result;
 

@@ -1,0 +1,79 @@
+"""_arrays.py - what libkvarc needs to know about a numpy array or torch tensor.
+
+A C call takes a pointer to [heads][tokens][head_dim] elements in row-major
+order. Anything else (another shape, a dtype libkvarc does not take, a
+strided view) is refused here, before any call, with an exception naming
+the argument: a hidden copy would hide a cost from the caller, and a
+wrong layout would be wrong K/V archived forever. torch is imported only
+when a tensor is handed over, so numpy users do not need it.
+"""
+from . import _errors
+
+F32, F16, BF16 = 0, 1, 2
+DTYPE_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
+
+
+class View:
+    """A checked array: pointer, kvarc dtype, shape, where it lives."""
+
+    __slots__ = ("obj", "ptr", "dtype", "shape", "kind", "cuda")
+
+    def __init__(self, obj, ptr, dtype, shape, kind, cuda):
+        self.obj, self.ptr, self.dtype, self.shape, self.kind, self.cuda = obj, ptr, dtype, shape, kind, cuda
+
+
+def _is_torch(x):
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def view(x, what, heads, head_dim, tokens=None):
+    """Check x as [heads][tokens][head_dim] (tokens: any >= 1 if None)."""
+    if _is_torch(x):
+        import torch
+        codes = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+        if x.dtype not in codes:
+            raise _errors.DtypeError(f"{what}: dtype {x.dtype} (libkvarc takes float32, float16, bfloat16)")
+        dt, shape, contiguous, cuda = codes[x.dtype], tuple(x.shape), x.is_contiguous(), x.device.type == "cuda"
+        if x.device.type not in ("cpu", "cuda"):
+            raise _errors.InvalidArgument(f"{what}: a tensor on {x.device} (libkvarc takes CPU and CUDA tensors)")
+        kind, ptr = "torch", x.data_ptr()
+    elif hasattr(x, "__array_interface__") and hasattr(x, "flags"):
+        import numpy as np
+        codes = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
+        if x.dtype not in codes or x.dtype.byteorder == ">":
+            raise _errors.DtypeError(f"{what}: dtype {x.dtype} (libkvarc takes float32 and float16 numpy arrays, "
+                                     "bfloat16 as torch tensors)")
+        dt, shape, contiguous, cuda = codes[x.dtype], tuple(x.shape), x.flags.c_contiguous, False
+        kind, ptr = "numpy", x.ctypes.data
+    else:
+        raise _errors.DtypeError(f"{what}: a {type(x).__name__} (libkvarc takes numpy arrays and torch tensors)")
+    want = f"[{heads}, {'tokens' if tokens is None else tokens}, {head_dim}]"
+    if len(shape) != 3 or shape[0] != heads or shape[2] != head_dim or (tokens is not None and shape[1] != tokens):
+        raise _errors.InvalidArgument(f"{what}: shape {list(shape)}, not {want} (heads, tokens, head_dim)")
+    if shape[1] == 0:
+        raise _errors.InvalidArgument(f"{what}: no tokens (shape {list(shape)})")
+    if not contiguous:
+        raise _errors.InvalidArgument(f"{what}: not contiguous (strides {_strides(x)}); libkvarc reads "
+                                      f"{want} row-major: pass {what}.contiguous() / np.ascontiguousarray({what})")
+    return View(x, ptr, dt, shape, kind, cuda)
+
+
+def _strides(x):
+    return list(x.stride()) if _is_torch(x) else [s // x.itemsize for s in x.strides]
+
+
+def empty_like_f32(v):
+    """A float32 array of v's shape, on v's device, of v's kind."""
+    if v.kind == "torch":
+        import torch
+        return torch.empty(v.shape, dtype=torch.float32, device=v.obj.device)
+    import numpy as np
+    return np.empty(v.shape, dtype=np.float32)
+
+
+def as_f32(v, what):
+    """v itself if float32, else a float32 copy (a query in f16/bf16)."""
+    if v.dtype == F32:
+        return v
+    x = v.obj.float() if v.kind == "torch" else v.obj.astype("float32")
+    return View(x, x.data_ptr() if v.kind == "torch" else x.ctypes.data, F32, v.shape, v.kind, v.cuda)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# test_install.sh BUILD_DIR [EXTRA_CFLAGS]: `cmake --install` the build into a
+# fresh prefix and check what an engine's build would see there:
+#  - bin/kvarcd, bin/kvarc, lib/libkvarc.so (SONAME libkvarc.so.0), the headers,
+#    lib/pkgconfig/kvarc.pc;
+#  - libkvarc.so exports kvarc_* only (no kvarc__* protobuf-c names, no internals);
+#  - smoke.c, compiled with nothing but `pkg-config --cflags --libs kvarc`, runs
+#    against the installed kvarcd.
+# EXTRA_CFLAGS: the sanitizer flags of an ASan build (its libkvarc.so needs them).
+set -euo pipefail
+build=$1
+extra=${2:-}
+here=$(cd "$(dirname "$0")" && pwd)
+tmp=$(mktemp -d)
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; [ -f "$tmp/kvarcd.log" ] && tail -5 "$tmp/kvarcd.log" >&2; exit 1; }
+
+cmake --install "$build" --prefix "$tmp/prefix" >"$tmp/install.log" || { cat "$tmp/install.log"; fail "cmake --install"; }
+P=$tmp/prefix
+libdir=$(dirname "$(find "$P" -name kvarc.pc)")/..
+libdir=$(cd "$libdir" && pwd)
+for f in "$P/bin/kvarcd" "$P/bin/kvarc" "$P/include/kvarc.h" "$P/include/kvarc_schema.h" "$libdir/libkvarc.so" \
+         "$libdir/pkgconfig/kvarc.pc"; do
+    [ -e "$f" ] || fail "cmake --install did not place $f"
+done
+soname=$(objdump -p "$libdir/libkvarc.so" | awk '/SONAME/{print $2}')
+[ "$soname" = libkvarc.so.0 ] || fail "SONAME is '$soname', not libkvarc.so.0"
+syms=$(nm -D --defined-only "$libdir/libkvarc.so" | awk '{sub(/@.*/, "", $3); print $3}')
+bad=$(echo "$syms" |
+      grep -v -E '^kvarc_[a-z]' | grep -v -E '^KVARC_0$' || true)
+[ -z "$bad" ] || fail "libkvarc.so exports symbols outside kvarc_*: $(echo $bad | head -c 400)"
+for f in kvarc_client_open kvarc_conv_create kvarc_attend kvarc_append kvarc_strerror kvarc_last_retrieved; do
+    echo "$syms" | grep -qx "$f" || fail "libkvarc.so does not export $f"
+done
+
+export PKG_CONFIG_PATH="$libdir/pkgconfig"
+flags=$(pkg-config --cflags --libs kvarc) || fail "pkg-config kvarc"
+# shellcheck disable=SC2086
+cc -std=c11 -Wall -Wextra -Werror $extra -o "$tmp/smoke" "$here/smoke.c" $flags -lm || fail "building smoke.c with '$flags'"
+
+mkdir -p "$tmp/data"
+"$P/bin/kvarcd" --data "$tmp/data" --threads 2 2>"$tmp/kvarcd.log" &
+pid=$!
+# wait for the socket kvarcd listens on (it binds once it serves), or for its exit
+for _ in $(seq 1 600); do
+    [ -S "$tmp/data/kvarcd.sock" ] && break
+    kill -0 "$pid" 2>/dev/null || fail "the installed kvarcd exited"
+    sleep 0.1
+done
+[ -S "$tmp/data/kvarcd.sock" ] || fail "the installed kvarcd never opened $tmp/data/kvarcd.sock"
+LD_LIBRARY_PATH="$libdir" "$tmp/smoke" "$tmp/data" || fail "smoke against the installed kvarcd"
+v1=$("$P/bin/kvarcd" --version)
+echo "test_install: $soname, $(echo "$syms" | grep -c '^kvarc_') exports, $v1"
