@@ -988,6 +988,34 @@ static const double *angles_of(kvarc_conv *cv, uint64_t p)
     return cs;
 }
 
+/* The first token of k or v ([H][n][d] of dtype) with a NaN or Inf in some head (*head: the
+ * lowest such head), or -1. On the bits (exponent all ones), so the loops vectorize. */
+static int64_t first_nonfinite(int dtype, const void *k, const void *v, size_t H, uint32_t n, size_t d,
+                               size_t *head)
+{
+    int64_t first = -1;
+    for (size_t h = 0; h < H; h++)
+        for (uint32_t t = 0; t < n && (first < 0 || t < (uint64_t)first); t++) {
+            const size_t at = (h * n + t) * d;
+            int bad = 0;
+            if (dtype == KVARC_DTYPE_F32) {
+                const uint32_t *a = (const uint32_t *)k + at, *b = (const uint32_t *)v + at;
+                for (size_t i = 0; i < d; i++)
+                    bad |= ((a[i] & 0x7f800000u) == 0x7f800000u) | ((b[i] & 0x7f800000u) == 0x7f800000u);
+            } else {
+                const uint16_t m = dtype == KVARC_DTYPE_F16 ? 0x7c00 : 0x7f80;
+                const uint16_t *a = (const uint16_t *)k + at, *b = (const uint16_t *)v + at;
+                for (size_t i = 0; i < d; i++)
+                    bad |= ((a[i] & m) == m) | ((b[i] & m) == m);
+            }
+            if (bad) {
+                first = t, *head = h;
+                break;
+            }
+        }
+    return first;
+}
+
 int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n)
 {
     if (layer >= cv->m.n_layers || !k || !v)
@@ -996,6 +1024,13 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
         return kl_fail(cv, KVARC_EDTYPE, "append: dtype %d is not f16, bf16 or f32", dtype);
     kl_layer *y = &cv->layers[layer];
     size_t H = cv->m.n_kv_heads, d = cv->m.head_dim;
+    /* every value checked before any token is kept: a NaN or Inf refuses the whole call */
+    size_t bad_h;
+    int64_t bad = first_nonfinite(dtype, k, v, H, n, d, &bad_h);
+    if (bad >= 0)
+        return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %lld of %u (position %llu) head %zu has a "
+                       "NaN or Inf in k or v; nothing was appended", layer, (long long)bad, n,
+                       (unsigned long long)(y->len + (uint64_t)bad), bad_h);
     float *tok_k = malloc(2 * H * d * sizeof *tok_k), *tok_v = tok_k + H * d;
     if (!tok_k)
         return kl_fail(cv, -ENOMEM, "out of memory");
@@ -1013,11 +1048,9 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
                 return rc;
             }
         }
-        /* the whole token first (every head), so a NaN refuses it before any of it is kept */
         for (size_t h = 0; h < H; h++) {
             size_t src = (h * n + t) * d;
-            int finite = 1;
-            if (dtype == KVARC_DTYPE_F32) {      /* as given: copied, then checked in one pass */
+            if (dtype == KVARC_DTYPE_F32) {
                 memcpy(tok_k + h * d, (const float *)k + src, d * sizeof *tok_k);
                 memcpy(tok_v + h * d, (const float *)v + src, d * sizeof *tok_v);
             } else {
@@ -1025,14 +1058,6 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
                     tok_k[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, k, src + i);
                     tok_v[h * d + i] = kvarc_load_f32((kvarc_dtype)dtype, v, src + i);
                 }
-            }
-            for (size_t i = 0; i < d; i++)
-                finite &= isfinite(tok_k[h * d + i]) && isfinite(tok_v[h * d + i]);
-            if (!finite) {
-                free(tok_k);
-                return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %u (position %llu) head %zu "
-                               "has a NaN or Inf: it was refused, the %u before it were appended", layer, t,
-                               (unsigned long long)p, h, t);
             }
         }
         const double *cs = angles_of(cv, p);     /* position p's RoPE angles, once for every head and layer */
@@ -1076,6 +1101,11 @@ int kvarc_conv_close(kvarc_conv *cv)
 uint64_t kvarc_length(const kvarc_conv *cv, uint32_t layer)
 {
     return layer < cv->m.n_layers ? cv->layers[layer].len : 0;
+}
+
+void kvarc_conv_options(const kvarc_conv *cv, kvarc_options *out)
+{
+    *out = cv->o;
 }
 
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out)

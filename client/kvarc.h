@@ -229,6 +229,10 @@ int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, c
 
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out);
 
+/* The options in effect: those given, with format, pos_mode and seed the
+ * conversation's (attach), and score_distance resolved (-1: hot_window). */
+void kvarc_conv_options(const kvarc_conv *cv, kvarc_options *out);
+
 /* 1 if this conversation's stage 1 and attention run on the GPU. */
 int kvarc_uses_gpu(const kvarc_conv *cv);
 

@@ -19,6 +19,7 @@
 
 struct kvc_conn {
     grpc_channel *ch;
+    char          addr[1200]; /* the channel's target, for messages */
     int           has_auth;
     grpc_metadata auth;      /* authorization: Bearer TOKEN, sent with every call */
 };
@@ -112,6 +113,7 @@ int kvc_connect_opts(const char *target, const kvc_options *o, kvc_conn **out, c
     grpc_channel_credentials *cr = ca_pem ? grpc_ssl_credentials_create(ca_pem, NULL, NULL, NULL)
                                           : grpc_insecure_credentials_create();
     c->ch = cr ? grpc_channel_create(addr, cr, &ca) : NULL;
+    snprintf(c->addr, sizeof c->addr, "%s", addr);
     if (cr)
         grpc_channel_credentials_release(cr);
     free(ca_pem);
@@ -163,7 +165,23 @@ struct kvc_pending {
     const char            *error_string;
     int                    tag;
     char                   method[64];     /* for messages */
+    const char            *addr;           /* the connection's, for messages */
 };
+
+/* A failed call's message: kvarcd's own words when it answered; when the
+ * transport failed (UNAVAILABLE, DEADLINE_EXCEEDED: gRPC's words, such as
+ * "Broken pipe"), which kvarcd and which call, so the caller can tell. */
+static void status_msg(grpc_status_code status, grpc_slice details, const char *method, const char *addr,
+                       char *msg, size_t msglen)
+{
+    char *d = grpc_slice_to_c_string(details);
+    const char *text = d && *d ? d : status ? kvc_status_name(status) : "";
+    if (status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED)
+        snprintf(msg, msglen, "kvarcd at %s: %s %s (%s)", addr ? addr : "?", method, kvc_status_name(status), text);
+    else
+        snprintf(msg, msglen, "%s", text);
+    gpr_free(d);
+}
 
 /* Start a unary call with the request bytes (copied): its whole batch is
  * queued, nothing waited for. NULL only when out of memory. */
@@ -175,6 +193,7 @@ static kvc_pending *call_start(kvc_conn *c, const char *method, const void *req,
     char path[128];
     snprintf(path, sizeof path, "/kvarc.v1.Kvarc/%s", method);
     snprintf(pc->method, sizeof pc->method, "%s", method);
+    pc->addr = c->addr;
     pc->cq = grpc_completion_queue_create_for_pluck(NULL);
     gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(timeout_ms > 0 ? timeout_ms : 30000, GPR_TIMESPAN));
@@ -218,11 +237,8 @@ static int call_wait(kvc_pending *pc, uint8_t **out, size_t *out_len, char *msg,
     if (pc->tag != -1)
         grpc_completion_queue_pluck(pc->cq, &pc->tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     grpc_status_code status = pc->status;
-    if (msg && msglen) {
-        char *d = grpc_slice_to_c_string(pc->details);
-        snprintf(msg, msglen, "%s", d && *d ? d : status ? kvc_status_name(status) : "");
-        gpr_free(d);
-    }
+    if (msg && msglen)
+        status_msg(status, pc->details, pc->method, pc->addr, msg, msglen);
     if (out) {
         *out = NULL;
         *out_len = 0;
@@ -346,6 +362,8 @@ struct kvc_stream {
     grpc_metadata_array    init_md;
     int                    broken;
     int                    closed;    /* server streaming: our side already closed */
+    char                   method[64];     /* for messages */
+    const char            *addr;
 };
 
 /* Run one batch on the stream's call and wait for it; 0 if it succeeded. */
@@ -365,6 +383,8 @@ int kvc_stream_open(kvc_conn *c, const char *method, int timeout_ms, kvc_stream 
     if (!s)
         return -ENOMEM;
     snprintf(path, sizeof path, "/kvarc.v1.Kvarc/%s", method);
+    snprintf(s->method, sizeof s->method, "%s", method);
+    s->addr = c->addr;
     s->cq = grpc_completion_queue_create_for_pluck(NULL);
     gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(timeout_ms > 0 ? timeout_ms : 600000, GPR_TIMESPAN));
@@ -441,11 +461,8 @@ int kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_des
         grpc_completion_queue_pluck(s->cq, &tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     else
         status = GRPC_STATUS_INTERNAL;
-    if (msg && msglen) {
-        char *d = grpc_slice_to_c_string(details);
-        snprintf(msg, msglen, "%s", d && *d ? d : status ? kvc_status_name(status) : "");
-        gpr_free(d);
-    }
+    if (msg && msglen)
+        status_msg(status, details, s->method, s->addr, msg, msglen);
     if (reply)
         *reply = NULL;
     if (status == GRPC_STATUS_OK && recv && reply && !(*reply = bb_unpack(recv, reply_desc)))

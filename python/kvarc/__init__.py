@@ -187,7 +187,7 @@ class Client:
         rc = lib.kvarc_conv_create(self._handle(), ns.encode(), name.encode(), ctypes.byref(model._c),
                                    ctypes.byref(o), mp, ctypes.byref(h))
         _check(rc, f"creating {ns}/{name}", self._errmsg)
-        return self._adopt(Conversation(self, h, ns, name, model, o))
+        return self._adopt(Conversation(self, h, ns, name, model))
 
     def attach(self, ns, name, model, **options):
         """Open the existing ns/name (another worker's, a fork, a restored snapshot): checks model against
@@ -199,7 +199,7 @@ class Client:
         rc = lib.kvarc_conv_attach(self._handle(), ns.encode(), name.encode(), ctypes.byref(model._c),
                                    ctypes.byref(o), ctypes.byref(h))
         _check(rc, f"attaching {ns}/{name}", self._errmsg)
-        return self._adopt(Conversation(self, h, ns, name, model, o))
+        return self._adopt(Conversation(self, h, ns, name, model))
 
     def _adopt(self, conv):
         self._convs.add(conv)
@@ -246,9 +246,12 @@ class Conversation:
     Created by Client.create / Client.attach; close() (or leaving a `with`
     block) syncs and frees it. Used by one thread at a time."""
 
-    def __init__(self, client, handle, ns, name, model, opts):
+    def __init__(self, client, handle, ns, name, model):
         self.client, self._h, self.ns, self.name, self.model = client, handle, ns, name, model
-        self.options = {f: getattr(opts, f) for f in _OPTION_NAMES}
+        o = KvarcOptions()
+        lib.kvarc_conv_options(handle, ctypes.byref(o))
+        self.options = {f: getattr(o, f) for f in _OPTION_NAMES}
+        """The options in effect (format, pos_mode and seed the conversation's; score_distance resolved)."""
 
     def _handle(self):
         if self._h is None:

@@ -66,6 +66,7 @@ _PROTOTYPES = {
     "kvarc_fork": (c_int, [c_void_p, c_char_p, c_char_p, c_int]),
     "kvarc_restore": (c_int, [c_void_p, c_char_p, c_char_p, c_char_p, c_char_p]),
     "kvarc_conv_stats": (None, [c_void_p, P(KvarcStats)]),
+    "kvarc_conv_options": (None, [c_void_p, P(KvarcOptions)]),
     "kvarc_uses_gpu": (c_int, [c_void_p]),
     "kvarc_append_device": (c_int, [c_void_p, c_u32, c_int, c_void_p, c_void_p, c_u32]),
     "kvarc_attend_device": (c_int, [c_void_p, c_u32, c_void_p, c_u32, c_void_p]),

@@ -371,7 +371,8 @@ def run(a):
 
 
 def compare(a):
-    py, c = json.load(open(a.python)), json.load(open(a.c))
+    with open(a.python) as f, open(a.c) as g:
+        py, c = json.load(f), json.load(g)
     cgrid = {(e["length"], e["mode"]): e for e in c["figures"].get("passkey", [])}
     same_all, n = True, 0
     for e in py["figures"]["passkey"]:
@@ -416,7 +417,8 @@ def overhead(a):
         a.modes, a.agree, a.receipt = "kvarc", 0, os.path.join(tmp, "py.json")
         a.agree_hots, a.agree_formats = "64", None
         rc = run(a)
-        c, py = json.load(open(cr)), json.load(open(a.receipt))
+        with open(cr) as f, open(a.receipt) as g:
+            c, py = json.load(f), json.load(g)
     cg = {e["length"]: e for e in c["figures"]["passkey"]}
     print("\ndecode step (the model's forward of one token through kvarc), same prompts, same run:")
     print(f"{'length':<8} {'C ms':>9} {'python ms':>10} {'python / C':>11} {'of it in kvarc calls':>21} {'answers':>8}")
