@@ -1123,7 +1123,8 @@ size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, 
     if (head >= cv->m.n_kv_heads)
         return 0;
     size_t n = cv->last_n < max ? cv->last_n : max;
-    memcpy(pos, cv->last_ret + (size_t)head * cv->o.top_k, n * sizeof *pos);
+    if (n)                                /* pos may be NULL with max 0: how many there are */
+        memcpy(pos, cv->last_ret + (size_t)head * cv->o.top_k, n * sizeof *pos);
     return cv->last_n;
 }
 
