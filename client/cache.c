@@ -34,7 +34,7 @@ int kl_cache_init(kl_cache *c, size_t cap, size_t rb)
     memset(c, 0, sizeof *c);
     if (cap < 16)
         cap = 16;
-    if (cap >= NONE / 2)
+    if (cap > KL_CACHE_MAX)
         return -EINVAL;
     size_t t = 16;
     while (t < 2 * cap)

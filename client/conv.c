@@ -162,8 +162,13 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         kvarc_options_default(&def);
         o = &def;
     }
-    int rb = kvarc_record_bytes(o->format, (int)m->head_dim);
-    if (!ns || !name || !m || m->n_layers < 1 || m->n_kv_heads < 1 || m->n_q_heads < m->n_kv_heads ||
+    if (!ns || !name || !*ns || !*name || strlen(ns) > 63 || strlen(name) > 127) {
+        snprintf(c->err, sizeof c->err, "bad name: namespace of 1..63 and name of 1..127 bytes (given %zu and %zu)",
+                 ns ? strlen(ns) : 0, name ? strlen(name) : 0);
+        return -EINVAL;
+    }
+    int rb = m ? kvarc_record_bytes(o->format, (int)m->head_dim) : -1;
+    if (!m || m->n_layers < 1 || m->n_kv_heads < 1 || m->n_q_heads < m->n_kv_heads ||
         m->n_q_heads % m->n_kv_heads || rb <= 0) {
         snprintf(c->err, sizeof c->err, "bad model or format: %u layers, %u kv heads, %u query heads (a "
                  "multiple of the kv heads), head_dim %u, format %d", m ? m->n_layers : 0, m ? m->n_kv_heads : 0,
@@ -174,6 +179,13 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         o->pos_mode < 0 || o->pos_mode > 1 || o->score_mode < 0 || o->score_mode > 1) {
         snprintf(c->err, sizeof c->err, "bad options: hot_window %u must be >= batch %u >= 1; shortlist, "
                  "max_chunk >= 1; pos_mode and score_mode 0 or 1", o->hot_window, o->batch);
+        return -EINVAL;
+    }
+    if (o->combine < 0 || o->combine > 1 || !(o->scale >= 0 && o->scale < INFINITY) ||
+        o->cache_records > KL_CACHE_MAX) {
+        snprintf(c->err, sizeof c->err, "bad options: combine %d (0 max, 1 mean), scale %g (0: 1/sqrt(head_dim), "
+                 "else finite > 0), cache_records %zu (at most %zu)", o->combine, (double)o->scale,
+                 o->cache_records, (size_t)KL_CACHE_MAX);
         return -EINVAL;
     }
     if (o->threads > KVARC_THREADS_MAX) {

@@ -24,14 +24,59 @@
  * retrieved keys are attended at. A conversation archived in true mode
  * before kind-2 signatures existed is refused by attach (KVARC_EVERSION).
  *
- * Return codes: 0, a negative errno, or a KVARC_E* code (kvarc_strerror).
- * A call that fails leaves a message in kvarc_errmsg(conv) /
- * kvarc_client_errmsg(client) naming what and where. Memory: libkvarc
- * returns -ENOMEM; it never aborts.
+ * Return codes. Every int-returning call gives 0 on success, else a
+ * negative errno or a KVARC_E* code (kvarc_schema.h; kvarc_strerror names
+ * any of them). The codes a caller acts on, whichever call gives them:
+ *   -EINVAL         a bad argument or option (the message says which); also
+ *                   kvarcd's refusals of a request's content, among them
+ *                   "appends must continue at the end" (another writer
+ *                   appended that position first) and positions out of range
+ *   -ENOMEM         out of memory in this process (libkvarc never aborts)
+ *   -ENOENT         the conversation does not exist (or was deleted)
+ *   -EEXIST         create, fork, snapshot or restore: the name is taken
+ *   -EACCES         kvarcd refused the token (unknown, or not for this namespace)
+ *   -ECONNREFUSED   kvarcd is unreachable (not running, restarting, or no
+ *                   answer within 30 s); the message names the kvarcd and the
+ *                   call. Nothing is lost by it: retry the call (sync) later
+ *   -ENOSPC         kvarcd's disk, index map or memory is full, or a request
+ *                   or reply over the transport's limits
+ *   -EIO            kvarcd failed internally, or answered something malformed
+ *   -EILSEQ         after an attach, a re-fed token differs from the stored one
+ *   -ENOTSUP        a *_device call in a libkvarc built without CUDA
+ *   KVARC_ESHAPE    attach: the model differs from the conversation's (the
+ *                   message names both); appending to a snapshot; restoring
+ *                   from something that is not one
+ *   KVARC_EDTYPE    an element type that is not f32, f16 or bf16
+ *   KVARC_ENONFINITE a NaN or Inf in K, V or a query (or a value so large its
+ *                   square overflows fp32)
+ *   KVARC_ECORRUPT  kvarcd found damaged data (a checksum or structure)
+ *   KVARC_EVERSION  attach: a conversation this libkvarc cannot serve
+ * kvarcd's own KVARC_E* codes arrive as -EINVAL (the message keeps the
+ * name). Each function below lists what it can return.
+ *
+ * Messages. A failing call leaves a message (what and where, at most 511
+ * bytes) in kvarc_errmsg(cv) for the conversation's calls, or in
+ * kvarc_client_errmsg(c) for create, attach, restore and a failing
+ * kvarc_conv_close. Read it right after the failing call: the string lives
+ * in the handle and is overwritten in place by its next call that talks to
+ * kvarcd (which clears it), and freed with the handle.
+ *
+ * Failed calls and state. A call refused for its arguments changes nothing.
+ * A call that fails in kvarcd keeps what kvarcd acknowledged and what was
+ * appended locally (see kvarc_append); sync again to retry. Some refusals
+ * repeat on every later sync (-EILSEQ, "appends must continue at the
+ * end", KVARC_ESHAPE for a snapshot, a broken pipelined append): the
+ * handle holds tokens kvarcd will never take, and the way on is to close it
+ * and attach again.
  *
  * Caveats
  * - A kvarc_conv is used by one thread at a time; different conversations
- *   may be used from different threads; a kvarc_client may be shared.
+ *   may be used from different threads. A kvarc_client may be shared (its
+ *   connection is thread-safe), but its message buffer is one per client:
+ *   with several threads on one client, kvarc_client_errmsg may show
+ *   another thread's message (the return codes are always right).
+ * - Close every conversation before its client (kvarc_client_close does
+ *   not know them; a conversation used after it is a use after free).
  * - One writer per conversation: kvarcd refuses an append at a position
  *   already stored ("appends must continue at the end"), so a second
  *   worker writing the same conversation fails; give each worker its own
@@ -105,7 +150,7 @@ typedef struct kvarc_options {
                                    hot_window (true mode scores at true positions) */
     size_t   cache_records;     /* LRU record cache capacity, records per conversation; any
                                    size works, but one under 2 x kv heads x (shortlist + 1) x
-                                   top_k splits a prefill chunk into one query per RerankLayer */
+                                   top_k splits a prefill chunk into one query per RerankLayer; at most 2^30 */
     uint32_t coarse_blocks;     /* coarse tier: stage 1 scores every 64-token block's summaries and
                                    scans only the tokens of this many best blocks per query and kv
                                    head (contexts under twice that scan all). 0 (default): scan every
@@ -148,12 +193,15 @@ typedef struct kvarc_options {
                                    kvarcd refuses it, that waiting call fails, and so does every
                                    later one (the handle counted the batch as archived): attach
                                    again. 0, 1 or 2, else -EINVAL */
-    float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim) */
+    float    scale;             /* attention logit scale; 0: 1/sqrt(head_dim); else finite > 0 */
     int      use_gpu;           /* 1 (default): stage 1 and attention on the GPU when libkvarc
                                    was built with CUDA and a device is present (stage 1 the same
                                    answers bit for bit, attention to 1e-5 relative); 0: CPU only */
 } kvarc_options;
 
+/* Fill *o (out) with the measured defaults (the comments above give each).
+ * Cannot fail; o must not be NULL. Options out of the ranges above make
+ * kvarc_conv_create and kvarc_conv_attach fail with -EINVAL, naming them. */
 void kvarc_options_default(kvarc_options *o);
 
 /* Counters since the conversation was opened. */
@@ -167,87 +215,188 @@ typedef struct kvarc_stats {
     uint64_t ns_stage1, ns_stage2, ns_decode, ns_attend, ns_archive;
 } kvarc_stats;
 
-/* Connect to kvarcd: "unix:/path", a socket path, a data directory, or
- * "host:port". token (for TCP) and tls_ca_file (PEM; TLS on) may be NULL.
- * Nothing is sent until the first call. */
+/* ---- the client: one connection to one kvarcd ------------------------------ */
+
+/* Connect to kvarcd.
+ *   target       in: "unix:/path", a socket path, a data directory (its
+ *                kvarcd.sock), or "host:port" (TCP)
+ *   token        in: bearer token for TCP (<= 1024 bytes, no white space), or NULL
+ *   tls_ca_file  in: PEM file of the CA to trust (TLS on), or NULL (plaintext)
+ *   out          out: the client, on success
+ * Nothing is sent until the first call: a kvarcd that is not there shows
+ * as -ECONNREFUSED from the first create, attach or restore.
+ * Returns 0; -EINVAL (target or out NULL, a bad token, an unreadable CA
+ * file, or a target gRPC cannot use); -ENOMEM. On failure nothing is left
+ * to free and there is no client to read a message from. */
 int  kvarc_client_open(const char *target, const char *token, const char *tls_ca_file, kvarc_client **out);
+
+/* Close the connection and free c (NULL: nothing). Close its
+ * conversations first. kvarc_client_errmsg(c)'s string goes with it. */
 void kvarc_client_close(kvarc_client *c);
+
+/* The message of c's last failing create, attach, restore or conversation
+ * close ("" after one that succeeded; "no client" for NULL). Valid until
+ * the next of those calls on c, from any thread, or kvarc_client_close. */
 const char *kvarc_client_errmsg(const kvarc_client *c);
 
-/* Create ns/name for model m with options o (NULL: defaults). means:
- * per (layer, kv head) centering means of K then V, [n_layers][n_kv_heads]
- * [2][head_dim] fp32, or NULL for zero (a sample of the model's keys makes
- * stage 1 sharper: see the README). */
+/* ---- conversations ---------------------------------------------------------- */
+
+/* Create ns/name for model m.
+ *   ns, name  in: 1..63 and 1..127 bytes of [A-Za-z0-9._-], not starting with '.'
+ *   m         in: the model's shape (checked; kept by the conversation)
+ *   o         in: options, or NULL for kvarc_options_default's; format,
+ *             pos_mode and seed are fixed for the conversation's life
+ *   means     in: per (layer, kv head) centering means of K then V,
+ *             [n_layers][n_kv_heads][2][head_dim] fp32 (finite), or NULL for
+ *             zero (a sample of the model's keys makes stage 1 sharper: README)
+ *   out       out: the open conversation, on success; close it with
+ *             kvarc_conv_close
+ * Returns 0; -EINVAL (a bad name, shape or option: the message says which;
+ * head_dim must be 64, 128 or 256); -EEXIST (ns/name exists); -ENOMEM;
+ * -EACCES, -ECONNREFUSED, -ENOSPC, -EIO (from kvarcd). Messages in
+ * kvarc_client_errmsg(c). If the Create reached kvarcd but its answer was
+ * lost (-ECONNREFUSED), the conversation may exist: creating it again then
+ * gives -EEXIST (attach it). */
 int kvarc_conv_create(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
                       const kvarc_options *o, const float *means, kvarc_conv **out);
 
-/* Attach to an existing ns/name (another worker's, a fork, a restored
- * snapshot): checks m against it (KVARC_ESHAPE naming both sides), loads
- * every layer's signatures (LoadSignatures), sinks and hot window, and
- * continues at its archived length: the shortest layer's when a writer
- * died between its per-layer Appends (then re-feed the tokens from
- * kvarc_length on; see the caveats). Format, pos_mode and seed come from
- * the conversation; the rest of o applies. */
+/* Attach to the existing ns/name (another worker's, a fork, a restored
+ * snapshot): checks m against it, loads every layer's signatures
+ * (LoadSignatures), sinks and hot window, and continues at its archived
+ * length: the shortest layer's when a writer died between its per-layer
+ * Appends (then re-feed the tokens from kvarc_length on; see the caveats).
+ *   ns, name, m  in: as kvarc_conv_create (m must match; its dtype is not compared)
+ *   o            in: options, or NULL; format, pos_mode and seed come from
+ *                the conversation (kvarc_conv_options shows the result)
+ *   out          out: the open conversation, on success
+ * Returns 0; -ENOENT (no such conversation); KVARC_ESHAPE (m differs: the
+ * message names both sides); KVARC_EVERSION (true positions archived
+ * before kind-2 signatures, or a newer kvarc's conversation); -EINVAL (a
+ * bad option); -ENOMEM; -ENOSPC (among others: a hot window whose records
+ * exceed one 8 MiB Fetch); -EACCES, -ECONNREFUSED, KVARC_ECORRUPT, -EIO
+ * (from kvarcd). Messages in kvarc_client_errmsg(c). Attach only reads:
+ * a failure changes nothing in kvarcd. A snapshot attaches, but appends to
+ * it are refused (KVARC_ESHAPE): restore it under a new name first. */
 int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
                       const kvarc_options *o, kvarc_conv **out);
 
 /* Archive every appended token now (normally done in batches), so that
- * kvarcd holds the whole conversation. */
+ * kvarcd holds the whole conversation; with append_together 2, also wait
+ * for the AppendMany in flight.
+ * Returns 0 (every appended token is durable in kvarcd); -ENOMEM;
+ * KVARC_ENONFINITE (a token too large to encode); -EILSEQ (re-fed tokens
+ * differ, after an attach); -EINVAL ("appends must continue at the end":
+ * another writer has those positions); KVARC_ESHAPE (a snapshot); -ENOENT
+ * (deleted); -ECONNREFUSED, -ENOSPC, -EACCES, KVARC_ECORRUPT, -EIO (from
+ * kvarcd); with append_together 2, the code of an earlier refused
+ * AppendMany, on every later call (attach again). Messages in
+ * kvarc_errmsg(cv). What kvarcd acknowledged stays archived; the rest stays
+ * appended (kvarc_length counts it) for the next sync to retry. */
 int kvarc_conv_sync(kvarc_conv *cv);
 
-/* Sync, then free the handle. Returns the sync's code. */
+/* Sync, then free cv (NULL: returns 0). Returns the sync's code; the
+ * handle is freed whatever it is, and a failure's message goes to
+ * kvarc_client_errmsg (kvarc_errmsg(cv) is freed with cv). */
 int kvarc_conv_close(kvarc_conv *cv);
 
+/* The message of cv's last failing call ("" after a call that talked to
+ * kvarcd and succeeded; "no conversation" for NULL). Valid until cv's next
+ * call or kvarc_conv_close(cv). */
 const char *kvarc_errmsg(const kvarc_conv *cv);
 
-/* Append n tokens of one layer: k and v are [n_kv_heads][n][head_dim] of
- * dtype (KVARC_DTYPE_F16/BF16/F32), pre-RoPE. Every layer must be given the
- * same tokens; positions continue from the layer's length. Tokens are
- * encoded and archived in batches of o.batch (each batch durable when the
- * call that completes it returns; with append_together 2, when the next
- * call that waits for kvarcd returns). */
+/* Append n tokens of one layer.
+ *   layer  in: 0..n_layers-1
+ *   dtype  in: KVARC_DTYPE_F16, _BF16 or _F32: the element type of k and v
+ *   k, v   in: [n_kv_heads][n][head_dim], pre-RoPE; read during the call only
+ *   n      in: tokens (0: nothing, or a flush that was due)
+ * Every layer must be given the same tokens; positions continue from the
+ * layer's length. Tokens are encoded and archived in batches of o.batch
+ * (each batch durable when the call that completes it returns; with
+ * append_together 1, the last layer's call sends every layer's batch;
+ * with append_together 2, when the next call that waits for kvarcd
+ * returns).
+ * Returns 0; -EINVAL (bad layer, NULL k or v); KVARC_EDTYPE;
+ * KVARC_ENONFINITE (a NaN or Inf anywhere in k or v: checked before any
+ * token is kept, so nothing is appended; the message names token and
+ * head); -ENOMEM; and, when the call archives a batch, every code of
+ * kvarc_conv_sync. Messages in kvarc_errmsg(cv). An archiving failure
+ * happens after the tokens were appended: they stay (kvarc_length counts
+ * them, and the next sync retries), so do not append them again. */
 int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n);
 
 /* Attention of the layer's last n_q appended tokens (a decode step: 1; a
- * prefill chunk: up to o.max_chunk). q is [n_q_heads][n_q][head_dim] fp32
- * pre-RoPE, out the same shape. Query i (position len - n_q + i) attends
- * to the sinks, its top_k cold tokens per kv head (retrieved from what was
- * archived and had left the hot window before the chunk), and the hot
- * window up to itself (causal). GQA: query head h reads kv head
- * h / (n_q_heads / n_kv_heads). */
+ * prefill chunk: up to o.max_chunk).
+ *   layer  in: 0..n_layers-1
+ *   q      in: [n_q_heads][n_q][head_dim] fp32, pre-RoPE
+ *   n_q    in: 1..min(o.max_chunk, kvarc_length(cv, layer))
+ *   out    out: [n_q_heads][n_q][head_dim] fp32 (may not overlap q)
+ * Query i (position len - n_q + i) attends to the sinks, its top_k cold
+ * tokens per kv head (retrieved from what was archived and had left the
+ * hot window before the chunk), and the hot window up to itself (causal).
+ * GQA: query head h reads kv head h / (n_q_heads / n_kv_heads).
+ * Returns 0; -EINVAL (bad layer or n_q, NULL q or out); KVARC_ENONFINITE
+ * (a NaN or Inf in q); -ENOMEM; -ENOENT, -ENOSPC, -EACCES, -ECONNREFUSED,
+ * KVARC_ECORRUPT, -EIO (kvarcd's RerankLayer); every code of
+ * kvarc_conv_sync when it must archive first (rare: layers appended
+ * unevenly) or waits for a pipelined append. Messages in kvarc_errmsg(cv).
+ * On failure out may be partly written (queries are served in groups);
+ * nothing appended or archived is undone. A GPU failure is not an error:
+ * the conversation continues on the CPU (kvarc_uses_gpu turns 0). */
 int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, float *out);
 
-/* Tokens appended to layer (0 for a bad layer). */
+/* Tokens appended to layer, archived or not (0 for a bad layer). */
 uint64_t kvarc_length(const kvarc_conv *cv, uint32_t layer);
 
 /* Fork (snapshot = 0) or snapshot (1) this conversation at its current
- * length into dst_ns/dst_name (syncs first; every layer must have the same
- * length). Restore a snapshot: kvarc_restore, then kvarc_conv_attach. */
+ * length into dst_ns/dst_name: syncs first, and every layer must have the
+ * same length. A fork shares the prefix without copying it and can be
+ * appended to; a snapshot cannot (restore it). Returns 0; every code of
+ * kvarc_conv_sync; -EINVAL (layers of different lengths, a bad name);
+ * -EEXIST (the destination exists); -ENOENT; -EACCES, -ECONNREFUSED,
+ * -ENOSPC, KVARC_ECORRUPT, -EIO (from kvarcd). Messages in
+ * kvarc_errmsg(cv). A failed fork keeps what its sync archived. */
 int kvarc_fork(kvarc_conv *cv, const char *dst_ns, const char *dst_name, int snapshot);
+
+/* Make dst_ns/dst_name from the snapshot snap_ns/snap_name (then
+ * kvarc_conv_attach it). Returns 0; -ENOENT (no such snapshot);
+ * KVARC_ESHAPE (it is not a snapshot: fork it instead); -EEXIST (the
+ * destination exists); -EINVAL (a bad name); -EACCES, -ECONNREFUSED,
+ * -ENOSPC, KVARC_ECORRUPT, -EIO. Messages in kvarc_client_errmsg(c). */
 int kvarc_restore(kvarc_client *c, const char *snap_ns, const char *snap_name, const char *dst_ns,
                   const char *dst_name);
 
+/* Copy the counters since the conversation was opened into *out. Failed
+ * calls count their work too, except steps and queries (successes only). */
 void kvarc_conv_stats(const kvarc_conv *cv, kvarc_stats *out);
 
 /* The options in effect: those given, with format, pos_mode and seed the
  * conversation's (attach), and score_distance resolved (-1: hot_window). */
 void kvarc_conv_options(const kvarc_conv *cv, kvarc_options *out);
 
-/* 1 if this conversation's stage 1 and attention run on the GPU. */
+/* 1 if this conversation's stage 1 and attention run on the GPU (0 for
+ * NULL, without CUDA or a device, with use_gpu 0 or fast_tier 1). It can
+ * turn 0 during any call after a device failure (the CPU serves on), and
+ * never back. */
 int kvarc_uses_gpu(const kvarc_conv *cv);
 
 /* kvarc_append and kvarc_attend with k, v, q and out in CUDA device
  * memory (same layouts), for an engine whose tensors live on the GPU.
  * They copy through host memory for now (K/V to be encoded, the query for
- * stage 1); -ENOTSUP when libkvarc was built without CUDA, -EINVAL when a
- * pointer is not device memory. */
+ * stage 1). Returns every code of kvarc_append / kvarc_attend, and
+ * -ENOTSUP when libkvarc was built without CUDA, -EINVAL when a pointer
+ * is not device memory the copy can read (or, with CUDA but no device,
+ * always). kvarc_attend_device can fail after the attention succeeded, in
+ * copying out back: then d_out is not written but the step counts. */
 int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n);
 int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out);
 
-/* The cold positions the last kvarc_attend retrieved for its last query
- * and kv head `head`, best first: up to max into pos; returns how many
- * there were (0 when nothing was cold). For measuring retrieval (recall,
- * needles), not needed to use the library. */
+/* The cold positions the last successful kvarc_attend (of any layer)
+ * retrieved for its last query and kv head `head`, best first as kvarcd
+ * ranked them: min(count, max) of them copied into pos (the caller's; pos
+ * may be NULL when max is 0). Returns the count, which can exceed max (0
+ * for a bad head, before any attend, or when nothing was cold or top_k is
+ * 0). For measuring retrieval (recall, needles), not needed to use the
+ * library. */
 size_t kvarc_last_retrieved(const kvarc_conv *cv, uint32_t head, uint64_t *pos, size_t max);
 
 #ifdef __cplusplus

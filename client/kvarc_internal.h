@@ -25,6 +25,7 @@ typedef struct kl_cache {
     uint8_t  *rec;               /* [cap][rb] */
 } kl_cache;
 
+#define KL_CACHE_MAX ((size_t)1 << 30)   /* records: the cache's indices are 32-bit */
 int  kl_cache_init(kl_cache *c, size_t cap, size_t rb);
 void kl_cache_free(kl_cache *c);
 uint64_t kl_cache_key(uint32_t layer, uint32_t head, uint64_t pos);

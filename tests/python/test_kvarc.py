@@ -151,9 +151,20 @@ class Conversations(DaemonCase):
             self.client.create("py", self.name(), M, coarse_blocks=3)
         self.assertEqual(cm.exception.errno_name, "EINVAL")
         self.assertIn("coarse", cm.exception.message)
-        with self.assertRaises(kvarc.Error) as cm:
-            self.client.create("py", "", M)
-        self.assertEqual(cm.exception.code, -22)
+        for bad, words in [(dict(combine=2), "combine 2"), (dict(scale=float("inf")), "scale inf"),
+                           (dict(scale=-1.0), "scale -1"), (dict(cache_records=1 << 33), "cache_records 8589934592")]:
+            with self.subTest(words):
+                with self.assertRaises(kvarc.Error) as cm:          # refused at create, not at the first attend
+                    self.client.create("py", self.name(), M, **bad)
+                self.assertEqual(cm.exception.code, -22)
+                self.assertIn(words, cm.exception.message)
+        for ns, name in [("", "x"), ("py", ""), ("n" * 64, "x"), ("py", "x" * 128)]:
+            with self.assertRaises(kvarc.Error) as cm:          # never silently cut to fit
+                self.client.create(ns, name, M)
+            self.assertEqual(cm.exception.code, -22)
+            self.assertIn("bad name", cm.exception.message)
+        with self.client.create("n" * 63, "x" * 127, M) as c:   # the longest names there are
+            self.assertEqual(c.length(), 0)
 
     def test_fork_snapshot_restore_attach(self):
         rng = np.random.default_rng(4)
