@@ -284,7 +284,8 @@ class Conversation:
             raise InvalidArgument("k and v: one on the GPU, the other not")
         fn = lib.kvarc_append_device if kv.cuda else lib.kvarc_append
         rc = fn(h, layer, kv.dtype, kv.ptr, vv.ptr, kv.shape[1])
-        _check(rc, f"{self.ns}/{self.name} layer {layer}: append of {kv.shape[1]} tokens", self._errmsg)
+        if rc:
+            _check(rc, f"{self.ns}/{self.name} layer {layer}: append of {kv.shape[1]} tokens", self._errmsg)
 
     def attend(self, layer, q, out=None):
         """Attention of the layer's last n_q appended tokens (1 for a decode step, up to options
@@ -304,7 +305,8 @@ class Conversation:
             raise DtypeError(f"out: a float32 {'CUDA ' if qv.cuda else ''}{qv.kind} array like q is expected")
         fn = lib.kvarc_attend_device if qv.cuda else lib.kvarc_attend
         rc = fn(h, layer, q32.ptr, qv.shape[1], ov.ptr)
-        _check(rc, f"{self.ns}/{self.name} layer {layer}: attend of {qv.shape[1]} queries", self._errmsg)
+        if rc:
+            _check(rc, f"{self.ns}/{self.name} layer {layer}: attend of {qv.shape[1]} queries", self._errmsg)
         if out is None and qv.dtype != _arrays.F32:
             return res.to(q.dtype) if qv.kind == "torch" else res.astype(q.dtype)
         return res

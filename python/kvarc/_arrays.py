@@ -22,6 +22,17 @@ class View:
         self.obj, self.ptr, self.dtype, self.shape, self.kind, self.cuda = obj, ptr, dtype, shape, kind, cuda
 
 
+_TORCH_CODES = None                    # torch dtype -> kvarc dtype, once torch is seen
+
+
+def _torch_codes():
+    global _TORCH_CODES
+    if _TORCH_CODES is None:
+        import torch
+        _TORCH_CODES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+    return _TORCH_CODES
+
+
 def _is_torch(x):
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
@@ -29,8 +40,7 @@ def _is_torch(x):
 def view(x, what, heads, head_dim, tokens=None):
     """Check x as [heads][tokens][head_dim] (tokens: any >= 1 if None)."""
     if _is_torch(x):
-        import torch
-        codes = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
+        codes = _torch_codes()
         if x.dtype not in codes:
             raise _errors.DtypeError(f"{what}: dtype {x.dtype} (libkvarc takes float32, float16, bfloat16)")
         dt, shape, contiguous, cuda = codes[x.dtype], tuple(x.shape), x.is_contiguous(), x.device.type == "cuda"

@@ -62,6 +62,10 @@ class Cache:
         T = q.shape[1]
         if k.shape[1] != T or v.shape[1] != T:
             raise kvarc.InvalidArgument(f"kvarc.torch: {T} queries but k has {k.shape[1]} and v {v.shape[1]} tokens")
+        if T <= self.max_chunk:             # a decode step or one chunk: no slicing
+            self.conv.append(layer, k.contiguous(), v.contiguous())
+            o = self.conv.attend(layer, q.contiguous())
+            return o.unsqueeze(0) if batched else o
         out = []
         for s in range(0, T, self.max_chunk):
             e = min(T, s + self.max_chunk)

@@ -126,7 +126,7 @@ class PasskeyModel(DaemonCase):
         saved = train.Block.attention
         train.Block.attention = passkey.attention
         try:
-            a = passkey.argparse.Namespace(no_means=False, top_k=64, hot=64, sinks=4, chunk=64, coarse=0,
+            a = passkey.argparse.Namespace(no_means=False, top_k=64, hot=64, sinks=4, chunk=64, coarse=0, decode_steps=0,
                                            format="q3", seed=1)
             r = passkey.Runner(a, model, self.client)
             got = {mode: [r.trial(mode, 1024, a.seed + t)["answer"] for t in range(3)]

@@ -57,6 +57,8 @@ static void usage(FILE *f)
             "  --prefill-coarse B the same for a prefill chunk's queries but its last\n"
             "                     (default 0: as --coarse)\n"
             "  --prefill-shortlist F  those queries' shortlist, in top_k (default 0: 8)\n"
+            "  --decode-steps N   after the answer, N more greedy decode steps per trial, timed with\n"
+            "                     the answer's (decode_ms_per_step in the receipt; default 0)\n"
             "  --no-means         do not center keys with means calibrated on one prompt\n"
             "  --gate N           equivalence gate: N greedy tokens (default 16; 0 skips)\n"
             "  --gate-length L    its prompt length (default 1024)\n"
@@ -187,7 +189,7 @@ typedef struct run_opts {
     uint32_t    lengths[MAX_LENGTHS];
     int         nl, modes[PK_MODES], means, format;
     uint32_t    trials, full_max, top_k, hot, sinks, chunk, gate, gate_len, agree, coarse;
-    uint32_t    prefill_coarse, prefill_shortlist;
+    uint32_t    prefill_coarse, prefill_shortlist, decode_steps;
     uint32_t    agree_hots[MAX_AGREE];      /* the agreement table's hot windows */
     int         n_agree_hots, agree_formats[MAX_AGREE], n_agree_formats;   /* 0 formats: --format's */
     uint64_t    seed;
@@ -230,7 +232,7 @@ static int parse_run(int argc, char **argv, run_opts *o)
         U32("--trials", trials); U32("--full-max", full_max); U32("--top-k", top_k); U32("--hot", hot);
         U32("--sinks", sinks); U32("--chunk", chunk); U32("--gate", gate); U32("--gate-length", gate_len);
         U32("--agree", agree); U32("--coarse", coarse); U32("--prefill-coarse", prefill_coarse);
-        U32("--prefill-shortlist", prefill_shortlist);
+        U32("--prefill-shortlist", prefill_shortlist); U32("--decode-steps", decode_steps);
         else if ((!strcmp(a, "--agree-hot") || !strcmp(a, "--agree-hots")) && v) {
             if ((o->n_agree_hots = parse_list(v, o->agree_hots, MAX_AGREE, 1)) < 1 ||
                 (!strcmp(a, "--agree-hot") && o->n_agree_hots != 1)) {
@@ -445,7 +447,7 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
 
     pk_setup s = { .m = &m, .cl = cl, .ns = "passkey", .format = o.format, .top_k = o.top_k, .coarse = o.coarse,
                    .prefill_coarse = o.prefill_coarse, .prefill_shortlist = o.prefill_shortlist, .hot = o.hot,
-                   .sinks = o.sinks, .chunk = o.chunk };
+                   .sinks = o.sinks, .chunk = o.chunk, .decode_steps = o.decode_steps };
     if (o.means) {
         means = malloc((size_t)m.n_layers * m.n_kv_heads * 2 * m.head_dim * sizeof *means);
         if (!means || pk_calibrate(&m, m.train_len, 0xCA11B8A7Eull, means, err, sizeof err)) {
@@ -493,7 +495,7 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
             }
             uint32_t ok = 0, found = 0;
             int has_found = 0;
-            double secs = 0, stage[5] = { 0 }, decode = 0;
+            double secs = 0, stage[5] = { 0 }, decode = 0, decode_kvarc = 0;
             cJSON *answers = cJSON_CreateArray();   /* each trial's 5 greedy tokens, as digits ('?' else) */
             for (uint32_t t = 0; t < o.trials; t++) {
                 pk_result r;
@@ -514,6 +516,7 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
                     has_found = 1, found += (uint32_t)r.retrieved;
                 secs += r.seconds;
                 decode += r.decode_s;
+                decode_kvarc += r.decode_kvarc_s;
                 for (int i = 0; i < 5; i++)
                     stage[i] += r.stage_s[i];
             }
@@ -529,7 +532,10 @@ static int cmd_run(int argc, char **argv, int full_argc, char **full_argv)
                 cJSON_AddNumberToObject(e, "needle_retrieved", found);
             cJSON_AddNumberToObject(e, "seconds_per_trial", round(secs / o.trials * 1000) / 1000);
             cJSON_AddNumberToObject(e, "decode_ms_per_step",
-                                    round(decode / ((double)o.trials * (PK_KEY_DIGITS - 1)) * 1e6) / 1e3);
+                                    round(decode / ((double)o.trials * (PK_KEY_DIGITS - 1 + o.decode_steps)) * 1e6) / 1e3);
+            if (md >= PK_KVARC)
+                cJSON_AddNumberToObject(e, "decode_kvarc_ms_per_step",
+                                        round(decode_kvarc / ((double)o.trials * (PK_KEY_DIGITS - 1 + o.decode_steps)) * 1e6) / 1e3);
             cJSON_AddItemToObject(e, "answers", answers);   /* trial t: seed + t */
             if (md >= PK_KVARC) {         /* libkvarc's own time by stage, per trial */
                 static const char *const sn[5] = { "stage1", "stage2", "decode", "attention", "archive" };

@@ -225,6 +225,7 @@ static int kvarc_layer(const pk_model *m, pk_attn *a, uint32_t l, const float *q
                        uint32_t n, float *out, char *err, size_t len)
 {
     int rc;
+    const double t0 = tu_now_s();
     if (a->kv_dtype == KVARC_DTYPE_F16) {
         size_t nk = (size_t)m->n_kv_heads * n * m->head_dim;
         uint16_t *k16 = malloc(nk * 2), *v16 = malloc(nk * 2);
@@ -245,6 +246,7 @@ static int kvarc_layer(const pk_model *m, pk_attn *a, uint32_t l, const float *q
     }
     if (!rc)
         rc = kvarc_attend(a->cv, l, q, n, out);
+    a->kvarc_s += tu_now_s() - t0;
     if (rc)
         return fail(err, len, "libkvarc: %s (%d)", kvarc_errmsg(a->cv), rc);
     return 0;

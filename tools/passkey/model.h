@@ -56,6 +56,7 @@ typedef struct pk_attn {
     /* kvarc */
     kvarc_conv  *cv;
     int          kv_dtype;                  /* KVARC_DTYPE_F32 or F16 handed to kvarc_append */
+    double       kvarc_s;                   /* seconds inside kvarc_append and kvarc_attend */
 } pk_attn;
 
 /* Exact attention for up to cap tokens. */

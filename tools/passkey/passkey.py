@@ -179,6 +179,9 @@ class Runner:
                 answer.append(int(torch.argmax(logits)))
                 if i + 1 < tasks.KEY_DIGITS:
                     logits = self.forward([answer[-1]])[-1]
+            nxt = answer[-1]
+            for _ in range(a.decode_steps):       # on past the answer, for timing (kvarc-passkey's --decode-steps)
+                nxt = int(torch.argmax(self.forward([nxt])[-1]))
             decode_s = time.perf_counter() - td
             kvarc_s = getattr(backend, "seconds", 0.0) - k0
         finally:
@@ -201,7 +204,7 @@ class Runner:
                           flush=True)
                     rs.append(self.trial(mode, length, a.seed + t))
                 print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-                steps = a.trials * (tasks.KEY_DIGITS - 1)
+                steps = a.trials * (tasks.KEY_DIGITS - 1 + a.decode_steps)
                 e = dict(length=length, x_train=length / self.c.train_len, mode=mode,
                          correct=sum(r["correct"] for r in rs), trials=a.trials,
                          seconds_per_trial=round(sum(r["seconds"] for r in rs) / a.trials, 3),
@@ -325,6 +328,8 @@ def common_args(ap):
     ap.add_argument("--data", help="use the kvarcd of this data directory (default: start one on a temporary one)")
     ap.add_argument("--kvarcd", help="the kvarcd to start (default: $KVARCD_PATH, PATH, the build tree)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--decode-steps", type=int, default=0,
+                    help="greedy decode steps after the answer, timed with it (default 0)")
 
 
 def run(a):
@@ -408,6 +413,7 @@ def overhead(a):
     with tempfile.TemporaryDirectory() as tmp:
         cr = os.path.join(tmp, "c.json")
         cmd = [c_runner, "run", "--lengths", a.lengths, "--trials", str(a.trials), "--modes", "kvarc",
+               "--decode-steps", str(a.decode_steps),
                "--gate", "0", "--agree", "0", "--receipt", cr, "--seed", str(a.seed), "--format", a.format,
                "--top-k", str(a.top_k), "--hot", str(a.hot), "--sinks", str(a.sinks), "--chunk", str(a.chunk)]
         if a.kvarcd:
@@ -420,13 +426,17 @@ def overhead(a):
         with open(cr) as f, open(a.receipt) as g:
             c, py = json.load(f), json.load(g)
     cg = {e["length"]: e for e in c["figures"]["passkey"]}
-    print("\ndecode step (the model's forward of one token through kvarc), same prompts, same run:")
-    print(f"{'length':<8} {'C ms':>9} {'python ms':>10} {'python / C':>11} {'of it in kvarc calls':>21} {'answers':>8}")
+    print("\ndecode step: the model's forward of one token (C: model.c; Python: train.py's torch module), and of it\n"
+          "the time inside kvarc (C: kvarc_append + kvarc_attend; Python: kvarc.torch.Cache.attention, the whole\n"
+          "Python path: argument checks, ctypes, the same C calls), ms per step, same prompts, same run:")
+    print(f"{'length':<8} {'C step':>8} {'py step':>8} {'py / C':>7}   {'C kvarc':>8} {'py kvarc':>9} {'py / C':>7} "
+          f"{'answers':>8}")
     for e in py["figures"]["passkey"]:
         ce = cg[e["length"]]
         same = e["answers"] == ce["answers"]
-        print(f"{e['length']:<8} {ce['decode_ms_per_step']:9.3f} {e['decode_ms_per_step']:10.3f} "
-              f"{e['decode_ms_per_step'] / ce['decode_ms_per_step']:10.3f}x {e['decode_kvarc_ms_per_step']:18.3f} ms "
+        ck, pk = ce["decode_kvarc_ms_per_step"], e["decode_kvarc_ms_per_step"]
+        print(f"{e['length']:<8} {ce['decode_ms_per_step']:8.3f} {e['decode_ms_per_step']:8.3f} "
+              f"{e['decode_ms_per_step'] / ce['decode_ms_per_step']:6.3f}x   {ck:8.3f} {pk:9.3f} {pk / ck:6.3f}x "
               f"{'same' if same else 'DIFFER':>8}")
     return rc
 
@@ -449,7 +459,7 @@ def main():
     c.add_argument("c")
     o = sub.add_parser("overhead", help="decode-step time against the C runner, same prompts, same run")
     common_args(o)
-    o.set_defaults(lengths="16384", trials=5)
+    o.set_defaults(lengths="4096,16384", trials=5, decode_steps=60)
     o.add_argument("--c-runner", help="kvarc-passkey (default: build/tools/passkey/kvarc-passkey)")
     a = ap.parse_args()
     return {"run": run, "compare": compare, "overhead": overhead}[a.cmd](a)

@@ -34,6 +34,7 @@ typedef struct pk_setup {
     uint32_t        coarse;                     /* kvarc_options.coarse_blocks (0: the full scan) */
     uint32_t        prefill_coarse;             /* kvarc_options.prefill_coarse_blocks */
     uint32_t        prefill_shortlist;          /* kvarc_options.prefill_shortlist */
+    uint32_t        decode_steps;               /* greedy decode steps after the answer (timing) */
 } pk_setup;
 
 /* libkvarc options for a kvarc mode of s (pos_mode, top_k, ...). */
@@ -47,7 +48,8 @@ typedef struct pk_result {
                                     token held a needle token ("key:" or a digit) for some kv head
                                     (1/0); -1 otherwise */
     double   seconds;
-    double   decode_s;           /* the decode steps after the prompt (PK_KEY_DIGITS - 1 of them) */
+    double   decode_s;           /* the decode steps after the prompt (PK_KEY_DIGITS - 1 + decode_steps) */
+    double   decode_kvarc_s;     /* of it, inside kvarc_append and kvarc_attend (kvarc modes) */
     double   stage_s[5];         /* kvarc modes: stage 1, stage 2, decode, attention, archiving (s) */
 } pk_result;
 
