@@ -420,12 +420,14 @@ def overhead(a):
             cmd += ["--kvarcd", a.kvarcd]
         print("C runner: " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        receipt = a.receipt
         a.modes, a.agree, a.receipt = "kvarc", 0, os.path.join(tmp, "py.json")
         a.agree_hots, a.agree_formats = "64", None
         rc = run(a)
         with open(cr) as f, open(a.receipt) as g:
             c, py = json.load(f), json.load(g)
     cg = {e["length"]: e for e in c["figures"]["passkey"]}
+    rows = []
     print("\ndecode step: the model's forward of one token (C: model.c; Python: train.py's torch module), and of it\n"
           "the time inside kvarc (C: kvarc_append + kvarc_attend; Python: kvarc.torch.Cache.attention, the whole\n"
           "Python path: argument checks, ctypes, the same C calls), ms per step, same prompts, same run:")
@@ -435,9 +437,17 @@ def overhead(a):
         ce = cg[e["length"]]
         same = e["answers"] == ce["answers"]
         ck, pk = ce["decode_kvarc_ms_per_step"], e["decode_kvarc_ms_per_step"]
+        rows.append(dict(length=e["length"], c_step_ms=ce["decode_ms_per_step"], python_step_ms=e["decode_ms_per_step"],
+                         c_kvarc_ms=ck, python_kvarc_ms=pk, same_answers=same))
         print(f"{e['length']:<8} {ce['decode_ms_per_step']:8.3f} {e['decode_ms_per_step']:8.3f} "
               f"{e['decode_ms_per_step'] / ce['decode_ms_per_step']:6.3f}x   {ck:8.3f} {pk:9.3f} {pk / ck:6.3f}x "
               f"{'same' if same else 'DIFFER':>8}")
+    with open(receipt, "w") as f:
+        json.dump(dict(receipt="kvarc-python-overhead/1", command=" ".join(sys.argv), git_revision=git_revision(),
+                       time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows, c_runner=c,
+                       python=py), f, indent=1)
+        f.write("\n")
+    print(f"receipt {receipt}")
     return rc
 
 
@@ -461,6 +471,7 @@ def main():
     common_args(o)
     o.set_defaults(lengths="4096,16384", trials=5, decode_steps=60)
     o.add_argument("--c-runner", help="kvarc-passkey (default: build/tools/passkey/kvarc-passkey)")
+    o.add_argument("--receipt", default="kvarc-passkey-overhead.json", help="both runs' receipts and the table")
     a = ap.parse_args()
     return {"run": run, "compare": compare, "overhead": overhead}[a.cmd](a)
 
