@@ -308,6 +308,14 @@ int kvarc_attend(kvarc_conv *cv, uint32_t layer, const float *q, uint32_t n_q, f
         return kl_fail(cv, -EINVAL, "attend of %u queries on layer %u: 1..max_chunk (%u) queries, and the chunk's "
                        "tokens appended first (the layer has %llu)", n_q, layer, cv->o.max_chunk,
                        (unsigned long long)y->len);
+    /* every query value checked first: a NaN or Inf is refused before any work, whichever path serves */
+    const size_t nqv = (size_t)cv->m.n_q_heads * n_q * cv->m.head_dim;
+    for (size_t i = 0; i < nqv; i++)
+        if (!isfinite(q[i])) {
+            const size_t per_head = (size_t)n_q * cv->m.head_dim;
+            return kl_fail(cv, KVARC_ENONFINITE, "attend on layer %u: query %zu head %zu has a NaN or Inf", layer,
+                           i % per_head / cv->m.head_dim, i / per_head);
+        }
     int rc = kl_drain(cv);                /* kvarcd holds every block this conversation counts as archived */
     if (rc)
         return rc;

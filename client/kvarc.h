@@ -37,7 +37,10 @@
  *   -EACCES         kvarcd refused the token (unknown, or not for this namespace)
  *   -ECONNREFUSED   kvarcd is unreachable (not running, restarting, or no
  *                   answer within 30 s); the message names the kvarcd and the
- *                   call. Nothing is lost by it: retry the call (sync) later
+ *                   call. Retry it (sync) later. If an append reached kvarcd
+ *                   and only its answer was lost, the retry is refused
+ *                   ("appends must continue at the end", -EINVAL): kvarcd
+ *                   has the tokens; close and attach again to continue
  *   -ENOSPC         kvarcd's disk, index map or memory is full, or a request
  *                   or reply over the transport's limits
  *   -EIO            kvarcd failed internally, or answered something malformed
@@ -320,8 +323,10 @@ const char *kvarc_errmsg(const kvarc_conv *cv);
  * token is kept, so nothing is appended; the message names token and
  * head); -ENOMEM; and, when the call archives a batch, every code of
  * kvarc_conv_sync. Messages in kvarc_errmsg(cv). An archiving failure
- * happens after the tokens were appended: they stay (kvarc_length counts
- * them, and the next sync retries), so do not append them again. */
+ * can happen part way through the call (a full ring, or a batch sent per
+ * layer): the tokens before it were appended and stay (the next sync
+ * retries them), the rest were not. kvarc_length tells which: append
+ * again from there, not the whole call. */
 int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const void *v, uint32_t n);
 
 /* Attention of the layer's last n_q appended tokens (a decode step: 1; a
@@ -335,7 +340,7 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
  * hot window before the chunk), and the hot window up to itself (causal).
  * GQA: query head h reads kv head h / (n_q_heads / n_kv_heads).
  * Returns 0; -EINVAL (bad layer or n_q, NULL q or out); KVARC_ENONFINITE
- * (a NaN or Inf in q); -ENOMEM; -ENOENT, -ENOSPC, -EACCES, -ECONNREFUSED,
+ * (a NaN or Inf anywhere in q: checked before any work); -ENOMEM; -ENOENT, -ENOSPC, -EACCES, -ECONNREFUSED,
  * KVARC_ECORRUPT, -EIO (kvarcd's RerankLayer); every code of
  * kvarc_conv_sync when it must archive first (rare: layers appended
  * unevenly) or waits for a pipelined append. Messages in kvarc_errmsg(cv).

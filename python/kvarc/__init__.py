@@ -158,9 +158,11 @@ class Client:
         _check(rc, f"connecting to {self.target}", None)
         self._h = h
         self._convs = weakref.WeakSet()
+        self._open = 0            # conversations open in C: the C client is freed only after the last
+        self._closing = False     # close() or the finalizer asked for it while some were still open
 
     def _handle(self):
-        if self._h is None:
+        if self._h is None or self._closing:
             raise ClosedError(f"client of {self.target} is closed")
         return self._h
 
@@ -203,7 +205,18 @@ class Client:
 
     def _adopt(self, conv):
         self._convs.add(conv)
+        self._open += 1
         return conv
+
+    def _conv_closed(self):
+        self._open -= 1
+        if self._closing and self._open == 0:
+            self._free()
+
+    def _free(self):
+        if self._h is not None:
+            lib.kvarc_client_close(self._h)
+            self._h = None
 
     def restore(self, snap_ns, snap_name, dst_ns, dst_name):
         """Make dst_ns/dst_name from the snapshot snap_ns/snap_name (then attach it)."""
@@ -213,7 +226,8 @@ class Client:
 
     def close(self):
         """Close every conversation still open on this client (each syncs: the first failure is raised
-        after all are closed), then the connection. Closing twice is harmless."""
+        after all are closed), then the connection. Closing twice is harmless. Do not close a client
+        while another thread is inside a call on one of its conversations."""
         if self._h is None:
             return
         first = None
@@ -222,8 +236,9 @@ class Client:
                 conv.close()
             except Error as e:
                 first = first or e
-        lib.kvarc_client_close(self._h)
-        self._h = None
+        self._closing = True
+        if self._open == 0:       # else (a conversation the garbage collector holds): freed after its close
+            self._free()
         if first:
             raise first
 
@@ -256,8 +271,6 @@ class Conversation:
     def _handle(self):
         if self._h is None:
             raise ClosedError(f"conversation {self.ns}/{self.name} is closed")
-        if self.client._h is None:
-            raise ClosedError(f"conversation {self.ns}/{self.name}: its client is closed")
         return self._h
 
     def _errmsg(self):
@@ -359,14 +372,12 @@ class Conversation:
         if self._h is None:
             return
         h = self._h
-        if self.client._h is None:      # cannot happen through Client.close, which closes its conversations first
-            self._h = None
-            return
-        rc = lib.kvarc_conv_sync(h)
+        rc = lib.kvarc_conv_sync(h)     # here, not only in kvarc_conv_close: its message lives in the handle
         msg = self._errmsg() if rc else ""
         self._h = None
         self.client._convs.discard(self)
         rc2 = lib.kvarc_conv_close(h)
+        self.client._conv_closed()      # the client's C handle outlives every conversation of it
         _check(rc or rc2, f"{self.ns}/{self.name}: close (sync)", msg)
 
     def __del__(self):

@@ -132,6 +132,12 @@ class Conversations(DaemonCase):
                     with self.assertRaises(exc) as cm:
                         call()
                     self.assertIn(words, str(cm.exception))
+            qn = np.zeros((4, 2, 64), np.float32)
+            qn[3, 1, 5] = np.inf
+            with self.assertRaises(kvarc.Error) as cm:         # nothing cold yet: checked all the same
+                c.attend(0, qn)
+            self.assertEqual(cm.exception.errno_name, "KVARC_ENONFINITE")
+            self.assertIn("query 1 head 3", cm.exception.message)
             with self.assertRaises(kvarc.Error) as cm:         # libkvarc's own check: more queries than tokens
                 c.attend(0, np.zeros((4, 6, 64), np.float32))
             self.assertEqual(cm.exception.code, -22)
@@ -206,6 +212,38 @@ class Conversations(DaemonCase):
             with self.assertRaises(kvarc.ClosedError) as cm:
                 call()
             self.assertIn("is closed", str(cm.exception))
+
+    def test_collected_together(self):
+        """A client and its conversation collected together (a reference cycle) still sync the conversation
+        before the client goes: nothing appended is lost, nothing is used after it is freed."""
+        import gc
+        name = self.name()
+        cl = kvarc.Client(self.kd.data)
+        c = cl.create("py", name, M, hot_window=64, batch=32)
+        z = np.ones((2, 50, 64), np.float32)
+        for layer in range(2):
+            c.append(layer, z, z)
+        holder = {"client": cl, "conv": c}
+        holder["self"] = holder                                 # a cycle: only the collector frees it
+        del cl, c, holder
+        gc.collect()
+        with self.client.attach("py", name, M, hot_window=64, batch=32) as again:
+            self.assertEqual((again.length(0), again.length(1)), (50, 50))
+        # the order the collector may choose: it clears weak references (the client's set of its
+        # conversations) before finalizers, and may finalize the client first
+        cl = kvarc.Client(self.kd.data)
+        c = cl.create("py", name + "-b", M, hot_window=64, batch=32)
+        for layer in range(2):
+            c.append(layer, z, z)
+        cl._convs.discard(c)
+        cl.__del__()
+        self.assertIsNotNone(cl._h, "the client was freed under an open conversation")
+        with self.assertRaises(kvarc.ClosedError):
+            cl.create("py", name + "-c", M)
+        c.__del__()
+        self.assertIsNone(cl._h, "the last conversation's close frees the client")
+        with self.client.attach("py", name + "-b", M, hot_window=64, batch=32) as again:
+            self.assertEqual(again.length(1), 50)
 
     def test_threads(self):
         """Two conversations attended from two threads at once give what each gives alone."""

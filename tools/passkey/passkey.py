@@ -162,7 +162,7 @@ class Runner:
     def trial(self, mode, length, seed):
         a = self.a
         prompt, key = tasks.passkey_sequence(tasks.Rng(seed), length)
-        needle = prompt.index(tasks.KEY, 1)
+        needle = prompt.index(tasks.KEY, 1) + 1      # the first key digit (trial.c's needle)
         t0 = time.perf_counter()
         backend, cache = self.open(mode, a.format, a.hot, f"{length}-{seed}")
         try:
@@ -408,44 +408,58 @@ def compare(a):
 
 
 def overhead(a):
-    """Decode-step time of the Python path against the C runner on the same prompts, in one run."""
+    """Decode-step time of the Python path against the C runner on the same prompts: --repeat pairs of runs
+    (C, then Python), alternating, in one invocation; the medians of the per-pair ratios."""
     c_runner = a.c_runner or os.path.join(ROOT, "build", "tools", "passkey", "kvarc-passkey")
-    with tempfile.TemporaryDirectory() as tmp:
-        cr = os.path.join(tmp, "c.json")
-        cmd = [c_runner, "run", "--lengths", a.lengths, "--trials", str(a.trials), "--modes", "kvarc",
-               "--decode-steps", str(a.decode_steps),
-               "--gate", "0", "--agree", "0", "--receipt", cr, "--seed", str(a.seed), "--format", a.format,
-               "--top-k", str(a.top_k), "--hot", str(a.hot), "--sinks", str(a.sinks), "--chunk", str(a.chunk)]
-        if a.kvarcd:
-            cmd += ["--kvarcd", a.kvarcd]
-        print("C runner: " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        receipt = a.receipt
-        a.modes, a.agree, a.receipt = "kvarc", 0, os.path.join(tmp, "py.json")
-        a.agree_hots, a.agree_formats = "64", None
-        rc = run(a)
-        with open(cr) as f, open(a.receipt) as g:
-            c, py = json.load(f), json.load(g)
-    cg = {e["length"]: e for e in c["figures"]["passkey"]}
-    rows = []
+    receipt, rows, pairs, rc, lengths = a.receipt, [], [], 0, a.lengths
+    for rep in range(a.repeat):
+        a.lengths, a.modes, a.agree, a.agree_hots, a.agree_formats = lengths, "kvarc", 0, "64", None   # run() parses
+        with tempfile.TemporaryDirectory() as tmp:
+            cr = os.path.join(tmp, "c.json")
+            cmd = [c_runner, "run", "--lengths", lengths, "--trials", str(a.trials), "--modes", "kvarc",
+                   "--decode-steps", str(a.decode_steps), "--gate", "0", "--agree", "0", "--receipt", cr, "--seed",
+                   str(a.seed), "--format", a.format, "--top-k", str(a.top_k), "--hot", str(a.hot), "--sinks",
+                   str(a.sinks), "--chunk", str(a.chunk), "--coarse", str(a.coarse), "--model", a.model]
+            if a.no_means:
+                cmd.append("--no-means")
+            if a.kvarcd:
+                cmd += ["--kvarcd", a.kvarcd]
+            print(f"pair {rep + 1}/{a.repeat}, C runner: " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            a.receipt = os.path.join(tmp, "py.json")
+            rc |= run(a)
+            with open(cr) as f, open(a.receipt) as g:
+                c, py = json.load(f), json.load(g)
+        pairs.append(dict(c_runner=c, python=py))
+        cg = {e["length"]: e for e in c["figures"]["passkey"]}
+        for e in py["figures"]["passkey"]:
+            ce = cg[e["length"]]
+            rows.append(dict(pair=rep + 1, length=e["length"], c_step_ms=ce["decode_ms_per_step"],
+                             python_step_ms=e["decode_ms_per_step"], c_kvarc_ms=ce["decode_kvarc_ms_per_step"],
+                             python_kvarc_ms=e["decode_kvarc_ms_per_step"], same_answers=e["answers"] == ce["answers"]))
     print("\ndecode step: the model's forward of one token (C: model.c; Python: train.py's torch module), and of it\n"
           "the time inside kvarc (C: kvarc_append + kvarc_attend; Python: kvarc.torch.Cache.attention, the whole\n"
-          "Python path: argument checks, ctypes, the same C calls), ms per step, same prompts, same run:")
-    print(f"{'length':<8} {'C step':>8} {'py step':>8} {'py / C':>7}   {'C kvarc':>8} {'py kvarc':>9} {'py / C':>7} "
-          f"{'answers':>8}")
-    for e in py["figures"]["passkey"]:
-        ce = cg[e["length"]]
-        same = e["answers"] == ce["answers"]
-        ck, pk = ce["decode_kvarc_ms_per_step"], e["decode_kvarc_ms_per_step"]
-        rows.append(dict(length=e["length"], c_step_ms=ce["decode_ms_per_step"], python_step_ms=e["decode_ms_per_step"],
-                         c_kvarc_ms=ck, python_kvarc_ms=pk, same_answers=same))
-        print(f"{e['length']:<8} {ce['decode_ms_per_step']:8.3f} {e['decode_ms_per_step']:8.3f} "
-              f"{e['decode_ms_per_step'] / ce['decode_ms_per_step']:6.3f}x   {ck:8.3f} {pk:9.3f} {pk / ck:6.3f}x "
-              f"{'same' if same else 'DIFFER':>8}")
+          "Python path: argument checks, ctypes, the same C calls), ms per step, same prompts:")
+    print(f"{'pair':<5} {'length':<8} {'C step':>8} {'py step':>8} {'py / C':>7}   {'C kvarc':>8} {'py kvarc':>9} "
+          f"{'py / C':>7} {'answers':>8}")
+    for r in rows:
+        r["step_ratio"] = r["python_step_ms"] / r["c_step_ms"]
+        r["kvarc_ratio"] = r["python_kvarc_ms"] / r["c_kvarc_ms"]
+        print(f"{r['pair']:<5} {r['length']:<8} {r['c_step_ms']:8.3f} {r['python_step_ms']:8.3f} {r['step_ratio']:6.3f}x   "
+              f"{r['c_kvarc_ms']:8.3f} {r['python_kvarc_ms']:9.3f} {r['kvarc_ratio']:6.3f}x "
+              f"{'same' if r['same_answers'] else 'DIFFER':>8}")
+    medians = []
+    for length in sorted({r["length"] for r in rows}):
+        rs = [r for r in rows if r["length"] == length]
+        m = dict(length=length, step_ratio=quantile([r["step_ratio"] for r in rs], 0.5),
+                 kvarc_ratio=quantile([r["kvarc_ratio"] for r in rs], 0.5))
+        medians.append(m)
+        print(f"median over {len(rs)} pairs at {length}: whole step {m['step_ratio']:.3f}x, kvarc's part "
+              f"{m['kvarc_ratio']:.3f}x")
     with open(receipt, "w") as f:
-        json.dump(dict(receipt="kvarc-python-overhead/1", command=" ".join(sys.argv), git_revision=git_revision(),
-                       time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows, c_runner=c,
-                       python=py), f, indent=1)
+        json.dump(dict(receipt="kvarc-python-overhead/2", command=" ".join(sys.argv), git_revision=git_revision(),
+                       time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), medians=medians, rows=rows,
+                       pairs=pairs), f, indent=1)
         f.write("\n")
     print(f"receipt {receipt}")
     return rc
@@ -469,7 +483,8 @@ def main():
     c.add_argument("c")
     o = sub.add_parser("overhead", help="decode-step time against the C runner, same prompts, same run")
     common_args(o)
-    o.set_defaults(lengths="4096,16384", trials=5, decode_steps=60)
+    o.set_defaults(lengths="4096,16384", trials=2, decode_steps=150)
+    o.add_argument("--repeat", type=int, default=3, help="pairs of runs, C then Python (default 3)")
     o.add_argument("--c-runner", help="kvarc-passkey (default: build/tools/passkey/kvarc-passkey)")
     o.add_argument("--receipt", default="kvarc-passkey-overhead.json", help="both runs' receipts and the table")
     a = ap.parse_args()
