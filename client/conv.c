@@ -154,6 +154,16 @@ static void conv_free(kvarc_conv *cv)
 }
 
 /* A handle with its buffers, for model m and options o (validated here). */
+/* 1 (message in c->err) unless ns and name fit: 1..63 and 1..127 bytes (kvarcd checks the characters) */
+static int names_bad(kvarc_client *c, const char *ns, const char *name)
+{
+    if (ns && name && *ns && *name && strlen(ns) <= 63 && strlen(name) <= 127)
+        return 0;
+    snprintf(c->err, sizeof c->err, "bad name: namespace of 1..63 and name of 1..127 bytes (given %zu and %zu)",
+             ns ? strlen(ns) : 0, name ? strlen(name) : 0);
+    return 1;
+}
+
 static int conv_new(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
                     const kvarc_options *o, kvarc_conv **out)
 {
@@ -162,11 +172,8 @@ static int conv_new(kvarc_client *c, const char *ns, const char *name, const kva
         kvarc_options_default(&def);
         o = &def;
     }
-    if (!ns || !name || !*ns || !*name || strlen(ns) > 63 || strlen(name) > 127) {
-        snprintf(c->err, sizeof c->err, "bad name: namespace of 1..63 and name of 1..127 bytes (given %zu and %zu)",
-                 ns ? strlen(ns) : 0, name ? strlen(name) : 0);
+    if (names_bad(c, ns, name))
         return -EINVAL;
-    }
     int rb = m ? kvarc_record_bytes(o->format, (int)m->head_dim) : -1;
     if (!m || m->n_layers < 1 || m->n_kv_heads < 1 || m->n_q_heads < m->n_kv_heads ||
         m->n_q_heads % m->n_kv_heads || rb <= 0) {
@@ -429,6 +436,12 @@ static int fetch_decode(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t 
 int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
                       const kvarc_options *o, kvarc_conv **out)
 {
+    if (names_bad(c, ns, name))
+        return -EINVAL;
+    if (!m || !out) {
+        snprintf(c->err, sizeof c->err, "attach %s/%s: the model and out must be given", ns, name);
+        return -EINVAL;
+    }
     kvarc_options opt;
     if (o)
         opt = *o;
@@ -1000,8 +1013,10 @@ static const double *angles_of(kvarc_conv *cv, uint64_t p)
     return cs;
 }
 
-/* The first token of k or v ([H][n][d] of dtype) with a NaN or Inf in some head (*head: the
- * lowest such head), or -1. On the bits (exponent all ones), so the loops vectorize. */
+/* The first token of k or v ([H][n][d] of dtype) with a NaN, an Inf or a magnitude of 2^59 or
+ * more in some head (*head: the lowest such head), or -1. 2^59: the encoder sums head_dim (<= 256)
+ * squares in fp32, which such a value overflows (then every later sync would fail on the token).
+ * On the exponent bits, so the loops vectorize; an fp16 value can only be NaN or Inf here. */
 static int64_t first_nonfinite(int dtype, const void *k, const void *v, size_t H, uint32_t n, size_t d,
                                size_t *head)
 {
@@ -1011,14 +1026,15 @@ static int64_t first_nonfinite(int dtype, const void *k, const void *v, size_t H
             const size_t at = (h * n + t) * d;
             int bad = 0;
             if (dtype == KVARC_DTYPE_F32) {
-                const uint32_t *a = (const uint32_t *)k + at, *b = (const uint32_t *)v + at;
+                const uint32_t lim = (127u + 59u) << 23, *a = (const uint32_t *)k + at, *b = (const uint32_t *)v + at;
                 for (size_t i = 0; i < d; i++)
-                    bad |= ((a[i] & 0x7f800000u) == 0x7f800000u) | ((b[i] & 0x7f800000u) == 0x7f800000u);
+                    bad |= ((a[i] & 0x7f800000u) >= lim) | ((b[i] & 0x7f800000u) >= lim);
             } else {
                 const uint16_t m = dtype == KVARC_DTYPE_F16 ? 0x7c00 : 0x7f80;
+                const uint16_t lim = dtype == KVARC_DTYPE_F16 ? 0x7c00 : (127u + 59u) << 7;
                 const uint16_t *a = (const uint16_t *)k + at, *b = (const uint16_t *)v + at;
                 for (size_t i = 0; i < d; i++)
-                    bad |= ((a[i] & m) == m) | ((b[i] & m) == m);
+                    bad |= ((a[i] & m) >= lim) | ((b[i] & m) >= lim);
             }
             if (bad) {
                 first = t, *head = h;
@@ -1041,7 +1057,7 @@ int kvarc_append(kvarc_conv *cv, uint32_t layer, int dtype, const void *k, const
     int64_t bad = first_nonfinite(dtype, k, v, H, n, d, &bad_h);
     if (bad >= 0)
         return kl_fail(cv, KVARC_ENONFINITE, "append to layer %u: token %lld of %u (position %llu) head %zu has a "
-                       "NaN or Inf in k or v; nothing was appended", layer, (long long)bad, n,
+                       "NaN, an Inf or a value of 2^59 or more in k or v; nothing was appended", layer, (long long)bad, n,
                        (unsigned long long)(y->len + (uint64_t)bad), bad_h);
     float *tok_k = malloc(2 * H * d * sizeof *tok_k), *tok_v = tok_k + H * d;
     if (!tok_k)

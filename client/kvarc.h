@@ -50,12 +50,13 @@
  *                   message names both); appending to a snapshot; restoring
  *                   from something that is not one
  *   KVARC_EDTYPE    an element type that is not f32, f16 or bf16
- *   KVARC_ENONFINITE a NaN or Inf in K, V or a query (or a value so large its
- *                   square overflows fp32)
+ *   KVARC_ENONFINITE a NaN or Inf in K, V or a query, or a K/V value of
+ *                   magnitude 2^59 or more (its square would overflow fp32)
  *   KVARC_ECORRUPT  kvarcd found damaged data (a checksum or structure)
  *   KVARC_EVERSION  attach: a conversation this libkvarc cannot serve
- * kvarcd's own KVARC_E* codes arrive as -EINVAL (the message keeps the
- * name). Each function below lists what it can return.
+ * kvarcd's KVARC_ESHAPE and KVARC_ECORRUPT arrive as themselves, its other
+ * KVARC_E* codes as -EINVAL (the message keeps the name). Each function
+ * below lists what it can return.
  *
  * Messages. A failing call leaves a message (what and where, at most 511
  * bytes) in kvarc_errmsg(cv) for the conversation's calls, or in
@@ -238,8 +239,9 @@ int  kvarc_client_open(const char *target, const char *token, const char *tls_ca
 void kvarc_client_close(kvarc_client *c);
 
 /* The message of c's last failing create, attach, restore or conversation
- * close ("" after one that succeeded; "no client" for NULL). Valid until
- * the next of those calls on c, from any thread, or kvarc_client_close. */
+ * close ("" after a create, attach or restore that succeeded; "no client"
+ * for NULL). Valid until the next of those calls on c, from any thread,
+ * or kvarc_client_close. */
 const char *kvarc_client_errmsg(const kvarc_client *c);
 
 /* ---- conversations ---------------------------------------------------------- */
@@ -319,9 +321,9 @@ const char *kvarc_errmsg(const kvarc_conv *cv);
  * with append_together 2, when the next call that waits for kvarcd
  * returns).
  * Returns 0; -EINVAL (bad layer, NULL k or v); KVARC_EDTYPE;
- * KVARC_ENONFINITE (a NaN or Inf anywhere in k or v: checked before any
- * token is kept, so nothing is appended; the message names token and
- * head); -ENOMEM; and, when the call archives a batch, every code of
+ * KVARC_ENONFINITE (a NaN, an Inf or a magnitude of 2^59 or more anywhere
+ * in k or v: checked before any token is kept, so nothing is appended; the
+ * message names token and head); -ENOMEM; and, when the call archives a batch, every code of
  * kvarc_conv_sync. Messages in kvarc_errmsg(cv). An archiving failure
  * can happen part way through the call (a full ring, or a batch sent per
  * layer): the tokens before it were appended and stay (the next sync
@@ -395,8 +397,8 @@ int kvarc_uses_gpu(const kvarc_conv *cv);
 int kvarc_append_device(kvarc_conv *cv, uint32_t layer, int dtype, const void *d_k, const void *d_v, uint32_t n);
 int kvarc_attend_device(kvarc_conv *cv, uint32_t layer, const float *d_q, uint32_t n_q, float *d_out);
 
-/* The cold positions the last successful kvarc_attend (of any layer)
- * retrieved for its last query and kv head `head`, best first as kvarcd
+/* The cold positions the last kvarc_attend (of any layer) that got as far
+ * as retrieving for its last query retrieved for it and kv head `head`, best first as kvarcd
  * ranked them: min(count, max) of them copied into pos (the caller's; pos
  * may be NULL when max is 0). Returns the count, which can exceed max (0
  * for a bad head, before any attend, or when nothing was cold or top_k is

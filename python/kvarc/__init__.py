@@ -29,6 +29,8 @@ in the child (gRPC's rule).
 """
 import collections
 import ctypes
+import errno
+import operator
 import os
 import weakref
 
@@ -63,9 +65,31 @@ def _strerror(code):
 
 
 def _check(rc, what, msg):
+    """Raise for a failed call: -EINVAL as InvalidArgument (a ValueError), KVARC_EDTYPE as DtypeError."""
     if rc:
         m = msg() if callable(msg) else msg
-        raise Error(f"{what}: {m or _strerror(rc)} ({_strerror(rc)})", rc)
+        cls = {-errno.EINVAL: InvalidArgument, -1004: DtypeError}.get(rc, Error)
+        raise cls(f"{what}: {m or _strerror(rc)} ({_strerror(rc)})", rc)
+
+
+def _index(val, what, n):
+    """val as an index 0..n-1 (ints and numpy integers, not bools), else InvalidArgument."""
+    try:
+        if isinstance(val, bool):
+            raise TypeError
+        i = operator.index(val)
+    except TypeError:
+        raise InvalidArgument(f"{what} {val!r}: an integer is expected") from None
+    if not 0 <= i < n:
+        raise InvalidArgument(f"{what} {i}: 0..{n - 1}")
+    return i
+
+
+def _cstr(s, what):
+    """s as bytes for C, refusing an embedded NUL (C would cut the string there)."""
+    if not isinstance(s, str) or "\0" in s:
+        raise InvalidArgument(f"{what} {s!r}: a string without NUL characters is expected")
+    return s.encode()
 
 
 def default_options():
@@ -120,7 +144,7 @@ class Model:
                           ("head_dim", head_dim)):
             if not isinstance(val, int) or val <= 0 or val >= 1 << 32:
                 raise InvalidArgument(f"model {name}={val!r}: a positive integer is expected")
-        fp = fingerprint.encode()
+        fp = _cstr(fingerprint, "model fingerprint")
         if len(fp) > 63:
             raise InvalidArgument(f"model fingerprint: {len(fp)} bytes, at most 63")
         self.n_layers, self.n_kv_heads, self.n_q_heads, self.head_dim = n_layers, n_kv_heads, n_q_heads, head_dim
@@ -186,7 +210,7 @@ class Client:
                 raise DtypeError("means: float32 on the CPU is expected")
             mp = v.ptr
         h = ctypes.c_void_p()
-        rc = lib.kvarc_conv_create(self._handle(), ns.encode(), name.encode(), ctypes.byref(model._c),
+        rc = lib.kvarc_conv_create(self._handle(), _cstr(ns, "namespace"), _cstr(name, "name"), ctypes.byref(model._c),
                                    ctypes.byref(o), mp, ctypes.byref(h))
         _check(rc, f"creating {ns}/{name}", self._errmsg)
         return self._adopt(Conversation(self, h, ns, name, model))
@@ -198,7 +222,7 @@ class Client:
         again from conv.length() on). format, pos_mode and seed come from the conversation."""
         o = _options(options)
         h = ctypes.c_void_p()
-        rc = lib.kvarc_conv_attach(self._handle(), ns.encode(), name.encode(), ctypes.byref(model._c),
+        rc = lib.kvarc_conv_attach(self._handle(), _cstr(ns, "namespace"), _cstr(name, "name"), ctypes.byref(model._c),
                                    ctypes.byref(o), ctypes.byref(h))
         _check(rc, f"attaching {ns}/{name}", self._errmsg)
         return self._adopt(Conversation(self, h, ns, name, model))
@@ -220,8 +244,8 @@ class Client:
 
     def restore(self, snap_ns, snap_name, dst_ns, dst_name):
         """Make dst_ns/dst_name from the snapshot snap_ns/snap_name (then attach it)."""
-        rc = lib.kvarc_restore(self._handle(), snap_ns.encode(), snap_name.encode(), dst_ns.encode(),
-                               dst_name.encode())
+        rc = lib.kvarc_restore(self._handle(), _cstr(snap_ns, "namespace"), _cstr(snap_name, "name"),
+                               _cstr(dst_ns, "namespace"), _cstr(dst_name, "name"))
         _check(rc, f"restoring {snap_ns}/{snap_name} as {dst_ns}/{dst_name}", self._errmsg)
 
     def close(self):
@@ -277,9 +301,7 @@ class Conversation:
         return lib.kvarc_errmsg(self._h).decode(errors="replace") if self._h else ""
 
     def _layer(self, layer):
-        if not isinstance(layer, int) or not 0 <= layer < self.model.n_layers:
-            raise InvalidArgument(f"{self.ns}/{self.name}: layer {layer!r} (the model has {self.model.n_layers})")
-        return layer
+        return _index(layer, f"{self.ns}/{self.name}: layer", self.model.n_layers)
 
     def append(self, layer, k, v):
         """Append n tokens of one layer: k and v [n_kv_heads, n, head_dim], pre-RoPE, the same dtype
@@ -295,6 +317,8 @@ class Conversation:
             raise DtypeError(f"k is {_arrays.DTYPE_NAMES[kv.dtype]} but v is {_arrays.DTYPE_NAMES[vv.dtype]}")
         if kv.cuda != vv.cuda:
             raise InvalidArgument("k and v: one on the GPU, the other not")
+        if kv.cuda:
+            _arrays.cuda_sync(kv.obj)
         fn = lib.kvarc_append_device if kv.cuda else lib.kvarc_append
         rc = fn(h, layer, kv.dtype, kv.ptr, vv.ptr, kv.shape[1])
         if rc:
@@ -309,13 +333,19 @@ class Conversation:
         h, layer, m = self._handle(), self._layer(layer), self.model
         qv = _arrays.view(q, "q", m.n_q_heads, m.head_dim)
         q32 = _arrays.as_f32(qv, "q")
-        if out is None:
+        if out is None:                   # ours: nothing to check
             res = _arrays.empty_like_f32(qv)
+            ov = _arrays.View(res, res.data_ptr() if qv.kind == "torch" else res.ctypes.data, _arrays.F32, qv.shape,
+                              qv.kind, qv.cuda)
         else:
             res = out
-        ov = _arrays.view(res, "out", m.n_q_heads, m.head_dim, qv.shape[1])
-        if ov.dtype != _arrays.F32 or ov.cuda != qv.cuda or ov.kind != qv.kind:
-            raise DtypeError(f"out: a float32 {'CUDA ' if qv.cuda else ''}{qv.kind} array like q is expected")
+            ov = _arrays.view(res, "out", m.n_q_heads, m.head_dim, qv.shape[1], out=True)
+            if ov.dtype != _arrays.F32 or ov.cuda != qv.cuda or ov.kind != qv.kind:
+                raise DtypeError(f"out: a float32 {'CUDA ' if qv.cuda else ''}{qv.kind} array like q is expected")
+            if _arrays.overlap(ov, q32):
+                raise InvalidArgument("out: overlaps q (libkvarc reads q while it writes out)")
+        if qv.cuda:
+            _arrays.cuda_sync(qv.obj)
         fn = lib.kvarc_attend_device if qv.cuda else lib.kvarc_attend
         rc = fn(h, layer, q32.ptr, qv.shape[1], ov.ptr)
         if rc:
@@ -335,13 +365,13 @@ class Conversation:
     def fork(self, ns, name):
         """Fork this conversation at its current length into ns/name (syncs first; shares the prefix
         without copying it). Every layer must have the same length."""
-        rc = lib.kvarc_fork(self._handle(), ns.encode(), name.encode(), 0)
+        rc = lib.kvarc_fork(self._handle(), _cstr(ns, "namespace"), _cstr(name, "name"), 0)
         _check(rc, f"{self.ns}/{self.name}: fork to {ns}/{name}", self._errmsg)
 
     def snapshot(self, ns, name):
         """Snapshot this conversation at its current length as ns/name (restore with
         Client.restore, then attach)."""
-        rc = lib.kvarc_fork(self._handle(), ns.encode(), name.encode(), 1)
+        rc = lib.kvarc_fork(self._handle(), _cstr(ns, "namespace"), _cstr(name, "name"), 1)
         _check(rc, f"{self.ns}/{self.name}: snapshot to {ns}/{name}", self._errmsg)
 
     def stats(self):
@@ -359,8 +389,7 @@ class Conversation:
         """The cold positions the last attend retrieved for its last query and kv head `head`, best
         first (a list of ints; empty when nothing was cold). For measuring retrieval."""
         h = self._handle()
-        if not isinstance(head, int) or not 0 <= head < self.model.n_kv_heads:
-            raise InvalidArgument(f"kv head {head!r} (the model has {self.model.n_kv_heads})")
+        head = _index(head, "kv head", self.model.n_kv_heads)
         n = lib.kvarc_last_retrieved(h, head, None, 0)
         buf = (ctypes.c_uint64 * max(n, 1))()
         n = min(n, lib.kvarc_last_retrieved(h, head, buf, n))
@@ -371,14 +400,12 @@ class Conversation:
         and that failure is raised. Closing twice is harmless."""
         if self._h is None:
             return
-        h = self._h
-        rc = lib.kvarc_conv_sync(h)     # here, not only in kvarc_conv_close: its message lives in the handle
-        msg = self._errmsg() if rc else ""
-        self._h = None
+        h, self._h = self._h, None
         self.client._convs.discard(self)
-        rc2 = lib.kvarc_conv_close(h)
+        rc = lib.kvarc_conv_close(h)    # syncs; a failure's message goes to the client's
+        msg = self.client._errmsg() if rc else ""
         self.client._conv_closed()      # the client's C handle outlives every conversation of it
-        _check(rc or rc2, f"{self.ns}/{self.name}: close (sync)", msg)
+        _check(rc, f"{self.ns}/{self.name}: close (sync)", msg)
 
     def __del__(self):
         try:

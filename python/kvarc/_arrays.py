@@ -23,6 +23,7 @@ class View:
 
 
 _TORCH_CODES = None                    # torch dtype -> kvarc dtype, once torch is seen
+_NP_CODES = {"<f4": F32, "<f2": F16}   # numpy's type strings (little-endian) -> kvarc dtype
 
 
 def _torch_codes():
@@ -37,8 +38,8 @@ def _is_torch(x):
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
-def view(x, what, heads, head_dim, tokens=None):
-    """Check x as [heads][tokens][head_dim] (tokens: any >= 1 if None)."""
+def view(x, what, heads, head_dim, tokens=None, out=False):
+    """Check x as [heads][tokens][head_dim] (tokens: any >= 1 if None; out: written, so writeable)."""
     if _is_torch(x):
         codes = _torch_codes()
         if x.dtype not in codes:
@@ -47,14 +48,16 @@ def view(x, what, heads, head_dim, tokens=None):
         if x.device.type not in ("cpu", "cuda"):
             raise _errors.InvalidArgument(f"{what}: a tensor on {x.device} (libkvarc takes CPU and CUDA tensors)")
         kind, ptr = "torch", x.data_ptr()
-    elif hasattr(x, "__array_interface__") and hasattr(x, "flags"):
-        import numpy as np
-        codes = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
-        if x.dtype not in codes or x.dtype.byteorder == ">":
-            raise _errors.DtypeError(f"{what}: dtype {x.dtype} (libkvarc takes float32 and float16 numpy arrays, "
-                                     "bfloat16 as torch tensors)")
-        dt, shape, contiguous, cuda = codes[x.dtype], tuple(x.shape), x.flags.c_contiguous, False
-        kind, ptr = "numpy", x.ctypes.data
+        aligned, writeable = ptr % x.element_size() == 0, True
+    elif hasattr(x, "__array_interface__"):
+        ai = x.__array_interface__        # one lookup: type, shape, strides (None: C-contiguous), address
+        dt = _NP_CODES.get(ai["typestr"])
+        if dt is None:
+            raise _errors.DtypeError(f"{what}: dtype {getattr(x, 'dtype', ai['typestr'])} (libkvarc takes float32 "
+                                     "and float16 numpy arrays, bfloat16 as torch tensors)")
+        shape, contiguous, cuda = ai["shape"], ai["strides"] is None, False
+        (ptr, readonly), kind = ai["data"], "numpy"
+        aligned, writeable = ptr % (4 if dt == F32 else 2) == 0, not readonly
     else:
         raise _errors.DtypeError(f"{what}: a {type(x).__name__} (libkvarc takes numpy arrays and torch tensors)")
     want = f"[{heads}, {'tokens' if tokens is None else tokens}, {head_dim}]"
@@ -65,7 +68,19 @@ def view(x, what, heads, head_dim, tokens=None):
     if not contiguous:
         raise _errors.InvalidArgument(f"{what}: not contiguous (strides {_strides(x)}); libkvarc reads "
                                       f"{want} row-major: pass {what}.contiguous() / np.ascontiguousarray({what})")
+    if not aligned:
+        raise _errors.InvalidArgument(f"{what}: not aligned to its element size (address {ptr:#x})")
+    if out and not writeable:
+        raise _errors.InvalidArgument(f"{what}: read-only")
     return View(x, ptr, dt, shape, kind, cuda)
+
+
+def overlap(a, b):
+    """True if two views' bytes overlap."""
+    import math
+    na = math.prod(a.shape) * (4 if a.dtype == F32 else 2)
+    nb = math.prod(b.shape) * (4 if b.dtype == F32 else 2)
+    return a.cuda == b.cuda and a.ptr < b.ptr + nb and b.ptr < a.ptr + na
 
 
 def _strides(x):
@@ -87,3 +102,10 @@ def as_f32(v, what):
         return v
     x = v.obj.float() if v.kind == "torch" else v.obj.astype("float32")
     return View(x, x.data_ptr() if v.kind == "torch" else x.ctypes.data, F32, v.shape, v.kind, v.cuda)
+
+
+def cuda_sync(t):
+    """Wait for the work queued on t's device by torch's current stream: libkvarc copies device memory
+    on CUDA's default stream, which does not wait for a non-blocking stream's work."""
+    import torch
+    torch.cuda.current_stream(t.device).synchronize()

@@ -99,6 +99,10 @@ def load():
         except OSError as e:
             tried.append(f"{path}: {e}")
             continue
+        missing = [name for name in _PROTOTYPES if not hasattr(lib, name)]
+        if missing:               # an older libkvarc: not this package's
+            tried.append(f"{path}: lacks {', '.join(missing)} (an older libkvarc?)")
+            continue
         for name, (res, args) in _PROTOTYPES.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args

@@ -49,7 +49,9 @@ class Cache:
 
     def attention(self, layer, q, k, v):
         """Append this step's k, v of `layer` and attend q: q [Hq, T, hd] or [1, Hq, T, hd], k and v
-        [Hkv, T, hd] or [1, Hkv, T, hd], pre-RoPE; returns q's shape and dtype."""
+        [Hkv, T, hd] or [1, Hkv, T, hd], pre-RoPE; returns q's shape and dtype. A prefill longer than
+        max_chunk goes in pieces (append, attend, next): if one fails, the pieces before it stay appended
+        (conv.length(layer) says how far it got)."""
         batched = q.dim() == 4
         if batched:
             if q.shape[0] != 1 or k.dim() != 4 or v.dim() != 4 or k.shape[0] != 1 or v.shape[0] != 1:

@@ -90,6 +90,10 @@ class Conversations(DaemonCase):
     def test_bad_input_appends_nothing(self):
         rng = np.random.default_rng(3)
         good = f16_values(rng, (2, 5, 64))
+        buf = np.zeros(good.nbytes + 1, np.uint8)
+        unaligned = np.frombuffer(buf.data, dtype=np.float32, count=good.size, offset=1).reshape(good.shape)
+        huge = good.copy()
+        huge[0, 4, 0] = 2.0 ** 60                              # finite, but its square overflows fp32
         with self.client.create("py", self.name(), M) as c:
             c.append(0, good, good)
             cases = [
@@ -106,6 +110,9 @@ class Conversations(DaemonCase):
                 (ValueError, "k: not contiguous", lambda: c.append(0, np.zeros((64, 5, 2), np.float32).T, good)),
                 (ValueError, "layer 2", lambda: c.append(2, good, good)),
                 (ValueError, "layer -1", lambda: c.append(-1, good, good)),
+                (ValueError, "layer True", lambda: c.append(True, good, good)),
+                (ValueError, "not aligned", lambda: c.append(0, unaligned, good)),
+                (kvarc.Error, "2^59", lambda: c.append(0, huge, good)),         # libkvarc's own check
             ]
             for exc, words, call in cases:
                 with self.subTest(words):
@@ -120,12 +127,16 @@ class Conversations(DaemonCase):
                 c.append(0, nan, good)
             self.assertEqual(cm.exception.errno_name, "KVARC_ENONFINITE")
             self.assertEqual(c.length(0), 5)
-            c.append(1, good, good)
+            c.append(np.int64(1), good, good)                  # numpy integers are layers too
             q = np.zeros((4, 1, 64), np.float32)
+            ro = np.zeros((4, 1, 64), np.float32)
+            ro.flags.writeable = False
             for exc, words, call in [
                 (ValueError, "q: shape [2, 1, 64]", lambda: c.attend(0, q[:2])),
                 (TypeError, "out: a float32", lambda: c.attend(0, q, out=np.zeros((4, 1, 64), np.float16))),
                 (ValueError, "out: shape [4, 2, 64]", lambda: c.attend(0, q, out=np.zeros((4, 2, 64), np.float32))),
+                (ValueError, "out: read-only", lambda: c.attend(0, q, out=ro)),
+                (ValueError, "out: overlaps q", lambda: c.attend(0, q, out=q)),
                 (ValueError, "q: not contiguous", lambda: c.attend(0, np.zeros((4, 64, 1), np.float32).transpose(0, 2, 1)[:, :, ::-1])),
             ]:
                 with self.subTest(words):
@@ -171,6 +182,12 @@ class Conversations(DaemonCase):
             self.assertIn("bad name", cm.exception.message)
         with self.client.create("n" * 63, "x" * 127, M) as c:   # the longest names there are
             self.assertEqual(c.length(), 0)
+        with self.assertRaises(ValueError) as cm:
+            self.client.create("py", "a\0b", M)
+        self.assertIn("NUL", str(cm.exception))
+        with self.assertRaises(kvarc.InvalidArgument) as cm:    # refused before asking kvarcd
+            self.client.attach("py", "x" * 128, M)
+        self.assertIn("bad name", cm.exception.message)
 
     def test_fork_snapshot_restore_attach(self):
         rng = np.random.default_rng(4)

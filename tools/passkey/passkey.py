@@ -50,6 +50,7 @@ import tasks  # noqa: E402
 import train  # noqa: E402
 
 MODES = ["full", "window", "kvarc", "kvarc-true", "no-retrieval"]
+DEFAULTS = kvarc.default_options()
 CALIB_SEED = 0xCA11B8A7E             # kvarc-passkey's calibration prompt
 
 
@@ -139,8 +140,8 @@ class Runner:
     def options(self, mode, fmt, hot):
         a = self.a
         return dict(format=fmt, pos_mode=0 if mode == "kvarc-true" else 1, top_k=0 if mode == "no-retrieval" else
-                    a.top_k, hot_window=hot, sinks=a.sinks, coarse_blocks=a.coarse, batch=min(64, hot),
-                    max_chunk=max(512, a.chunk))
+                    a.top_k, hot_window=hot, sinks=a.sinks, coarse_blocks=a.coarse, batch=min(DEFAULTS["batch"], hot),
+                    max_chunk=max(DEFAULTS["max_chunk"], a.chunk))      # as trial.c's pk_setup_options
 
     def open(self, mode, fmt, hot, tag):
         """A backend for mode; returns (backend, cache or None)."""
