@@ -119,7 +119,7 @@ int main(int argc, char **argv)
         } else if (!strcmp(argv[i], "--tls-key") && i + 1 < argc) {
             tls_key = argv[++i];
         } else if (!strcmp(argv[i], "--version")) {
-            printf("kvarcd %s\n", KVARCD_VERSION);
+            printf("kvarcd %s (git %s)\n", KVARCD_VERSION, KVARC_GIT_REVISION);
             return 0;
         } else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);

@@ -7,7 +7,8 @@
 #include "auth.h"
 #include "kvd.h"
 
-#define KVARCD_VERSION "0.1.0"
+#include "kvarc_version.h"   /* generated: the project version and git revision */
+#define KVARCD_VERSION KVARC_VERSION
 /* gRPC's default receive limit is 4 MiB; requests carry at most one
  * conversation's means (32 layers x 8 heads x 2 x 128 fp32 = 256 KiB) today,
  * and record payloads will stream in chunks of <= 4 MiB: 16 MiB leaves room. */

@@ -4,6 +4,11 @@
  *   kvarc selfcheck  the record formats and one retrieval step on the CPU
  *                    references, no daemon
  *   kvarc formats    the record formats and their sizes
+ *   kvarc health, ls, stat, ...  ask a running kvarcd (tools/kvarc_admin.c)
+ * Grammar, as git and kubectl have it: connection options (--data,
+ * --socket, --connect, --token-file, --tls-ca, --tls-name, --json) go
+ * before or after the command; `kvarc help COMMAND` and `kvarc COMMAND
+ * --help` explain one command (the docs table below).
  * Exit codes: 0 success, 1 a check or operation failed, 2 usage error. */
 #include <errno.h>
 #include <math.h>
@@ -13,14 +18,14 @@
 #include <time.h>
 
 #include "kvarc_admin.h"
+#include "kvarc_version.h"
 #include "kvg.h"
-
-#define KVARC_VERSION_STR "0.1.0"
 
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kvarc [--version] [--help] COMMAND [ARGS]\n"
+            "usage: kvarc [--version] [--help] [CONNECTION OPTIONS] COMMAND [ARGS]\n"
+            "       kvarc help COMMAND | kvarc COMMAND --help    (one command, in full)\n"
             "\n"
             "commands:\n"
             "  demo [--data DIR] [--kvarcd PATH] [--tokens N] [--layers L] [--steps S]\n"
@@ -332,36 +337,155 @@ static int cmd_selfcheck(int argc, char **argv)
     return 0;
 }
 
+/* One command's help: its synopsis and what it does. connects: 1 if it talks to a running kvarcd
+ * (the connection options apply), 2 if only --data applies (demo starts its own kvarcd there). */
+typedef struct cmd_doc {
+    const char *name, *synopsis, *text;
+    int         connects;
+} cmd_doc;
+
+static const cmd_doc docs[] = {
+    { "demo", "demo [--data DIR] [--kvarcd PATH] [--tokens N] [--layers L] [--steps S] [--format F] [--top-k K]\n"
+              "     [--keep]",
+      "The main job: a long synthetic conversation (default 65536 tokens x 4 layers) through libkvarc\n"
+      "and the kvarcd serving DIR (started for the run if none does), decoded with retrieval; prints\n"
+      "needles found against a sliding window of the same budget, attention error, time per step and\n"
+      "memory. --keep keeps the conversation. Exit 0 when every needle was found.", 2 },
+    { "selfcheck", "selfcheck [--tokens N] [--top-k K] [--seed S]",
+      "Archives a synthetic layer in every record format in memory (no kvarcd), retrieves a planted\n"
+      "needle and compares attention with full attention. Exit 0 when every format finds it.", 0 },
+    { "formats", "formats [--head-dim D]", "Lists the record formats and their bytes per token at head_dim D.", 0 },
+    { "health", "health", "Asks kvarcd whether it serves: its status, version, uptime and conversations.", 1 },
+    { "stats", "stats", "kvarcd's counters: conversations (and deleted ones awaiting compaction), segments\n"
+                        "and their bytes, extents, tokens, appends and group commits since it started.", 1 },
+    { "ls", "ls [NAMESPACE]", "Lists the conversations (of NAMESPACE): id, tokens, layers, shape, and which are\n"
+                               "snapshots or forks of which.", 1 },
+    { "stat", "stat NS/NAME", "One conversation: model shape, format, position mode, length in every layer,\n"
+                               "fork parent, bytes on disk against fp16 K/V.", 1 },
+    { "inspect", "inspect NS/NAME", "The same as stat.", 1 },
+    { "fork", "fork SRC DST [--at N]",
+      "A new conversation DST sharing SRC's first N tokens (default: all) without copying them.", 1 },
+    { "snapshot", "snapshot SRC DST [--at N]",
+      "A read-only DST of SRC's first N tokens (default: all); restore it to continue.", 1 },
+    { "restore", "restore SNAPSHOT DST", "A new writable conversation DST from the snapshot SNAPSHOT.", 1 },
+    { "delete", "delete NS/NAME", "Deletes a conversation (its blocks go at the next compaction).", 1 },
+    { "verify", "verify | verify DIR",
+      "Checks every block's checksum and the index against the segments and back, changing nothing:\n"
+      "through the running kvarcd, or offline on DIR (kvarcd stopped). Exit 1 when it finds problems.", 1 },
+    { "compact", "compact [--threshold 0..1]",
+      "Rewrites segments whose live share is under the threshold (default 0.5) and frees the rest.", 1 },
+    { "rebuild-index", "rebuild-index DIR",
+      "Rebuilds DIR's index from its segments alone (kvarcd stopped); the old index is kept as\n"
+      "DIR/index.old.", 0 },
+};
+
+static const cmd_doc *doc_of(const char *name)
+{
+    for (size_t i = 0; i < sizeof docs / sizeof *docs; i++)
+        if (!strcmp(docs[i].name, name))
+            return &docs[i];
+    return NULL;
+}
+
+static void help_of(const cmd_doc *d)
+{
+    printf("usage: kvarc %s\n\n%s\n", d->synopsis, d->text);
+    if (d->connects == 1)
+        printf("\nconnection (before or after the command): --data DIR (its kvarcd.sock), --socket PATH, or\n"
+               "--connect HOST:PORT with --token-file FILE (or $KVARC_TOKEN_FILE) and, for TLS, --tls-ca PEM\n"
+               "[--tls-name NAME]; default $KVARC_DATA, else ~/.local/share/kvarc. --json: the answer as JSON.\n");
+    printf("\nexit codes: 0 ok, 1 refused or failed, 2 usage, 3 no kvarcd answering\n");
+}
+
+/* the connection options: those taking a value, and --json */
+static int conn_option(const char *a)
+{
+    static const char *const with_value[] = { "--data", "--socket", "--connect", "--token-file", "--tls-ca",
+                                              "--tls-name" };
+    for (size_t i = 0; i < sizeof with_value / sizeof *with_value; i++)
+        if (!strcmp(a, with_value[i]))
+            return 2;
+    return !strcmp(a, "--json") ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        usage(stderr);
-        return 2;
-    }
-    const char *cmd = argv[1];
-    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
-        usage(stdout);
-        return 0;
-    }
-    if (!strcmp(cmd, "--version")) {
-        printf("kvarc %s (record format version %d)\n", KVARC_VERSION_STR, KVARC_FORMAT_VERSION);
-        return 0;
-    }
-    for (int i = 2; i < argc; i++)
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+    /* options before the command: --help, --version, or connection options, kept for the command */
+    char *globals[64];
+    int ng = 0, i = 1;
+    for (; i < argc && argv[i][0] == '-'; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
         }
+        if (!strcmp(a, "--version")) {
+            printf("kvarc %s (git %s; record format version %d)\n", KVARC_VERSION, KVARC_GIT_REVISION,
+                   KVARC_FORMAT_VERSION);
+            return 0;
+        }
+        int n = conn_option(a);
+        if (!n || (n == 2 && i + 1 >= argc) || ng + n > (int)(sizeof globals / sizeof *globals)) {
+            fprintf(stderr, n ? "kvarc: %s needs a value\n"
+                              : "kvarc: unknown option '%s' before the command (kvarc --help lists them)\n", a);
+            return 2;
+        }
+        globals[ng++] = argv[i];
+        if (n == 2)
+            globals[ng++] = argv[++i];
+    }
+    if (i >= argc) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[i++];
+    if (!strcmp(cmd, "help")) {
+        if (i >= argc) {
+            usage(stdout);
+            return 0;
+        }
+        const cmd_doc *d = doc_of(argv[i]);
+        if (!d) {
+            fprintf(stderr, "kvarc help: unknown command '%s' (kvarc --help lists them)\n", argv[i]);
+            return 2;
+        }
+        help_of(d);
+        return 0;
+    }
+    const cmd_doc *d = doc_of(cmd);
+    if (!d) {
+        fprintf(stderr, "kvarc: unknown command '%s' (kvarc --help lists them)\n", cmd);
+        return 2;
+    }
+    for (int j = i; j < argc; j++)
+        if (!strcmp(argv[j], "--help") || !strcmp(argv[j], "-h")) {
+            help_of(d);
+            return 0;
+        }
+    for (int j = 0; j < ng; j += conn_option(globals[j]))
+        if (d->connects == 0 || (d->connects == 2 && strcmp(globals[j], "--data"))) {
+            fprintf(stderr, "kvarc %s: %s does not apply (kvarc help %s)\n", cmd, globals[j], cmd);
+            return 2;
+        }
+    /* the command's arguments: the options given before it first, so that its own (later) win */
+    int n = ng + (argc - i);
+    char **args = malloc(((size_t)n + 1) * sizeof *args);
+    if (!args) {
+        fprintf(stderr, "kvarc: out of memory\n");
+        return 1;
+    }
+    memcpy(args, globals, (size_t)ng * sizeof *args);
+    memcpy(args + ng, argv + i, (size_t)(argc - i) * sizeof *args);
+    args[n] = NULL;
+    int rc;
     if (!strcmp(cmd, "selfcheck"))
-        return cmd_selfcheck(argc - 2, argv + 2);
-    if (!strcmp(cmd, "demo"))
-        return kvarc_demo(argc - 2, argv + 2);
-    if (!strcmp(cmd, "formats"))
-        return cmd_formats(argc - 2, argv + 2);
-    int rc = kvarc_admin(cmd, argc - 2, argv + 2);
-    if (rc >= 0)
-        return rc;
-    fprintf(stderr, "kvarc: unknown command '%s'\n", cmd);
-    usage(stderr);
-    return 2;
+        rc = cmd_selfcheck(n, args);
+    else if (!strcmp(cmd, "demo"))
+        rc = kvarc_demo(n, args);
+    else if (!strcmp(cmd, "formats"))
+        rc = cmd_formats(n, args);
+    else
+        rc = kvarc_admin(cmd, n, args);
+    free(args);
+    return rc;
 }

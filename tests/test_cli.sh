@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# test_cli.sh KVARC KVARCD: the kvarc CLI's grammar against a real kvarcd.
+#  - connection options before the command work as after it (the same answer);
+#  - kvarc help COMMAND and kvarc COMMAND --help explain every command the usage lists;
+#  - an unknown option or command, an option a command does not take: exit 2 with a message;
+#  - kvarc --version and kvarcd --version give the same version and git revision.
+set -euo pipefail
+kvarc=$1
+kvarcd=$2
+tmp=$(mktemp -d)
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+v1=$("$kvarc" --version) || fail "kvarc --version"
+v2=$("$kvarcd" --version) || fail "kvarcd --version"
+r1=$(echo "$v1" | sed -n 's/^kvarc \([^ ]*\) (git \([^;)]*\).*/\1 \2/p')
+r2=$(echo "$v2" | sed -n 's/^kvarcd \([^ ]*\) (git \([^;)]*\).*/\1 \2/p')
+[ -n "$r1" ] && [ "$r1" = "$r2" ] || fail "versions differ or lack a git revision: '$v1' / '$v2'"
+
+mkdir -p "$tmp/data"
+"$kvarcd" --data "$tmp/data" --threads 2 2>"$tmp/kvarcd.log" &
+pid=$!
+for _ in $(seq 1 600); do        # kvarcd binds its socket once it serves
+    [ -S "$tmp/data/kvarcd.sock" ] && break
+    kill -0 "$pid" 2>/dev/null || fail "kvarcd exited: $(tail -3 "$tmp/kvarcd.log")"
+    sleep 0.1
+done
+[ -S "$tmp/data/kvarcd.sock" ] || fail "kvarcd never opened its socket"
+
+"$kvarc" --data "$tmp/data" health >/dev/null || fail "kvarc --data DIR health"
+after=$("$kvarc" ls --data "$tmp/data" --json) || fail "kvarc ls --data DIR --json"
+before=$("$kvarc" --data "$tmp/data" --json ls) || fail "kvarc --data DIR --json ls"
+[ "$before" = "$after" ] || fail "options before and after the command answer differently: '$before' / '$after'"
+mixed=$("$kvarc" --json stats --data "$tmp/data") || fail "kvarc --json stats --data DIR"
+case "$mixed" in "{"*) ;; *) fail "--json before the command was not applied: $mixed" ;; esac
+# the command's own option wins over the one before it: a wrong --data first, the right one after
+"$kvarc" --data "$tmp/nowhere" health --data "$tmp/data" >/dev/null || fail "the later --data did not win"
+
+cmds=$("$kvarc" --help | sed -n 's/^  \([a-z-]*\) .*/\1/p; s/^  \([a-z-]*\)$/\1/p' | sort -u)
+for c in demo selfcheck formats health stats ls stat inspect fork snapshot restore delete verify compact rebuild-index; do
+    h=$("$kvarc" help "$c") || fail "kvarc help $c"
+    case "$h" in "usage: kvarc $c"*) ;; *) fail "kvarc help $c: '$h'" ;; esac
+    [ "$("$kvarc" "$c" --help)" = "$h" ] || fail "kvarc $c --help differs from kvarc help $c"
+done
+[ -n "$cmds" ] || fail "kvarc --help lists no commands"
+
+expect2() {   # expect2 WORDS ARGS...: exit 2 and WORDS on stderr
+    local words=$1; shift
+    set +e
+    "$kvarc" "$@" >/dev/null 2>"$tmp/err"
+    local rc=$?
+    set -e
+    [ $rc -eq 2 ] || fail "kvarc $*: exit $rc, not 2"
+    grep -q -- "$words" "$tmp/err" || fail "kvarc $*: '$(cat "$tmp/err")' does not say '$words'"
+}
+expect2 "unknown option '--bogus'" --bogus ls
+expect2 "unknown command 'nosuch'" nosuch
+expect2 "unknown command 'nosuch'" help nosuch
+expect2 "--data does not apply" --data "$tmp/data" formats
+expect2 "--socket does not apply" --socket "$tmp/data/kvarcd.sock" demo
+expect2 "needs a value" --data
+echo "test_cli: options before and after the command, help for every command, $v1"
