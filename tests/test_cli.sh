@@ -7,14 +7,8 @@
 set -euo pipefail
 kvarc=$1
 kvarcd=$2
-tmp=$(mktemp -d)
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+. "$(dirname "$0")/kvarcd_util.sh"
+kd_init
 
 v1=$("$kvarc" --version) || fail "kvarc --version"
 v2=$("$kvarcd" --version) || fail "kvarcd --version"
@@ -22,15 +16,7 @@ r1=$(echo "$v1" | sed -n 's/^kvarc \([^ ]*\) (git \([^;)]*\).*/\1 \2/p')
 r2=$(echo "$v2" | sed -n 's/^kvarcd \([^ ]*\) (git \([^;)]*\).*/\1 \2/p')
 [ -n "$r1" ] && [ "$r1" = "$r2" ] || fail "versions differ or lack a git revision: '$v1' / '$v2'"
 
-mkdir -p "$tmp/data"
-"$kvarcd" --data "$tmp/data" --threads 2 2>"$tmp/kvarcd.log" &
-pid=$!
-for _ in $(seq 1 600); do        # kvarcd binds its socket once it serves
-    [ -S "$tmp/data/kvarcd.sock" ] && break
-    kill -0 "$pid" 2>/dev/null || fail "kvarcd exited: $(tail -3 "$tmp/kvarcd.log")"
-    sleep 0.1
-done
-[ -S "$tmp/data/kvarcd.sock" ] || fail "kvarcd never opened its socket"
+kd_start "$kvarcd" "$tmp/data"
 
 "$kvarc" --data "$tmp/data" health >/dev/null || fail "kvarc --data DIR health"
 after=$("$kvarc" ls --data "$tmp/data" --json) || fail "kvarc ls --data DIR --json"

@@ -10,17 +10,11 @@
 #include <time.h>
 
 #include "kvarc.h"
+#include "toolutil.h"
 
 #define HKV 2
 #define HQ  4
 #define HD  64
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* The workload's values: value i of stream s, in [-1, 1) (bench_python.py computes the same). */
 static float val(uint64_t s, uint64_t i)
@@ -84,14 +78,14 @@ int main(int argc, char **argv)
             for (uint32_t i = 0; i < HQ * HD; i++)
                 dq[((size_t)s * 2 + l) * HQ * HD + i] = val(40 + l, (uint64_t)s * HQ * HD + i);
         }
-    double t0 = now_s();
+    double t0 = tu_now_s();
     for (uint32_t s = 0; s < S && !rc; s++)
         for (uint32_t l = 0; l < 2 && !rc; l++) {
             const float *kk = dk + ((size_t)s * 2 + l) * HKV * HD;
             if (!(rc = kvarc_append(cv, l, KVARC_DTYPE_F32, kk, kk, 1)))
                 rc = kvarc_attend(cv, l, dq + ((size_t)s * 2 + l) * HQ * HD, 1, out);
         }
-    double dt = now_s() - t0;
+    double dt = tu_now_s() - t0;
     free(dk);
     free(dq);
     if (rc)

@@ -11,14 +11,8 @@ set -euo pipefail
 build=$1
 extra=${2:-}
 here=$(cd "$(dirname "$0")" && pwd)
-tmp=$(mktemp -d)
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; [ -f "$tmp/kvarcd.log" ] && tail -5 "$tmp/kvarcd.log" >&2; exit 1; }
+. "$here/../kvarcd_util.sh"
+kd_init
 
 cmake --install "$build" --prefix "$tmp/prefix" >"$tmp/install.log" || { cat "$tmp/install.log"; fail "cmake --install"; }
 P=$tmp/prefix
@@ -47,16 +41,7 @@ flags=$(pkg-config --cflags --libs kvarc) || fail "pkg-config kvarc"
 # shellcheck disable=SC2086
 cc -std=c11 -Wall -Wextra -Werror $extra -o "$tmp/smoke" "$here/smoke.c" $flags -lm || fail "building smoke.c with '$flags'"
 
-mkdir -p "$tmp/data"
-"$P/bin/kvarcd" --data "$tmp/data" --threads 2 2>"$tmp/kvarcd.log" &
-pid=$!
-# wait for the socket kvarcd listens on (it binds once it serves), or for its exit
-for _ in $(seq 1 600); do
-    [ -S "$tmp/data/kvarcd.sock" ] && break
-    kill -0 "$pid" 2>/dev/null || fail "the installed kvarcd exited"
-    sleep 0.1
-done
-[ -S "$tmp/data/kvarcd.sock" ] || fail "the installed kvarcd never opened $tmp/data/kvarcd.sock"
+kd_start "$P/bin/kvarcd" "$tmp/data"
 LD_LIBRARY_PATH="$libdir" "$tmp/smoke" "$tmp/data" || fail "smoke against the installed kvarcd"
 v1=$("$P/bin/kvarcd" --version)
 echo "test_install: $soname, $(echo "$syms" | grep -c '^kvarc_') exports, $v1"
