@@ -33,7 +33,7 @@ declared=$(cat "$P/include/kvarc.h" "$P/include/kvarc_schema.h" | grep -v 'stati
            grep -oE '\bkvarc_[a-z0-9_]+\(' | tr -d '(' | sort -u)
 [ "$(echo "$declared" | wc -l)" -ge 40 ] || fail "found only $(echo "$declared" | wc -l) declarations in the headers"
 for f in $declared; do
-    echo "$syms" | grep -qx "$f" || fail "libkvarc.so does not export $f, which the installed headers declare"
+    grep -qx -- "$f" <<<"$syms" || fail "libkvarc.so does not export $f, which the installed headers declare"
 done
 
 export PKG_CONFIG_PATH="$libdir/pkgconfig"
