@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <stdio.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -16,15 +17,23 @@
 #include "kvd.h"
 
 struct auth_tokens {
+    atomic_int  refs;      /* the holders: kvarcd, and each call authenticated with it (SIGHUP swaps sets) */
     size_t      n;
     char      **tok;       /* NUL-terminated tokens */
     size_t     *len;
     auth_scope *scope;
 };
 
+auth_tokens *auth_ref(auth_tokens *t)
+{
+    if (t)
+        atomic_fetch_add(&t->refs, 1);
+    return t;
+}
+
 void auth_free(auth_tokens *t)
 {
-    if (!t)
+    if (!t || atomic_fetch_sub(&t->refs, 1) > 1)
         return;
     for (size_t i = 0; i < t->n; i++) {
         free(t->tok[i]);
@@ -120,6 +129,8 @@ int auth_load(const char *path, auth_tokens **out, char *msg, size_t msglen)
         return -EPERM;
     }
     auth_tokens *t = calloc(1, sizeof *t);
+    if (t)
+        atomic_init(&t->refs, 1);
     if (!t) {
         fclose(f);
         snprintf(msg, msglen, "out of memory");

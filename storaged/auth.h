@@ -29,8 +29,11 @@ typedef struct auth_scope {
 typedef struct auth_tokens auth_tokens;
 
 /* Read the token file at path. 0, or a negative errno with msg saying
- * what and where (file:line). */
+ * what and where (file:line). The set is reference-counted: auth_load's
+ * caller holds one reference, auth_ref takes another (t, or NULL for
+ * NULL), auth_free drops one and frees the set with the last. */
 int  auth_load(const char *path, auth_tokens **out, char *msg, size_t msglen);
+auth_tokens *auth_ref(auth_tokens *t);
 void auth_free(auth_tokens *t);
 size_t auth_count(const auth_tokens *t);
 

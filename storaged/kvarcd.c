@@ -7,7 +7,10 @@
  * and on TCP only when asked, then with bearer tokens scoped to namespaces
  * (auth.h) and TLS when certificate files are given.
  * SIGTERM/SIGINT: stop accepting, let calls in flight finish within the
- * grace period (then cancel them), close the engine, exit 0. A second
+ * grace period (then cancel them), close the engine, exit 0. SIGHUP: read
+ * the token file again; new calls are checked against the new tokens (a
+ * call in flight keeps the set it was checked with); a file that does not
+ * load keeps the old tokens and the log says why. A second
  * kvarcd on the same DIR is refused (the engine's lock). Log lines go to
  * stderr as key=value pairs. */
 #include <errno.h>
@@ -88,7 +91,8 @@ static void usage(FILE *f)
                "                     'TOKEN *' per line; mode 0600 (required with --listen)\n"
                "  --tls-cert PEM     certificate chain for TLS on the TCP listener\n"
                "  --tls-key PEM      its private key\n"
-               "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
+               "SIGHUP reads the token file again (a file that does not load keeps the tokens in force).\n"
+            "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
 }
 
 int main(int argc, char **argv)
@@ -180,6 +184,7 @@ int main(int argc, char **argv)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -236,7 +241,20 @@ int main(int argc, char **argv)
                  auth_count(tokens));
     }
     int sig = 0;
-    sigwait(&set, &sig);
+    while (!sigwait(&set, &sig) && sig == SIGHUP) {   /* SIGHUP: read the token file again */
+        auth_tokens *fresh = NULL;
+        if (!token_file)
+            log_line("warn", "msg=\"SIGHUP: no token file to read again (kvarcd serves no TCP listener)\"");
+        else if (auth_load(token_file, &fresh, emsg, sizeof emsg))
+            log_line("error", "msg=\"SIGHUP: %s; the %zu token(s) read before stay in force\"", emsg,
+                     auth_count(tokens));
+        else {
+            rpc_server_set_tokens(srv, fresh);
+            auth_free(tokens);
+            tokens = fresh;
+            log_line("info", "msg=\"SIGHUP: token file %s read again\" tokens=%zu", token_file, auth_count(tokens));
+        }
+    }
     log_line("info", "msg=\"shutting down\" signal=%d grace_ms=%d", sig, grace);
     int cancelled = rpc_server_stop(srv, grace);
     grpc_shutdown();

@@ -76,7 +76,8 @@ struct rpc_server {
     pthread_t     io_th;
     int64_t       started_ns;
     rpc_log_fn    log;
-    const auth_tokens *tokens;  /* NULL: no TCP listener, no tokens */
+    auth_tokens       *tokens;  /* NULL: no TCP listener, no tokens; under tok_mu (SIGHUP swaps it) */
+    pthread_mutex_t    tok_mu;
     atomic_int    in_flight;    /* calls past REQUESTED, not yet freed */
     kvd_reader  **helpers;      /* [nhelpers] extra readers a RerankLayer may borrow */
     atomic_int   *help_busy;    /* [nhelpers] 1 while borrowed */
@@ -105,6 +106,7 @@ typedef struct rpc_call {
     int64_t             t0;
     char                method[64];
     const auth_scope   *scope;          /* the caller's token; NULL = local, unscoped */
+    auth_tokens        *tokens;         /* the set scope points into, referenced until the call ends */
     uint64_t            log_conv;       /* the conversation it touched, for the log line */
     /* JOB: the handler runs on its own thread; progress events go out one at a time */
     atomic_int          job_sending;    /* a progress event is in flight (job_buf) */
@@ -1165,6 +1167,7 @@ static rpc_call *call_request(rpc_worker *w)
 
 static void call_free(rpc_call *c)
 {
+    auth_free(c->tokens);             /* this call's reference to the token set it was checked against */
     if (c->state != REQUESTED)
         atomic_fetch_sub(&c->w->s->in_flight, 1);
     if (c->call)
@@ -1422,14 +1425,19 @@ static grpc_status_code authenticate(rpc_call *c, kvd_err *err)
     int local = peer && !strncmp(peer, "unix:", 5);
     gpr_free(peer);
     c->scope = NULL;
-    if (local && (!val || !c->w->s->tokens))
+    if (!c->tokens) {                 /* the current set, held until the call ends (a SIGHUP may swap it) */
+        pthread_mutex_lock(&c->w->s->tok_mu);
+        c->tokens = auth_ref(c->w->s->tokens);
+        pthread_mutex_unlock(&c->w->s->tok_mu);
+    }
+    if (local && (!val || !c->tokens))
         return GRPC_STATUS_OK;
     if (!val) {
         kvd_fail(err, -EACCES, "%s: no bearer token; callers over TCP send 'authorization: Bearer TOKEN' "
                  "(kvarc --token-file FILE)", c->method);
         return GRPC_STATUS_UNAUTHENTICATED;
     }
-    c->scope = auth_check(c->w->s->tokens, (const char *)GRPC_SLICE_START_PTR(*val), GRPC_SLICE_LENGTH(*val));
+    c->scope = auth_check(c->tokens, (const char *)GRPC_SLICE_START_PTR(*val), GRPC_SLICE_LENGTH(*val));
     if (!c->scope) {
         kvd_fail(err, -EACCES, "%s: the bearer token is not one of this kvarcd's tokens", c->method);
         return GRPC_STATUS_UNAUTHENTICATED;
@@ -1555,8 +1563,20 @@ static void start_unwind(rpc_server *s, int nready)
         kvd_reader_close(s->workers[i].reader);
     }
     helpers_close(s);
+    auth_free(s->tokens);
+    pthread_mutex_destroy(&s->tok_mu);
     free(s->workers);
     free(s);
+}
+
+void rpc_server_set_tokens(rpc_server *s, auth_tokens *t)
+{
+    auth_tokens *old;
+    pthread_mutex_lock(&s->tok_mu);
+    old = s->tokens;
+    s->tokens = auth_ref(t);
+    pthread_mutex_unlock(&s->tok_mu);
+    auth_free(old);                   /* freed with the last call that still holds it */
 }
 
 int rpc_server_start(kvd_engine *e, const rpc_config *cfg, rpc_server **out, int *tcp_port, char *msg,
@@ -1575,7 +1595,8 @@ int rpc_server_start(kvd_engine *e, const rpc_config *cfg, rpc_server **out, int
     }
     s->e = e;
     s->log = cfg->log;
-    s->tokens = cfg->tokens;
+    s->tokens = auth_ref(cfg->tokens);
+    pthread_mutex_init(&s->tok_mu, NULL);
     s->started_ns = now_ns(CLOCK_MONOTONIC);
     s->nworkers = cfg->threads < 1 ? 1 : cfg->threads > 64 ? 64 : cfg->threads;
     grpc_arg args[2] = {
@@ -1699,6 +1720,8 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
         kvd_reader_close(s->workers[i].reader);
     }
     helpers_close(s);
+    auth_free(s->tokens);
+    pthread_mutex_destroy(&s->tok_mu);
     free(s->workers);
     free(s);
     return cancelled;

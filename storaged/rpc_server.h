@@ -27,7 +27,7 @@ typedef void (*rpc_log_fn)(const char *method, uint64_t conv, const char *who, i
 typedef struct rpc_config {
     const char        *unix_addr;     /* "unix:/path": local callers, unscoped */
     const char        *tcp_addr;      /* "host:port" or NULL; needs tokens */
-    const auth_tokens *tokens;        /* bearer tokens for TCP callers */
+    auth_tokens       *tokens;        /* bearer tokens for TCP callers (the server takes a reference) */
     const char        *tls_cert_pem;  /* with tls_key_pem: TLS on tcp_addr */
     const char        *tls_key_pem;
     int                threads;       /* completion-queue workers */
@@ -44,6 +44,11 @@ int rpc_server_start(kvd_engine *e, const rpc_config *cfg, rpc_server **out, int
 /* Stop accepting, let calls in flight finish for grace_ms, then cancel the
  * rest; free everything. Returns 1 if calls had to be cancelled. */
 int rpc_server_stop(rpc_server *s, int grace_ms);
+
+/* Serve with the token set t from now on (SIGHUP's new token file): the
+ * server takes a reference to t and drops its old set's; calls already
+ * authenticated keep the set they were checked against until they end. */
+void rpc_server_set_tokens(rpc_server *s, auth_tokens *t);
 
 /* The gRPC status for an engine return code. */
 grpc_status_code rpc_status_of(int rc);

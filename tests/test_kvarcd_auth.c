@@ -1,6 +1,7 @@
 /* test_kvarcd_auth: kvarcd on a loopback TCP port with bearer tokens scoped
  * to namespaces, and with TLS. Checks: the start-up refusals (TCP without a
  * token file, a token file others can read, a bad line named by file:line);
+ * SIGHUP reads the token file again (a bad one keeps the tokens in force);
  * missing and unknown tokens are UNAUTHENTICATED; a scoped token sees only
  * its namespaces (others' conversations answer as unknown ids, and their
  * data is unchanged afterwards), named foreign namespaces are
@@ -13,6 +14,7 @@
 
 #define TOK_A     "team-a-0123456789abcdef"
 #define TOK_ADMIN "admin-fedcba9876543210"
+#define TOK_NEW   "fresh-00112233445566778899"
 
 static int write_file(const char *path, const char *text, mode_t mode)
 {
@@ -54,6 +56,26 @@ static kvc_conn *tcp_conn(int port, const char *token, const char *ca)
 /* Health's status. The deadline is kvc_call's default (30 s), a failure
  * guard: a refusal (UNAUTHENTICATED, UNAVAILABLE) comes back at once, and
  * a short deadline would turn a slow answer into DEADLINE_EXCEEDED. */
+/* Wait (at most ms) until kvarcd's log holds n lines containing words; 1 if it came. */
+static int wait_log_lines(const char *words, int n, long ms)
+{
+    char log[300], line[1024];
+    snprintf(log, sizeof log, "%s.log", dir);
+    for (long end = kd_now_ms() + ms;;) {
+        FILE *f = fopen(log, "r");
+        int got = 0;
+        while (f && fgets(line, sizeof line, f))
+            got += strstr(line, words) != NULL;
+        if (f)
+            fclose(f);
+        if (got >= n)
+            return 1;
+        if (kd_now_ms() > end)
+            return 0;
+        kd_sleep_ms(20);
+    }
+}
+
 static int health(kvc_conn *c, char *msg)
 {
     Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
@@ -197,6 +219,25 @@ int main(void)
         st = f ? pclose(f) : -1;
         CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 1 && strstr(out, "PERMISSION_DENIED"), "kvarc stats scoped: %s", out);
     }
+    /* SIGHUP reads the token file again: team-a's token goes, a new one comes, calls on open
+     * connections are checked against the new set */
+    CHECK_RC(write_file(tokens, TOK_NEW " *\n" TOK_ADMIN " *\n", 0600), 0);
+    kill(pid, SIGHUP);
+    CHECK(wait_log_lines("read again", 1, 30000), "kvarcd logs the token file read again");
+    kvc_conn *fresh = tcp_conn(port, TOK_NEW, NULL);
+    CHECK(fresh && health(fresh, msg) == GRPC_STATUS_OK, "the new token is taken after SIGHUP: %s", msg);
+    CHECK(health(a, msg) == GRPC_STATUS_UNAUTHENTICATED && strstr(msg, "not one of"),
+          "the removed token is refused after SIGHUP, on its open connection: %s", msg);
+    CHECK_RC(health(admin, msg), GRPC_STATUS_OK);
+    /* a token file that does not load keeps the tokens in force, and the log says why */
+    CHECK_RC(write_file(tokens, TOK_A " team-a\nshort *\n", 0600), 0);
+    kill(pid, SIGHUP);
+    CHECK(wait_log_lines("stay in force", 1, 30000), "kvarcd logs why the new file was not taken");
+    CHECK(fresh && health(fresh, msg) == GRPC_STATUS_OK, "the tokens read before stay after a bad file: %s", msg);
+    CHECK(health(a, msg) == GRPC_STATUS_UNAUTHENTICATED, "nothing of the bad file was taken: %s", msg);
+    CHECK_RC(write_file(tokens, "# test tokens\n" TOK_A " team-a\n" TOK_ADMIN " *  # admin\n", 0600), 0);
+    if (fresh)
+        kvc_close(fresh);
     CHECK_RC(health(local, msg), GRPC_STATUS_OK);     /* still up */
     kvc_close(anon);
     kvc_close(wrong);
