@@ -502,7 +502,10 @@ int kl_gpu_to_host(void *dst, const void *d_src, size_t bytes)
 
 int kl_gpu_to_device(void *d_dst, const void *src, size_t bytes)
 {
-    int ok = cudaMemcpy(d_dst, src, bytes, cudaMemcpyHostToDevice) == cudaSuccess;
+    /* from pageable memory cudaMemcpy may return before the data has landed: wait for it, so that the
+     * caller's next work on any stream (a non-blocking one too) reads the output */
+    int ok = cudaMemcpy(d_dst, src, bytes, cudaMemcpyHostToDevice) == cudaSuccess &&
+             cudaStreamSynchronize(0) == cudaSuccess;
     cudaGetLastError();
     return ok ? 0 : -EINVAL;
 }

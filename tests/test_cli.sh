@@ -27,13 +27,18 @@ case "$mixed" in "{"*) ;; *) fail "--json before the command was not applied: $m
 # the command's own option wins over the one before it: a wrong --data first, the right one after
 "$kvarc" --data "$tmp/nowhere" health --data "$tmp/data" >/dev/null || fail "the later --data did not win"
 
-cmds=$("$kvarc" --help | sed -n 's/^  \([a-z-]*\) .*/\1/p; s/^  \([a-z-]*\)$/\1/p' | sort -u)
-for c in demo selfcheck formats health stats ls stat inspect fork snapshot restore delete verify compact rebuild-index; do
+all="demo selfcheck formats health stats ls stat inspect fork snapshot restore delete verify compact rebuild-index"
+# every command kvarc --help names (its usage lines, and the '|' lists) is one of them, and has help
+listed=$("$kvarc" --help | grep -oE '^  [a-z-]+( \| [a-z-]+)*' | tr -d ' ' | tr '|' '\n' | sort -u)
+for c in $listed; do
+    case " $all " in *" $c "*) ;; *) fail "kvarc --help lists '$c', which test_cli does not know" ;; esac
+done
+[ "$(echo "$listed" | wc -l)" -ge 10 ] || fail "kvarc --help lists only: $listed"
+for c in $all; do
     h=$("$kvarc" help "$c") || fail "kvarc help $c"
     case "$h" in "usage: kvarc $c"*) ;; *) fail "kvarc help $c: '$h'" ;; esac
     [ "$("$kvarc" "$c" --help)" = "$h" ] || fail "kvarc $c --help differs from kvarc help $c"
 done
-[ -n "$cmds" ] || fail "kvarc --help lists no commands"
 
 expect2() {   # expect2 WORDS ARGS...: exit 2 and WORDS on stderr
     local words=$1; shift
@@ -50,4 +55,5 @@ expect2 "unknown command 'nosuch'" help nosuch
 expect2 "--data does not apply" --data "$tmp/data" formats
 expect2 "--socket does not apply" --socket "$tmp/data/kvarcd.sock" demo
 expect2 "needs a value" --data
+expect2 "give one data directory" --json rebuild-index       # --json taken before it, then its own check
 echo "test_cli: options before and after the command, help for every command, $v1"

@@ -7,8 +7,9 @@ Python API, and through raw ctypes calls, on the same workload in one run.
 
 The workload (bench_binding.c): a conversation of N tokens (2 layers, 2 kv heads, 4 query heads,
 head_dim 64, q3, kvarc's defaults), then S decode steps of append + attend per layer, the same
-values on every side. Each round runs C, then the API, then raw ctypes, each on its own new
-conversation of one kvarcd; the table gives every round and the medians of the ratios to C. The
+values on every side. Each round runs C, the API and raw ctypes, each on its own new
+conversation of one kvarcd, in an order that rotates by round; the table gives every round and the
+medians of the ratios to C. The
 model is not part of it: passkey.py overhead measures the whole decode step of a model.
 """
 import argparse
@@ -79,11 +80,17 @@ def main():
     rows = []
     with kvarc.daemon.Kvarcd(kvarcd=a.kvarcd) as kd, kvarc.Client(kd.data) as cl:
         for r in range(a.rounds):
-            out = subprocess.run([a.bench_binding, kd.data, f"c-{r}", "--tokens", str(a.tokens), "--steps",
-                                  str(a.steps)], capture_output=True, text=True, check=True).stdout
-            c_ms = float(out.split()[1])
-            api = python_side(cl, f"api-{r}", a.tokens, a.steps, raw=False)
-            raw = python_side(cl, f"raw-{r}", a.tokens, a.steps, raw=True)
+            def c_side():
+                out = subprocess.run([a.bench_binding, kd.data, f"c-{r}", "--tokens", str(a.tokens), "--steps",
+                                      str(a.steps)], capture_output=True, text=True, check=True).stdout
+                return float(out.split()[1])
+            sides = [c_side, lambda: python_side(cl, f"api-{r}", a.tokens, a.steps, raw=False),
+                     lambda: python_side(cl, f"raw-{r}", a.tokens, a.steps, raw=True)]
+            got = [None] * 3
+            for j in range(3):                    # the order rotates by round: no side always goes first
+                k = (j + r) % 3
+                got[k] = sides[k]()
+            c_ms, api, raw = got
             rows.append((c_ms, api, raw))
             print(f"round {r + 1}: C {c_ms:.3f} ms per step, Python API {api:.3f} ({api / c_ms:.3f}x), "
                   f"raw ctypes {raw:.3f} ({raw / c_ms:.3f}x)", flush=True)

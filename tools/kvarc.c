@@ -337,8 +337,9 @@ static int cmd_selfcheck(int argc, char **argv)
     return 0;
 }
 
-/* One command's help: its synopsis and what it does. connects: 1 if it talks to a running kvarcd
- * (the connection options apply), 2 if only --data applies (demo starts its own kvarcd there). */
+/* One command's help: its synopsis and what it does. connects: which options given before the
+ * command it takes: 1 every connection option (it talks to a running kvarcd), 2 only --data (demo
+ * starts its own kvarcd there), 3 only --json (offline on a data directory), 0 none. */
 typedef struct cmd_doc {
     const char *name, *synopsis, *text;
     int         connects;
@@ -369,14 +370,14 @@ static const cmd_doc docs[] = {
       "A read-only DST of SRC's first N tokens (default: all); restore it to continue.", 1 },
     { "restore", "restore SNAPSHOT DST", "A new writable conversation DST from the snapshot SNAPSHOT.", 1 },
     { "delete", "delete NS/NAME", "Deletes a conversation (its blocks go at the next compaction).", 1 },
-    { "verify", "verify | verify DIR",
+    { "verify", "verify | verify DIR [--json]",
       "Checks every block's checksum and the index against the segments and back, changing nothing:\n"
       "through the running kvarcd, or offline on DIR (kvarcd stopped). Exit 1 when it finds problems.", 1 },
     { "compact", "compact [--threshold 0..1]",
       "Rewrites segments whose live share is under the threshold (default 0.5) and frees the rest.", 1 },
-    { "rebuild-index", "rebuild-index DIR",
+    { "rebuild-index", "rebuild-index DIR [--json]",
       "Rebuilds DIR's index from its segments alone (kvarcd stopped); the old index is kept as\n"
-      "DIR/index.old.", 0 },
+      "DIR/index.old.", 3 },
 };
 
 static const cmd_doc *doc_of(const char *name)
@@ -390,6 +391,8 @@ static const cmd_doc *doc_of(const char *name)
 static void help_of(const cmd_doc *d)
 {
     printf("usage: kvarc %s\n\n%s\n", d->synopsis, d->text);
+    if (d->connects == 3)
+        printf("\n--json (before or after the command): the answer as JSON.\n");
     if (d->connects == 1)
         printf("\nconnection (before or after the command): --data DIR (its kvarcd.sock), --socket PATH, or\n"
                "--connect HOST:PORT with --token-file FILE (or $KVARC_TOKEN_FILE) and, for TLS, --tls-ca PEM\n"
@@ -425,9 +428,13 @@ int main(int argc, char **argv)
             return 0;
         }
         int n = conn_option(a);
-        if (!n || (n == 2 && i + 1 >= argc) || ng + n > (int)(sizeof globals / sizeof *globals)) {
+        if (!n || (n == 2 && i + 1 >= argc)) {
             fprintf(stderr, n ? "kvarc: %s needs a value\n"
                               : "kvarc: unknown option '%s' before the command (kvarc --help lists them)\n", a);
+            return 2;
+        }
+        if (ng + n > (int)(sizeof globals / sizeof *globals)) {
+            fprintf(stderr, "kvarc: too many options before the command\n");
             return 2;
         }
         globals[ng++] = argv[i];
@@ -463,7 +470,8 @@ int main(int argc, char **argv)
             return 0;
         }
     for (int j = 0; j < ng; j += conn_option(globals[j]))
-        if (d->connects == 0 || (d->connects == 2 && strcmp(globals[j], "--data"))) {
+        if (!(d->connects == 1 || (d->connects == 2 && !strcmp(globals[j], "--data")) ||
+              (d->connects == 3 && !strcmp(globals[j], "--json")))) {
             fprintf(stderr, "kvarc %s: %s does not apply (kvarc help %s)\n", cmd, globals[j], cmd);
             return 2;
         }

@@ -32,6 +32,7 @@ import ctypes
 import errno
 import operator
 import os
+import threading
 import weakref
 
 from ._errors import ClosedError, DtypeError, Error, InvalidArgument
@@ -184,6 +185,7 @@ class Client:
         self._convs = weakref.WeakSet()
         self._open = 0            # conversations open in C: the C client is freed only after the last
         self._closing = False     # close() or the finalizer asked for it while some were still open
+        self._mu = threading.Lock()   # over _open, _closing and the free: a Client may be shared
 
     def _handle(self):
         if self._h is None or self._closing:
@@ -228,16 +230,18 @@ class Client:
         return self._adopt(Conversation(self, h, ns, name, model))
 
     def _adopt(self, conv):
-        self._convs.add(conv)
-        self._open += 1
+        with self._mu:
+            self._convs.add(conv)
+            self._open += 1
         return conv
 
     def _conv_closed(self):
-        self._open -= 1
-        if self._closing and self._open == 0:
-            self._free()
+        with self._mu:
+            self._open -= 1
+            if self._closing and self._open == 0:
+                self._free()
 
-    def _free(self):
+    def _free(self):              # with _mu held
         if self._h is not None:
             lib.kvarc_client_close(self._h)
             self._h = None
@@ -260,9 +264,10 @@ class Client:
                 conv.close()
             except Error as e:
                 first = first or e
-        self._closing = True
-        if self._open == 0:       # else (a conversation the garbage collector holds): freed after its close
-            self._free()
+        with self._mu:
+            self._closing = True
+            if self._open == 0:   # else (a conversation the garbage collector holds): freed after its close
+                self._free()
         if first:
             raise first
 
