@@ -153,7 +153,6 @@ static void conv_free(kvarc_conv *cv)
     free(cv);
 }
 
-/* A handle with its buffers, for model m and options o (validated here). */
 /* 1 (message in c->err) unless ns and name fit: 1..63 and 1..127 bytes (kvarcd checks the characters) */
 static int names_bad(kvarc_client *c, const char *ns, const char *name)
 {
@@ -164,6 +163,7 @@ static int names_bad(kvarc_client *c, const char *ns, const char *name)
     return 1;
 }
 
+/* A handle with its buffers, for model m and options o (validated here). */
 static int conv_new(kvarc_client *c, const char *ns, const char *name, const kvarc_model *m,
                     const kvarc_options *o, kvarc_conv **out)
 {

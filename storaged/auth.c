@@ -129,13 +129,12 @@ int auth_load(const char *path, auth_tokens **out, char *msg, size_t msglen)
         return -EPERM;
     }
     auth_tokens *t = calloc(1, sizeof *t);
-    if (t)
-        atomic_init(&t->refs, 1);
     if (!t) {
         fclose(f);
         snprintf(msg, msglen, "out of memory");
         return -ENOMEM;
     }
+    atomic_init(&t->refs, 1);
     char line[1024], where[300];
     for (int lineno = 1; !rc && fgets(line, sizeof line, f); lineno++) {
         snprintf(where, sizeof where, "token file %s:%d", path, lineno);

@@ -92,7 +92,7 @@ static void usage(FILE *f)
                "  --tls-cert PEM     certificate chain for TLS on the TCP listener\n"
                "  --tls-key PEM      its private key\n"
                "SIGHUP reads the token file again (a file that does not load keeps the tokens in force).\n"
-            "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
+               "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
 }
 
 int main(int argc, char **argv)

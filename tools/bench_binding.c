@@ -59,7 +59,7 @@ int main(int argc, char **argv)
     }
     static float k[HKV * 64 * HD], v[HKV * 64 * HD], out[HQ * HD];
     int rc = 0;
-    for (uint32_t at = 0; at < T && !rc; at += 64)      /* stream 1 + layer: [kv][64][hd] chunks in order */
+    for (uint32_t at = 0; at < T && !rc; at += 64)      /* streams 10 + layer (k), 20 + layer (v): [kv][64][hd] chunks */
         for (uint32_t l = 0; l < 2 && !rc; l++) {
             for (uint32_t i = 0; i < HKV * 64 * HD; i++)
                 k[i] = val(10 + l, (uint64_t)at * HKV * HD + i), v[i] = val(20 + l, (uint64_t)at * HKV * HD + i);

@@ -93,11 +93,14 @@ def _cstr(s, what):
     return s.encode()
 
 
+def _as_dict(o):
+    """A KvarcOptions as a dict of keyword arguments."""
+    return {f: getattr(o, f) for f in _OPTION_NAMES}
+
+
 def default_options():
     """kvarc's defaults (kvarc_options_default) as a dict of keyword arguments."""
-    o = KvarcOptions()
-    lib.kvarc_options_default(ctypes.byref(o))
-    return {f: getattr(o, f) for f in _OPTION_NAMES}
+    return _as_dict(_options({}))
 
 
 def _options(kw):
@@ -294,7 +297,7 @@ class Conversation:
         self.client, self._h, self.ns, self.name, self.model = client, handle, ns, name, model
         o = KvarcOptions()
         lib.kvarc_conv_options(handle, ctypes.byref(o))
-        self.options = {f: getattr(o, f) for f in _OPTION_NAMES}
+        self.options = _as_dict(o)
         """The options in effect (format, pos_mode and seed the conversation's; score_distance resolved)."""
 
     def _handle(self):
@@ -337,11 +340,10 @@ class Conversation:
         Query i attends to the sinks, its top_k cold tokens per kv head and the hot window up to itself."""
         h, layer, m = self._handle(), self._layer(layer), self.model
         qv = _arrays.view(q, "q", m.n_q_heads, m.head_dim)
-        q32 = _arrays.as_f32(qv, "q")
+        q32 = _arrays.as_f32(qv)
         if out is None:                   # ours: nothing to check
-            res = _arrays.empty_like_f32(qv)
-            ov = _arrays.View(res, res.data_ptr() if qv.kind == "torch" else res.ctypes.data, _arrays.F32, qv.shape,
-                              qv.kind, qv.cuda)
+            ov = _arrays.empty_f32(qv)
+            res = ov.obj
         else:
             res = out
             ov = _arrays.view(res, "out", m.n_q_heads, m.head_dim, qv.shape[1], out=True)

@@ -87,21 +87,25 @@ def _strides(x):
     return list(x.stride()) if _is_torch(x) else [s // x.itemsize for s in x.strides]
 
 
-def empty_like_f32(v):
-    """A float32 array of v's shape, on v's device, of v's kind."""
+def _f32_like(x, v):
+    """The View of x, a new float32 array of v's shape, kind and device (ours: nothing to check)."""
+    return View(x, x.data_ptr() if v.kind == "torch" else x.ctypes.data, F32, v.shape, v.kind, v.cuda)
+
+
+def empty_f32(v):
+    """A new float32 array of v's shape, on v's device, of v's kind, as a View."""
     if v.kind == "torch":
         import torch
-        return torch.empty(v.shape, dtype=torch.float32, device=v.obj.device)
+        return _f32_like(torch.empty(v.shape, dtype=torch.float32, device=v.obj.device), v)
     import numpy as np
-    return np.empty(v.shape, dtype=np.float32)
+    return _f32_like(np.empty(v.shape, dtype=np.float32), v)
 
 
-def as_f32(v, what):
+def as_f32(v):
     """v itself if float32, else a float32 copy (a query in f16/bf16)."""
     if v.dtype == F32:
         return v
-    x = v.obj.float() if v.kind == "torch" else v.obj.astype("float32")
-    return View(x, x.data_ptr() if v.kind == "torch" else x.ctypes.data, F32, v.shape, v.kind, v.cuda)
+    return _f32_like(v.obj.float() if v.kind == "torch" else v.obj.astype("float32"), v)
 
 
 def cuda_sync(t):

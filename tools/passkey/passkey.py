@@ -122,10 +122,6 @@ class WindowBackend:
         return att @ V
 
 
-def exact_backend(block, q, k, v, pos, mask):
-    return EXACT(block, q, k, v, pos, mask)
-
-
 # ---- the experiments --------------------------------------------------------------
 
 class Runner:
@@ -232,7 +228,7 @@ class Runner:
         full = {}
         for t in range(a.agree):
             prompt, _ = tasks.passkey_sequence(tasks.Rng(a.seed + 1000 + t), L)
-            BACKEND = exact_backend
+            BACKEND = EXACT
             full[t] = (prompt, self.forward(prompt).double().log_softmax(-1))
         for hot in a.agree_hots:
             for fmt in a.agree_formats:
