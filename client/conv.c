@@ -317,7 +317,7 @@ static int load_summaries(kvarc_conv *cv, uint32_t layer, uint64_t nb)
             int st = kvc_call(cv->cl->conn, "LoadSummaries", &r.base, &kvarc__v1__load_summaries_reply__descriptor,
                               &rep, 0, cv->err, sizeof cv->err);
             if (st) {
-                rc = kl_rc_of_status(st);
+                rc = kw_rc_of(st);
                 break;
             }
             Kvarc__V1__LoadSummariesReply *a = (Kvarc__V1__LoadSummariesReply *)rep;
@@ -391,7 +391,7 @@ int kvarc_conv_create(kvarc_client *c, const char *ns, const char *name, const k
     int st = kvc_call(c->conn, "Create", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, c->err, sizeof c->err);
     if (st) {
         conv_free(cv);
-        return kl_rc_of_status(st);
+        return kw_rc_of(st);
     }
     cv->id = ((Kvarc__V1__ConvReply *)rep)->info->id;
     protobuf_c_message_free_unpacked(rep, NULL);
@@ -421,7 +421,7 @@ static int fetch_decode(kvarc_conv *cv, uint32_t layer, uint32_t head, uint64_t 
                       sizeof cv->err);
     free(pos);
     if (st)
-        return kl_rc_of_status(st);
+        return kw_rc_of(st);
     Kvarc__V1__FetchReply *f = (Kvarc__V1__FetchReply *)rep;
     int rc = f->records.len == n * cv->rb ? 0 : kl_fail(cv, -EIO, "Fetch returned %zu bytes for %u records",
                                                         f->records.len, n);
@@ -454,7 +454,7 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
     ProtobufCMessage *rep = NULL;
     int st = kvc_call(c->conn, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, c->err, sizeof c->err);
     if (st)
-        return kl_rc_of_status(st);
+        return kw_rc_of(st);
     Kvarc__V1__ConvReply *cr = (Kvarc__V1__ConvReply *)rep;
     Kvarc__V1__ConvInfo *info = cr->info;
     Kvarc__V1__Shape *sh = info->shape;
@@ -548,7 +548,7 @@ int kvarc_conv_attach(kvarc_client *c, const char *ns, const char *name, const k
             }
             st = kvc_stream_finish(s, &kvarc__v1__empty__descriptor, NULL, cv->err, sizeof cv->err);
             if (st)
-                rc = kl_rc_of_status(st);
+                rc = kw_rc_of(st);
         }
         if (!rc && got != (held - y->sig_base) * H)
             rc = kl_fail(cv, -EIO, "LoadSignatures of layer %u gave %llu of %llu signatures", l,
@@ -791,7 +791,7 @@ static int flush_range(kvarc_conv *cv, uint32_t layer, uint32_t n, int held)
         int st = kvc_call(cv->cl->conn, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, cv->err,
                           sizeof cv->err);
         if (st) {
-            rc = kl_rc_of_status(st);
+            rc = kw_rc_of(st);
         } else {
             protobuf_c_message_free_unpacked(rep, NULL);
             rc = flush_keep(cv, &p);
@@ -822,7 +822,7 @@ static int many_answers(kvarc_conv *cv, const Kvarc__V1__AppendManyReply *am, si
 static int many_refused(kvarc_conv *cv, const Kvarc__V1__AppendManyReply *am, size_t i, uint32_t layer)
 {
     const Kvarc__V1__AppendResult *r = am->results[i];
-    return r->status ? kl_fail(cv, kl_rc_of_status((int)r->status), "append to layer %u: %s", layer, r->message) : 0;
+    return r->status ? kl_fail(cv, kw_rc_of((int)r->status), "append to layer %u: %s", layer, r->message) : 0;
 }
 
 /* One AppendMany of n blocks (p[i] as request rp[i]): waited for and kept
@@ -842,7 +842,7 @@ static int send_many(kvarc_conv *cv, kl_pend *p, Kvarc__V1__AppendRequest **rp, 
     if (async) {
         int st = kvc_call_start(cv->cl->conn, "AppendMany", &r.base, 0, &cv->inflight);
         if (st)
-            return kl_fail(cv, kl_rc_of_status(st), "sending AppendMany: %s", kvc_status_name(st));
+            return kl_fail(cv, kw_rc_of(st), "sending AppendMany: %s", kvc_status_name(st));
         cv->inflight_n = n;
         for (size_t i = 0; i < n; i++)
             cv->inflight_layer[i] = p[i].layer;
@@ -860,7 +860,7 @@ static int send_many(kvarc_conv *cv, kl_pend *p, Kvarc__V1__AppendRequest **rp, 
     int st = kvc_call(cv->cl->conn, "AppendMany", &r.base, &kvarc__v1__append_many_reply__descriptor, &rep, 0,
                       cv->err, sizeof cv->err);
     if (st)
-        return kl_rc_of_status(st);
+        return kw_rc_of(st);
     Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
     if (!(rc = many_answers(cv, am, n)))
         for (size_t i = 0; i < n; i++) {  /* what kvarcd stored is kept, past a refusal too */
@@ -931,7 +931,7 @@ static int drain(kvarc_conv *cv, int count_time)
     if (st) {
         char why[sizeof cv->err];
         snprintf(why, sizeof why, "%s", cv->err);
-        rc = kl_fail(cv, kl_rc_of_status(st), "an AppendMany sent while the writer went on failed (%s): %.300s; "
+        rc = kl_fail(cv, kw_rc_of(st), "an AppendMany sent while the writer went on failed (%s): %.300s; "
                      "this conversation no longer matches kvarcd: attach it again", kvc_status_name(st), why);
     } else {
         Kvarc__V1__AppendManyReply *am = (Kvarc__V1__AppendManyReply *)rep;
@@ -1172,7 +1172,7 @@ static int fork_rpc(kvc_conn *conn, const char *method, const char *sns, const c
     int st = kvc_call(conn, method, &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, err, errlen);
     if (!st)
         protobuf_c_message_free_unpacked(rep, NULL);
-    return kl_rc_of_status(st);
+    return kw_rc_of(st);
 }
 
 int kvarc_fork(kvarc_conv *cv, const char *dst_ns, const char *dst_name, int snapshot)

@@ -7,6 +7,7 @@
 #include "kvarc.h"
 #include "kvarc_rpc.h"
 #include "kvg.h"
+#include "wire.h"   /* kw_rc_of: a gRPC status as a libkvarc return code */
 
 /* ---- record cache (cache.c) ------------------------------------------- */
 
@@ -351,8 +352,5 @@ int  kl_threads(const kvarc_conv *cv);
  * error (message set, naming the first failing head). */
 int  kl_stage1(kvarc_conv *cv, uint32_t layer, const kl_s1_args *a, kl_s1_lanes *lanes, long *got);
 void kl_s1_lanes_free(kl_s1_lanes *l);
-
-/* gRPC status -> a libkvarc return code. */
-int  kl_rc_of_status(int status);
 
 #endif

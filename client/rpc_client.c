@@ -3,7 +3,6 @@
  * op (send metadata, message, close; receive metadata, message, status),
  * pluck its tag, release everything. */
 #include <errno.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
@@ -14,6 +13,7 @@
 #include <sys/stat.h>
 
 #include "kvarc_rpc.h"
+#include "wire.h"
 
 #define MAX_MESSAGE (16 << 20)
 
@@ -244,18 +244,14 @@ static int call_wait(kvc_pending *pc, uint8_t **out, size_t *out_len, char *msg,
         *out_len = 0;
     }
     if (status == GRPC_STATUS_OK && pc->recv && out) {
-        grpc_byte_buffer_reader rd;
-        if (grpc_byte_buffer_reader_init(&rd, pc->recv)) {
-            grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-            grpc_byte_buffer_reader_destroy(&rd);
-            *out_len = GRPC_SLICE_LENGTH(all);
-            *out = malloc(*out_len ? *out_len : 1);
-            if (*out)
-                memcpy(*out, GRPC_SLICE_START_PTR(all), *out_len);
-            else
-                status = GRPC_STATUS_RESOURCE_EXHAUSTED;
-            grpc_slice_unref(all);
-        }
+        grpc_slice all = kw_slice(pc->recv);
+        *out_len = GRPC_SLICE_LENGTH(all);
+        *out = malloc(*out_len ? *out_len : 1);
+        if (*out)
+            memcpy(*out, GRPC_SLICE_START_PTR(all), *out_len);
+        else
+            status = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        grpc_slice_unref(all);
     }
     if (pc->error_string)
         gpr_free((void *)pc->error_string);
@@ -287,12 +283,11 @@ int kvc_call_raw(kvc_conn *c, const char *method, const void *req, size_t len, u
 int kvc_call_start(kvc_conn *c, const char *method, const ProtobufCMessage *req, int timeout_ms,
                    kvc_pending **out)
 {
-    size_t n = protobuf_c_message_get_packed_size(req);
-    uint8_t *buf = malloc(n ? n : 1);
+    size_t n;
+    uint8_t *buf = kw_pack_bytes(req, &n);
     *out = NULL;
     if (!buf)
         return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    protobuf_c_message_pack(req, buf);
     *out = call_start(c, method, buf, n, timeout_ms);
     free(buf);
     return *out ? 0 : GRPC_STATUS_RESOURCE_EXHAUSTED;
@@ -325,35 +320,6 @@ int kvc_call(kvc_conn *c, const char *method, const ProtobufCMessage *req,
     kvc_pending *pc;
     int st = kvc_call_start(c, method, req, timeout_ms, &pc);
     return st ? st : kvc_call_finish(pc, reply_desc, reply, msg, msglen);
-}
-
-/* A message packed into a byte buffer (NULL on out of memory). */
-static grpc_byte_buffer *bb_pack(const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf)
-        return NULL;
-    protobuf_c_message_pack(m, buf);
-    grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
-    free(buf);
-    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
-    grpc_slice_unref(sl);
-    return bb;
-}
-
-/* A received byte buffer decoded as desc (NULL if it does not decode). */
-static ProtobufCMessage *bb_unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc)
-{
-    grpc_byte_buffer_reader rd;
-    ProtobufCMessage *m = NULL;
-    if (grpc_byte_buffer_reader_init(&rd, bb)) {
-        grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
-        grpc_byte_buffer_reader_destroy(&rd);
-        m = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-        grpc_slice_unref(all);
-    }
-    return m;
 }
 
 struct kvc_stream {
@@ -405,7 +371,7 @@ int kvc_stream_send(kvc_stream *s, const ProtobufCMessage *m)
 {
     if (s->broken)
         return -EPIPE;
-    grpc_byte_buffer *bb = bb_pack(m);
+    grpc_byte_buffer *bb = kw_pack(m);
     if (!bb)
         return -ENOMEM;
     grpc_op op;
@@ -465,7 +431,7 @@ int kvc_stream_finish(kvc_stream *s, const ProtobufCMessageDescriptor *reply_des
         status_msg(status, details, s->method, s->addr, msg, msglen);
     if (reply)
         *reply = NULL;
-    if (status == GRPC_STATUS_OK && recv && reply && !(*reply = bb_unpack(recv, reply_desc)))
+    if (status == GRPC_STATUS_OK && recv && reply && !(*reply = kw_unpack(recv, reply_desc)))
         status = GRPC_STATUS_INTERNAL;
     if (error_string)
         gpr_free((void *)error_string);
@@ -491,7 +457,7 @@ int kvc_sstream_open(kvc_conn *c, const char *method, const ProtobufCMessage *re
     if (rc)
         return rc;
     kvc_stream *s = *out;
-    grpc_byte_buffer *bb = bb_pack(req);
+    grpc_byte_buffer *bb = kw_pack(req);
     if (!bb) {
         kvc_stream_cancel(s);
         return -ENOMEM;
@@ -522,7 +488,7 @@ int kvc_sstream_next(kvc_stream *s, const ProtobufCMessageDescriptor *desc, Prot
     op.data.recv_message.recv_message = &recv;
     if (stream_batch(s, &op, 1) || !recv)
         return 0;                    /* end of stream (or failure: finish says) */
-    *m = bb_unpack(recv, desc);
+    *m = kw_unpack(recv, desc);
     grpc_byte_buffer_destroy(recv);
     return *m ? 1 : -EIO;
 }

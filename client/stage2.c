@@ -117,7 +117,7 @@ int kl_stage2(kvarc_conv *cv, const kl_step *s, kl_ax *x, size_t n)
                       cv->err, sizeof cv->err);
     cv->st.bytes_sent += sent_bytes;
     if (st)
-        return kl_rc_of_status(st);
+        return kw_rc_of(st);
     Kvarc__V1__RerankLayerReply *rl = (Kvarc__V1__RerankLayerReply *)rep;
     int rc = rl->n_results == n && rl->record_bytes == cv->rb ? 0 :
              kl_fail(cv, -EIO, "RerankLayer answered %zu results of %u-byte records for %zu items", rl->n_results,

@@ -26,24 +26,6 @@ int kl_fail(kvarc_conv *cv, int rc, const char *fmt, ...)
     return rc;
 }
 
-int kl_rc_of_status(int status)
-{
-    switch (status) {
-    case GRPC_STATUS_OK:                  return 0;
-    case GRPC_STATUS_NOT_FOUND:           return -ENOENT;
-    case GRPC_STATUS_ALREADY_EXISTS:      return -EEXIST;
-    case GRPC_STATUS_FAILED_PRECONDITION: return KVARC_ESHAPE;
-    case GRPC_STATUS_INVALID_ARGUMENT:    return -EINVAL;
-    case GRPC_STATUS_RESOURCE_EXHAUSTED:  return -ENOSPC;
-    case GRPC_STATUS_DATA_LOSS:           return KVARC_ECORRUPT;
-    case GRPC_STATUS_PERMISSION_DENIED:
-    case GRPC_STATUS_UNAUTHENTICATED:     return -EACCES;
-    case GRPC_STATUS_UNAVAILABLE:
-    case GRPC_STATUS_DEADLINE_EXCEEDED:   return -ECONNREFUSED;
-    default:                              return -EIO;
-    }
-}
-
 kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head)
 {
     const float *mu = cv->means + ((size_t)layer * cv->m.n_kv_heads + head) * 2 * cv->m.head_dim;

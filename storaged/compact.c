@@ -100,6 +100,7 @@ int kvd_compact(kvd_engine *e, double threshold, uint64_t *reclaimed_out, kvd_pr
     if (!(threshold >= 0.0 && threshold <= 1.0))
         return kvd_fail(err, -EINVAL, "compaction threshold %g is not in [0, 1]", threshold);
     pthread_mutex_lock(&e->compact_mu);
+    atomic_fetch_add(&e->n_compactions, 1);
     idset live = { 0 }, victims = { 0 };
     moved *mv = NULL;
     size_t nmv = 0, capmv = 0;

@@ -517,7 +517,12 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
         rc = seg_pwritev(fd, iov, niov, tail);
         if (!rc) {
             stage = "fdatasync the segment";
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
             rc = seg_sync(fd);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            prom_hist_observe_ns(&e->sync_hist, (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
+                                                           (t1.tv_nsec - t0.tv_nsec)));
             atomic_fetch_add(&e->n_fsyncs, 1);
         }
         if (!rc) {
@@ -1154,11 +1159,12 @@ static int create_block(kvd_engine *e, create_arg *a, kvd_conv_info *info, kvd_e
     return rc;
 }
 
-int kvd_conv_create(kvd_engine *e, const char *ns, const char *name, const kvd_shape *shape,
-                    const float *means, kvd_conv_info *info, kvd_err *err)
+/* Create ns/name; names_check'ed by the callers (a stage's name is one no client may use). */
+static int conv_create(kvd_engine *e, const char *ns, const char *name, const kvd_shape *shape,
+                       const float *means, kvd_conv_info *info, kvd_err *err)
 {
-    int rc = names_check(ns, name, err);
-    if (rc || (rc = shape_check(shape, err)))
+    int rc = shape_check(shape, err);
+    if (rc)
         return rc;
     if (shape->pos_mode > KVARC_POS_KIND_MAX)
         return kvd_fail(err, -EINVAL, "pos_mode %u out of range 0..%d", shape->pos_mode, KVARC_POS_KIND_MAX);
@@ -1178,6 +1184,47 @@ int kvd_conv_create(kvd_engine *e, const char *ns, const char *name, const kvd_s
     a.rec.shape = *shape;
     a.means = means;
     return create_block(e, &a, info, err);
+}
+
+int kvd_conv_create(kvd_engine *e, const char *ns, const char *name, const kvd_shape *shape,
+                    const float *means, kvd_conv_info *info, kvd_err *err)
+{
+    int rc = names_check(ns, name, err);
+    return rc ? rc : conv_create(e, ns, name, shape, means, info, err);
+}
+
+int kvd_conv_create_stage(kvd_engine *e, const char *ns, const kvd_shape *shape, const float *means,
+                          kvd_conv_info *info, kvd_err *err)
+{
+    int rc = names_check(ns, "stage", err);
+    if (rc)
+        return rc;
+    char name[KVD_NAME_MAX];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t x = ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^ (uint64_t)(uintptr_t)&ts;
+    snprintf(name, sizeof name, "%s%016llx", KVD_STAGE_PREFIX, (unsigned long long)kvarc_splitmix64(&x));
+    return conv_create(e, ns, name, shape, means, info, err);
+}
+
+long kvd_stage_sweep(kvd_engine *e, kvd_err *err)
+{
+    kvd_conv_info page[256];
+    char after[KVD_NS_MAX + KVD_NAME_MAX] = "";
+    long got, removed = 0;
+    while ((got = kvd_conv_list(e, NULL, *after ? after : NULL, page, 256, err)) > 0) {
+        for (long i = 0; i < got; i++)
+            if (!strncmp(page[i].name, KVD_STAGE_PREFIX, strlen(KVD_STAGE_PREFIX))) {
+                int rc = kvd_conv_delete(e, page[i].ns, page[i].name, err);
+                if (rc)
+                    return rc;
+                removed++;
+            }
+        snprintf(after, sizeof after, "%s/%s", page[got - 1].ns, page[got - 1].name);
+        if (got < 256)
+            break;
+    }
+    return got < 0 ? got : removed;
 }
 
 static int shape_diff(const char *ns, const char *name, const kvd_shape *have, const kvd_shape *want,

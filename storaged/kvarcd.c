@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "metrics_http.h"
 #include "rpc_server.h"
 
 static void log_line(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -76,11 +77,39 @@ static char *read_small_file(const char *path, const char *what, char *msg, size
     return buf;
 }
 
+/* What the metrics endpoint serves from: the server, and whether it is stopping. */
+typedef struct metrics_src {
+    pthread_mutex_t mu;
+    rpc_server     *srv;     /* NULL once kvarcd is shutting down */
+} metrics_src;
+
+static int render_metrics(void *arg, prom_buf *out)
+{
+    metrics_src *ms = arg;
+    pthread_mutex_lock(&ms->mu);
+    if (ms->srv)
+        rpc_server_metrics(ms->srv, out);
+    int rc = ms->srv ? out->err : -ESHUTDOWN;
+    pthread_mutex_unlock(&ms->mu);
+    return rc;
+}
+
+static int health(void *arg, char *reason, size_t len)
+{
+    metrics_src *ms = arg;
+    pthread_mutex_lock(&ms->mu);
+    int up = ms->srv != NULL;
+    pthread_mutex_unlock(&ms->mu);
+    if (!up)
+        snprintf(reason, len, "kvarcd is shutting down");
+    return !up;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--rerank-threads N] [--grace-ms MS]\n"
                "              [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]\n"
-               "              [--version] [--help]\n"
+               "              [--metrics-listen HOST:PORT] [--version] [--help]\n"
                "  --data DIR         data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
                "  --threads N        completion-queue worker threads (default: number of cores)\n"
                "  --rerank-threads N threads one RerankLayer call may use, its kv heads split over\n"
@@ -91,6 +120,10 @@ static void usage(FILE *f)
                "                     'TOKEN *' per line; mode 0600 (required with --listen)\n"
                "  --tls-cert PEM     certificate chain for TLS on the TCP listener\n"
                "  --tls-key PEM      its private key\n"
+               "  --metrics-listen HOST:PORT\n"
+               "                     serve Prometheus metrics on http://HOST:PORT/metrics and\n"
+               "                     liveness on /health (off by default; no TLS, no tokens: bind\n"
+               "                     it to loopback or a private network; port 0 picks one)\n"
                "SIGHUP reads the token file again (a file that does not load keeps the tokens in force).\n"
                "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
 }
@@ -101,7 +134,7 @@ int main(int argc, char **argv)
     char defdir[1024];
     long threads = sysconf(_SC_NPROCESSORS_ONLN), rerank_threads = threads;
     int grace = 5000;
-    const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL;
+    const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL, *metrics_listen = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--data") && i + 1 < argc) {
             dir = argv[++i];
@@ -122,6 +155,8 @@ int main(int argc, char **argv)
             tls_cert = argv[++i];
         } else if (!strcmp(argv[i], "--tls-key") && i + 1 < argc) {
             tls_key = argv[++i];
+        } else if (!strcmp(argv[i], "--metrics-listen") && i + 1 < argc) {
+            metrics_listen = argv[++i];
         } else if (!strcmp(argv[i], "--version")) {
             printf("kvarcd %s (git %s)\n", KVARCD_VERSION, KVARC_GIT_REVISION);
             return 0;
@@ -240,6 +275,26 @@ int main(int argc, char **argv)
         log_line("info", "msg=\"listening\" tcp=%s:%d tls=%s tokens=%zu", host, tcp_port, cert_pem ? "yes" : "no",
                  auth_count(tokens));
     }
+    mh_server *mh = NULL;
+    metrics_src ms = { PTHREAD_MUTEX_INITIALIZER, srv };
+    if (metrics_listen) {
+        int mport = 0;
+        char mmsg[300];
+        if (mh_start(metrics_listen, render_metrics, health, &ms, &mh, &mport, mmsg, sizeof mmsg)) {
+            log_line("error", "msg=\"%s\"", mmsg);
+            rpc_server_stop(srv, 0);
+            grpc_shutdown();
+            kvd_close(e);
+            unlink(sock);
+            goto out;
+        }
+        char mhost[300];
+        snprintf(mhost, sizeof mhost, "%s", metrics_listen);
+        char *mcolon = strrchr(mhost, ':');
+        if (mcolon)
+            *mcolon = 0;
+        log_line("info", "msg=\"metrics\" url=http://%s:%d/metrics port=%d", mhost, mport, mport);
+    }
     int sig = 0;
     while (!sigwait(&set, &sig) && sig == SIGHUP) {   /* SIGHUP: read the token file again */
         auth_tokens *fresh = NULL;
@@ -256,7 +311,11 @@ int main(int argc, char **argv)
         }
     }
     log_line("info", "msg=\"shutting down\" signal=%d grace_ms=%d", sig, grace);
+    pthread_mutex_lock(&ms.mu);         /* /health answers 503 from now on, /metrics 500 */
+    ms.srv = NULL;
+    pthread_mutex_unlock(&ms.mu);
     int cancelled = rpc_server_stop(srv, grace);
+    mh_stop(mh);
     grpc_shutdown();
     kvd_close(e);
     unlink(sock);

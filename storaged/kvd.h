@@ -121,6 +121,16 @@ int kvd_conv_stat(kvd_engine *e, uint64_t id, kvd_conv_info *info, kvd_err *err)
 long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out,
                    size_t max, kvd_err *err);
 
+/* Staging (import): create ns/.import-<16 hex digits>, a name no client
+ * can give (names do not start with '.'), so that a conversation is
+ * published under its real name only when it is complete (a fork of the
+ * stage), and a stage a crash left is known as one. info->name says which. */
+#define KVD_STAGE_PREFIX ".import-"
+int kvd_conv_create_stage(kvd_engine *e, const char *ns, const kvd_shape *shape, const float *means,
+                          kvd_conv_info *info, kvd_err *err);
+/* Delete every stage (at start, none can be in use): how many, or an error. */
+long kvd_stage_sweep(kvd_engine *e, kvd_err *err);
+
 /* Delete ns/name: it disappears at once; its records go at compaction
  * unless a fork or snapshot still shares them. */
 int kvd_conv_delete(kvd_engine *e, const char *ns, const char *name, kvd_err *err);
@@ -281,6 +291,11 @@ typedef struct kvd_rerank_item {
     const float    *run_bias;    /* true positions: [n_q][the runs' 64-blocks in run order]; else NULL */
     int             s1_mode, s1_combine;
     uint64_t       *sl_buf;
+    /* The reply's choice (kvd_rerank_reply): */
+    const uint64_t *have;        /* [n_have] positions whose records the client holds, ascending */
+    size_t          n_have;
+    int            *send_out;    /* [top_k] out: 1 where the record goes back */
+    size_t          kept;        /* out: how many go back */
 } kvd_rerank_item;
 int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_item *items, size_t n_items,
                      kvd_err *err);
@@ -291,6 +306,14 @@ int kvd_rerank_batch(kvd_reader *r, uint64_t conv, uint32_t layer, kvd_rerank_it
 #define KVD_RERANK_READERS 64
 int kvd_rerank_batch_par(kvd_reader *const *rs, int nr, uint64_t conv, uint32_t layer, kvd_rerank_item *items,
                          size_t n_items, kvd_err *err);
+/* Which records a RerankLayer reply carries, after kvd_rerank_batch: of
+ * each item's got records, those the client does not hold (have) and no
+ * earlier item of the same head sends already. Each item's send_out marks
+ * them and its kept counts them; their records are moved, in order, to the
+ * front of recs (rb bytes each), where the items' rec_out slices lie one
+ * after another in item order (an item's records only move toward the
+ * front, never past its own slice). 0 or -ENOMEM. */
+int kvd_rerank_reply(kvd_rerank_item *items, size_t n_items, size_t rb, uint8_t *recs, kvd_err *err);
 
 /* ---- maintenance ------------------------------------------------------ */
 
@@ -304,6 +327,12 @@ typedef struct kvd_stats {
 } kvd_stats;
 
 int kvd_stats_get(kvd_engine *e, kvd_stats *st, kvd_err *err);
+
+/* The engine's metrics in Prometheus text format, appended to b
+ * (engine_metrics.c): what kvd_stats_get reads but the extents, and the
+ * fdatasync latency histogram. 0 or an index read error. */
+struct prom_buf;
+int kvd_metrics(kvd_engine *e, struct prom_buf *b, kvd_err *err);
 
 /* Progress of a long operation: done of total units (bytes). */
 /* Progress of long work: done of total bytes. Return nonzero to stop it:

@@ -10,6 +10,7 @@
 #include <sys/uio.h>
 
 #include "kvd.h"
+#include "prom.h"
 
 /* ---- segments (segment.c) ------------------------------------------- */
 
@@ -101,6 +102,8 @@ struct kvd_engine {
     pthread_mutex_t compact_mu; /* one compaction at a time */
 
     atomic_ullong n_appends, n_commits, n_fsyncs;
+    atomic_ullong n_compactions, n_verifies;   /* runs started since open */
+    prom_hist     sync_hist;    /* the group commit's fdatasync of the segment, each */
     uint64_t n_rolled_forward;  /* blocks recovery replayed into the index at open */
     uint64_t n_recovery_damaged; /* damaged ranges recovery kept (valid blocks after them) */
     int      check_only;        /* kvd_open_check: read-only, no recovery */

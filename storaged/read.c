@@ -821,6 +821,55 @@ int kvd_rerank_batch_par(kvd_reader *const *rs, int nr, uint64_t conv, uint32_t 
     return sh[worst].rc;
 }
 
+static int u64_in(const uint64_t *v, size_t n, uint64_t x)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v[mid] < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && v[lo] == x;
+}
+
+int kvd_rerank_reply(kvd_rerank_item *items, size_t n_items, size_t rb, uint8_t *recs, kvd_err *err)
+{
+    size_t total = 0, nseen = 16, rec_off = 0;
+    for (size_t i = 0; i < n_items; i++)
+        total += items[i].got > 0 ? (size_t)items[i].got : 0;
+    while (nseen < 2 * total)
+        nseen *= 2;
+    uint64_t *seen = calloc(nseen, 8);     /* open-addressing set of (head << 48 | pos) + 1 */
+    if (!seen)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; i < n_items; i++) {
+        kvd_rerank_item *it = &items[i];
+        it->kept = 0;
+        for (long j = 0; j < it->got; j++) {
+            uint64_t p = it->pos_out[j];
+            int dup = u64_in(it->have, it->n_have, p);
+            if (!dup) {        /* sent earlier in this reply for the same head? */
+                uint64_t key = ((uint64_t)it->head << 48 | p) + 1, mix = key;
+                size_t h = (size_t)kvarc_splitmix64(&mix) & (nseen - 1);   /* every bit of key in the slot */
+                while (seen[h] && seen[h] != key)
+                    h = (h + 1) & (nseen - 1);
+                dup = seen[h] == key;
+                seen[h] = key;
+            }
+            it->send_out[j] = !dup;
+            if (!dup) {
+                memmove(recs + rec_off, it->rec_out + (size_t)j * rb, rb);
+                rec_off += rb;
+                it->kept++;
+            }
+        }
+    }
+    free(seen);
+    return 0;
+}
+
 long kvd_rerank(kvd_reader *r, uint64_t conv, uint32_t layer, uint32_t head, const float *q,
                 int n_q, const uint64_t *shortlist, size_t n, size_t top_k, uint64_t *pos_out,
                 float *score_out, uint8_t *rec_out, kvd_err *err)

@@ -1,4 +1,5 @@
-/* rpc_server.h - kvarcd's gRPC service over the engine (internal to kvarcd). */
+/* rpc_server.h - kvarcd's gRPC service over the engine (internal to kvarcd): the
+ * call machine is rpc_call.c, kvarc's methods rpc_handlers.c. */
 #ifndef KVARC_RPC_SERVER_H
 #define KVARC_RPC_SERVER_H
 
@@ -6,6 +7,7 @@
 
 #include "auth.h"
 #include "kvd.h"
+#include "prom.h"
 
 #include "kvarc_version.h"   /* generated: the project version and git revision */
 #define KVARCD_VERSION KVARC_VERSION
@@ -50,7 +52,9 @@ int rpc_server_stop(rpc_server *s, int grace_ms);
  * authenticated keep the set they were checked against until they end. */
 void rpc_server_set_tokens(rpc_server *s, auth_tokens *t);
 
-/* The gRPC status for an engine return code. */
-grpc_status_code rpc_status_of(int rc);
+/* Every metric in Prometheus text format, appended to b: the build, the
+ * calls (by method and status, latency, bytes, records, auth refusals) and
+ * the engine's (kvd_metrics). b->err says whether it all fit. */
+void rpc_server_metrics(rpc_server *s, prom_buf *b);
 
 #endif

@@ -340,6 +340,7 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
     int rc = 0;
     MDB_txn *txn = NULL;
     pthread_mutex_lock(&e->compact_mu);
+    atomic_fetch_add(&e->n_verifies, 1);
     /* the index view first: every extent it holds then lies within the
      * committed sizes read next (the table grows after each commit) */
     if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {

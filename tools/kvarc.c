@@ -46,6 +46,7 @@ static void usage(FILE *f)
             "  health | stats | ls [NAMESPACE] | stat NS/NAME | inspect NS/NAME\n"
             "  fork SRC DST [--at N] | snapshot SRC DST [--at N] | restore SNAPSHOT DST\n"
             "  delete NS/NAME | verify | compact [--threshold 0..1]\n"
+            "  top [--interval SECONDS] [--count N]\n"
             "\n"
             "commands on a stopped data directory (kvarcd not running on it):\n"
             "  verify DIR [--json]\n"
@@ -375,6 +376,13 @@ static const cmd_doc docs[] = {
       "through the running kvarcd, or offline on DIR (kvarcd stopped). Exit 1 when it finds problems.", 1 },
     { "compact", "compact [--threshold 0..1]",
       "Rewrites segments whose live share is under the threshold (default 0.5) and frees the rest.", 1 },
+    { "top", "top [--interval SECONDS] [--count N]",
+      "A live view of kvarcd from its metrics (the counters /metrics serves): calls, errors, mean and\n"
+      "99th-percentile latency, bytes in and out per method and in total; records appended and served,\n"
+      "group commits and fdatasync time; conversations, segments and bytes on disk, calls in flight.\n"
+      "The first view counts from kvarcd's start, each next one the last interval (default 1 s).\n"
+      "Redraws in place on a terminal, else prints one view after another; runs until interrupted or\n"
+      "for N views. Needs the local socket or a '*' token.", 1 },
     { "rebuild-index", "rebuild-index DIR [--json]",
       "Rebuilds DIR's index from its segments alone (kvarcd stopped); the old index is kept as\n"
       "DIR/index.old.", 3 },

@@ -22,6 +22,8 @@ typedef struct opts {
     const char *pos[3];
     int npos;
     double threshold;
+    double interval;   /* top */
+    long count;
     uint64_t at;
     int has_at;
 } opts;
@@ -29,6 +31,7 @@ typedef struct opts {
 static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
 {
     memset(o, 0, sizeof *o);
+    o->interval = 1.0;
     o->target = getenv("KVARC_DATA");
     for (int i = 0; i < argc; i++) {
         if ((!strcmp(argv[i], "--data") || !strcmp(argv[i], "--socket") || !strcmp(argv[i], "--connect")) &&
@@ -42,6 +45,10 @@ static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
             o->tls_name = argv[++i];
         else if (!strcmp(argv[i], "--json"))
             o->json = 1;
+        else if (!strcmp(argv[i], "--interval") && i + 1 < argc)
+            o->interval = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--count") && i + 1 < argc)
+            o->count = strtol(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--threshold") && i + 1 < argc)
             o->threshold = atof(argv[++i]);
         else if (!strcmp(argv[i], "--at") && i + 1 < argc) {
@@ -131,7 +138,7 @@ static int split_name(const char *full, char *buf, size_t len, char **ns, char *
     return 0;
 }
 
-static int fail(int status, const char *what, const char *msg, const char *target)
+int kvarc_admin_fail(int status, const char *what, const char *msg, const char *target)
 {
     if (status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED) {
         fprintf(stderr, "kvarc: no kvarcd answers at %s (%s); start one with `kvarcd --data DIR`\n",
@@ -230,7 +237,7 @@ static int cmd_ls(kvc_conn *k, opts *o)
         ProtobufCMessage *rep = NULL;
         int st = kvc_call(k, "List", &r.base, &kvarc__v1__list_reply__descriptor, &rep, 0, msg, sizeof msg);
         if (st)
-            return fail(st, "ls", msg, o->target);
+            return kvarc_admin_fail(st, "ls", msg, o->target);
         Kvarc__V1__ListReply *l = (Kvarc__V1__ListReply *)rep;
         for (size_t i = 0; i < l->n_convs; i++) {
             const Kvarc__V1__ConvInfo *c = l->convs[i];
@@ -275,7 +282,7 @@ static int conv_call(kvc_conn *k, opts *o, const char *what, ProtobufCMessage **
     r.ns = ns;
     r.name = name;
     int st = kvc_call(k, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, rep, 0, msg, sizeof msg);
-    return st ? fail(st, what, msg, o->target) : 0;
+    return st ? kvarc_admin_fail(st, what, msg, o->target) : 0;
 }
 
 static int cmd_stat(kvc_conn *k, opts *o, int inspect)
@@ -338,7 +345,7 @@ static int cmd_fork(kvc_conn *k, opts *o, const char *method)
     ProtobufCMessage *rep = NULL;
     int st = kvc_call(k, method, &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg);
     if (st)
-        return fail(st, method, msg, o->target);
+        return kvarc_admin_fail(st, method, msg, o->target);
     const Kvarc__V1__ConvInfo *c = ((Kvarc__V1__ConvReply *)rep)->info;
     if (o->json) {
         print_conv_json(c);
@@ -362,7 +369,7 @@ static int run_job(kvc_conn *k, opts *o, const char *cmd, const char *method, co
     progress_state ps = { cmd, -1, isatty(2) };
     int st = kvc_job(k, method, req, 24 * 3600000, o->json ? NULL : show_progress, &ps, ev, msg, sizeof msg);
     progress_end(&ps);
-    return st ? fail(st, cmd, msg, o->target) : 0;
+    return st ? kvarc_admin_fail(st, cmd, msg, o->target) : 0;
 }
 
 static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
@@ -381,13 +388,13 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
         r.name = name;
         st = kvc_call(k, "Delete", &r.base, &kvarc__v1__empty__descriptor, &rep, 0, msg, sizeof msg);
         if (st)
-            return fail(st, cmd, msg, o->target);
+            return kvarc_admin_fail(st, cmd, msg, o->target);
         printf(o->json ? "{\"deleted\":\"%s\"}\n" : "deleted %s (space returns at the next compaction)\n",
                o->pos[0]);
     } else if (!strcmp(cmd, "health")) {
         st = kvc_call(k, "Health", &e.base, &kvarc__v1__health_reply__descriptor, &rep, 5000, msg, sizeof msg);
         if (st)
-            return fail(st, cmd, msg, o->target);
+            return kvarc_admin_fail(st, cmd, msg, o->target);
         Kvarc__V1__HealthReply *h = (Kvarc__V1__HealthReply *)rep;
         printf(o->json ? "{\"status\":\"%s\",\"version\":\"%s\",\"uptime_ms\":%llu,\"conversations\":%llu}\n"
                        : "%s, kvarcd %s, up %llu ms, %llu conversations\n",
@@ -395,7 +402,7 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
     } else if (!strcmp(cmd, "stats")) {
         st = kvc_call(k, "Stats", &e.base, &kvarc__v1__stats_reply__descriptor, &rep, 0, msg, sizeof msg);
         if (st)
-            return fail(st, cmd, msg, o->target);
+            return kvarc_admin_fail(st, cmd, msg, o->target);
         Kvarc__V1__StatsReply *s = (Kvarc__V1__StatsReply *)rep;
         printf(o->json ? "{\"conversations\":%llu,\"deleted\":%llu,\"segments\":%llu,\"segment_bytes\":%llu,"
                          "\"extents\":%llu,\"tokens\":%llu,\"appends\":%llu,\"group_commits\":%llu}\n"
@@ -579,7 +586,7 @@ static int offline_rebuild(const char *dir, int json)
 int kvarc_admin(const char *cmd, int argc, char **argv)
 {
     static const char *known[] = { "ls", "stat", "inspect", "delete", "fork", "snapshot", "restore",
-                                   "health", "stats", "verify", "compact", "rebuild-index" };
+                                   "health", "stats", "verify", "compact", "rebuild-index", "top" };
     int found = 0;
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         found |= !strcmp(cmd, known[i]);
@@ -596,6 +603,11 @@ int kvarc_admin(const char *cmd, int argc, char **argv)
             return 2;
         }
         return !strcmp(cmd, "verify") ? offline_verify(o.pos[0], o.json) : offline_rebuild(o.pos[0], o.json);
+    }
+    if (!strcmp(cmd, "top") && o.json) {
+        fprintf(stderr, "kvarc top: a live view has no --json; scripts read the same counters with "
+                        "kvarcd --metrics-listen (Prometheus text on /metrics)\n");
+        return 2;
     }
     char token[1100] = "", cmsg[300];
     if (!o.token_file)
@@ -618,6 +630,8 @@ int kvarc_admin(const char *cmd, int argc, char **argv)
         rc = cmd_fork(k, &o, "Snapshot");
     else if (!strcmp(cmd, "restore"))
         rc = cmd_fork(k, &o, "Restore");
+    else if (!strcmp(cmd, "top"))
+        rc = kvarc_top(k, o.target, o.interval, o.count);
     else
         rc = cmd_simple(k, &o, cmd);
     kvc_close(k);

@@ -2,11 +2,20 @@
 #ifndef KVARC_ADMIN_H
 #define KVARC_ADMIN_H
 
+#include "kvarc_rpc.h"
 #include "kvarc_schema.h"
 
 /* Run admin command cmd with its arguments; the process exit code, or -1
  * if cmd is not an admin command. */
 int kvarc_admin(const char *cmd, int argc, char **argv);
+
+/* Report a failed call (status, kvarcd's message) of command `what` to
+ * target on stderr; the exit code: 3 when no kvarcd answers, else 1. */
+int kvarc_admin_fail(int status, const char *what, const char *msg, const char *target);
+
+/* `kvarc top` (tools/kvarc_top.c) on a connected kvarcd: a view every
+ * interval seconds, count views (0: until interrupted). */
+int kvarc_top(kvc_conn *k, const char *target, double interval, long count);
 
 /* `kvarc demo` (tools/kvarc_demo.c): the main job through libkvarc. */
 int kvarc_demo(int argc, char **argv);
