@@ -1066,6 +1066,16 @@ static int names_check(const char *ns, const char *name, kvd_err *err)
     return 0;
 }
 
+/* A name to look up: one a client may create, or a stage's (kvd_conv_create_stage),
+ * which an admin may open, fork or delete but no one may create by name. */
+static int lookup_names_check(const char *ns, const char *name, kvd_err *err)
+{
+    size_t pl = strlen(KVD_STAGE_PREFIX);
+    if (name && !strncmp(name, KVD_STAGE_PREFIX, pl) && kvd_name_valid(name + pl, KVD_NAME_MAX - pl))
+        return names_check(ns, name + pl, err);
+    return names_check(ns, name, err);
+}
+
 typedef struct create_arg {
     conv_rec rec;
     const float *means;
@@ -1280,7 +1290,7 @@ int kvd_conv_open(kvd_engine *e, const char *ns, const char *name, const kvd_sha
                   kvd_conv_info *info, kvd_err *err)
 {
     kvd_conv_info tmp;
-    int rc = names_check(ns, name, err);
+    int rc = lookup_names_check(ns, name, err);
     if (rc)
         return rc;
     if (!info)

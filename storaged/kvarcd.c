@@ -239,6 +239,12 @@ int main(int argc, char **argv)
     if (!kvd_stats_get(e, &rst, NULL) && rst.recovery_damaged)
         log_line("warn", "msg=\"recovery kept %llu damaged range(s) in %s because valid blocks follow them; "
                  "`kvarc verify` names them\"", (unsigned long long)rst.recovery_damaged, dir);
+    long swept = kvd_stage_sweep(e, &err);
+    if (swept > 0)
+        log_line("warn", "msg=\"removed %ld unfinished import(s) (a stage left when kvarcd stopped during "
+                 "an import)\"", swept);
+    else if (swept < 0)
+        log_line("warn", "msg=\"could not remove unfinished imports: %s\"", err.msg);
     char sock[1200], addr[1300], msg[256];
     snprintf(sock, sizeof sock, "%s/kvarcd.sock", dir);
     if (strlen(sock) >= 108) {

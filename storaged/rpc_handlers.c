@@ -15,6 +15,7 @@
 #include "kvg.h"
 #include "pb_strings.h"
 #include "rpc_call.h"
+#include "transfer.h"
 #include "wire.h"
 
 /* ---- messages <-> engine structs ------------------------------------- */
@@ -916,6 +917,108 @@ static int ls_next(rpc_ctx *c, grpc_byte_buffer **out, kvd_err *err)
     return rc;
 }
 
+/* Export: the file's pieces as kvd_export makes them, in messages of at most RPC_STREAM_CHUNK bytes. */
+typedef struct export_stream {
+    kvd_export    *x;
+    const uint8_t *p;       /* the rest of the current piece */
+    size_t         left;
+    uint64_t       heads, done;
+} export_stream;
+
+static void ex_release(void *state)
+{
+    export_stream *es = state;
+    kvd_export_close(es->x);
+    free(es);
+}
+
+static int ex_start(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    (void)out;
+    DECODE(Kvarc__V1__ExportRequest, kvarc__v1__export_request__unpack, req);
+    kvd_conv_info info;
+    export_stream *es = NULL;
+    int rc = ns_check(c, req->ns, err);
+    if (!rc)
+        rc = kvd_conv_open(c->e, req->ns, req->name, NULL, &info, err);
+    if (!rc && !(es = calloc(1, sizeof *es)))
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    size_t max = RPC_STREAM_CHUNK - 256;   /* a section and its header fit one message */
+    if (!rc && req->section_bytes && req->section_bytes < max)
+        max = req->section_bytes;
+    if (!rc)
+        rc = kvd_export_open(c->e, c->reader, info.id, max, &es->x, err);
+    if (!rc) {
+        c->log_conv = info.id;
+        es->heads = info.shape.n_kv_heads;
+        c->state = es;
+    } else {
+        free(es);
+    }
+    kvarc__v1__export_request__free_unpacked(req, NULL);
+    return rc;
+}
+
+static int ex_next(rpc_ctx *c, grpc_byte_buffer **out, kvd_err *err)
+{
+    export_stream *es = c->state;
+    *out = NULL;
+    if (!es->left) {
+        int rc = kvd_export_next(es->x, &es->p, &es->left, err);
+        if (rc || !es->left)
+            return rc;                          /* an error, or the file is complete */
+    }
+    size_t n = es->left < RPC_STREAM_CHUNK - 64 ? es->left : RPC_STREAM_CHUNK - 64;
+    Kvarc__V1__FileChunk m = KVARC__V1__FILE_CHUNK__INIT;
+    m.data.data = (uint8_t *)es->p;
+    m.data.len = n;
+    kvd_export_progress(es->x, &m.tokens_done, &m.tokens_total);
+    if (!(*out = kw_pack(&m.base)))
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    c->records_out += (m.tokens_done - es->done) * es->heads;
+    es->done = m.tokens_done;
+    es->p += n;
+    es->left -= n;
+    return 0;
+}
+
+/* Import: the file's bytes into kvd_import as they come; the reply once the client has closed. */
+static void im_release(void *state)
+{
+    kvd_import_free(state);
+}
+
+static int im_message(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    (void)out;
+    DECODE(Kvarc__V1__ImportRequest, kvarc__v1__import_request__unpack, req);
+    int rc = 0;
+    if (!c->state) {
+        rc = ns_check(c, req->ns, err);
+        if (!rc)
+            rc = kvd_import_begin(c->e, req->ns, req->name, (kvd_import **)&c->state, err);
+    } else if ((req->ns && *req->ns) || (req->name && *req->name)) {
+        rc = kvd_fail(err, -EINVAL, "Import: only the first message names the conversation");
+    }
+    if (!rc)
+        rc = kvd_import_feed(c->state, req->data.data, req->data.len, err);
+    kvarc__v1__import_request__free_unpacked(req, NULL);
+    return rc;
+}
+
+static int im_reply(rpc_ctx *c, grpc_byte_buffer **out, kvd_err *err)
+{
+    kvd_conv_info info;
+    if (!c->state)
+        return kvd_fail(err, -EINVAL, "Import: no message (an empty file)");
+    int rc = kvd_import_finish(c->state, &info, err);
+    if (!rc) {   /* the records count once the conversation is there */
+        c->records_in += kvd_import_tokens(c->state) * info.shape.n_kv_heads;
+        *out = conv_reply(c, &info, 0);
+    }
+    return rc;
+}
+
 static int h_stats(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
 {
     DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
@@ -1058,6 +1161,8 @@ const rpc_method rpc_methods[] = {
     { M("LoadSignatures"), RPC_SERVER_STREAM, ls_start, ls_next, NULL, free },
     { M("Stats"), RPC_UNARY, h_stats, NULL, NULL, NULL },
     { M("Metrics"), RPC_UNARY, h_metrics, NULL, NULL, NULL },
+    { M("Export"), RPC_SERVER_STREAM, ex_start, ex_next, NULL, ex_release },
+    { M("Import"), RPC_CLIENT_STREAM, im_message, im_reply, NULL, im_release },
     { M("Verify"), RPC_JOB, h_verify, NULL, NULL, NULL },
     { M("Compact"), RPC_JOB, h_compact, NULL, NULL, NULL },
 };

@@ -27,14 +27,14 @@ case "$mixed" in "{"*) ;; *) fail "--json before the command was not applied: $m
 # the command's own option wins over the one before it: a wrong --data first, the right one after
 "$kvarc" --data "$tmp/nowhere" health --data "$tmp/data" >/dev/null || fail "the later --data did not win"
 
-all="demo selfcheck formats health stats ls stat inspect fork snapshot restore delete verify compact top rebuild-index"
+all="demo selfcheck formats health stats ls stat inspect fork snapshot restore delete verify compact top export import rebuild-index"
 # every command kvarc --help names (its usage lines, and the '|' lists) is one of them, and has help
 listed=$("$kvarc" --help | sed -n '/^commands:/,/^exit codes/p' | grep -E '^  [a-z]' | tr '|' '\n' |
          sed -E 's/^ +//' | grep -oE '^[a-z-]+' | sort -u)
 for c in $listed; do
     case " $all " in *" $c "*) ;; *) fail "kvarc --help lists '$c', which test_cli does not know" ;; esac
 done
-[ "$(echo "$listed" | wc -l)" -ge 16 ] || fail "kvarc --help lists only: $listed"
+[ "$(echo "$listed" | wc -l)" -ge 18 ] || fail "kvarc --help lists only: $listed"
 for c in $all; do
     h=$("$kvarc" help "$c") || fail "kvarc help $c"
     case "$h" in "usage: kvarc $c"*) ;; *) fail "kvarc help $c: '$h'" ;; esac

@@ -226,6 +226,7 @@ int main(void)
     double prev[NMONO];
     for (size_t i = 0; i < NMONO; i++)
         prev[i] = sample(t0, monotonic[i]);
+    free(t0);
     int scrapes = 0, moved = 0;
     while (!atomic_load(&w.done) || scrapes < 3) {
         char *t = scrape(port);

@@ -47,6 +47,7 @@ static void usage(FILE *f)
             "  fork SRC DST [--at N] | snapshot SRC DST [--at N] | restore SNAPSHOT DST\n"
             "  delete NS/NAME | verify | compact [--threshold 0..1]\n"
             "  top [--interval SECONDS] [--count N]\n"
+            "  export NS/NAME FILE | import FILE NS/NAME\n"
             "\n"
             "commands on a stopped data directory (kvarcd not running on it):\n"
             "  verify DIR [--json]\n"
@@ -383,6 +384,17 @@ static const cmd_doc docs[] = {
       "The first view counts from kvarcd's start, each next one the last interval (default 1 s).\n"
       "Redraws in place on a terminal, else prints one view after another; runs until interrupted or\n"
       "for N views. Needs the local socket or a '*' token.", 1 },
+    { "export", "export NS/NAME FILE [--section-bytes N]",
+      "Writes the conversation to FILE as one portable, versioned, self-checking file (schema/SCHEMA.md\n"
+      "section 10): its shape, record format, rotation seed, means, and every layer's records,\n"
+      "signatures and summaries, a CRC-32C per section; a fork comes out flattened. FILE appears only\n"
+      "once complete (written as FILE.partial-PID, synced, renamed); an existing FILE is not\n"
+      "overwritten. Progress on stderr. --section-bytes: data per section (default: as fits in 4 MiB).", 1 },
+    { "import", "import FILE NS/NAME",
+      "Recreates the conversation of an export FILE as NS/NAME (which must not exist), bit for bit, on\n"
+      "any kvarcd. All or nothing: a truncated, damaged, foreign or newer-version file is refused with\n"
+      "a message naming its first bad section (index, kind, byte offset; layer and positions), and no\n"
+      "NS/NAME is left. Progress on stderr.", 1 },
     { "rebuild-index", "rebuild-index DIR [--json]",
       "Rebuilds DIR's index from its segments alone (kvarcd stopped); the old index is kept as\n"
       "DIR/index.old.", 3 },

@@ -24,6 +24,7 @@ typedef struct opts {
     double threshold;
     double interval;   /* top */
     long count;
+    uint32_t section_bytes;   /* export */
     uint64_t at;
     int has_at;
 } opts;
@@ -49,6 +50,8 @@ static int parse(int argc, char **argv, opts *o, char *deftarget, size_t len)
             o->interval = atof(argv[++i]);
         else if (!strcmp(argv[i], "--count") && i + 1 < argc)
             o->count = strtol(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--section-bytes") && i + 1 < argc)
+            o->section_bytes = (uint32_t)strtoul(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--threshold") && i + 1 < argc)
             o->threshold = atof(argv[++i]);
         else if (!strcmp(argv[i], "--at") && i + 1 < argc) {
@@ -586,7 +589,8 @@ static int offline_rebuild(const char *dir, int json)
 int kvarc_admin(const char *cmd, int argc, char **argv)
 {
     static const char *known[] = { "ls", "stat", "inspect", "delete", "fork", "snapshot", "restore",
-                                   "health", "stats", "verify", "compact", "rebuild-index", "top" };
+                                   "health", "stats", "verify", "compact", "rebuild-index", "top", "export",
+                                   "import" };
     int found = 0;
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         found |= !strcmp(cmd, known[i]);
@@ -607,6 +611,10 @@ int kvarc_admin(const char *cmd, int argc, char **argv)
     if (!strcmp(cmd, "top") && o.json) {
         fprintf(stderr, "kvarc top: a live view has no --json; scripts read the same counters with "
                         "kvarcd --metrics-listen (Prometheus text on /metrics)\n");
+        return 2;
+    }
+    if ((!strcmp(cmd, "export") || !strcmp(cmd, "import")) && o.npos != 2) {
+        fprintf(stderr, "kvarc %s: give %s\n", cmd, !strcmp(cmd, "export") ? "NS/NAME FILE" : "FILE NS/NAME");
         return 2;
     }
     char token[1100] = "", cmsg[300];
@@ -632,6 +640,10 @@ int kvarc_admin(const char *cmd, int argc, char **argv)
         rc = cmd_fork(k, &o, "Restore");
     else if (!strcmp(cmd, "top"))
         rc = kvarc_top(k, o.target, o.interval, o.count);
+    else if (!strcmp(cmd, "export"))
+        rc = kvarc_export(k, o.target, o.pos[0], o.pos[1], o.section_bytes, o.json);
+    else if (!strcmp(cmd, "import"))
+        rc = kvarc_import(k, o.target, o.pos[0], o.pos[1], o.json);
     else
         rc = cmd_simple(k, &o, cmd);
     kvc_close(k);

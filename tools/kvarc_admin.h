@@ -17,6 +17,12 @@ int kvarc_admin_fail(int status, const char *what, const char *msg, const char *
  * interval seconds, count views (0: until interrupted). */
 int kvarc_top(kvc_conn *k, const char *target, double interval, long count);
 
+/* `kvarc export NS/NAME FILE` and `kvarc import FILE NS/NAME`
+ * (tools/kvarc_transfer.c). section_bytes: data per layer section (0: kvarcd's default). */
+int kvarc_export(kvc_conn *k, const char *target, const char *conv, const char *file, uint32_t section_bytes,
+                 int json);
+int kvarc_import(kvc_conn *k, const char *target, const char *file, const char *conv, int json);
+
 /* `kvarc demo` (tools/kvarc_demo.c): the main job through libkvarc. */
 int kvarc_demo(int argc, char **argv);
 
