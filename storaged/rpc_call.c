@@ -58,6 +58,7 @@
 #include <time.h>
 
 #include "kvd_internal.h"
+#include "pb_strings.h"
 #include "rpc_call.h"
 #include "wire.h"
 
@@ -330,6 +331,34 @@ static grpc_slice take_request(rpc_call *c)
     return all;
 }
 
+/* The request bytes as the method's message: unpacked, its strings
+ * checked (pb_strings.c); NULL with err set when they are not one. */
+static ProtobufCMessage *decode(const rpc_call *c, const uint8_t *in, size_t len, kvd_err *err)
+{
+    ProtobufCMessage *m = protobuf_c_message_unpack(c->m->request, NULL, len, in);
+    if (!m) {
+        kvd_fail(err, -EINVAL, "%s: request is not a valid %s message (%zu bytes)", c->method, c->m->request->name,
+                 len);
+        return NULL;
+    }
+    if (pb_strings_check(c->m->request, in, len, err)) {
+        protobuf_c_message_free_unpacked(m, NULL);
+        return NULL;
+    }
+    return m;
+}
+
+/* The handler fn on the request bytes: decoded first (a request that does not decode is -EINVAL). */
+static int run(rpc_call *c, rpc_unary_fn fn, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+{
+    ProtobufCMessage *m = decode(c, in, len, err);
+    if (!m)
+        return err->code;
+    int rc = fn(&c->x, m, out, err);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return rc;
+}
+
 /* RPC_CLIENT_STREAM: one message to the handler (or, at the client's close, the reply). */
 static void client_stream_step(rpc_call *c)
 {
@@ -345,7 +374,7 @@ static void client_stream_step(rpc_call *c)
     rc = len > RPC_STREAM_CHUNK
              ? kvd_fail(&err, -E2BIG, "stream message of %zu bytes over the %d-byte chunk limit", len,
                         RPC_STREAM_CHUNK)
-             : c->m->fn(&c->x, GRPC_SLICE_START_PTR(all), len, NULL, &err);
+             : run(c, c->m->fn, GRPC_SLICE_START_PTR(all), len, NULL, &err);
     grpc_slice_unref(all);
     if (rc) {
         if (c->m->failed)
@@ -394,7 +423,7 @@ static void *job_main(void *arg)
     rpc_call *c = arg;
     rpc_server *s = c->w->s;
     kvd_err err = { 0, "" };
-    int rc = c->m->fn(&c->x, c->job_in, c->job_len, &c->resp, &err);
+    int rc = run(c, c->m->fn, c->job_in, c->job_len, &c->resp, &err);
     while (atomic_load(&c->job_sending)) {
         struct timespec d = { 0, 1000000 };
         nanosleep(&d, NULL);
@@ -505,7 +534,7 @@ static void on_received(rpc_call *c)
         job_start(c, all);
         break;
     case RPC_SERVER_STREAM:
-        rc = c->m->fn(&c->x, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), NULL, &err);
+        rc = run(c, c->m->fn, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), NULL, &err);
         if (rc) {
             c->status = kw_status_of(rc);
             finish(c, &err);
@@ -514,7 +543,7 @@ static void on_received(rpc_call *c)
         }
         break;
     default:
-        rc = c->m->fn(&c->x, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
+        rc = run(c, c->m->fn, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), &c->resp, &err);
         finish_rc(c, rc, &err);
     }
     grpc_slice_unref(all);

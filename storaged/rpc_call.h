@@ -10,6 +10,7 @@
 #define KVARC_RPC_CALL_H
 
 #include <grpc/grpc.h>
+#include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
 
 #include "auth.h"
@@ -28,7 +29,9 @@ typedef struct rpc_ctx {
     void             *state;      /* a stream's state between its messages (the method's release frees it) */
 } rpc_ctx;
 
-typedef int (*rpc_unary_fn)(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err);
+/* A handler gets its request decoded (of the method's request type, its
+ * strings checked) and owned by the machine, which frees it afterwards. */
+typedef int (*rpc_unary_fn)(rpc_ctx *c, ProtobufCMessage *req, grpc_byte_buffer **out, kvd_err *err);
 
 typedef enum {
     RPC_UNARY,          /* one request, one reply: run on a worker */
@@ -40,6 +43,7 @@ typedef enum {
 typedef struct rpc_method {
     const char  *path;    /* "/kvarc.v1.Kvarc/Append" */
     const char  *name;    /* "Append": the metrics' method label */
+    const ProtobufCMessageDescriptor *request;   /* every request message is one of these */
     rpc_kind     kind;
     /* UNARY, JOB: the call. CLIENT_STREAM: one message (out unused). SERVER_STREAM: the request (out unused). */
     rpc_unary_fn fn;

@@ -143,20 +143,9 @@ static int admin_check(rpc_ctx *c, kvd_err *err)
 
 /* ---- handlers: decode request bytes, call the engine, encode reply ---- */
 
-#define DECODE(type, fn, var)                                                             \
-    type *var = fn(NULL, len, in);                                                        \
-    if (!var)                                                                             \
-        return kvd_fail(err, -EINVAL, "request is not a valid " #type " message (%zu bytes)", len); \
-    int var##_bad = pb_strings_check(var->base.descriptor, in, len, err);                 \
-    if (var##_bad) {                                                                      \
-        protobuf_c_message_free_unpacked(&var->base, NULL);                               \
-        return var##_bad;                                                                 \
-    }
-
-static int h_health(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_health(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
-    kvarc__v1__empty__free_unpacked(req, NULL);
+    (void)msg;                       /* Empty */
     kvd_stats st;
     int rc = kvd_stats_get(c->e, &st, err);
     if (rc)
@@ -170,9 +159,9 @@ static int h_health(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
     return 0;
 }
 
-static int h_create(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_create(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__CreateRequest, kvarc__v1__create_request__unpack, req);
+    Kvarc__V1__CreateRequest *req = (Kvarc__V1__CreateRequest *)msg;
     kvd_shape sh;
     kvd_conv_info info;
     int rc = ns_check(c, req->ns, err);
@@ -189,15 +178,14 @@ static int h_create(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
                       (unsigned long long)sh.n_layers * sh.n_kv_heads * 2 * sh.head_dim);
     if (!rc)
         rc = kvd_conv_create(c->e, req->ns, req->name, &sh, req->n_means ? req->means : NULL, &info, err);
-    kvarc__v1__create_request__free_unpacked(req, NULL);
     if (!rc)
         *out = conv_reply(c, &info, 0);
     return rc;
 }
 
-static int h_open(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_open(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__OpenRequest, kvarc__v1__open_request__unpack, req);
+    Kvarc__V1__OpenRequest *req = (Kvarc__V1__OpenRequest *)msg;
     kvd_shape sh;
     kvd_conv_info info;
     int rc = ns_check(c, req->ns, err);
@@ -206,21 +194,19 @@ static int h_open(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **
     if (!rc)
         rc = kvd_conv_open(c->e, req->ns, req->name, req->expect ? &sh : NULL, &info, err);
     int with_means = req->with_means;
-    kvarc__v1__open_request__free_unpacked(req, NULL);
     if (!rc)
         *out = conv_reply(c, &info, with_means);
     return rc;
 }
 
-static int h_stat(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_stat(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__StatRequest, kvarc__v1__stat_request__unpack, req);
+    Kvarc__V1__StatRequest *req = (Kvarc__V1__StatRequest *)msg;
     kvd_conv_info info;
     int rc = kvd_conv_stat(c->e, req->id, &info, err);
     c->log_conv = req->id;
     if (!rc && !auth_ns_allowed(c->scope, info.ns))
         rc = kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)req->id);
-    kvarc__v1__stat_request__free_unpacked(req, NULL);
     if (!rc)
         *out = conv_reply(c, &info, 0);
     return rc;
@@ -249,9 +235,9 @@ static long list_in_scope(rpc_ctx *c, const char *after, kvd_conv_info *out, siz
     return got < 0 ? got : (long)n;
 }
 
-static int h_list(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_list(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__ListRequest, kvarc__v1__list_request__unpack, req);
+    Kvarc__V1__ListRequest *req = (Kvarc__V1__ListRequest *)msg;
     size_t limit = req->limit ? req->limit : 100;
     int rc = 0;
     if (limit > 1000)
@@ -286,7 +272,6 @@ static int h_list(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **
         r.convs = ptrs;
         *out = kw_pack(&r.base);
     }
-    kvarc__v1__list_request__free_unpacked(req, NULL);
     free(infos);
     free(pbs);
     free(ptrs);
@@ -294,13 +279,12 @@ static int h_list(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **
     return rc;
 }
 
-static int h_delete(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_delete(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__DeleteRequest, kvarc__v1__delete_request__unpack, req);
+    Kvarc__V1__DeleteRequest *req = (Kvarc__V1__DeleteRequest *)msg;
     int rc = ns_check(c, req->ns, err);
     if (!rc)
         rc = kvd_conv_delete(c->e, req->ns, req->name, err);
-    kvarc__v1__delete_request__free_unpacked(req, NULL);
     if (!rc) {
         Kvarc__V1__Empty r = KVARC__V1__EMPTY__INIT;
         *out = kw_pack(&r.base);
@@ -308,10 +292,10 @@ static int h_delete(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
     return rc;
 }
 
-static int fork_common(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+static int fork_common(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out,
                        kvd_err *err, uint32_t flags, int need_snapshot)
 {
-    DECODE(Kvarc__V1__ForkRequest, kvarc__v1__fork_request__unpack, req);
+    Kvarc__V1__ForkRequest *req = (Kvarc__V1__ForkRequest *)msg;
     kvd_conv_info src, info;
     int rc = ns_check(c, req->src_ns, err);
     if (!rc)
@@ -324,25 +308,24 @@ static int fork_common(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buff
     if (!rc)
         rc = kvd_conv_fork(c->e, req->src_ns, req->src_name, req->has_at_len ? req->at_len : UINT64_MAX,
                            req->dst_ns, req->dst_name, flags, &info, err);
-    kvarc__v1__fork_request__free_unpacked(req, NULL);
     if (!rc)
         *out = conv_reply(c, &info, 0);
     return rc;
 }
 
-static int h_fork(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_fork(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(c, in, len, out, err, 0, 0);
+    return fork_common(c, msg, out, err, 0, 0);
 }
 
-static int h_snapshot(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_snapshot(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(c, in, len, out, err, KVD_CONV_SNAPSHOT, 0);
+    return fork_common(c, msg, out, err, KVD_CONV_SNAPSHOT, 0);
 }
 
-static int h_restore(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_restore(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    return fork_common(c, in, len, out, err, 0, 1);
+    return fork_common(c, msg, out, err, 0, 1);
 }
 
 #define MAX_REPLY_RECORD_BYTES (8u << 20)
@@ -381,9 +364,8 @@ static int append_block(const conv_rec *info, const Kvarc__V1__AppendRequest *r,
 
 /* Decode one AppendRequest and append it durably; *length is the layer's
  * length afterwards. Shared by Append and AppendStream. */
-static int append_one(rpc_ctx *c, const uint8_t *in, size_t len, uint64_t *length, kvd_err *err)
+static int append_one(rpc_ctx *c, Kvarc__V1__AppendRequest *req, uint64_t *length, kvd_err *err)
 {
-    DECODE(Kvarc__V1__AppendRequest, kvarc__v1__append_request__unpack, req);
     conv_rec info;
     kvd_block_in b;
     uint16_t *copies[2] = { NULL, NULL };
@@ -400,7 +382,6 @@ static int append_one(rpc_ctx *c, const uint8_t *in, size_t len, uint64_t *lengt
     free(copies[1]);
     if (!rc)
         rc = kvd_layer_length(c->e, req->conv, req->layer, length, err);
-    kvarc__v1__append_request__free_unpacked(req, NULL);
     return rc;
 }
 
@@ -409,13 +390,13 @@ typedef struct append_stream {
     uint64_t blocks, length;
 } append_stream;
 
-static int as_message(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int as_message(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
     (void)out;
     if (!c->state && !(c->state = calloc(1, sizeof(append_stream))))
         return kvd_fail(err, -ENOMEM, "out of memory");
     append_stream *as = c->state;
-    int rc = append_one(c, in, len, &as->length, err);
+    int rc = append_one(c, (Kvarc__V1__AppendRequest *)msg, &as->length, err);
     if (!rc)
         as->blocks++;
     return rc;
@@ -443,10 +424,10 @@ static void as_failed(rpc_ctx *c, kvd_err *err)
     err->msg[l] = 0;
 }
 
-static int h_append(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_append(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
     uint64_t length = 0;
-    int rc = append_one(c, in, len, &length, err);
+    int rc = append_one(c, (Kvarc__V1__AppendRequest *)msg, &length, err);
     if (!rc) {
         Kvarc__V1__AppendReply r = KVARC__V1__APPEND_REPLY__INIT;
         r.length = length;
@@ -462,9 +443,9 @@ static int h_append(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
  * stored together (kvd_append_n); a result per block. The call fails as
  * a whole only when the conversation is not there or the request is bad
  * as a whole. */
-static int h_append_many(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_append_many(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__AppendManyRequest, kvarc__v1__append_many_request__unpack, req);
+    Kvarc__V1__AppendManyRequest *req = (Kvarc__V1__AppendManyRequest *)msg;
     conv_rec info;
     const size_t n = req->n_blocks;
     int rc = visible_conv(c, req->conv, &info, err);
@@ -534,13 +515,12 @@ static int h_append_many(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_bu
     free(gerr);
     free(res);
     free(resp);
-    kvarc__v1__append_many_request__free_unpacked(req, NULL);
     return rc;
 }
 
-static int h_fetch(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_fetch(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__FetchRequest, kvarc__v1__fetch_request__unpack, req);
+    Kvarc__V1__FetchRequest *req = (Kvarc__V1__FetchRequest *)msg;
     conv_rec info;
     uint8_t *recs = NULL;
     size_t rb = 0;
@@ -564,16 +544,15 @@ static int h_fetch(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer *
         c->records_out += req->n_positions;
         *out = kw_pack(&r.base);
     }
-    kvarc__v1__fetch_request__free_unpacked(req, NULL);
     free(recs);
     return rc;
 }
 
 #define MAX_SUM_BLOCKS 65536     /* blocks per LoadSummaries reply (2.4 MB at head_dim 128) */
 
-static int h_load_sums(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_load_sums(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__LoadSummariesRequest, kvarc__v1__load_summaries_request__unpack, req);
+    Kvarc__V1__LoadSummariesRequest *req = (Kvarc__V1__LoadSummariesRequest *)msg;
     conv_rec info;
     uint64_t llen = 0, n = 0;
     uint8_t *bits = NULL, *ok = NULL;
@@ -614,16 +593,15 @@ static int h_load_sums(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buff
         r.present.len = n;
         *out = kw_pack(&r.base);
     }
-    kvarc__v1__load_summaries_request__free_unpacked(req, NULL);
     free(bits);
     free(sc);
     free(ok);
     return rc;
 }
 
-static int h_rerank(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_rerank(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__RerankRequest, kvarc__v1__rerank_request__unpack, req);
+    Kvarc__V1__RerankRequest *req = (Kvarc__V1__RerankRequest *)msg;
     conv_rec info;
     uint64_t *pos = NULL;
     float *sc = NULL;
@@ -664,7 +642,6 @@ static int h_rerank(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
         c->records_out += (uint64_t)got;
         *out = kw_pack(&r.base);
     }
-    kvarc__v1__rerank_request__free_unpacked(req, NULL);
     free(pos);
     free(sc);
     free(recs);
@@ -677,9 +654,9 @@ static int h_rerank(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
  * runs gets its shortlist from stage 1b first, stage1b.c), then the
  * records not held by the client nor already sent for that head. The
  * reply's records stay under MAX_REPLY_RECORD_BYTES. */
-static int h_rerank_layer(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_rerank_layer(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__RerankLayerRequest, kvarc__v1__rerank_layer_request__unpack, req);
+    Kvarc__V1__RerankLayerRequest *req = (Kvarc__V1__RerankLayerRequest *)msg;
     conv_rec info;
     int rc = visible_conv(c, req->conv, &info, err);
     size_t d = info.shape.head_dim, rb = 0, n = req->n_items, total_k = 0, total_sl = 0;
@@ -784,14 +761,13 @@ static int h_rerank_layer(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_b
         r.results = resp;
         *out = kw_pack(&r.base);
     }
-    kvarc__v1__rerank_layer_request__free_unpacked(req, NULL);
     free(res); free(resp); free(ri); free(pos); free(sc); free(sent); free(recs); free(sl);
     return rc;
 }
 
-static int h_search(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_search(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__SearchRequest, kvarc__v1__search_request__unpack, req);
+    Kvarc__V1__SearchRequest *req = (Kvarc__V1__SearchRequest *)msg;
     conv_rec info;
     uint64_t llen = 0;
     float *best = NULL;
@@ -840,7 +816,6 @@ static int h_search(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
         r.scores = best;
         *out = kw_pack(&r.base);
     }
-    kvarc__v1__search_request__free_unpacked(req, NULL);
     free(best);
     free(pos);
     free(qs);
@@ -853,10 +828,10 @@ typedef struct sig_stream {
     uint32_t layer, head, heads, dim, chunk;
 } sig_stream;
 
-static int ls_start(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int ls_start(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
     (void)out;
-    DECODE(Kvarc__V1__LoadSignaturesRequest, kvarc__v1__load_signatures_request__unpack, req);
+    Kvarc__V1__LoadSignaturesRequest *req = (Kvarc__V1__LoadSignaturesRequest *)msg;
     conv_rec info;
     uint64_t llen = 0;
     sig_stream *ls = NULL;
@@ -876,7 +851,6 @@ static int ls_start(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
                             .chunk = req->chunk_tokens };
         c->state = ls;
     }
-    kvarc__v1__load_signatures_request__free_unpacked(req, NULL);
     return rc;
 }
 
@@ -932,10 +906,10 @@ static void ex_release(void *state)
     free(es);
 }
 
-static int ex_start(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int ex_start(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
     (void)out;
-    DECODE(Kvarc__V1__ExportRequest, kvarc__v1__export_request__unpack, req);
+    Kvarc__V1__ExportRequest *req = (Kvarc__V1__ExportRequest *)msg;
     kvd_conv_info info;
     export_stream *es = NULL;
     int rc = ns_check(c, req->ns, err);
@@ -955,7 +929,6 @@ static int ex_start(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
     } else {
         free(es);
     }
-    kvarc__v1__export_request__free_unpacked(req, NULL);
     return rc;
 }
 
@@ -988,10 +961,10 @@ static void im_release(void *state)
     kvd_import_free(state);
 }
 
-static int im_message(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int im_message(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
     (void)out;
-    DECODE(Kvarc__V1__ImportRequest, kvarc__v1__import_request__unpack, req);
+    Kvarc__V1__ImportRequest *req = (Kvarc__V1__ImportRequest *)msg;
     int rc = 0;
     if (!c->state) {
         rc = ns_check(c, req->ns, err);
@@ -1002,7 +975,6 @@ static int im_message(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffe
     }
     if (!rc)
         rc = kvd_import_feed(c->state, req->data.data, req->data.len, err);
-    kvarc__v1__import_request__free_unpacked(req, NULL);
     return rc;
 }
 
@@ -1019,10 +991,9 @@ static int im_reply(rpc_ctx *c, grpc_byte_buffer **out, kvd_err *err)
     return rc;
 }
 
-static int h_stats(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_stats(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
-    kvarc__v1__empty__free_unpacked(req, NULL);
+    (void)msg;                       /* Empty */
     kvd_stats st;
     int rc = admin_check(c, err);
     if (!rc)
@@ -1042,10 +1013,9 @@ static int h_stats(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer *
     return rc;
 }
 
-static int h_metrics(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_metrics(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
-    kvarc__v1__empty__free_unpacked(req, NULL);
+    (void)msg;                       /* Empty */
     int rc = admin_check(c, err);
     prom_buf b;
     prom_buf_init(&b);
@@ -1088,10 +1058,9 @@ static void keep_line(void *arg, const char *line)
         vl->v[vl->n++] = strdup(line);
 }
 
-static int h_verify(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_verify(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__Empty, kvarc__v1__empty__unpack, req);
-    kvarc__v1__empty__free_unpacked(req, NULL);
+    (void)msg;                       /* Empty */
     verify_lines vl = { .n = 0 };
     kvd_verify_report rep;
     int rc = admin_check(c, err);
@@ -1118,11 +1087,10 @@ static int h_verify(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer 
     return rc;
 }
 
-static int h_compact(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer **out, kvd_err *err)
+static int h_compact(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **out, kvd_err *err)
 {
-    DECODE(Kvarc__V1__CompactRequest, kvarc__v1__compact_request__unpack, req);
+    Kvarc__V1__CompactRequest *req = (Kvarc__V1__CompactRequest *)msg;
     double th = req->threshold == 0.0f ? 0.5 : (double)req->threshold;
-    kvarc__v1__compact_request__free_unpacked(req, NULL);
     uint64_t reclaimed = 0;
     int rc = admin_check(c, err);
     if (!rc)
@@ -1139,32 +1107,35 @@ static int h_compact(rpc_ctx *c, const uint8_t *in, size_t len, grpc_byte_buffer
 
 /* ---- the methods ------------------------------------------------------------- */
 
+/* Every method: its path and metrics label, its request message (the call
+ * machine decodes it and checks its strings, pb_strings.c), its kind and
+ * handler(s). */
 #define M(name) "/kvarc.v1.Kvarc/" name, name
 const rpc_method rpc_methods[] = {
-    { M("Health"), RPC_UNARY, h_health, NULL, NULL, NULL },
-    { M("Create"), RPC_UNARY, h_create, NULL, NULL, NULL },
-    { M("Open"), RPC_UNARY, h_open, NULL, NULL, NULL },
-    { M("Stat"), RPC_UNARY, h_stat, NULL, NULL, NULL },
-    { M("List"), RPC_UNARY, h_list, NULL, NULL, NULL },
-    { M("Delete"), RPC_UNARY, h_delete, NULL, NULL, NULL },
-    { M("Fork"), RPC_UNARY, h_fork, NULL, NULL, NULL },
-    { M("Snapshot"), RPC_UNARY, h_snapshot, NULL, NULL, NULL },
-    { M("Restore"), RPC_UNARY, h_restore, NULL, NULL, NULL },
-    { M("Append"), RPC_UNARY, h_append, NULL, NULL, NULL },
-    { M("AppendMany"), RPC_UNARY, h_append_many, NULL, NULL, NULL },
-    { M("AppendStream"), RPC_CLIENT_STREAM, as_message, as_reply, as_failed, free },
-    { M("Fetch"), RPC_UNARY, h_fetch, NULL, NULL, NULL },
-    { M("Rerank"), RPC_UNARY, h_rerank, NULL, NULL, NULL },
-    { M("RerankLayer"), RPC_UNARY, h_rerank_layer, NULL, NULL, NULL },
-    { M("Search"), RPC_UNARY, h_search, NULL, NULL, NULL },
-    { M("LoadSummaries"), RPC_UNARY, h_load_sums, NULL, NULL, NULL },
-    { M("LoadSignatures"), RPC_SERVER_STREAM, ls_start, ls_next, NULL, free },
-    { M("Stats"), RPC_UNARY, h_stats, NULL, NULL, NULL },
-    { M("Metrics"), RPC_UNARY, h_metrics, NULL, NULL, NULL },
-    { M("Export"), RPC_SERVER_STREAM, ex_start, ex_next, NULL, ex_release },
-    { M("Import"), RPC_CLIENT_STREAM, im_message, im_reply, NULL, im_release },
-    { M("Verify"), RPC_JOB, h_verify, NULL, NULL, NULL },
-    { M("Compact"), RPC_JOB, h_compact, NULL, NULL, NULL },
+    { M("Health"), &kvarc__v1__empty__descriptor, RPC_UNARY, h_health, NULL, NULL, NULL },
+    { M("Create"), &kvarc__v1__create_request__descriptor, RPC_UNARY, h_create, NULL, NULL, NULL },
+    { M("Open"), &kvarc__v1__open_request__descriptor, RPC_UNARY, h_open, NULL, NULL, NULL },
+    { M("Stat"), &kvarc__v1__stat_request__descriptor, RPC_UNARY, h_stat, NULL, NULL, NULL },
+    { M("List"), &kvarc__v1__list_request__descriptor, RPC_UNARY, h_list, NULL, NULL, NULL },
+    { M("Delete"), &kvarc__v1__delete_request__descriptor, RPC_UNARY, h_delete, NULL, NULL, NULL },
+    { M("Fork"), &kvarc__v1__fork_request__descriptor, RPC_UNARY, h_fork, NULL, NULL, NULL },
+    { M("Snapshot"), &kvarc__v1__fork_request__descriptor, RPC_UNARY, h_snapshot, NULL, NULL, NULL },
+    { M("Restore"), &kvarc__v1__fork_request__descriptor, RPC_UNARY, h_restore, NULL, NULL, NULL },
+    { M("Append"), &kvarc__v1__append_request__descriptor, RPC_UNARY, h_append, NULL, NULL, NULL },
+    { M("AppendMany"), &kvarc__v1__append_many_request__descriptor, RPC_UNARY, h_append_many, NULL, NULL, NULL },
+    { M("AppendStream"), &kvarc__v1__append_request__descriptor, RPC_CLIENT_STREAM, as_message, as_reply, as_failed, free },
+    { M("Fetch"), &kvarc__v1__fetch_request__descriptor, RPC_UNARY, h_fetch, NULL, NULL, NULL },
+    { M("Rerank"), &kvarc__v1__rerank_request__descriptor, RPC_UNARY, h_rerank, NULL, NULL, NULL },
+    { M("RerankLayer"), &kvarc__v1__rerank_layer_request__descriptor, RPC_UNARY, h_rerank_layer, NULL, NULL, NULL },
+    { M("Search"), &kvarc__v1__search_request__descriptor, RPC_UNARY, h_search, NULL, NULL, NULL },
+    { M("LoadSummaries"), &kvarc__v1__load_summaries_request__descriptor, RPC_UNARY, h_load_sums, NULL, NULL, NULL },
+    { M("LoadSignatures"), &kvarc__v1__load_signatures_request__descriptor, RPC_SERVER_STREAM, ls_start, ls_next, NULL, free },
+    { M("Stats"), &kvarc__v1__empty__descriptor, RPC_UNARY, h_stats, NULL, NULL, NULL },
+    { M("Metrics"), &kvarc__v1__empty__descriptor, RPC_UNARY, h_metrics, NULL, NULL, NULL },
+    { M("Export"), &kvarc__v1__export_request__descriptor, RPC_SERVER_STREAM, ex_start, ex_next, NULL, ex_release },
+    { M("Import"), &kvarc__v1__import_request__descriptor, RPC_CLIENT_STREAM, im_message, im_reply, NULL, im_release },
+    { M("Verify"), &kvarc__v1__empty__descriptor, RPC_JOB, h_verify, NULL, NULL, NULL },
+    { M("Compact"), &kvarc__v1__compact_request__descriptor, RPC_JOB, h_compact, NULL, NULL, NULL },
 };
 #undef M
 const size_t rpc_nmethods = sizeof rpc_methods / sizeof rpc_methods[0];
