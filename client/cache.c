@@ -8,6 +8,7 @@
  * table is at least twice the capacity, so probes stay short; deleted
  * entries are tombstones until the slot is reused.
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,6 +128,7 @@ const uint8_t *kl_cache_get(kl_cache *c, uint64_t key)
     if (!found)
         return NULL;
     uint32_t s = c->tab[i] - 1;
+    assert(s < c->n && c->key[s] == key);
     unlink_slot(c, s);
     push_front(c, s);
     return c->rec + (size_t)s * c->rb;
@@ -161,9 +163,11 @@ void kl_cache_put(kl_cache *c, uint64_t key, const uint8_t *rec)
             s = (uint32_t)c->n++;
         } else {                          /* evict the least recent */
             s = c->tail;
+            assert(s != NONE && s < c->cap);
             unlink_slot(c, s);
             int f2;
             size_t j = probe(c, c->key[s], &f2);
+            assert(f2 && c->tab[j] == s + 1);   /* invariant 1: a slot in use is in the table */
             c->tab[j] = NONE;
             if (++c->tombs > c->cap / 2)
                 rebuild(c, s);
@@ -174,6 +178,7 @@ void kl_cache_put(kl_cache *c, uint64_t key, const uint8_t *rec)
         c->tab[i] = s + 1;
         c->key[s] = key;
     }
+    assert(c->n <= c->cap && c->tombs <= c->cap / 2 && c->tab_mask + 1 >= 2 * c->cap);   /* invariant 2 */
     memcpy(c->rec + (size_t)s * c->rb, rec, c->rb);
     push_front(c, s);
 }

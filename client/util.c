@@ -4,6 +4,7 @@
  * table. They call nothing else in the library, so the files
  * above them (conv.c, stage1.c, stage2.c, attend.c, the GPU backend,
  * device.c) depend on one another in one direction only. */
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <time.h>
@@ -35,6 +36,7 @@ kvg_codec kl_codec(const kvarc_conv *cv, uint32_t layer, uint32_t head)
 
 size_t kl_slot_of(const uint64_t *keys, size_t n, size_t head, uint64_t pos)
 {
+    assert(n && !(n & (n - 1)) && pos < (1ull << 48));   /* a power-of-two table; the key holds pos */
     uint64_t key = ((uint64_t)head << 48 | pos) + 1, h = key;
     size_t i = (size_t)kvarc_splitmix64(&h) & (n - 1);
     while (keys[i] && keys[i] != key)

@@ -8,6 +8,7 @@
  * indices win (the candidate list keeps index order). The k winners are
  * then sorted by (key desc, index asc), packed into one uint64 each and
  * radix-sorted. Cost: 2n + O(candidates) + O(k). */
+#include <assert.h>
 #include "kvg.h"
 
 #include <errno.h>
@@ -139,8 +140,10 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
             if ((key & hi_mask) != prefix)
                 continue;
             unsigned byte = (key >> shift) & 0xff;
-            if (byte > b)
+            if (byte > b) {
+                assert(nwin < k);             /* winners never outnumber k: hist said so */
                 win[nwin++] = win_pack(key, j);
+            }
             else if (byte == b)
                 scratch[kept++] = j;
         }
@@ -151,6 +154,7 @@ long kvg_topk_ref(const float *scores, size_t n, size_t k, uint32_t *idx_out,
     }
     /* every remaining candidate has key == prefix (or the list is exactly
      * the number still needed); the lowest indices come first */
+    assert(need <= ncand && nwin + need == k);
     for (size_t c = 0; c < need; c++)
         win[nwin++] = win_pack(kvg_score_key(scores[scratch[c]]), scratch[c]);
 

@@ -30,6 +30,7 @@
  * Segment roll: when the active segment has grown past segment_bytes, the
  * next batch seals it and creates the next one inside its own txn.
  */
+#include <assert.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -342,6 +343,8 @@ int segtab_add(kvd_engine *e, uint64_t id, int fd, uint8_t state, uint64_t bytes
         e->segtab = n;
         e->capseg = cap;
     }
+    assert(state == SEG_OPEN || state == SEG_SEALED || state == SEG_DEAD);
+    assert(!segtab_find(e, id));      /* one entry per segment id */
     e->segtab[e->nseg++] = (kvd_seg){ id, fd, state, bytes, 0 };
     pthread_mutex_unlock(&e->seg_mu);
     return 0;
@@ -387,6 +390,7 @@ void seg_unpin(kvd_engine *e, uint64_t id)
 {
     pthread_mutex_lock(&e->seg_mu);
     kvd_seg *s = segtab_find(e, id);
+    assert(s && s->pins > 0);         /* an unpin matches a pin, and a pinned segment stays in the table */
     if (s && s->pins > 0) {
         s->pins--;
         seg_retire_locked(e, s);
@@ -470,6 +474,7 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
 
     pthread_mutex_lock(&e->seg_mu);
     kvd_seg *act = segtab_find(e, e->active);
+    assert(act && act->state == SEG_OPEN && act->fd >= 0);   /* appends go to the one OPEN segment */
     uint64_t seg_id = act->id, tail = act->bytes;
     int fd = act->fd;
     pthread_mutex_unlock(&e->seg_mu);
@@ -485,7 +490,7 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             fd = new_fd;
         }
     }
-    uint64_t off = tail;
+    uint64_t off = tail, last_seq = 0;
     for (it = batch; it && !rc; it = it->next) {
         MDB_txn *child;
         it->rc = kvd_mdb_err(mdb_txn_begin(e->env, txn, 0, &child));
@@ -506,6 +511,9 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             it->done = 1;
             continue;
         }
+        assert(it->h.seq > last_seq && niov < GC_BATCH);   /* replay order = the batch's order */
+        last_seq = it->h.seq;
+        (void)last_seq;
         kvarc_block_header_encode(&it->h, it->block);
         iov[niov].iov_base = it->block;
         iov[niov].iov_len = it->bytes;
@@ -559,6 +567,7 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
                          "was kept; retry once the cause is fixed)", stage, e->dir, kvarc_strerror(rc));
             }
     } else {
+        assert(off >= tail && (niov > 0) == (off > tail));
         pthread_mutex_lock(&e->seg_mu);
         if (new_fd >= 0) {
             segtab_find(e, e->active)->state = SEG_SEALED;
@@ -1564,6 +1573,7 @@ static int prepare_data(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t seg,
     uint64_t len;
     if ((rc = layer_len_get(e, txn, it->h.conv, it->h.layer, &len)))
         return rc;
+    assert(it->h.count > 0 && len + it->h.count > len);   /* a layer only grows */
     if (it->h.first_pos != len)
         return kvd_fail(&it->err, -ERANGE, "append to '%s/%s' layer %u at position %llu, but the "
                         "layer has %llu tokens: appends must continue at the end", c.ns, c.name,

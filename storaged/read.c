@@ -19,6 +19,7 @@
  * refused (kvd_retrieval_check). An item may come with runs of positions
  * instead of a shortlist: stage 1b (stage1b.c) makes its shortlist first,
  * on the reader that serves its head. */
+#include <assert.h>
 #include <errno.h>
 #include <liburing.h>
 #include <pthread.h>
@@ -841,6 +842,7 @@ int kvd_rerank_reply(kvd_rerank_item *items, size_t n_items, size_t rb, uint8_t 
         total += items[i].got > 0 ? (size_t)items[i].got : 0;
     while (nseen < 2 * total)
         nseen *= 2;
+    assert(nseen >= 2 * total);              /* the set never fills: its probes end */
     uint64_t *seen = calloc(nseen, 8);     /* open-addressing set of (head << 48 | pos) + 1 */
     if (!seen)
         return kvd_fail(err, -ENOMEM, "out of memory");
@@ -860,6 +862,7 @@ int kvd_rerank_reply(kvd_rerank_item *items, size_t n_items, size_t rb, uint8_t 
             }
             it->send_out[j] = !dup;
             if (!dup) {
+                assert(recs + rec_off <= it->rec_out + (size_t)j * rb);   /* kept records only move forward */
                 memmove(recs + rec_off, it->rec_out + (size_t)j * rb, rb);
                 rec_off += rb;
                 it->kept++;

@@ -45,6 +45,7 @@
  * open) -> destroy the server -> shut down and drain every queue -> join
  * the workers.
  */
+#include <assert.h>
 #include <errno.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
@@ -247,7 +248,9 @@ static void call_free(rpc_call *c)
     auth_free(c->tokens);             /* this call's reference to the token set it was checked against */
     if (c->state != REQUESTED) {
         call_count(c);
-        atomic_fetch_sub(&c->w->s->in_flight, 1);
+        int was = atomic_fetch_sub(&c->w->s->in_flight, 1);
+        assert(was > 0);
+        (void)was;
     }
     if (c->m && c->m->release && c->x.state)
         c->m->release(c->x.state);
@@ -290,6 +293,8 @@ static void on_requested(rpc_call *c)
 static void finish(rpc_call *c, kvd_err *err)
 {
     rpc_server *s = c->w->s;
+    assert(c->state == RECEIVING || c->state == SENDING || c->state == JOB);   /* finished once */
+    assert(c->state != JOB || !atomic_load(&c->job_sending));   /* a job's last event went out first */
     c->status_details = grpc_slice_from_copied_string(c->status ? err->msg : "");
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);
@@ -362,6 +367,7 @@ static int run(rpc_call *c, rpc_unary_fn fn, const uint8_t *in, size_t len, grpc
 /* RPC_CLIENT_STREAM: one message to the handler (or, at the client's close, the reply). */
 static void client_stream_step(rpc_call *c)
 {
+    assert(c->m->kind == RPC_CLIENT_STREAM && c->state == RECEIVING);
     kvd_err err = { 0, "" };
     int rc;
     if (!c->req) {                                  /* the client closed: reply */
@@ -395,6 +401,7 @@ static void client_stream_step(rpc_call *c)
 /* RPC_SERVER_STREAM: send the handler's next message, or end the call with OK. */
 static void server_stream_step(rpc_call *c)
 {
+    assert(c->m->kind == RPC_SERVER_STREAM);
     kvd_err err = { 0, "" };
     if (c->resp) {
         grpc_byte_buffer_destroy(c->resp);
@@ -560,6 +567,7 @@ static void *worker_main(void *p)
         if (ev.type != GRPC_OP_COMPLETE)
             continue;
         rpc_call *c = ev.tag;
+        assert(c->w == w && c->state >= REQUESTED && c->state <= FINISHING);   /* only its own queue's calls */
         if (c->state == REQUESTED) {
             if (ev.success)
                 on_requested(c);

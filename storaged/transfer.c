@@ -20,6 +20,7 @@
  * of an unpublished import deletes the stage. The state: the next
  * expected section index and kind, the layer and position the next layer
  * section must start at, the byte offset in the file (for messages). */
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -238,6 +239,7 @@ static int export_layer(kvd_export *x, size_t *len, kvd_err *err)
     free(tmp);
     if (rc)
         return rc;
+    assert(n > 0 && end <= L && (!ns || ns == kvarc_block_n_sum(p, n)));
     seal(x, 0, KVX_LAYER, payload);
     *len = KVX_HEADER + payload;
     x->done_tokens += n;
@@ -523,7 +525,10 @@ int kvd_import_feed(kvd_import *im, const uint8_t *bytes, size_t len, kvd_err *e
         return rc;
     memcpy(im->buf + im->len, bytes, len);
     im->len += len;
-    return import_take(im, err);
+    rc = import_take(im, err);
+    /* bounded: at most one incomplete section (and its header) stays */
+    assert(rc || im->len < KVX_PREAMBLE + KVX_HEADER + KVX_MAX_PAYLOAD);
+    return rc;
 }
 
 uint64_t kvd_import_tokens(const kvd_import *im)
