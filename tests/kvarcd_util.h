@@ -266,6 +266,27 @@ KD_FN int rpc_append(kvc_conn *c, uint64_t conv, uint32_t layer, uint64_t first,
     return st;
 }
 
+/* ns/name's id and the durable length of each of its first n layers
+ * (missing layers: 0), by Open. The gRPC status; msg: 256 bytes. */
+KD_FN int kd_layer_lengths(kvc_conn *c, const char *ns, const char *name, uint64_t *id, uint64_t *len, size_t n,
+                           char *msg)
+{
+    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (st)
+        return st;
+    Kvarc__V1__ConvInfo *i = ((Kvarc__V1__ConvReply *)rep)->info;
+    if (id)
+        *id = i->id;
+    for (size_t l = 0; l < n; l++)
+        len[l] = l < i->n_layer_lengths ? i->layer_lengths[l] : 0;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return 0;
+}
+
 /* Fetch positions of (conv, layer, head): the status; on OK *reply (free
  * it with protobuf_c_message_free_unpacked). msg: 256 bytes. */
 KD_FN int rpc_fetch(kvc_conn *c, uint64_t conv, uint32_t layer, uint32_t head, uint64_t *pos, size_t n,

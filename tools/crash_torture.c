@@ -17,8 +17,8 @@
  *             every 1..12 tokens; batch and append_together (0, 1, 2) are
  *             drawn per worker. Attach continues at the common length and
  *             re-feeds what a longer layer holds (kvarc.h's takeover).
- *   job       Verify or Compact (threshold 0.9) through the daemon, over
- *             and over, reporting each progress event.
+ *   job       Compact (threshold 0.9) and Verify through the daemon, in
+ *             turn, reporting each progress event.
  * Content is a pure function of (conversation, layer, head, position):
  * eu_fill's bytes for t/raw; for t/lib, K and V whose fp16 values come from
  * eu_byte, so the stored records and signatures are kvg_encode_ref's of
@@ -368,13 +368,17 @@ static void job_progress(void *arg, uint64_t done, uint64_t total)
     ev("P %llu %llu", (unsigned long long)done, (unsigned long long)total);
 }
 
-static int job_runner(int compact)
+/* Jobs one after the other, first Compact (first_compact) or Verify, then
+ * the other, and so on: a Compact with no victim ends without a progress
+ * event, a Verify always sends one. */
+static int job_runner(int first_compact)
 {
     kvc_conn *c;
     char msg[256];
     if (kvc_connect(dir, &c))
         return 2;
-    for (;;) {
+    for (int i = 0;; i++) {
+        int compact = (first_compact + i) % 2;
         Kvarc__V1__Empty e = KVARC__V1__EMPTY__INIT;
         Kvarc__V1__CompactRequest cr = KVARC__V1__COMPACT_REQUEST__INIT;
         cr.threshold = 0.9f;
