@@ -30,7 +30,8 @@
  *   B who                  a call that appends is about to start
  *   S who                  an AppendStream block was sent (mid-stream)
  *   A who layer first n    an append acknowledged (durable in kvarcd)
- *   P                      a job's progress event; J kind problems: its end
+ *   P kind done total      a job's progress event (kind c Compact, v Verify);
+ *                          J kind problems: its end
  *   E who message          a violation the child saw (a refusal no crash
  *                          explains: -EILSEQ, DATA_LOSS, a bad status)
  * Connection errors (UNAVAILABLE, a deadline, CANCELLED) end a child
@@ -140,19 +141,7 @@ static int continue_at_end(const char *msg)
 /* t/raw's id and layer lengths. The gRPC status. */
 static int raw_open(kvc_conn *c, uint64_t *id, uint64_t len[RAW_L], char *msg)
 {
-    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
-    r.ns = "t";
-    r.name = "raw";
-    ProtobufCMessage *rep = NULL;
-    int st = kvc_call(c, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
-    if (st)
-        return st;
-    Kvarc__V1__ConvInfo *i = ((Kvarc__V1__ConvReply *)rep)->info;
-    *id = i->id;
-    for (size_t l = 0; l < RAW_L; l++)
-        len[l] = l < i->n_layer_lengths ? i->layer_lengths[l] : 0;
-    protobuf_c_message_free_unpacked(rep, NULL);
-    return 0;
+    return kd_layer_lengths(c, "t", "raw", id, len, RAW_L, msg);
 }
 
 static int raw_writer(uint64_t seed)
@@ -364,8 +353,7 @@ static int lib_writer(uint64_t seed)
 
 static void job_progress(void *arg, uint64_t done, uint64_t total)
 {
-    (void)arg;
-    ev("P %llu %llu", (unsigned long long)done, (unsigned long long)total);
+    ev("P %c %llu %llu", *(const char *)arg, (unsigned long long)done, (unsigned long long)total);
 }
 
 /* Jobs one after the other, first Compact (first_compact) or Verify, then
@@ -383,8 +371,8 @@ static int job_runner(int first_compact)
         Kvarc__V1__CompactRequest cr = KVARC__V1__COMPACT_REQUEST__INIT;
         cr.threshold = 0.9f;
         Kvarc__V1__JobEvent *last = NULL;
-        int st = kvc_job(c, compact ? "Compact" : "Verify", compact ? &cr.base : &e.base, 120000, job_progress, NULL,
-                         &last, msg, sizeof msg);
+        int st = kvc_job(c, compact ? "Compact" : "Verify", compact ? &cr.base : &e.base, 120000, job_progress,
+                         compact ? "c" : "v", &last, msg, sizeof msg);
         if (st) {
             if (!gone(st))
                 ev("E j %s: %s: %s", compact ? "Compact" : "Verify", kvc_status_name(st), msg);
@@ -414,7 +402,10 @@ typedef struct child {
 static struct {
     uint64_t acked[2][RAW_L];  /* [raw, lib][layer]: end of the acknowledged prefix */
     uint64_t pending;          /* acknowledgements not checked after a kill yet */
-    uint64_t kills_d, kills_w, mid_stream, in_job, at_start, at_ack;
+    uint64_t kills_d, kills_w, mid_stream, in_job, in_compact, at_start, at_ack;
+    uint64_t durable[2][RAW_L];  /* the lengths the last check saw */
+    int      expect_c[2];      /* the next worker must continue from durable[] */
+    uint64_t cont_bad;         /* workers that continued elsewhere */
     uint64_t acks_checked, bytes_checked, lost, wrong, verify_problems, child_errors, continuations, checks;
     uint64_t since_start;      /* acknowledgements since kvarcd started */
     int      lib_exists;
@@ -491,9 +482,28 @@ static char account(const char *line)
         violation("child %c: %s", who, line + 4);
         T.child_errors++;
     } else if (kind == 'C') {
+        int w = who == 'l';
+        unsigned long long v[RAW_L] = { 0 };
+        int n = sscanf(line + 4, "%llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3]);
         T.continuations++;
-        if (who == 'l')
+        if (w)
             T.lib_exists = 1;
+        if (T.expect_c[w]) {
+            /* t/raw continues at each layer's durable length; libkvarc's
+             * attach at the common (shortest) one and re-feeds the rest */
+            uint64_t common = T.durable[1][0] < T.durable[1][1] ? T.durable[1][0] : T.durable[1][1];
+            int bad = n != (w ? LIB_L : RAW_L);
+            for (int l = 0; !bad && l < n; l++)
+                bad = v[l] != (w ? common : T.durable[0][l]);
+            if (bad) {
+                violation("the new %s worker continued at %s, kvarcd's durable lengths are %llu %llu %llu %llu",
+                          w ? "libkvarc" : "raw", line + 4, (unsigned long long)T.durable[w][0],
+                          (unsigned long long)T.durable[w][1], (unsigned long long)T.durable[w][2],
+                          (unsigned long long)T.durable[w][3]);
+                T.cont_bad++;
+            }
+            T.expect_c[w] = 0;
+        }
     }
     return kind;
 }
@@ -545,23 +555,11 @@ static void reap(child *ch)
 
 static int conv_lengths(kvc_conn *c, const char *name, uint64_t *id, uint64_t *len, size_t nl)
 {
-    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
     char msg[256];
-    r.ns = "t";
-    r.name = (char *)name;
-    ProtobufCMessage *rep = NULL;
-    int st = kvc_call(c, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, sizeof msg);
-    if (st) {
-        if (st != GRPC_STATUS_NOT_FOUND)
-            violation("Open t/%s: %s: %s", name, kvc_status_name(st), msg);
-        return st;
-    }
-    Kvarc__V1__ConvInfo *i = ((Kvarc__V1__ConvReply *)rep)->info;
-    *id = i->id;
-    for (size_t l = 0; l < nl; l++)
-        len[l] = l < i->n_layer_lengths ? i->layer_lengths[l] : 0;
-    protobuf_c_message_free_unpacked(rep, NULL);
-    return 0;
+    int st = kd_layer_lengths(c, "t", name, id, len, nl, msg);
+    if (st && st != GRPC_STATUS_NOT_FOUND)
+        violation("Open t/%s: %s: %s", name, kvc_status_name(st), msg);
+    return st;
 }
 
 /* Check one layer of a conversation: every record by Fetch, every
@@ -707,6 +705,8 @@ static void check_all(int with_verify)
         uint64_t id = 0, len[RAW_L] = { 0 };
         size_t nl = lib ? LIB_L : RAW_L;
         int st = conv_lengths(c, lib ? "lib" : "raw", &id, len, nl);
+        memcpy(T.durable[lib], len, sizeof len);
+        T.expect_c[lib] = with_verify;
         if (st) {
             int any = 0;
             for (size_t l = 0; l < nl; l++)
@@ -783,6 +783,7 @@ typedef struct plan {
 static child kids[3];          /* raw, lib, job */
 static plan P;
 static int fired, wfired;
+static char last_p;            /* the job of the last progress event */
 
 static child *kid(char who)
 {
@@ -792,7 +793,6 @@ static child *kid(char who)
 /* Each event: fire the writer-only kill or the daemon kill when due. */
 static int on_event(child *ch, const char *line, char kind)
 {
-    (void)line;
     if (P.wk && !wfired && T.since_start >= P.wk && ch->who == P.wwho &&
         ((P.wmode == AT_ACK && kind == 'A') || (P.wmode == AT_START && kind == 'B'))) {
         wfired = 1;
@@ -809,6 +809,7 @@ static int on_event(child *ch, const char *line, char kind)
         if (!kids[2].pid && kids[2].fd < 0)
             spawn(&kids[2], 'j', (uint64_t)P.compact);
         due = kind == 'P';
+        last_p = line[2];
         break;
     }
     if (due) {
@@ -832,7 +833,7 @@ static void fire_daemon_kill(void)
     case AT_ACK: T.at_ack++; break;
     case AT_START: T.at_start++; break;
     case MID_STREAM: T.mid_stream++; break;
-    case IN_JOB: T.in_job++; break;
+    case IN_JOB: T.in_job++; T.in_compact += last_p == 'c'; break;
     }
 }
 
@@ -889,18 +890,20 @@ static int run_until_kill(void)
 
 static uint64_t violations(void)
 {
-    return T.lost + T.wrong + T.verify_problems + T.child_errors;
+    return T.lost + T.wrong + T.verify_problems + T.child_errors + T.cont_bad;
 }
 
 static void summary(const char *what, int cycle, int cycles, long t0)
 {
     printf("%s %d/%d: kills %llu (kvarcd %llu: at an ack %llu, at a call's start %llu, mid-stream %llu, "
-           "in a job %llu; writers %llu), acked appends checked %llu, bytes checked %llu, continuations %llu, "
-           "lost %llu, wrong %llu, verify problems %llu, child errors %llu, %.1f s\n",
+           "in a job %llu of which Compact %llu; writers %llu), acked appends checked %llu, bytes checked %llu, "
+           "continuations %llu (elsewhere %llu), lost %llu, wrong %llu, verify problems %llu, child errors %llu, "
+           "%.1f s\n",
            what, cycle, cycles, (unsigned long long)(T.kills_d + T.kills_w), (unsigned long long)T.kills_d,
            (unsigned long long)T.at_ack, (unsigned long long)T.at_start, (unsigned long long)T.mid_stream,
-           (unsigned long long)T.in_job, (unsigned long long)T.kills_w, (unsigned long long)T.acks_checked,
-           (unsigned long long)T.bytes_checked, (unsigned long long)T.continuations, (unsigned long long)T.lost,
+           (unsigned long long)T.in_job, (unsigned long long)T.in_compact, (unsigned long long)T.kills_w,
+           (unsigned long long)T.acks_checked, (unsigned long long)T.bytes_checked,
+           (unsigned long long)T.continuations, (unsigned long long)T.cont_bad, (unsigned long long)T.lost,
            (unsigned long long)T.wrong, (unsigned long long)T.verify_problems, (unsigned long long)T.child_errors,
            (kd_now_ms() - t0) / 1000.0);
     fflush(stdout);
@@ -1080,11 +1083,11 @@ int main(int argc, char **argv)
     }
     summary("done", cycle, cycles, t0);
     printf("crash-torture: seed %llu: kills %llu (kvarcd %llu, writers %llu), acked appends checked %llu, bytes "
-           "checked %llu, lost %llu, wrong %llu, verify problems %llu, %s\n",
+           "checked %llu, lost %llu, wrong %llu, verify problems %llu, continued elsewhere %llu, %s\n",
            (unsigned long long)seed, (unsigned long long)(T.kills_d + T.kills_w), (unsigned long long)T.kills_d,
            (unsigned long long)T.kills_w, (unsigned long long)T.acks_checked, (unsigned long long)T.bytes_checked,
            (unsigned long long)T.lost, (unsigned long long)T.wrong, (unsigned long long)T.verify_problems,
-           violations() ? "FAILED" : "ok");
+           (unsigned long long)T.cont_bad, violations() ? "FAILED" : "ok");
     if (!violations() && !keep && !data)
         kd_remove_dir();
     return violations() ? 1 : 0;
