@@ -171,6 +171,21 @@ int main(void)
           kvc_status_name(st));
     CHECK(full_message(msg), "its message says the disk is full: %s", msg);
     CHECK(kd_health(c, 10000) == 1, "kvarcd serves on after the full disk");
+    /* then single tokens, which may still fit a segment's last page, until
+     * they fail too (the index may be what cannot grow then) */
+    for (n = 0; n < 100000; n++) {
+        int i = n % 2;
+        uint32_t l = (uint32_t)(n / 2) % LAYERS;
+        st = rpc_append(c, ids[i], l, acked[i][l], 1, tags[i], 0, NULL, msg);
+        if (st)
+            break;
+        acked[i][l] += 1;
+    }
+    fprintf(stderr, "full for single tokens after %d more (%llu KiB free): %s: %s\n", n,
+            (unsigned long long)free_kib(), kvc_status_name(st), msg);
+    CHECK(st == GRPC_STATUS_RESOURCE_EXHAUSTED && full_message(msg), "a single token on a full disk: %s: %s",
+          kvc_status_name(st), msg);
+    CHECK(kd_health(c, 10000) == 1, "kvarcd serves on after single tokens found the disk full");
     /* the other ways to append fail the same way and keep nothing */
     st = rpc_append(c, ids[0], 0, acked[0][0], BLOCK, tags[0], 0, NULL, msg);
     CHECK(st == GRPC_STATUS_RESOURCE_EXHAUSTED && full_message(msg), "Append again: %s: %s", kvc_status_name(st), msg);

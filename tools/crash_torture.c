@@ -55,6 +55,9 @@
  * cycle, a new pair of workers must continue both conversations, kvarcd
  * stops on SIGTERM (exit 0), and a last restart is checked.
  * Time is used only as a failure guard: a child silent for GUARD_MS is hung.
+ * Seeded: the plan of every cycle and each writer's calls repeat with
+ * --seed; how the two writers' events interleave is the scheduler's, so a
+ * failing seed may take a few runs to fail again (the data is kept).
  */
 #include <errno.h>
 #include <fcntl.h>
