@@ -107,7 +107,7 @@ static int health(void *arg, char *reason, size_t len)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--rerank-threads N] [--grace-ms MS]\n"
+    fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--rerank-threads N] [--grace-ms MS] [--segment-mb N]\n"
                "              [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]\n"
                "              [--metrics-listen HOST:PORT] [--version] [--help]\n"
                "  --data DIR         data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
@@ -115,6 +115,8 @@ static void usage(FILE *f)
                "  --rerank-threads N threads one RerankLayer call may use, its kv heads split over\n"
                "                     them, when they are free (1..64; default: number of cores)\n"
                "  --grace-ms MS      on SIGTERM, how long calls in flight may finish (default 5000)\n"
+               "  --segment-mb N     seal a segment file once it is past N MiB (1..65536; default\n"
+               "                     256); smaller segments let compaction reclaim space sooner\n"
                "  --listen HOST:PORT also serve TCP (port 0 picks one; the log says which)\n"
                "  --token-file FILE  bearer tokens for TCP callers, one 'TOKEN NS[,NS...]' or\n"
                "                     'TOKEN *' per line; mode 0600 (required with --listen)\n"
@@ -134,6 +136,7 @@ int main(int argc, char **argv)
     char defdir[1024];
     long threads = sysconf(_SC_NPROCESSORS_ONLN), rerank_threads = threads;
     int grace = 5000;
+    long segment_mb = 256;
     const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL, *metrics_listen = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--data") && i + 1 < argc) {
@@ -147,6 +150,11 @@ int main(int argc, char **argv)
                 rerank_threads = -1;
         } else if (!strcmp(argv[i], "--grace-ms") && i + 1 < argc) {
             grace = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--segment-mb") && i + 1 < argc) {
+            char *end;
+            segment_mb = strtol(argv[++i], &end, 10);
+            if (*end || end == argv[i])
+                segment_mb = -1;
         } else if (!strcmp(argv[i], "--listen") && i + 1 < argc) {
             listen = argv[++i];
         } else if (!strcmp(argv[i], "--token-file") && i + 1 < argc) {
@@ -175,6 +183,10 @@ int main(int argc, char **argv)
     }
     if (rerank_threads < 1 || rerank_threads > 64) {
         fprintf(stderr, "kvarcd: --rerank-threads must be a number in 1..64\n");
+        return 2;
+    }
+    if (segment_mb < 1 || segment_mb > 65536) {
+        fprintf(stderr, "kvarcd: --segment-mb must be a number in 1..65536\n");
         return 2;
     }
     if (listen && !token_file) {
@@ -223,7 +235,7 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    kvd_options o = { .dir = dir };
+    kvd_options o = { .dir = dir, .segment_bytes = (uint64_t)segment_mb << 20 };
     kvd_engine *e;
     kvd_err err = { 0, "" };
     int rc = 1, tcp_port = 0;

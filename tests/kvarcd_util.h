@@ -206,37 +206,85 @@ KD_FN int open_conv(kvc_conn *c, const char *ns, const char *name, Kvarc__V1__Sh
     return st;
 }
 
-/* Append count tokens of (tag) at first through the service. */
-KD_FN int rpc_append(kvc_conn *c, uint64_t conv, uint32_t layer, uint64_t first, uint32_t count,
-                      uint64_t tag, int bad_sizes, uint64_t *len_out, char *msg)
+/* One Append request of count tokens of (tag) at first of layer, in the
+ * shape of shape_pb (eu_shape(4, 2, q3): 2 KV heads, 104-byte records);
+ * the buffers belong to b until kd_block_free. An AppendMany takes
+ * several b.r; an AppendStream sends them one by one. */
+typedef struct kd_block {
+    Kvarc__V1__AppendRequest r;
+    uint8_t *bits, *recs;
+    uint16_t *sc;
+} kd_block;
+
+KD_FN void kd_block_make(kd_block *b, uint64_t conv, uint32_t layer, uint64_t first, uint32_t count, uint64_t tag)
 {
     kvd_shape s = eu_shape(4, 2, KVARC_FMT_Q3);
     size_t n = 2 * (size_t)count;
-    uint8_t *bits = malloc(n * 16), *recs = malloc(n * 104);
-    uint16_t *sc = malloc(n * 2);
-    eu_fill(&s, tag, layer, first, count, bits, sc, recs);
+    b->bits = malloc(n * 16);
+    b->recs = malloc(n * 104);
+    b->sc = malloc(n * 2);
+    if (!b->bits || !b->recs || !b->sc)
+        abort();
+    eu_fill(&s, tag, layer, first, count, b->bits, b->sc, b->recs);
     Kvarc__V1__AppendRequest r = KVARC__V1__APPEND_REQUEST__INIT;
     r.conv = conv;
     r.layer = layer;
     r.first_pos = first;
     r.count = count;
-    r.sig_bits.data = bits;
+    r.sig_bits.data = b->bits;
     r.sig_bits.len = n * 16;
-    r.sig_scale.data = (uint8_t *)sc;
-    r.sig_scale.len = n * 2 - (bad_sizes ? 2 : 0);
-    r.records.data = recs;
+    r.sig_scale.data = (uint8_t *)b->sc;
+    r.sig_scale.len = n * 2;
+    r.records.data = b->recs;
     r.records.len = n * 104;
+    b->r = r;
+}
+
+KD_FN void kd_block_free(kd_block *b)
+{
+    free(b->bits);
+    free(b->recs);
+    free(b->sc);
+}
+
+/* Append count tokens of (tag) at first through the service. */
+KD_FN int rpc_append(kvc_conn *c, uint64_t conv, uint32_t layer, uint64_t first, uint32_t count,
+                      uint64_t tag, int bad_sizes, uint64_t *len_out, char *msg)
+{
+    kd_block b;
+    kd_block_make(&b, conv, layer, first, count, tag);
+    if (bad_sizes)
+        b.r.sig_scale.len -= 2;
     ProtobufCMessage *rep = NULL;
-    int st = kvc_call(c, "Append", &r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, msg, 256);
+    int st = kvc_call(c, "Append", &b.r.base, &kvarc__v1__append_reply__descriptor, &rep, 0, msg, 256);
     if (!st) {
         if (len_out)
             *len_out = ((Kvarc__V1__AppendReply *)rep)->length;
         protobuf_c_message_free_unpacked(rep, NULL);
     }
-    free(bits);
-    free(recs);
-    free(sc);
+    kd_block_free(&b);
     return st;
+}
+
+/* ns/name's id and the durable length of each of its first n layers
+ * (missing layers: 0), by Open. The gRPC status; msg: 256 bytes. */
+KD_FN int kd_layer_lengths(kvc_conn *c, const char *ns, const char *name, uint64_t *id, uint64_t *len, size_t n,
+                           char *msg)
+{
+    Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
+    r.ns = (char *)ns;
+    r.name = (char *)name;
+    ProtobufCMessage *rep = NULL;
+    int st = kvc_call(c, "Open", &r.base, &kvarc__v1__conv_reply__descriptor, &rep, 0, msg, 256);
+    if (st)
+        return st;
+    Kvarc__V1__ConvInfo *i = ((Kvarc__V1__ConvReply *)rep)->info;
+    if (id)
+        *id = i->id;
+    for (size_t l = 0; l < n; l++)
+        len[l] = l < i->n_layer_lengths ? i->layer_lengths[l] : 0;
+    protobuf_c_message_free_unpacked(rep, NULL);
+    return 0;
 }
 
 /* Fetch positions of (conv, layer, head): the status; on OK *reply (free
