@@ -89,6 +89,7 @@ int kw_rc_of(int status)
     case GRPC_STATUS_PERMISSION_DENIED:
     case GRPC_STATUS_UNAUTHENTICATED:     return -EACCES;
     case GRPC_STATUS_UNAVAILABLE:
+    case GRPC_STATUS_CANCELLED:           /* kvarcd's shutdown cut the call off after its grace */
     case GRPC_STATUS_DEADLINE_EXCEEDED:   return -ECONNREFUSED;
     default:                              return -EIO;
     }

@@ -29,8 +29,9 @@ grpc_status_code kw_status_of(int rc);
 
 /* The return code libkvarc reports for a gRPC status. Several codes share
  * a status, so this is not kw_status_of's inverse: RESOURCE_EXHAUSTED is
- * -ENOSPC, UNAVAILABLE and DEADLINE_EXCEEDED are -ECONNREFUSED (kvarcd is
- * not there or is stopping), a status kvarcd never answers is -EIO. */
+ * -ENOSPC; UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED (a call kvarcd's
+ * shutdown cut off) are -ECONNREFUSED (kvarcd is not there or is stopping:
+ * retry); a status kvarcd never answers is -EIO. */
 int kw_rc_of(int status);
 
 #endif
