@@ -21,7 +21,12 @@
 
 #include "kvg.h"
 
-enum { NMAX = 64, QMAX = 4 };
+enum { NMAX = 40, QMAX = 4 };   /* 40 tokens: two and a half 16-lane groups, every tail */
+
+/* RoPE tables by (head_dim, half or all rotary dims, layout): made once
+ * (a table is 2 x 1024 x d/2 trigonometric calls, far more than an input's work) */
+static kvg_rope_table tables[3][2][2];
+static int            have_table[3][2][2];
 
 static float kf_r[NMAX * KVARC_HEAD_DIM_MAX], kf_s[NMAX * KVARC_HEAD_DIM_MAX];
 static float vf_r[NMAX * KVARC_HEAD_DIM_MAX], vf_s[NMAX * KVARC_HEAD_DIM_MAX];
@@ -81,9 +86,13 @@ static void records(const uint8_t *in, size_t len, int fmt, int d, uint8_t flags
     int rc_r = kvg_decode_ref(&c, in, n, kf_r, vf_r);
     int kr = kvg_key_scores_ref(&c, q, nq, in, n, s_r);
     kvg_rope rp;
-    kvg_rope_table tb;
-    int rdims = (flags & 0x40) ? d / 2 : d;
-    int have_rope = !kvg_rope_init(&rp, d, rdims, (flags >> 5) & 1, 10000.0f) && !kvg_rope_table_init(&tb, &rp);
+    int rdims = (flags & 0x40) ? d / 2 : d, lay = (flags >> 5) & 1, di = d == 64 ? 0 : d == 128 ? 1 : 2;
+    int have_rope = !kvg_rope_init(&rp, d, rdims, lay, 10000.0f);
+    int *ht = &have_table[di][rdims != d][lay];
+    if (have_rope && !*ht)
+        *ht = kvg_rope_table_init(&tables[di][rdims != d][lay], &rp) ? -1 : 1;
+    have_rope = have_rope && *ht == 1;
+    kvg_rope_table tb = have_rope ? tables[di][rdims != d][lay] : (kvg_rope_table){ 0, NULL };
     float p_r[NMAX], p_s[NMAX];
     int pr = have_rope ? kvg_key_scores_pos_ref(&c, &rp, (flags & 0x80) ? &tb : NULL, q, nq, in, pos, n, p_r) : 0;
     for (int isa = KVG_ISA_BASE; isa <= KVG_ISA_V4; isa++) {
@@ -105,8 +114,6 @@ static void records(const uint8_t *in, size_t len, int fmt, int d, uint8_t flags
                 MUST(same_floats(p_r, p_s, n));
         }
     }
-    if (have_rope)
-        kvg_rope_table_free(&tb);
 }
 
 static void signatures(const uint8_t *in, size_t len, int d, uint8_t flags, uint64_t seed)
