@@ -140,8 +140,8 @@ AI void codebook_half_l(const int cb, const float *levels, const float *bounds, 
                  * found by bisection: at step s, c is a multiple of 2s and
                  * bound c + s - 1 splits [c, c + 2s) */
                 for (int st = (nb + 1) / 2; st >= 1; st /= 2)
-                    c += (u > __builtin_shuffle(bv, c + (st - 1))) & st;
-                lev = __builtin_shuffle(lv, c);
+                    c += (u > permute_l(bv, c + (st - 1))) & st;
+                lev = permute_l(lv, c);
             } else {
                 lev = (vf){ 0 } + levels[0];
                 for (int b = 0; b < nb; b++) {
@@ -163,8 +163,10 @@ AI void codebook_half_l(const int cb, const float *levels, const float *bounds, 
     tree_sum_l(y, d);
     tree_sum_l(tmp, d);
     vf scale = y[0] / tmp[0];
-    for (int l = 0; l < m; l++)
-        memcpy(half + (size_t)l * stride, &scale[l], 4);
+    for (int l = 0; l < m; l++) {
+        float sl = scale[l];              /* no address of a vector element (clang) */
+        memcpy(half + (size_t)l * stride, &sl, 4);
+    }
 }
 
 /* encode_rotated_half on lanes: half records of lanes < m at half +
@@ -193,8 +195,10 @@ AI void encode_half_l(const kvarc_format_info *fi, const kvarc_rotation *rot, vf
             for (int l = 0; l < m; l++)
                 half[(size_t)l * stride + 4 + (size_t)i] = (uint8_t)(int8_t)q[l];
         }
-        for (int l = 0; l < m; l++)
-            memcpy(half + (size_t)l * stride, &scale[l], 4);
+        for (int l = 0; l < m; l++) {
+            float sl = scale[l];
+            memcpy(half + (size_t)l * stride, &sl, 4);
+        }
         return;
     }
     if (fi->id == KVARC_FMT_Q3)
@@ -216,7 +220,9 @@ AI void levels_l(const kvarc_format_info *fi, int d, const uint8_t *half, size_t
             continue;
         }
         const uint8_t *h = half + (size_t)l * stride, *codes = h + 4;
-        memcpy(&(*scale)[l], h, 4);
+        float sl;
+        memcpy(&sl, h, 4);
+        (*scale)[l] = sl;
         if (fi->id == KVARC_FMT_I8) {
             for (int i = 0; i < d; i++)
                 x[i][l] = (float)(int8_t)codes[i];

@@ -22,6 +22,25 @@ typedef int64_t vl __attribute__((vector_size(8 * LN)));
 
 #define AI static inline __attribute__((always_inline))
 
+/* gcc's __builtin_shuffle, which clang (the fuzz build, fuzz/) lacks:
+ * there a two-source shuffle with constant indices is
+ * __builtin_shufflevector and a one-source permute by variable indices
+ * (taken modulo LN, as gcc does) a loop over the lanes. Only moves: the
+ * bits are the same either way. */
+#ifdef __clang__
+#define SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+AI vf permute_l(vf v, vi idx)
+{
+    vf r;
+    for (int l = 0; l < LN; l++)
+        r[l] = v[idx[l] & (LN - 1)];
+    return r;
+}
+#else
+#define SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (vi){ __VA_ARGS__ })
+#define permute_l(v, idx) __builtin_shuffle(v, idx)
+#endif
+
 /* In-register transpose of an LN x LN block: b[r][p] becomes b[p][r].
  * Stage s swaps bit s of the row index with bit s of the position (two
  * two-source shuffles with constant masks a row pair); all stages together
@@ -46,8 +65,8 @@ typedef int64_t vl __attribute__((vector_size(8 * LN)));
             if (r0 & (s))                                                                      \
                 continue;                                                                      \
             vf lo_ = (b)[r0], hi_ = (b)[r0 | (s)];                                             \
-            (b)[r0] = __builtin_shuffle(lo_, hi_, (vi){ TP_LIST(s, 0) });                      \
-            (b)[r0 | (s)] = __builtin_shuffle(lo_, hi_, (vi){ TP_LIST(s, 1) });                \
+            (b)[r0] = SHUFFLE2(lo_, hi_, TP_LIST(s, 0));                      \
+            (b)[r0 | (s)] = SHUFFLE2(lo_, hi_, TP_LIST(s, 1));                \
         }                                                                                      \
     } while (0)
 

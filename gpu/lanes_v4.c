@@ -4,8 +4,13 @@
  * only where the CPU has it). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("arch=x86-64-v4")
+#elif defined(__x86_64__) && defined(__clang__)   /* the fuzz build (fuzz/): x86-64-v4's features */
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx2,bmi,bmi2,f16c,fma,lzcnt,movbe"))), apply_to = function)
 #endif
 #define LN 16
 #define LANES_FN(name) kvg_lanes_##name##_v4
 #include "codec_lanes.h"
 #include "attention_lanes.h"
+#if defined(__x86_64__) && defined(__clang__)
+#pragma clang attribute pop
+#endif

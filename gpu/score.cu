@@ -293,7 +293,7 @@ __global__ static void query_prep_kernel(kvarc_rotation rot, const float *mu, in
         atomicOr(&words[i / 32], 1u << (i % 32));
     float qscale = __fdiv_rn(m, 127.0f);
     kvg_query *o = out + j;
-    o->q8[i] = qscale > 0.0f ? (int8_t)rintf(__fdiv_rn(yi, qscale)) : 0;
+    o->q8[i] = qscale > 0.0f ? (int8_t)fminf(fmaxf(rintf(__fdiv_rn(yi, qscale)), -127.0f), 127.0f) : 0;   /* as score_ref.c */
     __syncthreads();
     if (i < d / 32)
         memcpy(o->bits + 4 * i, &words[i], 4);

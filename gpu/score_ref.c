@@ -45,8 +45,11 @@ int kvg_query_prep_ref(const kvarc_rotation *rot, const float *mu_k, kvarc_dtype
     if (!isfinite(out->bias) || !isfinite(m))
         return KVARC_ENONFINITE;
     out->qscale = m / 127.0f;
+    /* clamped: where max |y| is subnormal, m / 127 rounds so far that
+     * y / qscale passes 127 (up to 130 seen), and converting that to int8
+     * was undefined (it wrapped to the opposite sign on x86) */
     for (int i = 0; i < d; i++)
-        out->q8[i] = out->qscale > 0.0f ? (int8_t)rintf(y[i] / out->qscale) : 0;
+        out->q8[i] = out->qscale > 0.0f ? (int8_t)fminf(fmaxf(rintf(y[i] / out->qscale), -127.0f), 127.0f) : 0;
     return 0;
 }
 

@@ -173,7 +173,7 @@ void rpc_readers_return(rpc_ctx *x, kvd_reader *const *rs, int n)
 int rpc_job_due(rpc_ctx *x)
 {
     rpc_call *c = (rpc_call *)x;
-    return !atomic_load(&c->job_sending) && now_ns() - c->job_last_ns >= 200000000;
+    return c->call && !atomic_load(&c->job_sending) && now_ns() - c->job_last_ns >= 200000000;
 }
 
 int rpc_job_event(rpc_ctx *x, grpc_byte_buffer *msg)
@@ -186,7 +186,7 @@ int rpc_job_event(rpc_ctx *x, grpc_byte_buffer *msg)
     }
     if (!msg)
         return 0;
-    if (!rpc_job_due(x)) {
+    if (!rpc_job_due(x)) {               /* too soon, one in flight, or a local call (none to send on) */
         grpc_byte_buffer_destroy(msg);
         return 0;
     }
@@ -794,6 +794,115 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
     free(s->stats);
     free(s);
     return cancelled;
+}
+
+/* ---- local calls ---------------------------------------------------------------- */
+
+/* A server of no gRPC server and one worker of no queue: what the
+ * handlers reach through their call (the engine, the reader, the counts). */
+struct rpc_local {
+    rpc_server s;
+    rpc_worker w;
+};
+
+int rpc_local_open(kvd_engine *e, rpc_local **out, kvd_err *err)
+{
+    rpc_local *l = calloc(1, sizeof *l);
+    if (!l || !(l->s.stats = calloc(rpc_nmethods + 1, sizeof *l->s.stats))) {
+        free(l);
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    }
+    int rc = kvd_reader_open(e, &l->w.reader, err);
+    if (rc) {
+        free(l->s.stats);
+        free(l);
+        return rc;
+    }
+    l->s.e = e;
+    l->s.started_ns = now_ns();
+    l->s.workers = &l->w;
+    l->s.nworkers = 1;
+    pthread_mutex_init(&l->s.tok_mu, NULL);
+    l->w.s = &l->s;
+    *out = l;
+    return 0;
+}
+
+void rpc_local_close(rpc_local *l)
+{
+    if (!l)
+        return;
+    kvd_reader_close(l->w.reader);
+    pthread_mutex_destroy(&l->s.tok_mu);
+    free(l->s.stats);
+    free(l);
+}
+
+int rpc_call_local(rpc_local *l, const rpc_method *m, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+                   kvd_err *err)
+{
+    rpc_call c;
+    memset(&c, 0, sizeof c);
+    c.w = &l->w;
+    c.m = m;
+    c.state = RECEIVING;
+    c.t0 = now_ns();
+    c.bytes_in = len;
+    snprintf(c.method, sizeof c.method, "%s", m->path);
+    c.x.e = l->s.e;
+    c.x.reader = m->kind == RPC_JOB ? NULL : l->w.reader;   /* as job_start: a job has no worker's reader */
+    c.x.method = c.method;
+    *out = NULL;
+    err->code = 0;
+    err->msg[0] = 0;
+    atomic_fetch_add(&l->s.in_flight, 1);
+    int rc;
+    switch (m->kind) {
+    case RPC_CLIENT_STREAM:
+        rc = len > RPC_STREAM_CHUNK ? kvd_fail(err, -E2BIG, "stream message of %zu bytes over the %d-byte chunk "
+                                               "limit", len, RPC_STREAM_CHUNK)
+                                    : run(&c, m->fn, in, len, NULL, err);
+        if (rc && m->failed)
+            m->failed(&c.x, err);
+        if (!rc)
+            rc = m->next(&c.x, out, err);
+        break;
+    case RPC_SERVER_STREAM:
+        rc = run(&c, m->fn, in, len, NULL, err);
+        for (grpc_byte_buffer *b = NULL; !rc; ) {
+            b = NULL;
+            rc = m->next(&c.x, &b, err);
+            if (!b)
+                break;
+            c.bytes_out += grpc_byte_buffer_length(b);
+            if (!*out)
+                *out = b;
+            else
+                grpc_byte_buffer_destroy(b);
+        }
+        if (rc && *out) {
+            grpc_byte_buffer_destroy(*out);
+            *out = NULL;
+        }
+        break;
+    default:                            /* RPC_UNARY, and RPC_JOB inline */
+        rc = run(&c, m->fn, in, len, out, err);
+        if (!rc && !*out)
+            rc = kvd_fail(err, -ENOMEM, "out of memory encoding the reply");
+        if (rc && *out) {
+            grpc_byte_buffer_destroy(*out);
+            *out = NULL;
+        }
+    }
+    if (m->kind != RPC_SERVER_STREAM && *out)
+        c.bytes_out += grpc_byte_buffer_length(*out);
+    if (m->release && c.x.state)
+        m->release(c.x.state);
+    c.status = kw_status_of(rc);
+    c.state = FINISHING;
+    call_count(&c);
+    atomic_fetch_sub(&l->s.in_flight, 1);
+    return rc;
 }
 
 /* ---- metrics ------------------------------------------------------------------ */

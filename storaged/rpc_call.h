@@ -76,6 +76,27 @@ void rpc_ctx_metrics(rpc_ctx *c, prom_buf *b);
 /* Milliseconds since the server started. */
 uint64_t rpc_uptime_ms(rpc_ctx *c);
 
+/* ---- local calls: a method run in process, with no gRPC server or socket ----
+ * What kvarcd does with one request's bytes once the call is routed: the
+ * method's request decoded and its strings checked, then its handler on
+ * the engine, as for a caller on the local socket (no token: unscoped).
+ * For the fuzz targets (fuzz/fuzz_rpc.c) and tools that serve a request
+ * without a daemon. A JOB runs inline and sends no progress (there is no
+ * call to send it on); a CLIENT_STREAM gets `in` as its only message, then
+ * the client's close (its reply); a SERVER_STREAM runs to its end and *out
+ * is its first message (the others are made and dropped). One rpc_local
+ * serves one thread at a time. */
+typedef struct rpc_local rpc_local;
+/* An io_uring reader on e for local calls; 0 or the reader's error. */
+int  rpc_local_open(kvd_engine *e, rpc_local **out, kvd_err *err);
+void rpc_local_close(rpc_local *l);
+/* Method m (one of rpc_methods) on the request bytes in[len]. Returns 0
+ * with *out the reply (the caller's: grpc_byte_buffer_destroy; NULL when
+ * a server stream sent none), or the handler's code with err set (a
+ * request that does not decode is -EINVAL and touches nothing). */
+int  rpc_call_local(rpc_local *l, const rpc_method *m, const uint8_t *in, size_t len, grpc_byte_buffer **out,
+                    kvd_err *err);
+
 /* kvarc's methods (rpc_handlers.c). */
 extern const rpc_method rpc_methods[];
 extern const size_t     rpc_nmethods;

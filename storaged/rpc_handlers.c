@@ -354,7 +354,8 @@ static int append_block(const conv_rec *info, const Kvarc__V1__AppendRequest *r,
     copies[1] = malloc(r->sum_scale.len + 1);
     if (!copies[0] || !copies[1])
         return kvd_fail(err, -ENOMEM, "out of memory");
-    memcpy(copies[0], r->sig_scale.data, r->sig_scale.len);
+    if (r->sig_scale.len)             /* count 0: no data pointer at all (memcpy from NULL is undefined) */
+        memcpy(copies[0], r->sig_scale.data, r->sig_scale.len);
     if (r->sum_scale.len)
         memcpy(copies[1], r->sum_scale.data, r->sum_scale.len);
     *b = (kvd_block_in){ r->layer, r->first_pos, r->count, r->sig_bits.data, copies[0], r->records.data,
