@@ -1657,6 +1657,10 @@ int main(int argc, char **argv)
             anon_end = s->anon_kb;
             fds_end = s->fds;
         }
+        if (rss_warm < 0 && ns) {                       /* a run too short for a warm-up sample */
+            rss_warm = smp[0].rss_kb;
+            anon_warm = smp[0].anon_kb;
+        }
         if (n > 2) {                                    /* least squares, MB per minute */
             slope = (n * sxy - sx * sy) / (n * sxx - sx * sx) * 60.0 / 1024.0;
             aslope = (n * axy - sx * ay) / (n * sxx - sx * sx) * 60.0 / 1024.0;
@@ -1710,6 +1714,8 @@ int main(int argc, char **argv)
                 unlink(log);
         }
     }
+    free(kids);
+    free(smp);
     if (fail)
         fprintf(stderr, "bench-load: FAIL (%" PRIu64 " unexpected, %" PRIu64 " wrong, %" PRIu64 " verify problems, "
                 "%d clients failed%s)\n", unexpected, wrongs, vprob, child_fail, killed ? ", killed" : "");
