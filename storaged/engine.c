@@ -11,7 +11,12 @@
  *   2. pwritev all accepted blocks at the tail, fdatasync the segment;
  *   3. advance the segment's committed size in the same txn and commit it
  *      (LMDB syncs its own pages at commit);
- *   4. wake every waiter.
+ *   4. mark every item done and wake every waiter, under gc_mu
+ *      (gc_finish_batch): an item lives in its submitter's stack frame,
+ *      and the submitter returns the moment it sees done, so the leader
+ *      touches no item after marking it (issue 18: a rejected item was
+ *      marked done mid-batch, without the lock, and its frame was gone
+ *      when the leader followed its next; kvarcd crashed under bench-load).
  * Invariants:
  *  1. No index entry references a byte that was not written and synced
  *     before the commit that created the entry (steps 2 before 3).
@@ -503,12 +508,10 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
                 mdb_txn_abort(child);
             if (!it->err.msg[0])
                 kvd_fail(&it->err, it->rc, "append rejected: %s", kvarc_strerror(it->rc));
-            it->done = 1;
-            continue;
+            continue;                   /* rejected: it->rc says so; done is set by gc_finish_batch */
         }
         if ((it->rc = kvd_mdb_err(mdb_txn_commit(child)))) {
             kvd_fail(&it->err, it->rc, "index update failed: %s", kvarc_strerror(it->rc));
-            it->done = 1;
             continue;
         }
         assert(it->h.seq > last_seq && niov < GC_BATCH);   /* replay order = the batch's order */
@@ -561,7 +564,7 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             unlink(p);
         }
         for (it = batch; it; it = it->next)
-            if (!it->done) {
+            if (!it->rc) {
                 it->rc = rc;
                 kvd_fail(&it->err, rc, "append not stored: could not %s in %s: %s (nothing of it "
                          "was kept; retry once the cause is fixed)", stage, e->dir, kvarc_strerror(rc));
@@ -578,8 +581,19 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
         pthread_mutex_unlock(&e->seg_mu);
         atomic_fetch_add(&e->n_commits, 1);
     }
-    for (it = batch; it; it = it->next)
+}
+
+/* Mark a batch's items done, with gc_mu held: an item lives in its
+ * submitter's stack frame, and the submitter returns as soon as it sees
+ * done (a spurious or earlier wake-up is enough for it to look), so done
+ * is written only under the lock its submitter reads it under, and an
+ * item's next is read before its done is set. */
+static void gc_finish_batch(kvd_item *batch)
+{
+    for (kvd_item *it = batch, *next; it; it = next) {
+        next = it->next;
         it->done = 1;
+    }
 }
 
 /* Queue its[0..n) together (so that one batch can take them all) and
@@ -625,6 +639,7 @@ static void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n)
             pthread_mutex_unlock(&e->gc_mu);
             gc_run_batch(e, batch);
             pthread_mutex_lock(&e->gc_mu);
+            gc_finish_batch(batch);
             e->leader = 0;
             pthread_cond_broadcast(&e->gc_cv);
         }
