@@ -27,8 +27,6 @@
 
 #include "kvd_internal.h"
 
-int seg_create(kvd_engine *e, MDB_txn *txn, uint64_t *id_out, uint8_t state);
-void seg_mark_dead(kvd_engine *e, uint64_t id);
 
 typedef struct idset {
     uint64_t *v;

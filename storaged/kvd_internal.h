@@ -33,7 +33,7 @@ int  seg_sync(int fd);
  * at the end of the file (what should be there is missing). */
 int  seg_pread_full(int fd, void *buf, size_t len, uint64_t off);
 
-/* ---- LMDB layout (engine.c) ------------------------------------------ */
+/* ---- LMDB layout (opened in engine.c; keys and records in index.c) --- */
 
 /* Conversation record: the value in `convs`, and the head of a
  * CONV_CREATE payload (means follow it there). Host little-endian. */
@@ -113,16 +113,29 @@ struct kvd_engine {
 int kvd_fail(kvd_err *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int kvd_mdb_err(int mdb_rc);    /* LMDB code -> negative errno */
 
-/* Segment table (engine.c). */
+/* Segment table (segtab.c). */
 kvd_seg *segtab_find(kvd_engine *e, uint64_t id);     /* seg_mu held */
 int      segtab_add(kvd_engine *e, uint64_t id, int fd, uint8_t state, uint64_t bytes);
 void     segtab_remove(kvd_engine *e, uint64_t id);
 /* Pin the fd of segment id for a read (resolve lock held shared); -1 if gone. */
 int      seg_pin(kvd_engine *e, uint64_t id);
 void     seg_unpin(kvd_engine *e, uint64_t id);
+/* Close and unlink a DEAD segment nobody pins (seg_mu held). */
+void     seg_retire_locked(kvd_engine *e, kvd_seg *s);
 
 /* Submit an item to the group commit and wait until it is durable. */
 int  gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err);
+/* Queue its[0..n) together and wait until each is done (commit.c). */
+void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n);
+
+/* Segment lifecycle (segtab.c): a new OPEN or SEALED segment file, its
+ * entry in the index's segments table in txn; the durable state of a
+ * segment; DEAD in the table after the commit that made it so; fsync of a
+ * directory (a file created or removed in it made durable). */
+int  seg_create(kvd_engine *e, MDB_txn *txn, uint64_t *id_out, uint8_t state);
+int  seg_put(kvd_engine *e, MDB_txn *txn, uint64_t id, uint8_t state, uint64_t bytes);
+void seg_mark_dead(kvd_engine *e, uint64_t id);
+int  fsync_dir(const char *path);
 
 int  conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out);
 /* A live conversation's record in its own read txn: the hot paths' check
@@ -188,6 +201,10 @@ int block_walk(int fd, uint64_t seg, uint64_t start, uint64_t check_from, uint64
 /* The counter `name` of the meta table (dflt when absent), and its store. */
 int meta_get(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t dflt, uint64_t *out);
 int meta_put(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t value);
+/* The next value of counter name (ids, sequence numbers), stored in txn. */
+int meta_next(kvd_engine *e, MDB_txn *txn, const char *name, uint64_t *out);
+/* The id ns/name names, in txn (-ENOENT). */
+int name_lookup(kvd_engine *e, MDB_txn *txn, const char *ns, const char *name, uint64_t *id);
 /* A shape as kvd_conv_create accepts it: 0 or an error with err saying why. */
 int shape_check(const kvd_shape *s, kvd_err *err);
 /* Raise the counter `name` in the meta table to at least at_least. */

@@ -6,7 +6,7 @@
  * reader's ring at once (up to the ring's depth in flight) and verifies
  * each record's CRC before copying it out. Pinning is what lets a
  * compaction retire a segment while reads of it are still in flight:
- * the file is unlinked only when its last pin goes (engine.c).
+ * the file is unlinked only when its last pin goes (segtab.c).
  * Stage 2 (kvd_rerank_batch, kvd_rerank its one-item case): per head, the
  * union of the items' shortlists is read once in ascending order (extents
  * resolve in runs), then each item is scored on its own shortlist's

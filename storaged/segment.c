@@ -7,7 +7,7 @@
  *  1. A segment file's bytes past its committed size are garbage: the
  *     engine truncates them on open and after a failed batch.
  *  2. Blocks are never modified in place; a DEAD segment is unlinked only
- *     once no reader holds it pinned (engine.c).
+ *     once no reader holds it pinned (segtab.c).
  *  3. Every write path goes through seg_pwritev/seg_sync, where tests can
  *     inject EIO, ENOSPC or a short write. */
 #include <errno.h>
