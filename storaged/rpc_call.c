@@ -602,12 +602,19 @@ static void *io_main(void *p)
     return NULL;
 }
 
-static void helpers_close(rpc_server *s)
+/* The last of a server, its queues and workers' readers already closed:
+ * the helper readers, the tokens and the memory. */
+static void server_free(rpc_server *s)
 {
     for (int i = 0; i < s->nhelpers; i++)
         kvd_reader_close(s->helpers[i]);
     free(s->helpers);
     free(s->help_busy);
+    auth_free(s->tokens);
+    pthread_mutex_destroy(&s->tok_mu);
+    free(s->workers);
+    free(s->stats);
+    free(s);
 }
 
 /* Undo a partial start: the server (never started), the I/O queue and the
@@ -626,12 +633,7 @@ static void start_unwind(rpc_server *s, int nready)
         grpc_completion_queue_destroy(s->workers[i].cq);
         kvd_reader_close(s->workers[i].reader);
     }
-    helpers_close(s);
-    auth_free(s->tokens);
-    pthread_mutex_destroy(&s->tok_mu);
-    free(s->workers);
-    free(s->stats);
-    free(s);
+    server_free(s);
 }
 
 void rpc_server_set_tokens(rpc_server *s, auth_tokens *t)
@@ -787,12 +789,7 @@ int rpc_server_stop(rpc_server *s, int grace_ms)
         grpc_completion_queue_destroy(s->workers[i].cq);
         kvd_reader_close(s->workers[i].reader);
     }
-    helpers_close(s);
-    auth_free(s->tokens);
-    pthread_mutex_destroy(&s->tok_mu);
-    free(s->workers);
-    free(s->stats);
-    free(s);
+    server_free(s);
     return cancelled;
 }
 

@@ -159,28 +159,6 @@ static int export_conv(kvd_export *x, size_t *len, kvd_err *err)
     return 0;
 }
 
-static void put32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
-
 /* The next layer section, [x->pos, end) of x->layer. */
 static int export_layer(kvd_export *x, size_t *len, kvd_err *err)
 {
@@ -208,11 +186,11 @@ static int export_layer(kvd_export *x, size_t *len, kvd_err *err)
     if ((rc = grow(&x->buf, &x->cap, KVX_HEADER + payload, err)))
         return rc;
     uint8_t *q = x->buf + KVX_HEADER;
-    put32(q, x->layer);
-    put32(q + 4, n);
-    put64(q + 8, p);
-    put32(q + 16, ns);
-    put32(q + 20, x->rb);
+    kvx_put32(q, x->layer);
+    kvx_put32(q + 4, n);
+    kvx_put64(q + 8, p);
+    kvx_put32(q + 16, ns);
+    kvx_put32(q + 20, x->rb);
     uint8_t *b = q + KVX_LAYER_FIXED, *sc = b + bits, *rec = sc + scales, *smb = rec + recs, *sms = smb + sbits;
     for (uint32_t t = 0; t < n; t++)
         x->positions[t] = p + t;
@@ -265,8 +243,8 @@ int kvd_export_next(kvd_export *x, const uint8_t **buf, size_t *len, kvd_err *er
             x->stage = 2;
     } else if (x->stage == 2) {
         if (!(rc = grow(&x->buf, &x->cap, KVX_HEADER + 16, err))) {
-            put64(x->buf + KVX_HEADER, x->sections);
-            put64(x->buf + KVX_HEADER + 8, x->done_tokens);
+            kvx_put64(x->buf + KVX_HEADER, x->sections);
+            kvx_put64(x->buf + KVX_HEADER + 8, x->done_tokens);
             seal(x, 0, KVX_END, 16);
             *len = KVX_HEADER + 16;
             x->stage = 3;
@@ -328,8 +306,8 @@ static void where(const kvd_import *im, const kvx_header *h, const uint8_t *payl
     const char *k = h && h->kind >= 1 && h->kind <= 3 ? kinds[h->kind] : "unknown kind";
     if (h && h->kind == KVX_LAYER && payload && h->payload_bytes >= KVX_LAYER_FIXED)
         snprintf(w, len, "section %llu (layer data, layer %u, positions [%llu, +%u)) at byte %llu",
-                 (unsigned long long)im->next_index, get32(payload), (unsigned long long)get64(payload + 8),
-                 get32(payload + 4), (unsigned long long)im->offset);
+                 (unsigned long long)im->next_index, kvx_get32(payload), (unsigned long long)kvx_get64(payload + 8),
+                 kvx_get32(payload + 4), (unsigned long long)im->offset);
     else
         snprintf(w, len, "section %llu (%s) at byte %llu", (unsigned long long)im->next_index, h ? k : "header",
                  (unsigned long long)im->offset);
@@ -375,8 +353,8 @@ static int import_layer(kvd_import *im, const uint8_t *p, size_t n, const char *
     const kvd_shape *s = &im->c.shape;
     if (n < KVX_LAYER_FIXED)
         return kvd_fail(err, -EINVAL, "%s: %zu bytes, fewer than the %d of its fields", w, n, KVX_LAYER_FIXED);
-    uint32_t layer = get32(p), count = get32(p + 4), ns = get32(p + 16), rb = get32(p + 20);
-    uint64_t first = get64(p + 8);
+    uint32_t layer = kvx_get32(p), count = kvx_get32(p + 4), ns = kvx_get32(p + 16), rb = kvx_get32(p + 20);
+    uint64_t first = kvx_get64(p + 8);
     if (im->layer >= s->n_layers || layer != im->layer || first != im->pos)
         return kvd_fail(err, -EINVAL, "%s: out of order: layer %u position %llu comes next (the conversation "
                         "has %u layers of %llu tokens)", w, im->layer, (unsigned long long)im->pos, s->n_layers,
@@ -426,10 +404,10 @@ static int import_end(kvd_import *im, const uint8_t *p, size_t n, const char *w,
     uint64_t want = im->c.length * im->c.shape.n_layers;
     if (n != 16)
         return kvd_fail(err, -EINVAL, "%s: %zu bytes, not 16", w, n);
-    if (get64(p) != im->next_index || get64(p + 8) != im->tokens || im->tokens != want)
+    if (kvx_get64(p) != im->next_index || kvx_get64(p + 8) != im->tokens || im->tokens != want)
         return kvd_fail(err, -EINVAL, "%s: the end says %llu sections and %llu tokens; the file had %llu and "
                         "%llu, and the conversation needs %llu (%u layers of %llu)", w,
-                        (unsigned long long)get64(p), (unsigned long long)get64(p + 8),
+                        (unsigned long long)kvx_get64(p), (unsigned long long)kvx_get64(p + 8),
                         (unsigned long long)im->next_index, (unsigned long long)im->tokens,
                         (unsigned long long)want, im->c.shape.n_layers, (unsigned long long)im->c.length);
     im->ended = 1;

@@ -36,6 +36,12 @@ typedef struct kvx_conv {
 } kvx_conv;
 #define KVX_CONV_FIXED 320      /* bytes of a kvx_conv in the payload, before the means */
 
+/* Little-endian fields, as the format stores every integer. */
+void     kvx_put32(uint8_t *p, uint32_t v);
+void     kvx_put64(uint8_t *p, uint64_t v);
+uint32_t kvx_get32(const uint8_t *p);
+uint64_t kvx_get64(const uint8_t *p);
+
 void kvx_preamble_encode(uint8_t out[KVX_PREAMBLE]);
 /* 0, -EINVAL (not an export file: bad magic or preamble CRC) or
  * KVARC_EVERSION (*version newer than KVX_VERSION). */
