@@ -663,6 +663,8 @@ static int h_rerank_layer(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **
     size_t d = info.shape.head_dim, rb = 0, n = req->n_items, total_k = 0, total_sl = 0;
     if (!rc && n > RERANK_LAYER_ITEMS)
         rc = kvd_fail(err, -E2BIG, "RerankLayer of %zu items over the limit of %d", n, RERANK_LAYER_ITEMS);
+    uint64_t llen = 0;
+    int have_len = 0;
     for (size_t i = 0; !rc && i < n; i++) {
         Kvarc__V1__RerankItem *it = req->items[i];
         size_t nsl = it->n_runs ? it->shortlist_len : it->n_shortlist;
@@ -674,6 +676,15 @@ static int h_rerank_layer(rpc_ctx *c, ProtobufCMessage *msg, grpc_byte_buffer **
         for (size_t j = 1; !rc && j < it->n_have; j++)
             if (it->have[j] <= it->have[j - 1])
                 rc = kvd_fail(err, -EINVAL, "item %zu: `have` must ascend", i);
+        if (!rc && it->n_runs && !have_len) {   /* runs must lie inside the layer (before any memory is sized by them) */
+            rc = kvd_layer_length(c->e, req->conv, req->layer, &llen, err);
+            have_len = 1;
+        }
+        for (size_t q = 0; !rc && q + 1 < it->n_runs; q += 2)
+            if (!it->runs[q + 1] || it->runs[q] + it->runs[q + 1] < it->runs[q] || it->runs[q] + it->runs[q + 1] > llen)
+                rc = kvd_fail(err, -ERANGE, "item %zu: run [%llu, +%llu) is empty or reaches past the end of layer %u "
+                              "(%llu tokens)", i, (unsigned long long)it->runs[q], (unsigned long long)it->runs[q + 1],
+                              req->layer, (unsigned long long)llen);
         if (!rc && it->n_runs) {           /* stage 1b here: runs instead of a shortlist */
             size_t nb = 0;
             for (size_t q = 0; q + 1 < it->n_runs; q += 2)

@@ -36,6 +36,8 @@ int kvd_stage1b(kvd_reader *r, uint64_t conv, uint32_t layer, int head_dim, cons
         nt += (size_t)cnt;
         nbt += (size_t)kvg_blocks_of(first, cnt);
     }
+    if (nt > ((size_t)1 << 31))        /* the memory below is sized by it: a layer's runs are never this long */
+        return kvd_fail(err, -E2BIG, "stage 1b over %zu tokens (runs past any layer's end)", nt);
     if (!remap != !!x->run_bias)
         return kvd_fail(err, -EINVAL, "stage 1b takes the runs' block biases in the true-position mode, and only "
                         "there");
