@@ -126,8 +126,7 @@ static int read_token(const char *path, char *tok, size_t len)
     return 0;
 }
 
-/* "ns/name" -> ns, name (pointers into buf). */
-static int split_name(const char *full, char *buf, size_t len, char **ns, char **name)
+int kvarc_split_name(const char *full, char *buf, size_t len, char **ns, char **name)
 {
     snprintf(buf, len, "%s", full ? full : "");
     char *slash = strchr(buf, '/');
@@ -278,7 +277,7 @@ static int cmd_ls(kvc_conn *k, opts *o)
 static int conv_call(kvc_conn *k, opts *o, const char *what, ProtobufCMessage **rep)
 {
     char buf[256], *ns, *name, msg[512];
-    int rc = split_name(o->npos ? o->pos[0] : NULL, buf, sizeof buf, &ns, &name);
+    int rc = kvarc_split_name(o->npos ? o->pos[0] : NULL, buf, sizeof buf, &ns, &name);
     if (rc)
         return rc;
     Kvarc__V1__OpenRequest r = KVARC__V1__OPEN_REQUEST__INIT;
@@ -335,8 +334,8 @@ static int cmd_fork(kvc_conn *k, opts *o, const char *method)
         fprintf(stderr, "kvarc %s: needs SRC_NS/NAME DST_NS/NAME\n", method);
         return 2;
     }
-    int rc = split_name(o->pos[0], b1, sizeof b1, &sns, &sname);
-    if (rc || (rc = split_name(o->pos[1], b2, sizeof b2, &dns, &dname)))
+    int rc = kvarc_split_name(o->pos[0], b1, sizeof b1, &sns, &sname);
+    if (rc || (rc = kvarc_split_name(o->pos[1], b2, sizeof b2, &dns, &dname)))
         return rc;
     Kvarc__V1__ForkRequest r = KVARC__V1__FORK_REQUEST__INIT;
     r.src_ns = sns;
@@ -383,7 +382,7 @@ static int cmd_simple(kvc_conn *k, opts *o, const char *cmd)
     int st;
     if (!strcmp(cmd, "delete")) {
         char buf[256], *ns, *name;
-        int rc = split_name(o->npos ? o->pos[0] : NULL, buf, sizeof buf, &ns, &name);
+        int rc = kvarc_split_name(o->npos ? o->pos[0] : NULL, buf, sizeof buf, &ns, &name);
         if (rc)
             return rc;
         Kvarc__V1__DeleteRequest r = KVARC__V1__DELETE_REQUEST__INIT;

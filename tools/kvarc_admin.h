@@ -9,6 +9,10 @@
  * if cmd is not an admin command. */
 int kvarc_admin(const char *cmd, int argc, char **argv);
 
+/* "NS/NAME" -> ns, name (pointers into buf, len bytes); 2 with a message
+ * on stderr when full is not that. */
+int kvarc_split_name(const char *full, char *buf, size_t len, char **ns, char **name);
+
 /* Report a failed call (status, kvarcd's message) of command `what` to
  * target on stderr; the exit code: 3 when no kvarcd answers, else 1. */
 int kvarc_admin_fail(int status, const char *what, const char *msg, const char *target);

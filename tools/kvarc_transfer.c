@@ -47,20 +47,6 @@ static void progress_end(progress *p)
         fprintf(stderr, "\n");
 }
 
-static int split(const char *full, char *buf, size_t len, char **ns, char **name)
-{
-    snprintf(buf, len, "%s", full ? full : "");
-    char *slash = strchr(buf, '/');
-    if (!slash || slash == buf || !slash[1]) {
-        fprintf(stderr, "kvarc: '%s' is not NAMESPACE/NAME\n", full ? full : "");
-        return 2;
-    }
-    *slash = 0;
-    *ns = buf;
-    *name = slash + 1;
-    return 0;
-}
-
 static int write_all(int fd, const uint8_t *p, size_t n)
 {
     while (n) {
@@ -79,7 +65,7 @@ int kvarc_export(kvc_conn *k, const char *target, const char *conv, const char *
                  int json)
 {
     char buf[256], *ns, *name, tmp[4200];
-    int rc = split(conv, buf, sizeof buf, &ns, &name);
+    int rc = kvarc_split_name(conv, buf, sizeof buf, &ns, &name);
     if (rc)
         return rc;
     struct stat st;
@@ -161,7 +147,7 @@ int kvarc_export(kvc_conn *k, const char *target, const char *conv, const char *
 int kvarc_import(kvc_conn *k, const char *target, const char *file, const char *conv, int json)
 {
     char buf[256], *ns, *name;
-    int rc = split(conv, buf, sizeof buf, &ns, &name);
+    int rc = kvarc_split_name(conv, buf, sizeof buf, &ns, &name);
     if (rc)
         return rc;
     int fd = open(file, O_RDONLY | O_CLOEXEC);
