@@ -121,7 +121,8 @@ static int read_block(int fd, uint64_t off, const kvarc_block_header *h, uint8_t
 static int resync(int fd, uint64_t from, uint64_t end, uint64_t *next, uint8_t **buf, size_t *cap)
 {
     enum { WIN = 1 << 20 };
-    uint8_t *w = malloc(WIN + KVARC_BLOCK_HEADER);
+    size_t wcap = end - from < WIN + KVARC_BLOCK_HEADER ? (size_t)(end - from) : WIN + KVARC_BLOCK_HEADER;
+    uint8_t *w = malloc(wcap ? wcap : 1);     /* a small file needs no 1 MiB window */
     if (!w)
         return -ENOMEM;
     const uint8_t magic[4] = { KVARC_BLOCK_MAGIC & 0xff, (KVARC_BLOCK_MAGIC >> 8) & 0xff,
@@ -133,7 +134,13 @@ static int resync(int fd, uint64_t from, uint64_t end, uint64_t *next, uint8_t *
         if ((rc = seg_pread_full(fd, w, n, base)))
             break;
         for (size_t i = 0; i + KVARC_BLOCK_HEADER <= n && i < WIN; i++) {
-            if (memcmp(w + i, magic, 4))
+            const uint8_t *m = memchr(w + i, magic[0], n - KVARC_BLOCK_HEADER + 1 - i);
+            if (!m)
+                break;
+            i = (size_t)(m - w);
+            if (i >= WIN)
+                break;
+            if (memcmp(m, magic, 4))
                 continue;
             kvarc_block_header h;
             const char *what;
