@@ -54,7 +54,11 @@
  *                   magnitude 2^59 or more (its square would overflow fp32)
  *   KVARC_ECORRUPT  kvarcd found damaged data (a checksum or structure)
  *   KVARC_EVERSION  attach: a conversation this libkvarc cannot serve
- * kvarcd's KVARC_ESHAPE and KVARC_ECORRUPT arrive as themselves, its other
+ *   KVARC_ELOCKED   an append (sync), fork onto or delete of a conversation
+ *                   another kvarcd on the same Ceph pool is writing (its
+ *                   writer lock; the message names it): retry once it is
+ *                   released or lapses (kvarcd --rados-lock-s)
+ * kvarcd's KVARC_ESHAPE, KVARC_ECORRUPT and KVARC_ELOCKED arrive as themselves, its other
  * KVARC_E* codes as -EINVAL (the message keeps the name). Each function
  * below lists what it can return.
  *

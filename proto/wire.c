@@ -69,7 +69,9 @@ grpc_status_code kw_status_of(int rc)
     case KVARC_EDTYPE:
     case KVARC_ENONFINITE: return GRPC_STATUS_INVALID_ARGUMENT;
     case -EBUSY:
+    case -ETIMEDOUT:       /* the Ceph cluster did not answer in time */
     case -ECANCELED:       return GRPC_STATUS_UNAVAILABLE;
+    case KVARC_ELOCKED:    return GRPC_STATUS_ABORTED;
     case -EACCES:          return GRPC_STATUS_PERMISSION_DENIED;
     case -ENOSYS:          return GRPC_STATUS_UNIMPLEMENTED;
     default:               return GRPC_STATUS_INTERNAL;
@@ -86,6 +88,7 @@ int kw_rc_of(int status)
     case GRPC_STATUS_INVALID_ARGUMENT:    return -EINVAL;
     case GRPC_STATUS_RESOURCE_EXHAUSTED:  return -ENOSPC;
     case GRPC_STATUS_DATA_LOSS:           return KVARC_ECORRUPT;
+    case GRPC_STATUS_ABORTED:             return KVARC_ELOCKED;
     case GRPC_STATUS_PERMISSION_DENIED:
     case GRPC_STATUS_UNAUTHENTICATED:     return -EACCES;
     case GRPC_STATUS_UNAVAILABLE:

@@ -37,6 +37,7 @@ extern "C" {
 #define KVARC_ENONFINITE    (-1005) /* NaN or Inf in K, V or a query */
 #define KVARC_ECORRUPT      (-1006) /* checksum or structure mismatch */
 #define KVARC_ESHAPE        (-1007) /* shape differs from the bound shape */
+#define KVARC_ELOCKED       (-1008) /* another kvarcd holds the conversation's writer lock */
 #define KVARC_ERR_LAST      (-1099)
 
 /* Static string for any code this project returns (0, -errno or kvarc's). */

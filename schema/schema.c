@@ -21,6 +21,7 @@ const char *kvarc_strerror(int err)
     case KVARC_ENONFINITE: return "NaN or Inf in input vector";
     case KVARC_ECORRUPT:   return "data corrupt: checksum or structure mismatch";
     case KVARC_ESHAPE:     return "shape mismatch";
+    case KVARC_ELOCKED:    return "written by another kvarcd (its writer lock is held)";
     default: break;
     }
     if (err < 0 && err > KVARC_ERR_FIRST)

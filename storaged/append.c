@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "kvd_internal.h"
 
 /* ---- append ------------------------------------------------------------- */
@@ -142,7 +143,9 @@ int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, 
                  kvd_err *err)
 {
     conv_rec info;      /* one lookup: the commit re-validates under its txn */
-    int rc = conv_lookup(e, conv, &info, err), first = 0;
+    int rc = e->cluster ? clu_writer_begin(e, conv, err) : 0, first = 0;
+    if (!rc)
+        rc = conv_lookup(e, conv, &info, err);
     for (size_t i = 0; i < n; i++)
         rcs[i] = rc;
     if (rc || n == 0)

@@ -52,17 +52,17 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "kvd_internal.h"
 
 /* ---- group commit ------------------------------------------------------ */
 
-#define GC_BATCH 64     /* items per batch: one pwritev of at most 64 blocks */
 
 static void gc_run_batch(kvd_engine *e, kvd_item *batch)
 {
     MDB_txn *txn = NULL;
     int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn));
-    struct iovec iov[GC_BATCH];
+    struct iovec iov[GC_BATCH_MAX];
     int niov = 0, new_fd = -1;
     uint64_t new_id = 0;
     kvd_item *it;
@@ -105,7 +105,7 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             kvd_fail(&it->err, it->rc, "index update failed: %s", kvarc_strerror(it->rc));
             continue;
         }
-        assert(it->h.seq > last_seq && niov < GC_BATCH);   /* replay order = the batch's order */
+        assert(it->h.seq > last_seq && niov < GC_BATCH_MAX);   /* replay order = the batch's order */
         last_seq = it->h.seq;
         (void)last_seq;
         kvarc_block_header_encode(&it->h, it->block);
@@ -113,6 +113,14 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
         iov[niov].iov_len = it->bytes;
         niov++;
         off += it->bytes;
+    }
+    kvd_err cerr = { 0, "" };
+    int logged = 0;
+    if (!rc && niov && e->cluster) {    /* the cluster's log first: Ceph's answer is the durability point */
+        logged = 1;
+        rc = clu_log_batch(e, txn, batch, &cerr);
+        if (rc && !cerr.code)
+            kvd_fail(&cerr, rc, "append not stored: the cluster refused it: %s", kvarc_strerror(rc));
     }
     if (!rc && niov) {
         stage = "write the segment";
@@ -154,13 +162,20 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
             close(new_fd);
             unlink(p);
         }
+        if (logged)
+            clu_batch_failed(e, batch);
         for (it = batch; it; it = it->next)
-            if (!it->rc) {
+            if (!it->rc && cerr.code) {
+                it->rc = rc;
+                it->err = cerr;
+            } else if (!it->rc) {
                 it->rc = rc;
                 kvd_fail(&it->err, rc, "append not stored: could not %s in %s: %s (nothing of it "
                          "was kept; retry once the cause is fixed)", stage, e->dir, kvarc_strerror(rc));
             }
     } else {
+        if (logged)
+            clu_batch_done(e, batch);
         assert(off >= tail && (niov > 0) == (off > tail));
         pthread_mutex_lock(&e->seg_mu);
         if (new_fd >= 0) {
@@ -218,9 +233,9 @@ void gc_submit_n(kvd_engine *e, kvd_item *const *its, size_t n)
                 pthread_cond_wait(&e->gc_cv, &e->gc_mu);
                 continue;
             }
-            /* lead one batch: at most GC_BATCH items from the head of the queue */
+            /* lead one batch: at most GC_BATCH_MAX items from the head of the queue */
             kvd_item *batch = e->q_head, *last = batch;
-            for (int k = 1; k < GC_BATCH && last->next; k++)
+            for (int k = 1; k < GC_BATCH_MAX && last->next; k++)
                 last = last->next;
             e->q_head = last->next;
             if (!e->q_head)

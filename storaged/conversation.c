@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "kvd_internal.h"
 
 /* ---- conversations ----------------------------------------------------- */
@@ -78,6 +79,7 @@ typedef struct create_arg {
     conv_rec rec;
     const float *means;
     uint64_t parent_len_needed;     /* forks: parent must still have this many tokens */
+    uint64_t id;                    /* the cluster's id for it (cluster.c); 0: the index's next */
 } create_arg;
 
 static int prepare_create(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t seg, uint64_t off)
@@ -100,7 +102,7 @@ static int prepare_create(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t se
             return kvd_fail(&it->err, -ERANGE, "fork at %llu past the source's length %llu",
                             (unsigned long long)a->rec.fork_len, (unsigned long long)pi.length);
     }
-    int rc = meta_next(e, txn, "next_conv", &id);
+    int rc = a->id ? meta_at_least(e, txn, "next_conv", (id = a->id) + 1) : meta_next(e, txn, "next_conv", &id);
     if (rc)
         return rc;
     it->h.conv = id;
@@ -132,6 +134,9 @@ static int create_block(kvd_engine *e, create_arg *a, kvd_conv_info *info, kvd_e
 {
     size_t nm = means_floats(&a->rec.shape);
     size_t payload = (sizeof(conv_rec) + nm * sizeof(float) + 7) / 8 * 8;
+    int rc;
+    if (e->cluster && (rc = clu_create_begin(e, a->rec.ns, a->rec.name, &a->id, err)))
+        return rc;
     kvd_item it;
     memset(&it, 0, sizeof it);
     it.bytes = KVARC_BLOCK_HEADER + payload;
@@ -153,7 +158,9 @@ static int create_block(kvd_engine *e, create_arg *a, kvd_conv_info *info, kvd_e
     it.h.payload_crc = kvarc_crc32c(0, p, payload);
     it.prepare = prepare_create;
     it.arg = a;
-    int rc = gc_submit(e, &it, err);
+    rc = gc_submit(e, &it, err);
+    if (rc && e->cluster)
+        clu_create_undo(e, a->rec.ns, a->rec.name, a->id);
     if (!rc && info) {
         MDB_txn *txn;
         conv_rec c;
@@ -293,6 +300,8 @@ int kvd_conv_open(kvd_engine *e, const char *ns, const char *name, const kvd_sha
         return rc;
     if (!info)
         info = &tmp;
+    if (e->cluster && (rc = clu_sync_name(e, ns, name, err)))
+        return rc;
     if ((rc = lookup_info(e, ns, name, info, err)))
         return rc;
     return expect ? shape_diff(ns, name, &info->shape, expect, err) : 0;
@@ -340,7 +349,10 @@ long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_in
     char buf[KVD_NS_MAX + KVD_NAME_MAX];
     if (ns && !kvd_name_valid(ns, KVD_NS_MAX))
         return names_check(ns, "x", err);
-    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    int rc;
+    if (e->cluster && (!after || !after[0]) && (rc = clu_sync_all(e, ns, err)))   /* a listing's first page */
+        return rc;
+    rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
     if (rc)
         return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
     if ((rc = kvd_mdb_err(mdb_cursor_open(txn, e->names, &cur)))) {
@@ -434,7 +446,13 @@ int kvd_conv_delete(kvd_engine *e, const char *ns, const char *name, kvd_err *er
     it.h.payload_crc = kvarc_crc32c(0, "", 0);
     it.prepare = prepare_delete;
     it.arg = &a;
-    return gc_submit(e, &it, err);
+    if (e->cluster && (rc = clu_writer_begin(e, info.id, err)))
+        return rc;
+    if ((rc = gc_submit(e, &it, err)))
+        return rc;
+    if (e->cluster)
+        clu_name_release(e, ns, name, info.id);
+    return 0;
 }
 
 int kvd_conv_fork(kvd_engine *e, const char *src_ns, const char *src_name, uint64_t at_len,

@@ -29,6 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "kvd_internal.h"
 
 int kvd_fail(kvd_err *err, int code, const char *fmt, ...)
@@ -413,6 +414,8 @@ static int engine_open(const kvd_options *opt, int check_only, kvd_engine **out,
     txn = NULL;
     if (rc || (rc = check_only ? load_segments(e, err) : recover(e, err)))
         goto fail;
+    if (!check_only && opt->cluster && (rc = clu_open(e, opt->cluster, err)))
+        goto fail;
     *out = e;
     return 0;
 fail:
@@ -428,6 +431,7 @@ void kvd_close(kvd_engine *e)
 {
     if (!e)
         return;
+    clu_close(e);       /* its writer locks released first */
     for (size_t i = 0; i < e->nseg; i++)
         if (e->segtab[i].fd >= 0) {
             if (e->segtab[i].state == SEG_DEAD) {

@@ -109,7 +109,9 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: kvarcd [--data DIR] [--threads N] [--rerank-threads N] [--grace-ms MS] [--segment-mb N]\n"
                "              [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]\n"
-               "              [--metrics-listen HOST:PORT] [--version] [--help]\n"
+               "              [--metrics-listen HOST:PORT] [--rados-pool POOL [--rados-conf FILE]\n"
+               "              [--rados-user ID] [--rados-keyring FILE] [--rados-lock-s S] [--rados-timeout-s S]\n"
+               "              [--rados-object-mb N] [--node NAME]] [--version] [--help]\n"
                "  --data DIR         data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
                "  --threads N        completion-queue worker threads (1..64; default: twice the cores,\n"
                "                     at least 8)\n"
@@ -127,6 +129,18 @@ static void usage(FILE *f)
                "                     serve Prometheus metrics on http://HOST:PORT/metrics and\n"
                "                     liveness on /health (off by default; no TLS, no tokens: bind\n"
                "                     it to loopback or a private network; port 0 picks one)\n"
+               "  --rados-pool POOL  keep conversations in this Ceph RADOS pool (the data directory\n"
+               "                     becomes a cache of it): any kvarcd on the pool serves any of\n"
+               "                     them, one kvarcd at a time appends to each (a writer lock)\n"
+               "  --rados-conf FILE  ceph.conf (default: librados's search, /etc/ceph/ceph.conf)\n"
+               "  --rados-user ID    cephx user without 'client.' (default: admin)\n"
+               "  --rados-keyring FILE  its keyring (default: what ceph.conf says)\n"
+               "  --rados-lock-s S   writer lock duration: a killed kvarcd's conversations can be\n"
+               "                     taken over S seconds after its last renewal (1..3600; default 30)\n"
+               "  --rados-timeout-s S  how long a Ceph operation may take before the call fails\n"
+               "                     UNAVAILABLE (1..3600; default 30)\n"
+               "  --rados-object-mb N  start a new data object past N MiB (1..90; default 64)\n"
+               "  --node NAME        this kvarcd's name in writer locks (default: the host name)\n"
                "SIGHUP reads the token file again (a file that does not load keeps the tokens in force).\n"
                "Always listens on DIR/kvarcd.sock (mode 0600) for local callers.\n");
 }
@@ -146,6 +160,8 @@ int main(int argc, char **argv)
     int grace = 5000;
     long segment_mb = 256;
     const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL, *metrics_listen = NULL;
+    kvd_cluster_options copt = { 0 };
+    long lock_s = 30, timeout_s = 30, object_mb = 64;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--data") && i + 1 < argc) {
             dir = argv[++i];
@@ -173,6 +189,28 @@ int main(int argc, char **argv)
             tls_key = argv[++i];
         } else if (!strcmp(argv[i], "--metrics-listen") && i + 1 < argc) {
             metrics_listen = argv[++i];
+        } else if (!strcmp(argv[i], "--rados-pool") && i + 1 < argc) {
+            copt.pool = argv[++i];
+        } else if (!strcmp(argv[i], "--rados-conf") && i + 1 < argc) {
+            copt.conf = argv[++i];
+        } else if (!strcmp(argv[i], "--rados-user") && i + 1 < argc) {
+            copt.user = argv[++i];
+        } else if (!strcmp(argv[i], "--rados-keyring") && i + 1 < argc) {
+            copt.keyring = argv[++i];
+        } else if (!strcmp(argv[i], "--node") && i + 1 < argc) {
+            copt.node = argv[++i];
+        } else if ((!strcmp(argv[i], "--rados-lock-s") || !strcmp(argv[i], "--rados-timeout-s") ||
+                    !strcmp(argv[i], "--rados-object-mb")) && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[i + 1], &end, 10);
+            long max = !strcmp(argv[i], "--rados-object-mb") ? 90 : 3600;
+            if (*end || end == argv[i + 1] || v < 1 || v > max) {
+                fprintf(stderr, "kvarcd: %s must be a number in 1..%ld\n", argv[i], max);
+                return 2;
+            }
+            *(!strcmp(argv[i], "--rados-lock-s") ? &lock_s : !strcmp(argv[i], "--rados-timeout-s") ? &timeout_s
+                                                                                                  : &object_mb) = v;
+            i++;
         } else if (!strcmp(argv[i], "--version")) {
             printf("kvarcd %s (git %s)\n", KVARCD_VERSION, KVARC_GIT_REVISION);
             return 0;
@@ -243,7 +281,15 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    kvd_options o = { .dir = dir, .segment_bytes = (uint64_t)segment_mb << 20 };
+    if (!copt.pool && (copt.conf || copt.user || copt.keyring || copt.node)) {
+        fprintf(stderr, "kvarcd: --rados-conf, --rados-user, --rados-keyring and --node apply to the RADOS "
+                        "backend: add --rados-pool POOL\n");
+        return 2;
+    }
+    copt.lock_seconds = (unsigned)lock_s;
+    copt.op_timeout = (unsigned)timeout_s;
+    copt.object_bytes = (uint64_t)object_mb << 20;
+    kvd_options o = { .dir = dir, .segment_bytes = (uint64_t)segment_mb << 20, .cluster = copt.pool ? &copt : NULL };
     kvd_engine *e;
     kvd_err err = { 0, "" };
     int rc = 1, tcp_port = 0;

@@ -46,10 +46,24 @@ typedef struct kvd_err {
                            where a long path could push it past the end) */
 } kvd_err;
 
+/* The RADOS backend (cluster.c): the pool is the record, the data
+ * directory a cache of it. */
+typedef struct kvd_cluster_options {
+    const char *pool;           /* required */
+    const char *conf;           /* ceph.conf; NULL: librados's default search */
+    const char *user;           /* cephx id without "client."; NULL: "admin" */
+    const char *keyring;        /* NULL: what conf says */
+    unsigned    lock_seconds;   /* writer lock duration; 0 = 30 */
+    unsigned    op_timeout;     /* rados_osd_op_timeout and rados_mon_op_timeout, s; 0 = 30 */
+    uint64_t    object_bytes;   /* start a new data object past this; 0 = 64 MiB */
+    const char *node;           /* this kvarcd's name in lock descriptions; NULL: the host name */
+} kvd_cluster_options;
+
 typedef struct kvd_options {
     const char *dir;            /* data directory, created if missing */
     size_t      map_size;       /* LMDB map size; 0 = 64 GiB */
     uint64_t    segment_bytes;  /* seal a segment past this size; 0 = 256 MiB */
+    const kvd_cluster_options *cluster;  /* NULL: the local backend */
 } kvd_options;
 
 #define KVD_NS_MAX    64        /* namespace, bytes incl. NUL */

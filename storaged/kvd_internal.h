@@ -74,6 +74,7 @@ struct kvd_item {
      * h.conv; 0 or an error code with item->err filled */
     int     (*prepare)(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t seg, uint64_t off);
     void     *arg;
+    int       ingest;       /* a block of the cluster's log replayed into the cache (cluster.c) */
     int       rc, done;
     kvd_err   err;
     kvd_item *next;
@@ -107,6 +108,7 @@ struct kvd_engine {
     uint64_t n_rolled_forward;  /* blocks recovery replayed into the index at open */
     uint64_t n_recovery_damaged; /* damaged ranges recovery kept (valid blocks after them) */
     int      check_only;        /* kvd_open_check: read-only, no recovery */
+    struct kvd_cluster *cluster; /* the RADOS backend (cluster.c); NULL: local only */
 };
 
 /* Fill err (if non-NULL) with code and a formatted message; returns code. */
@@ -122,6 +124,8 @@ int      seg_pin(kvd_engine *e, uint64_t id);
 void     seg_unpin(kvd_engine *e, uint64_t id);
 /* Close and unlink a DEAD segment nobody pins (seg_mu held). */
 void     seg_retire_locked(kvd_engine *e, kvd_seg *s);
+
+#define GC_BATCH_MAX 64  /* items per group-commit batch: one pwritev of at most 64 blocks */
 
 /* Submit an item to the group commit and wait until it is durable. */
 int  gc_submit(kvd_engine *e, kvd_item *it, kvd_err *err);

@@ -1,0 +1,1079 @@
+/* cluster.c - the RADOS backend: conversations' logs in a Ceph pool
+ * (issue 19), the data directory a cache of them.
+ *
+ * Design notes
+ *
+ * A kvarcd started with --rados-pool keeps everything it has always kept
+ * (LMDB index, segment files, read through io_uring), but as a cache: the
+ * record is the pool, and any kvarcd on any host using the same pool
+ * serves any conversation in it. Replication, placement, recovery and
+ * atomic per-object operations are Ceph's; kvarc adds no consensus.
+ *
+ * Objects in the pool (names are ASCII; ids 16 hex digits):
+ *   kvarc.ids                 xattr "next": the next conversation id,
+ *                             taken by a cmpxattr/setxattr loop
+ *   kvarc.name.NS/NAME        xattr "id": the conversation the name is
+ *                             bound to; made by an exclusive create
+ *   kvarc.conv.ID             the head: the writer lock ("writer",
+ *                             exclusive, with a duration) and the log in
+ *                             omap: key SEQ (16 hex, from 1, no gaps) ->
+ *                             log_ext (a data object's epoch and number,
+ *                             offset, bytes): one batch of blocks
+ *   kvarc.data.ID.EPOCH.N     block bytes exactly as a segment file holds
+ *                             them (self-describing, CRC'd); written only
+ *                             by the writer of that epoch (one per lock
+ *                             taking), N from 0, a new N past object_bytes
+ *
+ * Append (commit.c's batch -> clu_log_batch, after the index prepare and
+ * before the local write): a conversation's blocks of the batch are
+ * written to its epoch's data object (Ceph answers when every replica has
+ * them), then ONE operation on the head, {assert_locked(writer),
+ * omap_set(SEQ -> extent)}, makes them part of the log. So a block is in
+ * the log only once it is durable, and only while this kvarcd holds the
+ * lock: a writer whose lock lapsed is fenced out by the assert, and its
+ * data bytes are never referenced. Then the local commit; the client hears
+ * of success after both. A batch that fails after some logs advanced
+ * marks those conversations stale: they are synced before their next use,
+ * and a retried append finds its positions held (as after a crash between
+ * a local segment's fdatasync and its index commit).
+ *
+ * Writer lock (clu_writer_begin): rados_lock_exclusive with a duration.
+ * Taking it: lock, then sync the log to its end (no one else can extend
+ * it now), then a new random epoch. Refused (another holder): KVARC_ELOCKED
+ * with the holder's description (its node name, pid) and address. A
+ * thread renews every lock used within the last duration, every
+ * duration/3, with MUST_RENEW (a lapsed lock is never silently retaken: it
+ * is taken again only through a sync), and releases the others: a kvarcd
+ * that stopped writing a conversation lets another take it within one
+ * duration and a third; a killed one within one duration.
+ *
+ * Sync (clu_sync_id): the head's omap entries after the cache's watermark
+ * (the last SEQ it holds: the index's meta counter "clog.ID", advanced in
+ * the same transaction as the writer's own commits, and after each
+ * replayed batch), each extent read and its blocks checked (header and
+ * payload CRCs: a damaged block stops the sync with KVARC_ECORRUPT, nothing
+ * wrong is served) and replayed into the cache through the group commit
+ * (prepare_ingest: replay.c's replay_block, idempotent). A fork's parent
+ * is synced after the fork. Readers sync a conversation when it is opened
+ * by name (kvd_conv_open: attach, Open, Stat by name, fork's source);
+ * what another host appends afterwards is seen at the next open.
+ *
+ * Names: create = an id from kvarc.ids, an exclusive create of the name
+ * object, the new head's lock, then the CONV_CREATE block logged like any
+ * other. A name bound to a conversation whose log is deleted (or was never
+ * written: a create that died) is rebound with a cmpxattr on the old id.
+ * Delete = the CONV_DELETE block logged, then the name object removed.
+ *
+ * Not done yet (issue 19's note): garbage collection of the data objects
+ * of deleted conversations and lapsed epochs; a bound on the cache (each
+ * conversation opened here is held whole in the data directory).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <rados/librados.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cluster.h"
+
+#define LOCK_NAME "writer"
+
+typedef struct cconv cconv;
+struct cconv {
+    uint64_t id;
+    pthread_mutex_t wmu;    /* one sync or lock taking of this conversation at a time */
+    /* under kvd_cluster.mu: */
+    uint64_t seq;           /* the last log entry the cache holds */
+    uint64_t log_seq;       /* the last entry known to be in the log (>= seq) */
+    uint64_t pending;       /* log_seq after this batch, the cache's once it commits */
+    int      loaded;        /* seq read from the index */
+    int      locked;        /* this kvarcd holds the writer lock */
+    int      stale;         /* a failed batch may have left log entries the cache lacks */
+    uint64_t epoch, obj_n, obj_off;   /* where this writer's next bytes go */
+    int64_t  last_write_ns; /* the last writer_begin */
+    cconv   *next;
+};
+
+typedef struct kvd_cluster kvd_cluster;
+struct kvd_cluster {
+    rados_t       rados;
+    rados_ioctx_t io;
+    char          cookie[96], desc[160];
+    unsigned      lock_s;
+    uint64_t      object_bytes;
+    pthread_mutex_t mu;     /* the table below and every cconv's fields marked so */
+    cconv        *tab[256];
+    pthread_t     renewer;
+    pthread_cond_t cv;
+    int           stop, have_renewer;
+};
+
+typedef struct log_ext {    /* an omap value, little-endian */
+    uint64_t epoch, n, off, bytes;
+} log_ext;
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void head_oid(char *b, size_t n, uint64_t id)
+{
+    snprintf(b, n, "kvarc.conv.%016" PRIx64, id);
+}
+
+static void data_oid(char *b, size_t n, uint64_t id, uint64_t epoch, uint64_t k)
+{
+    snprintf(b, n, "kvarc.data.%016" PRIx64 ".%016" PRIx64 ".%" PRIu64, id, epoch, k);
+}
+
+static void name_oid(char *b, size_t n, const char *ns, const char *name)
+{
+    snprintf(b, n, "kvarc.name.%s/%s", ns, name);
+}
+
+/* A RADOS error in err: what, on which object, and the pool. */
+static int rfail(kvd_engine *e, kvd_err *err, int rc, const char *what, const char *oid)
+{
+    (void)e;
+    if (rc == -ETIMEDOUT)
+        return kvd_fail(err, rc, "the Ceph cluster did not answer in time: %s (%s)", what, oid);
+    return kvd_fail(err, rc < 0 ? rc : -EIO, "Ceph: %s (%s): %s", what, oid, strerror(rc < 0 ? -rc : EIO));
+}
+
+/* ---- the table of conversations this kvarcd has touched ----------------- */
+
+static cconv *cconv_get(kvd_engine *e, uint64_t id)
+{
+    kvd_cluster *c = e->cluster;
+    pthread_mutex_lock(&c->mu);
+    cconv **slot = &c->tab[id & 255], *x;
+    for (x = *slot; x && x->id != id; x = x->next)
+        ;
+    if (!x && (x = calloc(1, sizeof *x))) {
+        x->id = id;
+        pthread_mutex_init(&x->wmu, NULL);
+        x->next = *slot;
+        *slot = x;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (x && !x->loaded) {     /* the watermark the cache has (0: none) */
+        char name[40];
+        uint64_t seq = 0;
+        MDB_txn *txn;
+        snprintf(name, sizeof name, "clog.%016" PRIx64, id);
+        if (mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn) == 0) {
+            (void)meta_get(e, txn, name, 0, &seq);
+            mdb_txn_abort(txn);
+        }
+        pthread_mutex_lock(&c->mu);
+        if (!x->loaded) {
+            x->seq = x->log_seq = seq;
+            x->loaded = 1;
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+    return x;
+}
+
+static int watermark_put(kvd_engine *e, MDB_txn *txn, uint64_t id, uint64_t seq)
+{
+    char name[40];
+    snprintf(name, sizeof name, "clog.%016" PRIx64, id);
+    return meta_put(e, txn, name, seq);
+}
+
+/* ---- connection ------------------------------------------------------------- */
+
+static void *renew_main(void *arg);
+
+int clu_open(kvd_engine *e, const kvd_cluster_options *o, kvd_err *err)
+{
+    if (!o->pool || !o->pool[0])
+        return kvd_fail(err, -EINVAL, "--rados-pool: no pool named");
+    kvd_cluster *c = calloc(1, sizeof *c);
+    if (!c)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    c->lock_s = o->lock_seconds ? o->lock_seconds : 30;
+    c->object_bytes = o->object_bytes ? o->object_bytes : 64u << 20;
+    unsigned tmo = o->op_timeout ? o->op_timeout : 30;
+    char host[64] = "", tbuf[16];
+    if (o->node && o->node[0])
+        snprintf(host, sizeof host, "%s", o->node);
+    else if (gethostname(host, sizeof host - 1))
+        snprintf(host, sizeof host, "unknown-host");
+    uint64_t rnd = 0;
+    if (getrandom(&rnd, sizeof rnd, 0) != sizeof rnd)
+        rnd = (uint64_t)now_ns() ^ (uint64_t)getpid() << 32;
+    snprintf(c->cookie, sizeof c->cookie, "%.40s.%d.%016" PRIx64, host, (int)getpid(), rnd);
+    snprintf(c->desc, sizeof c->desc, "kvarcd on %.60s, pid %d", host, (int)getpid());
+    snprintf(tbuf, sizeof tbuf, "%u", tmo);
+    int rc = rados_create(&c->rados, o->user && o->user[0] ? o->user : NULL);
+    const char *stage = "create a client";
+    if (!rc) {
+        stage = "read the configuration";
+        rc = rados_conf_read_file(c->rados, o->conf && o->conf[0] ? o->conf : NULL);
+    }
+    if (!rc && o->keyring && o->keyring[0]) {
+        stage = "set the keyring";
+        rc = rados_conf_set(c->rados, "keyring", o->keyring);
+    }
+    if (!rc) {          /* a client waits forever by default */
+        stage = "set the timeouts";
+        rc = rados_conf_set(c->rados, "rados_osd_op_timeout", tbuf);
+        if (!rc)
+            rc = rados_conf_set(c->rados, "rados_mon_op_timeout", tbuf);
+        if (!rc)
+            rc = rados_conf_set(c->rados, "client_mount_timeout", tbuf);
+    }
+    if (!rc) {
+        stage = "connect";
+        rc = rados_connect(c->rados);
+    }
+    if (!rc) {
+        stage = "open the pool";
+        rc = rados_ioctx_create(c->rados, o->pool, &c->io);
+    }
+    if (rc) {
+        kvd_fail(err, rc, "Ceph: cannot %s (pool '%s', conf %s, user %s): %s", stage, o->pool,
+                 o->conf ? o->conf : "(default)", o->user ? o->user : "admin", strerror(-rc));
+        if (c->rados)
+            rados_shutdown(c->rados);
+        free(c);
+        return rc;
+    }
+    e->cluster = c;
+    if (pthread_create(&c->renewer, NULL, renew_main, e) == 0)
+        c->have_renewer = 1;
+    else {
+        clu_close(e);
+        return kvd_fail(err, -EAGAIN, "cannot start the lock renewal thread");
+    }
+    return 0;
+}
+
+void clu_close(kvd_engine *e)
+{
+    kvd_cluster *c = e->cluster;
+    if (!c)
+        return;
+    if (c->have_renewer) {
+        pthread_mutex_lock(&c->mu);
+        c->stop = 1;
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+        pthread_join(c->renewer, NULL);
+    }
+    for (int b = 0; b < 256; b++)
+        for (cconv *x = c->tab[b], *n; x; x = n) {
+            n = x->next;
+            if (x->locked) {
+                char oid[64];
+                head_oid(oid, sizeof oid, x->id);
+                rados_unlock(c->io, oid, LOCK_NAME, c->cookie);
+            }
+            pthread_mutex_destroy(&x->wmu);
+            free(x);
+        }
+    rados_ioctx_destroy(c->io);
+    rados_shutdown(c->rados);
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv);
+    free(c);
+    e->cluster = NULL;
+}
+
+/* Renew the locks in use, release the idle ones, every lock_s / 3. */
+static void *renew_main(void *arg)
+{
+    kvd_engine *e = arg;
+    kvd_cluster *c = e->cluster;
+    int64_t period = (int64_t)c->lock_s * 1000000000 / 3;
+    pthread_mutex_lock(&c->mu);
+    while (!c->stop) {
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        int64_t t = (int64_t)dl.tv_sec * 1000000000 + dl.tv_nsec + period;
+        dl.tv_sec = t / 1000000000;
+        dl.tv_nsec = t % 1000000000;
+        pthread_cond_timedwait(&c->cv, &c->mu, &dl);
+        if (c->stop)
+            break;
+        for (int b = 0; b < 256; b++)
+            for (cconv *x = c->tab[b]; x; x = x->next) {
+                if (!x->locked)
+                    continue;
+                int idle = now_ns() - x->last_write_ns > (int64_t)c->lock_s * 1000000000;
+                uint64_t id = x->id;
+                pthread_mutex_unlock(&c->mu);
+                /* no sync or lock taking of it runs meanwhile; skip it if one does */
+                if (pthread_mutex_trylock(&x->wmu) == 0) {
+                    char oid[64];
+                    head_oid(oid, sizeof oid, id);
+                    struct timeval d = { (time_t)c->lock_s, 0 };
+                    int r = idle ? rados_unlock(c->io, oid, LOCK_NAME, c->cookie)
+                                 : rados_lock_exclusive(c->io, oid, LOCK_NAME, c->cookie, c->desc, &d,
+                                                        LIBRADOS_LOCK_FLAG_MUST_RENEW);
+                    pthread_mutex_lock(&c->mu);
+                    if (idle || (r < 0 && r != -EEXIST))
+                        x->locked = 0;      /* released, or lapsed: taken again only by a sync */
+                    pthread_mutex_unlock(&c->mu);
+                    pthread_mutex_unlock(&x->wmu);
+                }
+                pthread_mutex_lock(&c->mu);
+            }
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+/* ---- sync: the log into the cache ------------------------------------------ */
+
+static int prepare_ingest(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t seg, uint64_t off)
+{
+    int rc = replay_block(e, txn, &it->h, it->block, seg, off, &it->err);
+    if (rc == 1)
+        return 0;
+    if (rc == 0) {              /* the cache has it already: nothing to write */
+        kvd_fail(&it->err, -EALREADY, "already in the cache");
+        return -EALREADY;
+    }
+    return rc;
+}
+
+/* Replay the blocks of buf (one log extent of conversation id) into the cache. */
+static int ingest_extent(kvd_engine *e, uint64_t id, uint64_t seq, uint8_t *buf, size_t n, kvd_err *err)
+{
+    size_t cap = 16, cnt = 0;
+    kvd_item *items = calloc(cap, sizeof *items);
+    int rc = 0;
+    for (size_t p = 0; p < n && !rc;) {
+        kvarc_block_header h;
+        const char *what = "a block header";
+        if (n - p < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, &h) ||
+            h.payload_bytes > n - p - KVARC_BLOCK_HEADER ||
+            block_check_payload(&h, buf + p, &what, NULL)) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s log entry %" PRIu64
+                          " is damaged at byte %zu of %zu: %s fails its check", id, seq, p, n, what);
+            break;
+        }
+        if ((h.kind == KVARC_BLOCK_DATA || h.kind == KVARC_BLOCK_CONV_DELETE || h.kind == KVARC_BLOCK_CONV_CREATE) &&
+            h.conv != id) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s log entry %" PRIu64
+                          " holds a block of conversation %" PRIu64, id, seq, (uint64_t)h.conv);
+            break;
+        }
+        if (cnt == cap) {
+            kvd_item *m = realloc(items, 2 * cap * sizeof *items);
+            if (!m) {
+                rc = kvd_fail(err, -ENOMEM, "out of memory");
+                break;
+            }
+            items = m;
+            cap *= 2;
+        }
+        memset(&items[cnt], 0, sizeof items[cnt]);
+        items[cnt].h = h;
+        items[cnt].block = buf + p;
+        items[cnt].bytes = KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
+        items[cnt].prepare = prepare_ingest;
+        items[cnt].ingest = 1;
+        cnt++;
+        p += KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
+    }
+    if (!rc && cnt) {
+        kvd_item **q = malloc(cnt * sizeof *q);
+        if (!q)
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+        for (size_t i = 0; q && i < cnt; i++)
+            q[i] = &items[i];
+        if (q)
+            gc_submit_n(e, q, cnt);
+        free(q);
+        for (size_t i = 0; !rc && i < cnt; i++)
+            if (items[i].rc && items[i].rc != -EALREADY) {
+                rc = items[i].rc;
+                kvd_fail(err, rc, "replaying conversation %" PRIu64 "'s log entry %" PRIu64 " into the "
+                         "cache: %s", id, seq, items[i].err.msg);
+            }
+    }
+    free(items);
+    return rc;
+}
+
+static int read_all(kvd_cluster *c, const char *oid, uint8_t *buf, size_t n, uint64_t off)
+{
+    size_t got = 0;
+    while (got < n) {
+        size_t want = n - got > (16u << 20) ? 16u << 20 : n - got;
+        int r = rados_read(c->io, oid, (char *)buf + got, want, off + got);
+        if (r < 0)
+            return r;
+        if (r == 0)
+            return KVARC_ECORRUPT;      /* the log names bytes the object lacks */
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* Entries after x->seq into the cache (x->wmu held). -ENOENT: no such
+ * conversation in the cluster. */
+static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    char head[64];
+    head_oid(head, sizeof head, x->id);
+    for (;;) {
+        char after[17];
+        pthread_mutex_lock(&c->mu);
+        uint64_t seq = x->seq;
+        pthread_mutex_unlock(&c->mu);
+        snprintf(after, sizeof after, "%016" PRIx64, seq);
+        rados_read_op_t op = rados_create_read_op();
+        rados_omap_iter_t iter = NULL;
+        unsigned char more = 0;
+        int prval = 0;
+        rados_read_op_omap_get_vals2(op, after, "", 64, &iter, &more, &prval);
+        int r = rados_read_op_operate(op, c->io, head, 0);
+        if (!r)
+            r = prval;
+        if (r) {
+            rados_release_read_op(op);
+            if (r == -ENOENT)
+                return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the cluster", x->id);
+            return rfail(e, err, r, "reading a conversation's log", head);
+        }
+        int n = 0, rc = 0;
+        for (;;) {
+            char *key, *val;
+            size_t kl, vl;
+            if (rados_omap_get_next2(iter, &key, &val, &kl, &vl) || !key)
+                break;
+            n++;
+            char kb[17];
+            log_ext ext;
+            uint64_t k = 0;
+            memcpy(kb, key, kl < 16 ? kl : 16);
+            kb[kl < 16 ? kl : 16] = 0;
+            if (kl != 16 || sscanf(kb, "%" SCNx64, &k) != 1 || k != seq + 1 || vl != sizeof ext) {
+                rc = kvd_fail(err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s log has entry '%s' after %"
+                              PRIu64 " (expected %" PRIu64 ", %zu bytes)", x->id, kb, seq, seq + 1, sizeof ext);
+                break;
+            }
+            memcpy(&ext, val, sizeof ext);
+            char oid[96];
+            data_oid(oid, sizeof oid, x->id, ext.epoch, ext.n);
+            uint8_t *buf = ext.bytes <= (1ull << 31) ? malloc(ext.bytes ? ext.bytes : 1) : NULL;
+            if (!buf) {
+                rc = kvd_fail(err, ext.bytes > (1ull << 31) ? KVARC_ECORRUPT : -ENOMEM,
+                              "conversation %" PRIu64 "'s log entry %" PRIu64 " of %" PRIu64 " bytes", x->id, k,
+                              ext.bytes);
+                break;
+            }
+            if ((r = read_all(c, oid, buf, ext.bytes, ext.off))) {
+                free(buf);
+                rc = r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s is shorter than conversation %" PRIu64
+                                                    "'s log entry %" PRIu64 " says", oid, x->id, k)
+                                         : rfail(e, err, r, "reading a log extent", oid);
+                break;
+            }
+            rc = ingest_extent(e, x->id, k, buf, ext.bytes, err);
+            free(buf);
+            if (rc)
+                break;
+            MDB_txn *txn;       /* the watermark: replay is idempotent if it lags */
+            if (!(rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn)))) {
+                if ((rc = watermark_put(e, txn, x->id, k)))
+                    mdb_txn_abort(txn);
+                else
+                    rc = kvd_mdb_err(mdb_txn_commit(txn));
+            }
+            if (rc) {
+                kvd_fail(err, rc, "storing the cache's log position: %s", kvarc_strerror(rc));
+                break;
+            }
+            seq = k;
+            pthread_mutex_lock(&c->mu);
+            x->seq = k;
+            if (x->log_seq < k)
+                x->log_seq = k;
+            pthread_mutex_unlock(&c->mu);
+        }
+        rados_release_read_op(op);
+        if (rc)
+            return rc;
+        if (!more || n == 0)
+            return 0;
+    }
+}
+
+int clu_sync_id(kvd_engine *e, uint64_t id, kvd_err *err)
+{
+    for (int depth = 0; id && depth < 1024; depth++) {    /* the conversation, then its ancestors */
+        cconv *x = cconv_get(e, id);
+        if (!x)
+            return kvd_fail(err, -ENOMEM, "out of memory");
+        pthread_mutex_lock(&x->wmu);
+        pthread_mutex_lock(&e->cluster->mu);
+        int current = x->locked && !x->stale;     /* the writer's cache is the log */
+        pthread_mutex_unlock(&e->cluster->mu);
+        int rc = current ? 0 : sync_locked(e, x, err);
+        if (!rc && !current) {
+            pthread_mutex_lock(&e->cluster->mu);
+            x->stale = 0;
+            pthread_mutex_unlock(&e->cluster->mu);
+        }
+        pthread_mutex_unlock(&x->wmu);
+        if (rc)
+            return rc;
+        MDB_txn *txn;
+        conv_rec r;
+        if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn))))
+            return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+        rc = conv_get(e, txn, id, &r);
+        mdb_txn_abort(txn);
+        id = rc ? 0 : r.parent;
+    }
+    return 0;
+}
+
+/* ---- names -------------------------------------------------------------------- */
+
+static int name_get(kvd_cluster *c, const char *oid, uint64_t *id)
+{
+    char v[32];
+    int r = rados_getxattr(c->io, oid, "id", v, sizeof v - 1);
+    if (r < 0)
+        return r == -ENODATA ? -ENOENT : r;
+    v[r] = 0;
+    return sscanf(v, "%" SCNx64, id) == 1 ? 0 : KVARC_ECORRUPT;
+}
+
+/* The id the local index gives ns/name (0 if none). */
+static uint64_t local_id(kvd_engine *e, const char *ns, const char *name)
+{
+    MDB_txn *txn;
+    uint64_t id = 0;
+    if (mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn) == 0) {
+        if (name_lookup(e, txn, ns, name, &id))
+            id = 0;
+        mdb_txn_abort(txn);
+    }
+    return id;
+}
+
+int clu_sync_name(kvd_engine *e, const char *ns, const char *name, kvd_err *err)
+{
+    char oid[256];
+    uint64_t id = 0, mine = local_id(e, ns, name);
+    name_oid(oid, sizeof oid, ns, name);
+    int r = name_get(e->cluster, oid, &id);
+    if (r && r != -ENOENT)
+        return r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s: its id is malformed", oid)
+                                   : rfail(e, err, r, "looking up a name", oid);
+    if (mine && mine != id) {   /* what the cache calls ns/name was deleted (or replaced) elsewhere */
+        int rc = clu_sync_id(e, mine, err);
+        if (rc && rc != -ENOENT)
+            return rc;
+    }
+    if (r == -ENOENT)
+        return 0;               /* the local lookup says "not found" */
+    int rc = clu_sync_id(e, id, err);
+    return rc == -ENOENT ? 0 : rc;  /* a name whose create died before its first log entry */
+}
+
+int clu_sync_all(kvd_engine *e, const char *ns, kvd_err *err)
+{
+    rados_list_ctx_t ctx;
+    int r = rados_nobjects_list_open(e->cluster->io, &ctx);
+    if (r)
+        return rfail(e, err, r, "listing the pool", "kvarc.name.*");
+    const char *entry;
+    int rc = 0;
+    char prefix[KVD_NS_MAX + 16];
+    snprintf(prefix, sizeof prefix, "kvarc.name.%s%s", ns ? ns : "", ns ? "/" : "");
+    size_t pl = strlen(prefix);
+    while (!rc && (r = rados_nobjects_list_next(ctx, &entry, NULL, NULL)) == 0) {
+        if (strncmp(entry, prefix, pl))
+            continue;
+        char nsb[KVD_NS_MAX], nb[KVD_NAME_MAX];
+        const char *s = entry + strlen("kvarc.name."), *slash = strchr(s, '/');
+        if (!slash || (size_t)(slash - s) >= sizeof nsb || strlen(slash + 1) >= sizeof nb)
+            continue;
+        memcpy(nsb, s, (size_t)(slash - s));
+        nsb[slash - s] = 0;
+        snprintf(nb, sizeof nb, "%s", slash + 1);
+        rc = clu_sync_name(e, nsb, nb, err);
+    }
+    rados_nobjects_list_close(ctx);
+    if (!rc && r != -ENOENT)
+        rc = rfail(e, err, r, "listing the pool", "kvarc.name.*");
+    /* and what the cache names that the pool may no longer (deleted elsewhere) */
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    size_t cap = 64, n = 0;
+    char (*names)[KVD_NS_MAX + KVD_NAME_MAX] = rc ? NULL : malloc(cap * sizeof *names);
+    if (!rc && !names)
+        rc = kvd_fail(err, -ENOMEM, "out of memory");
+    if (!rc && !(rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn)))) {
+        if (!(rc = kvd_mdb_err(mdb_cursor_open(txn, e->names, &cur)))) {
+            for (int op = MDB_FIRST; !rc && mdb_cursor_get(cur, &k, &v, op) == 0; op = MDB_NEXT) {
+                if (k.mv_size >= sizeof names[0])
+                    continue;
+                if (n == cap) {
+                    void *m = realloc(names, 2 * cap * sizeof *names);
+                    if (!m) {
+                        rc = kvd_fail(err, -ENOMEM, "out of memory");
+                        break;
+                    }
+                    names = m;
+                    cap *= 2;
+                }
+                memcpy(names[n], k.mv_data, k.mv_size);     /* "ns\0name" */
+                names[n][k.mv_size] = 0;
+                n++;
+            }
+            mdb_cursor_close(cur);
+        }
+        mdb_txn_abort(txn);
+    }
+    for (size_t i = 0; !rc && i < n; i++) {
+        const char *nsp = names[i], *nm = nsp + strlen(nsp) + 1;
+        if ((size_t)(nm - names[i]) < sizeof names[i] && (!ns || !strcmp(ns, nsp)))
+            rc = clu_sync_name(e, nsp, nm, err);
+    }
+    free(names);
+    return rc;
+}
+
+/* ---- the writer lock ---------------------------------------------------------- */
+
+/* KVARC_ELOCKED naming who holds oid's lock. */
+static int refuse_locked(kvd_engine *e, uint64_t id, const char *oid, kvd_err *err)
+{
+    char tag[128], clients[256] = "", cookies[256] = "", addrs[256] = "";
+    size_t tl = sizeof tag, cl = sizeof clients, kl = sizeof cookies, al = sizeof addrs;
+    int excl = 0;
+    ssize_t n = rados_list_lockers(e->cluster->io, oid, LOCK_NAME, &excl, tag, &tl, clients, &cl, cookies, &kl,
+                                   addrs, &al);
+    const char *dot = strchr(cookies, '.');
+    char node[64] = "?";
+    if (n > 0 && dot) {
+        snprintf(node, sizeof node, "%.*s", (int)(dot - cookies) < 63 ? (int)(dot - cookies) : 63, cookies);
+    }
+    conv_rec r;
+    MDB_txn *txn;
+    char what[KVD_NS_MAX + KVD_NAME_MAX + 32];
+    snprintf(what, sizeof what, "conversation %" PRIu64, id);
+    if (mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn) == 0) {
+        if (conv_get(e, txn, id, &r) == 0)
+            snprintf(what, sizeof what, "'%s/%s'", r.ns, r.name);
+        mdb_txn_abort(txn);
+    }
+    if (n <= 0)
+        return kvd_fail(err, KVARC_ELOCKED, "%s is being written by another kvarcd (its writer lock on %s "
+                        "is held); retry once it is released or lapses", what, oid);
+    return kvd_fail(err, KVARC_ELOCKED, "%s is being written by the kvarcd on %s (Ceph %s at %s, lock "
+                    "cookie %s); another kvarcd may append once that one releases it or its lock lapses "
+                    "(at most %u s after its last renewal)", what, node, clients, addrs, cookies,
+                    e->cluster->lock_s);
+}
+
+/* Take id's lock (x->wmu held): 0, KVARC_ELOCKED, or an error. */
+static int take_lock(kvd_engine *e, cconv *x, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    char oid[64];
+    head_oid(oid, sizeof oid, x->id);
+    struct timeval d = { (time_t)c->lock_s, 0 };
+    int r = rados_lock_exclusive(c->io, oid, LOCK_NAME, c->cookie, c->desc, &d, 0);
+    if (r == -EBUSY)
+        return refuse_locked(e, x->id, oid, err);
+    if (r && r != -EEXIST)
+        return rfail(e, err, r, "taking a conversation's writer lock", oid);
+    uint64_t epoch = 0;
+    if (getrandom(&epoch, sizeof epoch, 0) != sizeof epoch)
+        epoch = (uint64_t)now_ns() * 0x9e3779b97f4a7c15ull;
+    pthread_mutex_lock(&c->mu);
+    x->locked = 1;
+    x->epoch = epoch;
+    x->obj_n = 0;
+    x->obj_off = 0;
+    x->last_write_ns = now_ns();
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+int clu_writer_begin(kvd_engine *e, uint64_t id, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    cconv *x = cconv_get(e, id);
+    if (!x)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&c->mu);
+    if (x->locked && !x->stale) {
+        x->last_write_ns = now_ns();
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_lock(&x->wmu);
+    pthread_mutex_lock(&c->mu);
+    int locked = x->locked;
+    pthread_mutex_unlock(&c->mu);
+    int rc = locked ? 0 : take_lock(e, x, err);
+    if (!rc)
+        rc = sync_locked(e, x, err);    /* nobody else extends the log now */
+    pthread_mutex_lock(&c->mu);
+    if (!rc) {
+        x->stale = 0;
+        x->last_write_ns = now_ns();
+    }
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&x->wmu);
+    return rc;
+}
+
+/* ---- create and delete ------------------------------------------------------- */
+
+static int alloc_id(kvd_engine *e, uint64_t *id, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    for (int tries = 0; tries < 1000; tries++) {
+        char v[32] = "", nv[17];
+        uint64_t next = 1;
+        int r = rados_getxattr(c->io, "kvarc.ids", "next", v, sizeof v - 1);
+        int fresh = r == -ENOENT || r == -ENODATA;
+        if (r < 0 && !fresh)
+            return rfail(e, err, r, "reading the id counter", "kvarc.ids");
+        if (r >= 0) {
+            v[r] = 0;
+            if (sscanf(v, "%" SCNx64, &next) != 1)
+                return kvd_fail(err, KVARC_ECORRUPT, "kvarc.ids: its counter '%s' is malformed", v);
+        }
+        snprintf(nv, sizeof nv, "%016" PRIx64, next + 1);
+        rados_write_op_t op = rados_create_write_op();
+        if (fresh)
+            rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+        else
+            rados_write_op_cmpxattr(op, "next", LIBRADOS_CMPXATTR_OP_EQ, v, (size_t)r);
+        rados_write_op_setxattr(op, "next", nv, 16);
+        r = rados_write_op_operate(op, c->io, "kvarc.ids", NULL, 0);
+        rados_release_write_op(op);
+        if (r == 0) {
+            *id = next;
+            return 0;
+        }
+        if (r != -ECANCELED && r != -EEXIST)
+            return rfail(e, err, r, "taking a conversation id", "kvarc.ids");
+    }
+    return kvd_fail(err, -EAGAIN, "kvarc.ids: too many kvarcd taking ids at once; retry");
+}
+
+/* Is conversation id dead for its name: deleted, or its create died
+ * before logging anything (no log entry and nobody holding its lock)? */
+static int id_dead(kvd_engine *e, uint64_t id, kvd_err *err)
+{
+    kvd_err tmp;
+    int rc = clu_sync_id(e, id, &tmp);
+    if (rc == -ENOENT)
+        return 1;
+    if (rc) {
+        *err = tmp;
+        return rc;
+    }
+    MDB_txn *txn;
+    conv_rec r;
+    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn))))
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    rc = conv_get(e, txn, id, &r);
+    mdb_txn_abort(txn);
+    if (rc == 0)
+        return (r.flags & KVD_CONV_DELETED) ? 1 : 0;
+    if (rc != -ENOENT)
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    /* nothing logged: dead unless its creator still holds the lock */
+    char oid[64], clients[256], cookies[256], addrs[256], tag[128];
+    size_t cl = sizeof clients, kl = sizeof cookies, al = sizeof addrs, tl = sizeof tag;
+    int excl;
+    head_oid(oid, sizeof oid, id);
+    ssize_t n = rados_list_lockers(e->cluster->io, oid, LOCK_NAME, &excl, tag, &tl, clients, &cl, cookies, &kl,
+                                   addrs, &al);
+    return n > 0 ? 0 : 1;
+}
+
+int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *id, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    char oid[256], hv[17];
+    name_oid(oid, sizeof oid, ns, name);
+    int rc = alloc_id(e, id, err);
+    if (rc)
+        return rc;
+    snprintf(hv, sizeof hv, "%016" PRIx64, *id);
+    for (int tries = 0;; tries++) {
+        rados_write_op_t op = rados_create_write_op();
+        rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+        rados_write_op_setxattr(op, "id", hv, 16);
+        int r = rados_write_op_operate(op, c->io, oid, NULL, 0);
+        rados_release_write_op(op);
+        if (r == 0)
+            break;
+        if (r != -EEXIST)
+            return rfail(e, err, r, "binding a name", oid);
+        uint64_t old;
+        if ((r = name_get(c, oid, &old)) == -ENOENT && tries < 3)
+            continue;           /* removed meanwhile: bind it again */
+        if (r)
+            return rfail(e, err, r, "reading a name", oid);
+        int dead = id_dead(e, old, err);
+        if (dead < 0)
+            return dead;
+        if (!dead || tries >= 3)
+            return kvd_fail(err, -EEXIST, "conversation '%s/%s' already exists", ns, name);
+        char ov[17];            /* rebind it, if still bound to the dead one */
+        snprintf(ov, sizeof ov, "%016" PRIx64, old);
+        op = rados_create_write_op();
+        rados_write_op_cmpxattr(op, "id", LIBRADOS_CMPXATTR_OP_EQ, ov, 16);
+        rados_write_op_setxattr(op, "id", hv, 16);
+        r = rados_write_op_operate(op, c->io, oid, NULL, 0);
+        rados_release_write_op(op);
+        if (r == 0)
+            break;
+        if (r != -ECANCELED && r != -ENOENT)
+            return rfail(e, err, r, "rebinding a name", oid);
+    }
+    cconv *x = cconv_get(e, *id);
+    if (!x)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&x->wmu);
+    rc = take_lock(e, x, err);
+    pthread_mutex_unlock(&x->wmu);
+    if (rc)
+        clu_create_undo(e, ns, name, *id);
+    return rc;
+}
+
+void clu_name_release(kvd_engine *e, const char *ns, const char *name, uint64_t id)
+{
+    char oid[256], hv[17];
+    name_oid(oid, sizeof oid, ns, name);
+    snprintf(hv, sizeof hv, "%016" PRIx64, id);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_cmpxattr(op, "id", LIBRADOS_CMPXATTR_OP_EQ, hv, 16);
+    rados_write_op_remove(op);
+    (void)rados_write_op_operate(op, e->cluster->io, oid, NULL, 0);   /* rebound or gone: not ours */
+    rados_release_write_op(op);
+}
+
+void clu_create_undo(kvd_engine *e, const char *ns, const char *name, uint64_t id)
+{
+    kvd_cluster *c = e->cluster;
+    cconv *x = cconv_get(e, id);
+    pthread_mutex_lock(&c->mu);
+    int logged = x && x->seq > 0;
+    pthread_mutex_unlock(&c->mu);
+    if (logged)
+        return;                 /* its create is in the log: it exists */
+    clu_name_release(e, ns, name, id);
+}
+
+/* ---- append: the batch into the log ----------------------------------------- */
+
+typedef struct conv_part {
+    cconv   *x;
+    size_t   first, n;      /* its items in the batch's order (indexes into a list) */
+} conv_part;
+
+/* One conversation's items (its, n) into its log: data, then the head. */
+static int log_conv(kvd_engine *e, MDB_txn *txn, cconv *x, kvd_item **its, size_t n, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    pthread_mutex_lock(&c->mu);
+    int locked = x->locked, stale = x->stale;
+    uint64_t epoch = x->epoch, obj_n = x->obj_n, obj_off = x->obj_off, seq = x->log_seq;
+    pthread_mutex_unlock(&c->mu);
+    char head[64];
+    head_oid(head, sizeof head, x->id);
+    if (!locked)
+        return refuse_locked(e, x->id, head, err);
+    if (stale)          /* prepared against a cache that lacks some of the log: never log on top of it */
+        return kvd_fail(err, -EAGAIN, "the cache of conversation %" PRIu64 " is behind its log after a "
+                        "failed append; nothing of this one was kept: retry", x->id);
+    /* extents: runs of items that fit one data object */
+    log_ext ext[GC_BATCH_MAX];
+    size_t next = 0, ne = 0;
+    int rc = 0;
+    while (next < n && !rc) {
+        size_t total = 0, k = next;
+        while (k < n && (k == next || obj_off + total + its[k]->bytes <= c->object_bytes))
+            total += its[k++]->bytes;
+        if (obj_off > 0 && obj_off + total > c->object_bytes) {
+            obj_n++;
+            obj_off = 0;
+        }
+        uint8_t *buf = malloc(total);
+        if (!buf)
+            return kvd_fail(err, -ENOMEM, "out of memory");
+        size_t p = 0;
+        for (size_t i = next; i < k; i++) {
+            memcpy(buf + p, its[i]->block, its[i]->bytes);
+            p += its[i]->bytes;
+        }
+        char oid[96];
+        data_oid(oid, sizeof oid, x->id, epoch, obj_n);
+        for (size_t w = 0; w < total && !rc;) {     /* under the OSDs' largest write */
+            size_t len = total - w > (32u << 20) ? 32u << 20 : total - w;
+            int r = rados_write(c->io, oid, (const char *)buf + w, len, obj_off + w);
+            if (r)
+                rc = rfail(e, err, r, "writing blocks", oid);
+            w += len;
+        }
+        free(buf);
+        ext[ne].epoch = epoch;
+        ext[ne].n = obj_n;
+        ext[ne].off = obj_off;
+        ext[ne].bytes = total;
+        ne++;
+        obj_off += total;
+        next = k;
+    }
+    if (rc) {
+        pthread_mutex_lock(&c->mu);
+        x->obj_n = obj_n + 1;           /* a half-written object is left behind */
+        x->obj_off = 0;
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    /* the commit point: the lock asserted and the entries set in one operation */
+    char keys[GC_BATCH_MAX][17], assert_in[sizeof LOCK_NAME + sizeof c->cookie + 32];
+    const char *kp[GC_BATCH_MAX], *vp[GC_BATCH_MAX];
+    size_t kl[GC_BATCH_MAX], vl[GC_BATCH_MAX];
+    for (size_t i = 0; i < ne; i++) {
+        snprintf(keys[i], sizeof keys[i], "%016" PRIx64, seq + 1 + i);
+        kp[i] = keys[i];
+        kl[i] = 16;
+        vp[i] = (const char *)&ext[i];
+        vl[i] = sizeof ext[i];
+    }
+    /* cls_lock's assert_locked input: ENCODE_START(1, 1) {name, type 1
+     * (exclusive), cookie, tag ""}, strings as u32 length + bytes */
+    size_t o = 6;
+    uint32_t l32 = (uint32_t)strlen(LOCK_NAME);
+    memcpy(assert_in + o, &l32, 4);
+    memcpy(assert_in + o + 4, LOCK_NAME, l32);
+    o += 4 + l32;
+    assert_in[o++] = 1;
+    l32 = (uint32_t)strlen(c->cookie);
+    memcpy(assert_in + o, &l32, 4);
+    memcpy(assert_in + o + 4, c->cookie, l32);
+    o += 4 + l32;
+    l32 = 0;
+    memcpy(assert_in + o, &l32, 4);
+    o += 4;
+    assert_in[0] = 1;
+    assert_in[1] = 1;
+    l32 = (uint32_t)(o - 6);
+    memcpy(assert_in + 2, &l32, 4);
+    int prval = 0;
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_exec(op, "lock", "assert_locked", assert_in, o, &prval);
+    rados_write_op_omap_set2(op, kp, vp, kl, vl, ne);
+    int r = rados_write_op_operate(op, c->io, head, NULL, 0);
+    rados_release_write_op(op);
+    if (r == -EBUSY || r == -ENOENT || prval == -EBUSY) {  /* the lock lapsed (and may be another's) */
+        pthread_mutex_lock(&c->mu);
+        x->locked = 0;
+        x->obj_n = obj_n + 1;
+        x->obj_off = 0;
+        pthread_mutex_unlock(&c->mu);
+        int rr = refuse_locked(e, x->id, head, err);
+        if (rr == KVARC_ELOCKED && !strstr(err->msg, "kvarcd on"))
+            kvd_fail(err, KVARC_ELOCKED, "this kvarcd's writer lock on %s lapsed before the append was "
+                     "logged; nothing of it was kept: retry", head);
+        return KVARC_ELOCKED;
+    }
+    if (r) {
+        pthread_mutex_lock(&c->mu);
+        x->obj_n = obj_n + 1;
+        x->obj_off = 0;
+        pthread_mutex_unlock(&c->mu);
+        return rfail(e, err, r, "logging blocks", head);
+    }
+    if ((rc = watermark_put(e, txn, x->id, seq + ne)))
+        return kvd_fail(err, rc, "storing the cache's log position: %s", kvarc_strerror(rc));
+    pthread_mutex_lock(&c->mu);
+    x->log_seq = x->pending = seq + ne;     /* the cache's at the batch's commit (clu_batch_done) */
+    x->obj_n = obj_n;
+    x->obj_off = obj_off;
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+int clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err)
+{
+    kvd_item *its[GC_BATCH_MAX];
+    size_t n = 0;
+    for (kvd_item *it = batch; it && n < GC_BATCH_MAX; it = it->next)
+        if (!it->rc && !it->ingest)
+            its[n++] = it;
+    /* each conversation's items in the batch's order (a stable grouping) */
+    int done[GC_BATCH_MAX] = { 0 };
+    for (size_t i = 0; i < n; i++) {
+        if (done[i])
+            continue;
+        kvd_item *grp[GC_BATCH_MAX];
+        size_t g = 0;
+        for (size_t j = i; j < n; j++)
+            if (!done[j] && its[j]->h.conv == its[i]->h.conv) {
+                grp[g++] = its[j];
+                done[j] = 1;
+            }
+        cconv *x = cconv_get(e, its[i]->h.conv);
+        if (!x)
+            return kvd_fail(err, -ENOMEM, "out of memory");
+        int rc = log_conv(e, txn, x, grp, g, err);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+void clu_batch_done(kvd_engine *e, kvd_item *batch)
+{
+    for (kvd_item *it = batch; it; it = it->next) {
+        if (it->ingest || it->rc)
+            continue;
+        cconv *x = cconv_get(e, it->h.conv);
+        if (!x)
+            continue;
+        pthread_mutex_lock(&e->cluster->mu);
+        if (x->seq < x->pending)
+            x->seq = x->pending;
+        pthread_mutex_unlock(&e->cluster->mu);
+    }
+}
+
+void clu_batch_failed(kvd_engine *e, kvd_item *batch)
+{
+    for (kvd_item *it = batch; it; it = it->next) {
+        if (it->ingest || !it->h.conv)
+            continue;
+        cconv *x = cconv_get(e, it->h.conv);
+        if (!x)
+            continue;
+        pthread_mutex_lock(&e->cluster->mu);
+        x->stale = 1;
+        pthread_mutex_unlock(&e->cluster->mu);
+    }
+}
