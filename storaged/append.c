@@ -146,8 +146,11 @@ int kvd_append_n(kvd_engine *e, uint64_t conv, const kvd_block_in *b, size_t n, 
     int rc = e->cluster ? clu_writer_begin(e, conv, err) : 0, first = 0;
     if (!rc)
         rc = conv_lookup(e, conv, &info, err);
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         rcs[i] = rc;
+        if (rc && errs && err)
+            errs[i] = *err;     /* each block's answer says why */
+    }
     if (rc || n == 0)
         return rc;
     kvd_item *items = calloc(n, sizeof *items), **q = calloc(n, sizeof *q);

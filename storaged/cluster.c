@@ -447,6 +447,8 @@ static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
         if (!r)
             r = prval;
         if (r) {
+            if (iter)
+                rados_omap_get_end(iter);
             rados_release_read_op(op);
             if (r == -ENOENT)
                 return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the cluster", x->id);
@@ -508,6 +510,7 @@ static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
                 x->log_seq = k;
             pthread_mutex_unlock(&c->mu);
         }
+        rados_omap_get_end(iter);
         rados_release_read_op(op);
         if (rc)
             return rc;
