@@ -893,163 +893,246 @@ void clu_create_undo(kvd_engine *e, const char *ns, const char *name, uint64_t i
 
 /* ---- append: the batch into the log ----------------------------------------- */
 
-typedef struct conv_part {
+/* One conversation's share of a batch, logged with the others' at once:
+ * every data write of every conversation in flight together, then every
+ * head operation (two round trips per batch, whatever its conversations). */
+typedef struct conv_job {
     cconv   *x;
-    size_t   first, n;      /* its items in the batch's order (indexes into a list) */
-} conv_part;
+    kvd_item *its[GC_BATCH_MAX];
+    size_t   n, ne;
+    uint64_t epoch, obj_n, obj_off, seq;
+    log_ext  ext[GC_BATCH_MAX];
+    uint8_t *buf[GC_BATCH_MAX];
+    rados_completion_t wc[GC_BATCH_MAX], hc;
+    rados_write_op_t wop[GC_BATCH_MAX], hop;
+    int      prval, rc;
+    kvd_err  err;
+} conv_job;
 
-/* One conversation's items (its, n) into its log: data, then the head. */
-static int log_conv(kvd_engine *e, MDB_txn *txn, cconv *x, kvd_item **its, size_t n, kvd_err *err)
+/* cls_lock's assert_locked input for this kvarcd's cookie:
+ * ENCODE_START(1, 1) {name, type 1 (exclusive), cookie, tag ""}, strings
+ * as u32 length + bytes, little-endian. */
+static size_t assert_input(const kvd_cluster *c, char *b)
+{
+    size_t o = 6;
+    uint32_t l32 = (uint32_t)strlen(LOCK_NAME);
+    memcpy(b + o, &l32, 4);
+    memcpy(b + o + 4, LOCK_NAME, l32);
+    o += 4 + l32;
+    b[o++] = 1;
+    l32 = (uint32_t)strlen(c->cookie);
+    memcpy(b + o, &l32, 4);
+    memcpy(b + o + 4, c->cookie, l32);
+    o += 4 + l32;
+    l32 = 0;
+    memcpy(b + o, &l32, 4);
+    o += 4;
+    b[0] = 1;
+    b[1] = 1;
+    l32 = (uint32_t)(o - 6);
+    memcpy(b + 2, &l32, 4);
+    return o;
+}
+
+/* Phase 1 for job j: its extents laid out and their writes started. */
+static void job_write(kvd_engine *e, conv_job *j)
 {
     kvd_cluster *c = e->cluster;
     pthread_mutex_lock(&c->mu);
-    int locked = x->locked, stale = x->stale;
-    uint64_t epoch = x->epoch, obj_n = x->obj_n, obj_off = x->obj_off, seq = x->log_seq;
+    int locked = j->x->locked, stale = j->x->stale;
+    j->epoch = j->x->epoch;
+    j->obj_n = j->x->obj_n;
+    j->obj_off = j->x->obj_off;
+    j->seq = j->x->log_seq;
     pthread_mutex_unlock(&c->mu);
     char head[64];
-    head_oid(head, sizeof head, x->id);
-    if (!locked)
-        return refuse_locked(e, x->id, head, err);
-    if (stale)          /* prepared against a cache that lacks some of the log: never log on top of it */
-        return kvd_fail(err, -EAGAIN, "the cache of conversation %" PRIu64 " is behind its log after a "
-                        "failed append; nothing of this one was kept: retry", x->id);
-    /* extents: runs of items that fit one data object */
-    log_ext ext[GC_BATCH_MAX];
-    size_t next = 0, ne = 0;
-    int rc = 0;
-    while (next < n && !rc) {
+    head_oid(head, sizeof head, j->x->id);
+    if (!locked) {
+        j->rc = refuse_locked(e, j->x->id, head, &j->err);
+        return;
+    }
+    if (stale) {        /* prepared against a cache that lacks some of the log: never log on top of it */
+        j->rc = kvd_fail(&j->err, -EAGAIN, "the cache of conversation %" PRIu64 " is behind its log after a "
+                         "failed append; nothing of this one was kept: retry", j->x->id);
+        return;
+    }
+    for (size_t next = 0; next < j->n;) {    /* runs of items that fit one data object */
         size_t total = 0, k = next;
-        while (k < n && (k == next || obj_off + total + its[k]->bytes <= c->object_bytes))
-            total += its[k++]->bytes;
-        if (obj_off > 0 && obj_off + total > c->object_bytes) {
-            obj_n++;
-            obj_off = 0;
+        while (k < j->n && (k == next || j->obj_off + total + j->its[k]->bytes <= c->object_bytes))
+            total += j->its[k++]->bytes;
+        if (j->obj_off > 0 && j->obj_off + total > c->object_bytes) {
+            j->obj_n++;
+            j->obj_off = 0;
         }
         uint8_t *buf = malloc(total);
-        if (!buf)
-            return kvd_fail(err, -ENOMEM, "out of memory");
+        if (!buf) {
+            j->rc = kvd_fail(&j->err, -ENOMEM, "out of memory");
+            return;
+        }
         size_t p = 0;
         for (size_t i = next; i < k; i++) {
-            memcpy(buf + p, its[i]->block, its[i]->bytes);
-            p += its[i]->bytes;
+            memcpy(buf + p, j->its[i]->block, j->its[i]->bytes);
+            p += j->its[i]->bytes;
         }
         char oid[96];
-        data_oid(oid, sizeof oid, x->id, epoch, obj_n);
-        for (size_t w = 0; w < total && !rc;) {     /* under the OSDs' largest write */
-            size_t len = total - w > (32u << 20) ? 32u << 20 : total - w;
-            int r = rados_write(c->io, oid, (const char *)buf + w, len, obj_off + w);
-            if (r)
-                rc = rfail(e, err, r, "writing blocks", oid);
-            w += len;
+        data_oid(oid, sizeof oid, j->x->id, j->epoch, j->obj_n);
+        size_t x = j->ne++;
+        j->buf[x] = buf;
+        j->ext[x] = (log_ext){ j->epoch, j->obj_n, j->obj_off, total };
+        j->wop[x] = rados_create_write_op();
+        rados_write_op_write(j->wop[x], (const char *)buf, total, j->obj_off);
+        int r = rados_aio_create_completion2(NULL, NULL, &j->wc[x]);
+        if (!r)
+            r = rados_aio_write_op_operate(j->wop[x], c->io, j->wc[x], oid, NULL, 0);
+        if (r) {
+            if (j->wc[x]) {
+                rados_aio_release(j->wc[x]);
+                j->wc[x] = NULL;
+            }
+            j->rc = rfail(e, &j->err, r, "writing blocks", oid);
+            return;
         }
-        free(buf);
-        ext[ne].epoch = epoch;
-        ext[ne].n = obj_n;
-        ext[ne].off = obj_off;
-        ext[ne].bytes = total;
-        ne++;
-        obj_off += total;
+        j->obj_off += total;
         next = k;
     }
-    if (rc) {
-        pthread_mutex_lock(&c->mu);
-        x->obj_n = obj_n + 1;           /* a half-written object is left behind */
-        x->obj_off = 0;
-        pthread_mutex_unlock(&c->mu);
-        return rc;
+}
+
+/* Wait for phase 1's writes; then phase 2 started: the commit point, the
+ * lock asserted and the entries set in one operation on the head. */
+static void job_commit(kvd_engine *e, conv_job *j, const char *assert_in, size_t alen)
+{
+    kvd_cluster *c = e->cluster;
+    for (size_t x = 0; x < j->ne; x++) {
+        if (!j->wc[x])
+            continue;
+        rados_aio_wait_for_complete(j->wc[x]);
+        int r = rados_aio_get_return_value(j->wc[x]);
+        if (r && !j->rc) {
+            char oid[96];
+            data_oid(oid, sizeof oid, j->x->id, j->ext[x].epoch, j->ext[x].n);
+            j->rc = rfail(e, &j->err, r, "writing blocks", oid);
+        }
     }
-    /* the commit point: the lock asserted and the entries set in one operation */
-    char keys[GC_BATCH_MAX][17], assert_in[sizeof LOCK_NAME + sizeof c->cookie + 32];
+    if (j->rc)
+        return;
+    char keys[GC_BATCH_MAX][17], head[64];
     const char *kp[GC_BATCH_MAX], *vp[GC_BATCH_MAX];
     size_t kl[GC_BATCH_MAX], vl[GC_BATCH_MAX];
-    for (size_t i = 0; i < ne; i++) {
-        snprintf(keys[i], sizeof keys[i], "%016" PRIx64, seq + 1 + i);
+    for (size_t i = 0; i < j->ne; i++) {
+        snprintf(keys[i], sizeof keys[i], "%016" PRIx64, j->seq + 1 + i);
         kp[i] = keys[i];
         kl[i] = 16;
-        vp[i] = (const char *)&ext[i];
-        vl[i] = sizeof ext[i];
+        vp[i] = (const char *)&j->ext[i];
+        vl[i] = sizeof j->ext[i];
     }
-    /* cls_lock's assert_locked input: ENCODE_START(1, 1) {name, type 1
-     * (exclusive), cookie, tag ""}, strings as u32 length + bytes */
-    size_t o = 6;
-    uint32_t l32 = (uint32_t)strlen(LOCK_NAME);
-    memcpy(assert_in + o, &l32, 4);
-    memcpy(assert_in + o + 4, LOCK_NAME, l32);
-    o += 4 + l32;
-    assert_in[o++] = 1;
-    l32 = (uint32_t)strlen(c->cookie);
-    memcpy(assert_in + o, &l32, 4);
-    memcpy(assert_in + o + 4, c->cookie, l32);
-    o += 4 + l32;
-    l32 = 0;
-    memcpy(assert_in + o, &l32, 4);
-    o += 4;
-    assert_in[0] = 1;
-    assert_in[1] = 1;
-    l32 = (uint32_t)(o - 6);
-    memcpy(assert_in + 2, &l32, 4);
-    int prval = 0;
-    rados_write_op_t op = rados_create_write_op();
-    rados_write_op_exec(op, "lock", "assert_locked", assert_in, o, &prval);
-    rados_write_op_omap_set2(op, kp, vp, kl, vl, ne);
-    int r = rados_write_op_operate(op, c->io, head, NULL, 0);
-    rados_release_write_op(op);
-    if (r == -EBUSY || r == -ENOENT || prval == -EBUSY) {  /* the lock lapsed (and may be another's) */
-        pthread_mutex_lock(&c->mu);
-        x->locked = 0;
-        x->obj_n = obj_n + 1;
-        x->obj_off = 0;
-        pthread_mutex_unlock(&c->mu);
-        int rr = refuse_locked(e, x->id, head, err);
-        if (rr == KVARC_ELOCKED && !strstr(err->msg, "kvarcd on"))
-            kvd_fail(err, KVARC_ELOCKED, "this kvarcd's writer lock on %s lapsed before the append was "
-                     "logged; nothing of it was kept: retry", head);
-        return KVARC_ELOCKED;
-    }
+    head_oid(head, sizeof head, j->x->id);
+    j->hop = rados_create_write_op();
+    rados_write_op_exec(j->hop, "lock", "assert_locked", assert_in, alen, &j->prval);
+    rados_write_op_omap_set2(j->hop, kp, vp, kl, vl, j->ne);   /* copied into the op */
+    int r = rados_aio_create_completion2(NULL, NULL, &j->hc);
+    if (!r)
+        r = rados_aio_write_op_operate(j->hop, c->io, j->hc, head, NULL, 0);
     if (r) {
-        pthread_mutex_lock(&c->mu);
-        x->obj_n = obj_n + 1;
-        x->obj_off = 0;
-        pthread_mutex_unlock(&c->mu);
-        return rfail(e, err, r, "logging blocks", head);
+        if (j->hc) {
+            rados_aio_release(j->hc);
+            j->hc = NULL;
+        }
+        j->rc = rfail(e, &j->err, r, "logging blocks", head);
     }
-    if ((rc = watermark_put(e, txn, x->id, seq + ne)))
-        return kvd_fail(err, rc, "storing the cache's log position: %s", kvarc_strerror(rc));
+}
+
+/* Wait for phase 2; the job's outcome in j->rc and the conversation's state. */
+static void job_finish(kvd_engine *e, MDB_txn *txn, conv_job *j)
+{
+    kvd_cluster *c = e->cluster;
+    char head[64];
+    head_oid(head, sizeof head, j->x->id);
+    int r = 0;
+    if (j->hc) {
+        rados_aio_wait_for_complete(j->hc);
+        r = rados_aio_get_return_value(j->hc);
+        if (!j->rc && (r == -EBUSY || r == -ENOENT || j->prval == -EBUSY)) {    /* the lock lapsed */
+            pthread_mutex_lock(&c->mu);
+            j->x->locked = 0;
+            pthread_mutex_unlock(&c->mu);
+            int rr = refuse_locked(e, j->x->id, head, &j->err);
+            if (rr == KVARC_ELOCKED && !strstr(j->err.msg, "kvarcd on"))
+                kvd_fail(&j->err, KVARC_ELOCKED, "this kvarcd's writer lock on %s lapsed before the append "
+                         "was logged; nothing of it was kept: retry", head);
+            j->rc = KVARC_ELOCKED;
+        } else if (!j->rc && r) {
+            j->rc = rfail(e, &j->err, r, "logging blocks", head);
+        }
+    }
+    if (!j->rc && (j->rc = watermark_put(e, txn, j->x->id, j->seq + j->ne)))
+        kvd_fail(&j->err, j->rc, "storing the cache's log position: %s", kvarc_strerror(j->rc));
     pthread_mutex_lock(&c->mu);
-    x->log_seq = x->pending = seq + ne;     /* the cache's at the batch's commit (clu_batch_done) */
-    x->obj_n = obj_n;
-    x->obj_off = obj_off;
+    if (!j->rc) {
+        j->x->log_seq = j->x->pending = j->seq + j->ne;  /* the cache's at the batch's commit (clu_batch_done) */
+        j->x->obj_n = j->obj_n;
+        j->x->obj_off = j->obj_off;
+    } else if (j->ne) {
+        j->x->obj_n = j->obj_n + 1;     /* what was written there is never referenced: start afresh */
+        j->x->obj_off = 0;
+    }
     pthread_mutex_unlock(&c->mu);
-    return 0;
+}
+
+static void job_free(conv_job *j)
+{
+    for (size_t x = 0; x < j->ne; x++) {
+        if (j->wc[x])
+            rados_aio_release(j->wc[x]);
+        if (j->wop[x])
+            rados_release_write_op(j->wop[x]);
+        free(j->buf[x]);
+    }
+    if (j->hc)
+        rados_aio_release(j->hc);
+    if (j->hop)
+        rados_release_write_op(j->hop);
 }
 
 int clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err)
 {
     kvd_item *its[GC_BATCH_MAX];
-    size_t n = 0;
+    size_t n = 0, nj = 0;
     for (kvd_item *it = batch; it && n < GC_BATCH_MAX; it = it->next)
         if (!it->rc && !it->ingest)
             its[n++] = it;
-    /* each conversation's items in the batch's order (a stable grouping) */
-    int done[GC_BATCH_MAX] = { 0 };
-    for (size_t i = 0; i < n; i++) {
+    conv_job *jobs = calloc(n ? n : 1, sizeof *jobs);
+    if (!jobs)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    int done[GC_BATCH_MAX] = { 0 }, rc = 0;
+    for (size_t i = 0; i < n && !rc; i++) {     /* each conversation's items in the batch's order */
         if (done[i])
             continue;
-        kvd_item *grp[GC_BATCH_MAX];
-        size_t g = 0;
-        for (size_t j = i; j < n; j++)
-            if (!done[j] && its[j]->h.conv == its[i]->h.conv) {
-                grp[g++] = its[j];
-                done[j] = 1;
+        conv_job *j = &jobs[nj++];
+        if (!(j->x = cconv_get(e, its[i]->h.conv)))
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+        for (size_t k = i; k < n; k++)
+            if (!done[k] && its[k]->h.conv == its[i]->h.conv) {
+                j->its[j->n++] = its[k];
+                done[k] = 1;
             }
-        cconv *x = cconv_get(e, its[i]->h.conv);
-        if (!x)
-            return kvd_fail(err, -ENOMEM, "out of memory");
-        int rc = log_conv(e, txn, x, grp, g, err);
-        if (rc)
-            return rc;
     }
-    return 0;
+    char assert_in[sizeof LOCK_NAME + sizeof e->cluster->cookie + 32];
+    size_t alen = assert_input(e->cluster, assert_in);
+    for (size_t i = 0; i < nj && !rc; i++)
+        job_write(e, &jobs[i]);
+    for (size_t i = 0; i < nj && !rc; i++)
+        job_commit(e, &jobs[i], assert_in, alen);
+    for (size_t i = 0; i < nj; i++) {
+        if (!rc)
+            job_finish(e, txn, &jobs[i]);
+        if (!rc && jobs[i].rc) {
+            rc = jobs[i].rc;
+            *err = jobs[i].err;
+        }
+        job_free(&jobs[i]);
+    }
+    free(jobs);
+    return rc;
 }
 
 void clu_batch_done(kvd_engine *e, kvd_item *batch)
