@@ -17,7 +17,10 @@
  *     token after token; on kvarcd-2 every acknowledged token is there
  *     (attention over them equals exact attention), appends are refused
  *     while the dead kvarcd's lock holds and succeed once it lapses (the
- *     failover time is printed); a restarted kvarcd-1 sees them.
+ *     failover time is printed); a restarted kvarcd-1 sees them;
+ *  6. timeout: every OSD stopped, an append through a kvarcd with a 3-s
+ *     Ceph timeout fails UNAVAILABLE naming it; the conversation goes on
+ *     once they run again.
  * Waits are on events (acknowledged appends, a refusal turning into
  * success), each bounded by a deadline far past the lock's 3 s. */
 #include <math.h>
@@ -369,6 +372,77 @@ static void test_kill(pid_t *k1)
     }
 }
 
+/* Every OSD stopped (SIGSTOP): an append through a kvarcd with a 3-s Ceph
+ * timeout fails UNAVAILABLE (-ECONNREFUSED here) saying so, instead of
+ * hanging; once the OSDs run again the conversation continues. */
+static void test_timeout(void)
+{
+    char d3[256], p[512];
+    eu_tmpdir(d3, sizeof d3, "cluster3");
+    snprintf(dir, sizeof dir, "%s", d3);
+    const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
+                            "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
+                            "--rados-lock-s", LOCK_S, "--rados-timeout-s", "3", "--node", "n3", NULL };
+    pid_t k3 = start_daemon_args(extra);
+    kvc_conn *probe;
+    if (kvc_connect(d3, &probe) == 0) {
+        CHECK(wait_ready(probe), "kvarcd n3 ready");
+        kvc_close(probe);
+    }
+    kvarc_client *c3;
+    kvarc_conv *cv = NULL;
+    kvarc_options o = opts();
+    CHECK_RC(kvarc_client_open(d3, NULL, NULL, &c3), 0);
+    CHECK_RC(kvarc_conv_create(c3, NS, "slow", &model, &o, NULL, &cv), 0);
+    for (int t = 0; t < 10 && !tu_failures; t++)
+        CHECK_RC(put(cv, t), 0);
+    CHECK_RC(kvarc_conv_sync(cv), 0);
+    pid_t osd[8];
+    int nosd = 0;
+    for (int i = 0; i < 8 && getenv("CEPH_RUN_DIR"); i++) {
+        snprintf(p, sizeof p, "%s/osd.%d.pid", getenv("CEPH_RUN_DIR"), i);
+        FILE *f = fopen(p, "r");
+        int pid;
+        if (f && fscanf(f, "%d", &pid) == 1 && kill(pid, 0) == 0)
+            osd[nosd++] = pid;
+        if (f)
+            fclose(f);
+    }
+    CHECK(nosd >= 2, "the OSDs' pids (%d, CEPH_RUN_DIR)", nosd);
+    for (int i = 0; i < nosd; i++)
+        kill(osd[i], SIGSTOP);
+    int rc = tu_failures ? 0 : put(cv, 10);
+    if (!rc && !tu_failures)
+        rc = kvarc_conv_sync(cv);
+    CHECK(rc == -ECONNREFUSED && strstr(kvarc_errmsg(cv), "did not answer in time"),
+          "an append with every OSD stopped fails UNAVAILABLE naming the timeout (%d: %s)", rc,
+          cv ? kvarc_errmsg(cv) : "");
+    for (int i = 0; i < nosd; i++)
+        kill(osd[i], SIGCONT);
+    kvarc_conv_close(cv);
+    cv = NULL;
+    /* the cluster answers again: attach (the timed-out append may or may not have landed) and go on */
+    long end = kd_now_ms() + 60000;
+    while ((rc = kvarc_conv_attach(c3, NS, "slow", &model, &o, &cv)) && kd_now_ms() < end)
+        kd_sleep_ms(200);
+    CHECK(rc == 0, "attach after the OSDs resume (%s)", kvarc_client_errmsg(c3));
+    if (!rc) {
+        uint64_t len = kvarc_length(cv, 0);
+        CHECK(len == 10 || len == 11, "10 or 11 tokens after the timeout (%llu)", (unsigned long long)len);
+        CHECK_RC(put(cv, (int)len), 0);
+        CHECK_RC(kvarc_conv_sync(cv), 0);
+        kvarc_conv_close(cv);
+    }
+    kvarc_client_close(c3);
+    kill(k3, SIGTERM);
+    CHECK(wait_exit(k3, 20000) == 0, "kvarcd n3 exits 0");
+    if (!tu_failures) {
+        snprintf(p, sizeof p, "%s.log", d3);
+        unlink(p);
+        eu_rmrf(d3);
+    }
+}
+
 int main(void)
 {
     if (!getenv("CEPH_POOL") || !getenv("CEPH_CONF") || !getenv("CEPH_KEYRING") || !getenv("CEPH_USER")) {
@@ -390,6 +464,8 @@ int main(void)
         test_osd_kill();
     if (!tu_failures)
         test_kill(&k1);
+    if (!tu_failures)
+        test_timeout();
     kvarc_client_close(cl1);
     kvarc_client_close(cl2);
     kill(k1, SIGTERM);

@@ -2,7 +2,7 @@
 # test_cluster.sh BINARY: a throwaway Ceph cluster (tools/ceph-cluster: 1 mon,
 # 1 mgr, 3 OSDs, pool size 3), then BINARY (test_cluster) against it with the
 # cluster's settings in CEPH_CONF, CEPH_KEYRING, CEPH_USER, CEPH_POOL and one
-# OSD's pid file in CEPH_OSD_PIDFILE; the cluster is stopped afterwards (kept,
+# OSD's pid file in CEPH_OSD_PIDFILE (all of them in CEPH_RUN_DIR); the cluster is stopped afterwards (kept,
 # with its logs, when the test fails). Exit 77 without the Ceph packages.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,7 +16,7 @@ out=$(bash "$root/tools/ceph-cluster" start "$dir" --osd-size 1G 2>&1) || { echo
 set -a
 . "$dir/env"
 set +a
-export CEPH_OSD_PIDFILE=$dir/run/osd.2.pid
+export CEPH_OSD_PIDFILE=$dir/run/osd.2.pid CEPH_RUN_DIR=$dir/run
 "$bin"
 rc=$?
 if [ $rc -ne 0 ]; then
