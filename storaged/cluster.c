@@ -104,7 +104,7 @@ struct kvd_cluster {
     rados_t       rados;
     rados_ioctx_t io;
     char          cookie[96], desc[160];
-    unsigned      lock_s;
+    unsigned      lock_s, gc_grace_s;
     uint64_t      object_bytes;
     pthread_mutex_t mu;     /* the table below and every cconv's fields marked so */
     cconv        *tab[256];
@@ -205,6 +205,7 @@ int clu_open(kvd_engine *e, const kvd_cluster_options *o, kvd_err *err)
     pthread_cond_init(&c->cv, NULL);
     c->lock_s = o->lock_seconds ? o->lock_seconds : 30;
     c->object_bytes = o->object_bytes ? o->object_bytes : 64u << 20;
+    c->gc_grace_s = o->gc_grace_s ? o->gc_grace_s : 3600;
     unsigned tmo = o->op_timeout ? o->op_timeout : 30;
     char host[64] = "", tbuf[16];
     if (o->node && o->node[0])
@@ -574,6 +575,26 @@ static uint64_t local_id(kvd_engine *e, const char *ns, const char *name)
     return id;
 }
 
+/* The cache's copy of conversation id deleted, as its CONV_DELETE block
+ * would: for a conversation whose log the pool no longer has. */
+static int forget(kvd_engine *e, uint64_t id, kvd_err *err)
+{
+    uint8_t block[KVARC_BLOCK_HEADER];
+    kvd_item it;
+    memset(&it, 0, sizeof it);
+    memset(block, 0, sizeof block);
+    it.block = block;
+    it.bytes = sizeof block;
+    it.h.kind = KVARC_BLOCK_CONV_DELETE;
+    it.h.version = KVARC_BLOCK_VERSION_PLAIN;
+    it.h.conv = id;
+    it.h.payload_crc = kvarc_crc32c(0, "", 0);
+    it.prepare = prepare_ingest;
+    it.ingest = 1;
+    int rc = gc_submit(e, &it, err);
+    return rc == -EALREADY ? 0 : rc;
+}
+
 int clu_sync_name(kvd_engine *e, const char *ns, const char *name, kvd_err *err)
 {
     char oid[256];
@@ -585,7 +606,9 @@ int clu_sync_name(kvd_engine *e, const char *ns, const char *name, kvd_err *err)
                                    : rfail(e, err, r, "looking up a name", oid);
     if (mine && mine != id) {   /* what the cache calls ns/name was deleted (or replaced) elsewhere */
         int rc = clu_sync_id(e, mine, err);
-        if (rc && rc != -ENOENT)
+        if (rc == -ENOENT)      /* its log is gone from the pool (collected after its delete) */
+            rc = forget(e, mine, err);
+        if (rc)
             return rc;
     }
     if (r == -ENOENT)
@@ -1162,4 +1185,216 @@ void clu_batch_failed(kvd_engine *e, kvd_item *batch)
         x->stale = 1;
         pthread_mutex_unlock(&e->cluster->mu);
     }
+}
+
+/* ---- collection: what the pool no longer needs --------------------------- */
+
+typedef struct pool_obj {
+    char     oid[96];
+    uint64_t id, epoch, n;
+    int      head;          /* kvarc.conv.ID (else kvarc.data.ID.EPOCH.N) */
+} pool_obj;
+
+/* Every (epoch, n) conversation id's log refers to, into *refs (malloc'ed). */
+static int log_refs(kvd_engine *e, uint64_t id, log_ext **refs, size_t *nrefs, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    char head[64], after[17] = "";
+    head_oid(head, sizeof head, id);
+    size_t cap = 0;
+    *refs = NULL;
+    *nrefs = 0;
+    for (;;) {
+        rados_read_op_t op = rados_create_read_op();
+        rados_omap_iter_t iter = NULL;
+        unsigned char more = 0;
+        int prval = 0, n = 0;
+        rados_read_op_omap_get_vals2(op, after, "", 256, &iter, &more, &prval);
+        int r = rados_read_op_operate(op, c->io, head, 0);
+        if (!r)
+            r = prval;
+        char *key, *val;
+        size_t kl, vl;
+        while (!r && rados_omap_get_next2(iter, &key, &val, &kl, &vl) == 0 && key) {
+            log_ext x;
+            if (vl != sizeof x || kl != 16) {
+                r = KVARC_ECORRUPT;
+                break;
+            }
+            memcpy(&x, val, sizeof x);
+            snprintf(after, sizeof after, "%.16s", key);
+            if (*nrefs == cap) {
+                void *m = realloc(*refs, (cap = cap ? 2 * cap : 64) * sizeof **refs);
+                if (!m) {
+                    r = -ENOMEM;
+                    break;
+                }
+                *refs = m;
+            }
+            (*refs)[(*nrefs)++] = x;
+            n++;
+        }
+        if (iter)
+            rados_omap_get_end(iter);
+        rados_release_read_op(op);
+        if (r == -ENOENT)
+            return 0;
+        if (r == KVARC_ECORRUPT)
+            return kvd_fail(err, r, "%s: a log entry is malformed", head);
+        if (r)
+            return rfail(e, err, r, "reading a conversation's log", head);
+        if (!more || n == 0)
+            return 0;
+    }
+}
+
+typedef struct idvec {
+    uint64_t *v;
+    size_t    n, cap;
+} idvec;
+
+static int idv_push(idvec *a, uint64_t id)
+{
+    if (a->n == a->cap) {
+        void *m = realloc(a->v, (a->cap = a->cap ? 2 * a->cap : 64) * sizeof *a->v);
+        if (!m)
+            return -ENOMEM;
+        a->v = m;
+    }
+    a->v[a->n++] = id;
+    return 0;
+}
+
+static int idv_has(const idvec *a, uint64_t id)
+{
+    for (size_t i = 0; i < a->n; i++)
+        if (a->v[i] == id)
+            return 1;
+    return 0;
+}
+
+int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *bytes, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    if (!grace_s)
+        grace_s = c->gc_grace_s;
+    *objects = *bytes = 0;
+    int rc = clu_sync_all(e, NULL, err);
+    if (rc)
+        return rc;
+    /* 1. what the pool holds */
+    pool_obj *po = NULL;
+    size_t npo = 0, cap = 0;
+    rados_list_ctx_t ctx;
+    int r = rados_nobjects_list_open(c->io, &ctx);
+    if (r)
+        return rfail(e, err, r, "listing the pool", "*");
+    const char *entry;
+    while ((r = rados_nobjects_list_next(ctx, &entry, NULL, NULL)) == 0) {
+        pool_obj o = { .head = 0 };
+        if (sscanf(entry, "kvarc.conv.%16" SCNx64, &o.id) == 1 && strlen(entry) == 27)
+            o.head = 1;
+        else if (sscanf(entry, "kvarc.data.%16" SCNx64 ".%16" SCNx64 ".%" SCNu64, &o.id, &o.epoch, &o.n) != 3)
+            continue;
+        snprintf(o.oid, sizeof o.oid, "%s", entry);
+        if (npo == cap) {
+            void *m = realloc(po, (cap = cap ? 2 * cap : 256) * sizeof *po);
+            if (!m) {
+                r = -ENOMEM;
+                break;
+            }
+            po = m;
+        }
+        po[npo++] = o;
+    }
+    rados_nobjects_list_close(ctx);
+    if (r != -ENOENT) {
+        free(po);
+        return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(e, err, r, "listing the pool", "*");
+    }
+    /* 2. every conversation the pool has a log for, in the cache (deletes included) */
+    for (size_t i = 0; i < npo && !rc; i++)
+        if (po[i].head && (rc = clu_sync_id(e, po[i].id, err)) == -ENOENT)
+            rc = 0;
+    /* 3. which conversations must stay: live ones and their ancestors, and
+     *    any whose head changed within the grace (a fork being made of it) */
+    time_t now = time(NULL);
+    idvec keep = { 0 }, gone = { 0 };
+    MDB_txn *txn = NULL;
+    if (!rc && (rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn))))
+        kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    for (size_t i = 0; i < npo && !rc; i++) {
+        if (!po[i].head)
+            continue;
+        uint64_t sz;
+        time_t mt;
+        conv_rec cr;
+        int known = conv_get(e, txn, po[i].id, &cr) == 0;
+        int young = rados_stat(c->io, po[i].oid, &sz, &mt) == 0 && now - mt < (time_t)grace_s;
+        if (young || (known && !(cr.flags & KVD_CONV_DELETED))) {
+            for (uint64_t a = po[i].id, d = 0; a && d < 1024 && !rc; d++) {     /* it and its ancestors */
+                conv_rec ar;
+                if (idv_push(&keep, a))
+                    rc = kvd_fail(err, -ENOMEM, "out of memory");
+                a = conv_get(e, txn, a, &ar) == 0 ? ar.parent : 0;
+            }
+        } else if (!known) {
+            char clients[256], cookies[256], addrs[256], tag[128];
+            size_t cl = sizeof clients, kl = sizeof cookies, al = sizeof addrs, tl = sizeof tag;
+            int excl;
+            if (rados_list_lockers(c->io, po[i].oid, LOCK_NAME, &excl, tag, &tl, clients, &cl, cookies, &kl,
+                                   addrs, &al) <= 0)
+                rc = idv_push(&gone, po[i].id);     /* a create that died before its first entry */
+            else
+                rc = idv_push(&keep, po[i].id);
+        } else {
+            rc = idv_push(&gone, po[i].id);     /* deleted; kept below if an ancestor of a kept one */
+        }
+        if (rc)
+            kvd_fail(err, rc, "out of memory");
+    }
+    if (txn)
+        mdb_txn_abort(txn);
+    /* 4. remove: every object of a gone conversation nothing keeps (data
+     *    first, its head last), and data objects of kept ones that their
+     *    log does not refer to and that are older than the grace */
+    for (size_t i = 0; i < npo && !rc; i++) {
+        uint64_t id = po[i].id;
+        int is_gone = idv_has(&gone, id), is_kept = idv_has(&keep, id);
+        if (po[i].head || (!is_gone && !is_kept))
+            continue;
+        uint64_t sz = 0;
+        time_t mt = 0;
+        if (rados_stat(c->io, po[i].oid, &sz, &mt) || now - mt < (time_t)grace_s)
+            continue;
+        int drop = is_gone && !is_kept;
+        if (!drop) {        /* kept: is this data object in its log? */
+            log_ext *refs;
+            size_t nrefs;
+            if ((rc = log_refs(e, id, &refs, &nrefs, err)))
+                break;
+            drop = 1;
+            for (size_t k = 0; k < nrefs && drop; k++)
+                drop = !(refs[k].epoch == po[i].epoch && refs[k].n == po[i].n);
+            free(refs);
+        }
+        if (drop && rados_remove(c->io, po[i].oid) == 0) {
+            (*objects)++;
+            *bytes += sz;
+        }
+    }
+    for (size_t i = 0; i < npo && !rc; i++) {
+        int is_gone = idv_has(&gone, po[i].id), is_kept = idv_has(&keep, po[i].id);
+        uint64_t sz = 0;
+        time_t mt = 0;
+        if (po[i].head && is_gone && !is_kept && rados_stat(c->io, po[i].oid, &sz, &mt) == 0 &&
+            now - mt >= (time_t)grace_s && rados_remove(c->io, po[i].oid) == 0) {
+            (*objects)++;
+            *bytes += sz;
+        }
+    }
+    free(keep.v);
+    free(gone.v);
+    free(po);
+    return rc;
 }

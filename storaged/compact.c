@@ -25,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "kvd_internal.h"
 
 
@@ -384,6 +385,11 @@ out:
         seg_path(e->dir, out_id, p, sizeof p);
         close(out_fd);
         unlink(p);
+    }
+    if (!rc && e->cluster) {    /* and the pool: what no conversation needs any more */
+        uint64_t objs = 0, pool_bytes = 0;
+        rc = clu_compact(e, 0, &objs, &pool_bytes, err);
+        reclaimed += pool_bytes;
     }
     if (reclaimed_out)
         *reclaimed_out = reclaimed;

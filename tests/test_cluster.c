@@ -18,7 +18,10 @@
  *     (attention over them equals exact attention), appends are refused
  *     while the dead kvarcd's lock holds and succeed once it lapses (the
  *     failover time is printed); a restarted kvarcd-1 sees them;
- *  6. timeout: every OSD stopped, an append through a kvarcd with a 3-s
+ *  6. collection: compaction removes a deleted conversation's objects
+ *     from the pool, keeps those of a deleted one a live fork shares
+ *     until the fork is deleted too, and every live one's;
+ *  7. timeout: every OSD stopped, an append through a kvarcd with a 3-s
  *     Ceph timeout fails UNAVAILABLE naming it; the conversation goes on
  *     once they run again.
  * Waits are on events (acknowledged appends, a refusal turning into
@@ -76,7 +79,8 @@ static pid_t start_node(const char *d, const char *node)
     snprintf(dir, sizeof dir, "%s", d);
     const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
                             "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
-                            "--rados-lock-s", LOCK_S, "--rados-timeout-s", "60", "--node", node, NULL };
+                            "--rados-lock-s", LOCK_S, "--rados-timeout-s", "60", "--rados-gc-grace-s", "1",
+                            "--node", node, NULL };
     pid_t pid = start_daemon_args(extra);
     kvc_conn *c;
     if (kvc_connect(d, &c) == 0) {
@@ -372,6 +376,81 @@ static void test_kill(pid_t *k1)
     }
 }
 
+/* The id kvarcd on d gives ns/name (0 if none), from `kvarc stat --json`. */
+static uint64_t conv_id(const char *d, const char *name)
+{
+    char out[4096], args[256];
+    snprintf(dir, sizeof dir, "%s", d);
+    snprintf(args, sizeof args, "stat %s/%s --json", NS, name);
+    const char *p = cli(out, sizeof out, args) == 0 ? strstr(out, "\"id\":") : NULL;
+    return p ? strtoull(p + 5, NULL, 10) : 0;
+}
+
+/* How many objects of conversation id the pool holds (its head and data). */
+static int pool_objects(uint64_t id)
+{
+    char cmd[1024], out[64];
+    snprintf(cmd, sizeof cmd, "rados -c '%s' -k '%s' --id '%s' -p '%s' ls 2>/dev/null | grep -c '^kvarc\\.[a-z]*\\.%016llx'",
+             getenv("CEPH_CONF"), getenv("CEPH_KEYRING"), getenv("CEPH_USER"), getenv("CEPH_POOL"),
+             (unsigned long long)id);
+    if (kd_run(out, sizeof out, cmd) > 1)
+        return -1;
+    return atoi(out);
+}
+
+/* Compaction collects the pool: a deleted conversation's objects go once
+ * unchanged for the grace (1 s here), a deleted one that a live fork
+ * shares stays until the fork is deleted too, live ones keep theirs. */
+static void test_gc(void)
+{
+    kvarc_options o = opts();
+    kvarc_conv *cv;
+    const char *names[] = { "gc-parent", "gc-alone" };
+    for (int i = 0; i < 2 && !tu_failures; i++) {
+        CHECK_RC(kvarc_conv_create(cl2, NS, names[i], &model, &o, NULL, &cv), 0);
+        for (int t = 0; t < 30 && !tu_failures; t++)
+            CHECK_RC(put(cv, t), 0);
+        if (i == 0)
+            CHECK_RC(kvarc_fork(cv, NS, "gc-fork", 0), 0);
+        CHECK_RC(kvarc_conv_close(cv), 0);
+    }
+    uint64_t parent = conv_id(dir2, "gc-parent"), alone = conv_id(dir2, "gc-alone"), fork = conv_id(dir2, "gc-fork");
+    CHECK(parent && alone && fork, "ids %llu %llu %llu", (unsigned long long)parent, (unsigned long long)alone,
+          (unsigned long long)fork);
+    CHECK(pool_objects(parent) >= 2 && pool_objects(alone) >= 2 && pool_objects(fork) >= 1,
+          "their objects are in the pool (%d %d %d)", pool_objects(parent), pool_objects(alone), pool_objects(fork));
+    char args[256];
+    snprintf(args, sizeof args, "delete %s/gc-parent", NS);
+    CHECK_RC(cli_on(dir2, args), 0);
+    snprintf(args, sizeof args, "delete %s/gc-alone", NS);
+    CHECK_RC(cli_on(dir2, args), 0);
+    int talk = pool_objects(conv_id(dir2, "talk"));
+    long end = kd_now_ms() + 60000;
+    while (!tu_failures && pool_objects(alone) > 0 && kd_now_ms() < end) {   /* until its grace is over */
+        CHECK_RC(cli_on(dir2, "compact"), 0);
+        kd_sleep_ms(200);
+    }
+    CHECK(pool_objects(alone) == 0, "compaction removed the deleted conversation's objects");
+    CHECK(pool_objects(parent) >= 2, "and kept the deleted one its live fork shares (%d)", pool_objects(parent));
+    CHECK(pool_objects(conv_id(dir2, "talk")) == talk, "and every object of a live one (%d)", talk);
+    kvarc_conv *f;
+    CHECK_RC(kvarc_conv_attach(cl1, NS, "gc-fork", &model, &o, &f), 0);
+    if (!tu_failures) {
+        float out[QH * D];
+        double e = exact_err(f, 0, 29, out);
+        CHECK(e < 1e-3, "the fork attaches on kvarcd-1 and attends exactly over the parent's tokens (%.2e)", e);
+        kvarc_conv_close(f);
+    }
+    snprintf(args, sizeof args, "delete %s/gc-fork", NS);
+    CHECK_RC(cli_on(dir2, args), 0);       /* its writer (kvarcd-2 made the fork) */
+    while (!tu_failures && (pool_objects(parent) > 0 || pool_objects(fork) > 0) && kd_now_ms() < end) {
+        CHECK_RC(cli_on(dir2, "compact"), 0);
+        kd_sleep_ms(200);
+    }
+    CHECK(pool_objects(parent) == 0 && pool_objects(fork) == 0, "with the fork deleted both go (%d %d)",
+          pool_objects(parent), pool_objects(fork));
+}
+
 /* Every OSD stopped (SIGSTOP): an append through a kvarcd with a 3-s Ceph
  * timeout fails UNAVAILABLE (-ECONNREFUSED here) saying so, instead of
  * hanging; once the OSDs run again the conversation continues. */
@@ -393,6 +472,13 @@ static void test_timeout(void)
     kvarc_conv *cv = NULL;
     kvarc_options o = opts();
     CHECK_RC(kvarc_client_open(d3, NULL, NULL, &c3), 0);
+    CHECK_RC(kvarc_conv_attach(c3, NS, "talk", &model, &o, &cv), 0);     /* a fresh cache, after the collection */
+    if (!tu_failures) {
+        float out[QH * D];
+        double e = exact_err(cv, 1, 102, out);
+        CHECK(kvarc_length(cv, 1) == 103 && e < 1e-3, "a third kvarcd attaches t/talk whole (%.2e)", e);
+        kvarc_conv_close(cv);
+    }
     CHECK_RC(kvarc_conv_create(c3, NS, "slow", &model, &o, NULL, &cv), 0);
     for (int t = 0; t < 10 && !tu_failures; t++)
         CHECK_RC(put(cv, t), 0);
@@ -464,6 +550,8 @@ int main(void)
         test_osd_kill();
     if (!tu_failures)
         test_kill(&k1);
+    if (!tu_failures)
+        test_gc();
     if (!tu_failures)
         test_timeout();
     kvarc_client_close(cl1);
