@@ -69,6 +69,7 @@
  * conversation opened here is held whole in the data directory).
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <rados/librados.h>
@@ -228,6 +229,8 @@ int clu_open(kvd_engine *e, const kvd_cluster_options *o, kvd_err *err)
         stage = "set the keyring";
         rc = rados_conf_set(c->rados, "keyring", o->keyring);
     }
+    if (!rc)            /* no admin socket: every kvarcd of one cephx user would want the same path */
+        (void)rados_conf_set(c->rados, "admin_socket", "");
     if (!rc) {          /* a client waits forever by default */
         stage = "set the timeouts";
         rc = rados_conf_set(c->rados, "rados_osd_op_timeout", tbuf);
@@ -1217,8 +1220,12 @@ static int log_refs(kvd_engine *e, uint64_t id, log_ext **refs, size_t *nrefs, k
         size_t kl, vl;
         while (!r && rados_omap_get_next2(iter, &key, &val, &kl, &vl) == 0 && key) {
             log_ext x;
-            if (vl != sizeof x || kl != 16) {
-                r = KVARC_ECORRUPT;
+            char kb[17];
+            uint64_t seq = 0;
+            memcpy(kb, key, kl < 16 ? kl : 16);
+            kb[kl < 16 ? kl : 16] = 0;
+            if (vl != sizeof x || kl != 16 || sscanf(kb, "%" SCNx64, &seq) != 1 || seq != *nrefs + 1) {
+                r = KVARC_ECORRUPT;     /* malformed, or a gap */
                 break;
             }
             memcpy(&x, val, sizeof x);
@@ -1240,7 +1247,7 @@ static int log_refs(kvd_engine *e, uint64_t id, log_ext **refs, size_t *nrefs, k
         if (r == -ENOENT)
             return 0;
         if (r == KVARC_ECORRUPT)
-            return kvd_fail(err, r, "%s: a log entry is malformed", head);
+            return kvd_fail(err, r, "%s: log entry %zu is malformed or missing", head, *nrefs + 1);
         if (r)
             return rfail(e, err, r, "reading a conversation's log", head);
         if (!more || n == 0)
@@ -1396,5 +1403,103 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
     free(keep.v);
     free(gone.v);
     free(po);
+    return rc;
+}
+
+/* ---- verify: the pool's logs ---------------------------------------------- */
+
+static void vproblem(void (*log)(void *, const char *), void *arg, uint64_t *problems, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void vproblem(void (*log)(void *, const char *), void *arg, uint64_t *problems, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    (*problems)++;
+    if (log)
+        log(arg, line);
+}
+
+int clu_verify(kvd_engine *e, uint64_t *problems, void (*log)(void *arg, const char *line), void *arg,
+               kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    idvec heads = { 0 };
+    rados_list_ctx_t ctx;
+    int r = rados_nobjects_list_open(c->io, &ctx);
+    if (r)
+        return rfail(e, err, r, "listing the pool", "kvarc.conv.*");
+    const char *entry;
+    while ((r = rados_nobjects_list_next(ctx, &entry, NULL, NULL)) == 0) {
+        uint64_t id;
+        if (strlen(entry) == 27 && sscanf(entry, "kvarc.conv.%16" SCNx64, &id) == 1 && idv_push(&heads, id)) {
+            r = -ENOMEM;
+            break;
+        }
+    }
+    rados_nobjects_list_close(ctx);
+    if (r != -ENOENT) {
+        free(heads.v);
+        return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(e, err, r, "listing the pool", "*");
+    }
+    int rc = 0;
+    for (size_t i = 0; i < heads.n && !rc; i++) {
+        uint64_t id = heads.v[i];
+        log_ext *refs;
+        size_t nrefs;
+        char head[64];
+        head_oid(head, sizeof head, id);
+        kvd_err lerr = { 0, "" };
+        int lr = log_refs(e, id, &refs, &nrefs, &lerr);
+        if (lr == KVARC_ECORRUPT) {
+            vproblem(log, arg, problems, "pool: %s", lerr.msg);
+            continue;
+        }
+        if (lr) {
+            *err = lerr;
+            rc = lr;
+            break;
+        }
+        for (size_t k = 0; k < nrefs && !rc; k++) {
+            char oid[96];
+            data_oid(oid, sizeof oid, id, refs[k].epoch, refs[k].n);
+            uint8_t *buf = refs[k].bytes <= (1ull << 31) ? malloc(refs[k].bytes ? refs[k].bytes : 1) : NULL;
+            if (!buf) {
+                vproblem(log, arg, problems, "pool: %s entry %zu names %" PRIu64 " bytes of %s", head, k + 1,
+                         refs[k].bytes, oid);
+                continue;
+            }
+            int rr = read_all(c, oid, buf, refs[k].bytes, refs[k].off);
+            if (rr == KVARC_ECORRUPT || rr == -ENOENT) {
+                vproblem(log, arg, problems, "pool: %s entry %zu: %s lacks bytes %" PRIu64 "..%" PRIu64 " it names",
+                         head, k + 1, oid, refs[k].off, refs[k].off + refs[k].bytes);
+            } else if (rr) {
+                rc = rfail(e, err, rr, "reading a log extent", oid);
+            } else {
+                for (size_t p = 0; p < refs[k].bytes;) {
+                    kvarc_block_header h;
+                    const char *what = "a block header";
+                    size_t left = (size_t)refs[k].bytes - p;
+                    if (left < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, &h) ||
+                        h.payload_bytes > left - KVARC_BLOCK_HEADER || block_check_payload(&h, buf + p, &what, NULL)) {
+                        vproblem(log, arg, problems, "pool: %s entry %zu (%s at %" PRIu64 "): %s fails its check "
+                                 "at byte %zu", head, k + 1, oid, refs[k].off, what, p);
+                        break;
+                    }
+                    if (h.conv != id) {
+                        vproblem(log, arg, problems, "pool: %s entry %zu holds a block of conversation %" PRIu64,
+                                 head, k + 1, (uint64_t)h.conv);
+                        break;
+                    }
+                    p += KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
+                }
+            }
+            free(buf);
+        }
+        free(refs);
+    }
+    free(heads.v);
     return rc;
 }

@@ -49,4 +49,11 @@ int  clu_sync_all(kvd_engine *e, const char *ns, kvd_err *err);
  * --rados-gc-grace-s kvarcd runs with). The objects and bytes removed. */
 int  clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *bytes, kvd_err *err);
 
+/* Every conversation's log in the pool checked: entries 1..n without a
+ * gap, each extent readable and holding whole blocks of that conversation
+ * whose header and payload CRCs hold. Each problem through log (may be
+ * NULL) and counted in *problems; 0, or an error reaching the pool. */
+int  clu_verify(kvd_engine *e, uint64_t *problems, void (*log)(void *arg, const char *line), void *arg,
+                kvd_err *err);
+
 #endif

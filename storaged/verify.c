@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cluster.h"
 #include "kvd_internal.h"
 
 typedef struct blk {
@@ -542,8 +543,16 @@ int kvd_verify(kvd_engine *e, kvd_verify_report *rep, log_fn log, void *arg, kvd
               (unsigned long long)h->first_pos, (unsigned long long)(h->first_pos + h->count - 1),
               (unsigned long long)len, e->dir);
     }
-    rc = rep->problems ? kvd_fail(err, KVARC_ECORRUPT, "verify found %llu problem(s) in %s",
-                                  (unsigned long long)rep->problems, e->dir) : 0;
+    if (e->cluster) {   /* and the pool's logs, which the cache was made from */
+        kvd_err cerr = { 0, "" };
+        if ((rc = clu_verify(e, &rep->problems, log, arg, &cerr))) {
+            *err = cerr;
+            goto out;
+        }
+    }
+    rc = rep->problems ? kvd_fail(err, KVARC_ECORRUPT, "verify found %llu problem(s) in %s%s",
+                                  (unsigned long long)rep->problems, e->dir,
+                                  e->cluster ? " and its pool" : "") : 0;
 out:
     if (txn)
         mdb_txn_abort(txn);

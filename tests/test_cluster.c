@@ -23,7 +23,9 @@
  *     until the fork is deleted too, and every live one's;
  *  7. timeout: every OSD stopped, an append through a kvarcd with a 3-s
  *     Ceph timeout fails UNAVAILABLE naming it; the conversation goes on
- *     once they run again.
+ *     once they run again;
+ *  8. verify: a byte flipped in a data object in the pool is reported by
+ *     kvarc verify, and a fresh cache refuses the conversation.
  * Waits are on events (acknowledged appends, a refusal turning into
  * success), each bounded by a deadline far past the lock's 3 s. */
 #include <math.h>
@@ -529,6 +531,61 @@ static void test_timeout(void)
     }
 }
 
+/* A byte flipped in a data object in the pool: kvarc verify reports the
+ * log entry, and a cache that syncs the conversation refuses it
+ * (KVARC_ECORRUPT) rather than serve it. */
+static void test_verify_pool(void)
+{
+    kvarc_options o = opts();
+    kvarc_conv *cv;
+    CHECK_RC(kvarc_conv_create(cl2, NS, "flip", &model, &o, NULL, &cv), 0);
+    for (int t = 0; t < 20 && !tu_failures; t++)
+        CHECK_RC(put(cv, t), 0);
+    CHECK_RC(kvarc_conv_close(cv), 0);
+    char out[8192], cmd[2048], obj[128] = "";
+    snprintf(dir, sizeof dir, "%s", dir2);
+    CHECK_RC(cli(out, sizeof out, "verify"), 0);
+    uint64_t id = conv_id(dir2, "flip");
+    const char *r = "rados -c \"$CEPH_CONF\" -k \"$CEPH_KEYRING\" --id \"$CEPH_USER\" -p \"$CEPH_POOL\"";
+    snprintf(cmd, sizeof cmd, "%s ls 2>/dev/null | grep '^kvarc\\.data\\.%016llx\\.' | head -n 1", r, (unsigned long long)id);
+    CHECK(kd_run(obj, sizeof obj, cmd) == 0 && obj[0], "its data object in the pool");
+    obj[strcspn(obj, "\n")] = 0;
+    snprintf(cmd, sizeof cmd, "%s get %s %s.obj 2>/dev/null && printf '\\377' | dd of=%s.obj bs=1 seek=300 "
+             "conv=notrunc status=none && %s put %s %s.obj 2>/dev/null", r, obj, dir2, dir2, r, obj, dir2);
+    CHECK(system(cmd) == 0, "a byte of %s flipped", obj);
+    int rc = cli(out, sizeof out, "verify");
+    CHECK(rc == 1 && strstr(out, "pool: kvarc.conv.") && strstr(out, "fails its check"),
+          "verify reports the damaged log entry (%d: %.300s)", rc, out);
+    char d4[256];
+    eu_tmpdir(d4, sizeof d4, "cluster4");
+    snprintf(dir, sizeof dir, "%s", d4);
+    const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
+                            "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
+                            "--node", "n4", NULL };
+    pid_t k4 = start_daemon_args(extra);
+    kvc_conn *probe;
+    if (kvc_connect(d4, &probe) == 0) {
+        CHECK(wait_ready(probe), "kvarcd n4 ready");
+        kvc_close(probe);
+    }
+    kvarc_client *c4;
+    CHECK_RC(kvarc_client_open(d4, NULL, NULL, &c4), 0);
+    rc = kvarc_conv_attach(c4, NS, "flip", &model, &o, &cv);
+    CHECK(rc == KVARC_ECORRUPT, "a fresh cache refuses to serve it (%d: %s)", rc, kvarc_client_errmsg(c4));
+    if (!rc)
+        kvarc_conv_close(cv);
+    kvarc_client_close(c4);
+    kill(k4, SIGTERM);
+    CHECK(wait_exit(k4, 20000) == 0, "kvarcd n4 exits 0");
+    snprintf(cmd, sizeof cmd, "%s.obj", dir2);
+    unlink(cmd);
+    if (!tu_failures) {
+        snprintf(cmd, sizeof cmd, "%s.log", d4);
+        unlink(cmd);
+        eu_rmrf(d4);
+    }
+}
+
 int main(void)
 {
     if (!getenv("CEPH_POOL") || !getenv("CEPH_CONF") || !getenv("CEPH_KEYRING") || !getenv("CEPH_USER")) {
@@ -554,6 +611,8 @@ int main(void)
         test_gc();
     if (!tu_failures)
         test_timeout();
+    if (!tu_failures)
+        test_verify_pool();
     kvarc_client_close(cl1);
     kvarc_client_close(cl2);
     kill(k1, SIGTERM);
