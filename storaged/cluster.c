@@ -15,7 +15,9 @@
  *   kvarc.name.NS/NAME        xattr "id": the conversation the name is
  *                             bound to; made by an exclusive create
  *   kvarc.conv.ID             the head: the writer lock ("writer",
- *                             exclusive, with a duration) and the log in
+ *                             exclusive, with a duration), xattr "last"
+ *                             (the log's last SEQ; set to 0 when a create
+ *                             makes the head) and the log in
  *                             omap: key SEQ (16 hex, from 1, no gaps) ->
  *                             log_ext (a data object's epoch and number,
  *                             offset, bytes): one batch of blocks
@@ -28,10 +30,14 @@
  * before the local write): a conversation's blocks of the batch are
  * written to its epoch's data object (Ceph answers when every replica has
  * them), then ONE operation on the head, {assert_locked(writer),
- * omap_set(SEQ -> extent)}, makes them part of the log. So a block is in
+ * cmpxattr(last == SEQ0), setxattr(last = SEQ1), omap_set(SEQ0+1..SEQ1 ->
+ * extents)}, makes them part of the log. So a block is in
  * the log only once it is durable, and only while this kvarcd holds the
  * lock: a writer whose lock lapsed is fenced out by the assert, and its
- * data bytes are never referenced. Then the local commit; the client hears
+ * data bytes are never referenced; and no entry is ever written over, even
+ * by an operation that timed out here and landed later (the compare on
+ * "last" fails, the conversation is marked stale and synced before its
+ * next append). Then the local commit; the client hears
  * of success after both. A batch that fails after some logs advanced
  * marks those conversations stale: they are synced before their next use,
  * and a retried append finds its positions held (as after a crash between
@@ -39,7 +45,9 @@
  *
  * Writer lock (clu_writer_begin): rados_lock_exclusive with a duration.
  * Taking it: lock, then sync the log to its end (no one else can extend
- * it now), then a new random epoch. Refused (another holder): KVARC_ELOCKED
+ * it now; a failed sync leaves the conversation stale), then a new random
+ * epoch. A head without "last" was made by the lock itself (its
+ * conversation's log was collected): it is removed again, -ENOENT. Refused (another holder): KVARC_ELOCKED
  * with the holder's description (its node name, pid) and address. A
  * thread renews every lock used within the last duration, every
  * duration/3, with MUST_RENEW (a lapsed lock is never silently retaken: it
@@ -58,15 +66,22 @@
  * by name (kvd_conv_open: attach, Open, Stat by name, fork's source);
  * what another host appends afterwards is seen at the next open.
  *
- * Names: create = an id from kvarc.ids, an exclusive create of the name
- * object, the new head's lock, then the CONV_CREATE block logged like any
- * other. A name bound to a conversation whose log is deleted (or was never
+ * Names: create = an id from kvarc.ids, the new head locked with "last"
+ * 0, an exclusive create of the name object (so that a create in progress
+ * is seen locked, never dead), then the CONV_CREATE block logged like any
+ * other; a create that fails before its first entry (the head's "last"
+ * still 0) unbinds the name and releases the lock. A name bound to a conversation whose log is deleted (or was never
  * written: a create that died) is rebound with a cmpxattr on the old id.
  * Delete = the CONV_DELETE block logged, then the name object removed.
  *
- * Not done yet (issue 19's note): garbage collection of the data objects
- * of deleted conversations and lapsed epochs; a bound on the cache (each
- * conversation opened here is held whole in the data directory).
+ * Collection (clu_compact, from kvarc compact): objects unchanged for the
+ * grace; data objects no log names only after the grace plus a lock and
+ * an operation timeout (a live writer's newest object is unnamed until
+ * its head operation lands); a head only under its own lock, taken by the
+ * collector, in the operation that removes it.
+ * Not done yet (issue 19's note): a bound on the cache (each conversation
+ * opened here is held whole in the data directory); one round trip per
+ * append.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -105,7 +120,7 @@ struct kvd_cluster {
     rados_t       rados;
     rados_ioctx_t io;
     char          cookie[96], desc[160];
-    unsigned      lock_s, gc_grace_s;
+    unsigned      lock_s, gc_grace_s, op_timeout_s;
     uint64_t      object_bytes;
     pthread_mutex_t mu;     /* the table below and every cconv's fields marked so */
     cconv        *tab[256];
@@ -164,8 +179,9 @@ static cconv *cconv_get(kvd_engine *e, uint64_t id)
         x->next = *slot;
         *slot = x;
     }
+    int loaded = x ? x->loaded : 1;
     pthread_mutex_unlock(&c->mu);
-    if (x && !x->loaded) {     /* the watermark the cache has (0: none) */
+    if (!loaded) {              /* the watermark the cache has (0: none) */
         char name[40];
         uint64_t seq = 0;
         MDB_txn *txn;
@@ -208,6 +224,7 @@ int clu_open(kvd_engine *e, const kvd_cluster_options *o, kvd_err *err)
     c->object_bytes = o->object_bytes ? o->object_bytes : 64u << 20;
     c->gc_grace_s = o->gc_grace_s ? o->gc_grace_s : 3600;
     unsigned tmo = o->op_timeout ? o->op_timeout : 30;
+    c->op_timeout_s = tmo;
     char host[64] = "", tbuf[16];
     if (o->node && o->node[0])
         snprintf(host, sizeof host, "%s", o->node);
@@ -321,6 +338,9 @@ static void *renew_main(void *arg)
                 pthread_mutex_unlock(&c->mu);
                 /* no sync or lock taking of it runs meanwhile; skip it if one does */
                 if (pthread_mutex_trylock(&x->wmu) == 0) {
+                    pthread_mutex_lock(&c->mu);     /* again: an append may have come meanwhile */
+                    idle = x->locked && now_ns() - x->last_write_ns > (int64_t)c->lock_s * 1000000000;
+                    pthread_mutex_unlock(&c->mu);
                     char oid[64];
                     head_oid(oid, sizeof oid, id);
                     struct timeval d = { (time_t)c->lock_s, 0 };
@@ -359,7 +379,7 @@ static int ingest_extent(kvd_engine *e, uint64_t id, uint64_t seq, uint8_t *buf,
 {
     size_t cap = 16, cnt = 0;
     kvd_item *items = calloc(cap, sizeof *items);
-    int rc = 0;
+    int rc = items ? 0 : kvd_fail(err, -ENOMEM, "out of memory");
     for (size_t p = 0; p < n && !rc;) {
         kvarc_block_header h;
         const char *what = "a block header";
@@ -523,23 +543,31 @@ static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
     }
 }
 
+/* Conversation id alone (not its ancestors) up to its log; -ENOENT: the
+ * pool has no log for it. */
+static int sync_one(kvd_engine *e, uint64_t id, kvd_err *err)
+{
+    cconv *x = cconv_get(e, id);
+    if (!x)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&x->wmu);
+    pthread_mutex_lock(&e->cluster->mu);
+    int current = x->locked && !x->stale;     /* the writer's cache is the log */
+    pthread_mutex_unlock(&e->cluster->mu);
+    int rc = current ? 0 : sync_locked(e, x, err);
+    if (!rc && !current) {
+        pthread_mutex_lock(&e->cluster->mu);
+        x->stale = 0;
+        pthread_mutex_unlock(&e->cluster->mu);
+    }
+    pthread_mutex_unlock(&x->wmu);
+    return rc;
+}
+
 int clu_sync_id(kvd_engine *e, uint64_t id, kvd_err *err)
 {
     for (int depth = 0; id && depth < 1024; depth++) {    /* the conversation, then its ancestors */
-        cconv *x = cconv_get(e, id);
-        if (!x)
-            return kvd_fail(err, -ENOMEM, "out of memory");
-        pthread_mutex_lock(&x->wmu);
-        pthread_mutex_lock(&e->cluster->mu);
-        int current = x->locked && !x->stale;     /* the writer's cache is the log */
-        pthread_mutex_unlock(&e->cluster->mu);
-        int rc = current ? 0 : sync_locked(e, x, err);
-        if (!rc && !current) {
-            pthread_mutex_lock(&e->cluster->mu);
-            x->stale = 0;
-            pthread_mutex_unlock(&e->cluster->mu);
-        }
-        pthread_mutex_unlock(&x->wmu);
+        int rc = sync_one(e, id, err);
         if (rc)
             return rc;
         MDB_txn *txn;
@@ -608,8 +636,8 @@ int clu_sync_name(kvd_engine *e, const char *ns, const char *name, kvd_err *err)
         return r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s: its id is malformed", oid)
                                    : rfail(e, err, r, "looking up a name", oid);
     if (mine && mine != id) {   /* what the cache calls ns/name was deleted (or replaced) elsewhere */
-        int rc = clu_sync_id(e, mine, err);
-        if (rc == -ENOENT)      /* its log is gone from the pool (collected after its delete) */
+        int rc = sync_one(e, mine, err);
+        if (rc == -ENOENT)      /* its own log is gone from the pool (collected after its delete) */
             rc = forget(e, mine, err);
         if (rc)
             return rc;
@@ -718,8 +746,11 @@ static int refuse_locked(kvd_engine *e, uint64_t id, const char *oid, kvd_err *e
                     e->cluster->lock_s);
 }
 
-/* Take id's lock (x->wmu held): 0, KVARC_ELOCKED, or an error. */
-static int take_lock(kvd_engine *e, cconv *x, kvd_err *err)
+static size_t assert_input(const kvd_cluster *c, char *b);
+
+/* Take id's lock (x->wmu held): 0, KVARC_ELOCKED, -ENOENT (no such head:
+ * unless fresh, a create's, the lock would have made one), or an error. */
+static int take_lock(kvd_engine *e, cconv *x, int fresh, kvd_err *err)
 {
     kvd_cluster *c = e->cluster;
     char oid[64];
@@ -730,6 +761,21 @@ static int take_lock(kvd_engine *e, cconv *x, kvd_err *err)
         return refuse_locked(e, x->id, oid, err);
     if (r && r != -EEXIST)
         return rfail(e, err, r, "taking a conversation's writer lock", oid);
+    char last[32];
+    if (!fresh && (r = rados_getxattr(c->io, oid, "last", last, sizeof last)) < 0) {
+        /* no "last": the lock made this head (its conversation's log was collected) */
+        rados_write_op_t op = rados_create_write_op();
+        char in[sizeof LOCK_NAME + sizeof c->cookie + 32];
+        int prval = 0;
+        rados_write_op_exec(op, "lock", "assert_locked", in, assert_input(c, in), &prval);
+        rados_write_op_remove(op);
+        (void)rados_write_op_operate(op, c->io, oid, NULL, 0);
+        rados_release_write_op(op);
+        if (r == -ENODATA || r == -ENOENT)
+            return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " is not in the pool (deleted, its log "
+                            "collected)", x->id);
+        return rfail(e, err, r, "reading a conversation's head", oid);
+    }
     uint64_t epoch = 0;
     if (getrandom(&epoch, sizeof epoch, 0) != sizeof epoch)
         epoch = (uint64_t)now_ns() * 0x9e3779b97f4a7c15ull;
@@ -760,13 +806,14 @@ int clu_writer_begin(kvd_engine *e, uint64_t id, kvd_err *err)
     pthread_mutex_lock(&c->mu);
     int locked = x->locked;
     pthread_mutex_unlock(&c->mu);
-    int rc = locked ? 0 : take_lock(e, x, err);
-    if (!rc)
-        rc = sync_locked(e, x, err);    /* nobody else extends the log now */
+    int rc = locked ? 0 : take_lock(e, x, 0, err);
+    int synced = !rc && !(rc = sync_locked(e, x, err));   /* nobody else extends the log now */
     pthread_mutex_lock(&c->mu);
-    if (!rc) {
+    if (synced) {
         x->stale = 0;
         x->last_write_ns = now_ns();
+    } else if (x->locked) {
+        x->stale = 1;           /* locked but behind the log: never log on top of it */
     }
     pthread_mutex_unlock(&c->mu);
     pthread_mutex_unlock(&x->wmu);
@@ -838,6 +885,8 @@ static int id_dead(kvd_engine *e, uint64_t id, kvd_err *err)
     head_oid(oid, sizeof oid, id);
     ssize_t n = rados_list_lockers(e->cluster->io, oid, LOCK_NAME, &excl, tag, &tl, clients, &cl, cookies, &kl,
                                    addrs, &al);
+    if (n < 0 && n != -ENOENT)
+        return rfail(e, err, (int)n, "reading a create's lock", oid);
     return n > 0 ? 0 : 1;
 }
 
@@ -850,6 +899,28 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
     if (rc)
         return rc;
     snprintf(hv, sizeof hv, "%016" PRIx64, *id);
+    /* the head first, locked and with its log position at 0: while the
+     * name is being bound, another kvarcd sees a live (locked) create */
+    cconv *x = cconv_get(e, *id);
+    if (!x)
+        return kvd_fail(err, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&x->wmu);
+    rc = take_lock(e, x, 1, err);
+    if (!rc) {
+        char head[64], in[sizeof LOCK_NAME + sizeof c->cookie + 32];
+        int prval = 0;
+        head_oid(head, sizeof head, *id);
+        rados_write_op_t op = rados_create_write_op();
+        rados_write_op_exec(op, "lock", "assert_locked", in, assert_input(c, in), &prval);
+        rados_write_op_setxattr(op, "last", "0000000000000000", 16);
+        int r = rados_write_op_operate(op, c->io, head, NULL, 0);
+        rados_release_write_op(op);
+        if (r)
+            rc = rfail(e, err, r, "starting a conversation's log", head);
+    }
+    pthread_mutex_unlock(&x->wmu);
+    if (rc)
+        return rc;
     for (int tries = 0;; tries++) {
         rados_write_op_t op = rados_create_write_op();
         rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
@@ -858,18 +929,20 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
         rados_release_write_op(op);
         if (r == 0)
             break;
-        if (r != -EEXIST)
+        if (r != -EEXIST) {
+            clu_create_undo(e, ns, name, *id);
             return rfail(e, err, r, "binding a name", oid);
+        }
         uint64_t old;
         if ((r = name_get(c, oid, &old)) == -ENOENT && tries < 3)
             continue;           /* removed meanwhile: bind it again */
-        if (r)
-            return rfail(e, err, r, "reading a name", oid);
-        int dead = id_dead(e, old, err);
-        if (dead < 0)
-            return dead;
-        if (!dead || tries >= 3)
-            return kvd_fail(err, -EEXIST, "conversation '%s/%s' already exists", ns, name);
+        int dead = r ? r : id_dead(e, old, err);
+        if (dead < 0 || !dead || tries >= 3) {
+            clu_create_undo(e, ns, name, *id);
+            if (r)
+                return rfail(e, err, r, "reading a name", oid);
+            return dead < 0 ? dead : kvd_fail(err, -EEXIST, "conversation '%s/%s' already exists", ns, name);
+        }
         char ov[17];            /* rebind it, if still bound to the dead one */
         snprintf(ov, sizeof ov, "%016" PRIx64, old);
         op = rados_create_write_op();
@@ -879,18 +952,12 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
         rados_release_write_op(op);
         if (r == 0)
             break;
-        if (r != -ECANCELED && r != -ENOENT)
+        if (r != -ECANCELED && r != -ENOENT) {
+            clu_create_undo(e, ns, name, *id);
             return rfail(e, err, r, "rebinding a name", oid);
+        }
     }
-    cconv *x = cconv_get(e, *id);
-    if (!x)
-        return kvd_fail(err, -ENOMEM, "out of memory");
-    pthread_mutex_lock(&x->wmu);
-    rc = take_lock(e, x, err);
-    pthread_mutex_unlock(&x->wmu);
-    if (rc)
-        clu_create_undo(e, ns, name, *id);
-    return rc;
+    return 0;
 }
 
 void clu_name_release(kvd_engine *e, const char *ns, const char *name, uint64_t id)
@@ -908,13 +975,24 @@ void clu_name_release(kvd_engine *e, const char *ns, const char *name, uint64_t 
 void clu_create_undo(kvd_engine *e, const char *ns, const char *name, uint64_t id)
 {
     kvd_cluster *c = e->cluster;
-    cconv *x = cconv_get(e, id);
-    pthread_mutex_lock(&c->mu);
-    int logged = x && x->seq > 0;
-    pthread_mutex_unlock(&c->mu);
-    if (logged)
-        return;                 /* its create is in the log: it exists */
+    char head[64], last[17] = "";
+    head_oid(head, sizeof head, id);
+    /* the head's own word, not this kvarcd's view: a log operation that
+     * timed out may have landed (and while this kvarcd holds the lock,
+     * nothing else can change it) */
+    int r = rados_getxattr(c->io, head, "last", last, 16);
+    if (r != 16 || strcmp(last, "0000000000000000"))
+        return;                 /* its create may be in the log: it exists (or id_dead decides later) */
     clu_name_release(e, ns, name, id);
+    cconv *x = cconv_get(e, id);
+    if (x) {
+        pthread_mutex_lock(&c->mu);
+        int locked = x->locked;
+        x->locked = 0;
+        pthread_mutex_unlock(&c->mu);
+        if (locked)
+            rados_unlock(c->io, head, LOCK_NAME, c->cookie);
+    }
 }
 
 /* ---- append: the batch into the log ----------------------------------------- */
@@ -1052,8 +1130,15 @@ static void job_commit(kvd_engine *e, conv_job *j, const char *assert_in, size_t
         vl[i] = sizeof j->ext[i];
     }
     head_oid(head, sizeof head, j->x->id);
+    /* and the log's end compared and moved in the same operation: an entry
+     * is never written over, whatever landed late (a timed-out operation) */
+    char was[17], now_last[17];
+    snprintf(was, sizeof was, "%016" PRIx64, j->seq);
+    snprintf(now_last, sizeof now_last, "%016" PRIx64, j->seq + j->ne);
     j->hop = rados_create_write_op();
     rados_write_op_exec(j->hop, "lock", "assert_locked", assert_in, alen, &j->prval);
+    rados_write_op_cmpxattr(j->hop, "last", LIBRADOS_CMPXATTR_OP_EQ, was, 16);
+    rados_write_op_setxattr(j->hop, "last", now_last, 16);
     rados_write_op_omap_set2(j->hop, kp, vp, kl, vl, j->ne);   /* copied into the op */
     int r = rados_aio_create_completion2(NULL, NULL, &j->hc);
     if (!r)
@@ -1071,6 +1156,8 @@ static void job_commit(kvd_engine *e, conv_job *j, const char *assert_in, size_t
 static void job_finish(kvd_engine *e, MDB_txn *txn, conv_job *j)
 {
     kvd_cluster *c = e->cluster;
+    if (!j->x)
+        return;
     char head[64];
     head_oid(head, sizeof head, j->x->id);
     int r = 0;
@@ -1086,6 +1173,13 @@ static void job_finish(kvd_engine *e, MDB_txn *txn, conv_job *j)
                 kvd_fail(&j->err, KVARC_ELOCKED, "this kvarcd's writer lock on %s lapsed before the append "
                          "was logged; nothing of it was kept: retry", head);
             j->rc = KVARC_ELOCKED;
+        } else if (!j->rc && r == -ECANCELED) {    /* the log's end is not where this kvarcd saw it */
+            pthread_mutex_lock(&c->mu);
+            j->x->stale = 1;
+            pthread_mutex_unlock(&c->mu);
+            j->rc = kvd_fail(&j->err, -EAGAIN, "%s: the log had moved past where this kvarcd saw its end (an "
+                             "earlier operation that timed out landed); nothing of this append was kept: retry",
+                             head);
         } else if (!j->rc && r) {
             j->rc = rfail(e, &j->err, r, "logging blocks", head);
         }
@@ -1148,9 +1242,8 @@ int clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err)
         job_write(e, &jobs[i]);
     for (size_t i = 0; i < nj && !rc; i++)
         job_commit(e, &jobs[i], assert_in, alen);
-    for (size_t i = 0; i < nj; i++) {
-        if (!rc)
-            job_finish(e, txn, &jobs[i]);
+    for (size_t i = 0; i < nj; i++) {      /* every job waited for, whatever failed before it */
+        job_finish(e, txn, &jobs[i]);
         if (!rc && jobs[i].rc) {
             rc = jobs[i].rc;
             *err = jobs[i].err;
@@ -1372,9 +1465,12 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
             continue;
         uint64_t sz = 0;
         time_t mt = 0;
-        if (rados_stat(c->io, po[i].oid, &sz, &mt) || now - mt < (time_t)grace_s)
-            continue;
         int drop = is_gone && !is_kept;
+        /* a live writer's newest data object is not in its log until its
+         * head operation lands: at most a lock and an operation's timeout later */
+        time_t grace = (time_t)grace_s + (drop ? 0 : (time_t)(c->lock_s + c->op_timeout_s));
+        if (rados_stat(c->io, po[i].oid, &sz, &mt) || now - mt < grace)
+            continue;
         if (!drop) {        /* kept: is this data object in its log? */
             log_ext *refs;
             size_t nrefs;
@@ -1394,11 +1490,25 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
         int is_gone = idv_has(&gone, po[i].id), is_kept = idv_has(&keep, po[i].id);
         uint64_t sz = 0;
         time_t mt = 0;
-        if (po[i].head && is_gone && !is_kept && rados_stat(c->io, po[i].oid, &sz, &mt) == 0 &&
-            now - mt >= (time_t)grace_s && rados_remove(c->io, po[i].oid) == 0) {
+        if (!po[i].head || !is_gone || is_kept || rados_stat(c->io, po[i].oid, &sz, &mt) ||
+            now - mt < (time_t)grace_s)
+            continue;
+        /* removed only under its own lock, taken here: never while a writer holds it */
+        struct timeval d = { (time_t)c->lock_s, 0 };
+        if (rados_lock_exclusive(c->io, po[i].oid, LOCK_NAME, c->cookie, c->desc, &d, 0))
+            continue;
+        char in[sizeof LOCK_NAME + sizeof c->cookie + 32];
+        int prval = 0;
+        rados_write_op_t op = rados_create_write_op();
+        rados_write_op_exec(op, "lock", "assert_locked", in, assert_input(c, in), &prval);
+        rados_write_op_remove(op);
+        if (rados_write_op_operate(op, c->io, po[i].oid, NULL, 0) == 0) {
             (*objects)++;
             *bytes += sz;
+        } else {
+            rados_unlock(c->io, po[i].oid, LOCK_NAME, c->cookie);
         }
+        rados_release_write_op(op);
     }
     free(keep.v);
     free(gone.v);

@@ -170,8 +170,10 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
                 it->err = cerr;
             } else if (!it->rc) {
                 it->rc = rc;
-                kvd_fail(&it->err, rc, "append not stored: could not %s in %s: %s (nothing of it "
-                         "was kept; retry once the cause is fixed)", stage, e->dir, kvarc_strerror(rc));
+                kvd_fail(&it->err, rc, "append not stored: could not %s in %s: %s (%s; retry once the "
+                         "cause is fixed)", stage, e->dir, kvarc_strerror(rc),
+                         logged ? "the cluster's log may hold it: a retry finds its positions held"
+                                : "nothing of it was kept");
             }
     } else {
         if (logged)

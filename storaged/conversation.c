@@ -222,12 +222,17 @@ int kvd_conv_create_stage(kvd_engine *e, const char *ns, const kvd_shape *shape,
     return conv_create(e, ns, name, shape, means, info, err);
 }
 
+static long conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out, size_t max,
+                      int sync, kvd_err *err);
+
 long kvd_stage_sweep(kvd_engine *e, kvd_err *err)
 {
     kvd_conv_info page[256];
     char after[KVD_NS_MAX + KVD_NAME_MAX] = "";
     long got, removed = 0;
-    while ((got = kvd_conv_list(e, NULL, *after ? after : NULL, page, 256, err)) > 0) {
+    /* the cache's own stages only (on the RADOS backend, a first page
+     * would otherwise bring every conversation of the pool here first) */
+    while ((got = conv_list(e, NULL, *after ? after : NULL, page, 256, 0, err)) > 0) {
         for (long i = 0; i < got; i++)
             if (!strncmp(page[i].name, KVD_STAGE_PREFIX, strlen(KVD_STAGE_PREFIX))) {
                 int rc = kvd_conv_delete(e, page[i].ns, page[i].name, err);
@@ -343,6 +348,12 @@ int conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err)
 long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out,
                    size_t max, kvd_err *err)
 {
+    return conv_list(e, ns, after, out, max, 1, err);
+}
+
+static long conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out, size_t max,
+                      int sync, kvd_err *err)
+{
     MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val k, v;
@@ -350,7 +361,7 @@ long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_in
     if (ns && !kvd_name_valid(ns, KVD_NS_MAX))
         return names_check(ns, "x", err);
     int rc;
-    if (e->cluster && (!after || !after[0]) && (rc = clu_sync_all(e, ns, err)))   /* a listing's first page */
+    if (sync && e->cluster && (!after || !after[0]) && (rc = clu_sync_all(e, ns, err)))   /* a listing's first page */
         return rc;
     rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
     if (rc)
