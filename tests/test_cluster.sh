@@ -16,7 +16,7 @@ out=$(bash "$root/tools/ceph-cluster" start "$dir" --osd-size 1G 2>&1) || { echo
 set -a
 . "$dir/env"
 set +a
-export CEPH_OSD_PIDFILE=$dir/run/osd.2.pid CEPH_RUN_DIR=$dir/run
+export CEPH_OSD_PIDFILE=$dir/run/osd.2.pid CEPH_RUN_DIR=$dir/run CEPH_CLUSTER_DIR=$dir KVARC_CEPH_TOOL=$root/tools/ceph-cluster
 "$bin"
 rc=$?
 if [ $rc -ne 0 ]; then
