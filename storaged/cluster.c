@@ -107,10 +107,13 @@ struct cconv {
     uint64_t seq;           /* the last log entry the cache holds */
     uint64_t log_seq;       /* the last entry known to be in the log (>= seq) */
     uint64_t pending;       /* log_seq after this batch, the cache's once it commits */
+    uint64_t pending_seg;   /* the segment it is in */
     int      loaded;        /* seq read from the index */
     int      locked;        /* this kvarcd holds the writer lock */
     int      stale;         /* a failed batch may have left log entries the cache lacks */
-    uint64_t epoch, obj_n, obj_off;   /* where this writer's next bytes go */
+    uint64_t rseg;          /* the segment object the cache's last entry is in */
+    uint64_t epoch;         /* this writer's, in its segment's state */
+    uint64_t wseg, woff;    /* where this writer's next bytes go */
     int64_t  last_write_ns; /* the last writer_begin */
     cconv   *next;
 };
@@ -129,8 +132,8 @@ struct kvd_cluster {
     int           stop, have_renewer;
 };
 
-typedef struct log_ext {    /* an omap value, little-endian */
-    uint64_t epoch, n, off, bytes;
+typedef struct log_ext {    /* an omap value, little-endian: where in its segment */
+    uint64_t off, bytes;
 } log_ext;
 
 static int64_t now_ns(void)
@@ -145,9 +148,9 @@ static void head_oid(char *b, size_t n, uint64_t id)
     snprintf(b, n, "kvarc.conv.%016" PRIx64, id);
 }
 
-static void data_oid(char *b, size_t n, uint64_t id, uint64_t epoch, uint64_t k)
+static void seg_oid(char *b, size_t n, uint64_t id, uint64_t k)
 {
-    snprintf(b, n, "kvarc.data.%016" PRIx64 ".%016" PRIx64 ".%" PRIu64, id, epoch, k);
+    snprintf(b, n, "kvarc.seg.%016" PRIx64 ".%08" PRIx64, id, k);
 }
 
 static void name_oid(char *b, size_t n, const char *ns, const char *name)
@@ -182,17 +185,20 @@ static cconv *cconv_get(kvd_engine *e, uint64_t id)
     int loaded = x ? x->loaded : 1;
     pthread_mutex_unlock(&c->mu);
     if (!loaded) {              /* the watermark the cache has (0: none) */
-        char name[40];
-        uint64_t seq = 0;
+        char name[40], sname[40];
+        uint64_t seq = 0, seg = 0;
         MDB_txn *txn;
         snprintf(name, sizeof name, "clog.%016" PRIx64, id);
+        snprintf(sname, sizeof sname, "cseg.%016" PRIx64, id);
         if (mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn) == 0) {
             (void)meta_get(e, txn, name, 0, &seq);
+            (void)meta_get(e, txn, sname, 0, &seg);
             mdb_txn_abort(txn);
         }
         pthread_mutex_lock(&c->mu);
         if (!x->loaded) {
             x->seq = x->log_seq = seq;
+            x->rseg = seg;
             x->loaded = 1;
         }
         pthread_mutex_unlock(&c->mu);
@@ -200,11 +206,13 @@ static cconv *cconv_get(kvd_engine *e, uint64_t id)
     return x;
 }
 
-static int watermark_put(kvd_engine *e, MDB_txn *txn, uint64_t id, uint64_t seq)
+static int watermark_put(kvd_engine *e, MDB_txn *txn, uint64_t id, uint64_t seq, uint64_t seg)
 {
-    char name[40];
+    char name[40], sname[40];
     snprintf(name, sizeof name, "clog.%016" PRIx64, id);
-    return meta_put(e, txn, name, seq);
+    snprintf(sname, sizeof sname, "cseg.%016" PRIx64, id);
+    int rc = meta_put(e, txn, name, seq);
+    return rc ? rc : meta_put(e, txn, sname, seg);
 }
 
 /* ---- connection ------------------------------------------------------------- */
@@ -449,100 +457,128 @@ static int read_all(kvd_cluster *c, const char *oid, uint8_t *buf, size_t n, uin
     return 0;
 }
 
-/* Entries after x->seq into the cache (x->wmu held). -ENOENT: no such
- * conversation in the cluster. */
+/* Entries of segment k after *seq into the cache; *more: the omap read
+ * was cut short. -ENOENT: no such segment. */
+static int sync_segment(kvd_engine *e, cconv *x, uint64_t k, uint64_t *seq, int *more_out, int *n_out, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    char oid[64], after[17];
+    seg_oid(oid, sizeof oid, x->id, k);
+    snprintf(after, sizeof after, "%016" PRIx64, *seq);
+    rados_read_op_t op = rados_create_read_op();
+    rados_omap_iter_t iter = NULL;
+    unsigned char more = 0;
+    int prval = 0, n = 0, rc = 0;
+    rados_read_op_omap_get_vals2(op, after, "", 64, &iter, &more, &prval);
+    int r = rados_read_op_operate(op, c->io, oid, 0);
+    if (!r)
+        r = prval;
+    if (r) {
+        if (iter)
+            rados_omap_get_end(iter);
+        rados_release_read_op(op);
+        return r == -ENOENT ? -ENOENT : rfail(e, err, r, "reading a conversation's log", oid);
+    }
+    for (;;) {
+        char *key, *val;
+        size_t kl, vl;
+        if (rados_omap_get_next2(iter, &key, &val, &kl, &vl) || !key)
+            break;
+        char kb[17];
+        log_ext ext;
+        uint64_t q = 0;
+        memcpy(kb, key, kl < 16 ? kl : 16);
+        kb[kl < 16 ? kl : 16] = 0;
+        if (kl != 16 || sscanf(kb, "%" SCNx64, &q) != 1 || q != *seq + 1 || vl != sizeof ext) {
+            rc = kvd_fail(err, KVARC_ECORRUPT, "%s has log entry '%s' after %" PRIu64 " (expected %" PRIu64
+                          ", %zu bytes)", oid, kb, *seq, *seq + 1, sizeof ext);
+            break;
+        }
+        memcpy(&ext, val, sizeof ext);
+        uint8_t *buf = ext.bytes <= (1ull << 31) ? malloc(ext.bytes ? ext.bytes : 1) : NULL;
+        if (!buf) {
+            rc = kvd_fail(err, ext.bytes > (1ull << 31) ? KVARC_ECORRUPT : -ENOMEM, "%s: log entry %" PRIu64
+                          " of %" PRIu64 " bytes", oid, q, ext.bytes);
+            break;
+        }
+        if ((r = read_all(c, oid, buf, ext.bytes, ext.off))) {
+            free(buf);
+            rc = r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s is shorter than its log entry %" PRIu64 " says", oid, q)
+                                     : rfail(e, err, r, "reading a log extent", oid);
+            break;
+        }
+        rc = ingest_extent(e, x->id, q, buf, ext.bytes, err);
+        free(buf);
+        if (rc)
+            break;
+        MDB_txn *txn;       /* the watermark: replay is idempotent if it lags */
+        if (!(rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn)))) {
+            if ((rc = watermark_put(e, txn, x->id, q, k)))
+                mdb_txn_abort(txn);
+            else
+                rc = kvd_mdb_err(mdb_txn_commit(txn));
+        }
+        if (rc) {
+            kvd_fail(err, rc, "storing the cache's log position: %s", kvarc_strerror(rc));
+            break;
+        }
+        *seq = q;
+        n++;
+        pthread_mutex_lock(&c->mu);
+        x->seq = q;
+        x->rseg = k;
+        if (x->log_seq < q)
+            x->log_seq = q;
+        pthread_mutex_unlock(&c->mu);
+    }
+    rados_omap_get_end(iter);
+    rados_release_read_op(op);
+    *more_out = more;
+    *n_out = n;
+    return rc;
+}
+
+/* Every entry after x->seq into the cache, segment after segment (x->wmu
+ * held); x->rseg ends at the last segment there is. -ENOENT: the pool has
+ * no log for it (no segment 0). */
 static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
 {
     kvd_cluster *c = e->cluster;
-    char head[64];
-    head_oid(head, sizeof head, x->id);
+    pthread_mutex_lock(&c->mu);
+    uint64_t seq = x->seq, k = x->rseg;
+    pthread_mutex_unlock(&c->mu);
     for (;;) {
-        char after[17];
-        pthread_mutex_lock(&c->mu);
-        uint64_t seq = x->seq;
-        pthread_mutex_unlock(&c->mu);
-        snprintf(after, sizeof after, "%016" PRIx64, seq);
-        rados_read_op_t op = rados_create_read_op();
-        rados_omap_iter_t iter = NULL;
-        unsigned char more = 0;
-        int prval = 0;
-        rados_read_op_omap_get_vals2(op, after, "", 64, &iter, &more, &prval);
-        int r = rados_read_op_operate(op, c->io, head, 0);
-        if (!r)
-            r = prval;
-        if (r) {
-            if (iter)
-                rados_omap_get_end(iter);
-            rados_release_read_op(op);
-            if (r == -ENOENT)
-                return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the cluster", x->id);
-            return rfail(e, err, r, "reading a conversation's log", head);
-        }
-        int n = 0, rc = 0;
-        for (;;) {
-            char *key, *val;
-            size_t kl, vl;
-            if (rados_omap_get_next2(iter, &key, &val, &kl, &vl) || !key)
-                break;
-            n++;
-            char kb[17];
-            log_ext ext;
-            uint64_t k = 0;
-            memcpy(kb, key, kl < 16 ? kl : 16);
-            kb[kl < 16 ? kl : 16] = 0;
-            if (kl != 16 || sscanf(kb, "%" SCNx64, &k) != 1 || k != seq + 1 || vl != sizeof ext) {
-                rc = kvd_fail(err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s log has entry '%s' after %"
-                              PRIu64 " (expected %" PRIu64 ", %zu bytes)", x->id, kb, seq, seq + 1, sizeof ext);
-                break;
-            }
-            memcpy(&ext, val, sizeof ext);
-            char oid[96];
-            data_oid(oid, sizeof oid, x->id, ext.epoch, ext.n);
-            uint8_t *buf = ext.bytes <= (1ull << 31) ? malloc(ext.bytes ? ext.bytes : 1) : NULL;
-            if (!buf) {
-                rc = kvd_fail(err, ext.bytes > (1ull << 31) ? KVARC_ECORRUPT : -ENOMEM,
-                              "conversation %" PRIu64 "'s log entry %" PRIu64 " of %" PRIu64 " bytes", x->id, k,
-                              ext.bytes);
-                break;
-            }
-            if ((r = read_all(c, oid, buf, ext.bytes, ext.off))) {
-                free(buf);
-                rc = r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s is shorter than conversation %" PRIu64
-                                                    "'s log entry %" PRIu64 " says", oid, x->id, k)
-                                         : rfail(e, err, r, "reading a log extent", oid);
-                break;
-            }
-            rc = ingest_extent(e, x->id, k, buf, ext.bytes, err);
-            free(buf);
-            if (rc)
-                break;
-            MDB_txn *txn;       /* the watermark: replay is idempotent if it lags */
-            if (!(rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, 0, &txn)))) {
-                if ((rc = watermark_put(e, txn, x->id, k)))
-                    mdb_txn_abort(txn);
-                else
-                    rc = kvd_mdb_err(mdb_txn_commit(txn));
-            }
-            if (rc) {
-                kvd_fail(err, rc, "storing the cache's log position: %s", kvarc_strerror(rc));
-                break;
-            }
-            seq = k;
-            pthread_mutex_lock(&c->mu);
-            x->seq = k;
-            if (x->log_seq < k)
-                x->log_seq = k;
-            pthread_mutex_unlock(&c->mu);
-        }
-        rados_omap_get_end(iter);
-        rados_release_read_op(op);
+        int more = 0, n = 0;
+        int rc = sync_segment(e, x, k, &seq, &more, &n, err);
+        if (rc == -ENOENT)
+            return k == 0 && seq == 0 ? kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the "
+                                                 "cluster", x->id) : 0;
         if (rc)
             return rc;
-        if (!more || n == 0)
+        if (more && n)
+            continue;
+        /* the end of segment k; a next one means k is final: what k got
+         * before it was made is read once more, then on */
+        char next[64];
+        uint64_t sz;
+        time_t mt;
+        seg_oid(next, sizeof next, x->id, k + 1);
+        int r = rados_stat(c->io, next, &sz, &mt);
+        if (r == -ENOENT)
             return 0;
+        if (r)
+            return rfail(e, err, r, "looking for a conversation's next segment", next);
+        do {
+            if ((rc = sync_segment(e, x, k, &seq, &more, &n, err)))
+                return rc == -ENOENT ? kvd_fail(err, KVARC_ECORRUPT, "a segment of conversation %" PRIu64
+                                                " vanished", x->id) : rc;
+        } while (more && n);
+        k++;
+        pthread_mutex_lock(&c->mu);
+        x->rseg = k;
+        pthread_mutex_unlock(&c->mu);
     }
 }
-
 /* Conversation id alone (not its ancestors) up to its log; -ENOENT: the
  * pool has no log for it. */
 static int sync_one(kvd_engine *e, uint64_t id, kvd_err *err)
@@ -761,9 +797,9 @@ static int take_lock(kvd_engine *e, cconv *x, int fresh, kvd_err *err)
         return refuse_locked(e, x->id, oid, err);
     if (r && r != -EEXIST)
         return rfail(e, err, r, "taking a conversation's writer lock", oid);
-    char last[32];
-    if (!fresh && (r = rados_getxattr(c->io, oid, "last", last, sizeof last)) < 0) {
-        /* no "last": the lock made this head (its conversation's log was collected) */
+    char mark[32];
+    if (!fresh && (r = rados_getxattr(c->io, oid, "kvarc", mark, sizeof mark)) < 0) {
+        /* no mark: the lock made this head (its conversation's log was collected) */
         rados_write_op_t op = rados_create_write_op();
         char in[sizeof LOCK_NAME + sizeof c->cookie + 32];
         int prval = 0;
@@ -776,17 +812,89 @@ static int take_lock(kvd_engine *e, cconv *x, int fresh, kvd_err *err)
                             "collected)", x->id);
         return rfail(e, err, r, "reading a conversation's head", oid);
     }
-    uint64_t epoch = 0;
-    if (getrandom(&epoch, sizeof epoch, 0) != sizeof epoch)
-        epoch = (uint64_t)now_ns() * 0x9e3779b97f4a7c15ull;
     pthread_mutex_lock(&c->mu);
     x->locked = 1;
-    x->epoch = epoch;
-    x->obj_n = 0;
-    x->obj_off = 0;
+    x->stale = 1;               /* writable only once start_epoch has run */
     x->last_write_ns = now_ns();
     pthread_mutex_unlock(&c->mu);
     return 0;
+}
+
+/* Seal segment k: no append of an earlier writer lands there afterwards
+ * (theirs compare the state). 0, or an error; -ENOENT if there is none. */
+static int seal(kvd_engine *e, uint64_t id, uint64_t k, kvd_err *err)
+{
+    char oid[64];
+    seg_oid(oid, sizeof oid, id, k);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_assert_exists(op);
+    rados_write_op_setxattr(op, "state", "sealed", 6);
+    int r = rados_write_op_operate(op, e->cluster->io, oid, NULL, 0);
+    rados_release_write_op(op);
+    return r == 0 || r == -ENOENT ? r : rfail(e, err, r, "sealing a segment", oid);
+}
+
+/* This kvarcd's writing epoch of a conversation whose lock it holds
+ * (x->wmu held): the last segment sealed, the log synced to its end, a
+ * new segment made (exclusively: if another writer made it first, that one
+ * is sealed and synced in turn) in state "open EPOCH" with "last" at the
+ * log's end; the writer appends there. */
+static int start_epoch(kvd_engine *e, cconv *x, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    uint64_t epoch = 0;
+    if (getrandom(&epoch, sizeof epoch, 0) != sizeof epoch)
+        epoch = (uint64_t)now_ns() * 0x9e3779b97f4a7c15ull;
+    int rc = sync_locked(e, x, err), fresh = rc == -ENOENT;
+    if (rc && !fresh)
+        return rc;
+    for (int tries = 0; tries < 64; tries++) {
+        pthread_mutex_lock(&c->mu);
+        uint64_t k = x->rseg, seq = x->seq;
+        pthread_mutex_unlock(&c->mu);
+        uint64_t next = 0;
+        if (!fresh) {
+            if ((rc = seal(e, x->id, k, err)) && rc != -ENOENT)
+                return rc;
+            if ((rc = sync_locked(e, x, err)))     /* what landed before the seal */
+                return rc;
+            pthread_mutex_lock(&c->mu);
+            int moved = x->rseg != k;
+            seq = x->seq;
+            pthread_mutex_unlock(&c->mu);
+            if (moved)
+                continue;                           /* a later segment appeared: seal that one */
+            next = k + 1;
+        }
+        char oid[64], state[32], last[17];
+        seg_oid(oid, sizeof oid, x->id, next);
+        snprintf(state, sizeof state, "open %016" PRIx64, epoch);
+        snprintf(last, sizeof last, "%016" PRIx64, seq);
+        rados_write_op_t op = rados_create_write_op();
+        rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+        rados_write_op_setxattr(op, "state", state, strlen(state));
+        rados_write_op_setxattr(op, "last", last, 16);
+        int r = rados_write_op_operate(op, c->io, oid, NULL, 0);
+        rados_release_write_op(op);
+        if (r == -EEXIST) {                         /* another writer's: seal it and read it first */
+            fresh = 0;
+            if ((rc = sync_locked(e, x, err)) && rc != -ENOENT)
+                return rc;
+            continue;
+        }
+        if (r)
+            return rfail(e, err, r, "starting a segment", oid);
+        pthread_mutex_lock(&c->mu);
+        x->epoch = epoch;
+        x->wseg = next;
+        x->woff = 0;
+        x->log_seq = seq;
+        x->stale = 0;
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    return kvd_fail(err, -EAGAIN, "conversation %" PRIu64 ": its log kept growing while this kvarcd took it "
+                    "over; retry", x->id);
 }
 
 int clu_writer_begin(kvd_engine *e, uint64_t id, kvd_err *err)
@@ -807,10 +915,9 @@ int clu_writer_begin(kvd_engine *e, uint64_t id, kvd_err *err)
     int locked = x->locked;
     pthread_mutex_unlock(&c->mu);
     int rc = locked ? 0 : take_lock(e, x, 0, err);
-    int synced = !rc && !(rc = sync_locked(e, x, err));   /* nobody else extends the log now */
+    int started = !rc && !(rc = start_epoch(e, x, err));  /* nobody else extends the log now */
     pthread_mutex_lock(&c->mu);
-    if (synced) {
-        x->stale = 0;
+    if (started) {
         x->last_write_ns = now_ns();
     } else if (x->locked) {
         x->stale = 1;           /* locked but behind the log: never log on top of it */
@@ -899,8 +1006,8 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
     if (rc)
         return rc;
     snprintf(hv, sizeof hv, "%016" PRIx64, *id);
-    /* the head first, locked and with its log position at 0: while the
-     * name is being bound, another kvarcd sees a live (locked) create */
+    /* the head first, locked, and segment 0: while the name is being
+     * bound, another kvarcd sees a live (locked) create */
     cconv *x = cconv_get(e, *id);
     if (!x)
         return kvd_fail(err, -ENOMEM, "out of memory");
@@ -912,11 +1019,13 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
         head_oid(head, sizeof head, *id);
         rados_write_op_t op = rados_create_write_op();
         rados_write_op_exec(op, "lock", "assert_locked", in, assert_input(c, in), &prval);
-        rados_write_op_setxattr(op, "last", "0000000000000000", 16);
+        rados_write_op_setxattr(op, "kvarc", "1", 1);
         int r = rados_write_op_operate(op, c->io, head, NULL, 0);
         rados_release_write_op(op);
         if (r)
-            rc = rfail(e, err, r, "starting a conversation's log", head);
+            rc = rfail(e, err, r, "starting a conversation's head", head);
+        else
+            rc = start_epoch(e, x, err);        /* segment 0 */
     }
     pthread_mutex_unlock(&x->wmu);
     if (rc)
@@ -975,13 +1084,14 @@ void clu_name_release(kvd_engine *e, const char *ns, const char *name, uint64_t 
 void clu_create_undo(kvd_engine *e, const char *ns, const char *name, uint64_t id)
 {
     kvd_cluster *c = e->cluster;
-    char head[64], last[17] = "";
+    char head[64], seg0[64], last[17] = "";
     head_oid(head, sizeof head, id);
-    /* the head's own word, not this kvarcd's view: a log operation that
+    seg_oid(seg0, sizeof seg0, id, 0);
+    /* segment 0's own word, not this kvarcd's view: a log operation that
      * timed out may have landed (and while this kvarcd holds the lock,
      * nothing else can change it) */
-    int r = rados_getxattr(c->io, head, "last", last, 16);
-    if (r != 16 || strcmp(last, "0000000000000000"))
+    int r = rados_getxattr(c->io, seg0, "last", last, 16);
+    if (r != -ENOENT && (r != 16 || strcmp(last, "0000000000000000")))
         return;                 /* its create may be in the log: it exists (or id_dead decides later) */
     clu_name_release(e, ns, name, id);
     cconv *x = cconv_get(e, id);
@@ -997,19 +1107,17 @@ void clu_create_undo(kvd_engine *e, const char *ns, const char *name, uint64_t i
 
 /* ---- append: the batch into the log ----------------------------------------- */
 
-/* One conversation's share of a batch, logged with the others' at once:
- * every data write of every conversation in flight together, then every
- * head operation (two round trips per batch, whatever its conversations). */
+/* One conversation's share of a batch: ONE operation on its segment, all
+ * conversations' in flight together (one round trip per batch). */
 typedef struct conv_job {
     cconv   *x;
     kvd_item *its[GC_BATCH_MAX];
-    size_t   n, ne;
-    uint64_t epoch, obj_n, obj_off, seq;
-    log_ext  ext[GC_BATCH_MAX];
-    uint8_t *buf[GC_BATCH_MAX];
-    rados_completion_t wc[GC_BATCH_MAX], hc;
-    rados_write_op_t wop[GC_BATCH_MAX], hop;
-    int      prval, rc;
+    size_t   n;
+    uint64_t epoch, seg, off, seq, total;
+    uint8_t *buf;
+    rados_completion_t comp;
+    rados_write_op_t op;
+    int      rc, started;
     kvd_err  err;
 } conv_job;
 
@@ -1038,15 +1146,57 @@ static size_t assert_input(const kvd_cluster *c, char *b)
     return o;
 }
 
-/* Phase 1 for job j: its extents laid out and their writes started. */
-static void job_write(kvd_engine *e, conv_job *j)
+/* The writer's own move to the next segment (the current one is full):
+ * the current sealed, the next made exclusively; EEXIST means another
+ * kvarcd took the conversation over (it makes segments only after taking
+ * the lock). */
+static int roll(kvd_engine *e, conv_job *j)
+{
+    kvd_cluster *c = e->cluster;
+    char oid[64], state[32], last[17];
+    int rc = seal(e, j->x->id, j->seg, &j->err);
+    if (rc)
+        return rc == -ENOENT ? kvd_fail(&j->err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s segment %" PRIu64
+                                        " vanished", j->x->id, j->seg) : rc;
+    seg_oid(oid, sizeof oid, j->x->id, j->seg + 1);
+    snprintf(state, sizeof state, "open %016" PRIx64, j->epoch);
+    snprintf(last, sizeof last, "%016" PRIx64, j->seq);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+    rados_write_op_setxattr(op, "state", state, strlen(state));
+    rados_write_op_setxattr(op, "last", last, 16);
+    int r = rados_write_op_operate(op, c->io, oid, NULL, 0);
+    rados_release_write_op(op);
+    if (r == -EEXIST) {
+        char head[64];
+        head_oid(head, sizeof head, j->x->id);
+        pthread_mutex_lock(&c->mu);
+        j->x->locked = 0;
+        pthread_mutex_unlock(&c->mu);
+        return refuse_locked(e, j->x->id, head, &j->err);
+    }
+    if (r)
+        return rfail(e, &j->err, r, "starting a segment", oid);
+    j->seg++;
+    j->off = 0;
+    pthread_mutex_lock(&c->mu);
+    j->x->wseg = j->seg;
+    j->x->woff = 0;
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+/* Job j's operation started: {state still "open EPOCH" (no one sealed
+ * it), last == SEQ0, last = SEQ0 + 1, the blocks written at the
+ * segment's end, omap SEQ0 + 1 -> (offset, bytes)}. */
+static void job_start(kvd_engine *e, conv_job *j)
 {
     kvd_cluster *c = e->cluster;
     pthread_mutex_lock(&c->mu);
     int locked = j->x->locked, stale = j->x->stale;
     j->epoch = j->x->epoch;
-    j->obj_n = j->x->obj_n;
-    j->obj_off = j->x->obj_off;
+    j->seg = j->x->wseg;
+    j->off = j->x->woff;
     j->seq = j->x->log_seq;
     pthread_mutex_unlock(&c->mu);
     char head[64];
@@ -1060,157 +1210,100 @@ static void job_write(kvd_engine *e, conv_job *j)
                          "failed append; nothing of this one was kept: retry", j->x->id);
         return;
     }
-    for (size_t next = 0; next < j->n;) {    /* runs of items that fit one data object */
-        size_t total = 0, k = next;
-        while (k < j->n && (k == next || j->obj_off + total + j->its[k]->bytes <= c->object_bytes))
-            total += j->its[k++]->bytes;
-        if (j->obj_off > 0 && j->obj_off + total > c->object_bytes) {
-            j->obj_n++;
-            j->obj_off = 0;
-        }
-        uint8_t *buf = malloc(total);
-        if (!buf) {
-            j->rc = kvd_fail(&j->err, -ENOMEM, "out of memory");
-            return;
-        }
-        size_t p = 0;
-        for (size_t i = next; i < k; i++) {
-            memcpy(buf + p, j->its[i]->block, j->its[i]->bytes);
-            p += j->its[i]->bytes;
-        }
-        char oid[96];
-        data_oid(oid, sizeof oid, j->x->id, j->epoch, j->obj_n);
-        size_t x = j->ne++;
-        j->buf[x] = buf;
-        j->ext[x] = (log_ext){ j->epoch, j->obj_n, j->obj_off, total };
-        j->wop[x] = rados_create_write_op();
-        rados_write_op_write(j->wop[x], (const char *)buf, total, j->obj_off);
-        int r = rados_aio_create_completion2(NULL, NULL, &j->wc[x]);
-        if (!r)
-            r = rados_aio_write_op_operate(j->wop[x], c->io, j->wc[x], oid, NULL, 0);
-        if (r) {
-            if (j->wc[x]) {
-                rados_aio_release(j->wc[x]);
-                j->wc[x] = NULL;
-            }
-            j->rc = rfail(e, &j->err, r, "writing blocks", oid);
-            return;
-        }
-        j->obj_off += total;
-        next = k;
-    }
-}
-
-/* Wait for phase 1's writes; then phase 2 started: the commit point, the
- * lock asserted and the entries set in one operation on the head. */
-static void job_commit(kvd_engine *e, conv_job *j, const char *assert_in, size_t alen)
-{
-    kvd_cluster *c = e->cluster;
-    for (size_t x = 0; x < j->ne; x++) {
-        if (!j->wc[x])
-            continue;
-        rados_aio_wait_for_complete(j->wc[x]);
-        int r = rados_aio_get_return_value(j->wc[x]);
-        if (r && !j->rc) {
-            char oid[96];
-            data_oid(oid, sizeof oid, j->x->id, j->ext[x].epoch, j->ext[x].n);
-            j->rc = rfail(e, &j->err, r, "writing blocks", oid);
-        }
-    }
-    if (j->rc)
+    for (size_t i = 0; i < j->n; i++)
+        j->total += j->its[i]->bytes;
+    if (j->off > 0 && j->off + j->total > c->object_bytes && (j->rc = roll(e, j)))
         return;
-    char keys[GC_BATCH_MAX][17], head[64];
-    const char *kp[GC_BATCH_MAX], *vp[GC_BATCH_MAX];
-    size_t kl[GC_BATCH_MAX], vl[GC_BATCH_MAX];
-    for (size_t i = 0; i < j->ne; i++) {
-        snprintf(keys[i], sizeof keys[i], "%016" PRIx64, j->seq + 1 + i);
-        kp[i] = keys[i];
-        kl[i] = 16;
-        vp[i] = (const char *)&j->ext[i];
-        vl[i] = sizeof j->ext[i];
+    if (!(j->buf = malloc(j->total))) {
+        j->rc = kvd_fail(&j->err, -ENOMEM, "out of memory");
+        return;
     }
-    head_oid(head, sizeof head, j->x->id);
-    /* and the log's end compared and moved in the same operation: an entry
-     * is never written over, whatever landed late (a timed-out operation) */
-    char was[17], now_last[17];
+    for (size_t i = 0, p = 0; i < j->n; p += j->its[i]->bytes, i++)
+        memcpy(j->buf + p, j->its[i]->block, j->its[i]->bytes);
+    char oid[64], state[32], was[17], now_last[17], key[17];
+    seg_oid(oid, sizeof oid, j->x->id, j->seg);
+    snprintf(state, sizeof state, "open %016" PRIx64, j->epoch);
     snprintf(was, sizeof was, "%016" PRIx64, j->seq);
-    snprintf(now_last, sizeof now_last, "%016" PRIx64, j->seq + j->ne);
-    j->hop = rados_create_write_op();
-    rados_write_op_exec(j->hop, "lock", "assert_locked", assert_in, alen, &j->prval);
-    rados_write_op_cmpxattr(j->hop, "last", LIBRADOS_CMPXATTR_OP_EQ, was, 16);
-    rados_write_op_setxattr(j->hop, "last", now_last, 16);
-    rados_write_op_omap_set2(j->hop, kp, vp, kl, vl, j->ne);   /* copied into the op */
-    int r = rados_aio_create_completion2(NULL, NULL, &j->hc);
+    snprintf(now_last, sizeof now_last, "%016" PRIx64, j->seq + 1);
+    snprintf(key, sizeof key, "%016" PRIx64, j->seq + 1);
+    log_ext ext = { j->off, j->total };
+    const char *kp[1] = { key }, *vp[1] = { (const char *)&ext };
+    size_t kl[1] = { 16 }, vl[1] = { sizeof ext };
+    j->op = rados_create_write_op();
+    rados_write_op_cmpxattr(j->op, "state", LIBRADOS_CMPXATTR_OP_EQ, state, strlen(state));
+    rados_write_op_cmpxattr(j->op, "last", LIBRADOS_CMPXATTR_OP_EQ, was, 16);
+    rados_write_op_setxattr(j->op, "last", now_last, 16);
+    rados_write_op_write(j->op, (const char *)j->buf, j->total, j->off);
+    rados_write_op_omap_set2(j->op, kp, vp, kl, vl, 1);   /* copied into the op */
+    int r = rados_aio_create_completion2(NULL, NULL, &j->comp);
     if (!r)
-        r = rados_aio_write_op_operate(j->hop, c->io, j->hc, head, NULL, 0);
+        r = rados_aio_write_op_operate(j->op, c->io, j->comp, oid, NULL, 0);
     if (r) {
-        if (j->hc) {
-            rados_aio_release(j->hc);
-            j->hc = NULL;
+        if (j->comp) {
+            rados_aio_release(j->comp);
+            j->comp = NULL;
         }
-        j->rc = rfail(e, &j->err, r, "logging blocks", head);
+        j->rc = rfail(e, &j->err, r, "logging blocks", oid);
+        return;
     }
+    j->started = 1;
 }
 
-/* Wait for phase 2; the job's outcome in j->rc and the conversation's state. */
+/* Wait for job j; its outcome in j->rc and the conversation's state. */
 static void job_finish(kvd_engine *e, MDB_txn *txn, conv_job *j)
 {
     kvd_cluster *c = e->cluster;
     if (!j->x)
         return;
-    char head[64];
-    head_oid(head, sizeof head, j->x->id);
-    int r = 0;
-    if (j->hc) {
-        rados_aio_wait_for_complete(j->hc);
-        r = rados_aio_get_return_value(j->hc);
-        if (!j->rc && (r == -EBUSY || r == -ENOENT || j->prval == -EBUSY)) {    /* the lock lapsed */
-            pthread_mutex_lock(&c->mu);
-            j->x->locked = 0;
-            pthread_mutex_unlock(&c->mu);
-            int rr = refuse_locked(e, j->x->id, head, &j->err);
-            if (rr == KVARC_ELOCKED && !strstr(j->err.msg, "kvarcd on"))
-                kvd_fail(&j->err, KVARC_ELOCKED, "this kvarcd's writer lock on %s lapsed before the append "
-                         "was logged; nothing of it was kept: retry", head);
-            j->rc = KVARC_ELOCKED;
-        } else if (!j->rc && r == -ECANCELED) {    /* the log's end is not where this kvarcd saw it */
-            pthread_mutex_lock(&c->mu);
-            j->x->stale = 1;
-            pthread_mutex_unlock(&c->mu);
-            j->rc = kvd_fail(&j->err, -EAGAIN, "%s: the log had moved past where this kvarcd saw its end (an "
-                             "earlier operation that timed out landed); nothing of this append was kept: retry",
-                             head);
-        } else if (!j->rc && r) {
-            j->rc = rfail(e, &j->err, r, "logging blocks", head);
+    char oid[64];
+    seg_oid(oid, sizeof oid, j->x->id, j->seg);
+    if (j->started) {
+        rados_aio_wait_for_complete(j->comp);
+        int r = rados_aio_get_return_value(j->comp);
+        if (r == -ECANCELED) {      /* sealed (taken over), or the log's end moved (a late operation) */
+            char st[32] = "";
+            int n = rados_getxattr(c->io, oid, "state", st, sizeof st - 1);
+            st[n > 0 ? n : 0] = 0;
+            if (!strncmp(st, "sealed", 6)) {
+                char head[64];
+                head_oid(head, sizeof head, j->x->id);
+                pthread_mutex_lock(&c->mu);
+                j->x->locked = 0;
+                pthread_mutex_unlock(&c->mu);
+                int rr = refuse_locked(e, j->x->id, head, &j->err);
+                if (rr == KVARC_ELOCKED && !strstr(j->err.msg, "kvarcd on"))
+                    kvd_fail(&j->err, KVARC_ELOCKED, "this kvarcd's segment %s was sealed by another kvarcd "
+                             "taking the conversation over; nothing of the append was kept: retry", oid);
+                j->rc = KVARC_ELOCKED;
+            } else {
+                j->rc = kvd_fail(&j->err, -EAGAIN, "%s: the log had moved past where this kvarcd saw its end (an "
+                                 "earlier operation that timed out landed); nothing of this append was kept: "
+                                 "retry", oid);
+            }
+        } else if (r) {
+            j->rc = rfail(e, &j->err, r, "logging blocks", oid);
         }
     }
-    if (!j->rc && (j->rc = watermark_put(e, txn, j->x->id, j->seq + j->ne)))
+    if (!j->rc && (j->rc = watermark_put(e, txn, j->x->id, j->seq + 1, j->seg)))
         kvd_fail(&j->err, j->rc, "storing the cache's log position: %s", kvarc_strerror(j->rc));
     pthread_mutex_lock(&c->mu);
     if (!j->rc) {
-        j->x->log_seq = j->x->pending = j->seq + j->ne;  /* the cache's at the batch's commit (clu_batch_done) */
-        j->x->obj_n = j->obj_n;
-        j->x->obj_off = j->obj_off;
-    } else if (j->ne) {
-        j->x->obj_n = j->obj_n + 1;     /* what was written there is never referenced: start afresh */
-        j->x->obj_off = 0;
+        j->x->log_seq = j->x->pending = j->seq + 1;     /* the cache's at the batch's commit (clu_batch_done) */
+        j->x->pending_seg = j->seg;
+        j->x->woff = j->off + j->total;
+    } else if (j->started || j->rc == -EAGAIN) {
+        j->x->stale = 1;        /* it may land later: seal, sync and start afresh before the next append */
     }
     pthread_mutex_unlock(&c->mu);
 }
 
 static void job_free(conv_job *j)
 {
-    for (size_t x = 0; x < j->ne; x++) {
-        if (j->wc[x])
-            rados_aio_release(j->wc[x]);
-        if (j->wop[x])
-            rados_release_write_op(j->wop[x]);
-        free(j->buf[x]);
-    }
-    if (j->hc)
-        rados_aio_release(j->hc);
-    if (j->hop)
-        rados_release_write_op(j->hop);
+    if (j->comp)
+        rados_aio_release(j->comp);
+    if (j->op)
+        rados_release_write_op(j->op);
+    free(j->buf);
 }
 
 int clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err)
@@ -1236,12 +1329,8 @@ int clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err)
                 done[k] = 1;
             }
     }
-    char assert_in[sizeof LOCK_NAME + sizeof e->cluster->cookie + 32];
-    size_t alen = assert_input(e->cluster, assert_in);
     for (size_t i = 0; i < nj && !rc; i++)
-        job_write(e, &jobs[i]);
-    for (size_t i = 0; i < nj && !rc; i++)
-        job_commit(e, &jobs[i], assert_in, alen);
+        job_start(e, &jobs[i]);
     for (size_t i = 0; i < nj; i++) {      /* every job waited for, whatever failed before it */
         job_finish(e, txn, &jobs[i]);
         if (!rc && jobs[i].rc) {
@@ -1263,8 +1352,10 @@ void clu_batch_done(kvd_engine *e, kvd_item *batch)
         if (!x)
             continue;
         pthread_mutex_lock(&e->cluster->mu);
-        if (x->seq < x->pending)
+        if (x->seq < x->pending) {
             x->seq = x->pending;
+            x->rseg = x->pending_seg;
+        }
         pthread_mutex_unlock(&e->cluster->mu);
     }
 }
@@ -1287,26 +1378,30 @@ void clu_batch_failed(kvd_engine *e, kvd_item *batch)
 
 typedef struct pool_obj {
     char     oid[96];
-    uint64_t id, epoch, n;
-    int      head;          /* kvarc.conv.ID (else kvarc.data.ID.EPOCH.N) */
+    uint64_t id, k;
+    int      head;          /* kvarc.conv.ID (else kvarc.seg.ID.K) */
 } pool_obj;
 
-/* Every (epoch, n) conversation id's log refers to, into *refs (malloc'ed). */
-static int log_refs(kvd_engine *e, uint64_t id, log_ext **refs, size_t *nrefs, kvd_err *err)
+/* The entries of conversation id's segment k, which must continue from
+ * *seq (advanced), into *refs (malloc'ed). -ENOENT: no segment k;
+ * KVARC_ECORRUPT: a malformed entry or a gap (err says which). */
+static int seg_refs(kvd_engine *e, uint64_t id, uint64_t k, uint64_t *seq, log_ext **refs, size_t *nrefs,
+                    kvd_err *err)
 {
     kvd_cluster *c = e->cluster;
-    char head[64], after[17] = "";
-    head_oid(head, sizeof head, id);
+    char oid[64], after[17];
+    seg_oid(oid, sizeof oid, id, k);
     size_t cap = 0;
     *refs = NULL;
     *nrefs = 0;
     for (;;) {
+        snprintf(after, sizeof after, "%016" PRIx64, *seq);
         rados_read_op_t op = rados_create_read_op();
         rados_omap_iter_t iter = NULL;
         unsigned char more = 0;
         int prval = 0, n = 0;
         rados_read_op_omap_get_vals2(op, after, "", 256, &iter, &more, &prval);
-        int r = rados_read_op_operate(op, c->io, head, 0);
+        int r = rados_read_op_operate(op, c->io, oid, 0);
         if (!r)
             r = prval;
         char *key, *val;
@@ -1314,15 +1409,14 @@ static int log_refs(kvd_engine *e, uint64_t id, log_ext **refs, size_t *nrefs, k
         while (!r && rados_omap_get_next2(iter, &key, &val, &kl, &vl) == 0 && key) {
             log_ext x;
             char kb[17];
-            uint64_t seq = 0;
+            uint64_t q = 0;
             memcpy(kb, key, kl < 16 ? kl : 16);
             kb[kl < 16 ? kl : 16] = 0;
-            if (vl != sizeof x || kl != 16 || sscanf(kb, "%" SCNx64, &seq) != 1 || seq != *nrefs + 1) {
+            if (vl != sizeof x || kl != 16 || sscanf(kb, "%" SCNx64, &q) != 1 || q != *seq + 1) {
                 r = KVARC_ECORRUPT;     /* malformed, or a gap */
                 break;
             }
             memcpy(&x, val, sizeof x);
-            snprintf(after, sizeof after, "%.16s", key);
             if (*nrefs == cap) {
                 void *m = realloc(*refs, (cap = cap ? 2 * cap : 64) * sizeof **refs);
                 if (!m) {
@@ -1332,17 +1426,18 @@ static int log_refs(kvd_engine *e, uint64_t id, log_ext **refs, size_t *nrefs, k
                 *refs = m;
             }
             (*refs)[(*nrefs)++] = x;
+            *seq = q;
             n++;
         }
         if (iter)
             rados_omap_get_end(iter);
         rados_release_read_op(op);
         if (r == -ENOENT)
-            return 0;
+            return -ENOENT;
         if (r == KVARC_ECORRUPT)
-            return kvd_fail(err, r, "%s: log entry %zu is malformed or missing", head, *nrefs + 1);
+            return kvd_fail(err, r, "%s: log entry %" PRIu64 " is malformed or missing", oid, *seq + 1);
         if (r)
-            return rfail(e, err, r, "reading a conversation's log", head);
+            return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(e, err, r, "reading a log", oid);
         if (!more || n == 0)
             return 0;
     }
@@ -1394,7 +1489,7 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
         pool_obj o = { .head = 0 };
         if (sscanf(entry, "kvarc.conv.%16" SCNx64, &o.id) == 1 && strlen(entry) == 27)
             o.head = 1;
-        else if (sscanf(entry, "kvarc.data.%16" SCNx64 ".%16" SCNx64 ".%" SCNu64, &o.id, &o.epoch, &o.n) != 3)
+        else if (sscanf(entry, "kvarc.seg.%16" SCNx64 ".%8" SCNx64, &o.id, &o.k) != 2)
             continue;
         snprintf(o.oid, sizeof o.oid, "%s", entry);
         if (npo == cap) {
@@ -1455,37 +1550,9 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
     }
     if (txn)
         mdb_txn_abort(txn);
-    /* 4. remove: every object of a gone conversation nothing keeps (data
-     *    first, its head last), and data objects of kept ones that their
-     *    log does not refer to and that are older than the grace */
-    for (size_t i = 0; i < npo && !rc; i++) {
-        uint64_t id = po[i].id;
-        int is_gone = idv_has(&gone, id), is_kept = idv_has(&keep, id);
-        if (po[i].head || (!is_gone && !is_kept))
-            continue;
-        uint64_t sz = 0;
-        time_t mt = 0;
-        int drop = is_gone && !is_kept;
-        /* a live writer's newest data object is not in its log until its
-         * head operation lands: at most a lock and an operation's timeout later */
-        time_t grace = (time_t)grace_s + (drop ? 0 : (time_t)(c->lock_s + c->op_timeout_s));
-        if (rados_stat(c->io, po[i].oid, &sz, &mt) || now - mt < grace)
-            continue;
-        if (!drop) {        /* kept: is this data object in its log? */
-            log_ext *refs;
-            size_t nrefs;
-            if ((rc = log_refs(e, id, &refs, &nrefs, err)))
-                break;
-            drop = 1;
-            for (size_t k = 0; k < nrefs && drop; k++)
-                drop = !(refs[k].epoch == po[i].epoch && refs[k].n == po[i].n);
-            free(refs);
-        }
-        if (drop && rados_remove(c->io, po[i].oid) == 0) {
-            (*objects)++;
-            *bytes += sz;
-        }
-    }
+    /* 4. remove every object of a gone conversation nothing keeps, under
+     *    its head's lock, taken here (never while a writer holds it): its
+     *    segments first, the head last, in the operation that asserts the lock */
     for (size_t i = 0; i < npo && !rc; i++) {
         int is_gone = idv_has(&gone, po[i].id), is_kept = idv_has(&keep, po[i].id);
         uint64_t sz = 0;
@@ -1493,10 +1560,19 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
         if (!po[i].head || !is_gone || is_kept || rados_stat(c->io, po[i].oid, &sz, &mt) ||
             now - mt < (time_t)grace_s)
             continue;
-        /* removed only under its own lock, taken here: never while a writer holds it */
         struct timeval d = { (time_t)c->lock_s, 0 };
         if (rados_lock_exclusive(c->io, po[i].oid, LOCK_NAME, c->cookie, c->desc, &d, 0))
             continue;
+        for (size_t k = 0; k < npo; k++) {
+            uint64_t ssz = 0;
+            time_t smt;
+            if (po[k].head || po[k].id != po[i].id || rados_stat(c->io, po[k].oid, &ssz, &smt))
+                continue;
+            if (rados_remove(c->io, po[k].oid) == 0) {
+                (*objects)++;
+                *bytes += ssz;
+            }
+        }
         char in[sizeof LOCK_NAME + sizeof c->cookie + 32];
         int prval = 0;
         rados_write_op_t op = rados_create_write_op();
@@ -1556,59 +1632,65 @@ int clu_verify(kvd_engine *e, uint64_t *problems, void (*log)(void *arg, const c
     }
     int rc = 0;
     for (size_t i = 0; i < heads.n && !rc; i++) {
-        uint64_t id = heads.v[i];
-        log_ext *refs;
-        size_t nrefs;
-        char head[64];
-        head_oid(head, sizeof head, id);
-        kvd_err lerr = { 0, "" };
-        int lr = log_refs(e, id, &refs, &nrefs, &lerr);
-        if (lr == KVARC_ECORRUPT) {
-            vproblem(log, arg, problems, "pool: %s", lerr.msg);
-            continue;
-        }
-        if (lr) {
-            *err = lerr;
-            rc = lr;
-            break;
-        }
-        for (size_t k = 0; k < nrefs && !rc; k++) {
-            char oid[96];
-            data_oid(oid, sizeof oid, id, refs[k].epoch, refs[k].n);
-            uint8_t *buf = refs[k].bytes <= (1ull << 31) ? malloc(refs[k].bytes ? refs[k].bytes : 1) : NULL;
-            if (!buf) {
-                vproblem(log, arg, problems, "pool: %s entry %zu names %" PRIu64 " bytes of %s", head, k + 1,
-                         refs[k].bytes, oid);
-                continue;
+        uint64_t id = heads.v[i], seq = 0;
+        for (uint64_t sk = 0; !rc; sk++) {      /* its segments in order; entries numbered on across them */
+            log_ext *refs;
+            size_t nrefs;
+            uint64_t first = seq + 1;
+            char oid[64];
+            seg_oid(oid, sizeof oid, id, sk);
+            kvd_err lerr = { 0, "" };
+            int lr = seg_refs(e, id, sk, &seq, &refs, &nrefs, &lerr);
+            if (lr == -ENOENT)
+                break;
+            if (lr == KVARC_ECORRUPT) {
+                vproblem(log, arg, problems, "pool: %s", lerr.msg);
+                free(refs);
+                break;
             }
-            int rr = read_all(c, oid, buf, refs[k].bytes, refs[k].off);
-            if (rr == KVARC_ECORRUPT || rr == -ENOENT) {
-                vproblem(log, arg, problems, "pool: %s entry %zu: %s lacks bytes %" PRIu64 "..%" PRIu64 " it names",
-                         head, k + 1, oid, refs[k].off, refs[k].off + refs[k].bytes);
-            } else if (rr) {
-                rc = rfail(e, err, rr, "reading a log extent", oid);
-            } else {
-                for (size_t p = 0; p < refs[k].bytes;) {
-                    kvarc_block_header h;
-                    const char *what = "a block header";
-                    size_t left = (size_t)refs[k].bytes - p;
-                    if (left < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, &h) ||
-                        h.payload_bytes > left - KVARC_BLOCK_HEADER || block_check_payload(&h, buf + p, &what, NULL)) {
-                        vproblem(log, arg, problems, "pool: %s entry %zu (%s at %" PRIu64 "): %s fails its check "
-                                 "at byte %zu", head, k + 1, oid, refs[k].off, what, p);
-                        break;
-                    }
-                    if (h.conv != id) {
-                        vproblem(log, arg, problems, "pool: %s entry %zu holds a block of conversation %" PRIu64,
-                                 head, k + 1, (uint64_t)h.conv);
-                        break;
-                    }
-                    p += KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
+            if (lr) {
+                *err = lerr;
+                rc = lr;
+                break;
+            }
+            for (size_t k = 0; k < nrefs && !rc; k++) {
+                uint64_t q = first + k;
+                uint8_t *buf = refs[k].bytes <= (1ull << 31) ? malloc(refs[k].bytes ? refs[k].bytes : 1) : NULL;
+                if (!buf) {
+                    vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " names %" PRIu64 " bytes", oid, q,
+                             refs[k].bytes);
+                    continue;
                 }
+                int rr = read_all(c, oid, buf, refs[k].bytes, refs[k].off);
+                if (rr == KVARC_ECORRUPT) {
+                    vproblem(log, arg, problems, "pool: %s entry %" PRIu64 ": the segment lacks bytes %" PRIu64
+                             "..%" PRIu64 " it names", oid, q, refs[k].off, refs[k].off + refs[k].bytes);
+                } else if (rr) {
+                    rc = rfail(e, err, rr, "reading a log extent", oid);
+                } else {
+                    for (size_t p = 0; p < refs[k].bytes;) {
+                        kvarc_block_header h;
+                        const char *what = "a block header";
+                        size_t left = (size_t)refs[k].bytes - p;
+                        if (left < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, &h) ||
+                            h.payload_bytes > left - KVARC_BLOCK_HEADER ||
+                            block_check_payload(&h, buf + p, &what, NULL)) {
+                            vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " (at %" PRIu64 "): %s fails its "
+                                     "check at byte %zu", oid, q, refs[k].off, what, p);
+                            break;
+                        }
+                        if (h.conv != id) {
+                            vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " holds a block of conversation %"
+                                     PRIu64, oid, q, (uint64_t)h.conv);
+                            break;
+                        }
+                        p += KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
+                    }
+                }
+                free(buf);
             }
-            free(buf);
+            free(refs);
         }
-        free(refs);
     }
     free(heads.v);
     return rc;

@@ -548,7 +548,7 @@ static void test_timeout(void)
     }
 }
 
-/* A byte flipped in a data object in the pool: kvarc verify reports the
+/* A byte flipped in a segment object in the pool: kvarc verify reports the
  * log entry, and a cache that syncs the conversation refuses it
  * (KVARC_ECORRUPT) rather than serve it. */
 static void test_verify_pool(void)
@@ -564,14 +564,14 @@ static void test_verify_pool(void)
     CHECK_RC(cli(out, sizeof out, "verify"), 0);
     uint64_t id = conv_id(dir2, "flip");
     const char *r = "rados -c \"$CEPH_CONF\" -k \"$CEPH_KEYRING\" --id \"$CEPH_USER\" -p \"$CEPH_POOL\"";
-    snprintf(cmd, sizeof cmd, "%s ls 2>/dev/null | grep '^kvarc\\.data\\.%016llx\\.' | head -n 1", r, (unsigned long long)id);
-    CHECK(kd_run(obj, sizeof obj, cmd) == 0 && obj[0], "its data object in the pool");
+    snprintf(cmd, sizeof cmd, "%s ls 2>/dev/null | grep '^kvarc\\.seg\\.%016llx\\.' | head -n 1", r, (unsigned long long)id);
+    CHECK(kd_run(obj, sizeof obj, cmd) == 0 && obj[0], "its segment object in the pool");
     obj[strcspn(obj, "\n")] = 0;
     snprintf(cmd, sizeof cmd, "%s get %s %s.obj 2>/dev/null && printf '\\377' | dd of=%s.obj bs=1 seek=300 "
              "conv=notrunc status=none && %s put %s %s.obj 2>/dev/null", r, obj, dir2, dir2, r, obj, dir2);
     CHECK(system(cmd) == 0, "a byte of %s flipped", obj);
     int rc = cli(out, sizeof out, "verify");
-    CHECK(rc == 1 && strstr(out, "pool: kvarc.conv.") && strstr(out, "fails its check"),
+    CHECK(rc == 1 && strstr(out, "pool: kvarc.seg.") && strstr(out, "fails its check"),
           "verify reports the damaged log entry (%d: %.300s)", rc, out);
     char d4[256];
     eu_tmpdir(d4, sizeof d4, "cluster4");
