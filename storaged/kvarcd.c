@@ -111,7 +111,7 @@ static void usage(FILE *f)
                "              [--listen HOST:PORT --token-file FILE [--tls-cert PEM --tls-key PEM]]\n"
                "              [--metrics-listen HOST:PORT] [--rados-pool POOL [--rados-conf FILE]\n"
                "              [--rados-user ID] [--rados-keyring FILE] [--rados-lock-s S] [--rados-timeout-s S]\n"
-               "              [--rados-object-mb N] [--rados-gc-grace-s S] [--node NAME]] [--version] [--help]\n"
+               "              [--rados-segment-kb N] [--rados-gc-grace-s S] [--node NAME]] [--version] [--help]\n"
                "  --data DIR         data directory (default: $KVARC_DATA, else ~/.local/share/kvarc)\n"
                "  --threads N        completion-queue worker threads (1..64; default: twice the cores,\n"
                "                     at least 8)\n"
@@ -139,7 +139,8 @@ static void usage(FILE *f)
                "                     taken over S seconds after its last renewal (1..3600; default 30)\n"
                "  --rados-timeout-s S  how long a Ceph operation may take before the call fails\n"
                "                     UNAVAILABLE (1..3600; default 30)\n"
-               "  --rados-object-mb N  start a new data object past N MiB (1..90; default 64)\n"
+               "  --rados-segment-kb N  start a conversation's next segment object past N KiB\n"
+               "                     (64..92160; default 65536)\n"
                "  --rados-gc-grace-s S  compaction removes from the pool only objects unchanged for\n"
                "                     S seconds (1..604800; default 3600)\n"
                "  --node NAME        this kvarcd's name in writer locks (default: the host name)\n"
@@ -163,7 +164,7 @@ int main(int argc, char **argv)
     long segment_mb = 256;
     const char *listen = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL, *metrics_listen = NULL;
     kvd_cluster_options copt = { 0 };
-    long lock_s = 30, timeout_s = 30, object_mb = 64, grace_s = 3600;
+    long lock_s = 30, timeout_s = 30, object_kb = 65536, grace_s = 3600;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--data") && i + 1 < argc) {
             dir = argv[++i];
@@ -202,19 +203,20 @@ int main(int argc, char **argv)
         } else if (!strcmp(argv[i], "--node") && i + 1 < argc) {
             copt.node = argv[++i];
         } else if ((!strcmp(argv[i], "--rados-lock-s") || !strcmp(argv[i], "--rados-timeout-s") ||
-                    !strcmp(argv[i], "--rados-object-mb") || !strcmp(argv[i], "--rados-gc-grace-s")) &&
+                    !strcmp(argv[i], "--rados-segment-kb") || !strcmp(argv[i], "--rados-gc-grace-s")) &&
                    i + 1 < argc) {
             struct { const char *flag; long *v, max; } nums[] = {
                 { "--rados-lock-s", &lock_s, 3600 }, { "--rados-timeout-s", &timeout_s, 3600 },
-                { "--rados-object-mb", &object_mb, 90 }, { "--rados-gc-grace-s", &grace_s, 604800 },
+                { "--rados-segment-kb", &object_kb, 92160 }, { "--rados-gc-grace-s", &grace_s, 604800 },
             };
             for (size_t k = 0; k < sizeof nums / sizeof nums[0]; k++) {
                 if (strcmp(argv[i], nums[k].flag))
                     continue;
                 char *end;
                 long v = strtol(argv[i + 1], &end, 10);
-                if (*end || end == argv[i + 1] || v < 1 || v > nums[k].max) {
-                    fprintf(stderr, "kvarcd: %s must be a number in 1..%ld\n", argv[i], nums[k].max);
+                long min = nums[k].v == &object_kb ? 64 : 1;
+                if (*end || end == argv[i + 1] || v < min || v > nums[k].max) {
+                    fprintf(stderr, "kvarcd: %s must be a number in %ld..%ld\n", argv[i], min, nums[k].max);
                     return 2;
                 }
                 *nums[k].v = v;
@@ -297,7 +299,7 @@ int main(int argc, char **argv)
     }
     copt.lock_seconds = (unsigned)lock_s;
     copt.op_timeout = (unsigned)timeout_s;
-    copt.object_bytes = (uint64_t)object_mb << 20;
+    copt.object_bytes = (uint64_t)object_kb << 10;
     copt.gc_grace_s = (unsigned)grace_s;
     kvd_options o = { .dir = dir, .segment_bytes = (uint64_t)segment_mb << 20, .cluster = copt.pool ? &copt : NULL };
     kvd_engine *e;

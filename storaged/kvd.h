@@ -55,7 +55,7 @@ typedef struct kvd_cluster_options {
     const char *keyring;        /* NULL: what conf says */
     unsigned    lock_seconds;   /* writer lock duration; 0 = 30 */
     unsigned    op_timeout;     /* rados_osd_op_timeout and rados_mon_op_timeout, s; 0 = 30 */
-    uint64_t    object_bytes;   /* start a new data object past this; 0 = 64 MiB */
+    uint64_t    object_bytes;   /* start a conversation's next segment object past this; 0 = 64 MiB */
     const char *node;           /* this kvarcd's name in lock descriptions; NULL: the host name */
     unsigned    gc_grace_s;     /* compaction leaves pool objects changed this recently; 0 = 3600 */
 } kvd_cluster_options;

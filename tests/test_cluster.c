@@ -84,6 +84,7 @@ static pid_t start_node(const char *d, const char *node)
     const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
                             "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
                             "--rados-lock-s", LOCK_S, "--rados-timeout-s", "60", "--rados-gc-grace-s", "1",
+                            "--rados-segment-kb", "64",     /* a conversation here spans many segments */
                             "--node", node, NULL };
     pid_t pid = start_daemon_args(extra);
     kvc_conn *c;
@@ -444,6 +445,7 @@ static void test_gc(void)
     snprintf(args, sizeof args, "delete %s/gc-alone", NS);
     CHECK_RC(cli_on(dir2, args), 0);
     int talk = pool_objects(conv_id(dir2, "talk"));
+    CHECK(talk >= 4, "t/talk spans several segment objects (64-KiB segments, takeovers): %d objects", talk);
     long end = kd_now_ms() + 60000;
     while (!tu_failures && pool_objects(alone) > 0 && kd_now_ms() < end) {   /* until its grace is over */
         CHECK_RC(cli_on(dir2, "compact"), 0);
