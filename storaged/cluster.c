@@ -15,73 +15,81 @@
  *   kvarc.name.NS/NAME        xattr "id": the conversation the name is
  *                             bound to; made by an exclusive create
  *   kvarc.conv.ID             the head: the writer lock ("writer",
- *                             exclusive, with a duration), xattr "last"
- *                             (the log's last SEQ; set to 0 when a create
- *                             makes the head) and the log in
- *                             omap: key SEQ (16 hex, from 1, no gaps) ->
- *                             log_ext (a data object's epoch and number,
- *                             offset, bytes): one batch of blocks
- *   kvarc.data.ID.EPOCH.N     block bytes exactly as a segment file holds
- *                             them (self-describing, CRC'd); written only
- *                             by the writer of that epoch (one per lock
- *                             taking), N from 0, a new N past object_bytes
+ *                             exclusive, with a duration); xattr "kvarc"
+ *                             marks a head a create made
+ *   kvarc.seg.ID.K            the log, K = 0, 1, ... (8 hex): block bytes
+ *                             exactly as a segment file holds them
+ *                             (self-describing, CRC'd), and in omap the
+ *                             log's entries, key SEQ (16 hex, from 1, no
+ *                             gaps across segments) -> (offset, bytes) of
+ *                             one batch of blocks in this object; xattrs
+ *                             "state" ("open EPOCH" for the one writer
+ *                             appending to it, then "sealed") and "last"
+ *                             (its last SEQ)
  *
  * Append (commit.c's batch -> clu_log_batch, after the index prepare and
- * before the local write): a conversation's blocks of the batch are
- * written to its epoch's data object (Ceph answers when every replica has
- * them), then ONE operation on the head, {assert_locked(writer),
- * cmpxattr(last == SEQ0), setxattr(last = SEQ1), omap_set(SEQ0+1..SEQ1 ->
- * extents)}, makes them part of the log. So a block is in
- * the log only once it is durable, and only while this kvarcd holds the
- * lock: a writer whose lock lapsed is fenced out by the assert, and its
- * data bytes are never referenced; and no entry is ever written over, even
- * by an operation that timed out here and landed later (the compare on
- * "last" fails, the conversation is marked stale and synced before its
- * next append). Then the local commit; the client hears
- * of success after both. A batch that fails after some logs advanced
- * marks those conversations stale: they are synced before their next use,
- * and a retried append finds its positions held (as after a crash between
- * a local segment's fdatasync and its index commit).
+ * before the local write): ONE operation per conversation of the batch,
+ * all in flight together, on its writer's segment: {cmpxattr(state ==
+ * "open EPOCH"), cmpxattr(last == SEQ0), setxattr(last = SEQ0 + 1),
+ * write(blocks at the segment's end), omap_set(SEQ0 + 1 -> extent)}. Ceph
+ * applies it whole or not at all and answers once every replica has it:
+ * a block is in the log only once durable. An operation of a writer whose
+ * segment was sealed (a takeover) fails, and no entry is ever written
+ * over, even by an operation that timed out here and landed later (the
+ * compare on "last" fails; the conversation is marked stale, and before
+ * its next append this kvarcd seals its segment, syncs and starts a new
+ * one). Then the local commit; the client hears of success after both.
+ * A batch that fails after some logs advanced marks those conversations
+ * stale, and a retried append finds its positions held (as after a crash
+ * between a local segment's fdatasync and its index commit). Past
+ * object_bytes the writer seals its segment and makes the next
+ * (exclusively: EEXIST means it was taken over).
  *
- * Writer lock (clu_writer_begin): rados_lock_exclusive with a duration.
- * Taking it: lock, then sync the log to its end (no one else can extend
- * it now; a failed sync leaves the conversation stale), then a new random
- * epoch. A head without "last" was made by the lock itself (its
- * conversation's log was collected): it is removed again, -ENOENT. Refused (another holder): KVARC_ELOCKED
- * with the holder's description (its node name, pid) and address. A
- * thread renews every lock used within the last duration, every
- * duration/3, with MUST_RENEW (a lapsed lock is never silently retaken: it
- * is taken again only through a sync), and releases the others: a kvarcd
- * that stopped writing a conversation lets another take it within one
- * duration and a third; a killed one within one duration.
+ * Writer lock and epochs (clu_writer_begin, start_epoch): the lock is
+ * rados_lock_exclusive on the head with a duration; it decides who may
+ * start an epoch. Starting one: seal the last segment (an earlier
+ * writer's operations on it fail from then on), sync the log to its end
+ * (what landed before the seal included), make segment K+1 "open EPOCH"
+ * exclusively (if another writer made it first, seal and sync that too,
+ * and go on). Fencing is the seal, not the lock: a writer whose lock
+ * lapsed but was not taken over loses nothing. A head without "kvarc" was
+ * made by the lock itself (its conversation's log was collected): it is
+ * removed again, -ENOENT. Refused (another holder): KVARC_ELOCKED with the
+ * holder's description (its node name, pid) and address. A thread renews
+ * every lock used within the last duration, every duration/3, with
+ * MUST_RENEW (a lapsed lock is never silently retaken: it is taken again
+ * only through a new epoch), and releases the others: a kvarcd that
+ * stopped writing a conversation lets another take it within one duration
+ * and a third; a killed one within one duration.
  *
- * Sync (clu_sync_id): the head's omap entries after the cache's watermark
- * (the last SEQ it holds: the index's meta counter "clog.ID", advanced in
- * the same transaction as the writer's own commits, and after each
- * replayed batch), each extent read and its blocks checked (header and
- * payload CRCs: a damaged block stops the sync with KVARC_ECORRUPT, nothing
- * wrong is served) and replayed into the cache through the group commit
- * (prepare_ingest: replay.c's replay_block, idempotent). A fork's parent
- * is synced after the fork. Readers sync a conversation when it is opened
- * by name (kvd_conv_open: attach, Open, Stat by name, fork's source);
- * what another host appends afterwards is seen at the next open.
+ * Sync (sync_locked): segment after segment from the cache's watermark
+ * (its last SEQ and segment: the index's meta counters "clog.ID" and
+ * "cseg.ID", advanced in the same transaction as the writer's own commits
+ * and after each replayed entry), each entry's bytes read and their blocks
+ * checked (header and payload CRCs: a damaged block stops the sync with
+ * KVARC_ECORRUPT, nothing wrong is served) and replayed into the cache
+ * through the group commit (prepare_ingest: replay.c's replay_block,
+ * idempotent). Segment K+1 existing means K is final: K is read once more,
+ * then K+1. A fork's parent is synced after the fork. Readers sync a
+ * conversation when it is opened by name (kvd_conv_open: attach, Open,
+ * Stat by name, fork's source, export); what another host appends
+ * afterwards is seen at the next open.
  *
- * Names: create = an id from kvarc.ids, the new head locked with "last"
- * 0, an exclusive create of the name object (so that a create in progress
- * is seen locked, never dead), then the CONV_CREATE block logged like any
- * other; a create that fails before its first entry (the head's "last"
- * still 0) unbinds the name and releases the lock. A name bound to a conversation whose log is deleted (or was never
- * written: a create that died) is rebound with a cmpxattr on the old id.
- * Delete = the CONV_DELETE block logged, then the name object removed.
+ * Names: create = an id from kvarc.ids, the new head locked and marked,
+ * segment 0 started, an exclusive create of the name object (so that a
+ * create in progress is seen locked, never dead), then the CONV_CREATE
+ * block logged like any other; a create that fails before its first entry
+ * (segment 0's "last" still 0) unbinds the name and releases the lock. A
+ * name bound to a conversation whose log is deleted (or was never written:
+ * a create that died) is rebound with a cmpxattr on the old id. Delete =
+ * the CONV_DELETE block logged, then the name object removed.
  *
- * Collection (clu_compact, from kvarc compact): objects unchanged for the
- * grace; data objects no log names only after the grace plus a lock and
- * an operation timeout (a live writer's newest object is unnamed until
- * its head operation lands); a head only under its own lock, taken by the
- * collector, in the operation that removes it.
+ * Collection (clu_compact, from kvarc compact): a deleted conversation no
+ * live one descends from, whose head is unchanged for the grace: its head
+ * locked by the collector, its segments removed, then the head in the
+ * operation that asserts that lock (never while a writer holds it).
  * Not done yet (issue 19's note): a bound on the cache (each conversation
- * opened here is held whole in the data directory); one round trip per
- * append.
+ * opened here is held whole in the data directory).
  */
 #include <errno.h>
 #include <stdarg.h>
