@@ -1351,6 +1351,27 @@ int clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err)
     return rc;
 }
 
+int clu_item_check(kvd_engine *e, kvd_item *it)
+{
+    if (it->ingest || !it->h.conv)
+        return 0;               /* a replay, or a create (its id is set by its prepare; its head is locked) */
+    cconv *x = cconv_get(e, it->h.conv);
+    if (!x)
+        return kvd_fail(&it->err, -ENOMEM, "out of memory");
+    pthread_mutex_lock(&e->cluster->mu);
+    int locked = x->locked, stale = x->stale;
+    pthread_mutex_unlock(&e->cluster->mu);
+    if (!locked) {
+        char head[64];
+        head_oid(head, sizeof head, it->h.conv);
+        return refuse_locked(e, it->h.conv, head, &it->err);
+    }
+    if (stale)
+        return kvd_fail(&it->err, -EAGAIN, "the cache of conversation %" PRIu64 " is behind its log after a "
+                        "failed append; nothing of this one was kept: retry", it->h.conv);
+    return 0;
+}
+
 void clu_batch_done(kvd_engine *e, kvd_item *batch)
 {
     for (kvd_item *it = batch; it; it = it->next) {

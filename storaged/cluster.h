@@ -29,6 +29,10 @@ int  clu_writer_begin(kvd_engine *e, uint64_t id, kvd_err *err);
  * conversation's log (the durability point), the cache's log positions
  * advanced in txn. 0, or an error: the batch must then fail whole. */
 int  clu_log_batch(kvd_engine *e, MDB_txn *txn, kvd_item *batch, kvd_err *err);
+/* Before an item's prepare in a batch: refused alone (0, or its code with
+ * it->err set) when its conversation's lock lapsed or its cache is stale,
+ * instead of failing the whole batch in clu_log_batch. */
+int  clu_item_check(kvd_engine *e, kvd_item *it);
 /* The batch committed: the cache holds what clu_log_batch logged. */
 void clu_batch_done(kvd_engine *e, kvd_item *batch);
 /* The batch failed after clu_log_batch: its conversations are synced

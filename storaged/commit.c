@@ -90,6 +90,8 @@ static void gc_run_batch(kvd_engine *e, kvd_item *batch)
     for (it = batch; it && !rc; it = it->next) {
         MDB_txn *child;
         it->rc = kvd_mdb_err(mdb_txn_begin(e->env, txn, 0, &child));
+        if (!it->rc && e->cluster)
+            it->rc = clu_item_check(e, it);     /* one conversation's lapsed lock fails its items only */
         if (!it->rc)
             it->rc = meta_next(e, child, "seq", &it->h.seq);
         if (!it->rc)

@@ -78,12 +78,14 @@ static kvarc_options opts(void)
     return o;
 }
 
-static pid_t start_node(const char *d, const char *node)
+/* kvarcd on data directory d, on the pool, as node `node`, with a Ceph
+ * timeout of timeout_s seconds; waits until it answers. */
+static pid_t start_node(const char *d, const char *node, const char *timeout_s)
 {
     snprintf(dir, sizeof dir, "%s", d);
     const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
                             "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
-                            "--rados-lock-s", LOCK_S, "--rados-timeout-s", "60", "--rados-gc-grace-s", "1",
+                            "--rados-lock-s", LOCK_S, "--rados-timeout-s", timeout_s, "--rados-gc-grace-s", "1",
                             "--rados-segment-kb", "64",     /* a conversation here spans many segments */
                             "--node", node, NULL };
     pid_t pid = start_daemon_args(extra);
@@ -385,7 +387,7 @@ static void test_kill(pid_t *k1)
            "first)\n", t_ok - t_kill, LOCK_S, refused);
     kvarc_conv_close(b);
     /* kvarcd-1 again: its cache catches up on open */
-    *k1 = start_node(dir1, "n1");
+    *k1 = start_node(dir1, "n1", "60");
     kvarc_client_close(cl1);
     CHECK_RC(kvarc_client_open(dir1, NULL, NULL, &cl1), 0);
     kvarc_conv *a;
@@ -479,16 +481,7 @@ static void test_timeout(void)
 {
     char d3[256], p[512];
     eu_tmpdir(d3, sizeof d3, "cluster3");
-    snprintf(dir, sizeof dir, "%s", d3);
-    const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
-                            "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
-                            "--rados-lock-s", LOCK_S, "--rados-timeout-s", "3", "--node", "n3", NULL };
-    pid_t k3 = start_daemon_args(extra);
-    kvc_conn *probe;
-    if (kvc_connect(d3, &probe) == 0) {
-        CHECK(wait_ready(probe), "kvarcd n3 ready");
-        kvc_close(probe);
-    }
+    pid_t k3 = start_node(d3, "n3", "3");
     kvarc_client *c3;
     kvarc_conv *cv = NULL;
     kvarc_options o = opts();
@@ -577,16 +570,7 @@ static void test_verify_pool(void)
           "verify reports the damaged log entry (%d: %.300s)", rc, out);
     char d4[256];
     eu_tmpdir(d4, sizeof d4, "cluster4");
-    snprintf(dir, sizeof dir, "%s", d4);
-    const char *extra[] = { "--rados-pool", getenv("CEPH_POOL"), "--rados-conf", getenv("CEPH_CONF"),
-                            "--rados-user", getenv("CEPH_USER"), "--rados-keyring", getenv("CEPH_KEYRING"),
-                            "--node", "n4", NULL };
-    pid_t k4 = start_daemon_args(extra);
-    kvc_conn *probe;
-    if (kvc_connect(d4, &probe) == 0) {
-        CHECK(wait_ready(probe), "kvarcd n4 ready");
-        kvc_close(probe);
-    }
+    pid_t k4 = start_node(d4, "n4", "60");
     kvarc_client *c4;
     CHECK_RC(kvarc_client_open(d4, NULL, NULL, &c4), 0);
     rc = kvarc_conv_attach(c4, NS, "flip", &model, &o, &cv);
@@ -615,7 +599,7 @@ int main(void)
     snprintf(NS, sizeof NS, "t%d", (int)getpid());
     eu_tmpdir(dir1, sizeof dir1, "cluster1");
     eu_tmpdir(dir2, sizeof dir2, "cluster2");
-    pid_t k1 = start_node(dir1, "n1"), k2 = start_node(dir2, "n2");
+    pid_t k1 = start_node(dir1, "n1", "60"), k2 = start_node(dir2, "n2", "60");
     CHECK_RC(kvarc_client_open(dir1, NULL, NULL, &cl1), 0);
     CHECK_RC(kvarc_client_open(dir2, NULL, NULL, &cl2), 0);
     if (!tu_failures)
