@@ -175,6 +175,22 @@ static int rfail(kvd_engine *e, kvd_err *err, int rc, const char *what, const ch
     return kvd_fail(err, rc < 0 ? rc : -EIO, "Ceph: %s (%s): %s", what, oid, strerror(rc < 0 ? -rc : EIO));
 }
 
+/* Room for element n of the array at *(T **)pv (*cap of elem bytes),
+ * doubling: 0, or -ENOMEM with the array unchanged. */
+static int grow(void *pv, size_t n, size_t *cap, size_t elem)
+{
+    if (n < *cap)
+        return 0;
+    size_t nc = *cap ? 2 * *cap : 64;
+    void *p, *m;
+    memcpy(&p, pv, sizeof p);
+    if (!(m = realloc(p, nc * elem)))
+        return -ENOMEM;
+    memcpy(pv, &m, sizeof m);
+    *cap = nc;
+    return 0;
+}
+
 /* ---- the table of conversations this kvarcd has touched ----------------- */
 
 static cconv *cconv_get(kvd_engine *e, uint64_t id)
@@ -354,8 +370,12 @@ static void *renew_main(void *arg)
                 pthread_mutex_unlock(&c->mu);
                 /* no sync or lock taking of it runs meanwhile; skip it if one does */
                 if (pthread_mutex_trylock(&x->wmu) == 0) {
-                    pthread_mutex_lock(&c->mu);     /* again: an append may have come meanwhile */
+                    /* again (an append may have come meanwhile), and released at
+                     * once: an append now takes the slow path and waits on wmu */
+                    pthread_mutex_lock(&c->mu);
                     idle = x->locked && now_ns() - x->last_write_ns > (int64_t)c->lock_s * 1000000000;
+                    if (idle)
+                        x->locked = 0;
                     pthread_mutex_unlock(&c->mu);
                     char oid[64];
                     head_oid(oid, sizeof oid, id);
@@ -393,9 +413,9 @@ static int prepare_ingest(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t se
 /* Replay the blocks of buf (one log extent of conversation id) into the cache. */
 static int ingest_extent(kvd_engine *e, uint64_t id, uint64_t seq, uint8_t *buf, size_t n, kvd_err *err)
 {
-    size_t cap = 16, cnt = 0;
-    kvd_item *items = calloc(cap, sizeof *items);
-    int rc = items ? 0 : kvd_fail(err, -ENOMEM, "out of memory");
+    size_t cap = 0, cnt = 0;
+    kvd_item *items = NULL;
+    int rc = 0;
     for (size_t p = 0; p < n && !rc;) {
         kvarc_block_header h;
         const char *what = "a block header";
@@ -412,14 +432,9 @@ static int ingest_extent(kvd_engine *e, uint64_t id, uint64_t seq, uint8_t *buf,
                           " holds a block of conversation %" PRIu64, id, seq, (uint64_t)h.conv);
             break;
         }
-        if (cnt == cap) {
-            kvd_item *m = realloc(items, 2 * cap * sizeof *items);
-            if (!m) {
-                rc = kvd_fail(err, -ENOMEM, "out of memory");
-                break;
-            }
-            items = m;
-            cap *= 2;
+        if (grow(&items, cnt, &cap, sizeof *items)) {
+            rc = kvd_fail(err, -ENOMEM, "out of memory");
+            break;
         }
         memset(&items[cnt], 0, sizeof items[cnt]);
         items[cnt].h = h;
@@ -558,9 +573,9 @@ static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
     for (;;) {
         int more = 0, n = 0;
         int rc = sync_segment(e, x, k, &seq, &more, &n, err);
-        if (rc == -ENOENT)
-            return k == 0 && seq == 0 ? kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the "
-                                                 "cluster", x->id) : 0;
+        if (rc == -ENOENT)      /* no segment 0, or the one the cache's position names: collected */
+            return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the cluster%s", x->id,
+                            k == 0 && seq == 0 ? "" : " any more (collected after its delete)");
         if (rc)
             return rc;
         if (more && n)
@@ -598,14 +613,24 @@ static int sync_one(kvd_engine *e, uint64_t id, kvd_err *err)
     pthread_mutex_lock(&e->cluster->mu);
     int current = x->locked && !x->stale;     /* the writer's cache is the log */
     pthread_mutex_unlock(&e->cluster->mu);
+    /* a stale writer stays stale: only start_epoch (a sealed segment, a new
+     * one, a fresh offset) makes its appends safe again */
     int rc = current ? 0 : sync_locked(e, x, err);
-    if (!rc && !current) {
-        pthread_mutex_lock(&e->cluster->mu);
-        x->stale = 0;
-        pthread_mutex_unlock(&e->cluster->mu);
-    }
     pthread_mutex_unlock(&x->wmu);
     return rc;
+}
+
+/* The cache's record of conversation id, in a read txn of its own: 0,
+ * -ENOENT, or an error in err. */
+static int conv_read(kvd_engine *e, uint64_t id, conv_rec *r, kvd_err *err)
+{
+    MDB_txn *txn;
+    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
+    if (rc)
+        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
+    rc = conv_get(e, txn, id, r);
+    mdb_txn_abort(txn);
+    return rc && rc != -ENOENT ? kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc)) : rc;
 }
 
 int clu_sync_id(kvd_engine *e, uint64_t id, kvd_err *err)
@@ -614,12 +639,10 @@ int clu_sync_id(kvd_engine *e, uint64_t id, kvd_err *err)
         int rc = sync_one(e, id, err);
         if (rc)
             return rc;
-        MDB_txn *txn;
         conv_rec r;
-        if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn))))
-            return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-        rc = conv_get(e, txn, id, &r);
-        mdb_txn_abort(txn);
+        rc = conv_read(e, id, &r, err);
+        if (rc && rc != -ENOENT)
+            return rc;
         id = rc ? 0 : r.parent;
     }
     return 0;
@@ -731,14 +754,9 @@ int clu_sync_all(kvd_engine *e, const char *ns, kvd_err *err)
             for (int op = MDB_FIRST; !rc && mdb_cursor_get(cur, &k, &v, op) == 0; op = MDB_NEXT) {
                 if (k.mv_size >= sizeof names[0])
                     continue;
-                if (n == cap) {
-                    void *m = realloc(names, 2 * cap * sizeof *names);
-                    if (!m) {
-                        rc = kvd_fail(err, -ENOMEM, "out of memory");
-                        break;
-                    }
-                    names = m;
-                    cap *= 2;
+                if (grow(&names, n, &cap, sizeof *names)) {
+                    rc = kvd_fail(err, -ENOMEM, "out of memory");
+                    break;
                 }
                 memcpy(names[n], k.mv_data, k.mv_size);     /* "ns\0name" */
                 names[n][k.mv_size] = 0;
@@ -791,6 +809,7 @@ static int refuse_locked(kvd_engine *e, uint64_t id, const char *oid, kvd_err *e
 }
 
 static size_t assert_input(const kvd_cluster *c, char *b);
+static int fence_empty(kvd_cluster *c, uint64_t id);
 
 /* Take id's lock (x->wmu held): 0, KVARC_ELOCKED, -ENOENT (no such head:
  * unless fresh, a create's, the lock would have made one), or an error. */
@@ -842,20 +861,37 @@ static int seal(kvd_engine *e, uint64_t id, uint64_t k, kvd_err *err)
     return r == 0 || r == -ENOENT ? r : rfail(e, err, r, "sealing a segment", oid);
 }
 
+/* Segment k of conversation id made, exclusively, open for epoch with its
+ * log's end at seq: 0, -EEXIST (another writer made it), or -errno. */
+static int seg_start(kvd_cluster *c, uint64_t id, uint64_t k, uint64_t epoch, uint64_t seq)
+{
+    char oid[64], state[32], last[17];
+    seg_oid(oid, sizeof oid, id, k);
+    snprintf(state, sizeof state, "open %016" PRIx64, epoch);
+    snprintf(last, sizeof last, "%016" PRIx64, seq);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+    rados_write_op_setxattr(op, "state", state, strlen(state));
+    rados_write_op_setxattr(op, "last", last, 16);
+    int r = rados_write_op_operate(op, c->io, oid, NULL, 0);
+    rados_release_write_op(op);
+    return r;
+}
+
 /* This kvarcd's writing epoch of a conversation whose lock it holds
  * (x->wmu held): the last segment sealed, the log synced to its end, a
  * new segment made (exclusively: if another writer made it first, that one
  * is sealed and synced in turn) in state "open EPOCH" with "last" at the
  * log's end; the writer appends there. */
-static int start_epoch(kvd_engine *e, cconv *x, kvd_err *err)
+static int start_epoch(kvd_engine *e, cconv *x, int creating, kvd_err *err)
 {
     kvd_cluster *c = e->cluster;
     uint64_t epoch = 0;
     if (getrandom(&epoch, sizeof epoch, 0) != sizeof epoch)
         epoch = (uint64_t)now_ns() * 0x9e3779b97f4a7c15ull;
-    int rc = sync_locked(e, x, err), fresh = rc == -ENOENT;
+    int rc = sync_locked(e, x, err), fresh = rc == -ENOENT && creating;
     if (rc && !fresh)
-        return rc;
+        return rc;          /* -ENOENT for a conversation whose log is gone: never start it again */
     for (int tries = 0; tries < 64; tries++) {
         pthread_mutex_lock(&c->mu);
         uint64_t k = x->rseg, seq = x->seq;
@@ -874,16 +910,9 @@ static int start_epoch(kvd_engine *e, cconv *x, kvd_err *err)
                 continue;                           /* a later segment appeared: seal that one */
             next = k + 1;
         }
-        char oid[64], state[32], last[17];
+        char oid[64];
         seg_oid(oid, sizeof oid, x->id, next);
-        snprintf(state, sizeof state, "open %016" PRIx64, epoch);
-        snprintf(last, sizeof last, "%016" PRIx64, seq);
-        rados_write_op_t op = rados_create_write_op();
-        rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
-        rados_write_op_setxattr(op, "state", state, strlen(state));
-        rados_write_op_setxattr(op, "last", last, 16);
-        int r = rados_write_op_operate(op, c->io, oid, NULL, 0);
-        rados_release_write_op(op);
+        int r = seg_start(c, x->id, next, epoch, seq);
         if (r == -EEXIST) {                         /* another writer's: seal it and read it first */
             fresh = 0;
             if ((rc = sync_locked(e, x, err)) && rc != -ENOENT)
@@ -923,7 +952,7 @@ int clu_writer_begin(kvd_engine *e, uint64_t id, kvd_err *err)
     int locked = x->locked;
     pthread_mutex_unlock(&c->mu);
     int rc = locked ? 0 : take_lock(e, x, 0, err);
-    int started = !rc && !(rc = start_epoch(e, x, err));  /* nobody else extends the log now */
+    int started = !rc && !(rc = start_epoch(e, x, 0, err));  /* nobody else extends the log now */
     pthread_mutex_lock(&c->mu);
     if (started) {
         x->last_write_ns = now_ns();
@@ -983,17 +1012,15 @@ static int id_dead(kvd_engine *e, uint64_t id, kvd_err *err)
         *err = tmp;
         return rc;
     }
-    MDB_txn *txn;
     conv_rec r;
-    if ((rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn))))
-        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-    rc = conv_get(e, txn, id, &r);
-    mdb_txn_abort(txn);
+    rc = conv_read(e, id, &r, err);
     if (rc == 0)
         return (r.flags & KVD_CONV_DELETED) ? 1 : 0;
     if (rc != -ENOENT)
-        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-    /* nothing logged: dead unless its creator still holds the lock */
+        return rc;
+    /* nothing logged: dead unless its creator still holds the lock, and
+     * then made dead for good (segment 0 sealed while still empty: a
+     * CONV_CREATE that would land later fails) */
     char oid[64], clients[256], cookies[256], addrs[256], tag[128];
     size_t cl = sizeof clients, kl = sizeof cookies, al = sizeof addrs, tl = sizeof tag;
     int excl;
@@ -1002,7 +1029,14 @@ static int id_dead(kvd_engine *e, uint64_t id, kvd_err *err)
                                    addrs, &al);
     if (n < 0 && n != -ENOENT)
         return rfail(e, err, (int)n, "reading a create's lock", oid);
-    return n > 0 ? 0 : 1;
+    if (n > 0)
+        return 0;
+    int f = fence_empty(e->cluster, id);
+    if (f < 0)
+        return rfail(e, err, f, "fencing an unfinished create", oid);
+    if (f == 0)                 /* its create landed meanwhile: alive */
+        return 0;
+    return 1;
 }
 
 int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *id, kvd_err *err)
@@ -1033,7 +1067,7 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
         if (r)
             rc = rfail(e, err, r, "starting a conversation's head", head);
         else
-            rc = start_epoch(e, x, err);        /* segment 0 */
+            rc = start_epoch(e, x, 1, err);     /* segment 0 */
     }
     pthread_mutex_unlock(&x->wmu);
     if (rc)
@@ -1089,17 +1123,31 @@ void clu_name_release(kvd_engine *e, const char *ns, const char *name, uint64_t 
     rados_release_write_op(op);
 }
 
+/* Seal segment 0 of conversation id if its log is still empty, in one
+ * operation: afterwards no CONV_CREATE can land there, ever. 1 sealed (or
+ * there is no segment 0: nothing can land either), 0 the create is in the
+ * log, <0 an error. */
+static int fence_empty(kvd_cluster *c, uint64_t id)
+{
+    char seg0[64];
+    seg_oid(seg0, sizeof seg0, id, 0);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_assert_exists(op);
+    rados_write_op_cmpxattr(op, "last", LIBRADOS_CMPXATTR_OP_EQ, "0000000000000000", 16);
+    rados_write_op_setxattr(op, "state", "sealed", 6);
+    int r = rados_write_op_operate(op, c->io, seg0, NULL, 0);
+    rados_release_write_op(op);
+    return r == 0 || r == -ENOENT ? 1 : r == -ECANCELED ? 0 : r;
+}
+
 void clu_create_undo(kvd_engine *e, const char *ns, const char *name, uint64_t id)
 {
     kvd_cluster *c = e->cluster;
-    char head[64], seg0[64], last[17] = "";
+    char head[64];
     head_oid(head, sizeof head, id);
-    seg_oid(seg0, sizeof seg0, id, 0);
-    /* segment 0's own word, not this kvarcd's view: a log operation that
-     * timed out may have landed (and while this kvarcd holds the lock,
-     * nothing else can change it) */
-    int r = rados_getxattr(c->io, seg0, "last", last, 16);
-    if (r != -ENOENT && (r != 16 || strcmp(last, "0000000000000000")))
+    /* segment 0's own word, not this kvarcd's view, and fenced: a log
+     * operation that timed out may land later, and then must fail */
+    if (fence_empty(c, id) != 1)
         return;                 /* its create may be in the log: it exists (or id_dead decides later) */
     clu_name_release(e, ns, name, id);
     cconv *x = cconv_get(e, id);
@@ -1161,20 +1209,13 @@ static size_t assert_input(const kvd_cluster *c, char *b)
 static int roll(kvd_engine *e, conv_job *j)
 {
     kvd_cluster *c = e->cluster;
-    char oid[64], state[32], last[17];
+    char oid[64];
     int rc = seal(e, j->x->id, j->seg, &j->err);
     if (rc)
         return rc == -ENOENT ? kvd_fail(&j->err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s segment %" PRIu64
                                         " vanished", j->x->id, j->seg) : rc;
     seg_oid(oid, sizeof oid, j->x->id, j->seg + 1);
-    snprintf(state, sizeof state, "open %016" PRIx64, j->epoch);
-    snprintf(last, sizeof last, "%016" PRIx64, j->seq);
-    rados_write_op_t op = rados_create_write_op();
-    rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
-    rados_write_op_setxattr(op, "state", state, strlen(state));
-    rados_write_op_setxattr(op, "last", last, 16);
-    int r = rados_write_op_operate(op, c->io, oid, NULL, 0);
-    rados_release_write_op(op);
+    int r = seg_start(c, j->x->id, j->seg + 1, j->epoch, j->seq);
     if (r == -EEXIST) {
         char head[64];
         head_oid(head, sizeof head, j->x->id);
@@ -1263,6 +1304,8 @@ static void job_finish(kvd_engine *e, MDB_txn *txn, conv_job *j)
     kvd_cluster *c = e->cluster;
     if (!j->x)
         return;
+    if (!j->started && !j->rc)
+        return;             /* never started (the batch failed before it): nothing to record */
     char oid[64];
     seg_oid(oid, sizeof oid, j->x->id, j->seg);
     if (j->started) {
@@ -1446,13 +1489,9 @@ static int seg_refs(kvd_engine *e, uint64_t id, uint64_t k, uint64_t *seq, log_e
                 break;
             }
             memcpy(&x, val, sizeof x);
-            if (*nrefs == cap) {
-                void *m = realloc(*refs, (cap = cap ? 2 * cap : 64) * sizeof **refs);
-                if (!m) {
-                    r = -ENOMEM;
-                    break;
-                }
-                *refs = m;
+            if (grow(refs, *nrefs, &cap, sizeof **refs)) {
+                r = -ENOMEM;
+                break;
             }
             (*refs)[(*nrefs)++] = x;
             *seq = q;
@@ -1479,12 +1518,8 @@ typedef struct idvec {
 
 static int idv_push(idvec *a, uint64_t id)
 {
-    if (a->n == a->cap) {
-        void *m = realloc(a->v, (a->cap = a->cap ? 2 * a->cap : 64) * sizeof *a->v);
-        if (!m)
-            return -ENOMEM;
-        a->v = m;
-    }
+    if (grow(&a->v, a->n, &a->cap, sizeof *a->v))
+        return -ENOMEM;
     a->v[a->n++] = id;
     return 0;
 }
@@ -1521,13 +1556,9 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
         else if (sscanf(entry, "kvarc.seg.%16" SCNx64 ".%8" SCNx64, &o.id, &o.k) != 2)
             continue;
         snprintf(o.oid, sizeof o.oid, "%s", entry);
-        if (npo == cap) {
-            void *m = realloc(po, (cap = cap ? 2 * cap : 256) * sizeof *po);
-            if (!m) {
-                r = -ENOMEM;
-                break;
-            }
-            po = m;
+        if (grow(&po, npo, &cap, sizeof *po)) {
+            r = -ENOMEM;
+            break;
         }
         po[npo++] = o;
     }
