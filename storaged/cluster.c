@@ -38,7 +38,7 @@
  * over, even by an operation that timed out here and landed later (the
  * compare on "last" fails; the conversation is marked stale, and before
  * its next append this kvarcd seals its segment, syncs and starts a new
- * one). Then the local commit; the client hears of success after both.
+ * one: only a new epoch clears stale, never a read-side sync). Then the local commit; the client hears of success after both.
  * A batch that fails after some logs advanced marks those conversations
  * stale, and a retried append finds its positions held (as after a crash
  * between a local segment's fdatasync and its index commit). Past
@@ -79,9 +79,11 @@
  * segment 0 started, an exclusive create of the name object (so that a
  * create in progress is seen locked, never dead), then the CONV_CREATE
  * block logged like any other; a create that fails before its first entry
- * (segment 0's "last" still 0) unbinds the name and releases the lock. A
+ * seals segment 0 if its "last" is still 0 (one compare-and-set: a late
+ * CONV_CREATE then fails), then unbinds the name and releases the lock. A
  * name bound to a conversation whose log is deleted (or was never written:
- * a create that died) is rebound with a cmpxattr on the old id. Delete =
+ * a create that died, fenced the same way) is rebound with a cmpxattr on
+ * the old id. Delete =
  * the CONV_DELETE block logged, then the name object removed.
  *
  * Collection (clu_compact, from kvarc compact): a deleted conversation no
