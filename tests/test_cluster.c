@@ -12,6 +12,8 @@
  *     released, kvarcd-2's retry of the same position is refused as held
  *     ("continue at the end": one winner per position), its next one wins
  *     and kvarcd-1 is refused naming n2;
+ *  3b. fence: a writer frozen (SIGSTOP) past its lock is taken over; thawed,
+ *     its append is refused and a fresh cache has only the new writer's;
  *  4. OSD: one OSD killed -9 during appends: no error, nothing lost; once
  *     it is started again the cluster recovers (every PG active+clean)
  *     and appends go on;
@@ -261,6 +263,63 @@ static void test_race(void)
     double e = exact_err(b, 0, 102, out);
     CHECK(e < 1e-3, "t/talk after the race is exact attention over every winner's tokens (%.2e)", e);
     kvarc_conv_close(b);
+}
+
+/* A writer frozen (SIGSTOP) while it holds the lock: kvarcd-2 takes the
+ * conversation over once the lock lapses; thawed, the old writer's next
+ * append is refused (its lock gone, or its segment sealed by the
+ * takeover), never logged beside kvarcd-2's. */
+static void test_fence(pid_t k1)
+{
+    kvarc_options o = opts();
+    kvarc_conv *a, *b;
+    CHECK_RC(kvarc_conv_create(cl1, NS, "fence", &model, &o, NULL, &a), 0);
+    if (tu_failures)
+        return;
+    for (int t = 0; t < 10 && !tu_failures; t++)
+        CHECK_RC(put(a, t), 0);
+    CHECK_RC(kvarc_conv_sync(a), 0);        /* kvarcd-1 writes it: lock held, its segment open */
+    CHECK_RC(kill(k1, SIGSTOP), 0);
+    CHECK_RC(kvarc_conv_attach(cl2, NS, "fence", &model, &o, &b), 0);
+    if (!tu_failures) {
+        CHECK_RC(put(b, 10), 0);
+        int rc;
+        long end = kd_now_ms() + 60000;
+        while ((rc = kvarc_conv_sync(b)) == KVARC_ELOCKED && kd_now_ms() < end)
+            kd_sleep_ms(100);
+        CHECK(rc == 0, "kvarcd-2 takes over the frozen writer's conversation (%d: %s)", rc, kvarc_errmsg(b));
+        kvarc_conv_close(b);
+    }
+    CHECK_RC(kill(k1, SIGCONT), 0);
+    if (tu_failures)
+        return;
+    CHECK_RC(put(a, 10), 0);
+    int rc = kvarc_conv_sync(a);
+    CHECK(rc == KVARC_ELOCKED, "the thawed writer's append of the same position is refused (%d: %s)", rc,
+          kvarc_errmsg(a));
+    kvarc_conv_close(a);
+    char d5[256];
+    eu_tmpdir(d5, sizeof d5, "cluster5");
+    pid_t k5 = start_node(d5, "n5", "60");
+    kvarc_client *c5;
+    CHECK_RC(kvarc_client_open(d5, NULL, NULL, &c5), 0);
+    CHECK_RC(kvarc_conv_attach(c5, NS, "fence", &model, &o, &b), 0);
+    if (!tu_failures) {
+        float out[QH * D];
+        double e = exact_err(b, 0, 10, out);
+        CHECK(kvarc_length(b, 0) == 11 && e < 1e-3, "a fresh cache has kvarcd-2's token and no other (%llu, %.2e)",
+              (unsigned long long)kvarc_length(b, 0), e);
+        kvarc_conv_close(b);
+    }
+    kvarc_client_close(c5);
+    kill(k5, SIGTERM);
+    CHECK(wait_exit(k5, 20000) == 0, "kvarcd n5 exits 0");
+    if (!tu_failures) {
+        char p[300];
+        snprintf(p, sizeof p, "%s.log", d5);
+        unlink(p);
+        eu_rmrf(d5);
+    }
 }
 
 /* An OSD killed -9 while kvarcd-2 appends: no error, nothing lost. */
@@ -606,6 +665,8 @@ int main(void)
         test_share_and_fork();
     if (!tu_failures)
         test_race();
+    if (!tu_failures)
+        test_fence(k1);
     if (!tu_failures)
         test_osd_kill();
     if (!tu_failures)
