@@ -169,9 +169,8 @@ static void name_oid(char *b, size_t n, const char *ns, const char *name)
 }
 
 /* A RADOS error in err: what, on which object, and the pool. */
-static int rfail(kvd_engine *e, kvd_err *err, int rc, const char *what, const char *oid)
+static int rfail(kvd_err *err, int rc, const char *what, const char *oid)
 {
-    (void)e;
     if (rc == -ETIMEDOUT)
         return kvd_fail(err, rc, "the Ceph cluster did not answer in time: %s (%s)", what, oid);
     return kvd_fail(err, rc < 0 ? rc : -EIO, "Ceph: %s (%s): %s", what, oid, strerror(rc < 0 ? -rc : EIO));
@@ -412,6 +411,19 @@ static int prepare_ingest(kvd_engine *e, MDB_txn *txn, kvd_item *it, uint64_t se
     return rc;
 }
 
+/* The block at byte p of an extent (n bytes) of conversation id: 0 (h
+ * set), 1 damaged (*what names the part that failed), 2 a block of
+ * another conversation (h set). */
+static int extent_block(const uint8_t *buf, size_t n, size_t p, uint64_t id, kvarc_block_header *h,
+                        const char **what)
+{
+    *what = "a block header";
+    if (n - p < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, h) ||
+        h->payload_bytes > n - p - KVARC_BLOCK_HEADER || block_check_payload(h, buf + p, what, NULL))
+        return 1;
+    return h->conv != id ? 2 : 0;
+}
+
 /* Replay the blocks of buf (one log extent of conversation id) into the cache. */
 static int ingest_extent(kvd_engine *e, uint64_t id, uint64_t seq, uint8_t *buf, size_t n, kvd_err *err)
 {
@@ -420,16 +432,14 @@ static int ingest_extent(kvd_engine *e, uint64_t id, uint64_t seq, uint8_t *buf,
     int rc = 0;
     for (size_t p = 0; p < n && !rc;) {
         kvarc_block_header h;
-        const char *what = "a block header";
-        if (n - p < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, &h) ||
-            h.payload_bytes > n - p - KVARC_BLOCK_HEADER ||
-            block_check_payload(&h, buf + p, &what, NULL)) {
+        const char *what;
+        int bad = extent_block(buf, n, p, id, &h, &what);
+        if (bad == 1) {
             rc = kvd_fail(err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s log entry %" PRIu64
                           " is damaged at byte %zu of %zu: %s fails its check", id, seq, p, n, what);
             break;
         }
-        if ((h.kind == KVARC_BLOCK_DATA || h.kind == KVARC_BLOCK_CONV_DELETE || h.kind == KVARC_BLOCK_CONV_CREATE) &&
-            h.conv != id) {
+        if (bad == 2) {
             rc = kvd_fail(err, KVARC_ECORRUPT, "conversation %" PRIu64 "'s log entry %" PRIu64
                           " holds a block of conversation %" PRIu64, id, seq, (uint64_t)h.conv);
             break;
@@ -482,57 +492,109 @@ static int read_all(kvd_cluster *c, const char *oid, uint8_t *buf, size_t n, uin
     return 0;
 }
 
-/* Entries of segment k after *seq into the cache; *more: the omap read
- * was cut short. -ENOENT: no such segment. */
-static int sync_segment(kvd_engine *e, cconv *x, uint64_t k, uint64_t *seq, int *more_out, int *n_out, kvd_err *err)
+/* The entries of conversation id's segment k after *seq, each one more
+ * than the last, into *refs (malloc'ed; *seq advanced to the last read).
+ * -ENOENT (no segment k); KVARC_ECORRUPT, a malformed entry or a gap (err
+ * says which); -ENOMEM, or a RADOS error. *refs is NULL on any error. */
+static int seg_entries(kvd_cluster *c, uint64_t id, uint64_t k, uint64_t *seq, log_ext **refs, size_t *nrefs,
+                       kvd_err *err)
 {
-    kvd_cluster *c = e->cluster;
     char oid[64], after[17];
-    seg_oid(oid, sizeof oid, x->id, k);
-    snprintf(after, sizeof after, "%016" PRIx64, *seq);
-    rados_read_op_t op = rados_create_read_op();
-    rados_omap_iter_t iter = NULL;
-    unsigned char more = 0;
-    int prval = 0, n = 0, rc = 0;
-    rados_read_op_omap_get_vals2(op, after, "", 64, &iter, &more, &prval);
-    int r = rados_read_op_operate(op, c->io, oid, 0);
-    if (!r)
-        r = prval;
-    if (r) {
+    seg_oid(oid, sizeof oid, id, k);
+    size_t cap = 0;
+    *refs = NULL;
+    *nrefs = 0;
+    for (;;) {
+        snprintf(after, sizeof after, "%016" PRIx64, *seq);
+        rados_read_op_t op = rados_create_read_op();
+        rados_omap_iter_t iter = NULL;
+        unsigned char more = 0;
+        int prval = 0, n = 0;
+        rados_read_op_omap_get_vals2(op, after, "", 256, &iter, &more, &prval);
+        int r = rados_read_op_operate(op, c->io, oid, 0);
+        if (!r)
+            r = prval;
+        char *key, *val;
+        size_t kl, vl;
+        while (!r && rados_omap_get_next2(iter, &key, &val, &kl, &vl) == 0 && key) {
+            log_ext x;
+            char kb[17];
+            uint64_t q = 0;
+            memcpy(kb, key, kl < 16 ? kl : 16);
+            kb[kl < 16 ? kl : 16] = 0;
+            if (vl != sizeof x || kl != 16 || sscanf(kb, "%" SCNx64, &q) != 1 || q != *seq + 1) {
+                r = KVARC_ECORRUPT;     /* malformed, or a gap */
+                break;
+            }
+            memcpy(&x, val, sizeof x);
+            if (grow(refs, *nrefs, &cap, sizeof **refs)) {
+                r = -ENOMEM;
+                break;
+            }
+            (*refs)[(*nrefs)++] = x;
+            *seq = q;
+            n++;
+        }
         if (iter)
             rados_omap_get_end(iter);
         rados_release_read_op(op);
-        return r == -ENOENT ? -ENOENT : rfail(e, err, r, "reading a conversation's log", oid);
+        if (r) {
+            free(*refs);
+            *refs = NULL;
+            *nrefs = 0;
+        }
+        if (r == -ENOENT)
+            return -ENOENT;
+        if (r == KVARC_ECORRUPT)
+            return kvd_fail(err, r, "%s: log entry %" PRIu64 " is malformed or missing", oid, *seq + 1);
+        if (r)
+            return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(err, r, "reading a log", oid);
+        if (!more || n == 0)
+            return 0;
     }
-    for (;;) {
-        char *key, *val;
-        size_t kl, vl;
-        if (rados_omap_get_next2(iter, &key, &val, &kl, &vl) || !key)
-            break;
-        char kb[17];
-        log_ext ext;
-        uint64_t q = 0;
-        memcpy(kb, key, kl < 16 ? kl : 16);
-        kb[kl < 16 ? kl : 16] = 0;
-        if (kl != 16 || sscanf(kb, "%" SCNx64, &q) != 1 || q != *seq + 1 || vl != sizeof ext) {
-            rc = kvd_fail(err, KVARC_ECORRUPT, "%s has log entry '%s' after %" PRIu64 " (expected %" PRIu64
-                          ", %zu bytes)", oid, kb, *seq, *seq + 1, sizeof ext);
+}
+
+/* The bytes entry ext of segment oid names, into *buf (malloc'ed): 0,
+ * KVARC_ECORRUPT (it names over 2 GiB, or bytes the segment lacks),
+ * -ENOMEM, or a RADOS error. */
+static int read_extent(kvd_cluster *c, const char *oid, const log_ext *ext, uint8_t **buf)
+{
+    if (ext->bytes > (1ull << 31))
+        return KVARC_ECORRUPT;
+    if (!(*buf = malloc(ext->bytes ? ext->bytes : 1)))
+        return -ENOMEM;
+    int r = read_all(c, oid, *buf, ext->bytes, ext->off);
+    if (r) {
+        free(*buf);
+        *buf = NULL;
+    }
+    return r;
+}
+
+/* Entries of segment k after *seq into the cache, *seq and the cache's
+ * position advanced after each. -ENOENT: no such segment. */
+static int sync_segment(kvd_engine *e, cconv *x, uint64_t k, uint64_t *seq, kvd_err *err)
+{
+    kvd_cluster *c = e->cluster;
+    char oid[64];
+    seg_oid(oid, sizeof oid, x->id, k);
+    log_ext *refs;
+    size_t nrefs;
+    uint64_t last = *seq;
+    int rc = seg_entries(c, x->id, k, &last, &refs, &nrefs, err);
+    for (size_t i = 0; !rc && i < nrefs; i++) {
+        uint64_t q = *seq + 1;
+        uint8_t *buf;
+        int r = read_extent(c, oid, &refs[i], &buf);
+        if (r) {
+            rc = r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s: log entry %" PRIu64 " names %" PRIu64 " bytes at %"
+                                                PRIu64 " the segment does not hold", oid, q, refs[i].bytes,
+                                                refs[i].off)
+               : r == -ENOMEM ? kvd_fail(err, r, "out of memory")
+                              : rfail(err, r, "reading a log extent", oid);
             break;
         }
-        memcpy(&ext, val, sizeof ext);
-        uint8_t *buf = ext.bytes <= (1ull << 31) ? malloc(ext.bytes ? ext.bytes : 1) : NULL;
-        if (!buf) {
-            rc = kvd_fail(err, ext.bytes > (1ull << 31) ? KVARC_ECORRUPT : -ENOMEM, "%s: log entry %" PRIu64
-                          " of %" PRIu64 " bytes", oid, q, ext.bytes);
-            break;
-        }
-        if ((r = read_all(c, oid, buf, ext.bytes, ext.off))) {
-            free(buf);
-            rc = r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s is shorter than its log entry %" PRIu64 " says", oid, q)
-                                     : rfail(e, err, r, "reading a log extent", oid);
-            break;
-        }
-        rc = ingest_extent(e, x->id, q, buf, ext.bytes, err);
+        rc = ingest_extent(e, x->id, q, buf, refs[i].bytes, err);
         free(buf);
         if (rc)
             break;
@@ -548,7 +610,6 @@ static int sync_segment(kvd_engine *e, cconv *x, uint64_t k, uint64_t *seq, int 
             break;
         }
         *seq = q;
-        n++;
         pthread_mutex_lock(&c->mu);
         x->seq = q;
         x->rseg = k;
@@ -556,10 +617,7 @@ static int sync_segment(kvd_engine *e, cconv *x, uint64_t k, uint64_t *seq, int 
             x->log_seq = q;
         pthread_mutex_unlock(&c->mu);
     }
-    rados_omap_get_end(iter);
-    rados_release_read_op(op);
-    *more_out = more;
-    *n_out = n;
+    free(refs);
     return rc;
 }
 
@@ -573,15 +631,12 @@ static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
     uint64_t seq = x->seq, k = x->rseg;
     pthread_mutex_unlock(&c->mu);
     for (;;) {
-        int more = 0, n = 0;
-        int rc = sync_segment(e, x, k, &seq, &more, &n, err);
+        int rc = sync_segment(e, x, k, &seq, err);
         if (rc == -ENOENT)      /* no segment 0, or the one the cache's position names: collected */
             return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " has no log in the cluster%s", x->id,
                             k == 0 && seq == 0 ? "" : " any more (collected after its delete)");
         if (rc)
             return rc;
-        if (more && n)
-            continue;
         /* the end of segment k; a next one means k is final: what k got
          * before it was made is read once more, then on */
         char next[64];
@@ -592,12 +647,10 @@ static int sync_locked(kvd_engine *e, cconv *x, kvd_err *err)
         if (r == -ENOENT)
             return 0;
         if (r)
-            return rfail(e, err, r, "looking for a conversation's next segment", next);
-        do {
-            if ((rc = sync_segment(e, x, k, &seq, &more, &n, err)))
-                return rc == -ENOENT ? kvd_fail(err, KVARC_ECORRUPT, "a segment of conversation %" PRIu64
-                                                " vanished", x->id) : rc;
-        } while (more && n);
+            return rfail(err, r, "looking for a conversation's next segment", next);
+        if ((rc = sync_segment(e, x, k, &seq, err)))
+            return rc == -ENOENT ? kvd_fail(err, KVARC_ECORRUPT, "a segment of conversation %" PRIu64
+                                            " vanished", x->id) : rc;
         k++;
         pthread_mutex_lock(&c->mu);
         x->rseg = k;
@@ -620,19 +673,6 @@ static int sync_one(kvd_engine *e, uint64_t id, kvd_err *err)
     int rc = current ? 0 : sync_locked(e, x, err);
     pthread_mutex_unlock(&x->wmu);
     return rc;
-}
-
-/* The cache's record of conversation id, in a read txn of its own: 0,
- * -ENOENT, or an error in err. */
-static int conv_read(kvd_engine *e, uint64_t id, conv_rec *r, kvd_err *err)
-{
-    MDB_txn *txn;
-    int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
-    if (rc)
-        return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
-    rc = conv_get(e, txn, id, r);
-    mdb_txn_abort(txn);
-    return rc && rc != -ENOENT ? kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc)) : rc;
 }
 
 int clu_sync_id(kvd_engine *e, uint64_t id, kvd_err *err)
@@ -703,7 +743,7 @@ int clu_sync_name(kvd_engine *e, const char *ns, const char *name, kvd_err *err)
     int r = name_get(e->cluster, oid, &id);
     if (r && r != -ENOENT)
         return r == KVARC_ECORRUPT ? kvd_fail(err, r, "%s: its id is malformed", oid)
-                                   : rfail(e, err, r, "looking up a name", oid);
+                                   : rfail(err, r, "looking up a name", oid);
     if (mine && mine != id) {   /* what the cache calls ns/name was deleted (or replaced) elsewhere */
         int rc = sync_one(e, mine, err);
         if (rc == -ENOENT)      /* its own log is gone from the pool (collected after its delete) */
@@ -722,7 +762,7 @@ int clu_sync_all(kvd_engine *e, const char *ns, kvd_err *err)
     rados_list_ctx_t ctx;
     int r = rados_nobjects_list_open(e->cluster->io, &ctx);
     if (r)
-        return rfail(e, err, r, "listing the pool", "kvarc.name.*");
+        return rfail(err, r, "listing the pool", "kvarc.name.*");
     const char *entry;
     int rc = 0;
     char prefix[KVD_NS_MAX + 16];
@@ -742,7 +782,7 @@ int clu_sync_all(kvd_engine *e, const char *ns, kvd_err *err)
     }
     rados_nobjects_list_close(ctx);
     if (!rc && r != -ENOENT)
-        rc = rfail(e, err, r, "listing the pool", "kvarc.name.*");
+        rc = rfail(err, r, "listing the pool", "kvarc.name.*");
     /* and what the cache names that the pool may no longer (deleted elsewhere) */
     MDB_txn *txn;
     MDB_cursor *cur;
@@ -793,14 +833,10 @@ static int refuse_locked(kvd_engine *e, uint64_t id, const char *oid, kvd_err *e
         snprintf(node, sizeof node, "%.*s", (int)(dot - cookies) < 63 ? (int)(dot - cookies) : 63, cookies);
     }
     conv_rec r;
-    MDB_txn *txn;
     char what[KVD_NS_MAX + KVD_NAME_MAX + 32];
     snprintf(what, sizeof what, "conversation %" PRIu64, id);
-    if (mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn) == 0) {
-        if (conv_get(e, txn, id, &r) == 0)
-            snprintf(what, sizeof what, "'%s/%s'", r.ns, r.name);
-        mdb_txn_abort(txn);
-    }
+    if (conv_read(e, id, &r, NULL) == 0)
+        snprintf(what, sizeof what, "'%s/%s'", r.ns, r.name);
     if (n <= 0)
         return kvd_fail(err, KVARC_ELOCKED, "%s is being written by another kvarcd (its writer lock on %s "
                         "is held); retry once it is released or lapses", what, oid);
@@ -825,7 +861,7 @@ static int take_lock(kvd_engine *e, cconv *x, int fresh, kvd_err *err)
     if (r == -EBUSY)
         return refuse_locked(e, x->id, oid, err);
     if (r && r != -EEXIST)
-        return rfail(e, err, r, "taking a conversation's writer lock", oid);
+        return rfail(err, r, "taking a conversation's writer lock", oid);
     char mark[32];
     if (!fresh && (r = rados_getxattr(c->io, oid, "kvarc", mark, sizeof mark)) < 0) {
         /* no mark: the lock made this head (its conversation's log was collected) */
@@ -839,7 +875,7 @@ static int take_lock(kvd_engine *e, cconv *x, int fresh, kvd_err *err)
         if (r == -ENODATA || r == -ENOENT)
             return kvd_fail(err, -ENOENT, "conversation %" PRIu64 " is not in the pool (deleted, its log "
                             "collected)", x->id);
-        return rfail(e, err, r, "reading a conversation's head", oid);
+        return rfail(err, r, "reading a conversation's head", oid);
     }
     pthread_mutex_lock(&c->mu);
     x->locked = 1;
@@ -860,7 +896,7 @@ static int seal(kvd_engine *e, uint64_t id, uint64_t k, kvd_err *err)
     rados_write_op_setxattr(op, "state", "sealed", 6);
     int r = rados_write_op_operate(op, e->cluster->io, oid, NULL, 0);
     rados_release_write_op(op);
-    return r == 0 || r == -ENOENT ? r : rfail(e, err, r, "sealing a segment", oid);
+    return r == 0 || r == -ENOENT ? r : rfail(err, r, "sealing a segment", oid);
 }
 
 /* Segment k of conversation id made, exclusively, open for epoch with its
@@ -922,7 +958,7 @@ static int start_epoch(kvd_engine *e, cconv *x, int creating, kvd_err *err)
             continue;
         }
         if (r)
-            return rfail(e, err, r, "starting a segment", oid);
+            return rfail(err, r, "starting a segment", oid);
         pthread_mutex_lock(&c->mu);
         x->epoch = epoch;
         x->wseg = next;
@@ -977,7 +1013,7 @@ static int alloc_id(kvd_engine *e, uint64_t *id, kvd_err *err)
         int r = rados_getxattr(c->io, "kvarc.ids", "next", v, sizeof v - 1);
         int fresh = r == -ENOENT || r == -ENODATA;
         if (r < 0 && !fresh)
-            return rfail(e, err, r, "reading the id counter", "kvarc.ids");
+            return rfail(err, r, "reading the id counter", "kvarc.ids");
         if (r >= 0) {
             v[r] = 0;
             if (sscanf(v, "%" SCNx64, &next) != 1)
@@ -997,7 +1033,7 @@ static int alloc_id(kvd_engine *e, uint64_t *id, kvd_err *err)
             return 0;
         }
         if (r != -ECANCELED && r != -EEXIST)
-            return rfail(e, err, r, "taking a conversation id", "kvarc.ids");
+            return rfail(err, r, "taking a conversation id", "kvarc.ids");
     }
     return kvd_fail(err, -EAGAIN, "kvarc.ids: too many kvarcd taking ids at once; retry");
 }
@@ -1030,12 +1066,12 @@ static int id_dead(kvd_engine *e, uint64_t id, kvd_err *err)
     ssize_t n = rados_list_lockers(e->cluster->io, oid, LOCK_NAME, &excl, tag, &tl, clients, &cl, cookies, &kl,
                                    addrs, &al);
     if (n < 0 && n != -ENOENT)
-        return rfail(e, err, (int)n, "reading a create's lock", oid);
+        return rfail(err, (int)n, "reading a create's lock", oid);
     if (n > 0)
         return 0;
     int f = fence_empty(e->cluster, id);
     if (f < 0)
-        return rfail(e, err, f, "fencing an unfinished create", oid);
+        return rfail(err, f, "fencing an unfinished create", oid);
     if (f == 0)                 /* its create landed meanwhile: alive */
         return 0;
     return 1;
@@ -1067,7 +1103,7 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
         int r = rados_write_op_operate(op, c->io, head, NULL, 0);
         rados_release_write_op(op);
         if (r)
-            rc = rfail(e, err, r, "starting a conversation's head", head);
+            rc = rfail(err, r, "starting a conversation's head", head);
         else
             rc = start_epoch(e, x, 1, err);     /* segment 0 */
     }
@@ -1084,7 +1120,7 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
             break;
         if (r != -EEXIST) {
             clu_create_undo(e, ns, name, *id);
-            return rfail(e, err, r, "binding a name", oid);
+            return rfail(err, r, "binding a name", oid);
         }
         uint64_t old;
         if ((r = name_get(c, oid, &old)) == -ENOENT && tries < 3)
@@ -1093,7 +1129,7 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
         if (dead < 0 || !dead || tries >= 3) {
             clu_create_undo(e, ns, name, *id);
             if (r)
-                return rfail(e, err, r, "reading a name", oid);
+                return rfail(err, r, "reading a name", oid);
             return dead < 0 ? dead : kvd_fail(err, -EEXIST, "conversation '%s/%s' already exists", ns, name);
         }
         char ov[17];            /* rebind it, if still bound to the dead one */
@@ -1107,7 +1143,7 @@ int clu_create_begin(kvd_engine *e, const char *ns, const char *name, uint64_t *
             break;
         if (r != -ECANCELED && r != -ENOENT) {
             clu_create_undo(e, ns, name, *id);
-            return rfail(e, err, r, "rebinding a name", oid);
+            return rfail(err, r, "rebinding a name", oid);
         }
     }
     return 0;
@@ -1227,7 +1263,7 @@ static int roll(kvd_engine *e, conv_job *j)
         return refuse_locked(e, j->x->id, head, &j->err);
     }
     if (r)
-        return rfail(e, &j->err, r, "starting a segment", oid);
+        return rfail(&j->err, r, "starting a segment", oid);
     j->seg++;
     j->off = 0;
     pthread_mutex_lock(&c->mu);
@@ -1294,7 +1330,7 @@ static void job_start(kvd_engine *e, conv_job *j)
             rados_aio_release(j->comp);
             j->comp = NULL;
         }
-        j->rc = rfail(e, &j->err, r, "logging blocks", oid);
+        j->rc = rfail(&j->err, r, "logging blocks", oid);
         return;
     }
     j->started = 1;
@@ -1334,7 +1370,7 @@ static void job_finish(kvd_engine *e, MDB_txn *txn, conv_job *j)
                                  "retry", oid);
             }
         } else if (r) {
-            j->rc = rfail(e, &j->err, r, "logging blocks", oid);
+            j->rc = rfail(&j->err, r, "logging blocks", oid);
         }
     }
     if (!j->rc && (j->rc = watermark_put(e, txn, j->x->id, j->seq + 1, j->seg)))
@@ -1456,61 +1492,37 @@ typedef struct pool_obj {
     int      head;          /* kvarc.conv.ID (else kvarc.seg.ID.K) */
 } pool_obj;
 
-/* The entries of conversation id's segment k, which must continue from
- * *seq (advanced), into *refs (malloc'ed). -ENOENT: no segment k;
- * KVARC_ECORRUPT: a malformed entry or a gap (err says which). */
-static int seg_refs(kvd_engine *e, uint64_t id, uint64_t k, uint64_t *seq, log_ext **refs, size_t *nrefs,
-                    kvd_err *err)
+/* Every head and segment object in the pool, into *po (malloc'ed). */
+static int list_pool(kvd_cluster *c, pool_obj **po, size_t *npo, kvd_err *err)
 {
-    kvd_cluster *c = e->cluster;
-    char oid[64], after[17];
-    seg_oid(oid, sizeof oid, id, k);
     size_t cap = 0;
-    *refs = NULL;
-    *nrefs = 0;
-    for (;;) {
-        snprintf(after, sizeof after, "%016" PRIx64, *seq);
-        rados_read_op_t op = rados_create_read_op();
-        rados_omap_iter_t iter = NULL;
-        unsigned char more = 0;
-        int prval = 0, n = 0;
-        rados_read_op_omap_get_vals2(op, after, "", 256, &iter, &more, &prval);
-        int r = rados_read_op_operate(op, c->io, oid, 0);
-        if (!r)
-            r = prval;
-        char *key, *val;
-        size_t kl, vl;
-        while (!r && rados_omap_get_next2(iter, &key, &val, &kl, &vl) == 0 && key) {
-            log_ext x;
-            char kb[17];
-            uint64_t q = 0;
-            memcpy(kb, key, kl < 16 ? kl : 16);
-            kb[kl < 16 ? kl : 16] = 0;
-            if (vl != sizeof x || kl != 16 || sscanf(kb, "%" SCNx64, &q) != 1 || q != *seq + 1) {
-                r = KVARC_ECORRUPT;     /* malformed, or a gap */
-                break;
-            }
-            memcpy(&x, val, sizeof x);
-            if (grow(refs, *nrefs, &cap, sizeof **refs)) {
-                r = -ENOMEM;
-                break;
-            }
-            (*refs)[(*nrefs)++] = x;
-            *seq = q;
-            n++;
+    *po = NULL;
+    *npo = 0;
+    rados_list_ctx_t ctx;
+    int r = rados_nobjects_list_open(c->io, &ctx);
+    if (r)
+        return rfail(err, r, "listing the pool", "*");
+    const char *entry;
+    while ((r = rados_nobjects_list_next(ctx, &entry, NULL, NULL)) == 0) {
+        pool_obj o = { .head = 0 };
+        if (sscanf(entry, "kvarc.conv.%16" SCNx64, &o.id) == 1 && strlen(entry) == 27)
+            o.head = 1;
+        else if (sscanf(entry, "kvarc.seg.%16" SCNx64 ".%8" SCNx64, &o.id, &o.k) != 2)
+            continue;
+        snprintf(o.oid, sizeof o.oid, "%s", entry);
+        if (grow(po, *npo, &cap, sizeof **po)) {
+            r = -ENOMEM;
+            break;
         }
-        if (iter)
-            rados_omap_get_end(iter);
-        rados_release_read_op(op);
-        if (r == -ENOENT)
-            return -ENOENT;
-        if (r == KVARC_ECORRUPT)
-            return kvd_fail(err, r, "%s: log entry %" PRIu64 " is malformed or missing", oid, *seq + 1);
-        if (r)
-            return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(e, err, r, "reading a log", oid);
-        if (!more || n == 0)
-            return 0;
+        (*po)[(*npo)++] = o;
     }
+    rados_nobjects_list_close(ctx);
+    if (r == -ENOENT)
+        return 0;
+    free(*po);
+    *po = NULL;
+    *npo = 0;
+    return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(err, r, "listing the pool", "*");
 }
 
 typedef struct idvec {
@@ -1544,31 +1556,10 @@ int clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *by
     if (rc)
         return rc;
     /* 1. what the pool holds */
-    pool_obj *po = NULL;
-    size_t npo = 0, cap = 0;
-    rados_list_ctx_t ctx;
-    int r = rados_nobjects_list_open(c->io, &ctx);
-    if (r)
-        return rfail(e, err, r, "listing the pool", "*");
-    const char *entry;
-    while ((r = rados_nobjects_list_next(ctx, &entry, NULL, NULL)) == 0) {
-        pool_obj o = { .head = 0 };
-        if (sscanf(entry, "kvarc.conv.%16" SCNx64, &o.id) == 1 && strlen(entry) == 27)
-            o.head = 1;
-        else if (sscanf(entry, "kvarc.seg.%16" SCNx64 ".%8" SCNx64, &o.id, &o.k) != 2)
-            continue;
-        snprintf(o.oid, sizeof o.oid, "%s", entry);
-        if (grow(&po, npo, &cap, sizeof *po)) {
-            r = -ENOMEM;
-            break;
-        }
-        po[npo++] = o;
-    }
-    rados_nobjects_list_close(ctx);
-    if (r != -ENOENT) {
-        free(po);
-        return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(e, err, r, "listing the pool", "*");
-    }
+    pool_obj *po;
+    size_t npo;
+    if ((rc = list_pool(c, &po, &npo, err)))
+        return rc;
     /* 2. every conversation the pool has a log for, in the cache (deletes included) */
     for (size_t i = 0; i < npo && !rc; i++)
         if (po[i].head && (rc = clu_sync_id(e, po[i].id, err)) == -ENOENT)
@@ -1674,27 +1665,13 @@ int clu_verify(kvd_engine *e, uint64_t *problems, void (*log)(void *arg, const c
                kvd_err *err)
 {
     kvd_cluster *c = e->cluster;
-    idvec heads = { 0 };
-    rados_list_ctx_t ctx;
-    int r = rados_nobjects_list_open(c->io, &ctx);
-    if (r)
-        return rfail(e, err, r, "listing the pool", "kvarc.conv.*");
-    const char *entry;
-    while ((r = rados_nobjects_list_next(ctx, &entry, NULL, NULL)) == 0) {
-        uint64_t id;
-        if (strlen(entry) == 27 && sscanf(entry, "kvarc.conv.%16" SCNx64, &id) == 1 && idv_push(&heads, id)) {
-            r = -ENOMEM;
-            break;
-        }
-    }
-    rados_nobjects_list_close(ctx);
-    if (r != -ENOENT) {
-        free(heads.v);
-        return r == -ENOMEM ? kvd_fail(err, r, "out of memory") : rfail(e, err, r, "listing the pool", "*");
-    }
-    int rc = 0;
-    for (size_t i = 0; i < heads.n && !rc; i++) {
-        uint64_t id = heads.v[i], seq = 0;
+    pool_obj *po;
+    size_t npo;
+    int rc = list_pool(c, &po, &npo, err);
+    for (size_t i = 0; i < npo && !rc; i++) {
+        if (!po[i].head)
+            continue;
+        uint64_t id = po[i].id, seq = 0;
         for (uint64_t sk = 0; !rc; sk++) {      /* its segments in order; entries numbered on across them */
             log_ext *refs;
             size_t nrefs;
@@ -1702,12 +1679,11 @@ int clu_verify(kvd_engine *e, uint64_t *problems, void (*log)(void *arg, const c
             char oid[64];
             seg_oid(oid, sizeof oid, id, sk);
             kvd_err lerr = { 0, "" };
-            int lr = seg_refs(e, id, sk, &seq, &refs, &nrefs, &lerr);
+            int lr = seg_entries(c, id, sk, &seq, &refs, &nrefs, &lerr);
             if (lr == -ENOENT)
                 break;
             if (lr == KVARC_ECORRUPT) {
                 vproblem(log, arg, problems, "pool: %s", lerr.msg);
-                free(refs);
                 break;
             }
             if (lr) {
@@ -1717,43 +1693,36 @@ int clu_verify(kvd_engine *e, uint64_t *problems, void (*log)(void *arg, const c
             }
             for (size_t k = 0; k < nrefs && !rc; k++) {
                 uint64_t q = first + k;
-                uint8_t *buf = refs[k].bytes <= (1ull << 31) ? malloc(refs[k].bytes ? refs[k].bytes : 1) : NULL;
-                if (!buf) {
-                    vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " names %" PRIu64 " bytes", oid, q,
-                             refs[k].bytes);
-                    continue;
-                }
-                int rr = read_all(c, oid, buf, refs[k].bytes, refs[k].off);
+                uint8_t *buf;
+                int rr = read_extent(c, oid, &refs[k], &buf);
                 if (rr == KVARC_ECORRUPT) {
                     vproblem(log, arg, problems, "pool: %s entry %" PRIu64 ": the segment lacks bytes %" PRIu64
                              "..%" PRIu64 " it names", oid, q, refs[k].off, refs[k].off + refs[k].bytes);
-                } else if (rr) {
-                    rc = rfail(e, err, rr, "reading a log extent", oid);
-                } else {
-                    for (size_t p = 0; p < refs[k].bytes;) {
-                        kvarc_block_header h;
-                        const char *what = "a block header";
-                        size_t left = (size_t)refs[k].bytes - p;
-                        if (left < KVARC_BLOCK_HEADER || kvarc_block_header_decode(buf + p, &h) ||
-                            h.payload_bytes > left - KVARC_BLOCK_HEADER ||
-                            block_check_payload(&h, buf + p, &what, NULL)) {
-                            vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " (at %" PRIu64 "): %s fails its "
-                                     "check at byte %zu", oid, q, refs[k].off, what, p);
-                            break;
-                        }
-                        if (h.conv != id) {
-                            vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " holds a block of conversation %"
-                                     PRIu64, oid, q, (uint64_t)h.conv);
-                            break;
-                        }
-                        p += KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
-                    }
+                    continue;
+                }
+                if (rr) {
+                    rc = rr == -ENOMEM ? kvd_fail(err, rr, "out of memory") : rfail(err, rr, "reading a log extent", oid);
+                    break;
+                }
+                for (size_t p = 0; p < refs[k].bytes;) {
+                    kvarc_block_header h;
+                    const char *what;
+                    int bad = extent_block(buf, (size_t)refs[k].bytes, p, id, &h, &what);
+                    if (bad == 1)
+                        vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " (at %" PRIu64 "): %s fails its "
+                                 "check at byte %zu", oid, q, refs[k].off, what, p);
+                    else if (bad == 2)
+                        vproblem(log, arg, problems, "pool: %s entry %" PRIu64 " holds a block of conversation %"
+                                 PRIu64, oid, q, (uint64_t)h.conv);
+                    if (bad)
+                        break;
+                    p += KVARC_BLOCK_HEADER + (size_t)h.payload_bytes;
                 }
                 free(buf);
             }
             free(refs);
         }
     }
-    free(heads.v);
+    free(po);
     return rc;
 }

@@ -331,7 +331,7 @@ int kvd_conv_stat(kvd_engine *e, uint64_t id, kvd_conv_info *info, kvd_err *err)
                          kvarc_strerror(rc)) : 0;
 }
 
-int conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err)
+int conv_read(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err)
 {
     MDB_txn *txn;
     int rc = kvd_mdb_err(mdb_txn_begin(e->env, NULL, MDB_RDONLY, &txn));
@@ -339,10 +339,16 @@ int conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err)
         return kvd_fail(err, rc, "index read failed: %s", kvarc_strerror(rc));
     rc = conv_get(e, txn, id, c);
     mdb_txn_abort(txn);
+    return rc && rc != -ENOENT ? kvd_fail(err, rc, "reading conversation %llu: %s", (unsigned long long)id,
+                                          kvarc_strerror(rc)) : rc;
+}
+
+int conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err)
+{
+    int rc = conv_read(e, id, c, err);
     if (rc == -ENOENT || (!rc && (c->flags & KVD_CONV_DELETED)))
         return kvd_fail(err, -ENOENT, "conversation id %llu not found", (unsigned long long)id);
-    return rc ? kvd_fail(err, rc, "reading conversation %llu: %s", (unsigned long long)id,
-                         kvarc_strerror(rc)) : 0;
+    return rc;
 }
 
 long kvd_conv_list(kvd_engine *e, const char *ns, const char *after, kvd_conv_info *out,

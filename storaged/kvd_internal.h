@@ -142,6 +142,9 @@ void seg_mark_dead(kvd_engine *e, uint64_t id);
 int  fsync_dir(const char *path);
 
 int  conv_get(kvd_engine *e, MDB_txn *txn, uint64_t id, conv_rec *out);
+/* Conversation id's record in a read txn of its own, deleted ones
+ * included: 0, -ENOENT (no message), or an error in err. */
+int  conv_read(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err);
 /* A live conversation's record in its own read txn: the hot paths' check
  * (no length over every layer, unlike kvd_conv_stat). -ENOENT if deleted. */
 int  conv_lookup(kvd_engine *e, uint64_t id, conv_rec *c, kvd_err *err);
