@@ -99,6 +99,20 @@ static pid_t start_node(const char *d, const char *node, const char *timeout_s)
     return pid;
 }
 
+/* kvarcd pid (on data directory d, as node) stopped: it must exit 0; its
+ * directory and log go unless a check failed (kept for the post-mortem). */
+static void stop_node(pid_t pid, const char *d, const char *node)
+{
+    kill(pid, SIGTERM);
+    CHECK(wait_exit(pid, 20000) == 0, "kvarcd %s exits 0", node);
+    if (!tu_failures) {
+        char p[300];
+        snprintf(p, sizeof p, "%s.log", d);
+        unlink(p);
+        eu_rmrf(d);
+    }
+}
+
 /* Append token t to every layer of cv. */
 static int put(kvarc_conv *cv, int t)
 {
@@ -312,14 +326,7 @@ static void test_fence(pid_t k1)
         kvarc_conv_close(b);
     }
     kvarc_client_close(c5);
-    kill(k5, SIGTERM);
-    CHECK(wait_exit(k5, 20000) == 0, "kvarcd n5 exits 0");
-    if (!tu_failures) {
-        char p[300];
-        snprintf(p, sizeof p, "%s.log", d5);
-        unlink(p);
-        eu_rmrf(d5);
-    }
+    stop_node(k5, d5, "n5");
 }
 
 /* An OSD killed -9 while kvarcd-2 appends: no error, nothing lost. */
@@ -593,13 +600,7 @@ static void test_timeout(void)
         kvarc_conv_close(cv);
     }
     kvarc_client_close(c3);
-    kill(k3, SIGTERM);
-    CHECK(wait_exit(k3, 20000) == 0, "kvarcd n3 exits 0");
-    if (!tu_failures) {
-        snprintf(p, sizeof p, "%s.log", d3);
-        unlink(p);
-        eu_rmrf(d3);
-    }
+    stop_node(k3, d3, "n3");
 }
 
 /* A byte flipped in a segment object in the pool: kvarc verify reports the
@@ -637,15 +638,9 @@ static void test_verify_pool(void)
     if (!rc)
         kvarc_conv_close(cv);
     kvarc_client_close(c4);
-    kill(k4, SIGTERM);
-    CHECK(wait_exit(k4, 20000) == 0, "kvarcd n4 exits 0");
+    stop_node(k4, d4, "n4");
     snprintf(cmd, sizeof cmd, "%s.obj", dir2);
     unlink(cmd);
-    if (!tu_failures) {
-        snprintf(cmd, sizeof cmd, "%s.log", d4);
-        unlink(cmd);
-        eu_rmrf(d4);
-    }
 }
 
 int main(void)
@@ -679,16 +674,10 @@ int main(void)
         test_verify_pool();
     kvarc_client_close(cl1);
     kvarc_client_close(cl2);
-    kill(k1, SIGTERM);
-    kill(k2, SIGTERM);
-    CHECK(wait_exit(k1, 20000) == 0 && wait_exit(k2, 20000) == 0, "both kvarcd exit 0");
+    stop_node(k1, dir1, "n1");
+    stop_node(k2, dir2, "n2");
     if (!tu_failures) {
         char p[300];
-        for (int i = 0; i < 2; i++) {
-            snprintf(p, sizeof p, "%s.log", i ? dir2 : dir1);
-            unlink(p);
-            eu_rmrf(i ? dir2 : dir1);
-        }
         snprintf(p, sizeof p, "%s.talk1", dir1);
         unlink(p);
         snprintf(p, sizeof p, "%s.talk2", dir1);
