@@ -45,10 +45,9 @@ int  clu_sync_name(kvd_engine *e, const char *ns, const char *name, kvd_err *err
 int  clu_sync_id(kvd_engine *e, uint64_t id, kvd_err *err);
 int  clu_sync_all(kvd_engine *e, const char *ns, kvd_err *err);
 
-/* Remove from the pool what no conversation needs: every object of a
- * deleted conversation that no live one descends from, data objects a
- * log does not refer to (abandoned by a writer that lost its lock or
- * failed), heads of creates that died before logging; nothing changed
+/* Remove from the pool what no conversation needs: every object (head
+ * and segments) of a deleted conversation that no live one descends from,
+ * and of creates that died before logging; nothing changed
  * within grace_s seconds (a fork of it may be in the making; 0: the
  * --rados-gc-grace-s kvarcd runs with). The objects and bytes removed. */
 int  clu_compact(kvd_engine *e, unsigned grace_s, uint64_t *objects, uint64_t *bytes, kvd_err *err);

@@ -28,7 +28,7 @@
  *  7. timeout: every OSD stopped, an append through a kvarcd with a 3-s
  *     Ceph timeout fails UNAVAILABLE naming it; the conversation goes on
  *     once they run again;
- *  8. verify: a byte flipped in a data object in the pool is reported by
+ *  8. verify: a byte flipped in a segment object in the pool is reported by
  *     kvarc verify, and a fresh cache refuses the conversation.
  * Waits are on events (acknowledged appends, a refusal turning into
  * success), each bounded by a deadline far past the lock's 3 s. */
